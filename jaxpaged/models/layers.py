@@ -1,0 +1,53 @@
+"""Building blocks shared by the model families: norms, RoPE, linear, paged attention step."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.kernels.paged_attention import write_kv
+from jaxpaged.models.step_input import StepInput
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    return (y * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE as in HF Llama. x: [T, H, D]; positions: [T]; inv_freq: [D/2]."""
+    ang = positions[:, None].astype(jnp.float32) * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[:, None, :]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def linear(x: jax.Array, p: dict, w: str, b: str) -> jax.Array:
+    """`x @ p[w]`, plus `p[b]` when the model has that bias."""
+    y = x @ p[w]
+    return y + p[b] if b in p else y
+
+
+def paged_attend(q, k, v, k_all, v_all, layer, inp: StepInput, attention, scale: float, window=0):
+    """Write this layer's new K/V into the pool, then attend over the paged context.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; k_all, v_all: [L, Hkv, NB, bs, D].
+    Returns (out [T, Hq * D], k_all, v_all).
+    """
+    k_all, v_all = write_kv(k_all, v_all, layer, k, v, inp.slot_mapping)
+    out = attention(
+        q, k_all, v_all, layer, inp.query_start, inp.seq_lens, inp.block_tables,
+        scale=scale, sliding_window=window,
+    )
+    return out.reshape(q.shape[0], -1), k_all, v_all

@@ -1,0 +1,96 @@
+"""OPT decoder as pure functions: learned positions (offset 2), LayerNorm, ReLU MLP, MHA."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.kv_cache import KVCache
+from jaxpaged.models.layers import layer_norm, linear, paged_attend
+from jaxpaged.models.step_input import StepInput
+
+POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our param names and shapes; keys under `layers/` carry the leading layer axis."""
+    h, i, l, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.word_embed_proj_dim
+    shapes = {
+        "embed": (cfg.vocab_size, e),
+        "pos_embed": (cfg.max_position_embeddings + POSITION_OFFSET, h),
+        "layers/attn_norm_w": (l, h), "layers/attn_norm_b": (l, h),
+        "layers/wq": (l, h, h), "layers/wk": (l, h, h), "layers/wv": (l, h, h), "layers/wo": (l, h, h),
+        "layers/mlp_norm_w": (l, h), "layers/mlp_norm_b": (l, h),
+        "layers/w_fc1": (l, h, i), "layers/w_fc2": (l, i, h),
+    }
+    if cfg.qkv_bias:
+        shapes |= {f"layers/b{n}": (l, h) for n in "qkvo"} | {"layers/b_fc1": (l, i), "layers/b_fc2": (l, h)}
+    if cfg.do_layer_norm_before:
+        shapes |= {"final_norm_w": (h,), "final_norm_b": (h,)}
+    if e != h:
+        shapes |= {"project_in": (e, h), "project_out": (h, e)}
+    return shapes
+
+
+_HF_LAYER = {
+    "attn_norm_w": "self_attn_layer_norm.weight", "attn_norm_b": "self_attn_layer_norm.bias",
+    "mlp_norm_w": "final_layer_norm.weight", "mlp_norm_b": "final_layer_norm.bias",
+    "wq": "self_attn.q_proj.weight", "bq": "self_attn.q_proj.bias",
+    "wk": "self_attn.k_proj.weight", "bk": "self_attn.k_proj.bias",
+    "wv": "self_attn.v_proj.weight", "bv": "self_attn.v_proj.bias",
+    "wo": "self_attn.out_proj.weight", "bo": "self_attn.out_proj.bias",
+    "w_fc1": "fc1.weight", "b_fc1": "fc1.bias", "w_fc2": "fc2.weight", "b_fc2": "fc2.bias",
+}
+_HF_TOP = {
+    "embed": "model.decoder.embed_tokens.weight",
+    "pos_embed": "model.decoder.embed_positions.weight",
+    "final_norm_w": "model.decoder.final_layer_norm.weight",
+    "final_norm_b": "model.decoder.final_layer_norm.bias",
+    "project_in": "model.decoder.project_in.weight",
+    "project_out": "model.decoder.project_out.weight",
+}
+
+
+def hf_name(key: str, layer: int | None) -> str:
+    """HF tensor name of our param `key` (for layer `layer` when stacked)."""
+    if key.startswith("layers/"):
+        return f"model.decoder.layers.{layer}.{_HF_LAYER[key.removeprefix('layers/')]}"
+    return _HF_TOP[key]
+
+
+def forward(
+    params: dict, kv: KVCache, inp: StepInput, cfg: ModelConfig, attention
+) -> tuple[jax.Array, KVCache]:
+    """One step over the ragged batch. Returns (float32 logits [N, V] at `logits_index`, kv)."""
+    t = inp.token_ids.shape[0]
+    nh, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
+    x = params["embed"][inp.token_ids]
+    if "project_in" in params:
+        x = x @ params["project_in"]
+    x = x + params["pos_embed"][inp.positions + POSITION_OFFSET]
+    pre = cfg.do_layer_norm_before
+
+    def layer(carry, lp):
+        x, k_all, v_all, i = carry
+        h = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps) if pre else x
+        q = linear(h, lp, "wq", "bq").reshape(t, nh, d)
+        k = linear(h, lp, "wk", "bk").reshape(t, nh, d)
+        v = linear(h, lp, "wv", "bv").reshape(t, nh, d)
+        o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, i, inp, attention, cfg.attn_scale)
+        x = x + linear(o, lp, "wo", "bo")
+        if not pre:
+            x = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps)
+        h = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps) if pre else x
+        x = x + linear(jax.nn.relu(linear(h, lp, "w_fc1", "b_fc1")), lp, "w_fc2", "b_fc2")
+        if not pre:
+            x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
+        return (x, k_all, v_all, i + 1), None
+
+    (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, kv.k, kv.v, 0), params["layers"])
+    h = x[inp.logits_index]
+    if pre:
+        h = layer_norm(h, params["final_norm_w"], params["final_norm_b"], eps)
+    if "project_out" in params:
+        h = h @ params["project_out"]
+    logits = (h @ params["embed"].T).astype(jnp.float32)
+    return logits, KVCache(k_all, v_all)

@@ -1,0 +1,66 @@
+"""The ragged, token-major batch of one forward step (see DESIGN.md).
+
+All new tokens of all scheduled sequences are concatenated, so prefill, decode and mixed
+steps share one layout. `T` (tokens) and `S` (sequences) are padded to buckets by the
+engine: padding tokens write their K/V into the scratch block 0 and padding sequences
+have `seq_lens == 0` and an empty query range.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import struct
+
+
+@struct.dataclass
+class StepInput:
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, position of each token in its sequence
+    slot_mapping: jax.Array  # [T] int32, flat KV slot (block * block_size + offset)
+    query_start: jax.Array  # [S + 1] int32, token range of sequence s: [qs[s], qs[s+1])
+    seq_lens: jax.Array  # [S] int32, context length including this step's tokens
+    block_tables: jax.Array  # [S, max_blocks] int32
+    logits_index: jax.Array  # [N] int32, tokens whose logits are returned (usually N == S)
+
+
+def make_step_input(
+    seqs: list[tuple[list[int], int, list[int]]],
+    block_size: int,
+    num_tokens: int | None = None,
+    num_seqs: int | None = None,
+    max_blocks: int | None = None,
+    all_logits: bool = False,
+) -> StepInput:
+    """Build a padded StepInput on the host from `(new_token_ids, num_computed, block_table)`.
+
+    `num_computed` tokens of the sequence are already in the KV cache; the new tokens
+    follow them. Logits are returned for the last new token of each sequence, or for every
+    real token when `all_logits` (tests, prompt logprobs).
+    """
+    real_t = sum(len(toks) for toks, _, _ in seqs)
+    t = num_tokens or real_t
+    s = num_seqs or len(seqs)
+    mb = max_blocks or max(len(bt) for _, _, bt in seqs)
+    assert t >= real_t and s >= len(seqs) and mb >= max(len(bt) for _, _, bt in seqs)
+    token_ids = np.zeros(t, np.int32)
+    positions = np.zeros(t, np.int32)
+    slots = np.arange(t, dtype=np.int32) % block_size  # padding -> scratch block 0
+    query_start = np.zeros(s + 1, np.int32)
+    seq_lens = np.zeros(s, np.int32)
+    tables = np.zeros((s, mb), np.int32)
+    last = np.zeros(s, np.int32)
+    i = 0
+    for j, (toks, computed, table) in enumerate(seqs):
+        n = len(toks)
+        pos = np.arange(computed, computed + n, dtype=np.int32)
+        token_ids[i : i + n] = toks
+        positions[i : i + n] = pos
+        slots[i : i + n] = np.asarray(table, np.int32)[pos // block_size] * block_size + pos % block_size
+        tables[j, : len(table)] = table
+        seq_lens[j] = computed + n
+        i += n
+        query_start[j + 1] = i
+        last[j] = i - 1
+    query_start[len(seqs) + 1 :] = i
+    logits_index = np.arange(real_t, dtype=np.int32) if all_logits else last
+    return StepInput(token_ids, positions, slots, query_start, seq_lens, tables, logits_index)
