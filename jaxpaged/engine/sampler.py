@@ -1,0 +1,188 @@
+"""On-device sampling fused into the jitted engine step, with vLLM semantics.
+
+Per row: penalties -> temperature -> min_p -> top_k -> top_p -> Gumbel-max sample. Greedy
+rows (temperature 0) take the argmax of the penalized logits. The returned logprob, rank
+and top logprobs are always of the raw model distribution (vLLM V1's `raw_logprobs`).
+All shapes are fixed; padding rows are greedy with every filter and penalty off.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
+_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_M64 = (1 << 64) - 1
+
+
+@struct.dataclass
+class SamplingInput:
+    temperature: jax.Array  # [S] f32, < GREEDY_EPS = greedy
+    top_k: jax.Array  # [S] i32, <= 0 or >= V = off
+    top_p: jax.Array  # [S] f32, 1 = off
+    min_p: jax.Array  # [S] f32, 0 = off
+    presence_penalty: jax.Array  # [S] f32, 0 = off
+    frequency_penalty: jax.Array  # [S] f32, 0 = off
+    repetition_penalty: jax.Array  # [S] f32, 1 = off
+    keys: jax.Array  # [S, 2] uint32 threefry key data, from `row_key`
+
+
+@struct.dataclass
+class SamplerOutput:
+    token_ids: jax.Array  # [S] i32
+    logprobs: jax.Array  # [S] f32, raw logprob of the sampled token
+    ranks: jax.Array  # [S] i32, rank of the sampled token in the raw distribution (1 = top)
+    top_ids: jax.Array | None = None  # [S, K] i32, only when num_logprobs = K > 0
+    top_logprobs: jax.Array | None = None  # [S, K] f32
+
+
+# ---------------------------------------------------------------- host (numpy) helpers
+
+
+def _mix64(x: int) -> int:
+    """splitmix64: a bijective 64-bit mix."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def row_key(seed: int, step: int) -> np.ndarray:
+    """Key data [2] uint32 for the token after `step` generated ones of a request seeded `seed`.
+
+    A pure host hash of (seed, step): the same request step draws the same token whatever
+    batch or row it is in, and making keys costs no device work or compile.
+    """
+    x = _mix64(_mix64(seed & _M64) ^ (step & _M64))
+    return np.array([x >> 32, x & 0xFFFFFFFF], np.uint32)
+
+
+def make_sampling_input(
+    params: Sequence[Any], keys: Sequence[np.ndarray], num_seqs: int | None = None
+) -> SamplingInput:
+    """Padded numpy SamplingInput for `num_seqs` rows (default `len(params)`).
+
+    `params[i]` is a mapping or an object (e.g. a vLLM-style SamplingParams) with any of the
+    SamplingInput field names; missing or None fields are off (temperature defaults to 1).
+    `keys[i]` is the row's `row_key`. Padding rows are greedy with everything off.
+    """
+    s = num_seqs or len(params)
+    assert s >= len(params) == len(keys)
+    cols = {name: np.full(s, off, np.int32 if name == "top_k" else np.float32) for name, off in _OFF.items()}
+    cols["temperature"][:] = 0.0
+    for i, p in enumerate(params):
+        for name, col in cols.items():
+            val = p.get(name) if isinstance(p, Mapping) else getattr(p, name, None)
+            col[i] = _OFF[name] if val is None else val
+    key_data = np.zeros((s, 2), np.uint32)
+    key_data[: len(keys)] = np.asarray(keys, np.uint32).reshape(-1, 2)
+    return SamplingInput(**cols, keys=key_data)
+
+
+def make_history(
+    seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    num_seqs: int | None = None,
+    length: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(history [S, H] i32 padded with -1, history_is_output [S, H] bool)` from
+    per-request `(prompt_ids, output_ids)`; H = `length` or the longest history."""
+    s = num_seqs or len(seqs)
+    h = length or max((len(p) + len(o) for p, o in seqs), default=1)
+    history = np.full((s, h), -1, np.int32)
+    is_output = np.zeros((s, h), bool)
+    for i, (prompt, output) in enumerate(seqs):
+        n, m = len(prompt), len(output)
+        assert n + m <= h, f"history of {n + m} tokens does not fit length {h}"
+        history[i, : n + m] = np.concatenate([np.asarray(prompt, np.int32), np.asarray(output, np.int32)])
+        is_output[i, n : n + m] = True
+    return history, is_output
+
+
+# ---------------------------------------------------------------- device (jnp)
+
+
+def apply_penalties(
+    logits: jax.Array, sp: SamplingInput, history: jax.Array, history_is_output: jax.Array
+) -> jax.Array:
+    """vLLM repetition, frequency and presence penalties.
+
+    logits: [S, V] f32; history: [S, H] i32 token ids padded with -1; history_is_output:
+    [S, H] bool (generated vs prompt token) -> [S, V] f32. Repetition applies to tokens seen
+    in prompt or output; frequency and presence to output tokens only.
+    """
+    s, v = logits.shape
+    rows = jnp.arange(s)[:, None]
+    idx = jnp.where(history < 0, v, history)  # -1 would wrap around; out of range is dropped
+    out_counts = jnp.zeros((s, v), jnp.int32).at[rows, idx].add(history_is_output.astype(jnp.int32), mode="drop")
+    seen = jnp.zeros((s, v), bool).at[rows, idx].set(True, mode="drop")
+    rp = jnp.where(seen, sp.repetition_penalty[:, None], 1.0)
+    logits = jnp.where(logits > 0, logits / rp, logits * rp)
+    logits = logits - sp.frequency_penalty[:, None] * out_counts
+    return logits - sp.presence_penalty[:, None] * (out_counts > 0)
+
+
+def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Smallest logit kept by top_k then top_p. x: [S, V], top_k: [S] in [1, V] -> [S, 1]."""
+    v = x.shape[-1]
+    desc = jnp.sort(x, axis=-1)[:, ::-1]
+    pos = jnp.arange(v)[None, :]
+    in_k = pos < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
+    p = top_p[:, None]
+    keep = in_k & ((before < p) | (p >= 1.0) | (pos == 0))  # a prefix of `desc`
+    return jnp.take_along_axis(desc, keep.sum(-1, keepdims=True) - 1, axis=-1)
+
+
+def _sample_random(x: jax.Array, sp: SamplingInput, greedy: jax.Array) -> jax.Array:
+    """Filter temperature-scaled logits x: [S, V] (min_p, top_k, top_p), Gumbel-max -> [S] i32."""
+    v = x.shape[-1]
+    x = jnp.where(x >= x.max(-1, keepdims=True) + jnp.log(sp.min_p)[:, None], x, -jnp.inf)
+    top_k = jnp.where((sp.top_k <= 0) | (sp.top_k >= v), v, sp.top_k)
+    needs_sort = jnp.any(~greedy & ((top_k < v) | (sp.top_p < 1.0)))
+    thr = jax.lax.cond(
+        needs_sort,
+        _top_k_top_p_threshold,
+        lambda x, k, p: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype),
+        x, top_k, sp.top_p,
+    )
+    x = jnp.where(x >= thr, x, -jnp.inf)
+    keys = jax.random.wrap_key_data(sp.keys, impl="threefry2x32")
+    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
+    return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
+
+
+def sample(
+    logits: jax.Array,
+    sp: SamplingInput,
+    history: jax.Array | None = None,
+    history_is_output: jax.Array | None = None,
+    num_logprobs: int = 0,
+) -> SamplerOutput:
+    """Sample one token per row. logits: [S, V]; history / history_is_output: [S, H] or None
+    (None skips penalties: a separate, cheaper compile); num_logprobs: static K."""
+    logits = logits.astype(jnp.float32)
+    raw = jax.nn.log_softmax(logits, axis=-1)
+    if history is not None:
+        logits = apply_penalties(logits, sp, history, history_is_output)
+    greedy = sp.temperature < GREEDY_EPS
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(greedy, 1.0, sp.temperature)[:, None]
+    tokens = jax.lax.cond(
+        jnp.all(greedy),
+        lambda: argmax,
+        lambda: jnp.where(greedy, argmax, _sample_random(scaled, sp, greedy)),
+    )
+    logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)
+    ranks = jnp.sum(raw >= logprob, axis=-1, dtype=jnp.int32)
+    out = SamplerOutput(tokens, logprob[:, 0], ranks)
+    if num_logprobs > 0:
+        top_logprobs, top_ids = jax.lax.top_k(raw, num_logprobs)
+        out = out.replace(top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)
+    return out

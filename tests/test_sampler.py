@@ -1,0 +1,204 @@
+"""Sampler tests against an independent numpy oracle. Three compiles in total:
+`sample` at [S, V] = [2000, 16] with K = 3 logprobs, `apply_penalties` and `sample` with
+history at [4, 16]."""
+import jax
+import numpy as np
+import pytest
+
+from jaxpaged.engine.sampler import apply_penalties, make_history, make_sampling_input, row_key, sample
+
+S, V, K = 2000, 16, 3
+_sample = jax.jit(sample, static_argnames="num_logprobs")
+_penalties = jax.jit(apply_penalties)
+
+# A fixed 16-token distribution with well-separated cumulative sums (top_p margins >= 0.05).
+PROBS = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.03, 0.02, 0.01] + [0.01 / 6] * 6)
+# (params, rows) groups of the filtering batch; each group shares one logits row.
+GROUPS = [
+    (dict(temperature=1.0, top_k=3), 250),
+    (dict(temperature=1.0, top_p=0.7), 250),
+    (dict(temperature=1.0, min_p=0.12), 250),
+    (dict(temperature=0.7, top_k=6, top_p=0.8, min_p=0.05), 250),
+]
+
+
+def run(logits: np.ndarray, params: list[dict], keys: list[np.ndarray]):
+    out = _sample(logits.astype(np.float32), make_sampling_input(params, keys, S), num_logprobs=K)
+    return jax.tree.map(np.asarray, out)
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_allowed(logits: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> set[int]:
+    """Tokens a sampled row may emit: min_p, then top_k, then the smallest top_p set."""
+    probs = np_softmax(logits.astype(np.float64) / temperature)
+    allowed = probs >= min_p * probs.max()
+    order = np.argsort(-probs)
+    if 0 < top_k < len(probs):
+        allowed[order[top_k:]] = False
+    if top_p >= 1.0:
+        return set(np.flatnonzero(allowed).tolist())
+    renorm = np.where(allowed, probs, 0.0) / probs[allowed].sum()
+    kept, mass = set(), 0.0
+    for tok in order:
+        if allowed[tok]:
+            kept.add(int(tok))
+            mass += renorm[tok]
+            assert abs(mass - top_p) > 1e-3, "test top_p too close to a cumulative sum"
+            if mass >= top_p:
+                break
+    return kept
+
+
+@pytest.fixture(scope="module")
+def filter_batch():
+    """Groups above, then 100 greedy rows (random logits, filters set but ignored), then
+    900 rows at temperature 0.5 with one shared logits row (frequency check)."""
+    rng = np.random.default_rng(0)
+    logits, params = [], []
+    for p, n in GROUPS:
+        logits += [np.log(rng.permutation(PROBS))] * n
+        params += [p] * n
+    logits += list(rng.normal(size=(100, V)))
+    params += [dict(temperature=0.0, top_k=2, top_p=0.5, min_p=0.3)] * 100
+    free = rng.normal(scale=0.5, size=V)
+    logits += [free] * 900
+    params += [dict(temperature=0.5)] * 900
+    logits = np.stack(logits)
+    keys = [row_key(seed, 0) for seed in range(S)]
+    return logits, params, run(logits, params, keys)
+
+
+def test_filters_stay_in_allowed_set(filter_batch):
+    logits, params, out = filter_batch
+    start = 0
+    for p, n in GROUPS:
+        allowed = np_allowed(logits[start], **p)
+        emitted = set(out.token_ids[start : start + n].tolist())
+        assert len(allowed) > 1
+        # every allowed token has renormalised probability >= 3 %, so 250 draws see them all
+        assert emitted == allowed, (p, emitted, allowed)
+        start += n
+
+
+def test_greedy_is_argmax(filter_batch):
+    logits, _, out = filter_batch
+    np.testing.assert_array_equal(out.token_ids[1000:1100], logits[1000:1100].argmax(-1))
+
+
+def test_frequencies_match_softmax(filter_batch):
+    logits, _, out = filter_batch
+    counts = np.bincount(out.token_ids[1100:], minlength=V)
+
+    def chi2(probs):
+        expected = probs * counts.sum()
+        return ((counts - expected) ** 2 / expected).sum()
+
+    assert chi2(np_softmax(logits[1100] / 0.5)) < 40.0  # df = 15: p ~ 5e-4
+    assert chi2(np_softmax(logits[1100])) > 100.0  # ignoring temperature would be caught
+
+
+def test_raw_logprobs_ranks_and_top_k(filter_batch):
+    logits, _, out = filter_batch
+    raw = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    rows = np.arange(S)
+    np.testing.assert_allclose(out.logprobs, raw[rows, out.token_ids], atol=1e-5)
+    order = np.argsort(-raw, axis=-1, kind="stable")
+    ranks = np.argmax(order == out.token_ids[:, None], axis=-1) + 1
+    np.testing.assert_array_equal(out.ranks, ranks)
+    assert out.ranks.max() > 1
+    np.testing.assert_array_equal(out.top_ids, order[:, :K])
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(raw, order[:, :K], -1), atol=1e-5)
+
+
+def test_seed_and_step_determinism():
+    rng = np.random.default_rng(1)
+    logits = np.tile(rng.normal(scale=0.3, size=V), (S, 1))
+    base = [(dict(temperature=1.0), seed, 5) for seed in range(S)]
+    a = run(logits, [p for p, _, _ in base], [row_key(s, t) for _, s, t in base]).token_ids
+    assert len(set(a.tolist())) > V // 2  # different seeds draw different tokens
+    other_step = run(logits, [p for p, _, _ in base], [row_key(s, 6) for _, s, _ in base]).token_ids
+    assert (other_step != a).mean() > 0.5
+    # Same requests at other positions, among other requests, in a partly padded batch.
+    perm = rng.permutation(S)[:1200]
+    filler = [(dict(temperature=0.8, top_k=4), 10_000 + i, 0) for i in range(300)]
+    mixed = [base[i] for i in perm[:600]] + filler + [base[i] for i in perm[600:]]
+    b = run(logits, [p for p, _, _ in mixed], [row_key(s, t) for _, s, t in mixed]).token_ids
+    np.testing.assert_array_equal(b[:600], a[perm[:600]])
+    np.testing.assert_array_equal(b[900:1500], a[perm[600:]])
+    np.testing.assert_array_equal(b[1500:], logits[0].argmax())  # padding rows are greedy
+
+
+def test_row_key_host_helper():
+    k = row_key(3, 0)
+    assert k.dtype == np.uint32 and k.shape == (2,)
+    np.testing.assert_array_equal(k, row_key(3, 0))
+    keys = {row_key(seed, step).tobytes() for seed in range(50) for step in range(50)}
+    assert len(keys) == 2500
+
+
+def np_penalties(logits, prompt, output, rep, freq, pres):
+    out = logits.astype(np.float64).copy()
+    for tok in set(prompt) | set(output):
+        out[tok] = out[tok] / rep if out[tok] > 0 else out[tok] * rep
+    for tok in set(output):
+        n = output.count(tok)
+        out[tok] -= freq * n + pres
+    return out
+
+
+PEN_SEQS = [([1, 2, 2, 3], [3, 3, 5, 1]), ([], [7, 7, 7]), ([4, 9, 4, 0, 15], []), ([], [])]
+PEN_PARAMS = [
+    dict(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.5),
+    dict(temperature=0.0, repetition_penalty=0.8, frequency_penalty=0.0, presence_penalty=1.5),
+    dict(temperature=1.0, top_k=1, repetition_penalty=2.0, frequency_penalty=1.0),
+    dict(temperature=0.0, repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=1.0),
+]
+
+
+@pytest.fixture(scope="module")
+def pen_case():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(scale=2.0, size=(4, V)).astype(np.float32)
+    for row, (prompt, output) in enumerate(PEN_SEQS):
+        if prompt or output:  # make the raw argmax a penalised token
+            fresh = np.setdiff1d(np.arange(V), prompt + output)
+            logits[row, (output or prompt)[0]] = logits[row, fresh].max() + 0.3
+    sp = make_sampling_input(PEN_PARAMS, [row_key(i, 0) for i in range(4)])
+    history, is_output = make_history(PEN_SEQS, length=12)
+    expected = np.stack([
+        np_penalties(logits[i], list(pr), list(out), PEN_PARAMS[i].get("repetition_penalty", 1.0),
+                     PEN_PARAMS[i].get("frequency_penalty", 0.0), PEN_PARAMS[i].get("presence_penalty", 0.0))
+        for i, (pr, out) in enumerate(PEN_SEQS)
+    ])
+    return logits, sp, history, is_output, expected
+
+
+def test_make_history():
+    history, is_output = make_history(PEN_SEQS, num_seqs=5, length=12)
+    assert history.shape == (5, 12) and history.dtype == np.int32
+    np.testing.assert_array_equal(history[0, :9], [1, 2, 2, 3, 3, 3, 5, 1, -1])
+    np.testing.assert_array_equal(is_output[0, :9], [0, 0, 0, 0, 1, 1, 1, 1, 0])
+    assert (history[3:] == -1).all() and not is_output[3:].any()
+
+
+def test_apply_penalties_matches_numpy(pen_case):
+    logits, sp, history, is_output, expected = pen_case
+    got = np.asarray(_penalties(logits, sp, history, is_output))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got[3], logits[3])  # empty history: unchanged
+    assert not np.allclose(got[:3], logits[:3])
+
+
+def test_sample_applies_penalties_raw_logprobs(pen_case):
+    logits, sp, history, is_output, expected = pen_case
+    out = jax.tree.map(np.asarray, _sample(logits, sp, history, is_output))
+    assert out.top_ids is None and out.top_logprobs is None
+    np.testing.assert_array_equal(out.token_ids, expected.argmax(-1))
+    assert (out.token_ids[:3] != logits[:3].argmax(-1)).all()  # penalties changed the choice
+    raw = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(out.logprobs, raw[np.arange(4), out.token_ids], atol=1e-5)
+    np.testing.assert_array_equal(out.ranks[:3], (raw[:3] >= raw[np.arange(3), out.token_ids[:3], None]).sum(-1))
