@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny HF checkpoints made offline, once per test session."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+
+from jaxpaged.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """`tiny_model_dir(variant, num_shards=1)` -> path of a cached tiny checkpoint."""
+    made: dict = {}
+
+    def make(variant: str = "llama", num_shards: int = 1):
+        key = (variant, num_shards)
+        if key not in made:
+            made[key] = make_tiny_model(tmp_path_factory.mktemp(f"{variant}-{num_shards}"), variant,
+                                        num_shards=num_shards)
+        return made[key]
+
+    return make

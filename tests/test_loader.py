@@ -1,0 +1,77 @@
+"""Checkpoint loading: sharded safetensors, clear one-line errors, dtype, orbax round trip."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jaxpaged.models import ConfigError, load_model
+from jaxpaged.models.loader import restore_params, save_params
+
+
+def assert_same_params(a, b):
+    flat_a, flat_b = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (_, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sharded_checkpoint_loads_same_params(tiny_model_dir):
+    sharded = tiny_model_dir("qwen2", num_shards=3)
+    assert len(list(sharded.glob("model-*-of-00003.safetensors"))) == 3
+    assert (sharded / "model.safetensors.index.json").is_file()
+    _, a = load_model(tiny_model_dir("qwen2"))
+    _, b = load_model(sharded)
+    assert_same_params(a, b)
+
+
+def test_dtype_cast_and_orbax_round_trip(tiny_model_dir, tmp_path):
+    cfg, params = load_model(tiny_model_dir("llama"), dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+    save_params(tmp_path / "ckpt", params)
+    restored = restore_params(tmp_path / "ckpt", cfg, dtype="bfloat16")
+    assert_same_params(params, restored)
+
+
+def one_line_error(path, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_path_is_one_line_error(tmp_path):
+    one_line_error(tmp_path / "nope", "model directory not found")
+    one_line_error(tmp_path, "no config.json")
+
+
+def test_unsupported_architecture_is_named(tiny_model_dir, tmp_path):
+    d = shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["MambaForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    one_line_error(d, "unsupported architecture MambaForCausalLM")
+
+
+def test_missing_tensor_is_named(tiny_model_dir, tmp_path):
+    d = shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    tensors = load_file(d / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    one_line_error(d, "missing tensor model.layers.1.mlp.up_proj.weight")
+
+
+def test_missing_shard_file_is_named(tiny_model_dir, tmp_path):
+    d = shutil.copytree(tiny_model_dir("qwen2", num_shards=3), tmp_path / "m")
+    (d / "model-00002-of-00003.safetensors").unlink()
+    one_line_error(d, "model-00002-of-00003.safetensors")
+
+
+def test_no_weights_is_named(tiny_model_dir, tmp_path):
+    d = shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    one_line_error(d, r"no \*.safetensors files")
