@@ -24,3 +24,24 @@ def tiny_model_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+class CompileCounter:
+    """Counts XLA backend compiles in this process (every jit cache miss, eager ops included)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        import jax
+
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+
+@pytest.fixture(scope="session")
+def compile_counter():
+    return CompileCounter()

@@ -164,11 +164,18 @@ def sample(
     history: jax.Array | None = None,
     history_is_output: jax.Array | None = None,
     num_logprobs: int = 0,
+    bias: tuple[jax.Array, jax.Array] | None = None,
 ) -> SamplerOutput:
     """Sample one token per row. logits: [S, V]; history / history_is_output: [S, H] or None
-    (None skips penalties: a separate, cheaper compile); num_logprobs: static K."""
+    (None skips penalties: a separate, cheaper compile); num_logprobs: static K; bias:
+    optional `(ids [S, B] i32 padded with -1, values [S, B] f32)` added to the logits after
+    the raw logprobs are taken (logit_bias; -inf bans a token, as min_tokens does for EOS)."""
     logits = logits.astype(jnp.float32)
     raw = jax.nn.log_softmax(logits, axis=-1)
+    if bias is not None:
+        ids, vals = bias
+        rows = jnp.arange(logits.shape[0])[:, None]
+        logits = logits.at[rows, jnp.where(ids < 0, logits.shape[1], ids)].add(vals, mode="drop")
     if history is not None:
         logits = apply_penalties(logits, sp, history, history_is_output)
     greedy = sp.temperature < GREEDY_EPS

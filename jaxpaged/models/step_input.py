@@ -40,8 +40,9 @@ def make_step_input(
     real_t = sum(len(toks) for toks, _, _ in seqs)
     t = num_tokens or real_t
     s = num_seqs or len(seqs)
-    mb = max_blocks or max(len(bt) for _, _, bt in seqs)
-    assert t >= real_t and s >= len(seqs) and mb >= max(len(bt) for _, _, bt in seqs)
+    longest = max((len(bt) for _, _, bt in seqs), default=1)
+    mb = max_blocks or longest
+    assert t >= real_t and s >= len(seqs) and mb >= longest
     token_ids = np.zeros(t, np.int32)
     positions = np.zeros(t, np.int32)
     slots = np.arange(t, dtype=np.int32) % block_size  # padding -> scratch block 0

@@ -1,0 +1,33 @@
+"""Engine settings (vLLM's names), shared by `LLM`, the server CLI and the benchmarks."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None  # defaults to `model`
+    dtype: str = "auto"
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped at 8192
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
+    tensor_parallel_size: int = 1
+    cpu_kv_cache_bytes: int = 4 << 30  # default pool cap without a device memory budget
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ValueError(f"num_kv_blocks must be at least 2 (one is scratch), got {self.num_kv_blocks}")
+        if self.attention_backend not in ("auto", "reference", "pallas"):
+            raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")

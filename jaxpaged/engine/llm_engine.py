@@ -1,0 +1,227 @@
+"""The engine loop: requests in, one scheduled step at a time, `RequestOutput`s out.
+
+    Scheduler.schedule() -> ModelRunner.execute() -> LLMEngine._process() -> Scheduler.update()
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import transformers
+
+from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.config import EngineConfig
+from jaxpaged.engine.detokenizer import IncrementalDetokenizer
+from jaxpaged.engine.model_runner import ModelRunner, StepResult
+from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.scheduler import Scheduler
+from jaxpaged.engine.sequence import Sequence
+from jaxpaged.kernels import get_attention
+from jaxpaged.models import load_model
+from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
+
+logger = logging.getLogger("jaxpaged")
+
+
+def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase | None:
+    """The HF tokenizer in `path`, or None when the directory has none (token-id prompts only)."""
+    path = Path(path)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        self.model_config, params = load_model(config.model, config.dtype)
+        cfg = self.model_config
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        budget = config.max_num_batched_tokens or 2048
+        dtype = params["embed"].dtype
+        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(dtype)
+        t1 = time.perf_counter()
+        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        eos = set(cfg.eos_token_ids)
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos = {self.tokenizer.eos_token_id}
+        self.eos_token_ids = tuple(sorted(eos))[:8]
+        self.runner = ModelRunner(cfg, params, kv, get_attention(config.attention_backend),
+                                  config.max_num_seqs, budget, self.max_model_len, self.eos_token_ids)
+        self.runner.warmup()
+        t2 = time.perf_counter()
+        self.requests: dict[str, list[Sequence]] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
+        self.num_generation_tokens = 0
+        self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
+                        "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
+                        "buckets": self.runner.buckets}
+        logger.info("engine ready: %s", self.startup)
+
+    def _num_blocks_from_memory(self, dtype) -> int:
+        """Pool size from `gpu_memory_utilization` of device memory, or a CPU default."""
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
+        stats = jax.devices()[0].memory_stats()
+        if stats and "bytes_limit" in stats:
+            # Keep room for the step's activations: logits of the largest bucket dominate.
+            cfg, t = self.model_config, self.config.max_num_batched_tokens or 2048
+            reserve = t * (3 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+            free = stats["bytes_limit"] * self.config.gpu_memory_utilization - stats["bytes_in_use"] - reserve
+        else:
+            tokens = self.config.max_num_seqs * (self.max_model_len or 0)
+            free = min(self.config.cpu_kv_cache_bytes, tokens // self.config.block_size * per_block)
+        num = int(free // per_block)
+        needed = -(-self.max_model_len // self.config.block_size) + 1
+        if num < needed:
+            raise ValueError(f"KV cache of {num} blocks cannot hold one sequence of max_model_len "
+                             f"{self.max_model_len} ({needed} blocks); lower max_model_len or raise memory")
+        return num
+
+    # ---- requests ------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> list[int]:
+        """Queue a request; raises ValueError (with the numbers) if it can never run."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *params.logit_bias)):
+            raise ValueError(f"stop_token_ids and logit_bias token ids must be in [0, {vocab})")
+        room = self.max_model_len - len(ids)
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room or room < 1:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
+                f"for the completion). Please reduce the prompt or max_tokens.")
+        blocks = -(-(len(ids) + max_tokens) // self.config.block_size)
+        if blocks > self.block_manager.num_total_blocks:
+            raise ValueError(f"the request needs {blocks} KV blocks but the pool has only "
+                             f"{self.block_manager.num_total_blocks}")
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
+        seqs = []
+        for i in range(params.n):
+            detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
+                                            params.spaces_between_special_tokens)
+                     if self.tokenizer is not None else None)
+            seq = Sequence(request_id, i, prompt if isinstance(prompt, str) else None, ids, params,
+                           max_tokens, base_seed + i, detok, arrival_time)
+            seq.fork_parent = seqs[0] if seqs else None
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = seqs
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its blocks (unknown or finished ids are ignored)."""
+        for seq in self.requests.pop(request_id, []):
+            if not seq.is_finished:
+                seq.finish("abort")
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        result = self.runner.execute(sched)
+        touched = self._process(sched.scheduled, result)
+        self.scheduler.update(sched.scheduled)
+        outputs = []
+        for request_id in touched:
+            seqs = self.requests[request_id]
+            out = self._make_output(seqs, touched[request_id])
+            if out is not None:
+                outputs.append(out)
+            if all(s.is_finished for s in seqs):
+                del self.requests[request_id]
+        return outputs
+
+    def _process(self, scheduled, result: StepResult) -> dict[str, list[Sequence]]:
+        """Apply sampled tokens (and prompt logprobs) to the sequences that reached their end."""
+        touched: dict[str, list[Sequence]] = {}
+        sampled = result.sampled
+        for i, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            if seq.prompt_logprobs is not None and result.prompt is not None:
+                self._add_prompt_logprobs(seq, result, int(result.token_offsets[i]), start, n)
+            if start + n < seq.num_tokens:  # a prompt chunk: nothing to sample yet
+                self.num_prompt_tokens += n
+                continue
+            self.num_prompt_tokens += max(0, min(n, seq.num_prompt_tokens - start))
+            token = int(sampled.token_ids[i])
+            top = None
+            if seq.logprobs is not None:
+                top = {token: Logprob(float(sampled.logprobs[i]), int(sampled.ranks[i]), self._decode(token))}
+                for j in range(seq.params.logprobs):
+                    tid = int(sampled.top_ids[i, j])
+                    top.setdefault(tid, Logprob(float(sampled.top_logprobs[i, j]), j + 1, self._decode(tid)))
+            seq.append_token(token, float(sampled.logprobs[i]), top, self.eos_token_ids)
+            self.num_generation_tokens += 1
+            touched.setdefault(seq.request_id, []).append(seq)
+        return touched
+
+    def _add_prompt_logprobs(self, seq: Sequence, result: StepResult, offset: int, start: int, n: int) -> None:
+        p = result.prompt
+        k = seq.params.prompt_logprobs
+        for j in range(n):
+            pos = start + j
+            if pos + 1 >= seq.num_prompt_tokens or len(seq.prompt_logprobs) != pos + 1:
+                continue  # past the prompt, or already recorded before a preemption
+            row, token = offset + j, seq.prompt_token_ids[pos + 1]
+            entry = {token: Logprob(float(p.logprobs[row]), int(p.ranks[row]), self._decode(token))}
+            for r in range(k):
+                tid = int(p.top_ids[row, r])
+                entry.setdefault(tid, Logprob(float(p.top_logprobs[row, r]), r + 1, self._decode(tid)))
+            seq.prompt_logprobs.append(entry)
+
+    def _decode(self, token_id: int) -> str | None:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+
+    def _make_output(self, seqs: list[Sequence], stepped: list[Sequence]) -> RequestOutput | None:
+        kind = seqs[0].params.output_kind
+        finished = all(s.is_finished for s in seqs)
+        if kind == "final_only" and not finished:
+            return None
+        completions = []
+        for seq in (stepped if kind == "delta" else seqs):
+            if kind == "delta":
+                text, ids = seq.take_text_delta(), seq.output_token_ids[seq.num_sent_tokens:]
+                logprobs = seq.logprobs[seq.num_sent_tokens:] if seq.logprobs is not None else None
+                seq.num_sent_tokens = len(seq.output_token_ids)
+            else:
+                text, ids, logprobs = seq.text, list(seq.output_token_ids), seq.logprobs
+            completions.append(CompletionOutput(
+                seq.index, text, ids, seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs, seq.finish_reason, seq.stop_reason))
+        first = seqs[0]
+        metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,
+                                 max((s.last_token_time or 0) for s in seqs), first.finished_time)
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs,
+                             completions, finished, metrics, first.num_cached_tokens)

@@ -1,0 +1,152 @@
+"""Runs one scheduled step on the device: pads the batch to a bucket, calls the jitted
+forward + sampler (KV pool donated), and hands the sampled ids back as numpy.
+
+Two compiled variants per token bucket: `fast` (sampling, the sampled token's raw logprob)
+and `full` (adds penalties over the token history, top-N logprobs and prompt logprobs),
+used only when a scheduled request asks for one of those.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_key, sample
+from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+
+BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + 8  # + EOS ids
+from jaxpaged.engine.scheduler import SchedulerOutput
+from jaxpaged.models import ModelConfig, family_module
+from jaxpaged.models.kv_cache import KVCache
+from jaxpaged.models.step_input import make_step_input
+
+
+@struct.dataclass
+class FullInput:
+    """Extra inputs of the `full` variant."""
+    history: jax.Array  # [S, H] i32 prompt + output ids, -1 padded (penalties)
+    history_is_output: jax.Array  # [S, H] bool
+    prompt_next: jax.Array  # [T] i32 next prompt token per token (prompt logprobs), -1 = none
+    bias_ids: jax.Array  # [S, B] i32 logit_bias / banned ids, -1 padded
+    bias_vals: jax.Array  # [S, B] f32 (-inf bans: EOS and stop ids before min_tokens)
+
+
+@struct.dataclass
+class PromptLogprobsOutput:
+    logprobs: jax.Array  # [T] raw logprob of `prompt_next`
+    ranks: jax.Array  # [T]
+    top_ids: jax.Array  # [T, K]
+    top_logprobs: jax.Array  # [T, K]
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Host copies of one step's outputs; row i belongs to the i-th scheduled sequence."""
+    sampled: SamplerOutput
+    prompt: PromptLogprobsOutput | None
+    token_offsets: np.ndarray  # [S+1] where each scheduled sequence's tokens start in T
+
+
+def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
+    """Powers of two from `smallest` up to the budget, and the budget itself."""
+    out, b = [], min(smallest, max_num_batched_tokens)
+    while b < max_num_batched_tokens:
+        out.append(b)
+        b *= 2
+    return out + [max_num_batched_tokens]
+
+
+_traces = [0]  # step traces in this process: a trace is a compile
+
+
+def num_step_compiles() -> int:
+    """How many times any engine's step function was traced (and so compiled)."""
+    return _traces[0]
+
+
+@functools.cache
+def _jitted_step(cfg: ModelConfig, attention):
+    """One jitted step per (model config, kernel), shared by engines: same shapes, no recompile."""
+    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention), donate_argnums=1)
+
+
+def _step(params, kv: KVCache, inp, sp, full_inp, *, cfg: ModelConfig, attention):
+    """forward + sample; traced once per (bucket, variant, pool shape)."""
+    _traces[0] += 1
+    forward = family_module(cfg).forward
+    if full_inp is None:
+        logits, kv = forward(params, kv, inp, cfg, attention)
+        return sample(logits, sp), None, kv
+    t = inp.token_ids.shape[0]
+    logits_all, kv = forward(params, kv, inp.replace(logits_index=jnp.arange(t, dtype=jnp.int32)), cfg, attention)
+    out = sample(logits_all[inp.logits_index], sp, full_inp.history, full_inp.history_is_output, MAX_LOGPROBS,
+                 (full_inp.bias_ids, full_inp.bias_vals))
+    raw = jax.nn.log_softmax(logits_all, axis=-1)
+    lp = jnp.take_along_axis(raw, jnp.maximum(full_inp.prompt_next, 0)[:, None], axis=-1)
+    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+    prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
+    return out, prompt, kv
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params: dict, kv: KVCache, attention, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.cfg, self.params, self.kv = cfg, params, kv
+        self.eos_token_ids = eos_token_ids
+        self.block_size = kv.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.buckets = token_buckets(max_num_batched_tokens)
+        self._step = _jitted_step(cfg, attention)
+
+    def warmup(self) -> None:
+        """Compile every (bucket, variant) on an all-padding batch (it writes only scratch)."""
+        for t in self.buckets:
+            for full in (False, True):
+                self._run_padded([], [], t, full)
+
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        full = any(seq.params.needs_full_step for seq, _ in sched.scheduled)
+        t = next(b for b in self.buckets if b >= sched.num_tokens)
+        return self._run_padded(sched.scheduled, sched.block_tables, t, full)
+
+    def _run_padded(self, scheduled, block_tables, t: int, full: bool) -> StepResult:
+        s = min(t, self.max_num_seqs)
+        seqs, keys = [], []
+        for (seq, n), table in zip(scheduled, block_tables):
+            start = seq.num_computed_tokens
+            seqs.append((seq.all_token_ids[start:start + n], start, table))
+            keys.append(row_key(seq.seed, len(seq.output_token_ids)))
+        inp = make_step_input(seqs, self.block_size, t, s, self.max_blocks)
+        sp = make_sampling_input([seq.params for seq, _ in scheduled], keys, s)
+        full_inp = self._full_input(scheduled, t, s) if full else None
+        out, prompt, self.kv = self._step(self.params, self.kv, inp, sp, full_inp)
+        out, prompt = jax.device_get((out, prompt))
+        return StepResult(out, prompt, np.asarray(inp.query_start))
+
+    def _full_input(self, scheduled, t: int, s: int) -> FullInput:
+        hist, is_out = make_history([(seq.prompt_token_ids, seq.output_token_ids) for seq, _ in scheduled],
+                                    s, self.max_model_len)
+        nxt = np.full(t, -1, np.int32)
+        i = 0
+        for seq, n in scheduled:
+            if seq.params.prompt_logprobs is not None:
+                pos = np.arange(seq.num_computed_tokens, seq.num_computed_tokens + n)
+                ok = pos + 1 < seq.num_prompt_tokens
+                nxt[i:i + n][ok] = np.asarray(seq.prompt_token_ids)[pos[ok] + 1]
+            i += n
+        bias_ids = np.full((s, BIAS_WIDTH), -1, np.int32)
+        bias_vals = np.zeros((s, BIAS_WIDTH), np.float32)
+        for row, (seq, _) in enumerate(scheduled):
+            p = seq.params
+            entries = list(p.logit_bias.items())
+            if len(seq.output_token_ids) < p.min_tokens:
+                entries += [(t, -np.inf) for t in (*self.eos_token_ids, *p.stop_token_ids)]
+            if entries:
+                bias_ids[row, :len(entries)], bias_vals[row, :len(entries)] = zip(*entries)
+        return FullInput(hist, is_out, nxt, bias_ids, bias_vals)

@@ -1,0 +1,99 @@
+"""`SamplingParams`: what to generate and how, with vLLM's field names and checks."""
+from __future__ import annotations
+
+import dataclasses
+
+MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (vLLM's default max_logprobs)
+MAX_LOGIT_BIAS = 64  # logit_bias entries per request
+MAX_STOP_TOKEN_IDS = 56
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16  # None = up to max_model_len
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    logit_bias: dict[int, float] | None = None
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # "cumulative": every output so far; "delta": only what is new (streaming); "final_only".
+    output_kind: str = "cumulative"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if self.top_k == -1:
+            self.top_k = 0
+        self._check()
+
+    def _check(self) -> None:
+        def bad(field: str, why: str) -> None:
+            raise ValueError(f"{field} {why}, got {getattr(self, field)!r}")
+
+        if self.n < 1:
+            bad("n", "must be at least 1")
+        if self.temperature < 0:
+            bad("temperature", "must be non-negative")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            bad("top_k", "must be -1 (disable) or at least 1")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        for f in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, f) <= 2:
+                bad(f, "must be in [-2, 2]")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", "must be greater than zero")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad("max_tokens", "must be at least 1")
+        if self.min_tokens < 0:
+            bad("min_tokens", "must be non-negative")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            bad("min_tokens", f"must be less than or equal to max_tokens={self.max_tokens}")
+        for f in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, f)
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                bad(f, f"must be in [0, {MAX_LOGPROBS}]")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            bad("logit_bias", f"may have at most {MAX_LOGIT_BIAS} entries")
+        if any(not -100 <= v <= 100 for v in self.logit_bias.values()):
+            bad("logit_bias", "values must be in [-100, 100]")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            bad("stop_token_ids", f"may have at most {MAX_STOP_TOKEN_IDS} entries")
+        if any(not s for s in self.stop):
+            bad("stop", "must not contain empty strings")
+        if self.output_kind not in ("cumulative", "delta", "final_only"):
+            bad("output_kind", "must be cumulative, delta or final_only")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            bad("seed", "must fit in 64 bits")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+    @property
+    def needs_full_step(self) -> bool:
+        """Penalties, logprobs, logit bias and min_tokens need the slower step variant."""
+        return (
+            bool(self.logit_bias) or self.min_tokens > 0 or
+            self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+            or (self.logprobs or 0) > 0 or self.prompt_logprobs is not None
+        )

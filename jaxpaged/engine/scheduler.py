@@ -1,0 +1,120 @@
+"""Continuous-batching scheduler: which sequences run this step, and how many tokens each.
+
+vLLM V1's policy: one token budget per step; running sequences first (decodes and
+continuing prefills, in admission order), then waiting ones FCFS; prompts longer than the
+budget are chunked; when blocks run out, the newest running sequence is preempted and will
+be recomputed. There is no prefill/decode distinction: each step a sequence computes the
+tokens it has but whose KV is not yet cached.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+
+from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.sequence import Sequence, Status
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]]  # (sequence, number of new tokens this step)
+    block_tables: list[list[int]]  # per scheduled sequence
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted below for an older sequence
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                scheduled.append((seq, n))
+                budget -= n
+        if not preempted:
+            self._admit(scheduled, budget)
+        now = time.monotonic()
+        for seq, _ in scheduled:
+            seq.first_scheduled_time = seq.first_scheduled_time or now
+        tables = [self.bm.block_table(seq.seq_id) for seq, _ in scheduled]
+        return SchedulerOutput(scheduled, tables, preempted)
+
+    def _admit(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
+        """Move waiting sequences to running, FCFS, while budget, seats and blocks allow."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            parent = seq.fork_parent
+            if parent is not None and not parent.is_finished:
+                if parent.num_computed_tokens < parent.num_prompt_tokens:
+                    break  # FCFS: wait until sample 0's prompt is in the cache, then share it
+                computed = self.bm.fork(parent.seq_id, seq.seq_id, seq.num_prompt_tokens)
+                blocks = None
+            else:
+                blocks = self.bm.get_computed_blocks(seq.all_token_ids)
+                computed = len(blocks) * self.bm.block_size
+            n = min(seq.num_tokens - computed, budget)
+            if not self.bm.allocate(seq.seq_id, computed + n, blocks):
+                if blocks is None:
+                    self.bm.free(seq.seq_id)  # undo the fork
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            seq.num_computed_tokens = seq.num_cached_tokens = computed
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it goes back to the front of the queue (recompute)."""
+        self.running.remove(seq)
+        self.bm.free(seq.seq_id)
+        seq.status = Status.WAITING
+        seq.num_computed_tokens = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """After a step: advance computed counts, cache full blocks, retire finished ones."""
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+        for seq in [s for s in self.running if s.is_finished]:
+            self.finish(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence from the queues and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free(seq.seq_id)

@@ -1,0 +1,81 @@
+"""`LLM`: the offline API of notebooks and research code, as in vLLM."""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from jaxpaged.engine.config import EngineConfig
+from jaxpaged.engine.llm_engine import LLMEngine
+from jaxpaged.engine.outputs import RequestOutput
+from jaxpaged.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Load a model and generate for batches of prompts with continuous batching.
+
+    Keyword arguments are those of `EngineConfig` (vLLM's names): dtype, max_model_len,
+    gpu_memory_utilization, num_kv_blocks, max_num_seqs, max_num_batched_tokens, block_size,
+    enable_prefix_caching, seed, attention_backend, ...
+    """
+
+    def __init__(self, model: str, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); results come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, p in zip(prompts, params):
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, prompt, _final_only(p))
+            ids.append(request_id)
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            try:
+                while self.engine.has_unfinished_requests():
+                    for out in self.engine.step():
+                        if out.finished:
+                            results[out.request_id] = out
+                            bar.update(1)
+            except BaseException:
+                for request_id in ids:
+                    self.engine.abort_request(request_id)
+                raise
+        return [results[i] for i in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("this model has no tokenizer, so chat is not available")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [tok.apply_chat_template(c, chat_template=chat_template, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(prompt_ids, sampling_params, use_tqdm)
+
+
+def _final_only(p: SamplingParams) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(p, output_kind="final_only")

@@ -1,0 +1,347 @@
+"""Check and time the Pallas paged-attention kernel on the GPU.
+
+    PYTHONPATH=. python scripts/bench_kernels.py [--quick] [--sweep] [--log FILE]
+
+1. correctness of `paged_attention_gpu` against the jnp reference on the GPU (bf16 inputs,
+   ||out - ref|| / ||ref|| over the real tokens, all rows finite), over randomized shapes;
+2. copy bandwidth (device-to-device, read + write bytes) as the ceiling;
+3. timings (median over repeats of back-to-back calls after warm-up, inputs rotated among
+   3 sets in disjoint parts of the pool) of the kernel, the jnp reference and JAX's own
+   `jax.experimental.pallas.ops.gpu.paged_attention` (decode only), for decode batch 64,
+   32 q heads, 8 KV heads, D=128, bf16, block 16 at contexts 512/2048/8192, prefill
+   8 x 2048 causal and a mixed batch; prints one table last.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+import traceback
+import warnings
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from jaxpaged.kernels.paged_attention import paged_attention_ref  # noqa: E402
+from jaxpaged.kernels.paged_attention_gpu import choose_config, paged_attention_gpu  # noqa: E402
+
+LOG = []
+
+
+def log(*a):
+    s = " ".join(str(x) for x in a)
+    print(s, flush=True)
+    LOG.append(s)
+
+
+# ---------------------------------------------------------------------------- inputs
+def make_batch(key, plan, *, hq, hkv, d, bs, layers=2, sets=1, dtype=jnp.bfloat16, num_tokens=None,
+               num_seqs=None, seed=0):
+    """plan: [(num_computed, num_new)] per sequence. `sets` input sets share one pool, each in
+    its own randomly permuted blocks (so rotating among them defeats the L2).
+    Returns (pool_k, pool_v, [(q, query_start, seq_lens, block_tables), ...])."""
+    rng = np.random.default_rng(seed)
+    ctxs = [c + n for c, n in plan]
+    nblk = [-(-c // bs) for c in ctxs]
+    per_set = sum(nblk)
+    nb = 1 + per_set * sets
+    perm = rng.permutation(np.arange(1, nb)).astype(np.int32)
+    s_pad = num_seqs or len(plan)
+    t_real = sum(n for _, n in plan)
+    t = num_tokens or t_real
+    mb = max(nblk)
+    kk, kv, kq = jax.random.split(key, 3)
+    shape = (layers, hkv, nb, bs, d)
+    k_pool = jax.random.normal(kk, shape, dtype)
+    v_pool = jax.random.normal(kv, shape, dtype)
+    out = []
+    for i in range(sets):
+        tables = np.zeros((s_pad, mb), np.int32)
+        blocks = perm[i * per_set:(i + 1) * per_set]
+        j0 = 0
+        for j, n in enumerate(nblk):
+            tables[j, :n] = blocks[j0:j0 + n]
+            j0 += n
+        qs = np.zeros(s_pad + 1, np.int32)
+        lens = np.zeros(s_pad, np.int32)
+        for j, (c, n) in enumerate(plan):
+            qs[j + 1] = qs[j] + n
+            lens[j] = c + n
+        qs[len(plan) + 1:] = qs[len(plan)]
+        q = jax.random.normal(jax.random.fold_in(kq, i), (t, hq, d), dtype)
+        out.append((q, jnp.asarray(qs), jnp.asarray(lens), jnp.asarray(tables)))
+    return k_pool, v_pool, out
+
+
+def kv_bytes(plan, hkv, d, itemsize=2):
+    return sum(c + n for c, n in plan) * hkv * d * itemsize * 2
+
+
+def attn_flops(plan, hq, d, window=0):
+    f = 0
+    for c, n in plan:
+        for_pos = np.arange(c, c + n) + 1  # keys seen by each new token
+        if window:
+            for_pos = np.minimum(for_pos, window)
+        f += 4 * d * hq * int(for_pos.sum())
+    return f
+
+
+# ---------------------------------------------------------------------------- timing
+def bench(fn, arg_sets, *, reps=10, inner=None, target_s=0.02):
+    """Median seconds per call; each sample is `inner` back-to-back calls over rotating sets."""
+    for a in arg_sets:  # compile + warm-up
+        jax.block_until_ready(fn(*a))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*arg_sets[0]))
+    one = time.perf_counter() - t0
+    if inner is None:
+        inner = int(min(50, max(3, target_s / max(one, 1e-6))))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r = None
+        for i in range(inner):
+            r = fn(*arg_sets[i % len(arg_sets)])
+        jax.block_until_ready(r)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth():
+    n = 1 << 30  # 1 Gi bf16 elements = 2 GiB
+    xs = [jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16) for i in range(2)]
+    f = jax.jit(lambda x: x * 1.5)  # elementwise: reads n, writes n
+    t = bench(f, [(x,) for x in xs], reps=10, inner=5)
+    return 2 * n * 2 / t
+
+
+# ---------------------------------------------------------------------------- checks
+def rel_err(out, ref, n):
+    o = np.asarray(out[:n], np.float64)
+    r = np.asarray(ref[:n], np.float64)
+    return float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
+
+
+def check_case(name, plan, *, hq, hkv, d, bs, window=0, num_tokens=None, num_seqs=None, tol=1e-2,
+               **kw):
+    k_pool, v_pool, [(q, qs, lens, bt)] = make_batch(
+        jax.random.key(zlib.crc32(name.encode())), plan, hq=hq, hkv=hkv, d=d, bs=bs,
+        num_tokens=num_tokens, num_seqs=num_seqs, seed=len(name))
+    scale = d ** -0.5
+    ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(
+        q.astype(jnp.float32), k_pool.astype(jnp.float32), v_pool.astype(jnp.float32), 1, qs, lens, bt,
+        sliding_window=window)
+    f = jax.jit(functools.partial(paged_attention_gpu, scale=scale, **kw))
+    out = f(q, k_pool, v_pool, jnp.int32(1), qs, lens, bt, sliding_window=jnp.int32(window))
+    out = np.asarray(out.astype(jnp.float32))
+    n = int(qs[-1])
+    err = rel_err(out, np.asarray(ref), n)
+    finite = bool(np.isfinite(out).all())
+    ok = err < tol and finite
+    log(f"check {name:<38} rel_err={err:.2e} finite={finite} {'OK' if ok else 'FAIL'}")
+    return ok
+
+
+def run_checks(quick):
+    rng = np.random.default_rng(1)
+    cases = [
+        ("decode g4 d128 bs16", [(int(c), 1) for c in rng.integers(0, 700, 13)], 32, 8, 128, 16, 0, 16, 16, {}),
+        ("decode g8 d128 bs32 split4", [(int(c), 1) for c in rng.integers(0, 2000, 7)], 32, 4, 128, 32, 0, 8, 8,
+         dict(num_splits=4)),
+        ("decode g1 d64 bs16 window", [(int(c), 1) for c in rng.integers(0, 500, 9)], 8, 8, 64, 16, 100, 12, 12, {}),
+        ("prefill g4 d128 bs16", [(0, 300), (0, 517)], 16, 4, 128, 16, 0, 832, 4, {}),
+        ("chunked g8 d64 bs32 window", [(200, 77), (1000, 130)], 16, 2, 64, 32, 256, 256, 4, {}),
+        ("mixed g4 d128 bs16", [(500, 1), (0, 120), (33, 1), (900, 200), (1500, 1)], 32, 8, 128, 16, 0, 400, 8,
+         {}),
+        ("mixed g4 d128 bs16 decode-config", [(500, 1), (0, 20), (33, 1), (900, 9)], 32, 8, 128, 16, 0, 64, 32,
+         {}),
+        ("mixed g7(pad) d128 bs16", [(50, 1), (0, 90), (700, 33)], 28, 4, 128, 16, 0, 128, 4, {}),
+    ]
+    if quick:
+        cases = cases[:3]
+    ok = True
+    for name, plan, hq, hkv, d, bs, win, t, s, kw in cases:
+        try:
+            ok &= check_case(name, plan, hq=hq, hkv=hkv, d=d, bs=bs, window=win, num_tokens=t, num_seqs=s, **kw)
+        except Exception as e:  # noqa: BLE001
+            ok = False
+            log(f"check {name:<38} ERROR {type(e).__name__}: {str(e)[:400]}")
+            traceback.print_exc()
+    return ok
+
+
+# ---------------------------------------------------------------------------- benchmarks
+ROWS = []
+
+
+def row(case, impl, sec, kvb, copy_bw, flops=None, note=""):
+    tbs = kvb / sec / 1e12 if sec else None
+    ROWS.append((case, impl, sec * 1e6 if sec else None, tbs, 100 * tbs * 1e12 / copy_bw if sec else None,
+                 flops / sec / 1e12 if (flops and sec) else None, note))
+    log(f"  {case:<22} {impl:<34} {sec * 1e6 if sec else float('nan'):9.1f} us  "
+        f"{tbs or float('nan'):5.2f} TB/s  {note}")
+
+
+def try_bench(case, impl, fn, arg_sets, kvb, copy_bw, flops=None, note=""):
+    try:
+        sec = bench(fn, arg_sets)
+        row(case, impl, sec, kvb, copy_bw, flops, note)
+        return sec
+    except Exception as e:  # noqa: BLE001
+        log(f"  {case:<22} {impl:<34} ERROR {type(e).__name__}: {str(e)[:300]}")
+        return None
+
+
+def ours(scale, **kw):
+    return jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_gpu(
+        q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
+
+
+def bench_decode(ctx, copy_bw, sweep, check=True):
+    b, hq, hkv, d, bs = 64, 32, 8, 128, 16
+    plan = [(ctx - 1, 1)] * b
+    k_pool, v_pool, sets = make_batch(jax.random.key(ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=3)
+    scale = d ** -0.5
+    kvb = kv_bytes(plan, hkv, d)
+    case = f"decode b64 ctx{ctx}"
+    args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
+    cfg = choose_config(b, b, hq, hkv, d, ctx)
+    if check:
+        q, qs, lens, bt = sets[0]
+        out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
+        ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
+        log(f"check {case:<38} rel_err={rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), b):.2e} "
+            f"(vs bf16 reference)")
+    try_bench(case, f"pallas (default {cfg['block_n']}/{cfg['num_splits']})", ours(scale), args, kvb, copy_bw)
+    if sweep:
+        for bn, ns, nw, st in [(32, 1, 4, 3), (64, 1, 4, 3), (128, 1, 4, 2), (64, 2, 4, 3), (64, 4, 4, 3),
+                               (128, 2, 8, 2), (64, 1, 2, 4), (32, 2, 2, 4), (128, 1, 8, 3)]:
+            try_bench(case, f"pallas bn{bn} sp{ns} w{nw} st{st}",
+                      ours(scale, block_n=bn, num_splits=ns, num_warps=nw, num_stages=st), args, kvb, copy_bw)
+    try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
+        q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
+    # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].
+    from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+    k1, v1 = k_pool[1], v_pool[1]
+    jargs = [((q * scale).astype(q.dtype), k1, v1, bt, lens) for q, qs, lens, bt in sets]
+    pages = -(-ctx // bs)
+    best = None
+    for ks, ppcb in [(16, 8), (8, 8), (4, 16), (16, 4)]:
+        if pages % ks or (pages // ks) % min(ppcb, pages // ks):
+            continue
+        f = jax.jit(functools.partial(jpa.paged_attention, k_splits=ks, pages_per_compute_block=ppcb))
+        sec = try_bench(case, f"jax pallas op ks{ks} ppcb{ppcb}", f, jargs, kvb, copy_bw)
+        if sec and (best is None or sec < best):
+            best = sec
+    del k_pool, v_pool, sets, args, jargs, k1, v1
+
+
+def bench_prefill(copy_bw, sweep):
+    n, hq, hkv, d, bs = 2048, 32, 8, 128, 16
+    plan = [(0, n)] * 8
+    k_pool, v_pool, sets = make_batch(jax.random.key(7), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=2)
+    scale = d ** -0.5
+    case = "prefill 8x2048 causal"
+    flops = attn_flops(plan, hq, d)
+    kvb = kv_bytes(plan, hkv, d)
+    args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
+    # Correctness: dense causal attention on contiguous K/V (the reference would need
+    # [Hkv, T, ctx, D] f32 = 137 GB here).
+    q, qs, lens, bt = sets[0]
+
+    def dense(q, k_pool, v_pool, bt, impl=None):
+        kc = k_pool[1][:, bt].reshape(hkv, 8, -1, d).transpose(1, 2, 0, 3)  # [B, S, Hkv, D]
+        vc = v_pool[1][:, bt].reshape(hkv, 8, -1, d).transpose(1, 2, 0, 3)
+        qq = q.reshape(8, n, hq, d)
+        return jax.nn.dot_product_attention(qq, kc, vc, scale=scale, is_causal=True,
+                                            implementation=impl).reshape(8 * n, hq, d)
+
+    out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
+    ref = jax.jit(dense)(q.astype(jnp.float32), k_pool.astype(jnp.float32), v_pool.astype(jnp.float32), bt)
+    log(f"check {case:<38} rel_err={rel_err(out.astype(jnp.float32), ref, 8 * n):.2e} (vs f32 dense)")
+    del ref
+    cfg = choose_config(8 * n, 8, hq, hkv, d, n)
+    try_bench(case, f"pallas (default m{cfg['block_m']} n{cfg['block_n']})", ours(scale), args, kvb, copy_bw,
+              flops)
+    if sweep:
+        for bm, bn, nw, st in [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                               (64, 128, 4, 2), (128, 64, 8, 2)]:
+            try_bench(case, f"pallas m{bm} n{bn} w{nw} st{st}",
+                      ours(scale, block_m=bm, block_n=bn, num_warps=nw, num_stages=st), args, kvb, copy_bw, flops)
+    dargs = [(q, k_pool, v_pool, bt) for q, qs, lens, bt in sets]
+    for impl in ("cudnn", "xla"):
+        try_bench(case, f"dense dot_product_attention {impl}", jax.jit(functools.partial(dense, impl=impl)),
+                  dargs, kvb, copy_bw, flops, note="contiguous KV, +gather")
+    log(f"  {case:<22} jnp reference: not run (needs [Hkv,T,ctx,D] f32 = 137 GB)")
+    del k_pool, v_pool, sets, args, dargs
+
+
+def bench_mixed(copy_bw):
+    hq, hkv, d, bs = 32, 8, 128, 16
+    dec = [(2047, 1)] * 64
+    pre = [(0, 1024), (512, 512)]
+    scale = d ** -0.5
+    res = {}
+    for name, plan in [("mixed", dec + pre), ("  decode part", dec), ("  prefill part", pre)]:
+        k_pool, v_pool, sets = make_batch(jax.random.key(len(plan)), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=2)
+        args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
+        res[name] = try_bench(f"{name} 64x2k+2x1k".strip(), "pallas (default)", ours(scale), args,
+                              kv_bytes(plan, hkv, d), copy_bw, attn_flops(plan, hq, d))
+        if name == "mixed":
+            q, qs, lens, bt = sets[0]
+            out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
+            ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
+            log(f"check {'mixed 64x2k+2x1k':<38} rel_err="
+                f"{rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), int(qs[-1])):.2e} (vs bf16 ref)")
+        del k_pool, v_pool, sets, args
+    if all(res.values()):
+        log(f"  mixed / (decode + prefill) = {res['mixed'] / (res['  decode part'] + res['  prefill part']):.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--log", default=None)
+    ap.add_argument("--only", default="checks,decode,prefill,mixed")
+    a = ap.parse_args()
+    only = a.only.split(",")
+    dev = jax.devices()[0]
+    log(f"jax {jax.__version__} on {dev.device_kind} ({jax.default_backend()}), "
+        f"{time.strftime('%Y-%m-%d %H:%M')}")
+    ok = True
+    if "checks" in only:
+        ok = run_checks(a.quick)
+        log(f"checks: {'ALL OK' if ok else 'FAILURES'}")
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
+    if "decode" in only:
+        for ctx in ([512] if a.quick else [512, 2048, 8192]):
+            bench_decode(ctx, copy_bw, a.sweep)
+    if "prefill" in only and not a.quick:
+        bench_prefill(copy_bw, a.sweep)
+    if "mixed" in only and not a.quick:
+        bench_mixed(copy_bw)
+    lines = ["", f"| case | impl | us | TB/s KV read | % of copy BW ({copy_bw / 1e12:.2f} TB/s) | TFLOP/s |",
+             "|---|---|---:|---:|---:|---:|"]
+    for case, impl, us, tbs, pct, tf, note in ROWS:
+        f = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+        lines.append(f"| {case} | {impl}{' (' + note + ')' if note else ''} | {f(us, 1)} | {f(tbs, 2)} | "
+                     f"{f(pct, 0)} | {f(tf, 0)} |")
+    for l in lines:
+        log(l)
+    if a.log:
+        with open(a.log, "w") as fh:
+            fh.write("\n".join(LOG) + "\n")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
