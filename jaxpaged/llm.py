@@ -1,6 +1,7 @@
 """`LLM`: the offline API of notebooks and research code, as in vLLM."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -40,23 +41,22 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids = []
-        for prompt, p in zip(prompts, params):
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt, _final_only(p))
-            ids.append(request_id)
+        ids: list[str] = []
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
-            try:
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(str(next(self._ids)))
+                self.engine.add_request(ids[-1], prompt, dataclasses.replace(p, output_kind="final_only"))
+            with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished_requests():
                     for out in self.engine.step():
                         if out.finished:
                             results[out.request_id] = out
                             bar.update(1)
-            except BaseException:
-                for request_id in ids:
-                    self.engine.abort_request(request_id)
-                raise
+        except BaseException:  # a bad prompt or an interrupt: leave nothing running
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
         return [results[i] for i in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]],
@@ -73,9 +73,3 @@ class LLM:
                    for c in conversations]
         prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(prompt_ids, sampling_params, use_tqdm)
-
-
-def _final_only(p: SamplingParams) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(p, output_kind="final_only")

@@ -1,0 +1,147 @@
+"""Request lifecycle through the engine: stops, EOS, min_tokens, n, abort, logprobs, deltas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxpaged import LLM, SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    # Same shapes as tests/test_engine.py's configs: the compiled steps are reused.
+    return LLM(model_dir, max_model_len=128, block_size=4, num_kv_blocks=1024, max_num_seqs=64,
+               max_num_batched_tokens=64)
+
+
+def gen(llm, prompt, **kw):
+    return llm.generate([prompt], SamplingParams(**kw), use_tqdm=False)[0]
+
+
+def test_stop_string_across_tokens_is_cut(llm):
+    prompt = "The quick brown fox"
+    full = gen(llm, prompt, max_tokens=20, **GREEDY).outputs[0]
+    tok = llm.get_tokenizer()
+    pieces = [tok.decode(full.token_ids[:i]) for i in range(len(full.token_ids) + 1)]
+    # a stop string that starts inside token 3's text and ends inside a later token's
+    start = len(pieces[3]) - 1
+    stop = full.text[start:start + 4]
+    assert len(stop) == 4 and full.text.find(stop) == start
+    out = gen(llm, prompt, max_tokens=20, stop=[stop], **GREEDY).outputs[0]
+    assert out.text == full.text[:start]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = gen(llm, prompt, max_tokens=20, stop=[stop], include_stop_str_in_output=True, **GREEDY)
+    assert kept.outputs[0].text == full.text[:start + 4]
+
+
+def test_stop_token_ids_eos_and_min_tokens(llm):
+    full = gen(llm, "Hello", max_tokens=10, **GREEDY).outputs[0]
+    out = gen(llm, "Hello", max_tokens=10, stop_token_ids=[full.token_ids[4]], **GREEDY).outputs[0]
+    first = full.token_ids.index(full.token_ids[4])
+    assert out.token_ids == full.token_ids[:first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", full.token_ids[4])
+
+    eos = llm.engine.eos_token_ids[0]
+    forced = dict(temperature=0, max_tokens=10, logit_bias={eos: 100.0})
+    out = gen(llm, "Hello", **forced).outputs[0]
+    assert out.token_ids == [eos] and (out.finish_reason, out.stop_reason) == ("stop", None)
+    assert out.text == ""  # special tokens are skipped
+    out = gen(llm, "Hello", min_tokens=5, **forced).outputs[0]
+    assert out.token_ids[:5].count(eos) == 0 and out.token_ids[5:] == [eos]
+    out = gen(llm, "Hello", ignore_eos=True, **forced).outputs[0]
+    assert out.token_ids == [eos] * 10 and out.finish_reason == "length"
+
+
+def test_n_samples(llm):
+    out = gen(llm, "Flat is better than nested.", n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3
+    again = gen(llm, "Flat is better than nested.", n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    greedy = gen(llm, "Flat is better than nested.", n=2, max_tokens=8, **GREEDY)
+    assert greedy.outputs[0].token_ids == greedy.outputs[1].token_ids
+
+
+def test_abort_frees_blocks(llm):
+    engine = llm.engine
+    for i in range(5):
+        engine.add_request(f"abort-{i}", list(range(10, 40)), SamplingParams(max_tokens=50, **GREEDY))
+    for _ in range(3):
+        engine.step()
+    bm = engine.block_manager
+    assert bm.num_free_blocks < bm.num_total_blocks
+    for i in range(5):
+        engine.abort_request(f"abort-{i}")
+    assert not engine.has_unfinished_requests()
+    assert bm.num_free_blocks == bm.num_total_blocks
+    assert engine.step() == []
+
+
+def test_logprobs_match_hf(llm, model_dir):
+    prompt = list(range(50, 70))
+    out = gen(llm, prompt, max_tokens=6, logprobs=3, prompt_logprobs=2, **GREEDY)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = prompt + out.outputs[0].token_ids
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0], -1).numpy()
+    plain = gen(llm, prompt, max_tokens=6, **GREEDY).outputs[0]
+    assert plain.token_ids == out.outputs[0].token_ids  # the full step variant samples the same
+    comp = out.outputs[0]
+    total = 0.0
+    for j, (tid, lp) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        row = ref[len(prompt) - 1 + j]
+        assert len(lp) == 3 and lp[tid].rank == 1  # greedy: the chosen token is top-1
+        for t, v in lp.items():
+            np.testing.assert_allclose(v.logprob, row[t], atol=1e-4)
+            assert v.rank == 1 + int((row > row[t] + 1e-6).sum())
+        total += lp[tid].logprob
+    np.testing.assert_allclose(comp.cumulative_logprob, total, rtol=1e-5)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for p in range(1, len(prompt)):
+        entry = out.prompt_logprobs[p]
+        np.testing.assert_allclose(entry[prompt[p]].logprob, ref[p - 1, prompt[p]], atol=1e-4)
+        top2 = np.argsort(-ref[p - 1])[:2]
+        assert set(top2) <= set(entry)
+
+
+def test_streaming_deltas_concatenate_to_final_text(llm):
+    engine = llm.engine
+    tok = llm.get_tokenizer()
+    prompt = tok.encode("Ünïcödé 日本語 🙂")
+    p = dict(temperature=1.0, seed=3, max_tokens=24, ignore_eos=True, stop=["e "])
+    engine.add_request("delta", prompt, SamplingParams(output_kind="delta", **p))
+    text, ids, final = "", [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text += out.outputs[0].text
+            ids += out.outputs[0].token_ids
+            final = out
+    ref = gen(llm, prompt, **p).outputs[0]
+    assert final.finished and text == ref.text and ids == ref.token_ids
+    assert "\ufffd" not in text or "\ufffd" in tok.decode(ids)
+
+
+def test_too_long_request_is_rejected_with_numbers(llm):
+    with pytest.raises(ValueError, match=r"maximum context length is 128 tokens.*130 tokens \(30 in the prompt"):
+        llm.generate([list(range(30))], SamplingParams(max_tokens=100), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([[]], SamplingParams(), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("n", 0), ("max_tokens", 0),
+    ("presence_penalty", 3), ("repetition_penalty", 0), ("logprobs", 21), ("min_tokens", -1),
+])
+def test_sampling_params_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
