@@ -17,10 +17,14 @@ def model_dir(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def llm(model_dir):
+def llm(model_dir, compile_counter):
     # Same shapes as tests/test_engine.py's configs: the compiled steps are reused.
-    return LLM(model_dir, max_model_len=128, block_size=4, num_kv_blocks=1024, max_num_seqs=64,
-               max_num_batched_tokens=64)
+    llm = LLM(model_dir, max_model_len=128, block_size=4, num_kv_blocks=1024, max_num_seqs=64,
+              max_num_batched_tokens=64)
+    compiles = compile_counter.count
+    yield llm
+    # every request mix above (penalties, logprobs, bias, n, chunks) ran on warm-up's compiles
+    assert compile_counter.count == compiles, "the engine compiled after warm-up"
 
 
 def gen(llm, prompt, **kw):
