@@ -1,0 +1,146 @@
+"""The Pallas paged-attention kernel against the jnp reference.
+
+On CPU the kernel runs in Pallas interpret mode (slow: cases are few and small). Bigger
+cases are marked slow and run only where a GPU is present.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpaged.kernels.paged_attention import paged_attention_ref
+from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def make_case(rng, plan, *, hq, hkv, d, bs, num_tokens=None, num_seqs=None, layers=2, dtype=np.float32):
+    """plan: [(num_computed, num_new)] per sequence; padded to num_tokens / num_seqs.
+    Blocks are a random permutation (block 0 stays the scratch block); the pool is random
+    everywhere, so reading outside a sequence's context would show."""
+    nblocks = [-(-(c + n) // bs) for c, n in plan]
+    nb = 1 + sum(nblocks) + 2
+    perm = rng.permutation(np.arange(1, nb))
+    s = num_seqs or len(plan)
+    t = num_tokens or sum(n for _, n in plan)
+    tables = np.zeros((s, max(max(nblocks), 1) + 1), np.int32)  # one spare column of padding
+    qs = np.zeros(s + 1, np.int32)
+    lens = np.zeros(s, np.int32)
+    i = 0
+    for j, ((c, n), nbk) in enumerate(zip(plan, nblocks)):
+        tables[j, :nbk] = perm[i:i + nbk]
+        i += nbk
+        qs[j + 1] = qs[j] + n
+        lens[j] = c + n
+    qs[len(plan) + 1:] = qs[len(plan)]
+    k = rng.standard_normal((layers, hkv, nb, bs, d)).astype(dtype)
+    v = rng.standard_normal((layers, hkv, nb, bs, d)).astype(dtype)
+    q = rng.standard_normal((t, hq, d)).astype(dtype)
+    return tuple(map(jnp.asarray, (q, k, v, qs, lens, tables)))
+
+
+def check(plan, *, hq, hkv, d, bs, window=0, num_tokens=None, num_seqs=None, seed=0, tol=2e-5, **kw):
+    rng = np.random.default_rng(seed)
+    q, k, v, qs, lens, bt = make_case(rng, plan, hq=hq, hkv=hkv, d=d, bs=bs, num_tokens=num_tokens,
+                                      num_seqs=num_seqs)
+    scale = 1.0 / np.sqrt(d)
+    layer = jnp.int32(1)
+    win = jnp.int32(window)
+    ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(
+        q, k, v, layer, qs, lens, bt, sliding_window=win)
+    out = jax.jit(functools.partial(paged_attention_gpu, scale=scale, **kw))(
+        q, k, v, layer, qs, lens, bt, sliding_window=win)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all()  # padding tokens included
+    n = int(qs[-1])
+    np.testing.assert_allclose(out[:n], ref[:n], atol=tol, rtol=tol)
+    return out
+
+
+# (plan, hq, hkv, d, bs, window, T, S, tuning kwargs); chosen to cover head dim 64/128,
+# GQA 1/4/8 (and a non-power-of-two group), block 16/32, decode / chunked / fresh prefill in
+# one batch, padding tokens and padding sequences, sliding window, split-KV.
+CASES = {
+    # decode-shaped bucket (T <= 2S): the per-sequence kernel alone
+    "decode g4 d128 bs16": ([(37, 1), (0, 1), (130, 1), (16, 1), (63, 1)], 8, 2, 128, 16, 0, 8, 7, {}),
+    "decode g8 d64 bs32 split": ([(300, 1), (5, 1), (96, 1)], 8, 1, 64, 32, 0, 4, 4, dict(num_splits=4)),
+    "decode g1 d64 bs16 window": ([(90, 1), (3, 1), (47, 1)], 2, 2, 64, 16, 20, 4, 3, {}),
+    "decode bucket with a chunk": ([(20, 1), (8, 9), (0, 3)], 4, 1, 64, 16, 0, 16, 8, dict(num_splits=2)),
+    # prefill / mixed buckets (T > 2S): per-sequence kernel for short queries + q-block kernel
+    "mixed g4 d64 bs16": ([(60, 1), (6, 40), (0, 29), (17, 1)], 8, 2, 64, 16, 0, 80, 5, {}),
+    "mixed g8 d128 bs32 window": ([(100, 30), (40, 1), (0, 50)], 8, 1, 128, 32, 24, 96, 4, {}),
+    "prefill g1 d64 bs32": ([(0, 45), (0, 70)], 2, 2, 64, 32, 0, 128, 3, {}),
+    "mixed g7 (padded group)": ([(25, 1), (3, 20)], 7, 1, 64, 16, 0, 32, 3, {}),
+    "mixed small tiles": ([(40, 23), (0, 1), (77, 9)], 4, 1, 64, 16, 9, 40, 4, dict(block_m=16, block_n=16)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_reference(name):
+    plan, hq, hkv, d, bs, win, t, s, kw = CASES[name]
+    check(plan, hq=hq, hkv=hkv, d=d, bs=bs, window=win, num_tokens=t, num_seqs=s, seed=len(name), **kw)
+
+
+def test_long_context_decode_split():
+    """Contexts up to 2k, split-KV over many blocks."""
+    check([(2047, 1), (1000, 1), (1, 1)], hq=4, hkv=1, d=64, bs=32, num_tokens=4, num_seqs=4,
+          num_splits=4, block_n=64)
+
+
+def test_all_padding_is_finite():
+    """A batch whose sequences are all padding (seq_len 0) gives finite output."""
+    q, k, v, qs, lens, bt = make_case(np.random.default_rng(3), [(5, 1)], hq=4, hkv=2, d=64, bs=16,
+                                      num_tokens=8, num_seqs=4)
+    qs, lens = jnp.zeros_like(qs), jnp.zeros_like(lens)
+    out = paged_attention_gpu(q, k, v, 0, qs, lens, bt, scale=0.125)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+def test_in_model_forward(tiny_model_dir):
+    """Drop-in for the reference inside the model (layer under lax.scan, traced window)."""
+    from jaxpaged.models import load_model, make_forward
+    from jaxpaged.models.kv_cache import init_kv_cache
+    from jaxpaged.models.step_input import make_step_input
+
+    cfg, params = load_model(tiny_model_dir("llama"))
+    bs = 4
+    # a prefill of 6 tokens and a decode over 9 cached tokens
+    inp = make_step_input([([1, 2, 3, 4, 5, 6], 0, [1, 2]), ([7], 9, [3, 4, 5])], bs, num_tokens=12,
+                          num_seqs=3)
+    rng = np.random.default_rng(0)
+    kv0 = init_kv_cache(cfg, 8, bs, jnp.float32)
+    kv0 = type(kv0)(jnp.asarray(rng.standard_normal(kv0.k.shape), jnp.float32),
+                    jnp.asarray(rng.standard_normal(kv0.v.shape), jnp.float32))
+    copy = lambda kv: type(kv)(jnp.array(kv.k), jnp.array(kv.v))  # noqa: E731 (inputs are donated)
+    logits_ref, kv_ref = make_forward(cfg, paged_attention_ref)(params, copy(kv0), inp)
+    logits, kv = make_forward(cfg, paged_attention_gpu)(params, copy(kv0), inp)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_ref), atol=1e-4, rtol=1e-4)
+    # block 0 is the scratch block of padding tokens, whose values are arbitrary
+    np.testing.assert_allclose(np.asarray(kv.k)[:, :, 1:], np.asarray(kv_ref.k)[:, :, 1:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU (interpret mode is too slow for these sizes)")
+@pytest.mark.parametrize("d,hq,hkv,bs", [(128, 32, 8, 16), (64, 16, 2, 32), (128, 8, 8, 16)])
+def test_gpu_randomized_bf16(d, hq, hkv, bs):
+    rng = np.random.default_rng(d + hq + bs)
+    plan = [(int(rng.integers(0, 2048)), 1) for _ in range(20)]
+    plan += [(int(rng.integers(0, 1024)), int(rng.integers(1, 400))) for _ in range(4)]
+    rng2 = np.random.default_rng(1)
+    q, k, v, qs, lens, bt = make_case(rng2, plan, hq=hq, hkv=hkv, d=d, bs=bs, num_tokens=2048, num_seqs=32,
+                                      dtype=np.float32)
+    scale = d ** -0.5
+    for window in (0, 300):
+        ref = np.asarray(paged_attention_ref(q, k, v, 1, qs, lens, bt, scale=scale, sliding_window=window))
+        bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+        out = paged_attention_gpu(bf(q), bf(k), bf(v), 1, qs, lens, bt, scale=scale, sliding_window=window)
+        out = np.asarray(out.astype(jnp.float32))
+        n = int(qs[-1])
+        assert np.isfinite(out).all()
+        err = np.linalg.norm(out[:n] - ref[:n]) / np.linalg.norm(ref[:n])
+        assert err < 1e-2, err
