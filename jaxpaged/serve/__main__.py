@@ -1,0 +1,4 @@
+"""`python -m jaxpaged.serve [--model DIR] [...]`: see `jaxpaged.serve.cli`."""
+from jaxpaged.serve.cli import main
+
+main()

@@ -1,0 +1,222 @@
+"""The Starlette app: routes, API-key check, OpenAI errors, disconnect -> abort."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import jinja2
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import jaxpaged
+from jaxpaged.serve.async_engine import AsyncEngine, EngineDeadError
+from jaxpaged.serve.chat import create_chat_completion, render_chat
+from jaxpaged.serve.completions import create_completion
+from jaxpaged.serve.errors import APIError, error_body, error_response
+from jaxpaged.serve.metrics import Metrics
+from jaxpaged.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                     TokenizeRequest)
+
+logger = logging.getLogger("jaxpaged.serve")
+Handler = Callable[[Request], Awaitable[Response]]
+CLIENT_ERRORS = (ValueError, TypeError, OverflowError, jinja2.TemplateError)
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str  # the first served name, echoed in responses
+    served_names: tuple[str, ...]
+    model_path: str
+    chat_template: str | None = None
+    api_key: str | None = None
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], model_path: str,
+              chat_template: str | None = None, api_key: str | None = None) -> Starlette:
+    """The OpenAI-compatible app; it starts the engine thread on startup and stops it on shutdown."""
+    state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key)
+    metrics = Metrics(state.model_name, lambda: engine.stats)
+    engine.observer = metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.shutdown)
+
+    def parse_model(model: str | None) -> None:
+        if model is not None and model not in state.served_names:
+            raise APIError(f"The model `{model}` does not exist.", 404, "model")
+
+    async def completions(request: Request) -> Response:
+        req = await parse(request, CompletionRequest)
+        parse_model(req.model)
+        return await create_completion(engine, req, state.model_name)
+
+    async def chat(request: Request) -> Response:
+        req = await parse(request, ChatCompletionRequest)
+        parse_model(req.model)
+        return await create_chat_completion(engine, req, state.model_name, state.chat_template)
+
+    async def models(request: Request) -> Response:
+        max_len = engine.engine.max_model_len
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": state.created, "owned_by": "jaxpaged",
+             "root": state.model_path, "parent": None, "max_model_len": max_len, "permission": []}
+            for name in state.served_names]})
+
+    async def tokenize(request: Request) -> Response:
+        req = await parse(request, TokenizeRequest)
+        parse_model(req.model)
+
+        def run(e) -> dict:
+            if e.tokenizer is None:
+                raise ValueError("this model has no tokenizer")
+            if req.messages is not None:
+                conv = [{"role": m.role, "content": m.text()} for m in req.messages]
+                ids = render_chat(e, conv, state.chat_template, req.add_generation_prompt)
+            else:
+                ids = e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            out = {"count": len(ids), "max_model_len": e.max_model_len, "tokens": ids}
+            if req.return_token_strs:
+                out["token_strs"] = e.tokenizer.convert_ids_to_tokens(ids)
+            return out
+
+        return JSONResponse(await engine.call(run))
+
+    async def detokenize(request: Request) -> Response:
+        req = await parse(request, DetokenizeRequest)
+        parse_model(req.model)
+
+        def run(e) -> dict:
+            vocab = e.model_config.vocab_size
+            if e.tokenizer is None:
+                raise ValueError("this model has no tokenizer")
+            if any(not 0 <= t < vocab for t in req.tokens):
+                raise APIError(f"token ids must be in [0, {vocab})", 400, "tokens")
+            return {"prompt": e.tokenizer.decode(req.tokens)}
+
+        return JSONResponse(await engine.call(run))
+
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if engine.alive else 503)
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": jaxpaged.__version__})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    routes = [
+        Route("/v1/completions", api(completions, cancel_on_disconnect=True), methods=["POST"]),
+        Route("/v1/chat/completions", api(chat, cancel_on_disconnect=True), methods=["POST"]),
+        Route("/v1/models", api(models), methods=["GET"]),
+        Route("/tokenize", api(tokenize), methods=["POST"]),
+        Route("/detokenize", api(detokenize), methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _internal_error})
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.state.server = state
+    return app
+
+
+async def parse(request: Request, model: type[BaseModel]) -> BaseModel:
+    """The JSON body validated as `model`; any problem is a 400 naming the field."""
+    try:
+        data = json.loads(await request.body())
+    except (ValueError, RecursionError) as e:
+        raise APIError(f"malformed JSON body: {e}", 400) from None
+    if not isinstance(data, dict):
+        raise APIError("the request body must be a JSON object", 400)
+    return model.model_validate(data)
+
+
+def api(handler: Handler, cancel_on_disconnect: bool = False) -> Handler:
+    """Map errors to OpenAI's body (client input: 400) and, if asked, stop on disconnect."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: Request) -> Response:
+        try:
+            if cancel_on_disconnect:
+                return await _cancel_on_disconnect(handler, request)
+            return await handler(request)
+        except APIError as e:
+            return error_response(e.message, e.status, e.param)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            return error_response(f"{param}: {err['msg']}" if param else err["msg"], 400, param)
+        except EngineDeadError as e:
+            return error_response(str(e), 503)
+        except CLIENT_ERRORS as e:
+            return error_response(str(e), 400)
+
+    return wrapped
+
+
+async def _cancel_on_disconnect(handler: Handler, request: Request) -> Response:
+    """Run the handler, cancelling it (its `finally` aborts the engine requests) if the client goes."""
+    await request.body()  # read first: after it, `receive` only reports the disconnect
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.ensure_future(handler(request))
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)  # let its `finally` run
+    if work.cancelled():
+        logger.info("client disconnected: request %s cancelled", request.url.path)
+        return Response(status_code=499)
+    return work.result()
+
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on `/v1` routes (vLLM's rule); else 401 in OpenAI's body."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(auth, b"Bearer " + self.key):
+                response = error_response("Invalid or missing API key", 401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return JSONResponse(error_body(exc.detail, exc.status_code), status_code=exc.status_code)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.exception("internal error on %s", request.url.path, exc_info=exc)
+    return JSONResponse(error_body(f"internal error: {type(exc).__name__}", 500), status_code=500)

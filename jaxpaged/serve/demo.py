@@ -1,0 +1,32 @@
+"""The built-in demo model: a tiny random-weight Llama, built offline on first use and cached."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from jaxpaged.models.tiny import make_tiny_model
+
+DEMO_NAME = "jaxpaged-demo"
+# Small engine settings so the demo starts fast on a CPU (its max_position_embeddings is 256).
+DEMO_DEFAULTS = {"max_model_len": 256, "max_num_batched_tokens": 256, "max_num_seqs": 64}
+
+
+def cache_root() -> Path:
+    """`$JAXPAGED_CACHE`, or `~/.cache/jaxpaged`."""
+    return Path(os.environ.get("JAXPAGED_CACHE") or Path.home() / ".cache" / "jaxpaged").expanduser()
+
+
+def demo_model_dir() -> Path:
+    """The demo checkpoint's directory, building it if needed (atomically: safe to race)."""
+    out = cache_root() / "demo-llama"
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="demo-llama.", dir=out.parent))
+        make_tiny_model(tmp, "llama")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,90 @@
+"""Prometheus metrics for `/metrics`, named like vLLM's with a `jaxpaged:` prefix.
+
+Engine gauges and counters are read from the engine thread's latest `EngineStats` snapshot
+at scrape time; latency histograms are observed from each request's outputs as they are
+produced.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from jaxpaged.engine.outputs import RequestOutput
+from jaxpaged.serve.async_engine import EngineStats
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+
+class Metrics:
+    """One registry per app; `observe` and `forget` are called from the engine thread."""
+
+    def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
+        self.registry = CollectorRegistry()
+        self.labels = {"model_name": model_name}
+        self._stats = stats
+        self.registry.register(self)
+        hist = lambda name, doc, buckets: Histogram(  # noqa: E731
+            f"jaxpaged:{name}", doc, ["model_name"], buckets=buckets, registry=self.registry
+        ).labels(model_name)
+        self.ttft = hist("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+        self.itl = hist("inter_token_latency_seconds", "Time between engine outputs of a request.",
+                        _ITL_BUCKETS)
+        self.e2e = hist("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
+        self.success = Counter("jaxpaged:request_success", "Finished requests by finish reason.",
+                               ["model_name", "finished_reason"], registry=self.registry)
+        self._last_token_time: dict[str, float] = {}
+
+    def observe(self, out: RequestOutput) -> None:
+        m, rid = out.metrics, out.request_id
+        if m is None or m.last_token_time is None:
+            return
+        previous = self._last_token_time.get(rid)
+        if previous is None and m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+        elif previous is not None and m.last_token_time > previous:
+            self.itl.observe(m.last_token_time - previous)
+        self._last_token_time[rid] = m.last_token_time
+        if out.finished:
+            self._last_token_time.pop(rid, None)
+            self.e2e.observe(m.last_token_time - m.arrival_time)
+            reason = out.outputs[0].finish_reason if out.outputs else "stop"
+            self.success.labels(finished_reason=reason, **self.labels).inc()
+
+    def forget(self, request_id: str) -> None:
+        """An aborted request: it will produce no more outputs."""
+        self._last_token_time.pop(request_id, None)
+        self.success.labels(finished_reason="abort", **self.labels).inc()
+
+    def collect(self):
+        """The engine's gauges and counters from its latest snapshot (prometheus collector)."""
+        s: EngineStats = self._stats()
+        names = list(self.labels)
+        values = list(self.labels.values())
+        for name, doc, value in (
+            ("num_requests_running", "Requests in the running batch.", s.num_running),
+            ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", s.kv_usage),
+        ):
+            g = GaugeMetricFamily(f"jaxpaged:{name}", doc, labels=names)
+            g.add_metric(values, value)
+            yield g
+        for name, doc, value in (
+            ("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.prompt_tokens),
+            ("generation_tokens", "Generated tokens.", s.generation_tokens),
+            ("num_preemptions", "Preemptions (recompute).", s.preemptions),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+        ):
+            c = CounterMetricFamily(f"jaxpaged:{name}", doc, labels=names)
+            c.add_metric(values, value)
+            yield c
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,174 @@
+"""OpenAI request schemas (pydantic) and their mapping to `SamplingParams`.
+
+Responses are plain dicts built by the route modules; requests are validated here so that
+any bad field becomes a 400 with the field's name, never a 500.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from jaxpaged.engine.sampling_params import SamplingParams
+
+INT32_MAX = 2**31 - 1
+MAX_N = 128  # samples per prompt
+MAX_CHOICES = 1024  # prompts x n per HTTP request
+
+# Fields of the OpenAI / vLLM APIs that jaxpaged does not implement: asking for them is a
+# 400 rather than a silent no-op. Unknown fields are ignored, as in vLLM.
+UNSUPPORTED = ("suffix", "tools", "functions", "function_call", "use_beam_search",
+               "prompt_embeds", "structured_outputs", "guided_json", "guided_regex",
+               "guided_choice", "guided_grammar")
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> OpenAIModel:
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            if extra.get(name) not in (None, [], False):
+                raise ValueError(f"`{name}` is not supported by jaxpaged")
+        fmt = extra.get("response_format")
+        if fmt not in (None, {"type": "text"}):
+            raise ValueError("`response_format` other than {'type': 'text'} is not supported by jaxpaged")
+        if extra.get("tool_choice") not in (None, "none"):
+            raise ValueError("`tool_choice` is not supported by jaxpaged (no tool calling)")
+        return self
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+
+
+class SamplingRequest(OpenAIModel):
+    """Fields shared by completions and chat (OpenAI's plus vLLM's sampling extras)."""
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    best_of: int | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = None
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check_common(self) -> SamplingRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("Stream options can only be defined when `stream=True`.")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("`best_of` different from `n` is not supported by jaxpaged")
+        return self
+
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """The engine's parameters (raises ValueError on out-of-range values)."""
+        try:
+            bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
+        given = {k: getattr(self, k) for k in (
+            "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty") if getattr(self, k) is not None}
+        return SamplingParams(
+            n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
+            stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, logit_bias=bias,
+            skip_special_tokens=self.skip_special_tokens, output_kind="delta", **given)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Prompt
+    max_tokens: int | None = 16
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt field as a list of prompts (text or token ids)."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        if not p:
+            raise ValueError("prompt must not be empty")
+        if len(p) * self.n > MAX_CHOICES:
+            raise ValueError(f"a request may have at most {MAX_CHOICES} choices (prompts x n)")
+        return list(p)
+
+
+class ChatMessage(OpenAIModel):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The content as one string; only text parts are supported."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported by jaxpaged")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _check_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("`top_logprobs` needs `logprobs` set to true")
+        return self
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class TokenizeRequest(OpenAIModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of `prompt` or `messages`")
+        return self
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
