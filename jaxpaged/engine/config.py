@@ -9,6 +9,7 @@ class EngineConfig:
     model: str
     tokenizer: str | None = None  # defaults to `model`
     dtype: str = "auto"
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights, for benchmarks)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
@@ -29,5 +30,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be at least 2 (one is scratch), got {self.num_kv_blocks}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")

@@ -39,7 +39,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
-        self.model_config, params = load_model(config.model, config.dtype)
+        self.model_config, params = load_model(config.model, config.dtype, config.load_format)
         cfg = self.model_config
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -126,7 +126,7 @@ class LLMEngine:
         for i in range(params.n):
             detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
                                             params.spaces_between_special_tokens)
-                     if self.tokenizer is not None else None)
+                     if self.tokenizer is not None and params.detokenize else None)
             seq = Sequence(request_id, i, prompt if isinstance(prompt, str) else None, ids, params,
                            max_tokens, base_seed + i, detok, arrival_time)
             seq.fork_parent = seqs[0] if seqs else None

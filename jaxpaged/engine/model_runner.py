@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
         self._step = _jitted_step(cfg, attention)
+        self.device_seconds = 0.0  # dispatch to results on host: the device's share of the wall time
 
     def warmup(self) -> None:
         """Compile every (bucket, variant) on an all-padding batch (it writes only scratch)."""
@@ -125,8 +127,10 @@ class ModelRunner:
         inp = make_step_input(seqs, self.block_size, t, s, self.max_blocks)
         sp = make_sampling_input([seq.params for seq, _ in scheduled], keys, s)
         full_inp = self._full_input(scheduled, t, s) if full else None
+        t0 = time.perf_counter()
         out, prompt, self.kv = self._step(self.params, self.kv, inp, sp, full_inp)
         out, prompt = jax.device_get((out, prompt))
+        self.device_seconds += time.perf_counter() - t0
         return StepResult(out, prompt, np.asarray(inp.query_start))
 
     def _full_input(self, scheduled, t: int, s: int) -> FullInput:

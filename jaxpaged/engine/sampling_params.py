@@ -29,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, text stays empty (benchmarks)
     spaces_between_special_tokens: bool = True
     # "cumulative": every output so far; "delta": only what is new (streaming); "final_only".
     output_kind: str = "cumulative"
@@ -78,6 +79,8 @@ class SamplingParams:
             bad("logit_bias", "values must be in [-100, 100]")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             bad("stop_token_ids", f"may have at most {MAX_STOP_TOKEN_IDS} entries")
+        if self.stop and not self.detokenize:
+            bad("stop", "needs detokenize=True")
         if any(not s for s in self.stop):
             bad("stop", "must not contain empty strings")
         if self.output_kind not in ("cumulative", "delta", "final_only"):

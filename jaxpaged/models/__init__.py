@@ -23,11 +23,16 @@ def make_forward(cfg: ModelConfig, attention):
     return jax.jit(fwd, donate_argnums=1)
 
 
-def load_model(model_dir, dtype: str = "auto") -> tuple[ModelConfig, dict]:
-    """Config and params of the HF checkpoint in `model_dir` (one-line `ConfigError` on failure)."""
-    from jaxpaged.models.loader import load_params
+def load_model(model_dir, dtype: str = "auto", load_format: str = "auto") -> tuple[ModelConfig, dict]:
+    """Config and params of the HF checkpoint in `model_dir` (one-line `ConfigError` on failure).
+
+    `load_format="dummy"` reads only config.json and makes random weights on the device.
+    """
+    from jaxpaged.models.loader import load_params, random_params
 
     cfg = load_config(model_dir)
+    if load_format == "dummy":
+        return cfg, random_params(cfg, dtype)
     return cfg, load_params(model_dir, cfg, dtype)
 
 

@@ -87,6 +87,20 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") ->
     return unflatten(flat)
 
 
+def random_params(cfg: ModelConfig, dtype: str = "auto", seed: int = 0) -> dict:
+    """Random weights of `cfg`'s shapes, made on the default device (vLLM's `load_format=dummy`):
+    for speed runs of real architectures without carrying their checkpoints."""
+    target = resolve_dtype(cfg, dtype)
+    key = jax.random.PRNGKey(seed)
+    flat = {}
+    for i, (name, shape) in enumerate(family_module(cfg).param_shapes(cfg).items()):
+        if "norm" in name and not name.endswith("_b"):
+            flat[name] = jnp.ones(shape, target)
+        else:
+            flat[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(target)
+    return unflatten(flat)
+
+
 def save_params(path: str | Path, params: dict) -> None:
     """Save converted params with orbax (fast restarts without re-converting)."""
     import orbax.checkpoint as ocp

@@ -1,0 +1,221 @@
+"""Offline throughput, like `vllm bench throughput`: all requests at once, in process.
+
+    python scripts/benchmark_throughput.py --model-shape llama3-8b --workload mixed --compare hf
+
+Workloads (../shared/DEVICE.md): `fixed` = N prompts x --input-len tokens, --output-len
+outputs; `mixed` = input and output lengths uniform in [--min-len, --max-len] (numpy
+default_rng(seed): inputs drawn first, then outputs). Greedy, EOS ignored. Prints
+requests/s, output and total tok/s, the workload's roofline floor against ceilings measured
+in the same run, and the share of wall time the device was busy; `--compare hf` runs HF
+transformers `generate` in static batches on the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {  # HF config.json fields of known architectures (random weights, load_format=dummy)
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def shape_dir(name: str) -> Path:
+    """A model directory holding only the config.json of a known shape (bf16, Llama 3 RoPE)."""
+    d = Path(tempfile.mkdtemp(prefix=f"jaxpaged-{name}-"))
+    cfg = dict(SHAPES[name], architectures=["LlamaForCausalLM"], model_type="llama", dtype="bfloat16",
+               max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=128000,
+               eos_token_id=128001, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                         low_freq_factor=1.0, high_freq_factor=4.0,
+                                                         original_max_position_embeddings=8192))
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
+    rng = np.random.default_rng(args.seed)
+    n = args.num_prompts
+    if args.workload == "fixed":
+        ins, outs = [args.input_len] * n, [args.output_len] * n
+    else:
+        ins = rng.integers(args.min_len, args.max_len + 1, n).tolist()
+        outs = rng.integers(args.min_len, args.max_len + 1, n).tolist()
+    prompts = [rng.integers(0, vocab, k).tolist() for k in ins]
+    return prompts, outs
+
+
+def ceilings() -> dict:
+    """Copy bandwidth (read + write) and bf16 matmul throughput, measured now."""
+    import jax
+    import jax.numpy as jnp
+
+    def best(f, *xs, reps=10):
+        f(*xs).block_until_ready()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            f(*xs).block_until_ready()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    small = jax.default_backend() == "cpu"  # a smoke run, not a measurement
+    x = jax.random.normal(jax.random.PRNGKey(0), ((4 if small else 256) << 20,), jnp.bfloat16)  # 512 MiB
+    bw = 2 * x.nbytes / best(jax.jit(lambda a: a * 2 + 1), x)
+    n = 512 if small else 8192
+    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    flops = 2 * n**3 / best(jax.jit(lambda p, q: p @ q), a, a)
+    del x, a
+    return {"copy_bytes_per_s": bw, "matmul_flops_per_s": flops}
+
+
+def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int = 2) -> float:
+    """Lower bound on the workload's time: weight and KV reads at the copy bandwidth vs FLOPs."""
+    d, l = cfg.head_dim, cfg.num_layers
+    n_params = (cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+                + l * (cfg.hidden_size * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+                       + 3 * cfg.hidden_size * cfg.intermediate_size))
+    kv_per_token = 2 * l * cfg.num_kv_heads * d * dtype_bytes
+    steps = max(max(outs), -(-sum(outs) // max_num_seqs))  # decode steps at the least
+    kv_read = sum(kv_per_token * (p * o + o * (o + 1) // 2) for p, o in zip(map(len, prompts), outs))
+    tokens = sum(map(len, prompts)) + sum(outs)
+    attn_flops = sum(4 * l * cfg.num_heads * d * (p * p / 2 + p * o + o * o / 2) for p, o in zip(map(len, prompts), outs))
+    mem_s = (steps * n_params * dtype_bytes + kv_read) / ceil["copy_bytes_per_s"]
+    flop_s = (2 * n_params * tokens + attn_flops) / ceil["matmul_flops_per_s"]
+    return max(mem_s, flop_s)
+
+
+def run_jaxpaged(args, model: str, prompts, outs) -> dict:
+    from tqdm import tqdm
+
+    from jaxpaged import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
+              enable_prefix_caching=False)
+    engine = llm.engine
+    startup = time.perf_counter() - t0
+    for i, (p, o) in enumerate(zip(prompts, outs)):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False))
+    device0, steps, generated = engine.runner.device_seconds, 0, 0
+    t = time.perf_counter()
+    with tqdm(total=len(prompts), desc="jaxpaged", disable=args.no_progress) as bar:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    generated += len(out.outputs[0].token_ids)
+                    bar.update(1)
+            steps += 1
+    wall = time.perf_counter() - t
+    assert generated == sum(outs), (generated, sum(outs))
+    return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,
+            "device_busy": (engine.runner.device_seconds - device0) / wall, "cfg": engine.model_config,
+            "preemptions": engine.scheduler.num_preemptions}
+
+
+def run_hf(args, model_dir: str, prompts, outs) -> dict:
+    """HF transformers `generate` in static batches (left padded; a batch runs to its longest)."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    t = time.perf_counter()
+    for i in range(0, len(prompts), args.hf_batch_size):
+        batch, n_out = prompts[i:i + args.hf_batch_size], max(outs[i:i + args.hf_batch_size])
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device="cuda")
+        gen = transformers.GenerationConfig(max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False,
+                                            eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    del model
+    torch.cuda.empty_cache()
+    return {"wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF model directory")
+    src.add_argument("--model-shape", choices=list(SHAPES), help="random bf16 weights of a known shape")
+    ap.add_argument("--load-format", default=None, choices=["auto", "dummy"])
+    ap.add_argument("--workload", default="fixed", choices=["fixed", "mixed"])
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--compare", choices=["hf"], default=None)
+    ap.add_argument("--hf-batch-size", type=int, default=64)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    if args.compare == "hf":  # leave the GPU memory HF needs: JAX preallocates 75% by default
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
+    import jax
+
+    from jaxpaged.models import load_config
+
+    model = args.model or str(shape_dir(args.model_shape))
+    args.load_format = args.load_format or ("dummy" if args.model_shape else "auto")
+    cfg = load_config(model)
+    prompts, outs = workload(args, cfg.vocab_size)
+    ceil = ceilings()
+    res = run_jaxpaged(args, model, prompts, outs)
+    floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil)
+    n_in, n_out = sum(map(len, prompts)), sum(outs)
+    rows = [("jaxpaged", res["wall_s"])]
+    hf = run_hf(args, model, prompts, outs) if args.compare == "hf" else None
+    if hf:
+        rows.append((f"HF generate (static batches of {args.hf_batch_size})", hf["wall_s"]))
+    summary = {
+        "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+        "args": vars(args), "ceilings": ceil, "roofline_s": floor, "input_tokens": n_in, "output_tokens": n_out,
+        "jaxpaged": {k: v for k, v in res.items() if k != "cfg"} | {
+            "requests_per_s": len(prompts) / res["wall_s"], "output_tok_per_s": n_out / res["wall_s"],
+            "total_tok_per_s": (n_in + n_out) / res["wall_s"], "roofline_fraction": floor / res["wall_s"]},
+    }
+    if hf:
+        summary["hf"] = hf | {"output_tok_per_s": n_out / hf["wall_s"], "speedup": hf["wall_s"] / res["wall_s"]}
+    print(f"\n{args.workload} workload: {len(prompts)} prompts, {n_in} input / {n_out} output tokens; "
+          f"{summary['device']}, jax {jax.__version__}")
+    print(f"ceilings: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s, matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s;"
+          f" roofline floor {floor:.1f} s")
+    print(f"{'engine':44s} {'wall s':>8s} {'req/s':>7s} {'out tok/s':>10s} {'total tok/s':>12s}")
+    for name, wall in rows:
+        print(f"{name:44s} {wall:8.1f} {len(prompts) / wall:7.2f} {n_out / wall:10.0f} {(n_in + n_out) / wall:12.0f}")
+    j = summary["jaxpaged"]
+    print(f"jaxpaged: {j['roofline_fraction']:.0%} of the roofline, device busy {j['device_busy']:.0%} of wall, "
+          f"{res['steps']} steps, {res['preemptions']} preemptions, startup {res['startup_s']:.0f} s")
+    if hf:
+        print(f"speedup over HF: {summary['hf']['speedup']:.1f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
