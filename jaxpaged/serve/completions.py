@@ -71,7 +71,8 @@ async def create_completion(engine: AsyncEngine, req: CompletionRequest, model: 
             echo_text, echo_ids, echo_strs = echoes[prompt_idx]
             text = echo_text + text
             if into is not None:
-                c.add_logprobs(echo_ids, prompt_logprobs or [None] * len(echo_ids), echo_strs, into)
+                entries = list(prompt_logprobs or [])[:len(echo_ids)]
+                c.add_logprobs(echo_ids, entries + [None] * (len(echo_ids) - len(entries)), echo_strs, into)
         if into is not None and out.logprobs:
             strs = [e[t].decoded_token or "" for t, e in zip(out.token_ids, out.logprobs)]
             c.add_logprobs(out.token_ids, out.logprobs, strs, into)
