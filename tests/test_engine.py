@@ -99,3 +99,9 @@ def test_seeded_sampling_is_batch_independent(model_dir):
     other_seed = llm.generate(["Hello world"], SamplingParams(temperature=1.0, top_p=0.9, seed=99,
                                                               max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert other_seed[0].outputs[0].text != alone
+
+
+def test_request_larger_than_the_pool_is_rejected(model_dir):
+    small = make_llm(model_dir, num_kv_blocks=20, max_num_seqs=4, max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match="needs 25 KV blocks but the pool has only 19"):
+        small.generate([list(range(20))], SamplingParams(max_tokens=80), use_tqdm=False)

@@ -149,3 +149,18 @@ def test_too_long_request_is_rejected_with_numbers(llm):
 def test_sampling_params_validation(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_n_samples_share_prompt_blocks(llm):
+    engine, bm = llm.engine, llm.engine.block_manager
+    prompt = list(range(200, 222))  # 22 tokens: 5 full blocks of 4 and a partial one
+    engine.add_request("fork", prompt, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=30, ignore_eos=True))
+    seqs = engine.requests["fork"]
+    while not all(s.output_token_ids for s in seqs):
+        engine.step()
+    tables = [bm.block_table(s.seq_id) for s in seqs]
+    assert tables[0][:5] == tables[1][:5] == tables[2][:5]  # the prompt's full blocks, shared
+    assert len({t[5] for t in tables}) == 3  # each sample writes its own tail block
+    engine.abort_request("fork")
+    assert bm.num_free_blocks == bm.num_total_blocks
+
