@@ -1,0 +1,93 @@
+"""Latency on an idle engine: decode inter-token latency at batch 1 and 8, and prefill (TTFT)
+by prompt length, against the weight-read floor (weights / copy bandwidth, measured now).
+
+    python scripts/benchmark_latency.py --model-shape llama3-8b
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from benchmark_throughput import SHAPES, ceilings, shape_dir
+
+
+def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
+    """Median time of one decode step with `batch` sequences running (after their prefill)."""
+    from jaxpaged import SamplingParams
+
+    rng = np.random.default_rng(batch)
+    p = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True, detokenize=False)
+    for i in range(batch):
+        engine.add_request(f"itl-{batch}-{i}", rng.integers(0, vocab, prompt_len).tolist(), p)
+    while any(not s.output_token_ids for seqs in engine.requests.values() for s in seqs):
+        engine.step()  # prefill
+    times = []
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def ttft(engine, prompt_len: int, vocab: int, reps: int = 3) -> float:
+    """Median time from add_request to the first token of one prompt."""
+    from jaxpaged import SamplingParams
+
+    rng = np.random.default_rng(prompt_len)
+    times = []
+    for r in range(reps):
+        t = time.perf_counter()
+        engine.add_request(f"ttft-{prompt_len}-{r}", rng.integers(0, vocab, prompt_len).tolist(),
+                           SamplingParams(temperature=0, max_tokens=1, detokenize=False))
+        while engine.has_unfinished_requests():
+            engine.step()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model")
+    src.add_argument("--model-shape", choices=list(SHAPES))
+    ap.add_argument("--prompt-lens", default="128,512,2048")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--decode-prompt-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import jax
+
+    from jaxpaged import LLM
+
+    model = args.model or str(shape_dir(args.model_shape))
+    ceil = ceilings()
+    llm = LLM(model, load_format="dummy" if args.model_shape else "auto", max_model_len=args.max_model_len,
+              max_num_seqs=max(int(b) for b in args.batches.split(",")),
+              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+              enable_prefix_caching=False)
+    engine = llm.engine
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
+    floor = weight_bytes / ceil["copy_bytes_per_s"]
+    vocab = engine.model_config.vocab_size
+    rows = {f"decode ITL, batch {b}": decode_itl(engine, int(b), args.decode_prompt_len, args.decode_steps, vocab)
+            for b in args.batches.split(",")}
+    rows |= {f"TTFT, prompt {n}": ttft(engine, int(n), vocab) for n in args.prompt_lens.split(",")}
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; weights {weight_bytes / 1e9:.2f} GB, "
+          f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s -> weight-read floor {floor * 1e3:.2f} ms")
+    print(f"{'measure':28s} {'ms':>8s} {'x floor':>8s}")
+    for name, s in rows.items():
+        print(f"{name:28s} {s * 1e3:8.2f} {s / floor:8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+                                               "floor_s": floor, "ceilings": ceil, "seconds": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
