@@ -137,7 +137,6 @@ def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], mo
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.state.server = state
     return app
 
 

@@ -1,0 +1,75 @@
+"""`python -m jaxpaged.serve`: flags, and the README's first command on a fresh cache (subprocess + curl)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from jaxpaged.serve.cli import engine_config, make_parser, read_chat_template
+from jaxpaged.serve.demo import DEMO_DEFAULTS
+
+
+def test_flags_map_to_engine_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXPAGED_API_KEY", "from-env")
+    args = make_parser().parse_args(["--model", "m", "--dtype", "half", "--max-model-len", "99", "--block-size", "8",
+                                     "--no-enable-prefix-caching", "-tp", "2", "--max-num-seqs", "3", "--seed", "5",
+                                     "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "32"])
+    cfg = engine_config(args, "m", DEMO_DEFAULTS)
+    assert (cfg.dtype, cfg.max_model_len, cfg.block_size, cfg.enable_prefix_caching) == ("float16", 99, 8, False)
+    assert (cfg.tensor_parallel_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.seed) == (2, 3, 32, 5)
+    assert cfg.gpu_memory_utilization == 0.5
+    defaults = make_parser().parse_args([])
+    assert (defaults.port, defaults.api_key, defaults.enable_prefix_caching) == (8000, "from-env", True)
+    assert engine_config(defaults, "m", DEMO_DEFAULTS).max_model_len == 256  # the demo's defaults apply
+    assert make_parser().parse_args(["--api-key", "flag"]).api_key == "flag"
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages }}")
+    assert read_chat_template(str(template)) == "{{ messages }}" and read_chat_template("{{ x }}") == "{{ x }}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
+    port = _free_port()
+    env = {**os.environ, "JAXPAGED_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v1/completions", "-H",
+                              "Content-Type: application/json", "-d",
+                              '{"model": "jaxpaged-demo", "prompt": "Hello", "max_tokens": 5}'],
+                             capture_output=True, text=True, timeout=60, check=True)
+        body = json.loads(out.stdout)
+        assert body["object"] == "text_completion" and body["model"] == "jaxpaged-demo"
+        assert body["usage"]["completion_tokens"] == 5 and isinstance(body["choices"][0]["text"], str)
+        logs = (tmp_path / "server.log").read_text()
+        for needle in ("demo model", "KV cache:", "tokens", "compiled token buckets", "loaded"):
+            assert needle in logs
+        assert (tmp_path / "cache" / "demo-llama" / "config.json").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
