@@ -29,7 +29,7 @@ import numpy as np
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref  # noqa: E402
-from jaxpaged.kernels.paged_attention_gpu import choose_config, paged_attention_gpu  # noqa: E402
+from jaxpaged.kernels.paged_attention_gpu import TileConfig, choose_config, paged_attention_gpu  # noqa: E402
 
 LOG = []
 
@@ -115,11 +115,19 @@ def bench(fn, arg_sets, *, reps=10, inner=None, target_s=0.02):
 
 
 def copy_bandwidth():
-    n = 1 << 30  # 1 Gi bf16 elements = 2 GiB
-    xs = [jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16) for i in range(2)]
-    f = jax.jit(lambda x: x * 1.5)  # elementwise: reads n, writes n
-    t = bench(f, [(x,) for x in xs], reps=10, inner=5)
-    return 2 * n * 2 / t
+    """Best of a few elementwise read+write passes over 2-4 GiB (bytes read + written)."""
+    best = 0.0
+    for dtype, fn, name in [(jnp.bfloat16, lambda x: x * 1.5, "bf16 x*1.5"),
+                            (jnp.float32, lambda x: x + 1.0, "f32 x+1"),
+                            (jnp.float32, lambda x: -x, "f32 -x")]:
+        n = 1 << 30
+        xs = [jax.random.normal(jax.random.key(i), (n,), dtype) for i in range(2)]
+        t = bench(jax.jit(fn), [(x,) for x in xs], reps=10, inner=5)
+        bw = 2 * n * jnp.dtype(dtype).itemsize / t
+        log(f"  copy {name:<12} {bw / 1e12:.2f} TB/s")
+        best = max(best, bw)
+        del xs
+    return best
 
 
 # ---------------------------------------------------------------------------- checks
@@ -204,15 +212,15 @@ def ours(scale, **kw):
         q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
 
 
-def bench_decode(ctx, copy_bw, sweep, check=True):
-    b, hq, hkv, d, bs = 64, 32, 8, 128, 16
+def bench_decode(ctx, copy_bw, sweep, check=True, b=64):
+    hq, hkv, d, bs = 32, 8, 128, 16
     plan = [(ctx - 1, 1)] * b
     k_pool, v_pool, sets = make_batch(jax.random.key(ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=3)
     scale = d ** -0.5
     kvb = kv_bytes(plan, hkv, d)
-    case = f"decode b64 ctx{ctx}"
+    case = f"decode b{b} ctx{ctx}"
     args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
-    cfg = choose_config(b, b, hq, hkv, d, ctx)
+    cfg, _ = choose_config(b, b, hq, hkv, d, ctx)
     if check:
         try:
             q, qs, lens, bt = sets[0]
@@ -222,12 +230,13 @@ def bench_decode(ctx, copy_bw, sweep, check=True):
                 f"(vs bf16 reference)")
         except Exception as e:  # noqa: BLE001
             log(f"check {case:<38} ERROR {type(e).__name__}: {str(e)[:300]}")
-    try_bench(case, f"pallas (default {cfg['block_n']}/{cfg['num_splits']})", ours(scale), args, kvb, copy_bw)
+    try_bench(case, f"pallas (default n{cfg.block_n} sp{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages})",
+              ours(scale), args, kvb, copy_bw)
     if sweep:
-        for bn, ns, nw, st in [(32, 1, 4, 3), (64, 1, 4, 3), (128, 1, 4, 2), (64, 2, 4, 3), (64, 4, 4, 3),
-                               (128, 2, 8, 2), (64, 1, 2, 4), (32, 2, 2, 4), (128, 1, 8, 3)]:
-            try_bench(case, f"pallas bn{bn} sp{ns} w{nw} st{st}",
-                      ours(scale, block_n=bn, num_splits=ns, num_warps=nw, num_stages=st), args, kvb, copy_bw)
+        for bn, ns, nw, st in [(64, 1, 4, 3), (32, 1, 4, 4), (128, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 3),
+                               (64, 1, 4, 4)]:
+            try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
+                      ours(scale, decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
         q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
     # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].
@@ -270,14 +279,18 @@ def bench_prefill(copy_bw, sweep):
     ref = jax.jit(dense)(q.astype(jnp.float32), k_pool.astype(jnp.float32), v_pool.astype(jnp.float32), bt)
     log(f"check {case:<38} rel_err={rel_err(out.astype(jnp.float32), ref, 8 * n):.2e} (vs f32 dense)")
     del ref
-    cfg = choose_config(8 * n, 8, hq, hkv, d, n)
-    try_bench(case, f"pallas (default m{cfg['block_m']} n{cfg['block_n']})", ours(scale), args, kvb, copy_bw,
-              flops)
+    _, cfg = choose_config(8 * n, 8, hq, hkv, d, n)
+    try_bench(case, f"pallas (default m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} st{cfg.num_stages})",
+              ours(scale), args, kvb, copy_bw, flops)
     if sweep:
-        for bm, bn, nw, st in [(64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                               (64, 128, 4, 2), (128, 64, 8, 2)]:
-            try_bench(case, f"pallas m{bm} n{bn} w{nw} st{st}",
-                      ours(scale, block_m=bm, block_n=bn, num_warps=nw, num_stages=st), args, kvb, copy_bw, flops)
+        for bm, bn, nw, st, sm, hf in [(128, 64, 4, 3, False, True), (128, 64, 4, 3, True, False),
+                                       (128, 64, 4, 3, False, False), (128, 64, 4, 2, True, True),
+                                       (128, 64, 4, 2, False, False), (128, 128, 8, 2, True, True),
+                                       (128, 64, 8, 3, True, True), (64, 64, 4, 3, True, True)]:
+            try_bench(case, f"pallas m{bm} n{bn} w{nw} st{st}{' nosplitmask' * (not sm)}{' lightfirst' * (not hf)}",
+                      ours(scale, prefill_config=TileConfig(bm, bn, 1, nw, st, sm, hf)), args, kvb, copy_bw, flops)
+        try_bench(case, "pallas mode=prefill (q-block kernel only)", ours(scale, mode="prefill"), args, kvb,
+                  copy_bw, flops)
     dargs = [(q, k_pool, v_pool, bt) for q, qs, lens, bt in sets]
     for impl in ("cudnn", "xla"):
         try_bench(case, f"dense dot_product_attention {impl}", jax.jit(functools.partial(dense, impl=impl)),
@@ -295,9 +308,13 @@ def bench_mixed(copy_bw):
     for name, plan in [("mixed", dec + pre), ("  decode part", dec), ("  prefill part", pre)]:
         k_pool, v_pool, sets = make_batch(jax.random.key(len(plan)), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=2)
         args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
-        res[name] = try_bench(f"{name} 64x2k+2x1k".strip(), "pallas (default)", ours(scale), args,
+        res[name] = try_bench(f"{name} 64x2k+2x1k".strip(), "pallas (default: " + (
+            "fused" if name != "  decode part" else "decode") + ")", ours(scale), args,
                               kv_bytes(plan, hkv, d), copy_bw, attn_flops(plan, hq, d))
         if name == "mixed":
+            for mode in ("split", "prefill"):
+                try_bench("mixed 64x2k+2x1k", f"pallas mode={mode}", ours(scale, mode=mode), args,
+                          kv_bytes(plan, hkv, d), copy_bw, attn_flops(plan, hq, d))
             q, qs, lens, bt = sets[0]
             out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
             ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
@@ -328,6 +345,8 @@ def main():
     if "decode" in only:
         for ctx in ([512] if a.quick else [512, 2048, 8192]):
             bench_decode(ctx, copy_bw, a.sweep)
+        if not a.quick:
+            bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
     if "prefill" in only and not a.quick:
         bench_prefill(copy_bw, a.sweep)
     if "mixed" in only and not a.quick:

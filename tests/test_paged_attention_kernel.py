@@ -86,6 +86,13 @@ def test_kernel_matches_reference(name):
     check(plan, hq=hq, hkv=hkv, d=d, bs=bs, window=win, num_tokens=t, num_seqs=s, seed=len(name), **kw)
 
 
+@pytest.mark.parametrize("mode", ["decode", "prefill", "split"])
+def test_kernel_modes(mode):
+    """Either kernel alone, or both in two launches, handles any batch (mixed here; the
+    default for it is the fused single launch), padding included."""
+    check([(60, 1), (6, 40), (0, 3), (17, 1)], hq=8, hkv=2, d=64, bs=16, num_tokens=64, num_seqs=6, mode=mode)
+
+
 def test_long_context_decode_split():
     """Contexts up to 2k, split-KV over many blocks."""
     check([(2047, 1), (1000, 1), (1, 1)], hq=4, hkv=1, d=64, bs=32, num_tokens=4, num_seqs=4,

@@ -1,30 +1,36 @@
-"""Paged attention over a ragged batch as one Pallas kernel (Triton lowering) for the GPU.
+"""Paged attention over a ragged batch as Pallas kernels (Triton lowering) for the GPU.
 
 Drop-in replacement for `paged_attention.paged_attention_ref` (same signature and
-semantics; extra keyword-only tuning arguments). One kernel serves decode, prefill, chunked
-prefill and mixed batches:
+semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
 
 * Rows of a program are (query token, query head) pairs of ONE sequence and ONE KV head:
   `block_q` consecutive new tokens of the sequence times the `G = Hq // Hkv` query heads
-  that share the KV head (GQA), padded to a power of two: `block_m = block_q * Gp` rows.
-  So each K/V tile read from HBM serves every query head of its group.
-* Grid `(q_blocks, Hkv, num_splits)`. q-blocks are assigned per sequence the way vLLM's
-  unified attention does: sequence `s` owns the q-block indices starting at
-  `query_start[s] // block_q + s`, so `cdiv(T, block_q) + S` q-blocks cover any ragged
-  batch; a program finds its sequence by binary search over `query_start` in the kernel.
-  Tokens past `query_start[-1]` (padding) form one more pseudo-sequence with no context,
-  so every output row is written (zeros there) and nothing needs a post-pass.
-* Each program walks the KV blocks of `block_n` keys that its rows can see (causal, and
-  the sliding window if any), gathering the pages of its sequence through the block table,
-  with an online softmax in f32 (exp2). With `num_splits > 1` the visible KV range is cut
-  into `num_splits` contiguous parts (split-KV / flash-decoding) whose partial results are
-  merged by a small XLA fusion afterwards.
+  that share the KV head (GQA), G padded to a power of two `Gp`: `block_m = block_q * Gp`
+  rows. Each K/V tile read from HBM serves every query head of its group.
+* The program walks the KV blocks of `block_n` keys that its rows can see (causal, sliding
+  window), gathering the sequence's pages through the block table, with an online softmax
+  in f32 (exp2). Blocks fully visible to every row run without the mask; only the causal
+  diagonal and the window edge are masked.
+* Two kernels share that body:
+  - per-sequence ("decode") kernel, grid `(S + 1, Hkv, num_splits)`: program `s` handles
+    every q-block of sequence `s` (program `S` the padding tokens past `query_start[-1]`),
+    with small tiles (`block_m` 16) and the visible KV range cut into `num_splits`
+    contiguous parts (flash-decoding) merged by a small XLA fusion.
+  - per-q-block ("prefill") kernel, grid `(cdiv(T, block_q) + S + 1, Hkv)`: q-blocks are
+    assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
+    q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
+  A decode-shaped bucket (`T <= 2 S`, static) runs the per-sequence kernel alone. Other
+  buckets run both: the per-sequence kernel takes the sequences with at most
+  `block_q_decode` new tokens, the per-q-block kernel the rest and the padding, writing
+  into the first one's output in place (`input_output_aliases`). So a mixed batch costs
+  about its decode part plus its prefill part.
 
 The pool layout is the reference's `[L, Hkv, num_blocks, block_size, D]`; the layer index is
 read in the kernel, so no layer slice is ever copied.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -51,55 +57,42 @@ def _default_backend() -> str:
     return jax.default_backend()
 
 
-def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> dict:
-    """Static tuning heuristic from the static shapes (T tokens, S sequences)."""
-    g = _next_pow2(hq // hkv)
-    decode_like = t <= 2 * s  # mostly one token per sequence
-    if decode_like:
-        block_m = max(16, g)
-        block_n = 64 if d <= 128 else 32
-        # Enough programs to fill the GPU (132 SMs, a few programs each) without
-        # splitting short contexts into empty pieces.
-        progs = max(1, s * hkv)
-        num_splits = 1
-        while progs * num_splits < 1024 and max_ctx >= num_splits * 2 * 512:
-            num_splits *= 2
-        num_warps, num_stages = 4, 3
-    else:
-        block_m = max(128, g) if d <= 128 else max(64, g)
-        block_n = 64
-        num_splits = 1
-        num_warps, num_stages = 8, 3
-    return dict(block_m=block_m, block_n=block_n, num_splits=num_splits,
-                num_warps=num_warps, num_stages=num_stages)
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    block_m: int  # (token, head) rows per program; power of two >= Gp
+    block_n: int  # keys per inner step; power of two
+    num_splits: int = 1  # split-KV parts (per-sequence kernel only)
+    num_warps: int = 4
+    num_stages: int = 3
+    split_mask: bool = True  # unmasked loop over fully visible KV blocks, masked edges only
+    heavy_first: bool = True  # per-q-block kernel: last (longest causal) q-blocks first
 
 
-def _kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *out_refs,
-            num_seqs, num_tokens, hq, group, group_p, block_q, block_n, block_size,
-            max_blocks, num_splits, scale_log2, search_steps, padded_out):
-    s_max = num_seqs  # the padding pseudo-sequence
+def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tuple[TileConfig, TileConfig]:
+    """(per-sequence kernel config, per-q-block kernel config) from the static shapes."""
+    gp = _next_pow2(hq // hkv)
+    # Measured on the H200 (docs/kernels.md): decode b64 x 8 KV heads is fastest unsplit, with
+    # 64-key steps at contexts <= 2k and 128-key steps / 8 warps at 8k. `max_ctx` is the
+    # static block-table width, so a long table picks the long-context tiles.
+    long_ctx = max_ctx >= 4096
+    dec_n = (128 if long_ctx else 64) * 128 // max(d, 128)
+    # Split-KV only to give a small batch enough programs for the 132 SMs (the per-split
+    # minimum of 1024 keys, applied in the kernel, keeps short contexts whole).
+    progs = max(1, s * hkv)
+    splits = 1
+    while progs * splits < 264 and max_ctx >= splits * 1024:
+        splits *= 2
+    dec = TileConfig(block_m=max(16, gp), block_n=dec_n, num_splits=splits, num_warps=8 if long_ctx else 4,
+                     num_stages=3)
+    pre = TileConfig(block_m=max(128 if d <= 128 else 64, gp), block_n=64, num_warps=4, num_stages=2)
+    return dec, pre
+
+
+def _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
+                  tok0, n_tok, num_tokens, hq, group, group_p, block_q, block_n, block_size, max_blocks,
+                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=1024):
+    """Attention of `n_tok` (<= block_q) new tokens from `tok0` of one sequence, one KV head."""
     block_m = block_q * group_p
-    qb = pl.program_id(0)
-    h = pl.program_id(1)
-    sp = pl.program_id(2)
-
-    # Sequence of this q-block: the largest s with query_start[s] // block_q + s <= qb.
-    def search(_, c):
-        lo, hi = c
-        mid = (lo + hi + 1) // 2
-        ok = qs_ref[mid] // block_q + mid <= qb
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-    s, _ = lax.fori_loop(0, search_steps, search, (jnp.int32(0), jnp.int32(s_max)))
-    is_pad = s == s_max
-    q_start = qs_ref[s]
-    q_end = jnp.where(is_pad, num_tokens, qs_ref[jnp.minimum(s + 1, s_max)])
-    s_c = jnp.minimum(s, num_seqs - 1)
-    ctx = jnp.where(is_pad, 0, lens_ref[s_c])
-    q_len = q_end - q_start
-    tok0 = (qb - (q_start // block_q + s)) * block_q
-    n_tok = jnp.clip(q_len - tok0, 0, block_q)
-
     rows = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
     ti = rows // group_p
     gi = rows % group_p
@@ -107,28 +100,36 @@ def _kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *
     tok = q_start + tok0 + ti
     head = h * group + gi
     q_pos = ctx - q_len + tok0 + ti  # position of each row's token in its context
-    tok_c = jnp.minimum(tok, num_tokens - 1)
+    tok_c = jnp.clip(tok, 0, num_tokens - 1)
     head_c = jnp.minimum(head, hq - 1)
     q = q_ref[tok_c, head_c, :]  # [block_m, D]
+    d = q.shape[-1]
 
-    layer = layer_ref[0]
-    win = win_ref[0]
     p_first = ctx - q_len + tok0
-    kv_hi = jnp.where(n_tok > 0, p_first + n_tok, 0)  # exclusive; <= ctx
+    p_last = p_first + n_tok - 1
+    kv_hi = jnp.where(n_tok > 0, p_last + 1, 0)  # exclusive; <= ctx
     kv_lo = jnp.where(win > 0, jnp.maximum(p_first - win + 1, 0), 0)
     blk_lo = kv_lo // block_n
     blk_hi = jnp.maximum((kv_hi + block_n - 1) // block_n, blk_lo)
     if num_splits > 1:
-        per = (blk_hi - blk_lo + num_splits - 1) // num_splits
+        # at least `min_split_keys` keys per part: short contexts use fewer parts
+        per = jnp.maximum((blk_hi - blk_lo + num_splits - 1) // num_splits, -(-min_split_keys // block_n))
         b0 = jnp.minimum(blk_lo + sp * per, blk_hi)
         b1 = jnp.minimum(b0 + per, blk_hi)
     else:
         b0, b1 = blk_lo, blk_hi
+    # Blocks in [u0, u1) are visible to every valid row: no mask there.
+    w_full = jnp.where(win > 0, (jnp.maximum(p_last - win + 1, 0) + block_n - 1) // block_n, 0)
+    c_full = (p_first + 1) // block_n
+    if split_mask:
+        u0 = jnp.clip(w_full, b0, b1)
+        u1 = jnp.clip(c_full, u0, b1)
+    else:  # one masked loop
+        u0 = u1 = b1
 
     cols = lax.broadcasted_iota(jnp.int32, (block_n,), 0)
-    d = q.shape[-1]
 
-    def body(j, carry):
+    def body(j, carry, masked):
         m_i, l_i, acc = carry
         k_pos = j * block_n + cols
         pages = bt_ref[s_c, jnp.minimum(k_pos // block_size, max_blocks - 1)]
@@ -137,9 +138,10 @@ def _kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *
         v = v_ref[layer, h, pages, off, :]
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         sc = sc * scale_log2
-        mask = k_pos[None, :] <= q_pos[:, None]
-        mask &= (win <= 0) | (k_pos[None, :] > q_pos[:, None] - win)
-        sc = jnp.where(mask, sc, -jnp.inf)
+        if masked:
+            mask = k_pos[None, :] <= q_pos[:, None]
+            mask &= (win <= 0) | (k_pos[None, :] > q_pos[:, None] - win)
+            sc = jnp.where(mask, sc, -jnp.inf)
         m_new = jnp.maximum(m_i, jnp.max(sc, axis=1))
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(sc - m_new[:, None])
@@ -148,10 +150,11 @@ def _kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *
                              preferred_element_type=jnp.float32)
         return m_new, l_new, acc * alpha[:, None] + pv
 
-    m0 = jnp.full((block_m,), _NEG, jnp.float32)
-    l0 = jnp.zeros((block_m,), jnp.float32)
-    a0 = jnp.zeros((block_m, d), jnp.float32)
-    m_i, l_i, acc = lax.fori_loop(b0, b1, body, (m0, l0, a0))
+    carry = (jnp.full((block_m,), _NEG, jnp.float32), jnp.zeros((block_m,), jnp.float32),
+             jnp.zeros((block_m, d), jnp.float32))
+    carry = lax.fori_loop(b0, u0, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
+    m_i, l_i, acc = lax.fori_loop(u1, b1, functools.partial(body, masked=True), carry)
 
     if padded_out:
         # Interpret mode discharges a masked store as read-modify-write of every row, so
@@ -160,20 +163,113 @@ def _kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *
     else:  # on the GPU masked rows are simply not written
         t_idx, h_idx = tok_c, head_c
     dcols = lax.broadcasted_iota(jnp.int32, (d,), 0)
+    full = lambda x: jnp.broadcast_to(x, (block_m, d))  # noqa: E731
+    mask2 = full(row_ok[:, None])
     if num_splits == 1:
         (o_ref,) = out_refs
         out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]
-        idx = tuple(jnp.broadcast_to(i, (block_m, d)) for i in (t_idx[:, None], h_idx[:, None], dcols[None, :]))
-        pltriton.store(o_ref.at[idx], out.astype(o_ref.dtype), mask=jnp.broadcast_to(row_ok[:, None], (block_m, d)))
+        idx = (full(t_idx[:, None]), full(h_idx[:, None]), full(dcols[None, :]))
+        pltriton.store(o_ref.at[idx], out.astype(o_ref.dtype), mask=mask2)
     else:
         o_ref, m_ref, l_ref = out_refs
         spv = jnp.full((block_m,), sp, jnp.int32)
-        idx3 = tuple(jnp.broadcast_to(i, (block_m, d))
-                     for i in (spv[:, None], t_idx[:, None], h_idx[:, None], dcols[None, :]))
-        idx2 = (spv, t_idx, h_idx)
-        pltriton.store(o_ref.at[idx3], acc, mask=jnp.broadcast_to(row_ok[:, None], (block_m, d)))
-        pltriton.store(m_ref.at[idx2], m_i, mask=row_ok)
-        pltriton.store(l_ref.at[idx2], l_i, mask=row_ok)
+        idx3 = (full(spv[:, None]), full(t_idx[:, None]), full(h_idx[:, None]), full(dcols[None, :]))
+        pltriton.store(o_ref.at[idx3], acc, mask=mask2)
+        pltriton.store(m_ref.at[(spv, t_idx, h_idx)], m_i, mask=row_ok)
+        pltriton.store(l_ref.at[(spv, t_idx, h_idx)], l_i, mask=row_ok)
+
+
+def _seq_info(qs_ref, lens_ref, s, num_seqs, num_tokens):
+    """(q_start, q_len, ctx) of sequence s; s == num_seqs is the padding pseudo-sequence."""
+    is_pad = s == num_seqs
+    q_start = qs_ref[s]
+    q_end = jnp.where(is_pad, num_tokens, qs_ref[jnp.minimum(s + 1, num_seqs)])
+    ctx = jnp.where(is_pad, 0, lens_ref[jnp.minimum(s, num_seqs - 1)])
+    return q_start, q_end - q_start, ctx, jnp.minimum(s, num_seqs - 1)
+
+
+def _seq_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, s, h, sp, layer, win, num_seqs,
+              max_q_len, **kw):
+    """Every q-block of sequence s (s == num_seqs: the padding tokens), one KV head, one split."""
+    q_start, q_len, ctx, s_c = _seq_info(qs_ref, lens_ref, s, num_seqs, kw["num_tokens"])
+    if max_q_len is not None:  # the per-q-block kernel takes longer sequences and the padding
+        q_len = jnp.where((q_len > max_q_len) | (s == num_seqs), 0, q_len)
+    block_q = kw["block_q"]
+    n_qb = (q_len + block_q - 1) // block_q
+
+    def qblock(i, c):
+        tok0 = i * block_q
+        _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, h=h, sp=sp, s_c=s_c, layer=layer, win=win,
+                      q_start=q_start, q_len=q_len, ctx=ctx, tok0=tok0,
+                      n_tok=jnp.minimum(q_len - tok0, block_q), **kw)
+        return c
+
+    lax.fori_loop(0, n_qb, qblock, 0)
+
+
+def _qblock_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, qb, h, layer, win, num_seqs,
+                 min_q_len, **kw):
+    """q-block `qb` (vLLM-style numbering, see module doc) of whichever sequence owns it."""
+    block_q = kw["block_q"]
+    # Sequence of this q-block: the largest s with query_start[s] // block_q + s <= qb.
+    sp2 = _next_pow2(num_seqs + 1)
+    if sp2 <= 4096:  # one vector load instead of a chain of dependent scalar loads
+        idx = lax.broadcasted_iota(jnp.int32, (sp2,), 0)
+        starts = qs_ref[jnp.minimum(idx, num_seqs)] // block_q + idx
+        s = jnp.sum(((starts <= qb) & (idx <= num_seqs)).astype(jnp.int32)) - 1
+    else:
+        def search(_, c):
+            lo, hi = c
+            mid = (lo + hi + 1) // 2
+            ok = qs_ref[mid] // block_q + mid <= qb
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+        s, _ = lax.fori_loop(0, math.ceil(math.log2(num_seqs + 1)) + 1, search,
+                             (jnp.int32(0), jnp.int32(num_seqs)))
+    q_start, q_len, ctx, s_c = _seq_info(qs_ref, lens_ref, s, num_seqs, kw["num_tokens"])
+    tok0 = (qb - (q_start // block_q + s)) * block_q
+    n_tok = jnp.clip(q_len - tok0, 0, block_q)
+    if min_q_len is not None:  # sequences this short went to the per-sequence kernel
+        n_tok = jnp.where((q_len < min_q_len) & (s < num_seqs), 0, n_tok)
+    _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, h=h, sp=0, s_c=s_c, layer=layer, win=win,
+                  q_start=q_start, q_len=q_len, ctx=ctx, tok0=tok0, n_tok=n_tok, **kw)
+
+
+def _split_refs(rest, has_prev):
+    return rest[1:] if has_prev else rest
+
+
+def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *rest, has_prev, **kw):
+    """Grid (S + 1, Hkv, splits): program (s, h, split) does every q-block of sequence s."""
+    _seq_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), s=pl.program_id(0),
+              h=pl.program_id(1), sp=pl.program_id(2), layer=layer_ref[0], win=win_ref[0], **kw)
+
+
+def _qblock_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *rest, has_prev,
+                   num_q_blocks, heavy_first, **kw):
+    """Grid (q-blocks, Hkv): program (qb, h) does one q-block of one sequence."""
+    pid = pl.program_id(0)
+    qb = num_q_blocks - 1 - pid if heavy_first else pid
+    _qblock_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), qb=qb,
+                 h=pl.program_id(1), layer=layer_ref[0], win=win_ref[0], **kw)
+
+
+def _fused_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks,
+                  heavy_first, seq_kw, qblock_kw):
+    """Grid (q-blocks + S, Hkv): the per-q-block programs (long queries, padding), then one
+    per-sequence program for each sequence with few new tokens; one launch for a mixed batch."""
+    pid, h = pl.program_id(0), pl.program_id(1)  # (outside the branches: interpret mode)
+    layer, win = layer_ref[0], win_ref[0]
+    refs = (qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, (o_ref,))
+
+    def qblock():
+        qb = num_q_blocks - 1 - pid if heavy_first else pid
+        _qblock_body(*refs, qb=qb, h=h, layer=layer, win=win, **qblock_kw)
+
+    def seq():
+        _seq_body(*refs, s=pid - num_q_blocks, h=h, sp=0, layer=layer, win=win, **seq_kw)
+
+    lax.cond(pid < num_q_blocks, qblock, seq)
 
 
 def paged_attention_gpu(
@@ -187,6 +283,9 @@ def paged_attention_gpu(
     *,
     scale: float,
     sliding_window: int | jax.Array = 0,
+    mode: str = "auto",
+    decode_config: TileConfig | None = None,
+    prefill_config: TileConfig | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     num_splits: int | None = None,
@@ -196,9 +295,11 @@ def paged_attention_gpu(
 ) -> jax.Array:
     """Same contract as `paged_attention_ref`; see the module docstring for the design.
 
-    Tuning args default to `choose_config(...)`. `block_m` is the number of (token, head)
-    rows per program (a power of two >= the padded GQA group), `block_n` the keys per
-    inner step. `interpret` defaults to True off-GPU (Pallas interpret mode).
+    `mode`: "auto" ("decode" when T <= 2S, else "fused"), "decode" (per-sequence kernel
+    alone), "prefill" (per-q-block kernel alone), "split" (both, two launches) or "fused"
+    (both in one launch; the per-sequence part without split-KV).
+    Configs default to `choose_config(...)`; `block_m`, `block_n`, `num_splits`,
+    `num_warps`, `num_stages` override fields of both. `interpret` defaults to True off-GPU.
     """
     t, hq, d = q.shape
     nl, hkv, nb, bs, d2 = k_pool.shape
@@ -208,59 +309,84 @@ def paged_attention_gpu(
     assert query_start.shape == (s + 1,) and seq_lens.shape == (s,)
     group = hq // hkv
     group_p = _next_pow2(group)
-    cfg = choose_config(t, s, hq, hkv, d, mb * bs)
-    block_m = block_m or cfg["block_m"]
-    block_n = block_n or cfg["block_n"]
-    num_splits = num_splits or cfg["num_splits"]
-    num_warps = num_warps or cfg["num_warps"]
-    num_stages = num_stages or cfg["num_stages"]
-    assert block_m == _next_pow2(block_m) and block_m >= group_p, (block_m, group_p)
-    assert block_n == _next_pow2(block_n)
+    dec, pre = choose_config(t, s, hq, hkv, d, mb * bs)
+    dec, pre = decode_config or dec, prefill_config or pre
+    over = {k: v for k, v in dict(block_m=block_m, block_n=block_n, num_splits=num_splits,
+                                  num_warps=num_warps, num_stages=num_stages).items() if v}
+    dec = dataclasses.replace(dec, **over)
+    pre = dataclasses.replace(pre, **{k: v for k, v in over.items() if k != "num_splits"})
+    pre = dataclasses.replace(pre, num_splits=1)
+    for c in (dec, pre):
+        assert c.block_m == _next_pow2(c.block_m) and c.block_m >= group_p, (c, group_p)
+        assert c.block_n == _next_pow2(c.block_n), c
+    if mode == "auto":
+        mode = "decode" if t <= 2 * s else "fused"
+    assert mode in ("decode", "prefill", "split", "fused"), mode
     if interpret is None:
         interpret = _default_backend() != "gpu"
-    block_q = block_m // group_p
-    grid_q = -(-t // block_q) + s
-
-    i32 = jnp.int32
-    layer_a = jnp.reshape(jnp.asarray(layer, i32), (1,))
-    win_a = jnp.reshape(jnp.asarray(sliding_window, i32), (1,))
     padded_out = bool(interpret)
-    t_out = t + 2 * block_q if padded_out else t
+    bq_dec, bq_pre = dec.block_m // group_p, pre.block_m // group_p
+    t_out = t + 2 * max(bq_dec, bq_pre) if padded_out else t
     h_out = hkv * group_p if padded_out else hq
 
-    if num_splits == 1:
-        out_shape = [jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)]
-    else:
-        out_shape = [
-            jax.ShapeDtypeStruct((num_splits, t_out, h_out, d), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, t_out, h_out), jnp.float32),
-            jax.ShapeDtypeStruct((num_splits, t_out, h_out), jnp.float32),
-        ]
-    kernel = functools.partial(
-        _kernel, num_seqs=s, num_tokens=t, hq=hq, group=group, group_p=group_p, block_q=block_q,
-        block_n=block_n, block_size=bs, max_blocks=mb, num_splits=num_splits,
-        scale_log2=float(scale) * LOG2E, search_steps=max(1, math.ceil(math.log2(s + 1))) + 1,
-        padded_out=padded_out,
-    )
-    outs = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=(grid_q, hkv, num_splits),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="paged_attention_gpu",
-    )(query_start.astype(i32), seq_lens.astype(i32), block_tables.astype(i32), layer_a, win_a,
-      q, k_pool, v_pool)
+    i32 = jnp.int32
+    scalars = (query_start.astype(i32), seq_lens.astype(i32), block_tables.astype(i32),
+               jnp.reshape(jnp.asarray(layer, i32), (1,)), jnp.reshape(jnp.asarray(sliding_window, i32), (1,)))
+    common = dict(num_seqs=s, num_tokens=t, hq=hq, group=group, group_p=group_p, block_size=bs,
+                  max_blocks=mb, scale_log2=float(scale) * LOG2E, padded_out=padded_out)
 
-    if num_splits == 1:
-        out = outs[0]
-    else:
-        o, m, l = outs
-        m_all = jnp.max(m, axis=0)
-        w = jnp.exp2(m - m_all[None])  # [splits, T, H]
-        l_all = jnp.sum(w * l, axis=0)
-        out = jnp.sum(w[..., None] * o, axis=0) / jnp.where(l_all == 0.0, 1.0, l_all)[..., None]
-        out = out.astype(q.dtype)
+    def params(c):
+        return pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
+
+    out = None
+    if mode == "fused":
+        c = pre
+        grid_q = -(-t // bq_pre) + s + 1
+        seq_kw = dict(common, max_q_len=bq_dec, block_q=bq_dec, block_n=dec.block_n, num_splits=1,
+                      split_mask=dec.split_mask)
+        qblock_kw = dict(common, min_q_len=bq_dec + 1, block_q=bq_pre, block_n=pre.block_n, num_splits=1,
+                         split_mask=pre.split_mask)
+        kern = functools.partial(_fused_kernel, num_q_blocks=grid_q, heavy_first=pre.heavy_first,
+                                 seq_kw=seq_kw, qblock_kw=qblock_kw)
+        out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype),
+                             grid=(grid_q + s, hkv), compiler_params=params(c), interpret=interpret,
+                             name="paged_attention_fused")(*scalars, q, k_pool, v_pool)
+    if mode in ("decode", "split"):
+        c = dec
+        kern = functools.partial(_seq_kernel, max_q_len=bq_dec if mode == "split" else None, has_prev=False,
+                                 block_q=bq_dec, block_n=c.block_n, num_splits=c.num_splits,
+                                 split_mask=c.split_mask, **common)
+        if c.num_splits == 1:
+            shapes = [jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)]
+        else:
+            shapes = [jax.ShapeDtypeStruct((c.num_splits, t_out, h_out, d), jnp.float32),
+                      jax.ShapeDtypeStruct((c.num_splits, t_out, h_out), jnp.float32),
+                      jax.ShapeDtypeStruct((c.num_splits, t_out, h_out), jnp.float32)]
+        outs = pl.pallas_call(kern, out_shape=shapes, grid=(s + 1, hkv, c.num_splits),
+                              compiler_params=params(c), interpret=interpret, name="paged_attention_seq",
+                              )(*scalars, q, k_pool, v_pool)
+        if c.num_splits == 1:
+            out = outs[0]
+        else:
+            o, m, l = outs
+            m_all = jnp.max(m, axis=0)
+            w = jnp.exp2(m - m_all[None])  # [splits, T, H]
+            l_all = jnp.sum(w * l, axis=0)
+            out = jnp.sum(w[..., None] * o, axis=0) / jnp.where(l_all == 0.0, 1.0, l_all)[..., None]
+            out = out.astype(q.dtype)
+    if mode in ("prefill", "split"):
+        c = pre
+        grid_q = -(-t // bq_pre) + s + 1
+        has_prev = out is not None
+        kern = functools.partial(_qblock_kernel, min_q_len=bq_dec + 1 if has_prev else None,
+                                 num_q_blocks=grid_q, heavy_first=c.heavy_first, has_prev=has_prev,
+                                 block_q=bq_pre, block_n=c.block_n, num_splits=1, split_mask=c.split_mask,
+                                 **common)
+        args = (*scalars, q, k_pool, v_pool) + ((out,) if has_prev else ())
+        out = pl.pallas_call(kern, out_shape=[jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)],
+                             grid=(grid_q, hkv), compiler_params=params(c), interpret=interpret,
+                             input_output_aliases={8: 0} if has_prev else {}, name="paged_attention_qblock",
+                             )(*args)[0]
     if padded_out:
         out = out[:t].reshape(t, hkv, group_p, d)[:, :, :group].reshape(t, hq, d)
     return out
