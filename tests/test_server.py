@@ -219,7 +219,6 @@ def _check_echo(client, prompt: str) -> None:
     assert elp.token_logprobs[-5:] == pytest.approx(r.choices[0].logprobs.token_logprobs, abs=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="engine: prompt_logprobs are not computed for prefix-cached tokens")
 def test_echo_logprobs_after_prefix_cache_hit(client):
     client.completions.create(model=MODEL, prompt="Now is better than never. Hello", max_tokens=2)
     _check_echo(client, "Now is better than never. Hello")

@@ -54,8 +54,8 @@ class SamplingParams:
             bad("temperature", "must be non-negative")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            bad("top_k", "must be -1 (disable) or at least 1")
+        if not 0 <= self.top_k < 2**31:
+            bad("top_k", "must be -1 (disable) or a positive 32-bit integer")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
         for f in ("presence_penalty", "frequency_penalty"):

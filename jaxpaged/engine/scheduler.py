@@ -79,8 +79,9 @@ class Scheduler:
                     break  # FCFS: wait until sample 0's prompt is in the cache, then share it
                 computed = self.bm.fork(parent.seq_id, seq.seq_id, seq.num_prompt_tokens)
                 blocks = None
-            else:
-                blocks = self.bm.get_computed_blocks(seq.all_token_ids)
+            else:  # prompt logprobs need every prompt position computed (as vLLM)
+                want = seq.params.prompt_logprobs is None
+                blocks = self.bm.get_computed_blocks(seq.all_token_ids) if want else []
                 computed = len(blocks) * self.bm.block_size
             n = min(seq.num_tokens - computed, budget)
             if not self.bm.allocate(seq.seq_id, computed + n, blocks):
