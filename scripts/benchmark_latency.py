@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_throughput import SHAPES, ceilings, shape_dir
+from benchmark_throughput import SHAPES, ceilings, enable_compilation_cache, shape_dir
 
 
 def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
@@ -59,19 +59,23 @@ def main() -> None:
     ap.add_argument("--decode-prompt-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
+    ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--json")
     args = ap.parse_args()
     import jax
 
     from jaxpaged import LLM
 
+    enable_compilation_cache(args.compilation_cache)
     model = args.model or str(shape_dir(args.model_shape))
     ceil = ceilings()
     llm = LLM(model, load_format="dummy" if args.model_shape else "auto", max_model_len=args.max_model_len,
-              max_num_seqs=max(int(b) for b in args.batches.split(",")),
+              max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-              enable_prefix_caching=False)
+              num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False)
     engine = llm.engine
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / ceil["copy_bytes_per_s"]

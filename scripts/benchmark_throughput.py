@@ -42,6 +42,14 @@ def shape_dir(name: str) -> Path:
     return d
 
 
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache: a second run of the same shapes skips compiles."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     rng = np.random.default_rng(args.seed)
     n = args.num_prompts
@@ -103,7 +111,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     llm = LLM(model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
-              enable_prefix_caching=False)
+              num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False)
     engine = llm.engine
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -169,6 +177,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
+    ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--compare", choices=["hf"], default=None)
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--json", help="write the results here")
@@ -179,6 +189,8 @@ def main() -> None:
     import jax
 
     from jaxpaged.models import load_config
+
+    enable_compilation_cache(args.compilation_cache)
 
     model = args.model or str(shape_dir(args.model_shape))
     args.load_format = args.load_format or ("dummy" if args.model_shape else "auto")

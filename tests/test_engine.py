@@ -47,6 +47,8 @@ CONFIGS = {
     "seqs4-budget16": dict(max_num_seqs=4, max_num_batched_tokens=16),
     "seqs64-budget64-nocache": dict(max_num_seqs=64, max_num_batched_tokens=64, enable_prefix_caching=False),
     "preempt": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48),
+    # the Pallas GPU kernel, here in Pallas interpret mode
+    "pallas-seqs4-budget16": dict(max_num_seqs=4, max_num_batched_tokens=16, attention_backend="pallas"),
 }
 
 

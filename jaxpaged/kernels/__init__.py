@@ -9,13 +9,12 @@ from jaxpaged.kernels.paged_attention import paged_attention_ref
 
 
 def get_attention(backend: str = "auto") -> Callable:
-    """`reference` (jnp, any backend) or `pallas` (GPU kernel); `auto` picks by platform."""
+    """`reference` (jnp) or `pallas` (the Pallas GPU kernel; Pallas interpret mode off-GPU,
+    slow, for tests); `auto` is the kernel on a GPU and the reference elsewhere."""
     if backend == "auto":
-        backend = "reference"  # the Pallas GPU kernel becomes the GPU default once it lands
+        backend = "pallas" if jax.default_backend() == "gpu" else "reference"
     if backend == "reference":
         return paged_attention_ref
-    if jax.default_backend() != "gpu":
-        raise ValueError("attention_backend 'pallas' needs a GPU; use 'reference' on this machine")
-    from jaxpaged.kernels.paged_attention_gpu import paged_attention
+    from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 
-    return paged_attention
+    return paged_attention_gpu
