@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
 import time
 import traceback
@@ -27,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from ceilings import bench, copy_bandwidth  # noqa: E402
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref  # noqa: E402
 from jaxpaged.kernels.paged_attention_gpu import TileConfig, choose_config, paged_attention_gpu  # noqa: E402
@@ -94,42 +95,6 @@ def attn_flops(plan, hq, d, window=0):
 
 
 # ---------------------------------------------------------------------------- timing
-def bench(fn, arg_sets, *, reps=10, inner=None, target_s=0.02):
-    """Median seconds per call; each sample is `inner` back-to-back calls over rotating sets."""
-    for a in arg_sets:  # compile + warm-up
-        jax.block_until_ready(fn(*a))
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*arg_sets[0]))
-    one = time.perf_counter() - t0
-    if inner is None:
-        inner = int(min(50, max(3, target_s / max(one, 1e-6))))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        r = None
-        for i in range(inner):
-            r = fn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(r)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
-
-
-def copy_bandwidth():
-    """Best of a few elementwise read+write passes over 2-4 GiB (bytes read + written)."""
-    best = 0.0
-    for dtype, fn, name in [(jnp.bfloat16, lambda x: x * 1.5, "bf16 x*1.5"),
-                            (jnp.float32, lambda x: x + 1.0, "f32 x+1"),
-                            (jnp.float32, lambda x: -x, "f32 -x")]:
-        n = 1 << 30
-        xs = [jax.random.normal(jax.random.key(i), (n,), dtype) for i in range(2)]
-        t = bench(jax.jit(fn), [(x,) for x in xs], reps=10, inner=5)
-        bw = 2 * n * jnp.dtype(dtype).itemsize / t
-        log(f"  copy {name:<12} {bw / 1e12:.2f} TB/s")
-        best = max(best, bw)
-        del xs
-    return best
-
-
 # ---------------------------------------------------------------------------- checks
 def rel_err(out, ref, n):
     o = np.asarray(out[:n], np.float64)

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_throughput import SHAPES, ceilings, enable_compilation_cache, shape_dir
+from benchmark_throughput import SHAPES, enable_compilation_cache, shape_dir
+from ceilings import ceilings
 
 
 def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> float:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ceilings import ceilings
 
 SHAPES = {  # HF config.json fields of known architectures (random weights, load_format=dummy)
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -60,30 +61,6 @@ def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
         outs = rng.integers(args.min_len, args.max_len + 1, n).tolist()
     prompts = [rng.integers(0, vocab, k).tolist() for k in ins]
     return prompts, outs
-
-
-def ceilings() -> dict:
-    """Copy bandwidth (read + write) and bf16 matmul throughput, measured now."""
-    import jax
-    import jax.numpy as jnp
-
-    def best(f, *xs, reps=10):
-        f(*xs).block_until_ready()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            f(*xs).block_until_ready()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
-
-    small = jax.default_backend() == "cpu"  # a smoke run, not a measurement
-    x = jax.random.normal(jax.random.PRNGKey(0), ((4 if small else 256) << 20,), jnp.bfloat16)  # 512 MiB
-    bw = 2 * x.nbytes / best(jax.jit(lambda a: a * 2 + 1), x)
-    n = 512 if small else 8192
-    a = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
-    flops = 2 * n**3 / best(jax.jit(lambda p, q: p @ q), a, a)
-    del x, a
-    return {"copy_bytes_per_s": bw, "matmul_flops_per_s": flops}
 
 
 def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int = 2) -> float:
@@ -196,8 +173,8 @@ def main() -> None:
     args.load_format = args.load_format or ("dummy" if args.model_shape else "auto")
     cfg = load_config(model)
     prompts, outs = workload(args, cfg.vocab_size)
-    ceil = ceilings()
     res = run_jaxpaged(args, model, prompts, outs)
+    ceil = ceilings()
     floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil)
     n_in, n_out = sum(map(len, prompts)), sum(outs)
     rows = [("jaxpaged", res["wall_s"])]

@@ -28,11 +28,14 @@ def workload(model_dir):
         prompts.append(shared + own if i % 4 == 0 else own)
         lengths.append(int(rng.integers(1, 25)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # never stop early (the engine runs with ignore_eos)
     refs = []
     for p, n in zip(prompts, lengths):
         gen = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
-            refs.append(hf.generate(torch.tensor([p]), generation_config=gen)[0, len(p):].tolist())
+            ids = torch.tensor([p])  # explicit mask: HF would otherwise mask token 0 (= pad) as padding
+            refs.append(hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)[0, len(p):].tolist())
+            assert len(refs[-1]) == n
     return prompts, lengths, refs
 
 

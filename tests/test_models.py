@@ -115,7 +115,9 @@ def test_greedy_generation_matches_hf(model):
             o.append(t)
         nxt = [int(np.argmax(g)) for g in runner.step([[t] for t in nxt])]
     gen = transformers.GenerationConfig(max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    hf.generation_config.eos_token_id = None  # never stop early at EOS
     for p, o in zip(ps, outs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), generation_config=gen)[0, len(p):].tolist()
+            ids = torch.tensor([p])  # explicit mask: HF would otherwise mask token 0 (= pad) as padding
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)[0, len(p):].tolist()
         assert len(ref) == 32 and o == ref

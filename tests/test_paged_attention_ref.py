@@ -1,7 +1,6 @@
 """The jnp paged-attention reference and KV write against a dense numpy oracle."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -13,6 +13,19 @@ def family_module(cfg: ModelConfig) -> ModuleType:
     return {"llama": llama, "opt": opt}[cfg.family]
 
 
+def build_params(cfg: ModelConfig, make) -> dict:
+    """The params tree of `cfg`'s family with leaves `make(key, shape, layer)`.
+
+    Top-level keys map to arrays; `params["layers"]` is a list of per-layer dicts (keys
+    without the `layers/` prefix), with `layer` the index (None for top-level keys).
+    """
+    shapes = family_module(cfg).param_shapes(cfg)
+    tree = {k: make(k, s, None) for k, s in shapes.items() if not k.startswith("layers/")}
+    tree["layers"] = [{k.removeprefix("layers/"): make(k, s, i) for k, s in shapes.items() if k.startswith("layers/")}
+                      for i in range(cfg.num_layers)]
+    return tree
+
+
 def make_forward(cfg: ModelConfig, attention):
     """Jitted `forward(params, kv, step_input) -> (logits, kv)` with the KV pool donated."""
     import functools
@@ -36,4 +49,4 @@ def load_model(model_dir, dtype: str = "auto", load_format: str = "auto") -> tup
     return cfg, load_params(model_dir, cfg, dtype)
 
 
-__all__ = ["ConfigError", "ModelConfig", "family_module", "load_config", "load_model"]
+__all__ = ["ConfigError", "ModelConfig", "build_params", "family_module", "load_config", "load_model"]

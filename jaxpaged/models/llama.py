@@ -1,8 +1,8 @@
 """Llama-family decoder as pure functions: Llama 2/3/3.1, Mistral, Qwen2, Qwen3, Granite.
 
-Params are a dict of arrays; per-layer weights are stacked on a leading layer axis and the
-layers run under `lax.scan` (one compiled layer body, fast compiles). Linear weights are
-stored `[in, out]` so `x @ w` needs no transpose.
+Params are a dict of arrays with `params["layers"]` a list of per-layer dicts; the layer loop
+is unrolled (see docs/architecture.md: stacked weights under `lax.scan` read every weight
+twice on the GPU). Linear weights are stored `[in, out]` so `x @ w` needs no transpose.
 """
 from __future__ import annotations
 
@@ -16,31 +16,31 @@ from jaxpaged.models.step_input import StepInput
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our param names and shapes; keys under `layers/` carry the leading layer axis."""
-    h, q, kv, i, l = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size, cfg.num_layers
+    """Our param names and shapes; keys under `layers/` are per layer (one dict per layer)."""
+    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     shapes = {
         "embed": (cfg.vocab_size, h),
         "final_norm": (h,),
-        "layers/attn_norm": (l, h),
-        "layers/wq": (l, h, q),
-        "layers/wk": (l, h, kv),
-        "layers/wv": (l, h, kv),
-        "layers/wo": (l, q, h),
-        "layers/mlp_norm": (l, h),
-        "layers/w_gate": (l, h, i),
-        "layers/w_up": (l, h, i),
-        "layers/w_down": (l, i, h),
+        "layers/attn_norm": (h,),
+        "layers/wq": (h, q),
+        "layers/wk": (h, kv),
+        "layers/wv": (h, kv),
+        "layers/wo": (q, h),
+        "layers/mlp_norm": (h,),
+        "layers/w_gate": (h, i),
+        "layers/w_up": (h, i),
+        "layers/w_down": (i, h),
     }
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
     if cfg.qkv_bias:
-        shapes |= {"layers/bq": (l, q), "layers/bk": (l, kv), "layers/bv": (l, kv)}
+        shapes |= {"layers/bq": (q,), "layers/bk": (kv,), "layers/bv": (kv,)}
     if cfg.o_bias:
-        shapes["layers/bo"] = (l, h)
+        shapes["layers/bo"] = (h,)
     if cfg.mlp_bias:
-        shapes |= {"layers/b_gate": (l, i), "layers/b_up": (l, i), "layers/b_down": (l, h)}
+        shapes |= {"layers/b_gate": (i,), "layers/b_up": (i,), "layers/b_down": (h,)}
     if cfg.qk_norm:
-        shapes |= {"layers/q_norm": (l, cfg.head_dim), "layers/k_norm": (l, cfg.head_dim)}
+        shapes |= {"layers/q_norm": (cfg.head_dim,), "layers/k_norm": (cfg.head_dim,)}
     return shapes
 
 
@@ -60,7 +60,7 @@ _HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weigh
 
 
 def hf_name(key: str, layer: int | None) -> str:
-    """HF tensor name of our param `key` (for layer `layer` when stacked)."""
+    """HF tensor name of our param `key` (of layer `layer` for `layers/` keys)."""
     if key.startswith("layers/"):
         return f"model.layers.{layer}.{_HF_LAYER[key.removeprefix('layers/')]}"
     return _HF_TOP[key]
@@ -78,10 +78,8 @@ def forward(
     hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     x = params["embed"][inp.token_ids] * jnp.asarray(cfg.embedding_multiplier, params["embed"].dtype)
-    windows = jnp.asarray(cfg.sliding_windows, jnp.int32)
-
-    def layer(carry, lp):
-        x, k_all, v_all, i = carry
+    k_all, v_all = kv.k, kv.v
+    for i, lp in enumerate(params["layers"]):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q = linear(h, lp, "wq", "bq").reshape(t, hq, d)
         k = linear(h, lp, "wk", "bk").reshape(t, hkv, d)
@@ -89,14 +87,12 @@ def forward(
         if cfg.qk_norm:
             q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
         q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
-        o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, i, inp, attention, cfg.attn_scale, windows[i])
+        o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, i, inp, attention, cfg.attn_scale,
+                                       cfg.sliding_windows[i])
         x = x + linear(o, lp, "wo", "bo") * cfg.residual_multiplier
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
         gate, up = linear(h, lp, "w_gate", "b_gate"), linear(h, lp, "w_up", "b_up")
         x = x + linear(jax.nn.silu(gate) * up, lp, "w_down", "b_down") * cfg.residual_multiplier
-        return (x, k_all, v_all, i + 1), None
-
-    (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, kv.k, kv.v, 0), params["layers"])
     h = rms_norm(x[inp.logits_index], params["final_norm"], cfg.norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = (h @ head).astype(jnp.float32) / cfg.logits_scaling

@@ -1,11 +1,12 @@
 """Load HF safetensors checkpoints into our params pytree; save/restore converted params.
 
 Each model family module gives `param_shapes(cfg)` (our layout) and `hf_name(key, layer)`;
-loading reads every HF tensor once, transposes linear weights to `[in, out]`, stacks
-layers and casts to the serving dtype.
+loading reads every HF tensor once, transposes linear weights to `[in, out]` and casts to
+the serving dtype.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -13,10 +14,15 @@ import jax
 import jax.numpy as jnp
 from safetensors import safe_open
 
-from jaxpaged.models import family_module
+from jaxpaged.models import build_params, family_module
 from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig
 
 NOT_TRANSPOSED = {"embed", "pos_embed"}  # stored [rows, dim] by HF as by us; other 2-D are linears
+
+
+def is_transposed(key: str, shape: tuple[int, ...]) -> bool:
+    """HF stores linear weights `[out, in]`; we store `[in, out]`."""
+    return len(shape) == 2 and key not in NOT_TRANSPOSED
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:
@@ -43,18 +49,6 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def unflatten(flat: dict[str, jax.Array]) -> dict:
-    """{'layers/wq': a} -> {'layers': {'wq': a}}."""
-    tree: dict = {}
-    for key, val in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = val
-    return tree
-
-
 def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") -> dict:
     """Read the checkpoint in `model_dir` into our (nested) params pytree."""
     model_dir = Path(model_dir)
@@ -63,7 +57,8 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") ->
     files = _tensor_files(model_dir)
     handles: dict[Path, object] = {}
 
-    def read(name: str, shape: tuple[int, ...], transpose: bool) -> jax.Array:
+    def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
+        name = mod.hf_name(key, layer)
         if name not in files:
             raise ConfigError(f"checkpoint {model_dir} is missing tensor {name}")
         f = files[name]
@@ -72,33 +67,26 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") ->
                 raise ConfigError(f"checkpoint file {f} listed in the index does not exist")
             handles[f] = safe_open(f, framework="flax")
         t = handles[f].get_tensor(name).astype(target)
-        t = t.T if transpose else t
+        t = t.T if is_transposed(key, shape) else t
         if t.shape != shape:
             raise ConfigError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json")
         return t
 
-    flat = {}
-    for key, shape in mod.param_shapes(cfg).items():
-        transpose = len(shape) - key.startswith("layers/") == 2 and key not in NOT_TRANSPOSED
-        if key.startswith("layers/"):
-            flat[key] = jnp.stack([read(mod.hf_name(key, i), shape[1:], transpose) for i in range(cfg.num_layers)])
-        else:
-            flat[key] = read(mod.hf_name(key, None), shape, transpose)
-    return unflatten(flat)
+    return build_params(cfg, read)
 
 
 def random_params(cfg: ModelConfig, dtype: str = "auto", seed: int = 0) -> dict:
     """Random weights of `cfg`'s shapes, made on the default device (vLLM's `load_format=dummy`):
     for speed runs of real architectures without carrying their checkpoints."""
     target = resolve_dtype(cfg, dtype)
-    key = jax.random.PRNGKey(seed)
-    flat = {}
-    for i, (name, shape) in enumerate(family_module(cfg).param_shapes(cfg).items()):
+    key, counter = jax.random.PRNGKey(seed), itertools.count()
+
+    def make(name: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
         if "norm" in name and not name.endswith("_b"):
-            flat[name] = jnp.ones(shape, target)
-        else:
-            flat[name] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(target)
-    return unflatten(flat)
+            return jnp.ones(shape, target)
+        return (0.02 * jax.random.normal(jax.random.fold_in(key, next(counter)), shape, jnp.float32)).astype(target)
+
+    return build_params(cfg, make)
 
 
 def save_params(path: str | Path, params: dict) -> None:
@@ -114,8 +102,6 @@ def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto") -> d
     import orbax.checkpoint as ocp
 
     target = resolve_dtype(cfg, dtype)
-    shapes = family_module(cfg).param_shapes(cfg)
-    abstract = unflatten({k: jax.ShapeDtypeStruct(s, target) for k, s in shapes.items()})
+    abstract = build_params(cfg, lambda key, shape, layer: jax.ShapeDtypeStruct(shape, target))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(path).absolute(), abstract)
-

@@ -13,18 +13,18 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our param names and shapes; keys under `layers/` carry the leading layer axis."""
-    h, i, l, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.word_embed_proj_dim
+    """Our param names and shapes; keys under `layers/` are per layer (one dict per layer)."""
+    h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.word_embed_proj_dim
     shapes = {
         "embed": (cfg.vocab_size, e),
         "pos_embed": (cfg.max_position_embeddings + POSITION_OFFSET, h),
-        "layers/attn_norm_w": (l, h), "layers/attn_norm_b": (l, h),
-        "layers/wq": (l, h, h), "layers/wk": (l, h, h), "layers/wv": (l, h, h), "layers/wo": (l, h, h),
-        "layers/mlp_norm_w": (l, h), "layers/mlp_norm_b": (l, h),
-        "layers/w_fc1": (l, h, i), "layers/w_fc2": (l, i, h),
+        "layers/attn_norm_w": (h,), "layers/attn_norm_b": (h,),
+        "layers/wq": (h, h), "layers/wk": (h, h), "layers/wv": (h, h), "layers/wo": (h, h),
+        "layers/mlp_norm_w": (h,), "layers/mlp_norm_b": (h,),
+        "layers/w_fc1": (h, i), "layers/w_fc2": (i, h),
     }
     if cfg.qkv_bias:
-        shapes |= {f"layers/b{n}": (l, h) for n in "qkvo"} | {"layers/b_fc1": (l, i), "layers/b_fc2": (l, h)}
+        shapes |= {f"layers/b{n}": (h,) for n in "qkvo"} | {"layers/b_fc1": (i,), "layers/b_fc2": (h,)}
     if cfg.do_layer_norm_before:
         shapes |= {"final_norm_w": (h,), "final_norm_b": (h,)}
     if e != h:
@@ -52,7 +52,7 @@ _HF_TOP = {
 
 
 def hf_name(key: str, layer: int | None) -> str:
-    """HF tensor name of our param `key` (for layer `layer` when stacked)."""
+    """HF tensor name of our param `key` (of layer `layer` for `layers/` keys)."""
     if key.startswith("layers/"):
         return f"model.decoder.layers.{layer}.{_HF_LAYER[key.removeprefix('layers/')]}"
     return _HF_TOP[key]
@@ -70,8 +70,8 @@ def forward(
     x = x + params["pos_embed"][inp.positions + POSITION_OFFSET]
     pre = cfg.do_layer_norm_before
 
-    def layer(carry, lp):
-        x, k_all, v_all, i = carry
+    k_all, v_all = kv.k, kv.v
+    for i, lp in enumerate(params["layers"]):
         h = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps) if pre else x
         q = linear(h, lp, "wq", "bq").reshape(t, nh, d)
         k = linear(h, lp, "wk", "bk").reshape(t, nh, d)
@@ -84,9 +84,6 @@ def forward(
         x = x + linear(jax.nn.relu(linear(h, lp, "w_fc1", "b_fc1")), lp, "w_fc2", "b_fc2")
         if not pre:
             x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
-        return (x, k_all, v_all, i + 1), None
-
-    (x, k_all, v_all, _), _ = jax.lax.scan(layer, (x, kv.k, kv.v, 0), params["layers"])
     h = x[inp.logits_index]
     if pre:
         h = layer_norm(h, params["final_norm_w"], params["final_norm_b"], eps)

@@ -15,9 +15,9 @@ import transformers
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxpaged.models import family_module
+from jaxpaged.models import build_params, family_module
 from jaxpaged.models.config import config_from_hf
-from jaxpaged.models.loader import NOT_TRANSPOSED
+from jaxpaged.models.loader import is_transposed
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -100,12 +100,12 @@ def make_tiny_model(out_dir: str | Path, variant: str = "llama", *, seed: int = 
     mod = family_module(cfg)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for key, shape in mod.param_shapes(cfg).items():
+
+    def make(key: str, shape: tuple[int, ...], layer: int | None) -> None:
         value = _random_param(key, shape, rng)
-        layers = enumerate(value) if key.startswith("layers/") else [(None, value)]
-        for i, v in layers:
-            linear = v.ndim == 2 and key not in NOT_TRANSPOSED
-            tensors[mod.hf_name(key, i)] = np.ascontiguousarray(v.T if linear else v)
+        tensors[mod.hf_name(key, layer)] = np.ascontiguousarray(value.T if is_transposed(key, shape) else value)
+
+    build_params(cfg, make)
     _save_safetensors(out, tensors, num_shards)
     return out
 
