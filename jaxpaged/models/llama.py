@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.hf_format import hf_transpose
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.layers import apply_rope, linear, paged_attend, rms_norm
 from jaxpaged.models.step_input import StepInput
@@ -17,28 +19,26 @@ from jaxpaged.models.step_input import StepInput
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our param names and shapes; keys under `layers/` are per layer (one dict per layer)."""
-    h, q, kv, i = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    h, i, d, hkv = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_kv_heads
+    qkv = (hkv, cfg.num_heads // hkv + 2, d)  # per KV head: its query heads, then its K and V
     shapes = {
         "embed": (cfg.vocab_size, h),
         "final_norm": (h,),
         "layers/attn_norm": (h,),
-        "layers/wq": (h, q),
-        "layers/wk": (h, kv),
-        "layers/wv": (h, kv),
-        "layers/wo": (q, h),
+        "layers/wqkv": (h, *qkv),
+        "layers/wo": (cfg.num_heads * d, h),
         "layers/mlp_norm": (h,),
-        "layers/w_gate": (h, i),
-        "layers/w_up": (h, i),
+        "layers/w_gate_up": (h, 2, i),
         "layers/w_down": (i, h),
     }
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
     if cfg.qkv_bias:
-        shapes |= {"layers/bq": (q,), "layers/bk": (kv,), "layers/bv": (kv,)}
+        shapes["layers/bqkv"] = qkv
     if cfg.o_bias:
         shapes["layers/bo"] = (h,)
     if cfg.mlp_bias:
-        shapes |= {"layers/b_gate": (i,), "layers/b_up": (i,), "layers/b_down": (h,)}
+        shapes |= {"layers/b_gate_up": (2, i), "layers/b_down": (h,)}
     if cfg.qk_norm:
         shapes |= {"layers/q_norm": (cfg.head_dim,), "layers/k_norm": (cfg.head_dim,)}
     return shapes
@@ -47,23 +47,52 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 _HF_LAYER = {
     "attn_norm": "input_layernorm.weight",
     "mlp_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "bq": "self_attn.q_proj.bias",
-    "wk": "self_attn.k_proj.weight", "bk": "self_attn.k_proj.bias",
-    "wv": "self_attn.v_proj.weight", "bv": "self_attn.v_proj.bias",
     "wo": "self_attn.o_proj.weight", "bo": "self_attn.o_proj.bias",
     "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-    "w_gate": "mlp.gate_proj.weight", "b_gate": "mlp.gate_proj.bias",
-    "w_up": "mlp.up_proj.weight", "b_up": "mlp.up_proj.bias",
     "w_down": "mlp.down_proj.weight", "b_down": "mlp.down_proj.bias",
+}
+# Fused params: one GEMM instead of three (q, k, v) or two (gate, up) reads the weights
+# faster in small-batch decode; HF keeps them apart.
+_HF_FUSED = {
+    "wqkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "bqkv": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "b_gate_up": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
 }
 _HF_TOP = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
 
 
-def hf_name(key: str, layer: int | None) -> str:
-    """HF tensor name of our param `key` (of layer `layer` for `layers/` keys)."""
-    if key.startswith("layers/"):
-        return f"model.layers.{layer}.{_HF_LAYER[key.removeprefix('layers/')]}"
-    return _HF_TOP[key]
+def _hf_names(key: str, layer: int | None) -> tuple[str, ...]:
+    """HF tensor names that make our param `key` (of layer `layer` for `layers/` keys)."""
+    if not key.startswith("layers/"):
+        return (_HF_TOP[key],)
+    name = key.removeprefix("layers/")
+    return tuple(f"model.layers.{layer}.{n}" for n in _HF_FUSED.get(name, (_HF_LAYER.get(name),)))
+
+
+def from_hf(cfg: ModelConfig, key: str, layer: int | None, get) -> jax.Array:
+    """Our param `key` from HF tensors; `get(name)` returns one as stored in the checkpoint."""
+    parts = [hf_transpose(key, get(n)) for n in _hf_names(key, layer)]
+    if key.endswith("qkv"):  # [..., heads * D] each -> [..., Hkv, G + 2, D]
+        return jnp.concatenate([p.reshape(*p.shape[:-1], cfg.num_kv_heads, -1, cfg.head_dim) for p in parts], -2)
+    if key.endswith("gate_up"):
+        return jnp.stack(parts, axis=-2)
+    return parts[0]
+
+
+def to_hf(cfg: ModelConfig, key: str, layer: int | None, value: np.ndarray) -> dict[str, np.ndarray]:
+    """The HF tensors of our param `key` (the inverse of `from_hf`)."""
+    names = _hf_names(key, layer)
+    if key.endswith("qkv"):
+        g = cfg.num_heads // cfg.num_kv_heads
+        lead = value.shape[:-3]
+        parts = [value[..., :g, :], value[..., g:g + 1, :], value[..., g + 1:, :]]
+        parts = [p.reshape(*lead, -1) for p in parts]
+    elif key.endswith("gate_up"):
+        parts = [value[..., 0, :], value[..., 1, :]]
+    else:
+        parts = [value]
+    return {n: np.ascontiguousarray(hf_transpose(key, p)) for n, p in zip(names, parts)}
 
 
 def forward(
@@ -75,15 +104,16 @@ def forward(
     kernel with the same one); the new K/V are written to the pool before it is called.
     """
     t = inp.token_ids.shape[0]
-    hq, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    hq, d = cfg.num_heads, cfg.head_dim
+    g = hq // cfg.num_kv_heads
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     x = params["embed"][inp.token_ids] * jnp.asarray(cfg.embedding_multiplier, params["embed"].dtype)
     k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        q = linear(h, lp, "wq", "bq").reshape(t, hq, d)
-        k = linear(h, lp, "wk", "bk").reshape(t, hkv, d)
-        v = linear(h, lp, "wv", "bv").reshape(t, hkv, d)
+        qkv = jnp.einsum("th,hkgd->tkgd", h, lp["wqkv"])  # [T, Hkv, G + 2, D]
+        qkv = qkv + lp["bqkv"] if "bqkv" in lp else qkv
+        q, k, v = qkv[:, :, :g].reshape(t, hq, d), qkv[:, :, g], qkv[:, :, g + 1]
         if cfg.qk_norm:
             q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
         q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
@@ -91,8 +121,9 @@ def forward(
                                        cfg.sliding_windows[i])
         x = x + linear(o, lp, "wo", "bo") * cfg.residual_multiplier
         h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        gate, up = linear(h, lp, "w_gate", "b_gate"), linear(h, lp, "w_up", "b_up")
-        x = x + linear(jax.nn.silu(gate) * up, lp, "w_down", "b_down") * cfg.residual_multiplier
+        gate_up = jnp.einsum("th,hpi->tpi", h, lp["w_gate_up"])  # [T, 2, I]
+        gate_up = gate_up + lp["b_gate_up"] if "b_gate_up" in lp else gate_up
+        x = x + linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp, "w_down", "b_down") * cfg.residual_multiplier
     h = rms_norm(x[inp.logits_index], params["final_norm"], cfg.norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = (h @ head).astype(jnp.float32) / cfg.logits_scaling

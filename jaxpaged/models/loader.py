@@ -1,7 +1,7 @@
 """Load HF safetensors checkpoints into our params pytree; save/restore converted params.
 
-Each model family module gives `param_shapes(cfg)` (our layout) and `hf_name(key, layer)`;
-loading reads every HF tensor once, transposes linear weights to `[in, out]` and casts to
+Each model family module gives `param_shapes(cfg)` (our layout) and `from_hf` / `to_hf`
+(our params from HF tensors and back); loading reads every HF tensor once and casts it to
 the serving dtype.
 """
 from __future__ import annotations
@@ -16,14 +16,6 @@ from safetensors import safe_open
 
 from jaxpaged.models import build_params, family_module
 from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig
-
-NOT_TRANSPOSED = {"embed", "pos_embed"}  # stored [rows, dim] by HF as by us; other 2-D are linears
-
-
-def is_transposed(key: str, shape: tuple[int, ...]) -> bool:
-    """HF stores linear weights `[out, in]`; we store `[in, out]`."""
-    return len(shape) == 2 and key not in NOT_TRANSPOSED
-
 
 def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:
     """`auto` keeps the checkpoint's dtype; otherwise one of float32, bfloat16, float16."""
@@ -57,8 +49,7 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") ->
     files = _tensor_files(model_dir)
     handles: dict[Path, object] = {}
 
-    def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
-        name = mod.hf_name(key, layer)
+    def get(name: str) -> jax.Array:
         if name not in files:
             raise ConfigError(f"checkpoint {model_dir} is missing tensor {name}")
         f = files[name]
@@ -66,10 +57,13 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") ->
             if not f.is_file():
                 raise ConfigError(f"checkpoint file {f} listed in the index does not exist")
             handles[f] = safe_open(f, framework="flax")
-        t = handles[f].get_tensor(name).astype(target)
-        t = t.T if is_transposed(key, shape) else t
+        return handles[f].get_tensor(name).astype(target)
+
+    def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
+        t = mod.from_hf(cfg, key, layer, get)
         if t.shape != shape:
-            raise ConfigError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape} from config.json")
+            raise ConfigError(f"param {key} of layer {layer} has shape {tuple(t.shape)}, expected {shape} "
+                              "from config.json")
         return t
 
     return build_params(cfg, read)

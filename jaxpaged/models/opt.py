@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.hf_format import hf_transpose
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.layers import layer_norm, linear, paged_attend
 from jaxpaged.models.step_input import StepInput
@@ -51,11 +53,20 @@ _HF_TOP = {
 }
 
 
-def hf_name(key: str, layer: int | None) -> str:
-    """HF tensor name of our param `key` (of layer `layer` for `layers/` keys)."""
+def _hf_name(key: str, layer: int | None) -> str:
     if key.startswith("layers/"):
         return f"model.decoder.layers.{layer}.{_HF_LAYER[key.removeprefix('layers/')]}"
     return _HF_TOP[key]
+
+
+def from_hf(cfg: ModelConfig, key: str, layer: int | None, get) -> jax.Array:
+    """Our param `key` from HF tensors; `get(name)` returns one as stored in the checkpoint."""
+    return hf_transpose(key, get(_hf_name(key, layer)))
+
+
+def to_hf(cfg: ModelConfig, key: str, layer: int | None, value: np.ndarray) -> dict[str, np.ndarray]:
+    """The HF tensor of our param `key` (the inverse of `from_hf`)."""
+    return {_hf_name(key, layer): np.ascontiguousarray(hf_transpose(key, value))}
 
 
 def forward(

@@ -17,7 +17,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxpaged.models import build_params, family_module
 from jaxpaged.models.config import config_from_hf
-from jaxpaged.models.loader import is_transposed
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -103,7 +102,7 @@ def make_tiny_model(out_dir: str | Path, variant: str = "llama", *, seed: int = 
 
     def make(key: str, shape: tuple[int, ...], layer: int | None) -> None:
         value = _random_param(key, shape, rng)
-        tensors[mod.hf_name(key, layer)] = np.ascontiguousarray(value.T if is_transposed(key, shape) else value)
+        tensors.update(mod.to_hf(cfg, key, layer, value))
 
     build_params(cfg, make)
     _save_safetensors(out, tensors, num_shards)
