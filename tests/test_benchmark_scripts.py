@@ -1,0 +1,165 @@
+"""Benchmark scripts end to end on CPU: `benchmark_serving.py` against a live `jaxpaged.serve` on a tiny
+model, the throughput and latency scripts' JSON, then `notebooks/benchmarks.ipynb` on those results
+(and on an empty folder)."""
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import httpx
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).parent.parent
+SCRIPTS = ROOT / "scripts"
+NOTEBOOK = ROOT / "notebooks" / "benchmarks.ipynb"
+ENGINE = ["--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--num-kv-blocks", "256"]
+sys.path.insert(0, str(SCRIPTS))
+
+import benchmark_serving as bs  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "JAXPAGED_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def _run_notebook(results: Path, monkeypatch, tmp_path: Path) -> nbformat.NotebookNode:
+    monkeypatch.setenv("JAXPAGED_RESULTS", str(results))  # the kernel inherits this process's environment
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, [(e.ename, e.evalue) for e in errors]
+    return nb
+
+
+def _text(nb) -> str:
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream")
+
+
+def _images(nb) -> list[bytes]:
+    return [base64.b64decode(o["data"]["image/png"]) for c in nb.cells for o in c.get("outputs", [])
+            if "image/png" in o.get("data", {})]
+
+
+def test_workload_and_arrivals():
+    args = Namespace(seed=3, num_prompts=20, workload="mixed", input_len=8, output_len=4, min_len=4, max_len=40)
+    from benchmark_throughput import workload  # the serving script draws exactly the throughput script's prompts
+
+    assert bs.workload(args, 512) == workload(args, 512)
+    prompts, outs = bs.workload(args, 512)
+    again = bs.fresh_prompts(prompts, 512, 3, 1)  # later rates: same lengths, other ids
+    assert [len(p) for p in again] == [len(p) for p in prompts] and again != prompts
+    assert bs.fresh_prompts(prompts, 512, 3, 0) is prompts and max(max(p) for p in again) < 512
+
+    assert bs.arrival_offsets(5, math.inf, 1.0, 0, 0) == [0.0] * 5
+    offs = bs.arrival_offsets(4000, 10.0, 1.0, 0, 0)
+    assert offs[0] == 0 and offs == sorted(offs) and offs == bs.arrival_offsets(4000, 10.0, 1.0, 0, 0)
+    gaps = [b - a for a, b in zip(offs, offs[1:])]
+    assert abs(sum(gaps) / len(gaps) - 0.1) < 0.01  # Poisson at 10/s: mean gap 0.1 s, std 0.1 s
+    assert abs(math.sqrt(sum((g - 0.1) ** 2 for g in gaps) / len(gaps)) - 0.1) < 0.01
+    assert bs.parse_rates("1,4,inf") == [1.0, 4.0, math.inf] and bs.rate_label(math.inf) == "inf"
+
+    for url in ("http://127.0.0.1:8000", "http://localhost:1", "http://[::1]:8000"):
+        bs.check_loopback(url)
+    with pytest.raises(SystemExit):
+        bs.check_loopback("http://10.1.2.3:8000")
+
+
+def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
+    model = str(tiny_model_dir("llama"))
+    results = tmp_path / "results"
+    results.mkdir()
+    env, port = _env(tmp_path), _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--model", model, "--host", "127.0.0.1",
+                               "--port", str(port), "--no-enable-prefix-caching", *ENGINE],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # the offline scripts' JSON for the notebook, while the server starts
+        cache = ["--compilation-cache", str(tmp_path / "xla")]
+        subprocess.run([sys.executable, SCRIPTS / "benchmark_throughput.py", "--model", model, *ENGINE, *cache,
+                        "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--no-progress",
+                        "--json", results / "throughput-fixed.json"], env=env, check=True, capture_output=True,
+                       timeout=300)
+        subprocess.run([sys.executable, SCRIPTS / "benchmark_latency.py", "--model", model, *ENGINE, *cache,
+                        "--prompt-lens", "16", "--batches", "1,2", "--decode-steps", "3", "--decode-prompt-len", "8",
+                        "--json", results / "latency.json"], env=env, check=True, capture_output=True, timeout=300)
+
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+
+        n, rates = 6, ["8", "inf"]
+        cmd = [sys.executable, SCRIPTS / "benchmark_serving.py", "--base-url", f"http://127.0.0.1:{port}",
+               "--num-prompts", str(n), "--request-rates", ",".join(rates), "--workload", "mixed",
+               "--min-len", "4", "--max-len", "24", "--seed", "1", "--max-duration", "120", "--request-timeout", "60",
+               "--json", results / "serving.json", "--plot", tmp_path / "serving.png", "--no-progress"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+    # the table comes last: one block of TTFT/TPOT/ITL/E2E rows per rate
+    tail = out.stdout.strip().splitlines()
+    assert [line.split()[0] for line in tail[-8::4]] == rates and tail[-1].split()[-5] == "E2E"
+
+    summary = json.loads((results / "serving.json").read_text())
+    _, outs = bs.workload(Namespace(seed=1, num_prompts=n, workload="mixed", input_len=0, output_len=0,
+                                    min_len=4, max_len=24), 512)
+    assert summary["kind"] == "serving" and summary["model"] == model and summary["server"]["vocab_size"] == 512
+    assert summary["output_tokens"] == sum(outs) and [r["request_rate"] for r in summary["results"]] == [8.0, "inf"]
+    for row in summary["results"]:
+        assert (row["completed"], row["failed"], row["errors"]) == (n, 0, {}), row
+        assert row["total_output_tokens"] == row["expected_output_tokens"] == sum(outs)
+        assert row["duration_s"] > 0 and row["request_throughput"] == pytest.approx(n / row["duration_s"])
+        assert row["output_throughput"] > 0 and row["total_token_throughput"] > row["output_throughput"]
+        for key in ("ttft", "tpot", "itl", "e2el"):
+            s = row[f"{key}_ms"]
+            assert 0 < s["median"] <= s["p90"] <= s["p99"], (key, s)
+            assert s["mean"] > 0
+        assert row["ttft_ms"]["median"] < row["e2el_ms"]["median"]
+    assert summary["results"][1]["duration_s"] < summary["results"][0]["duration_s"]  # inf: all at once
+    try:
+        import matplotlib  # noqa: F401 - the script plots only when it can
+    except ImportError:
+        assert "matplotlib is not installed" in out.stderr
+    else:
+        assert (tmp_path / "serving.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    nb = _run_notebook(results, monkeypatch, tmp_path)
+    assert "1 throughput, 1 latency, 1 serving" in _text(nb)
+    assert len(_images(nb)) == 4  # tok/s vs HF, roofline fraction, latency vs floor, serving vs rate
+
+
+def test_notebook_with_no_results(tmp_path, monkeypatch):
+    nb = _run_notebook(tmp_path / "missing", monkeypatch, tmp_path)
+    assert "No results folder" in _text(nb) and not _images(nb)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.json").write_text('{"not": "a result"}')
+    nb = _run_notebook(tmp_path / "empty", monkeypatch, tmp_path)
+    assert "No benchmark results" in _text(nb) and "notes.json" in _text(nb) and not _images(nb)
