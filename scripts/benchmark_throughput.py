@@ -93,7 +93,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False))
-    device0, steps, generated = engine.runner.device_seconds, 0, 0
+    device0, steps, generated = engine.runner.device_wait_seconds, 0, 0
     t = time.perf_counter()
     with tqdm(total=len(prompts), desc="jaxpaged", disable=args.no_progress) as bar:
         while engine.has_unfinished_requests():
@@ -105,7 +105,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     wall = time.perf_counter() - t
     assert generated == sum(outs), (generated, sum(outs))
     return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,
-            "device_busy": (engine.runner.device_seconds - device0) / wall, "cfg": engine.model_config,
+            "device_wait": (engine.runner.device_wait_seconds - device0) / wall, "cfg": engine.model_config,
             "preemptions": engine.scheduler.num_preemptions}
 
 
@@ -198,7 +198,7 @@ def main() -> None:
     for name, wall in rows:
         print(f"{name:44s} {wall:8.1f} {len(prompts) / wall:7.2f} {n_out / wall:10.0f} {(n_in + n_out) / wall:12.0f}")
     j = summary["jaxpaged"]
-    print(f"jaxpaged: {j['roofline_fraction']:.0%} of the roofline, device busy {j['device_busy']:.0%} of wall, "
+    print(f"jaxpaged: {j['roofline_fraction']:.0%} of the roofline, host waited on the device {j['device_wait']:.0%} of wall, "
           f"{res['steps']} steps, {res['preemptions']} preemptions, startup {res['startup_s']:.0f} s")
     if hf:
         print(f"speedup over HF: {summary['hf']['speedup']:.1f}x")

@@ -50,6 +50,7 @@ CONFIGS = {
     "seqs4-budget16": dict(max_num_seqs=4, max_num_batched_tokens=16),
     "seqs64-budget64-nocache": dict(max_num_seqs=64, max_num_batched_tokens=64, enable_prefix_caching=False),
     "preempt": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48),
+    "preempt-sync": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48, async_scheduling=False),
     # the Pallas GPU kernel, here in Pallas interpret mode
     "pallas-seqs4-budget16": dict(max_num_seqs=4, max_num_batched_tokens=16, attention_backend="pallas"),
 }
@@ -66,7 +67,7 @@ def test_greedy_matches_hf_under_every_schedule(name, model_dir, workload, compi
         assert out.outputs[0].token_ids == ref
         assert out.outputs[0].finish_reason == "length"
     engine = llm.engine
-    if name == "preempt":
+    if name.startswith("preempt"):
         assert engine.scheduler.num_preemptions > 0
     if name == "seqs4-budget16":  # prompts longer than the budget were chunked
         assert max(len(p) for p in prompts) > 16
@@ -110,3 +111,20 @@ def test_request_larger_than_the_pool_is_rejected(model_dir):
     small = make_llm(model_dir, num_kv_blocks=20, max_num_seqs=4, max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="needs 25 KV blocks but the pool has only 19"):
         small.generate([list(range(20))], SamplingParams(max_tokens=80), use_tqdm=False)
+
+
+def test_async_scheduling_overlaps_steps(model_dir):
+    """Step n+1 is launched before step n's outputs are processed, and outputs are the same."""
+    outs = {}
+    for mode in (True, False):
+        llm = make_llm(model_dir, max_num_seqs=64, max_num_batched_tokens=64, async_scheduling=mode)
+        engine = llm.engine
+        engine.add_request("a", list(range(30, 50)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        in_flight, final = [], None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                final = out
+            in_flight.append(engine._pending is not None)
+        assert any(in_flight) == mode
+        outs[mode] = final.outputs[0].token_ids
+    assert outs[True] == outs[False] and len(outs[True]) == 8

@@ -17,6 +17,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped at 8192
     enable_prefix_caching: bool = True
+    async_scheduling: bool = True  # launch step n+1 before processing step n's outputs
     seed: int = 0
     attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1

@@ -15,7 +15,7 @@ import transformers
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.detokenizer import IncrementalDetokenizer
-from jaxpaged.engine.model_runner import ModelRunner, StepResult
+from jaxpaged.engine.model_runner import Launched, ModelRunner
 from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.scheduler import Scheduler
@@ -62,6 +62,7 @@ class LLMEngine:
         self.runner.warmup()
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
+        self._pending: Launched | None = None  # launched step whose outputs are not processed yet
         self._rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
         self.num_generation_tokens = 0
@@ -147,31 +148,42 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step, then process the previous one (async scheduling: the
+        host works on step n's outputs while the device runs step n+1). With async scheduling
+        off, or when a request needs the token history (penalties, logprobs), the previous
+        step is processed first."""
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        result = self.runner.execute(sched)
-        touched = self._process(sched.scheduled, result)
-        self.scheduler.update(sched.scheduled)
         outputs = []
-        for request_id in touched:
-            seqs = self.requests[request_id]
-            out = self._make_output(seqs, touched[request_id])
-            if out is not None:
-                outputs.append(out)
-            if all(s.is_finished for s in seqs):
-                del self.requests[request_id]
+        full = any(seq.params.needs_full_step for seq, _ in sched.scheduled)
+        if self._pending is not None and (full or not self.config.async_scheduling):
+            outputs += self._process(self._pending)
+            self._pending = None
+        launched = None
+        if sched.scheduled:
+            launched = self.runner.launch(sched)
+            self.scheduler.advance(sched.scheduled)
+            for row, (seq, _, _, samples) in enumerate(launched.rows):
+                if samples:
+                    seq.add_pending(row)
+        if self._pending is not None:
+            outputs += self._process(self._pending)
+        self._pending = launched
+        if launched is not None and not self.config.async_scheduling:
+            outputs += self._process(launched)
+            self._pending = None
         return outputs
 
-    def _process(self, scheduled, result: StepResult) -> dict[str, list[Sequence]]:
-        """Apply sampled tokens (and prompt logprobs) to the sequences that reached their end."""
+    def _process(self, launched: Launched) -> list[RequestOutput]:
+        """Apply a finished step's sampled tokens (and prompt logprobs) to its sequences."""
+        step = self.runner.fetch(launched)
+        sampled = step.sampled
         touched: dict[str, list[Sequence]] = {}
-        sampled = result.sampled
-        for i, (seq, n) in enumerate(scheduled):
-            start = seq.num_computed_tokens
-            if seq.prompt_logprobs is not None and result.prompt is not None:
-                self._add_prompt_logprobs(seq, result, int(result.token_offsets[i]), start, n)
-            if start + n < seq.num_tokens:  # a prompt chunk: nothing to sample yet
+        for i, (seq, start, n, samples) in enumerate(step.rows):
+            if seq.is_finished:  # aborted, or finished by an earlier step: a wasted row
+                continue
+            if seq.prompt_logprobs is not None and step.prompt is not None:
+                self._add_prompt_logprobs(seq, step, int(step.token_offsets[i]), start, n)
+            if not samples:  # a prompt chunk: nothing to sample yet
                 self.num_prompt_tokens += n
                 continue
             self.num_prompt_tokens += max(0, min(n, seq.num_prompt_tokens - start))
@@ -185,10 +197,19 @@ class LLMEngine:
             seq.append_token(token, float(sampled.logprobs[i]), top, self.eos_token_ids)
             self.num_generation_tokens += 1
             touched.setdefault(seq.request_id, []).append(seq)
-        return touched
+        self.scheduler.commit([seq for seq, _, _, _ in step.rows])
+        outputs = []
+        for request_id, stepped in touched.items():
+            seqs = self.requests[request_id]
+            out = self._make_output(seqs, stepped)
+            if out is not None:
+                outputs.append(out)
+            if all(s.is_finished for s in seqs):
+                del self.requests[request_id]
+        return outputs
 
-    def _add_prompt_logprobs(self, seq: Sequence, result: StepResult, offset: int, start: int, n: int) -> None:
-        p = result.prompt
+    def _add_prompt_logprobs(self, seq: Sequence, step: Launched, offset: int, start: int, n: int) -> None:
+        p = step.prompt
         k = seq.params.prompt_logprobs
         for j in range(n):
             pos = start + j
@@ -211,12 +232,13 @@ class LLMEngine:
             return None
         completions = []
         for seq in (stepped if kind == "delta" else seqs):
+            known = seq.known_output_ids
             if kind == "delta":
-                text, ids = seq.take_text_delta(), seq.output_token_ids[seq.num_sent_tokens:]
+                text, ids = seq.take_text_delta(), known[seq.num_sent_tokens:]
                 logprobs = seq.logprobs[seq.num_sent_tokens:] if seq.logprobs is not None else None
-                seq.num_sent_tokens = len(seq.output_token_ids)
+                seq.num_sent_tokens = len(known)
             else:
-                text, ids, logprobs = seq.text, list(seq.output_token_ids), seq.logprobs
+                text, ids, logprobs = seq.text, known, seq.logprobs
             completions.append(CompletionOutput(
                 seq.index, text, ids, seq.cumulative_logprob if seq.logprobs is not None else None,
                 logprobs, seq.finish_reason, seq.stop_reason))

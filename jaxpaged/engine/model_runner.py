@@ -3,7 +3,9 @@ forward + sampler (KV pool donated), and hands the sampled ids back as numpy.
 
 Two compiled variants per token bucket: `fast` (sampling, the sampled token's raw logprob)
 and `full` (adds penalties over the token history, top-N logprobs and prompt logprobs),
-used only when a scheduled request asks for one of those.
+used only when a scheduled request asks for one of those. `launch` only dispatches: the
+engine builds and launches step n+1 while step n still runs, feeding back the tokens
+step n samples on the device (see `_step`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_ST
 
 BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + 8  # + EOS ids
 from jaxpaged.engine.scheduler import SchedulerOutput
+from jaxpaged.engine.sequence import PENDING, Sequence
 from jaxpaged.models import ModelConfig, family_module
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.step_input import make_step_input
@@ -45,11 +48,12 @@ class PromptLogprobsOutput:
 
 
 @dataclasses.dataclass
-class StepResult:
-    """Host copies of one step's outputs; row i belongs to the i-th scheduled sequence."""
-    sampled: SamplerOutput
+class Launched:
+    """A dispatched step; its outputs stay on the device until `ModelRunner.fetch`."""
+    rows: list[tuple[Sequence, int, int, bool]]  # (sequence, first new position, new tokens, samples)
+    sampled: SamplerOutput  # row i belongs to rows[i]
     prompt: PromptLogprobsOutput | None
-    token_offsets: np.ndarray  # [S+1] where each scheduled sequence's tokens start in T
+    token_offsets: np.ndarray  # [S+1] where each row's tokens start in T
 
 
 def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
@@ -75,13 +79,21 @@ def _jitted_step(cfg: ModelConfig, attention):
     return jax.jit(functools.partial(_step, cfg=cfg, attention=attention), donate_argnums=1)
 
 
-def _step(params, kv: KVCache, inp, sp, full_inp, *, cfg: ModelConfig, attention):
-    """forward + sample; traced once per (bucket, variant, pool shape)."""
+def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg: ModelConfig, attention):
+    """forward + sample; traced once per (bucket, variant, pool shape).
+
+    Tokens whose value the host has not seen yet (sampled by the previous step, still on the
+    device) come from `prev_tokens[feedback[t]]` (feedback -1 = use `inp.token_ids[t]`).
+    Returns (sampled, prompt logprobs or None, the sampled ids padded to max_num_seqs, kv).
+    """
     _traces[0] += 1
     forward = family_module(cfg).forward
+    tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], inp.token_ids)
+    inp = inp.replace(token_ids=tokens)
     if full_inp is None:
         logits, kv = forward(params, kv, inp, cfg, attention)
-        return sample(logits, sp), None, kv
+        out = sample(logits, sp)
+        return out, None, _pad(out.token_ids, prev_tokens.shape[0]), kv
     t = inp.token_ids.shape[0]
     logits_all, kv = forward(params, kv, inp.replace(logits_index=jnp.arange(t, dtype=jnp.int32)), cfg, attention)
     out = sample(logits_all[inp.logits_index], sp, full_inp.history, full_inp.history_is_output, MAX_LOGPROBS,
@@ -90,7 +102,11 @@ def _step(params, kv: KVCache, inp, sp, full_inp, *, cfg: ModelConfig, attention
     lp = jnp.take_along_axis(raw, jnp.maximum(full_inp.prompt_next, 0)[:, None], axis=-1)
     top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
     prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
-    return out, prompt, kv
+    return out, prompt, _pad(out.token_ids, prev_tokens.shape[0]), kv
+
+
+def _pad(tokens: jax.Array, n: int) -> jax.Array:
+    return jnp.zeros(n, jnp.int32).at[: tokens.shape[0]].set(tokens)
 
 
 class ModelRunner:
@@ -104,34 +120,50 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
         self._step = _jitted_step(cfg, attention)
-        self.device_seconds = 0.0  # dispatch to results on host: the device's share of the wall time
+        self._prev_tokens = jax.device_put(np.zeros(max_num_seqs, np.int32))  # last step's sampled ids
+        self.device_wait_seconds = 0.0  # host blocked on the device (dispatch + fetch)
 
     def warmup(self) -> None:
         """Compile every (bucket, variant) on an all-padding batch (it writes only scratch)."""
         for t in self.buckets:
             for full in (False, True):
-                self._run_padded([], [], t, full)
+                self.fetch(self._launch([], [], t, full))
 
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def launch(self, sched: SchedulerOutput) -> Launched:
+        """Build the padded inputs on the host and dispatch the step (does not wait for it)."""
         full = any(seq.params.needs_full_step for seq, _ in sched.scheduled)
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        return self._run_padded(sched.scheduled, sched.block_tables, t, full)
+        return self._launch(sched.scheduled, sched.block_tables, t, full)
 
-    def _run_padded(self, scheduled, block_tables, t: int, full: bool) -> StepResult:
+    def _launch(self, scheduled, block_tables, t: int, full: bool) -> Launched:
         s = min(t, self.max_num_seqs)
-        seqs, keys = [], []
+        seqs, keys, rows = [], [], []
+        feedback = np.full(t, -1, np.int32)
+        offset = 0
         for (seq, n), table in zip(scheduled, block_tables):
             start = seq.num_computed_tokens
-            seqs.append((seq.all_token_ids[start:start + n], start, table))
+            new = seq.all_token_ids[start:start + n]
+            if new[-1] == PENDING:  # sampled by the previous step: read it on the device
+                feedback[offset + n - 1] = seq.sample_row
+            seqs.append((new, start, table))
             keys.append(row_key(seq.seed, len(seq.output_token_ids)))
+            rows.append((seq, start, n, start + n == seq.num_tokens))
+            offset += n
         inp = make_step_input(seqs, self.block_size, t, s, self.max_blocks)
         sp = make_sampling_input([seq.params for seq, _ in scheduled], keys, s)
         full_inp = self._full_input(scheduled, t, s) if full else None
         t0 = time.perf_counter()
-        out, prompt, self.kv = self._step(self.params, self.kv, inp, sp, full_inp)
-        out, prompt = jax.device_get((out, prompt))
-        self.device_seconds += time.perf_counter() - t0
-        return StepResult(out, prompt, np.asarray(inp.query_start))
+        out, prompt, self._prev_tokens, self.kv = self._step(
+            self.params, self.kv, inp, sp, full_inp, self._prev_tokens, feedback)
+        self.device_wait_seconds += time.perf_counter() - t0
+        return Launched(rows, out, prompt, inp.query_start)
+
+    def fetch(self, launched: Launched) -> Launched:
+        """Wait for a launched step and copy its outputs to the host."""
+        t0 = time.perf_counter()
+        sampled, prompt = jax.device_get((launched.sampled, launched.prompt))
+        self.device_wait_seconds += time.perf_counter() - t0
+        return dataclasses.replace(launched, sampled=sampled, prompt=prompt)
 
     def _full_input(self, scheduled, t: int, s: int) -> FullInput:
         hist, is_out = make_history([(seq.prompt_token_ids, seq.output_token_ids) for seq, _ in scheduled],

@@ -49,8 +49,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted below for an older sequence
-                continue
+            if seq.status is not Status.RUNNING or seq.final_token_scheduled:
+                continue  # preempted for an older sequence, or only waiting for its last token
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
@@ -104,11 +104,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """After a step: advance computed counts, cache full blocks, retire finished ones."""
+    def advance(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """A step was launched: its tokens' KV will be in the cache."""
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, seq.num_computed_tokens)
+
+    def commit(self, seqs: list[Sequence]) -> None:
+        """A step's tokens are known: cache the full blocks they complete, retire finished ones."""
+        for seq in seqs:
+            if seq.status is Status.RUNNING:
+                known = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending)
+                self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, known)
         for seq in [s for s in self.running if s.is_finished]:
             self.finish(seq)
 

@@ -14,6 +14,7 @@ from jaxpaged.engine.outputs import Logprob, PromptLogprobs, SampleLogprobs
 from jaxpaged.engine.sampling_params import SamplingParams
 
 _ids = itertools.count()
+PENDING = -1  # an output token sampled on the device whose value the host has not seen yet
 
 
 class Status(enum.Enum):
@@ -32,7 +33,10 @@ class Sequence:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.max_tokens = max_tokens
-        self.output_token_ids: list[int] = []
+        self.output_token_ids: list[int] = []  # the last `num_pending` are PENDING (sampled, not yet seen)
+        self.num_pending = 0
+        self.final_token_scheduled = False  # max_tokens reached by scheduled tokens: schedule no more
+        self.sample_row = -1  # this sequence's row in the step that sampled its newest token
         self.params = params
         self.seed = seed
         self.status = Status.WAITING
@@ -68,25 +72,41 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def known_output_ids(self) -> list[int]:
+        return self.output_token_ids[:len(self.output_token_ids) - self.num_pending]
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        del self.output_token_ids[len(self.output_token_ids) - self.num_pending:]
+        self.num_pending = 0
         self.status = Status.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.finished_time = time.monotonic()
 
+    def add_pending(self, row: int) -> None:
+        """A step sampling this sequence's next token was launched (row `row` of its output)."""
+        self.output_token_ids.append(PENDING)
+        self.num_pending += 1
+        self.sample_row = row
+        self.final_token_scheduled = len(self.output_token_ids) >= self.max_tokens
+
     def append_token(self, token_id: int, logprob: float, top: dict[int, Logprob] | None,
                      eos_token_ids: tuple[int, ...]) -> None:
-        """Record a sampled token, detokenize it and apply the stop rules (vLLM's order)."""
+        """Fill the oldest pending token, detokenize it and apply the stop rules (vLLM's order).
+        A finished sequence drops the tokens sampled after its last one."""
         now = time.monotonic()
         self.first_token_time = self.first_token_time or now
         self.last_token_time = now
-        self.output_token_ids.append(token_id)
+        pos = len(self.output_token_ids) - self.num_pending
+        self.output_token_ids[pos] = token_id
+        self.num_pending -= 1
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(top)
-        p, n = self.params, len(self.output_token_ids)
+        p, n = self.params, pos + 1
         if self.detokenizer is not None:
             delta = self.detokenizer.add([token_id])
             self.text = self.detokenizer.text

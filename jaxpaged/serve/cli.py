@@ -20,6 +20,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--host", default="0.0.0.0")
     a("--port", type=int, default=8000)
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "half", "float"])
+    a("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
+    a("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+      help="launch step n+1 before processing step n's outputs")
     a("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
     a("--gpu-memory-utilization", type=float, default=0.9, help="fraction of device memory to use")
     a("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the memory budget)")
@@ -44,7 +47,8 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         model=model, dtype={"half": "float16", "float": "float32"}.get(args.dtype, args.dtype),
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size, **{**defaults, **given})
+        tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
+        async_scheduling=args.async_scheduling, **{**defaults, **given})
 
 
 def read_chat_template(value: str | None) -> str | None:
