@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--json")
@@ -76,7 +77,8 @@ def main() -> None:
     llm = LLM(model, load_format="dummy" if args.model_shape else "auto", max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
-              num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False)
+              num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
+              async_scheduling=args.async_scheduling)
     engine = llm.engine
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / ceil["copy_bytes_per_s"]
