@@ -79,6 +79,20 @@ def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int
     return max(mem_s, flop_s)
 
 
+def time_calls(obj, name: str, totals: dict) -> None:
+    """Wrap `obj.name` to add its wall time to `totals[name]` (host-side step breakdown)."""
+    fn = getattr(obj, name)
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+
+    setattr(obj, name, timed)
+
+
 def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     from tqdm import tqdm
 
@@ -95,6 +109,10 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     for i, (p, o) in enumerate(zip(prompts, outs)):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False))
     device0, steps, generated = engine.runner.device_wait_seconds, 0, 0
+    breakdown: dict[str, float] = {}  # where the host's time per step goes
+    for obj, name in [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "_step"),
+                      (engine.runner, "fetch"), (engine, "_process")]:
+        time_calls(obj, name, breakdown)
     t = time.perf_counter()
     with tqdm(total=len(prompts), desc="jaxpaged", disable=args.no_progress) as bar:
         while engine.has_unfinished_requests():
@@ -105,7 +123,9 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
             steps += 1
     wall = time.perf_counter() - t
     assert generated == sum(outs), (generated, sum(outs))
-    return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,
+    breakdown = {k: v / steps * 1e3 for k, v in breakdown.items()}  # ms per step; nested: launch > _step,
+    return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,  # _process > fetch
+            "host_ms_per_step": breakdown,
             "device_wait": (engine.runner.device_wait_seconds - device0) / wall, "cfg": engine.model_config,
             "preemptions": engine.scheduler.num_preemptions}
 
@@ -202,6 +222,8 @@ def main() -> None:
     j = summary["jaxpaged"]
     print(f"jaxpaged: {j['roofline_fraction']:.0%} of the roofline, host waited on the device {j['device_wait']:.0%} of wall, "
           f"{res['steps']} steps, {res['preemptions']} preemptions, startup {res['startup_s']:.0f} s")
+    print("host ms per step (launch includes _step = dispatch; _process includes fetch = wait): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in res["host_ms_per_step"].items()))
     if hf:
         print(f"speedup over HF: {summary['hf']['speedup']:.1f}x")
     if args.json:

@@ -1,9 +1,10 @@
 """Runs one scheduled step on the device: pads the batch to a bucket, calls the jitted
 forward + sampler (KV pool donated), and hands the sampled ids back as numpy.
 
-Two compiled variants per token bucket: `fast` (sampling, the sampled token's raw logprob)
-and `full` (adds penalties over the token history, top-N logprobs and prompt logprobs),
-used only when a scheduled request asks for one of those. `launch` only dispatches: the
+Three compiled variants (`MODES`) per token bucket: `greedy` (argmax and the chosen token's
+raw logprob), `sample` (temperature, top-k/p, min-p, seeds) and `full` (adds penalties over
+the token history, top-N logprobs, prompt logprobs, logit bias, min_tokens), each used only
+when the scheduled requests need it. `launch` only dispatches: the
 engine builds and launches step n+1 while step n still runs, feeding back the tokens
 step n samples on the device (see `_step`).
 """
@@ -76,10 +77,15 @@ def num_step_compiles() -> int:
 @functools.cache
 def _jitted_step(cfg: ModelConfig, attention):
     """One jitted step per (model config, kernel), shared by engines: same shapes, no recompile."""
-    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention), donate_argnums=1)
+    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention), donate_argnums=1,
+                   static_argnames="greedy_only")
 
 
-def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg: ModelConfig, attention):
+MODES = ("greedy", "sample", "full")
+
+
+def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg: ModelConfig, attention,
+          greedy_only: bool):
     """forward + sample; traced once per (bucket, variant, pool shape).
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
@@ -92,7 +98,7 @@ def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg:
     inp = inp.replace(token_ids=tokens)
     if full_inp is None:
         logits, kv = forward(params, kv, inp, cfg, attention)
-        out = sample(logits, sp)
+        out = sample(logits, sp, greedy_only=greedy_only)
         return out, None, _pad(out.token_ids, prev_tokens.shape[0]), kv
     t = inp.token_ids.shape[0]
     logits_all, kv = forward(params, kv, inp.replace(logits_index=jnp.arange(t, dtype=jnp.int32)), cfg, attention)
@@ -126,16 +132,19 @@ class ModelRunner:
     def warmup(self) -> None:
         """Compile every (bucket, variant) on an all-padding batch (it writes only scratch)."""
         for t in self.buckets:
-            for full in (False, True):
-                self.fetch(self._launch([], [], t, full))
+            for mode in MODES:
+                self.fetch(self._launch([], [], t, mode))
 
     def launch(self, sched: SchedulerOutput) -> Launched:
         """Build the padded inputs on the host and dispatch the step (does not wait for it)."""
-        full = any(seq.params.needs_full_step for seq, _ in sched.scheduled)
+        if any(seq.params.needs_full_step for seq, _ in sched.scheduled):
+            mode = "full"
+        else:
+            mode = "greedy" if all(seq.params.greedy for seq, _ in sched.scheduled) else "sample"
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        return self._launch(sched.scheduled, sched.block_tables, t, full)
+        return self._launch(sched.scheduled, sched.block_tables, t, mode)
 
-    def _launch(self, scheduled, block_tables, t: int, full: bool) -> Launched:
+    def _launch(self, scheduled, block_tables, t: int, mode: str) -> Launched:
         s = min(t, self.max_num_seqs)
         seqs, keys, rows = [], [], []
         feedback = np.full(t, -1, np.int32)
@@ -151,10 +160,10 @@ class ModelRunner:
             offset += n
         inp = make_step_input(seqs, self.block_size, t, s, self.max_blocks)
         sp = make_sampling_input([seq.params for seq, _ in scheduled], keys, s)
-        full_inp = self._full_input(scheduled, t, s) if full else None
+        full_inp = self._full_input(scheduled, t, s) if mode == "full" else None
         t0 = time.perf_counter()
         out, prompt, self._prev_tokens, self.kv = self._step(
-            self.params, self.kv, inp, sp, full_inp, self._prev_tokens, feedback)
+            self.params, self.kv, inp, sp, full_inp, self._prev_tokens, feedback, greedy_only=mode == "greedy")
         self.device_wait_seconds += time.perf_counter() - t0
         return Launched(rows, out, prompt, inp.query_start)
 

@@ -165,11 +165,15 @@ def sample(
     history_is_output: jax.Array | None = None,
     num_logprobs: int = 0,
     bias: tuple[jax.Array, jax.Array] | None = None,
+    greedy_only: bool = False,
 ) -> SamplerOutput:
     """Sample one token per row. logits: [S, V]; history / history_is_output: [S, H] or None
     (None skips penalties: a separate, cheaper compile); num_logprobs: static K; bias:
     optional `(ids [S, B] i32 padded with -1, values [S, B] f32)` added to the logits after
-    the raw logprobs are taken (logit_bias; -inf bans a token, as min_tokens does for EOS)."""
+    the raw logprobs are taken (logit_bias; -inf bans a token, as min_tokens does for EOS);
+    greedy_only (static): every row is greedy, so no random path is traced. Its `lax.cond`s
+    make XLA on GPU read a predicate on the host, which blocks the dispatching thread until
+    the step's forward is done (no overlap of host and device work); greedy steps avoid that."""
     logits = logits.astype(jnp.float32)
     raw = jax.nn.log_softmax(logits, axis=-1)
     if bias is not None:
@@ -181,11 +185,14 @@ def sample(
     greedy = sp.temperature < GREEDY_EPS
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.where(greedy, 1.0, sp.temperature)[:, None]
-    tokens = jax.lax.cond(
-        jnp.all(greedy),
-        lambda: argmax,
-        lambda: jnp.where(greedy, argmax, _sample_random(scaled, sp, greedy)),
-    )
+    if greedy_only:
+        tokens = argmax
+    else:
+        tokens = jax.lax.cond(
+            jnp.all(greedy),
+            lambda: argmax,
+            lambda: jnp.where(greedy, argmax, _sample_random(scaled, sp, greedy)),
+        )
     logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)
     ranks = jnp.sum(raw >= logprob, axis=-1, dtype=jnp.int32)
     out = SamplerOutput(tokens, logprob[:, 0], ranks)
