@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 
 import httpx
 import numpy as np
+from workloads import workload  # the same prompts as the offline run
 
 PERCENTILES = (50, 90, 99)
 METRICS = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
@@ -58,19 +59,6 @@ class RequestResult:
     @property
     def tpot(self) -> float | None:
         return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
-
-
-def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
-    """The throughput script's workload (same seed -> same lengths and the same prompts)."""
-    rng = np.random.default_rng(args.seed)
-    n = args.num_prompts
-    if args.workload == "fixed":
-        ins, outs = [args.input_len] * n, [args.output_len] * n
-    else:
-        ins = rng.integers(args.min_len, args.max_len + 1, n).tolist()
-        outs = rng.integers(args.min_len, args.max_len + 1, n).tolist()
-    prompts = [rng.integers(0, vocab, k).tolist() for k in ins]
-    return prompts, outs
 
 
 def fresh_prompts(prompts: list[list[int]], vocab: int, seed: int, k: int) -> list[list[int]]:

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from ceilings import ceilings
+from workloads import workload
 
 SHAPES = {  # HF config.json fields of known architectures (random weights, load_format=dummy)
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -49,18 +49,6 @@ def enable_compilation_cache(path: str) -> None:
 
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
-def workload(args, vocab: int) -> tuple[list[list[int]], list[int]]:
-    rng = np.random.default_rng(args.seed)
-    n = args.num_prompts
-    if args.workload == "fixed":
-        ins, outs = [args.input_len] * n, [args.output_len] * n
-    else:
-        ins = rng.integers(args.min_len, args.max_len + 1, n).tolist()
-        outs = rng.integers(args.min_len, args.max_len + 1, n).tolist()
-    prompts = [rng.integers(0, vocab, k).tolist() for k in ins]
-    return prompts, outs
 
 
 def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int = 2) -> float:

@@ -59,7 +59,7 @@ def _images(nb) -> list[bytes]:
 
 def test_workload_and_arrivals():
     args = Namespace(seed=3, num_prompts=20, workload="mixed", input_len=8, output_len=4, min_len=4, max_len=40)
-    from benchmark_throughput import workload  # the serving script draws exactly the throughput script's prompts
+    from workloads import workload  # the serving script draws exactly the throughput script's prompts
 
     assert bs.workload(args, 512) == workload(args, 512)
     prompts, outs = bs.workload(args, 512)
