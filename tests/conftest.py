@@ -6,7 +6,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import jax
 import pytest
+
+# 8 fake CPU devices for the tensor-parallel tests (before any JAX work); everything else
+# runs on device 0 as it would on a single-device machine.
+jax.config.update("jax_num_cpu_devices", 8)
 
 from jaxpaged.models.tiny import make_tiny_model
 

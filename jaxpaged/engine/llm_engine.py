@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import transformers
+from jax.sharding import NamedSharding
 
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.config import EngineConfig
@@ -23,6 +24,7 @@ from jaxpaged.engine.sequence import Sequence
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
+from jaxpaged.parallel import KV_POOL, make_mesh, shard_attention
 
 logger = logging.getLogger("jaxpaged")
 
@@ -39,7 +41,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
-        self.model_config, params = load_model(config.model, config.dtype, config.load_format)
+        self.mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
+        self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh)
         cfg = self.model_config
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
@@ -50,15 +53,19 @@ class LLMEngine:
         dtype = params["embed"].dtype
         num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(dtype)
         t1 = time.perf_counter()
-        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype)
+        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
+                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
+        attention = get_attention(config.attention_backend)
+        if self.mesh is not None:
+            attention = shard_attention(attention, self.mesh)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         eos = set(cfg.eos_token_ids)
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = tuple(sorted(eos))[:8]
-        self.runner = ModelRunner(cfg, params, kv, get_attention(config.attention_backend),
-                                  config.max_num_seqs, budget, self.max_model_len, self.eos_token_ids)
+        self.runner = ModelRunner(cfg, params, kv, attention,
+                                  config.max_num_seqs, budget, self.max_model_len, self.eos_token_ids, self.mesh)
         self.runner.warmup()
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
@@ -73,7 +80,8 @@ class LLMEngine:
 
     def _num_blocks_from_memory(self, dtype) -> int:
         """Pool size from `gpu_memory_utilization` of device memory, or a CPU default."""
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype)
+        # bytes per block on each device (tensor parallelism splits the KV heads)
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype) // self.config.tensor_parallel_size
         stats = jax.devices()[0].memory_stats()
         if stats and "bytes_limit" in stats:
             # Keep room for the step's activations: logits of the largest bucket dominate.

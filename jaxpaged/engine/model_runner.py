@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_key, sample
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
@@ -75,17 +77,18 @@ def num_step_compiles() -> int:
 
 
 @functools.cache
-def _jitted_step(cfg: ModelConfig, attention):
-    """One jitted step per (model config, kernel), shared by engines: same shapes, no recompile."""
-    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention), donate_argnums=1,
-                   static_argnames="greedy_only")
+def _jitted_step(cfg: ModelConfig, attention, replicated):
+    """One jitted step per (model config, kernel, mesh), shared by engines: same shapes, no
+    recompile. `replicated` (a sharding over the mesh, or None) pins the fed-back token ids."""
+    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention, replicated=replicated),
+                   donate_argnums=1, static_argnames="greedy_only")
 
 
 MODES = ("greedy", "sample", "full")
 
 
 def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg: ModelConfig, attention,
-          greedy_only: bool):
+          replicated, greedy_only: bool):
     """forward + sample; traced once per (bucket, variant, pool shape).
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
@@ -99,7 +102,7 @@ def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg:
     if full_inp is None:
         logits, kv = forward(params, kv, inp, cfg, attention)
         out = sample(logits, sp, greedy_only=greedy_only)
-        return out, None, _pad(out.token_ids, prev_tokens.shape[0]), kv
+        return out, None, _pad(out.token_ids, prev_tokens.shape[0], replicated), kv
     t = inp.token_ids.shape[0]
     logits_all, kv = forward(params, kv, inp.replace(logits_index=jnp.arange(t, dtype=jnp.int32)), cfg, attention)
     out = sample(logits_all[inp.logits_index], sp, full_inp.history, full_inp.history_is_output, MAX_LOGPROBS,
@@ -108,16 +111,18 @@ def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg:
     lp = jnp.take_along_axis(raw, jnp.maximum(full_inp.prompt_next, 0)[:, None], axis=-1)
     top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
     prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
-    return out, prompt, _pad(out.token_ids, prev_tokens.shape[0]), kv
+    return out, prompt, _pad(out.token_ids, prev_tokens.shape[0], replicated), kv
 
 
-def _pad(tokens: jax.Array, n: int) -> jax.Array:
-    return jnp.zeros(n, jnp.int32).at[: tokens.shape[0]].set(tokens)
+def _pad(tokens: jax.Array, n: int, sharding) -> jax.Array:
+    """The sampled ids padded to `n`, with the same sharding as the first step's input."""
+    padded = jnp.zeros(n, jnp.int32).at[: tokens.shape[0]].set(tokens)
+    return padded if sharding is None else jax.lax.with_sharding_constraint(padded, sharding)
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict, kv: KVCache, attention, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None):
         self.cfg, self.params, self.kv = cfg, params, kv
         self.eos_token_ids = eos_token_ids
         self.block_size = kv.block_size
@@ -125,8 +130,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
-        self._step = _jitted_step(cfg, attention)
-        self._prev_tokens = jax.device_put(np.zeros(max_num_seqs, np.int32))  # last step's sampled ids
+        replicated = NamedSharding(mesh, P()) if mesh is not None else None
+        self._step = _jitted_step(cfg, attention, replicated)
+        # the last step's sampled ids; committed like the step's outputs, so no second compile
+        self._prev_tokens = jax.device_put(np.zeros(max_num_seqs, np.int32), replicated or jax.devices()[0])
         self.device_wait_seconds = 0.0  # host blocked on the device (dispatch + fetch)
 
     def warmup(self) -> None:

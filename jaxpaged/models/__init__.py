@@ -36,17 +36,23 @@ def make_forward(cfg: ModelConfig, attention):
     return jax.jit(fwd, donate_argnums=1)
 
 
-def load_model(model_dir, dtype: str = "auto", load_format: str = "auto") -> tuple[ModelConfig, dict]:
+def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=None) -> tuple[ModelConfig, dict]:
     """Config and params of the HF checkpoint in `model_dir` (one-line `ConfigError` on failure).
 
     `load_format="dummy"` reads only config.json and makes random weights on the device.
+    With a `mesh` (axis `tp`), each weight is sharded as its family's `partition_specs` say.
     """
     from jaxpaged.models.loader import load_params, random_params
+    from jaxpaged.parallel import check_divisible, placement
 
     cfg = load_config(model_dir)
+    place = None
+    if mesh is not None:
+        check_divisible(cfg, mesh.shape["tp"])
+        place = placement(cfg, mesh)
     if load_format == "dummy":
-        return cfg, random_params(cfg, dtype)
-    return cfg, load_params(model_dir, cfg, dtype)
+        return cfg, random_params(cfg, dtype, place=place)
+    return cfg, load_params(model_dir, cfg, dtype, place)
 
 
 __all__ = ["ConfigError", "ModelConfig", "build_params", "family_module", "load_config", "load_model"]

@@ -29,7 +29,9 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * jnp.dtype(dtype).itemsize
 
 
-def init_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype) -> KVCache:
-    """Zero-initialised pool of `num_blocks` blocks (block 0 included, as scratch)."""
+def init_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, sharding=None) -> KVCache:
+    """Zero-initialised pool of `num_blocks` blocks (block 0 included, as scratch); with a
+    `sharding` (tensor parallelism: over KV heads) each device holds its part."""
     shape = (cfg.num_layers, cfg.num_kv_heads, num_blocks, block_size, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    where = sharding or jax.devices()[0]  # committed, like the step's outputs: one compile per shape
+    return KVCache(jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.hf_format import hf_transpose
@@ -42,6 +43,17 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.qk_norm:
         shapes |= {"layers/q_norm": (cfg.head_dim,), "layers/k_norm": (cfg.head_dim,)}
     return shapes
+
+
+def partition_specs(cfg: ModelConfig) -> dict[str, P]:
+    """Tensor-parallel layout over mesh axis `tp`, key for key with `param_shapes`: q/k/v and
+    gate/up column-parallel (KV-head and intermediate axes), o/down row-parallel, the LM head
+    vocab-parallel, the rest replicated."""
+    specs = {k: P() for k in param_shapes(cfg)}
+    specs |= {"layers/wqkv": P(None, "tp"), "layers/bqkv": P("tp"), "layers/wo": P("tp"),
+              "layers/w_gate_up": P(None, None, "tp"), "layers/b_gate_up": P(None, "tp"),
+              "layers/w_down": P("tp"), "lm_head": P(None, "tp")}
+    return {k: specs[k] for k in param_shapes(cfg)}
 
 
 _HF_LAYER = {

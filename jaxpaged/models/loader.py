@@ -6,6 +6,7 @@ the serving dtype.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -41,8 +42,12 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") -> dict:
-    """Read the checkpoint in `model_dir` into our (nested) params pytree."""
+def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", place=None) -> dict:
+    """Read the checkpoint in `model_dir` into our (nested) params pytree.
+
+    Tensors are read and converted in host memory, then each param goes straight to its
+    devices: `place(key, shape, layer)` gives its sharding (None: the default device).
+    """
     model_dir = Path(model_dir)
     target = resolve_dtype(cfg, dtype)
     mod = family_module(cfg)
@@ -60,27 +65,38 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto") ->
         return handles[f].get_tensor(name).astype(target)
 
     def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
-        t = mod.from_hf(cfg, key, layer, get)
+        with jax.default_device(jax.devices("cpu")[0]):
+            t = mod.from_hf(cfg, key, layer, get)
         if t.shape != shape:
             raise ConfigError(f"param {key} of layer {layer} has shape {tuple(t.shape)}, expected {shape} "
                               "from config.json")
-        return t
+        return jax.device_put(t, place(key, shape, layer) if place else jax.devices()[0])
 
     return build_params(cfg, read)
 
 
-def random_params(cfg: ModelConfig, dtype: str = "auto", seed: int = 0) -> dict:
-    """Random weights of `cfg`'s shapes, made on the default device (vLLM's `load_format=dummy`):
-    for speed runs of real architectures without carrying their checkpoints."""
+def random_params(cfg: ModelConfig, dtype: str = "auto", seed: int = 0, place=None) -> dict:
+    """Random weights of `cfg`'s shapes made on their devices (vLLM's `load_format=dummy`): for
+    speed runs of real architectures without carrying their checkpoints. `place` as in
+    `load_params`."""
     target = resolve_dtype(cfg, dtype)
     key, counter = jax.random.PRNGKey(seed), itertools.count()
 
     def make(name: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
-        if "norm" in name and not name.endswith("_b"):
-            return jnp.ones(shape, target)
-        return (0.02 * jax.random.normal(jax.random.fold_in(key, next(counter)), shape, jnp.float32)).astype(target)
+        ones = "norm" in name and not name.endswith("_b")
+        init = _random_init(shape, target, ones, place(name, shape, layer) if place else None)
+        return init(jax.random.fold_in(key, next(counter)))
 
     return build_params(cfg, make)
+
+
+@functools.cache
+def _random_init(shape: tuple[int, ...], dtype, ones: bool, sharding):
+    """A jitted initialiser per (shape, dtype, kind, sharding): each device makes its own shard."""
+    def init(key):
+        return jnp.ones(shape, dtype) if ones else (0.02 * jax.random.normal(key, shape)).astype(dtype)
+
+    return jax.jit(init, out_shardings=sharding)
 
 
 def save_params(path: str | Path, params: dict) -> None:
@@ -91,11 +107,13 @@ def save_params(path: str | Path, params: dict) -> None:
         ckptr.save(Path(path).absolute(), params)
 
 
-def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto") -> dict:
-    """Restore params saved by `save_params`, checked against the shapes `cfg` implies."""
+def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", place=None) -> dict:
+    """Restore params saved by `save_params`, checked against the shapes `cfg` implies, each
+    onto its devices (`place` as in `load_params`)."""
     import orbax.checkpoint as ocp
 
     target = resolve_dtype(cfg, dtype)
-    abstract = build_params(cfg, lambda key, shape, layer: jax.ShapeDtypeStruct(shape, target))
+    abstract = build_params(cfg, lambda key, shape, layer: jax.ShapeDtypeStruct(
+        shape, target, sharding=place(key, shape, layer) if place else None))
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(path).absolute(), abstract)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.hf_format import hf_transpose
@@ -32,6 +33,15 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if e != h:
         shapes |= {"project_in": (e, h), "project_out": (h, e)}
     return shapes
+
+
+def partition_specs(cfg: ModelConfig) -> dict[str, P]:
+    """Tensor-parallel layout over mesh axis `tp`, key for key with `param_shapes`: q/k/v and
+    fc1 column-parallel, out/fc2 row-parallel, the rest replicated."""
+    specs = {k: P() for k in param_shapes(cfg)}
+    specs |= {f"layers/w{n}": P(None, "tp") for n in "qkv"} | {f"layers/b{n}": P("tp") for n in "qkv"}
+    specs |= {"layers/wo": P("tp"), "layers/w_fc1": P(None, "tp"), "layers/b_fc1": P("tp"), "layers/w_fc2": P("tp")}
+    return {k: specs[k] for k in param_shapes(cfg)}
 
 
 _HF_LAYER = {

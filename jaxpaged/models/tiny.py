@@ -28,6 +28,8 @@ _BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 # Short name -> (HF model_type, config overrides). Each variant exercises one family feature.
 VARIANTS: dict[str, tuple[str, dict]] = {
     "llama": ("llama", dict(_BASE, tie_word_embeddings=False)),
+    # 16 query / 8 KV heads: tensor parallelism up to 8 ways
+    "llama-tp": ("llama", dict(_BASE, num_attention_heads=16, num_key_value_heads=8, head_dim=16)),
     "llama3": ("llama", dict(_BASE, tie_word_embeddings=True, rope_parameters=dict(
         rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
         high_freq_factor=4.0, original_max_position_embeddings=64))),

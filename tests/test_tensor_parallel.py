@@ -1,0 +1,62 @@
+"""Tensor parallelism on fake CPU devices: the same tokens as one device, through the engine."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from jaxpaged import LLM, SamplingParams
+from jaxpaged.models import ConfigError
+from jaxpaged.parallel import make_mesh
+
+ENGINE = dict(max_model_len=128, block_size=4, max_num_seqs=16, max_num_batched_tokens=32, num_kv_blocks=40)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama-tp")
+
+
+@pytest.fixture(scope="module")
+def requests():
+    rng = np.random.default_rng(0)
+    shared = rng.integers(0, 500, 12).tolist()
+    prompts = [(shared if i % 3 == 0 else []) + rng.integers(0, 500, int(rng.integers(3, 30))).tolist()
+               for i in range(16)]
+    params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(4, 20)), ignore_eos=True) for _ in prompts]
+    params[5] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)
+    return prompts, params
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, requests):
+    llm = LLM(model_dir, **ENGINE)
+    return [o.outputs[0].token_ids for o in llm.generate(*requests, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tp_matches_one_device(tp, model_dir, requests, reference, compile_counter):
+    assert len(jax.devices()) >= tp
+    llm = LLM(model_dir, tensor_parallel_size=tp, **ENGINE)
+    engine = llm.engine
+    wqkv = engine.runner.params["layers"][0]["wqkv"]
+    assert isinstance(wqkv.sharding, NamedSharding) and len(wqkv.sharding.device_set) == tp
+    assert wqkv.addressable_shards[0].data.shape[1] == 8 // tp  # KV heads split over the mesh
+    assert engine.runner.kv.k.addressable_shards[0].data.shape[1] == 8 // tp
+    compiles = compile_counter.count
+    outs = llm.generate(*requests, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert engine.scheduler.num_preemptions > 0  # the small pool forced recomputes
+    assert engine.block_manager.prefix_cache_hits > 0
+    assert compile_counter.count == compiles, "compiled after warm-up"
+
+
+def test_tp_that_does_not_divide_the_heads_is_a_clear_error(tiny_model_dir):
+    with pytest.raises(ConfigError, match="tensor_parallel_size 4 does not divide the model's 2 KV heads"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=4, **ENGINE)
+
+
+def test_mesh_needs_enough_devices():
+    with pytest.raises(ValueError, match="needs 64 devices"):
+        make_mesh(64)
