@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch")
     ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
@@ -78,7 +79,7 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
-              async_scheduling=args.async_scheduling)
+              async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / ceil["copy_bytes_per_s"]
