@@ -19,6 +19,14 @@ HEADS = P(None, "tp", None)  # q / attention output [T, H, D]
 KV_POOL = P(None, "tp")  # [L, Hkv, num_blocks, block_size, D]
 
 
+def init_distributed(coordinator_address: str, num_processes: int, process_id: int) -> None:
+    """Join a multi-process JAX runtime (several hosts, or processes on one) before any JAX
+    work: `jax.devices()` then lists every process's devices and the `tp` mesh spans them.
+    Every process must run the same requests in the same order (SPMD)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU meshes across processes
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+
+
 def make_mesh(tp: int) -> Mesh:
     if tp > len(jax.devices()):
         raise ValueError(f"tensor_parallel_size {tp} needs {tp} devices, found {len(jax.devices())}")

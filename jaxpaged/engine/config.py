@@ -21,6 +21,10 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1
+    # Multi-process runtime (jax.distributed), e.g. one process per host: all three or none.
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int = 1
+    process_id: int = 0
     cpu_kv_cache_bytes: int = 4 << 30  # default pool cap without a device memory budget
 
     def __post_init__(self) -> None:

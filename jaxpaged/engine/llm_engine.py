@@ -24,7 +24,7 @@ from jaxpaged.engine.sequence import Sequence
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
-from jaxpaged.parallel import KV_POOL, make_mesh, shard_attention
+from jaxpaged.parallel import KV_POOL, init_distributed, make_mesh, shard_attention
 
 logger = logging.getLogger("jaxpaged")
 
@@ -41,6 +41,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
+        if config.num_processes > 1:
+            init_distributed(config.coordinator_address, config.num_processes, config.process_id)
         self.mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
         self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh)
         cfg = self.model_config

@@ -133,7 +133,9 @@ class ModelRunner:
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
         self._step = _jitted_step(cfg, attention, replicated)
         # the last step's sampled ids; committed like the step's outputs, so no second compile
-        self._prev_tokens = jax.device_put(np.zeros(max_num_seqs, np.int32), replicated or jax.devices()[0])
+        zeros = np.zeros(max_num_seqs, np.int32)
+        self._prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
+                             else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self.device_wait_seconds = 0.0  # host blocked on the device (dispatch + fetch)
 
     def warmup(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from safetensors import safe_open
 
 from jaxpaged.models import build_params, family_module
@@ -65,12 +66,15 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", pl
         return handles[f].get_tensor(name).astype(target)
 
     def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
-        with jax.default_device(jax.devices("cpu")[0]):
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
             t = mod.from_hf(cfg, key, layer, get)
         if t.shape != shape:
             raise ConfigError(f"param {key} of layer {layer} has shape {tuple(t.shape)}, expected {shape} "
                               "from config.json")
-        return jax.device_put(t, place(key, shape, layer) if place else jax.devices()[0])
+        if place is None:
+            return jax.device_put(t, jax.devices()[0])
+        host = np.asarray(t)  # each device (of any process) takes its own slice
+        return jax.make_array_from_callback(shape, place(key, shape, layer), lambda index: host[index])
 
     return build_params(cfg, read)
 
