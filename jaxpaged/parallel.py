@@ -7,6 +7,7 @@ matmuls.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -34,12 +35,21 @@ def make_mesh(tp: int) -> Mesh:
     return jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp], axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def check_divisible(cfg: ModelConfig, tp: int) -> None:
-    """A one-line error when the model cannot be split `tp` ways."""
-    for what, n in [("attention heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
-                    ("intermediate size", cfg.intermediate_size)]:
+def split_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """`cfg` as run `tp` ways; a one-line error when the model cannot be split so.
+
+    With fewer KV heads than devices, each KV head is replicated `tp // Hkv` times (as vLLM
+    does) and its query heads are split among the copies, so every device holds one KV head.
+    """
+    for what, n in [("attention heads", cfg.num_heads), ("intermediate size", cfg.intermediate_size)]:
         if n % tp:
             raise ConfigError(f"tensor_parallel_size {tp} does not divide the model's {n} {what}")
+    hkv = cfg.num_kv_heads
+    if hkv % tp == 0:
+        return cfg
+    if tp % hkv:
+        raise ConfigError(f"tensor_parallel_size {tp} neither divides nor is a multiple of the model's {hkv} KV heads")
+    return dataclasses.replace(cfg, num_kv_heads=tp, kv_head_replicas=tp // hkv)
 
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh) -> dict:

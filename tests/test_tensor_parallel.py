@@ -52,9 +52,21 @@ def test_tp_matches_one_device(tp, model_dir, requests, reference, compile_count
     assert compile_counter.count == compiles, "compiled after warm-up"
 
 
+def test_more_devices_than_kv_heads_replicates_them(tiny_model_dir):
+    """llama: 4 query heads, 2 KV heads; 4 devices hold one KV-head copy and one query head each."""
+    model = tiny_model_dir("llama")
+    prompts = [list(range(10, 40)), [5, 6, 7]]
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, **ENGINE).generate(prompts, p, use_tqdm=False)]
+    llm = LLM(model, tensor_parallel_size=4, **ENGINE)
+    assert llm.engine.model_config.num_kv_heads == 4 and llm.engine.model_config.kv_head_replicas == 2
+    assert llm.engine.runner.kv.k.addressable_shards[0].data.shape[1] == 1
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, p, use_tqdm=False)] == want
+
+
 def test_tp_that_does_not_divide_the_heads_is_a_clear_error(tiny_model_dir):
-    with pytest.raises(ConfigError, match="tensor_parallel_size 4 does not divide the model's 2 KV heads"):
-        LLM(tiny_model_dir("llama"), tensor_parallel_size=4, **ENGINE)
+    with pytest.raises(ConfigError, match="tensor_parallel_size 8 does not divide the model's 4 attention heads"):
+        LLM(tiny_model_dir("llama"), tensor_parallel_size=8, **ENGINE)
 
 
 def test_mesh_needs_enough_devices():

@@ -43,12 +43,12 @@ def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=N
     With a `mesh` (axis `tp`), each weight is sharded as its family's `partition_specs` say.
     """
     from jaxpaged.models.loader import load_params, random_params
-    from jaxpaged.parallel import check_divisible, placement
+    from jaxpaged.parallel import placement, split_config
 
     cfg = load_config(model_dir)
     place = None
     if mesh is not None:
-        check_divisible(cfg, mesh.shape["tp"])
+        cfg = split_config(cfg, mesh.shape["tp"])
         place = placement(cfg, mesh)
     if load_format == "dummy":
         return cfg, random_params(cfg, dtype, place=place)

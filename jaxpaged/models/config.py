@@ -37,7 +37,7 @@ class ModelConfig:
     intermediate_size: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int
+    num_kv_heads: int  # as run: the checkpoint's, times kv_head_replicas
     head_dim: int
     max_position_embeddings: int
     dtype: str  # checkpoint dtype (numpy name)
@@ -47,6 +47,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3
+    kv_head_replicas: int = 1  # >1 when tensor parallelism has more devices than KV heads
     # Per-layer sliding window in tokens (0 = full attention).
     sliding_windows: tuple[int, ...] = ()
     # RoPE (llama family): inverse frequencies are derived from these.

@@ -86,10 +86,24 @@ def from_hf(cfg: ModelConfig, key: str, layer: int | None, get) -> jax.Array:
     """Our param `key` from HF tensors; `get(name)` returns one as stored in the checkpoint."""
     parts = [hf_transpose(key, get(n)) for n in _hf_names(key, layer)]
     if key.endswith("qkv"):  # [..., heads * D] each -> [..., Hkv, G + 2, D]
-        return jnp.concatenate([p.reshape(*p.shape[:-1], cfg.num_kv_heads, -1, cfg.head_dim) for p in parts], -2)
+        hkv = cfg.num_kv_heads // cfg.kv_head_replicas
+        qkv = jnp.concatenate([p.reshape(*p.shape[:-1], hkv, -1, cfg.head_dim) for p in parts], -2)
+        return _replicate_kv_heads(qkv, cfg.kv_head_replicas)
     if key.endswith("gate_up"):
         return jnp.stack(parts, axis=-2)
     return parts[0]
+
+
+def _replicate_kv_heads(qkv: jax.Array, r: int) -> jax.Array:
+    """[..., Hkv, G + 2, D] -> [..., Hkv * r, G / r + 2, D]: copy j*r + i of KV head j keeps
+    its query heads i*G/r .. (i+1)*G/r, so the flat query-head order (and `wo`) is unchanged."""
+    if r == 1:
+        return qkv
+    *lead, hkv, g2, d = qkv.shape
+    g = g2 - 2
+    q = qkv[..., :g, :].reshape(*lead, hkv, r, g // r, d)
+    kv = jnp.broadcast_to(qkv[..., None, g:, :], (*lead, hkv, r, 2, d))
+    return jnp.concatenate([q, kv], -2).reshape(*lead, hkv * r, g // r + 2, d)
 
 
 def to_hf(cfg: ModelConfig, key: str, layer: int | None, value: np.ndarray) -> dict[str, np.ndarray]:
