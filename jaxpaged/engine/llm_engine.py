@@ -1,6 +1,7 @@
 """The engine loop: requests in, one scheduled step at a time, `RequestOutput`s out.
 
-    Scheduler.schedule() -> ModelRunner.execute() -> LLMEngine._process() -> Scheduler.update()
+    Scheduler.schedule() -> ModelRunner.launch()       step n+1 dispatched, then for step n:
+    ModelRunner.fetch() -> LLMEngine._process() -> Scheduler.commit()
 """
 from __future__ import annotations
 
