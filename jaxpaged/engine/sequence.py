@@ -128,10 +128,6 @@ class Sequence:
         """Text that is safe to stream now (held back while it may start a stop string)."""
         if self.detokenizer is None:
             return ""
-        if self.is_finished:
-            end = len(self.text)
-        else:
-            end = len(self.text) - self.stop_checker.held_back(self.text)
-        delta = self.text[self.num_sent_chars:max(end, self.num_sent_chars)]
+        delta = self.stop_checker.update(self.text, 0, self.num_sent_chars, finished=self.is_finished).delta
         self.num_sent_chars += len(delta)
         return delta
