@@ -79,10 +79,10 @@ def test_abort_frees_blocks(llm):
     engine = llm.engine
     for i in range(5):
         engine.add_request(f"abort-{i}", list(range(10, 40)), SamplingParams(max_tokens=50, **GREEDY))
-    for _ in range(3):
-        engine.step()
+    engine.step()
     bm = engine.block_manager
     assert bm.num_free_blocks < bm.num_total_blocks
+    assert engine.scheduler.waiting  # the budget left some requests queued: abort those too
     for i in range(5):
         engine.abort_request(f"abort-{i}")
     assert not engine.has_unfinished_requests()

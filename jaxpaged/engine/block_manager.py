@@ -62,6 +62,10 @@ class BlockManager:
         """Fraction of usable blocks referenced by some sequence."""
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
+    def holds(self, seq_id: SeqId) -> bool:
+        """Whether the sequence has a block table (allocated and not freed)."""
+        return seq_id in self._tables
+
     def block_table(self, seq_id: SeqId) -> list[int]:
         return self._tables[seq_id]
 

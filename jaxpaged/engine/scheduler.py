@@ -39,9 +39,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
@@ -110,18 +107,20 @@ class Scheduler:
             seq.num_computed_tokens += n
 
     def commit(self, seqs: list[Sequence]) -> None:
-        """A step's tokens are known: cache the full blocks they complete, retire finished ones."""
+        """A step's tokens are known: cache the full blocks they complete, retire finished ones
+        (also one preempted after its last token was launched: it finishes while waiting)."""
         for seq in seqs:
-            if seq.status is Status.RUNNING:
+            if self.bm.holds(seq.seq_id):
                 known = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending)
                 self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, known)
-        for seq in [s for s in self.running if s.is_finished]:
-            self.finish(seq)
+            if seq.is_finished:
+                self.finish(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence from the queues and free its blocks."""
+        """Drop a finished or aborted sequence from the queues and free its blocks (a waiting
+        sequence holds none: never admitted, or preempted)."""
         if seq in self.running:
             self.running.remove(seq)
+            self.bm.free(seq.seq_id)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.bm.free(seq.seq_id)
