@@ -66,7 +66,7 @@ class LLMEngine:
         eos = set(cfg.eos_token_ids)
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
-        self.eos_token_ids = tuple(sorted(eos))[:8]
+        self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, params, kv, attention,
                                   config.max_num_seqs, budget, self.max_model_len, self.eos_token_ids, self.mesh)
         self.runner.warmup()
@@ -165,13 +165,13 @@ class LLMEngine:
         step is processed first."""
         sched = self.scheduler.schedule()
         outputs = []
-        full = any(seq.params.needs_full_step for seq, _ in sched.scheduled)
-        if self._pending is not None and (full or not self.config.async_scheduling):
+        mode = self.runner.step_mode(sched)
+        if self._pending is not None and (mode == "full" or not self.config.async_scheduling):
             outputs += self._process(self._pending)
             self._pending = None
         launched = None
         if sched.scheduled:
-            launched = self.runner.launch(sched)
+            launched = self.runner.launch(sched, mode)
             self.scheduler.advance(sched.scheduled)
             for row, (seq, _, _, samples) in enumerate(launched.rows):
                 if samples:
@@ -201,10 +201,8 @@ class LLMEngine:
             token = int(sampled.token_ids[i])
             top = None
             if seq.logprobs is not None:
-                top = {token: Logprob(float(sampled.logprobs[i]), int(sampled.ranks[i]), self._decode(token))}
-                for j in range(seq.params.logprobs):
-                    tid = int(sampled.top_ids[i, j])
-                    top.setdefault(tid, Logprob(float(sampled.top_logprobs[i, j]), j + 1, self._decode(tid)))
+                top = self._logprobs_entry(token, sampled.logprobs[i], sampled.ranks[i], sampled.top_ids,
+                                           sampled.top_logprobs, i, seq.params.logprobs)
             seq.append_token(token, float(sampled.logprobs[i]), top, self.eos_token_ids)
             self.num_generation_tokens += 1
             touched.setdefault(seq.request_id, []).append(seq)
@@ -226,12 +224,19 @@ class LLMEngine:
             pos = start + j
             if pos + 1 >= seq.num_prompt_tokens or len(seq.prompt_logprobs) != pos + 1:
                 continue  # past the prompt, or already recorded before a preemption
-            row, token = offset + j, seq.prompt_token_ids[pos + 1]
-            entry = {token: Logprob(float(p.logprobs[row]), int(p.ranks[row]), self._decode(token))}
-            for r in range(k):
-                tid = int(p.top_ids[row, r])
-                entry.setdefault(tid, Logprob(float(p.top_logprobs[row, r]), r + 1, self._decode(tid)))
-            seq.prompt_logprobs.append(entry)
+            row = offset + j
+            seq.prompt_logprobs.append(self._logprobs_entry(
+                seq.prompt_token_ids[pos + 1], p.logprobs[row], p.ranks[row], p.top_ids, p.top_logprobs, row, k))
+
+    def _logprobs_entry(self, token: int, logprob, rank, top_ids, top_logprobs, row: int,
+                        n: int) -> dict[int, Logprob]:
+        """{token: its Logprob} plus the top `n` of `row` (vLLM's per-position logprobs dict);
+        the top arrays exist only in the `full` step variant, i.e. when some request has n > 0."""
+        entry = {token: Logprob(float(logprob), int(rank), self._decode(token))}
+        for r in range(n):
+            tid = int(top_ids[row, r])
+            entry.setdefault(tid, Logprob(float(top_logprobs[row, r]), r + 1, self._decode(tid)))
+        return entry
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None

@@ -24,7 +24,6 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_key, sample
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
-BIAS_WIDTH = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + 8  # + EOS ids
 from jaxpaged.engine.scheduler import SchedulerOutput
 from jaxpaged.engine.sequence import PENDING, Sequence
 from jaxpaged.models import ModelConfig, family_module
@@ -125,6 +124,7 @@ class ModelRunner:
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None):
         self.cfg, self.params, self.kv = cfg, params, kv
         self.eos_token_ids = eos_token_ids
+        self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_token_ids)  # min_tokens bans EOS too
         self.block_size = kv.block_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -144,12 +144,16 @@ class ModelRunner:
             for mode in MODES:
                 self.fetch(self._launch([], [], t, mode))
 
-    def launch(self, sched: SchedulerOutput) -> Launched:
-        """Build the padded inputs on the host and dispatch the step (does not wait for it)."""
+    @staticmethod
+    def step_mode(sched: SchedulerOutput) -> str:
+        """The cheapest variant (of `MODES`) that serves every scheduled request."""
         if any(seq.params.needs_full_step for seq, _ in sched.scheduled):
-            mode = "full"
-        else:
-            mode = "greedy" if all(seq.params.greedy for seq, _ in sched.scheduled) else "sample"
+            return "full"
+        return "greedy" if all(seq.params.greedy for seq, _ in sched.scheduled) else "sample"
+
+    def launch(self, sched: SchedulerOutput, mode: str) -> Launched:
+        """Build the padded inputs on the host and dispatch the step in variant `mode` (does
+        not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
         return self._launch(sched.scheduled, sched.block_tables, t, mode)
 
@@ -194,8 +198,8 @@ class ModelRunner:
                 ok = pos + 1 < seq.num_prompt_tokens
                 nxt[i:i + n][ok] = np.asarray(seq.prompt_token_ids)[pos[ok] + 1]
             i += n
-        bias_ids = np.full((s, BIAS_WIDTH), -1, np.int32)
-        bias_vals = np.zeros((s, BIAS_WIDTH), np.float32)
+        bias_ids = np.full((s, self.bias_width), -1, np.int32)
+        bias_vals = np.zeros((s, self.bias_width), np.float32)
         for row, (seq, _) in enumerate(scheduled):
             p = seq.params
             entries = list(p.logit_bias.items())
