@@ -409,7 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
         ok = [r for r in results if r.ok and r.output_tokens > 1]
         if ok and all(r.chunks == 1 for r in ok):
             print("warning: the server streamed one chunk per request (it sends only deltas with text: a model "
-                  "without a tokenizer?), so TTFT is the whole request and ITL is empty", file=sys.stderr)
+                  "without a tokenizer? scripts/make_shape_model.py writes one for a random-weight shape), so TTFT is "
+                  "the whole request and ITL is empty", file=sys.stderr)
         print(f"rate {rate:g}/s: {row['completed']}/{len(ps)} completed in {duration:.1f} s, "
               f"{row['output_throughput']:,.0f} output tok/s, median TTFT {fmt(row['ttft_ms']['median'])} ms"
               + (f"; errors: {row['errors']}" if row["errors"] else ""), flush=True)

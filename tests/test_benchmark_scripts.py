@@ -81,6 +81,34 @@ def test_workload_and_arrivals():
         bs.check_loopback("http://10.1.2.3:8000")
 
 
+def test_shape_model_tokenizer_streams_every_token(tmp_path):
+    """scripts/make_shape_model.py: the synthetic tokenizer covers the vocab, every non-special id decodes
+    to its own word and the engine's incremental detokenizer gives one text delta per generated token."""
+    import random
+
+    import transformers
+    from make_shape_model import SHAPES, make_shape_model, shape_config
+
+    from jaxpaged.engine.detokenizer import IncrementalDetokenizer
+
+    assert shape_config("llama3-8b").items() >= SHAPES["llama3-8b"].items()
+    out = make_shape_model(tmp_path / "tiny", "tiny")
+    cfg = json.loads((out / "config.json").read_text())
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == cfg["vocab_size"] == 128256 and cfg["num_hidden_layers"] == 2
+    assert (tok.bos_token_id, tok.eos_token_id) == (cfg["bos_token_id"], cfg["eos_token_id"]) == (128000, 128001)
+    assert set(tok.all_special_ids) == {128000, 128001}  # as Llama 3's: skipped by skip_special_tokens
+    assert tok.decode([128000, 128001]) and not tok.decode([128000, 128001], skip_special_tokens=True)
+    rng = random.Random(0)
+    ids = [0, 1, 127999, 128002, 128255] + [i for i in rng.sample(range(128256), 500) if i < 128000 or i > 128001]
+    assert [tok.decode([i], skip_special_tokens=True) for i in ids] == [f"t{i}" for i in ids]
+    assert tok.encode(" ".join(f"t{i}" for i in ids[:5]), add_special_tokens=False) == ids[:5]
+    for prompt in ([3, 4, 5], [128000], [128001, 9]):
+        detok = IncrementalDetokenizer(tok, prompt)
+        deltas = [detok.add([i]) for i in ids]
+        assert all(deltas) and "".join(deltas).strip() == tok.decode(ids), prompt
+
+
 def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
     model = str(tiny_model_dir("llama"))
     results = tmp_path / "results"

@@ -1,0 +1,79 @@
+"""A model directory of a known shape for `--load-format dummy`: config.json plus a synthetic tokenizer.
+
+    python scripts/make_shape_model.py OUT_DIR --model-shape llama3-8b
+    python scripts/make_shape_model.py OUT_DIR --tiny      # CPU-sized layers, Llama 3's vocab
+
+config.json is scripts/benchmark_throughput.py's `shape_dir` config (no weights: serve it with
+`--load-format dummy`). The tokenizer covers the whole vocab so that a server streams one text
+delta per generated token (a model directory without a tokenizer streams no per-token chunks):
+a `tokenizers` WordLevel model whose token i is the word `t{i}`, split on whitespace and decoded
+joined by spaces, saved as tokenizer.json + tokenizer_config.json for `AutoTokenizer`, offline.
+Ids 128000 and 128001 are `<|begin_of_text|>` and `<|end_of_text|>`, the config's bos and eos;
+like Llama 3's, they are special tokens, so they decode to "" with `skip_special_tokens` (the
+server's default). Every other id decodes to non-empty text. Builds in about a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from benchmark_throughput import SHAPES, shape_dir  # noqa: E402 - one source for the shapes
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)  # over llama3-1b: vocab stays 128256
+
+
+def shape_config(name: str) -> dict:
+    """config.json of `name` (a key of SHAPES, or `tiny`), as `shape_dir` writes it."""
+    tmp = shape_dir("llama3-1b" if name == "tiny" else name)
+    try:
+        cfg = json.loads((tmp / "config.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cfg | TINY if name == "tiny" else cfg
+
+
+def write_tokenizer(out: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
+    """tokenizer.json + tokenizer_config.json: id i <-> the word `t{i}`, bos/eos special."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    special = {bos_id: BOS, eos_id: EOS}
+    vocab = {special.get(i, f"t{i}"): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # no decoder: decode joins tokens with " "
+    tok.add_special_tokens([AddedToken(special[i], special=True, normalized=False) for i in sorted(special)])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "model_max_length": 131072, "clean_up_tokenization_spaces": False,
+        "add_bos_token": False, "add_eos_token": False}, indent=2))
+
+
+def make_shape_model(out_dir: str | Path, name: str) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # transformers < 5.18 warns about a Mistral regex when a local config.json names no version
+    cfg = shape_config(name) | {"transformers_version": "5.0.0"}  # the format is v5's (rope_parameters, dtype)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_tokenizer(out, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--model-shape", choices=[*SHAPES, "tiny"], help="a shape of scripts/benchmark_throughput.py")
+    ap.add_argument("--tiny", action="store_true", help="= --model-shape tiny: hidden 64, 2 layers, vocab 128256")
+    a = ap.parse_args(argv)
+    if a.tiny == bool(a.model_shape):
+        ap.error("give one of --model-shape, --tiny")
+    print(make_shape_model(a.out_dir, "tiny" if a.tiny else a.model_shape))
+
+
+if __name__ == "__main__":
+    main()
