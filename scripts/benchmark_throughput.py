@@ -81,6 +81,48 @@ def time_calls(obj, name: str, totals: dict) -> None:
     setattr(obj, name, timed)
 
 
+def record_dispatches(runner) -> list:
+    """Record every `runner.dispatch` call's arguments (the packed host inputs of each step)."""
+    records, dispatch = [], runner.dispatch
+
+    def recording(*a):
+        records.append(a)
+        return dispatch(*a)
+
+    runner.dispatch = recording
+    return records
+
+
+def replay(dispatch, records) -> tuple[float, dict]:
+    """Run the recorded steps again: back to back, waiting only at the end (the device time of
+    the workload without the host's gaps; dispatch counts where it is slower than the device),
+    then one at a time for the device ms per token bucket. Feeds back the replay's own
+    tokens, which does not change the work."""
+    import jax
+
+    t = time.perf_counter()
+    jax.block_until_ready([dispatch(*rec) for rec in records][-1])
+    total = time.perf_counter() - t
+    per_bucket: dict[int, list[float]] = {}
+    for rec in records:
+        t = time.perf_counter()
+        jax.block_until_ready(dispatch(*rec))
+        tokens = next(shape[0] for name, shape, _ in rec[2] if name == "token_ids")  # rec[2]: step layout
+        per_bucket.setdefault(tokens, []).append(time.perf_counter() - t)
+    return total, {b: {"steps": len(v), "mean_ms": 1e3 * sum(v) / len(v)} for b, v in sorted(per_bucket.items())}
+
+
+def compile_events() -> dict:
+    """Counters of JAX's compile and persistent-cache events in this process (start-up profile)."""
+    import jax
+
+    counts: dict[str, float] = {}
+    jax.monitoring.register_event_listener(lambda event, **kw: counts.__setitem__(event, counts.get(event, 0) + 1))
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: counts.__setitem__(event + " s", counts.get(event + " s", 0.0) + secs))
+    return counts
+
+
 def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     from tqdm import tqdm
 
@@ -91,14 +133,16 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
-              async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
+              async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
+              compile_threads=args.compile_threads)
     engine = llm.engine
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False))
     device0, steps, generated = engine.runner.device_wait_seconds, 0, 0
+    dispatch, records = engine.runner.dispatch, record_dispatches(engine.runner)
     breakdown: dict[str, float] = {}  # where the host's time per step goes
-    for obj, name in [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "_step"),
+    for obj, name in [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "dispatch"),
                       (engine.runner, "fetch"), (engine, "_process")]:
         time_calls(obj, name, breakdown)
     t = time.perf_counter()
@@ -111,10 +155,12 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
             steps += 1
     wall = time.perf_counter() - t
     assert generated == sum(outs), (generated, sum(outs))
-    breakdown = {k: v / steps * 1e3 for k, v in breakdown.items()}  # ms per step; nested: launch > _step,
+    device_s, device_by_bucket = replay(dispatch, records)
+    breakdown = {k: v / steps * 1e3 for k, v in breakdown.items()}  # ms per step; nested: launch > dispatch,
     return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,  # _process > fetch
             "host_ms_per_step": breakdown,
             "device_wait": (engine.runner.device_wait_seconds - device0) / wall, "cfg": engine.model_config,
+            "device_s": device_s, "device_busy": min(1.0, device_s / wall), "device_by_bucket": device_by_bucket,
             "preemptions": engine.scheduler.num_preemptions}
 
 
@@ -167,6 +213,7 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
+    ap.add_argument("--compile-threads", type=int, default=None, help="warm-up compile threads (default: CPUs)")
     ap.add_argument("--compare", choices=["hf"], default=None)
     ap.add_argument("--hf-batch-size", type=int, default=64)
     ap.add_argument("--json", help="write the results here")
@@ -179,12 +226,14 @@ def main() -> None:
     from jaxpaged.models import load_config
 
     enable_compilation_cache(args.compilation_cache)
+    events = compile_events()
 
     model = args.model or str(shape_dir(args.model_shape))
     args.load_format = args.load_format or ("dummy" if args.model_shape else "auto")
     cfg = load_config(model)
     prompts, outs = workload(args, cfg.vocab_size)
     res = run_jaxpaged(args, model, prompts, outs)
+    res["compile_events"] = {k: v for k, v in events.items() if "compil" in k}
     ceil = ceilings()
     floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil)
     n_in, n_out = sum(map(len, prompts)), sum(outs)
@@ -211,7 +260,12 @@ def main() -> None:
     j = summary["jaxpaged"]
     print(f"jaxpaged: {j['roofline_fraction']:.0%} of the roofline, host waited on the device {j['device_wait']:.0%} of wall, "
           f"{res['steps']} steps, {res['preemptions']} preemptions, startup {res['startup_s']:.0f} s")
-    print("host ms per step (launch includes _step = dispatch; _process includes fetch = wait): "
+    print(f"device busy {j['device_busy']:.0%} of wall (the steps replayed back to back took {res['device_s']:.2f} s); "
+          f"start-up {res['engine']}")
+    print("device ms per step by token bucket: " + ", ".join(
+        f"{b}: {v['steps']} x {v['mean_ms']:.2f}" for b, v in res["device_by_bucket"].items()))
+    print("compile events: " + ", ".join(f"{k.removeprefix('/jax/')} {v:.1f}" for k, v in res["compile_events"].items()))
+    print("host ms per step (launch includes dispatch; _process includes fetch = wait): "
           + ", ".join(f"{k} {v:.2f}" for k, v in res["host_ms_per_step"].items()))
     if hf:
         print(f"speedup over HF: {summary['hf']['speedup']:.1f}x")

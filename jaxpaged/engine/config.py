@@ -21,6 +21,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1
+    compile_threads: int | None = None  # warm-up compiles in parallel; default one per CPU core
     # Multi-process runtime (jax.distributed), e.g. one process per host: all three or none.
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int = 1

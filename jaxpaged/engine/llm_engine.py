@@ -69,7 +69,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, params, kv, attention,
                                   config.max_num_seqs, budget, self.max_model_len, self.eos_token_ids, self.mesh)
-        self.runner.warmup()
+        self.runner.warmup(config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
         self._pending: Launched | None = None  # launched step whose outputs are not processed yet

@@ -1,17 +1,20 @@
-"""Runs one scheduled step on the device: pads the batch to a bucket, calls the jitted
-forward + sampler (KV pool donated), and hands the sampled ids back as numpy.
+"""Runs one scheduled step on the device: pads the batch to a token bucket, dispatches two
+jitted programs on packed host inputs, and hands the sampled ids back as numpy.
 
-Three compiled variants (`MODES`) per token bucket: `greedy` (argmax and the chosen token's
-raw logprob), `sample` (temperature, top-k/p, min-p, seeds) and `full` (adds penalties over
-the token history, top-N logprobs, prompt logprobs, logit bias, min_tokens), each used only
-when the scheduled requests need it. `launch` only dispatches: the
-engine builds and launches step n+1 while step n still runs, feeding back the tokens
-step n samples on the device (see `_step`).
+Per token bucket one forward program (the model, KV pool donated: the heavy compile) and a
+small head program (final norm, LM head, sampler) in three variants (`MODES`): `greedy`
+(argmax and the chosen token's raw logprob), `sample` (temperature, top-k/p, min-p, seeds)
+and `full` (adds penalties over the token history, top-N logprobs, prompt logprobs, logit
+bias, min_tokens), each used only when the scheduled requests need it. `launch` only
+dispatches: the engine builds and launches step n+1 while step n still runs, feeding back
+the tokens step n samples on the device (see `_forward`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 
 import jax
@@ -21,24 +24,15 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_key, sample
+from jaxpaged.engine.host_buffer import pack, unpack
+from jaxpaged.engine.sampler import (SamplerOutput, SamplingInput, make_history, make_sampling_input, row_key,
+                                     sample)
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
-
 from jaxpaged.engine.scheduler import SchedulerOutput
 from jaxpaged.engine.sequence import PENDING, Sequence
 from jaxpaged.models import ModelConfig, family_module
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.models.step_input import make_step_input
-
-
-@struct.dataclass
-class FullInput:
-    """Extra inputs of the `full` variant."""
-    history: jax.Array  # [S, H] i32 prompt + output ids, -1 padded (penalties)
-    history_is_output: jax.Array  # [S, H] bool
-    prompt_next: jax.Array  # [T] i32 next prompt token per token (prompt logprobs), -1 = none
-    bias_ids: jax.Array  # [S, B] i32 logit_bias / banned ids, -1 padded
-    bias_vals: jax.Array  # [S, B] f32 (-inf bans: EOS and stop ids before min_tokens)
+from jaxpaged.models.step_input import StepInput, make_step_input
 
 
 @struct.dataclass
@@ -67,62 +61,80 @@ def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
     return out + [max_num_batched_tokens]
 
 
-_traces = [0]  # step traces in this process: a trace is a compile
+_traces = [0]  # traces of the step's programs in this process: a trace is a compile
 
 
 def num_step_compiles() -> int:
-    """How many times any engine's step function was traced (and so compiled)."""
+    """How many times any engine's step programs were traced (and so compiled)."""
     return _traces[0]
-
-
-@functools.cache
-def _jitted_step(cfg: ModelConfig, attention, replicated):
-    """One jitted step per (model config, kernel, mesh), shared by engines: same shapes, no
-    recompile. `replicated` (a sharding over the mesh, or None) pins the fed-back token ids."""
-    return jax.jit(functools.partial(_step, cfg=cfg, attention=attention, replicated=replicated),
-                   donate_argnums=1, static_argnames="greedy_only")
 
 
 MODES = ("greedy", "sample", "full")
 
 
-def _step(params, kv: KVCache, inp, sp, full_inp, prev_tokens, feedback, *, cfg: ModelConfig, attention,
-          replicated, greedy_only: bool):
-    """forward + sample; traced once per (bucket, variant, pool shape).
+def _fields(x) -> dict:
+    return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+
+
+def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, cfg: ModelConfig, attention):
+    """The model over the packed StepInput; traced once per token bucket (the heavy compile).
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
-    device) come from `prev_tokens[feedback[t]]` (feedback -1 = use `inp.token_ids[t]`).
-    Returns (sampled, prompt logprobs or None, the sampled ids padded to max_num_seqs, kv).
+    device) come from `prev_tokens[feedback[t]]` (feedback -1 = use the host's token id).
+    Returns (hidden [T, H], kv).
     """
     _traces[0] += 1
-    forward = family_module(cfg).forward
-    tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], inp.token_ids)
-    inp = inp.replace(token_ids=tokens)
-    if full_inp is None:
-        logits, kv = forward(params, kv, inp, cfg, attention)
-        out = sample(logits, sp, greedy_only=greedy_only)
-        return out, None, _pad(out.token_ids, prev_tokens.shape[0], replicated), kv
-    t = inp.token_ids.shape[0]
-    logits_all, kv = forward(params, kv, inp.replace(logits_index=jnp.arange(t, dtype=jnp.int32)), cfg, attention)
-    out = sample(logits_all[inp.logits_index], sp, full_inp.history, full_inp.history_is_output, MAX_LOGPROBS,
-                 (full_inp.bias_ids, full_inp.bias_vals))
-    raw = jax.nn.log_softmax(logits_all, axis=-1)
-    lp = jnp.take_along_axis(raw, jnp.maximum(full_inp.prompt_next, 0)[:, None], axis=-1)
-    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-    prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
-    return out, prompt, _pad(out.token_ids, prev_tokens.shape[0], replicated), kv
+    a = unpack(buf, layout)
+    feedback = a.pop("feedback")
+    a["token_ids"] = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
+    inp = StepInput(**a, logits_index=None)  # the head program picks the sampled rows
+    return family_module(cfg).forward(params, kv, inp, cfg, attention)
 
 
-def _pad(tokens: jax.Array, n: int, sharding) -> jax.Array:
-    """The sampled ids padded to `n`, with the same sharding as the first step's input."""
-    padded = jnp.zeros(n, jnp.int32).at[: tokens.shape[0]].set(tokens)
-    return padded if sharding is None else jax.lax.with_sharding_constraint(padded, sharding)
+def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: ModelConfig, replicated):
+    """LM head + sampler over the packed sampling inputs; traced once per (bucket, mode), small.
+    Returns (sampled, prompt logprobs or None, the sampled ids padded to `num_prev`)."""
+    _traces[0] += 1
+    a = unpack(buf, layout)
+    sp = SamplingInput(**{k: a[k] for k in _SAMPLING_FIELDS})
+    logits_of = functools.partial(family_module(cfg).compute_logits, top_params, cfg=cfg)
+    prompt = None
+    if mode != "full":
+        out = sample(logits_of(hidden[a["logits_index"]]), sp, greedy_only=mode == "greedy")
+    else:
+        logits_all = logits_of(hidden)
+        out = sample(logits_all[a["logits_index"]], sp, a["history"], a["history_is_output"], MAX_LOGPROBS,
+                     (a["bias_ids"], a["bias_vals"]))
+        raw = jax.nn.log_softmax(logits_all, axis=-1)
+        lp = jnp.take_along_axis(raw, jnp.maximum(a["prompt_next"], 0)[:, None], axis=-1)
+        top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+        prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
+    padded = jnp.zeros(num_prev, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
+    if replicated is not None:  # the same sharding as the first step's input: no second compile
+        padded = jax.lax.with_sharding_constraint(padded, replicated)
+    return out, prompt, padded
+
+
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
+
+
+@functools.cache
+def _jitted_step(cfg: ModelConfig, attention, replicated):
+    """The step's two programs per (model config, kernel, mesh), shared by engines (same shapes,
+    no recompile): the forward (KV pool donated) and the head + sampler. `replicated` (a
+    sharding over the mesh, or None) pins the fed-back token ids."""
+    fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
+                  static_argnames="layout")
+    head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
+                   static_argnames=("layout", "mode", "num_prev"))
+    return fwd, head
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params: dict, kv: KVCache, attention, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None):
         self.cfg, self.params, self.kv = cfg, params, kv
+        self.top_params = {k: v for k, v in params.items() if k != "layers"}  # all the head reads
         self.eos_token_ids = eos_token_ids
         self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_token_ids)  # min_tokens bans EOS too
         self.block_size = kv.block_size
@@ -131,18 +143,34 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
-        self._step = _jitted_step(cfg, attention, replicated)
+        self._fwd, self._head = _jitted_step(cfg, attention, replicated)
         # the last step's sampled ids; committed like the step's outputs, so no second compile
         zeros = np.zeros(max_num_seqs, np.int32)
         self._prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
                              else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self.device_wait_seconds = 0.0  # host blocked on the device (dispatch + fetch)
 
-    def warmup(self) -> None:
-        """Compile every (bucket, variant) on an all-padding batch (it writes only scratch)."""
-        for t in self.buckets:
-            for mode in MODES:
-                self.fetch(self._launch([], [], t, mode))
+    def warmup(self, threads: int | None = None) -> None:
+        """Compile every bucket's forward and its head in every variant, then run each once on
+        an all-padding batch (it writes only the scratch block). The compiles run in `threads`
+        threads (default: one per CPU core; XLA compiles outside the GIL), the runs serially."""
+        jobs = [(t, mode, self._inputs([], [], t, mode)) for t in self.buckets for mode in MODES]
+        forwards = {t: (step, layout) for t, _, (_, (step, layout), _, _) in jobs}
+
+        def compile_forward(t):
+            step, layout = forwards[t]
+            return self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout).compile()
+
+        def compile_head(job, hidden):
+            t, mode, (_, _, (buf, layout), _) = job
+            self._head.lower(self.top_params, hidden, buf, layout=layout, mode=mode,
+                             num_prev=self.max_num_seqs).compile()
+
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            hidden = dict(zip(forwards, (c.out_info[0] for c in pool.map(compile_forward, forwards))))
+            list(pool.map(lambda job: compile_head(job, hidden[job[0]]), jobs))
+        for _, mode, (rows, step, sampling, query_start) in jobs:
+            self.fetch(Launched(rows, *self.dispatch(mode, *step, *sampling), query_start))
 
     @staticmethod
     def step_mode(sched: SchedulerOutput) -> str:
@@ -158,6 +186,12 @@ class ModelRunner:
         return self._launch(sched.scheduled, sched.block_tables, t, mode)
 
     def _launch(self, scheduled, block_tables, t: int, mode: str) -> Launched:
+        rows, step, sampling, query_start = self._inputs(scheduled, block_tables, t, mode)
+        return Launched(rows, *self.dispatch(mode, *step, *sampling), query_start)
+
+    def _inputs(self, scheduled, block_tables, t: int, mode: str):
+        """(rows, packed step inputs, packed sampling inputs, query_start) of a step padded to
+        `t` tokens (and min(t, max_num_seqs) sequences)."""
         s = min(t, self.max_num_seqs)
         seqs, keys, rows = [], [], []
         feedback = np.full(t, -1, np.int32)
@@ -171,14 +205,22 @@ class ModelRunner:
             keys.append(row_key(seq.seed, len(seq.output_token_ids)))
             rows.append((seq, start, n, start + n == seq.num_tokens))
             offset += n
-        inp = make_step_input(seqs, self.block_size, t, s, self.max_blocks)
-        sp = make_sampling_input([seq.params for seq, _ in scheduled], keys, s)
-        full_inp = self._full_input(scheduled, t, s) if mode == "full" else None
+        inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
+        sampling = {"logits_index": inp.pop("logits_index"),
+                    **_fields(make_sampling_input([seq.params for seq, _ in scheduled], keys, s))}
+        if mode == "full":
+            sampling |= self._full_input(scheduled, t, s)
+        return rows, pack(inp | {"feedback": feedback}), pack(sampling), inp["query_start"]
+
+    def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, sampling_buf: np.ndarray, sampling_layout):
+        """Dispatch the forward and the head on packed inputs (one transfer each); returns the
+        device outputs (sampled, prompt logprobs or None) without waiting."""
         t0 = time.perf_counter()
-        out, prompt, self._prev_tokens, self.kv = self._step(
-            self.params, self.kv, inp, sp, full_inp, self._prev_tokens, feedback, greedy_only=mode == "greedy")
+        hidden, self.kv = self._fwd(self.params, self.kv, step_buf, self._prev_tokens, layout=step_layout)
+        out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
+                                                    mode=mode, num_prev=self.max_num_seqs)
         self.device_wait_seconds += time.perf_counter() - t0
-        return Launched(rows, out, prompt, inp.query_start)
+        return out, prompt
 
     def fetch(self, launched: Launched) -> Launched:
         """Wait for a launched step and copy its outputs to the host."""
@@ -187,7 +229,10 @@ class ModelRunner:
         self.device_wait_seconds += time.perf_counter() - t0
         return dataclasses.replace(launched, sampled=sampled, prompt=prompt)
 
-    def _full_input(self, scheduled, t: int, s: int) -> FullInput:
+    def _full_input(self, scheduled, t: int, s: int) -> dict[str, np.ndarray]:
+        """Extra inputs of the `full` variant: token history (penalties), next prompt token per
+        token (prompt logprobs, -1 = none), logit bias / bans (-inf: EOS and stop ids before
+        min_tokens), each padded to `s` rows."""
         hist, is_out = make_history([(seq.prompt_token_ids, seq.output_token_ids) for seq, _ in scheduled],
                                     s, self.max_model_len)
         nxt = np.full(t, -1, np.int32)
@@ -207,4 +252,5 @@ class ModelRunner:
                 entries += [(t, -np.inf) for t in (*self.eos_token_ids, *p.stop_token_ids)]
             if entries:
                 bias_ids[row, :len(entries)], bias_vals[row, :len(entries)] = zip(*entries)
-        return FullInput(hist, is_out, nxt, bias_ids, bias_vals)
+        return {"history": hist, "history_is_output": is_out, "prompt_next": nxt,
+                "bias_ids": bias_ids, "bias_vals": bias_vals}

@@ -34,6 +34,7 @@ class Sequence:
         self.prompt_token_ids = prompt_token_ids
         self.max_tokens = max_tokens
         self.output_token_ids: list[int] = []  # the last `num_pending` are PENDING (sampled, not yet seen)
+        self.all_token_ids = list(prompt_token_ids)  # prompt + output, kept in step (no copy per step)
         self.num_pending = 0
         self.final_token_scheduled = False  # max_tokens reached by scheduled tokens: schedule no more
         self.sample_row = -1  # this sequence's row in the step that sampled its newest token
@@ -68,10 +69,6 @@ class Sequence:
         return len(self.prompt_token_ids)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def known_output_ids(self) -> list[int]:
         return self.output_token_ids[:len(self.output_token_ids) - self.num_pending]
 
@@ -81,6 +78,7 @@ class Sequence:
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         del self.output_token_ids[len(self.output_token_ids) - self.num_pending:]
+        del self.all_token_ids[self.num_tokens:]
         self.num_pending = 0
         self.status = Status.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
@@ -89,6 +87,7 @@ class Sequence:
     def add_pending(self, row: int) -> None:
         """A step sampling this sequence's next token was launched (row `row` of its output)."""
         self.output_token_ids.append(PENDING)
+        self.all_token_ids.append(PENDING)
         self.num_pending += 1
         self.sample_row = row
         self.final_token_scheduled = len(self.output_token_ids) >= self.max_tokens
@@ -101,7 +100,7 @@ class Sequence:
         self.first_token_time = self.first_token_time or now
         self.last_token_time = now
         pos = len(self.output_token_ids) - self.num_pending
-        self.output_token_ids[pos] = token_id
+        self.output_token_ids[pos] = self.all_token_ids[self.num_prompt_tokens + pos] = token_id
         self.num_pending -= 1
         self.cumulative_logprob += logprob
         if self.logprobs is not None:

@@ -1,4 +1,5 @@
-"""Model families as pure functions: `forward(params, kv, step_input, cfg, attention)`."""
+"""Model families as pure functions: `forward(params, kv, step_input, cfg, attention)` ->
+(hidden [T, H], kv) and `compute_logits(params, hidden_rows, cfg)` -> logits."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -27,12 +28,15 @@ def build_params(cfg: ModelConfig, make) -> dict:
 
 
 def make_forward(cfg: ModelConfig, attention):
-    """Jitted `forward(params, kv, step_input) -> (logits, kv)` with the KV pool donated."""
-    import functools
-
+    """Jitted `forward(params, kv, step_input) -> (logits at logits_index, kv)`, KV pool donated."""
     import jax
 
-    fwd = functools.partial(family_module(cfg).forward, cfg=cfg, attention=attention)
+    family = family_module(cfg)
+
+    def fwd(params, kv, inp):
+        hidden, kv = family.forward(params, kv, inp, cfg, attention)
+        return family.compute_logits(params, hidden[inp.logits_index], cfg), kv
+
     return jax.jit(fwd, donate_argnums=1)
 
 

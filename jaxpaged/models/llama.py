@@ -124,7 +124,8 @@ def to_hf(cfg: ModelConfig, key: str, layer: int | None, value: np.ndarray) -> d
 def forward(
     params: dict, kv: KVCache, inp: StepInput, cfg: ModelConfig, attention
 ) -> tuple[jax.Array, KVCache]:
-    """One step over the ragged batch. Returns (float32 logits [N, V] at `logits_index`, kv).
+    """One step over the ragged batch. Returns (hidden states [T, H] after the last layer, kv);
+    `compute_logits` turns the rows that are sampled into logits (a separate, small program).
 
     `attention` has the signature of `kernels.paged_attention.paged_attention_ref` (or a GPU
     kernel with the same one); the new K/V are written to the pool before it is called.
@@ -150,7 +151,12 @@ def forward(
         gate_up = jnp.einsum("th,hpi->tpi", h, lp["w_gate_up"])  # [T, 2, I]
         gate_up = gate_up + lp["b_gate_up"] if "b_gate_up" in lp else gate_up
         x = x + linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp, "w_down", "b_down") * cfg.residual_multiplier
-    h = rms_norm(x[inp.logits_index], params["final_norm"], cfg.norm_eps)
+    return x, KVCache(k_all, v_all)
+
+
+def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """hidden: [N, H] rows of `forward`'s output -> float32 logits [N, V] (final norm, LM head).
+    Reads only top-level params."""
+    h = rms_norm(hidden, params["final_norm"], cfg.norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = (h @ head).astype(jnp.float32) / cfg.logits_scaling
-    return logits, KVCache(k_all, v_all)
+    return (h @ head).astype(jnp.float32) / cfg.logits_scaling

@@ -82,7 +82,7 @@ def to_hf(cfg: ModelConfig, key: str, layer: int | None, value: np.ndarray) -> d
 def forward(
     params: dict, kv: KVCache, inp: StepInput, cfg: ModelConfig, attention
 ) -> tuple[jax.Array, KVCache]:
-    """One step over the ragged batch. Returns (float32 logits [N, V] at `logits_index`, kv)."""
+    """One step over the ragged batch. Returns (hidden states [T, H] after the last layer, kv)."""
     t = inp.token_ids.shape[0]
     nh, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     x = params["embed"][inp.token_ids]
@@ -105,10 +105,15 @@ def forward(
         x = x + linear(jax.nn.relu(linear(h, lp, "w_fc1", "b_fc1")), lp, "w_fc2", "b_fc2")
         if not pre:
             x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
-    h = x[inp.logits_index]
-    if pre:
-        h = layer_norm(h, params["final_norm_w"], params["final_norm_b"], eps)
+    return x, KVCache(k_all, v_all)
+
+
+def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """hidden: [N, H] rows of `forward`'s output -> float32 logits [N, V] (tied embedding head).
+    Reads only top-level params."""
+    h = hidden
+    if cfg.do_layer_norm_before:
+        h = layer_norm(h, params["final_norm_w"], params["final_norm_b"], cfg.norm_eps)
     if "project_out" in params:
         h = h @ params["project_out"]
-    logits = (h @ params["embed"].T).astype(jnp.float32)
-    return logits, KVCache(k_all, v_all)
+    return (h @ params["embed"].T).astype(jnp.float32)

@@ -56,8 +56,9 @@ def make_step_input(
         pos = np.arange(computed, computed + n, dtype=np.int32)
         token_ids[i : i + n] = toks
         positions[i : i + n] = pos
-        slots[i : i + n] = np.asarray(table, np.int32)[pos // block_size] * block_size + pos % block_size
-        tables[j, : len(table)] = table
+        row = tables[j]
+        row[: len(table)] = table
+        slots[i : i + n] = row[pos // block_size] * block_size + pos % block_size
         seq_lens[j] = computed + n
         i += n
         query_start[j + 1] = i
