@@ -1,11 +1,14 @@
-"""Sampler tests against an independent numpy oracle. Three compiles in total:
+"""Sampler tests against an independent numpy oracle. Four compiles in total:
 `sample` at [S, V] = [2000, 16] with K = 3 logprobs, `apply_penalties` and `sample` with
-history at [4, 16]."""
+history at [4, 16], and the top-k / top-p threshold with its sort-based oracle at [512, 1000]
+(plus lowerings to StableHLO, which compile nothing)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.engine.sampler import apply_penalties, make_history, make_sampling_input, row_key, sample
+from jaxpaged.engine.sampler import (_top_k_top_p_threshold, apply_penalties, make_history, make_sampling_input,
+                                     row_key, sample)
 
 S, V, K = 2000, 16, 3
 _sample = jax.jit(sample, static_argnames="num_logprobs")
@@ -202,3 +205,66 @@ def test_sample_applies_penalties_raw_logprobs(pen_case):
     raw = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
     np.testing.assert_allclose(out.logprobs, raw[np.arange(4), out.token_ids], atol=1e-5)
     np.testing.assert_array_equal(out.ranks[:3], (raw[:3] >= raw[np.arange(3), out.token_ids[:3], None]).sum(-1))
+
+
+# ---------------------------------------------------------------- top-k / top-p threshold
+
+
+def sort_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Oracle: the sampler's former sort + cumsum version (vLLM's). Same contract as
+    `_top_k_top_p_threshold`: x [S, V], top_k [S] in [1, V], top_p [S] -> [S, 1]."""
+    v = x.shape[-1]
+    desc = jnp.sort(x, axis=-1)[:, ::-1]
+    pos = jnp.arange(v)[None, :]
+    in_k = pos < top_k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
+    p = top_p[:, None]
+    keep = in_k & ((before < p) | (p >= 1.0) | (pos == 0))  # a prefix of `desc`
+    return jnp.take_along_axis(desc, keep.sum(-1, keepdims=True) - 1, axis=-1)
+
+
+def test_threshold_matches_sort_oracle():
+    rng = np.random.default_rng(3)
+    s, v = 512, 1000
+    x = rng.normal(size=(s, v)) * rng.uniform(0.3, 6.0, (s, 1))
+    x[::2] = np.round(x[::2] * rng.integers(1, 4, (s // 2, 1)))  # many ties, also at the cuts
+    min_p = np.where(rng.random(s) < 0.5, rng.uniform(0.0, 0.5, s), 0.0)
+    with np.errstate(divide="ignore"):
+        x = np.where(x >= x.max(-1, keepdims=True) + np.log(min_p)[:, None], x, -np.inf).astype(np.float32)
+    x[:4] = -np.inf
+    x[:4, 7] = 1.5  # a single finite token
+    top_k = np.select([rng.random(s) < 0.25, rng.random(s) < 0.5], [v, rng.integers(1, v + 1, s)],
+                      rng.integers(1, 40, s)).astype(np.int32)
+    top_p = np.where(rng.random(s) < 0.25, 1.0, rng.uniform(0.0, 1.0, s)).astype(np.float32)
+    new, old = jax.jit(lambda *a: (_top_k_top_p_threshold(*a), sort_threshold(*a)))(x, top_k, top_p)
+    new, old = np.asarray(new), np.asarray(old)
+    assert ((x == new) | (new == -np.inf)).any(-1).all()  # an actual logit of the row
+
+    # Rows where a float64 cumulative sum over the top k lies within 1e-5 of p may cut differently.
+    desc = -np.sort(-x.astype(np.float64), axis=-1)
+    probs = np.exp(desc - desc[:, :1]) * (np.arange(v) < top_k[:, None])
+    cums = np.cumsum(probs / probs.sum(-1, keepdims=True), axis=-1)
+    near = (np.abs(cums - top_p[:, None].astype(np.float64)) < 1e-5).any(-1) & (top_p < 1.0)
+    assert near.sum() < s // 20
+    kept_new, kept_old = x >= new, x >= old
+    differ = (kept_new != kept_old).any(-1)
+    assert not (differ & ~near).any(), np.flatnonzero(differ & ~near)
+    # The filters do cut: top_k alone, then top_p below that, on many rows.
+    n_kept, n_k = kept_new.sum(-1), (x >= -np.sort(-x, -1)[np.arange(s), top_k - 1, None]).sum(-1)
+    assert ((n_kept < n_k) & (n_kept > 1)).sum() > s // 4
+    assert ((n_k < (x > -np.inf).sum(-1)) & (n_k > 1)).sum() > s // 4
+    assert (n_k > top_k).sum() > 10  # ties at the top_k cut, all kept
+
+
+@pytest.mark.parametrize("greedy_only", [False, True])
+def test_sample_lowers_without_conditionals(pen_case, greedy_only):
+    """On GPU a conditional's predicate is read on the host (no host / device overlap).
+    Lowered for CUDA (nothing is compiled): the CPU lowering of threefry is a rolled loop."""
+    logits, sp, history, is_output, _ = pen_case
+    fn = jax.jit(sample, static_argnames=("num_logprobs", "greedy_only"))
+    for args in [(logits, sp), (logits, sp, history, is_output)]:
+        traced = fn.trace(*args, num_logprobs=2, greedy_only=greedy_only)
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        for op in ("stablehlo.case", "stablehlo.if", "stablehlo.while"):
+            assert op not in text, op

@@ -127,32 +127,70 @@ def apply_penalties(
     return logits - sp.presence_penalty[:, None] * (out_counts > 0)
 
 
+_BISECT_STEPS = 32  # int32 keys: 32 halvings narrow any key interval to one key
+_NEG_INF_KEY = -0x7F800001  # _f32_key(-inf), below every other non-NaN key
+
+
+def _f32_key(x: jax.Array) -> jax.Array:
+    """Order-preserving int32 key of f32 x (its own inverse on the bits); -0.0 maps as +0.0."""
+    bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _key_f32(key: jax.Array) -> jax.Array:
+    """Inverse of `_f32_key`."""
+    return jax.lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), jnp.float32)
+
+
+def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """floor((lo + hi) / 2) of int32s without overflow."""
+    return (lo & hi) + ((lo ^ hi) >> 1)
+
+
 def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Smallest logit kept by top_k then top_p. x: [S, V], top_k: [S] in [1, V] -> [S, 1]."""
-    v = x.shape[-1]
-    desc = jnp.sort(x, axis=-1)[:, ::-1]
-    pos = jnp.arange(v)[None, :]
-    in_k = pos < top_k[:, None]
-    probs = jax.nn.softmax(jnp.where(in_k, desc, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly better tokens
-    p = top_p[:, None]
-    keep = in_k & ((before < p) | (p >= 1.0) | (pos == 0))  # a prefix of `desc`
-    return jnp.take_along_axis(desc, keep.sum(-1, keepdims=True) - 1, axis=-1)
+    """Smallest logit kept by top_k then top_p (vLLM). x: [S, V] f32, top_k: [S] in [1, V]
+    (V = off), top_p: [S] (>= 1 = off) -> [S, 1], so that `x >= thr` is the kept set.
+
+    No sort of the vocab (slow on GPU for large V): two per-row bisections over the
+    order-preserving int32 keys of x, each a static unrolled chain of 32 fused [S, V]
+    reductions. top_k: the k-th largest key, the largest t with count(key >= t) >= k (ties at
+    the cut are kept). top_p, on the distribution renormalised over exactly k tokens (as the
+    sort-based version does): the smallest key t >= that with mass(key > t) < p * mass(top k),
+    i.e. a token is kept iff the mass of strictly better tokens is < p; the top token always
+    is. Masses are summed in a different order than a sorted cumsum, so a cut may differ only
+    where a cumulative sum is within float rounding of p.
+    """
+    key = _f32_key(x)
+    k = top_k[:, None]
+    top = key.max(-1, keepdims=True)
+    lo, hi = jnp.full_like(k, _NEG_INF_KEY), top + 1  # count(key >= lo) = V >= k > 0 = count(key >= hi)
+    for _ in range(_BISECT_STEPS):
+        mid = _midpoint(lo, hi)
+        ok = jnp.sum(key >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+        lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    kth = lo
+
+    m = _key_f32(top)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(x - m)
+    above = key > kth  # mass of the top k: those above the cut, then copies of the k-th value
+    n_above = jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
+    mass_k = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + (k - n_above) * jnp.exp(_key_f32(kth) - m)
+    bound = top_p[:, None] * mass_k
+    lo, hi = kth - 1, top  # search (lo, hi]: hi, the top token, is always kept
+    for _ in range(_BISECT_STEPS):
+        mid = _midpoint(lo, hi)
+        ok = jnp.sum(jnp.where(key > mid, e, 0.0), axis=-1, keepdims=True) < bound
+        lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    return _key_f32(jnp.where(top_p[:, None] >= 1.0, kth, jnp.maximum(hi, kth)))
 
 
-def _sample_random(x: jax.Array, sp: SamplingInput, greedy: jax.Array) -> jax.Array:
+def _sample_random(x: jax.Array, sp: SamplingInput) -> jax.Array:
     """Filter temperature-scaled logits x: [S, V] (min_p, top_k, top_p), Gumbel-max -> [S] i32."""
     v = x.shape[-1]
     x = jnp.where(x >= x.max(-1, keepdims=True) + jnp.log(sp.min_p)[:, None], x, -jnp.inf)
     top_k = jnp.where((sp.top_k <= 0) | (sp.top_k >= v), v, sp.top_k)
-    needs_sort = jnp.any(~greedy & ((top_k < v) | (sp.top_p < 1.0)))
-    thr = jax.lax.cond(
-        needs_sort,
-        _top_k_top_p_threshold,
-        lambda x, k, p: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype),
-        x, top_k, sp.top_p,
-    )
-    x = jnp.where(x >= thr, x, -jnp.inf)
+    x = jnp.where(x >= _top_k_top_p_threshold(x, top_k, sp.top_p), x, -jnp.inf)
     keys = jax.random.wrap_key_data(sp.keys, impl="threefry2x32")
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
     return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
@@ -171,9 +209,12 @@ def sample(
     (None skips penalties: a separate, cheaper compile); num_logprobs: static K; bias:
     optional `(ids [S, B] i32 padded with -1, values [S, B] f32)` added to the logits after
     the raw logprobs are taken (logit_bias; -inf bans a token, as min_tokens does for EOS);
-    greedy_only (static): every row is greedy, so no random path is traced. Its `lax.cond`s
-    make XLA on GPU read a predicate on the host, which blocks the dispatching thread until
-    the step's forward is done (no overlap of host and device work); greedy steps avoid that."""
+    greedy_only (static): every row is greedy, so no random path is traced.
+
+    Straight-line code, no `lax.cond` or loop: XLA on GPU reads a conditional's predicate on
+    the host, which would block the dispatching thread until the step's forward is done (no
+    host / device overlap). So the random path is always computed and greedy rows are picked
+    per row, and top_k / top_p use a fixed bisection instead of a data-dependent skip."""
     logits = logits.astype(jnp.float32)
     raw = jax.nn.log_softmax(logits, axis=-1)
     if bias is not None:
@@ -188,11 +229,7 @@ def sample(
     if greedy_only:
         tokens = argmax
     else:
-        tokens = jax.lax.cond(
-            jnp.all(greedy),
-            lambda: argmax,
-            lambda: jnp.where(greedy, argmax, _sample_random(scaled, sp, greedy)),
-        )
+        tokens = jnp.where(greedy, argmax, _sample_random(scaled, sp))
     logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)
     ranks = jnp.sum(raw >= logprob, axis=-1, dtype=jnp.int32)
     out = SamplerOutput(tokens, logprob[:, 0], ranks)
