@@ -91,7 +91,7 @@ def main() -> None:
               async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
-    floor = weight_bytes / ceil["copy_bytes_per_s"]
+    floor = weight_bytes / args.tensor_parallel_size / ceil["copy_bytes_per_s"]  # each GPU reads its shard
     vocab = engine.model_config.vocab_size
     rows = {f"decode ITL, batch {b}": decode_itl(engine, int(b), args.decode_prompt_len, args.decode_steps, vocab)
             for b in args.batches.split(",")}

@@ -4,7 +4,7 @@
 
 Workloads (../shared/DEVICE.md): `fixed` = N prompts x --input-len tokens, --output-len
 outputs; `mixed` = input and output lengths uniform in [--min-len, --max-len] (numpy
-default_rng(seed): inputs drawn first, then outputs). Greedy, EOS ignored. Prints
+default_rng(seed): inputs drawn first, then outputs). Greedy unless --temperature, EOS ignored. Prints
 requests/s, output and total tok/s, the workload's roofline floor against ceilings measured
 in the same run, and the share of wall time the device was busy; `--compare hf` runs HF
 transformers `generate` in static batches on the same prompts.
@@ -138,7 +138,8 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     engine = llm.engine
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
-        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=o, ignore_eos=True, detokenize=False))
+        engine.add_request(str(i), p, SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=i,
+                                                     max_tokens=o, ignore_eos=True, detokenize=False))
     device0, steps, generated = engine.runner.device_wait_seconds, 0, 0
     dispatch, records = engine.runner.dispatch, record_dispatches(engine.runner)
     breakdown: dict[str, float] = {}  # where the host's time per step goes
@@ -203,6 +204,8 @@ def main() -> None:
     ap.add_argument("--min-len", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the workloads' setting)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
