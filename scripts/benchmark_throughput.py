@@ -156,11 +156,12 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
             steps += 1
     wall = time.perf_counter() - t
     assert generated == sum(outs), (generated, sum(outs))
+    device_wait = (engine.runner.device_wait_seconds - device0) / wall  # before the replay adds to it
     device_s, device_by_bucket = replay(dispatch, records)
     breakdown = {k: v / steps * 1e3 for k, v in breakdown.items()}  # ms per step; nested: launch > dispatch,
     return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,  # _process > fetch
             "host_ms_per_step": breakdown,
-            "device_wait": (engine.runner.device_wait_seconds - device0) / wall, "cfg": engine.model_config,
+            "device_wait": device_wait, "cfg": engine.model_config,
             "device_s": device_s, "device_busy": min(1.0, device_s / wall), "device_by_bucket": device_by_bucket,
             "preemptions": engine.scheduler.num_preemptions}
 

@@ -66,16 +66,16 @@ def check(plan, *, hq, hkv, d, bs, window=0, num_tokens=None, num_seqs=None, see
 # GQA 1/4/8 (and a non-power-of-two group), block 16/32, decode / chunked / fresh prefill in
 # one batch, padding tokens and padding sequences, sliding window, split-KV.
 CASES = {
-    # decode-shaped bucket (T <= 2S): the per-sequence kernel alone
+    # small buckets (T <= DECODE_ONLY_MAX_TOKENS): the per-sequence kernel alone
     "decode g4 d128 bs16": ([(37, 1), (0, 1), (130, 1), (16, 1), (63, 1)], 8, 2, 128, 16, 0, 8, 7, {}),
     "decode g8 d64 bs32 split": ([(300, 1), (5, 1), (96, 1)], 8, 1, 64, 32, 0, 4, 4, dict(num_splits=4)),
     "decode g1 d64 bs16 window": ([(90, 1), (3, 1), (47, 1)], 2, 2, 64, 16, 20, 4, 3, {}),
     "decode bucket with a chunk": ([(20, 1), (8, 9), (0, 3)], 4, 1, 64, 16, 0, 16, 8, dict(num_splits=2)),
-    # prefill / mixed buckets (T > 2S): per-sequence kernel for short queries + q-block kernel
+    # larger buckets: per-sequence kernel for short queries + q-block kernel, one launch
     "mixed g4 d64 bs16": ([(60, 1), (6, 40), (0, 29), (17, 1)], 8, 2, 64, 16, 0, 80, 5, {}),
     "mixed g8 d128 bs32 window": ([(100, 30), (40, 1), (0, 50)], 8, 1, 128, 32, 24, 96, 4, {}),
     "prefill g1 d64 bs32": ([(0, 45), (0, 70)], 2, 2, 64, 32, 0, 128, 3, {}),
-    "mixed g7 (padded group)": ([(25, 1), (3, 20)], 7, 1, 64, 16, 0, 32, 3, {}),
+    "mixed g7 (padded group)": ([(25, 1), (3, 20)], 7, 1, 64, 16, 0, 48, 3, {}),
     "mixed small tiles": ([(40, 23), (0, 1), (77, 9)], 4, 1, 64, 16, 9, 40, 4, dict(block_m=16, block_n=16)),
 }
 

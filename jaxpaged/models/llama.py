@@ -6,6 +6,8 @@ twice on the GPU). Linear weights are stored `[in, out]` so `x @ w` needs no tra
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,28 +132,37 @@ def forward(
     `attention` has the signature of `kernels.paged_attention.paged_attention_ref` (or a GPU
     kernel with the same one); the new K/V are written to the pool before it is called.
     """
-    t = inp.token_ids.shape[0]
-    hq, d = cfg.num_heads, cfg.head_dim
-    g = hq // cfg.num_kv_heads
-    inv_freq = jnp.asarray(cfg.rope_inv_freq())
     x = params["embed"][inp.token_ids] * jnp.asarray(cfg.embedding_multiplier, params["embed"].dtype)
     k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
-        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        qkv = jnp.einsum("th,hkgd->tkgd", h, lp["wqkv"])  # [T, Hkv, G + 2, D]
-        qkv = qkv + lp["bqkv"] if "bqkv" in lp else qkv
-        q, k, v = qkv[:, :, :g].reshape(t, hq, d), qkv[:, :, g], qkv[:, :, g + 1]
-        if cfg.qk_norm:
-            q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
-        q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
-        o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, i, inp, attention, cfg.attn_scale,
-                                       cfg.sliding_windows[i])
-        x = x + linear(o, lp, "wo", "bo") * cfg.residual_multiplier
-        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        gate_up = jnp.einsum("th,hpi->tpi", h, lp["w_gate_up"])  # [T, 2, I]
-        gate_up = gate_up + lp["b_gate_up"] if "b_gate_up" in lp else gate_up
-        x = x + linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp, "w_down", "b_down") * cfg.residual_multiplier
+        x, k_all, v_all = _layer(lp, x, k_all, v_all, jnp.int32(i), inp, cfg=cfg, attention=attention,
+                                 window=cfg.sliding_windows[i])
     return x, KVCache(k_all, v_all)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention", "window"))
+def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array, inp: StepInput, *,
+           cfg: ModelConfig, attention, window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer; x: [T, H]. A nested jit: traced and lowered once per step shape
+    instead of once per layer (start-up time); XLA inlines it, so the step stays unrolled."""
+    t = inp.token_ids.shape[0]
+    hq, d = cfg.num_heads, cfg.head_dim
+    g = hq // cfg.num_kv_heads
+    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    qkv = jnp.einsum("th,hkgd->tkgd", h, lp["wqkv"])  # [T, Hkv, G + 2, D]
+    qkv = qkv + lp["bqkv"] if "bqkv" in lp else qkv
+    q, k, v = qkv[:, :, :g].reshape(t, hq, d), qkv[:, :, g], qkv[:, :, g + 1]
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
+    inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
+    o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, layer, inp, attention, cfg.attn_scale, window)
+    x = x + linear(o, lp, "wo", "bo") * cfg.residual_multiplier
+    h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+    gate_up = jnp.einsum("th,hpi->tpi", h, lp["w_gate_up"])  # [T, 2, I]
+    gate_up = gate_up + lp["b_gate_up"] if "b_gate_up" in lp else gate_up
+    x = x + linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp, "w_down", "b_down") * cfg.residual_multiplier
+    return x, k_all, v_all
 
 
 def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

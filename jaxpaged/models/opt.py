@@ -1,6 +1,8 @@
 """OPT decoder as pure functions: learned positions (offset 2), LayerNorm, ReLU MLP, MHA."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,29 +85,36 @@ def forward(
     params: dict, kv: KVCache, inp: StepInput, cfg: ModelConfig, attention
 ) -> tuple[jax.Array, KVCache]:
     """One step over the ragged batch. Returns (hidden states [T, H] after the last layer, kv)."""
-    t = inp.token_ids.shape[0]
-    nh, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     x = params["embed"][inp.token_ids]
     if "project_in" in params:
         x = x @ params["project_in"]
     x = x + params["pos_embed"][inp.positions + POSITION_OFFSET]
-    pre = cfg.do_layer_norm_before
-
     k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
-        h = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps) if pre else x
-        q = linear(h, lp, "wq", "bq").reshape(t, nh, d)
-        k = linear(h, lp, "wk", "bk").reshape(t, nh, d)
-        v = linear(h, lp, "wv", "bv").reshape(t, nh, d)
-        o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, i, inp, attention, cfg.attn_scale)
-        x = x + linear(o, lp, "wo", "bo")
-        if not pre:
-            x = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps)
-        h = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps) if pre else x
-        x = x + linear(jax.nn.relu(linear(h, lp, "w_fc1", "b_fc1")), lp, "w_fc2", "b_fc2")
-        if not pre:
-            x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
+        x, k_all, v_all = _layer(lp, x, k_all, v_all, jnp.int32(i), inp, cfg=cfg, attention=attention)
     return x, KVCache(k_all, v_all)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attention"))
+def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array, inp: StepInput, *,
+           cfg: ModelConfig, attention) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One decoder layer (pre- or post-LayerNorm); a nested jit as in `llama._layer`."""
+    t = inp.token_ids.shape[0]
+    nh, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
+    pre = cfg.do_layer_norm_before
+    h = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps) if pre else x
+    q = linear(h, lp, "wq", "bq").reshape(t, nh, d)
+    k = linear(h, lp, "wk", "bk").reshape(t, nh, d)
+    v = linear(h, lp, "wv", "bv").reshape(t, nh, d)
+    o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, layer, inp, attention, cfg.attn_scale)
+    x = x + linear(o, lp, "wo", "bo")
+    if not pre:
+        x = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps)
+    h = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps) if pre else x
+    x = x + linear(jax.nn.relu(linear(h, lp, "w_fc1", "b_fc1")), lp, "w_fc2", "b_fc2")
+    if not pre:
+        x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
+    return x, k_all, v_all
 
 
 def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
