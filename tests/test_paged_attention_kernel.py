@@ -71,7 +71,8 @@ CASES = {
     "decode g8 d64 bs32 split": ([(300, 1), (5, 1), (96, 1)], 8, 1, 64, 32, 0, 4, 4, dict(num_splits=4)),
     "decode g1 d64 bs16 window": ([(90, 1), (3, 1), (47, 1)], 2, 2, 64, 16, 20, 4, 3, {}),
     "decode bucket with a chunk": ([(20, 1), (8, 9), (0, 3)], 4, 1, 64, 16, 0, 16, 8, dict(num_splits=2)),
-    # larger buckets: per-sequence kernel for short queries + q-block kernel, one launch
+    # larger buckets: per-sequence kernel for short queries + q-block kernel (two launches
+    # when T <= 2S, else one)
     "mixed g4 d64 bs16": ([(60, 1), (6, 40), (0, 29), (17, 1)], 8, 2, 64, 16, 0, 80, 5, {}),
     "mixed g8 d128 bs32 window": ([(100, 30), (40, 1), (0, 50)], 8, 1, 128, 32, 24, 96, 4, {}),
     "prefill g1 d64 bs32": ([(0, 45), (0, 70)], 2, 2, 64, 32, 0, 128, 3, {}),

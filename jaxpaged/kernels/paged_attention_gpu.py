@@ -20,7 +20,9 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
     assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
     q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
   A small bucket (`T <= DECODE_ONLY_MAX_TOKENS`, static) runs the per-sequence kernel alone
-  (split-KV for small batches; any chunk there is short). Other buckets run both: the per-sequence kernel takes the sequences with at most
+  (split-KV for small batches; any chunk there is short). Other buckets run both, in two
+  launches when decode-shaped (`T <= 2S`: the per-sequence launch keeps its own tile and
+  warp config) or in one fused launch: the per-sequence kernel takes the sequences with at most
   `block_q_decode` new tokens, the per-q-block kernel the rest and the padding, writing
   into the first one's output in place (`input_output_aliases`). So a mixed batch costs
   about its decode part plus its prefill part.
@@ -44,8 +46,9 @@ from jax.experimental.pallas import triton as pltriton
 LOG2E = 1.4426950408889634
 _NEG = -1e30  # finite initial running max: fully masked rows stay NaN-free
 # Buckets up to this many tokens run the per-sequence kernel alone. It walks a sequence's
-# q-blocks serially, so a long chunk there is slow: with the old rule (T <= 2S) a 512-token
-# prompt alone in bucket 512 took 41 ms of device time against 28 ms for 1024 tokens.
+# q-blocks serially, so a long chunk there is slow: when every decode-shaped bucket (T <= 2S)
+# ran it alone, a 512-token prompt alone in bucket 512 took 41 ms of device time against
+# 28 ms for 1024 tokens. The fused launch instead cost decode-heavy buckets 64-256 5-17%.
 DECODE_ONLY_MAX_TOKENS = 32
 
 # Every Triton lowering warns in JAX >= 0.11 ("The Pallas Triton backend is deprecated").
@@ -299,7 +302,8 @@ def paged_attention_gpu(
 ) -> jax.Array:
     """Same contract as `paged_attention_ref`; see the module docstring for the design.
 
-    `mode`: "auto" ("decode" when T <= DECODE_ONLY_MAX_TOKENS, else "fused"), "decode" (per-sequence kernel
+    `mode`: "auto" ("decode" when T <= DECODE_ONLY_MAX_TOKENS, else "split" in decode-shaped
+    buckets (T <= 2S), else "fused"), "decode" (per-sequence kernel
     alone), "prefill" (per-q-block kernel alone), "split" (both, two launches) or "fused"
     (both in one launch; the per-sequence part without split-KV).
     Configs default to `choose_config(...)`; `block_m`, `block_n`, `num_splits`,
@@ -324,7 +328,7 @@ def paged_attention_gpu(
         assert c.block_m == _next_pow2(c.block_m) and c.block_m >= group_p, (c, group_p)
         assert c.block_n == _next_pow2(c.block_n), c
     if mode == "auto":
-        mode = "decode" if t <= DECODE_ONLY_MAX_TOKENS else "fused"
+        mode = "decode" if t <= DECODE_ONLY_MAX_TOKENS else "split" if t <= 2 * s else "fused"
     assert mode in ("decode", "prefill", "split", "fused"), mode
     if interpret is None:
         interpret = _default_backend() != "gpu"
