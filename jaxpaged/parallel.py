@@ -74,10 +74,11 @@ def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, tuple[int, ...], i
 def shard_attention(attention: Callable, mesh: Mesh) -> Callable:
     """Run a paged-attention kernel per device on its KV heads (same signature)."""
 
-    def sharded(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables, *, scale, sliding_window=0):
+    def sharded(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables, *, scale, sliding_window=0,
+                max_query_len=None):
         def local(q, k_pool, v_pool, query_start, seq_lens, block_tables):
             return attention(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables,
-                             scale=scale, sliding_window=sliding_window)
+                             scale=scale, sliding_window=sliding_window, max_query_len=max_query_len)
 
         return jax.shard_map(local, mesh=mesh, in_specs=(HEADS, KV_POOL, KV_POOL, P(), P(), P()),
                              out_specs=HEADS, check_vma=False)(q, k_pool, v_pool, query_start, seq_lens,

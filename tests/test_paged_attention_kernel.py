@@ -71,6 +71,7 @@ CASES = {
     "decode g8 d64 bs32 split": ([(300, 1), (5, 1), (96, 1)], 8, 1, 64, 32, 0, 4, 4, dict(num_splits=4)),
     "decode g1 d64 bs16 window": ([(90, 1), (3, 1), (47, 1)], 2, 2, 64, 16, 20, 4, 3, {}),
     "decode bucket with a chunk": ([(20, 1), (8, 9), (0, 3)], 4, 1, 64, 16, 0, 16, 8, dict(num_splits=2)),
+    "large bucket, short queries (hint)": ([(37, 1), (0, 5), (130, 1)], 8, 2, 64, 16, 0, 64, 4, dict(max_query_len=32)),
     # larger buckets: per-sequence kernel for short queries + q-block kernel (two launches
     # when T <= 2S, else one)
     "mixed g4 d64 bs16": ([(60, 1), (6, 40), (0, 29), (17, 1)], 8, 2, 64, 16, 0, 80, 5, {}),

@@ -70,14 +70,17 @@ def num_step_compiles() -> int:
 
 
 MODES = ("greedy", "sample", "full")
+SHORT_QUERY = 32  # buckets above this get a second forward for steps whose queries are all this short
 
 
 def _fields(x) -> dict:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
 
 
-def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, cfg: ModelConfig, attention):
-    """The model over the packed StepInput; traced once per token bucket (the heavy compile).
+def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, cfg: ModelConfig, attention):
+    """The model over the packed StepInput; traced once per (token bucket, `max_query_len`):
+    the heavy compile. `max_query_len` (None or `SHORT_QUERY`) tells the attention kernel
+    whether every sequence has few new tokens (decode steps take a faster launch).
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
     device) come from `prev_tokens[feedback[t]]` (feedback -1 = use the host's token id).
@@ -88,6 +91,8 @@ def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, cfg: ModelConfig,
     feedback = a.pop("feedback")
     a["token_ids"] = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
     inp = StepInput(**a, logits_index=None)  # the head program picks the sampled rows
+    if max_query_len is not None:
+        attention = functools.partial(attention, max_query_len=max_query_len)
     return family_module(cfg).forward(params, kv, inp, cfg, attention)
 
 
@@ -124,7 +129,7 @@ def _jitted_step(cfg: ModelConfig, attention, replicated):
     no recompile): the forward (KV pool donated) and the head + sampler. `replicated` (a
     sharding over the mesh, or None) pins the fed-back token ids."""
     fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
-                  static_argnames="layout")
+                  static_argnames=("layout", "max_query_len"))
     head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
                    static_argnames=("layout", "mode", "num_prev"))
     return fwd, head
@@ -151,26 +156,31 @@ class ModelRunner:
         self.device_wait_seconds = 0.0  # host blocked on the device (dispatch + fetch)
 
     def warmup(self, threads: int | None = None) -> None:
-        """Compile every bucket's forward and its head in every variant, then run each once on
-        an all-padding batch (it writes only the scratch block). The compiles run in `threads`
-        threads (default: one per CPU core; XLA compiles outside the GIL), the runs serially."""
-        jobs = [(t, mode, self._inputs([], [], t, mode)) for t in self.buckets for mode in MODES]
-        forwards = {t: (step, layout) for t, _, (_, (step, layout), _, _) in jobs}
+        """Compile every forward variant and every head, then run each once on an all-padding
+        batch (it writes only the scratch block). The compiles run in `threads` threads
+        (default: one per CPU core; XLA compiles outside the GIL), the runs serially."""
+        inputs = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
+        forwards = [(t, q) for t in self.buckets for q in ((None, SHORT_QUERY) if t > SHORT_QUERY else (None,))]
 
-        def compile_forward(t):
-            step, layout = forwards[t]
-            return self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout).compile()
+        def compile_forward(variant):
+            t, max_query_len = variant
+            step, layout, _ = inputs[t, "greedy"][1]
+            return self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
+                                   max_query_len=max_query_len).compile()
 
-        def compile_head(job, hidden):
-            t, mode, (_, _, (buf, layout), _) = job
-            self._head.lower(self.top_params, hidden, buf, layout=layout, mode=mode,
+        def compile_head(key, hidden):
+            buf, layout = inputs[key][2]
+            self._head.lower(self.top_params, hidden, buf, layout=layout, mode=key[1],
                              num_prev=self.max_num_seqs).compile()
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            hidden = dict(zip(forwards, (c.out_info[0] for c in pool.map(compile_forward, forwards))))
-            list(pool.map(lambda job: compile_head(job, hidden[job[0]]), jobs))
-        for _, mode, (rows, step, sampling, query_start) in jobs:
-            self.fetch(Launched(rows, *self.dispatch(mode, *step, *sampling), query_start))
+            hidden = {v[0]: c.out_info[0] for v, c in zip(forwards, pool.map(compile_forward, forwards))}
+            list(pool.map(lambda key: compile_head(key, hidden[key[0]]), inputs))
+        runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
+        for t, mode, max_query_len in runs:
+            rows, (step, layout, _), sampling, query_start = inputs[t, mode]
+            out = self.dispatch(mode, step, layout, max_query_len, *sampling)
+            self.fetch(Launched(rows, *out, query_start))
 
     @staticmethod
     def step_mode(sched: SchedulerOutput) -> str:
@@ -190,8 +200,8 @@ class ModelRunner:
         return Launched(rows, *self.dispatch(mode, *step, *sampling), query_start)
 
     def _inputs(self, scheduled, block_tables, t: int, mode: str):
-        """(rows, packed step inputs, packed sampling inputs, query_start) of a step padded to
-        `t` tokens (and min(t, max_num_seqs) sequences)."""
+        """(rows, (packed step inputs, layout, max_query_len), (packed sampling inputs, layout),
+        query_start) of a step padded to `t` tokens (and min(t, max_num_seqs) sequences)."""
         s = min(t, self.max_num_seqs)
         seqs, keys, rows = [], [], []
         feedback = np.full(t, -1, np.int32)
@@ -210,13 +220,17 @@ class ModelRunner:
                     **_fields(make_sampling_input([seq.params for seq, _ in scheduled], keys, s))}
         if mode == "full":
             sampling |= self._full_input(scheduled, t, s)
-        return rows, pack(inp | {"feedback": feedback}), pack(sampling), inp["query_start"]
+        longest = max((n for _, n in scheduled), default=0)
+        max_query_len = SHORT_QUERY if t > SHORT_QUERY and longest <= SHORT_QUERY else None
+        return rows, (*pack(inp | {"feedback": feedback}), max_query_len), pack(sampling), inp["query_start"]
 
-    def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, sampling_buf: np.ndarray, sampling_layout):
+    def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, max_query_len: int | None,
+                 sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
         device outputs (sampled, prompt logprobs or None) without waiting."""
         t0 = time.perf_counter()
-        hidden, self.kv = self._fwd(self.params, self.kv, step_buf, self._prev_tokens, layout=step_layout)
+        hidden, self.kv = self._fwd(self.params, self.kv, step_buf, self._prev_tokens, layout=step_layout,
+                                    max_query_len=max_query_len)
         out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
                                                     mode=mode, num_prev=self.max_num_seqs)
         self.device_wait_seconds += time.perf_counter() - t0

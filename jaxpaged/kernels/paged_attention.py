@@ -51,14 +51,16 @@ def paged_attention_ref(
     *,
     scale: float,
     sliding_window: int | jax.Array = 0,
+    max_query_len: int | None = None,
 ) -> jax.Array:
     """Causal attention of ragged new tokens over their sequence's paged context.
 
     q: [T, Hq, D]; k_pool, v_pool: [L, Hkv, NB, bs, D]; layer: scalar; query_start: [S+1]; seq_lens: [S]
     (context incl. new tokens); block_tables: [S, max_blocks]. Hq is a multiple of Hkv
     (GQA: query head h reads KV head h // (Hq // Hkv)). `sliding_window` > 0 lets a query
-    at position p see keys at positions > p - window. Returns [T, Hq, D] in q's dtype;
-    padding tokens get arbitrary finite values.
+    at position p see keys at positions > p - window. `max_query_len` (a static bound on any
+    sequence's new tokens) is a launch hint for kernels; the reference needs none. Returns
+    [T, Hq, D] in q's dtype; padding tokens get arbitrary finite values.
     """
     t, hq, d = q.shape
     _, hkv, _, bs, _ = k_pool.shape

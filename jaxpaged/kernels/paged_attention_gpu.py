@@ -19,10 +19,9 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
   - per-q-block ("prefill") kernel, grid `(cdiv(T, block_q) + S + 1, Hkv)`: q-blocks are
     assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
     q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
-  A small bucket (`T <= DECODE_ONLY_MAX_TOKENS`, static) runs the per-sequence kernel alone
-  (split-KV for small batches; any chunk there is short). Other buckets run both, in two
-  launches when decode-shaped (`T <= 2S`: the per-sequence launch keeps its own tile and
-  warp config) or in one fused launch: the per-sequence kernel takes the sequences with at most
+  A batch whose queries are all short (static: `T` or the caller's `max_query_len` at most
+  `DECODE_ONLY_MAX_TOKENS`) runs the per-sequence kernel alone (split-KV for small batches).
+  Other batches run both in one fused launch: the per-sequence kernel takes the sequences with at most
   `block_q_decode` new tokens, the per-q-block kernel the rest and the padding, writing
   into the first one's output in place (`input_output_aliases`). So a mixed batch costs
   about its decode part plus its prefill part.
@@ -45,10 +44,11 @@ from jax.experimental.pallas import triton as pltriton
 
 LOG2E = 1.4426950408889634
 _NEG = -1e30  # finite initial running max: fully masked rows stay NaN-free
-# Buckets up to this many tokens run the per-sequence kernel alone. It walks a sequence's
-# q-blocks serially, so a long chunk there is slow: when every decode-shaped bucket (T <= 2S)
-# ran it alone, a 512-token prompt alone in bucket 512 took 41 ms of device time against
-# 28 ms for 1024 tokens. The fused launch instead cost decode-heavy buckets 64-256 5-17%.
+# Batches whose sequences have at most this many new tokens run the per-sequence kernel
+# alone. It walks a sequence's q-blocks serially, so a long chunk there is slow (a lone
+# 512-token prompt: 41 ms of device time against 28 ms for 1024 tokens in the fused launch),
+# while the fused launch costs decode-heavy batches of 64-256 tokens 5-17% more device time
+# per step than this path (H200, mixed workload): the engine says which case a step is.
 DECODE_ONLY_MAX_TOKENS = 32
 
 # Every Triton lowering warns in JAX >= 0.11 ("The Pallas Triton backend is deprecated").
@@ -290,6 +290,7 @@ def paged_attention_gpu(
     *,
     scale: float,
     sliding_window: int | jax.Array = 0,
+    max_query_len: int | None = None,
     mode: str = "auto",
     decode_config: TileConfig | None = None,
     prefill_config: TileConfig | None = None,
@@ -302,8 +303,9 @@ def paged_attention_gpu(
 ) -> jax.Array:
     """Same contract as `paged_attention_ref`; see the module docstring for the design.
 
-    `mode`: "auto" ("decode" when T <= DECODE_ONLY_MAX_TOKENS, else "split" in decode-shaped
-    buckets (T <= 2S), else "fused"), "decode" (per-sequence kernel
+    `max_query_len`: a static bound on any sequence's new tokens (None: T), as in vLLM's
+    attention metadata. `mode`: "auto" ("decode" when that bound or T is at most
+    DECODE_ONLY_MAX_TOKENS, else "fused"), "decode" (per-sequence kernel
     alone), "prefill" (per-q-block kernel alone), "split" (both, two launches) or "fused"
     (both in one launch; the per-sequence part without split-KV).
     Configs default to `choose_config(...)`; `block_m`, `block_n`, `num_splits`,
@@ -328,7 +330,7 @@ def paged_attention_gpu(
         assert c.block_m == _next_pow2(c.block_m) and c.block_m >= group_p, (c, group_p)
         assert c.block_n == _next_pow2(c.block_n), c
     if mode == "auto":
-        mode = "decode" if t <= DECODE_ONLY_MAX_TOKENS else "split" if t <= 2 * s else "fused"
+        mode = "decode" if min(t, max_query_len or t) <= DECODE_ONLY_MAX_TOKENS else "fused"
     assert mode in ("decode", "prefill", "split", "fused"), mode
     if interpret is None:
         interpret = _default_backend() != "gpu"
