@@ -241,7 +241,7 @@ def main() -> None:
     res = run_jaxpaged(args, model, prompts, outs)
     res["compile_events"] = {k: v for k, v in events.items() if "compil" in k}
     ceil = ceilings()
-    floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil)
+    floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil) / args.tensor_parallel_size  # N GPUs' ceilings
     n_in, n_out = sum(map(len, prompts)), sum(outs)
     rows = [("jaxpaged", res["wall_s"])]
     hf = run_hf(args, model, prompts, outs) if args.compare == "hf" else None
