@@ -87,9 +87,11 @@ class LLMEngine:
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype) // self.config.tensor_parallel_size
         stats = jax.devices()[0].memory_stats()
         if stats and "bytes_limit" in stats:
-            # Keep room for the step's activations: logits of the largest bucket dominate.
+            # Keep room for the step's temporaries. The `full` head over the largest bucket
+            # dominates: f32 logits [T, V], their log-softmax and top-k workspace (XLA asked for
+            # 4 GiB more than a 3 x [T, V] reserve at T = 2048, V = 128k: a 70B run ran out).
             cfg, t = self.model_config, self.config.max_num_batched_tokens or 2048
-            reserve = t * (3 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+            reserve = t * (8 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
             free = stats["bytes_limit"] * self.config.gpu_memory_utilization - stats["bytes_in_use"] - reserve
         else:
             tokens = self.config.max_num_seqs * (self.max_model_len or 0)
