@@ -127,8 +127,7 @@ def apply_penalties(
     return logits - sp.presence_penalty[:, None] * (out_counts > 0)
 
 
-_SEARCH_WAYS = 16  # an m-ary search pass splits the key interval into 16 parts (15 candidates)
-_SEARCH_PASSES = 8  # 16**8 = 2**32 > the width of any int32 key interval
+_BISECT_STEPS = 32  # int32 keys: 32 halvings narrow any key interval to one key
 _NEG_INF_KEY = -0x7F800001  # _f32_key(-inf), below every other non-NaN key
 
 
@@ -143,63 +142,32 @@ def _key_f32(key: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(key ^ ((key >> 31) & 0x7FFFFFFF), jnp.float32)
 
 
-def _u32(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)
-
-
-def _i32(x: jax.Array) -> jax.Array:
-    return jax.lax.bitcast_convert_type(x, jnp.int32)
-
-
-def _search_pass(lo: jax.Array, hi: jax.Array, low_side) -> tuple[jax.Array, jax.Array]:
-    """One pass of an m-ary search over int32 keys, m = `_SEARCH_WAYS`.
-
-    lo < hi: [S, 1] i32, the answer lies in the interval (lo, hi] or [lo, hi) (the caller's
-    convention). Candidates c_j = lo + j * ceil((hi - lo) / m), j = 1 .. m-1, those < hi;
-    `low_side(c)` ([S, m-1] i32 -> [S, m-1] bool) says which are on lo's side of the answer
-    (a prefix of them, the predicate being monotone), for all candidates in one reduction
-    over the row. -> the sub-interval (c_n, c_{n+1}) with c_0 = lo, c_n+1 capped at hi; its
-    width is at most ceil((hi - lo) / m). Exact in uint32: 1 <= hi - lo < 2**32 and
-    j * step <= (m - 1) * ceil((2**32 - 1) / m) < 2**32."""
-    m = _SEARCH_WAYS
-    lo_u = _u32(lo)
-    width = _u32(hi) - lo_u  # hi - lo, exact modulo 2**32
-    step = (width - 1) // m + 1  # ceil(width / m) >= 1
-    off = jnp.arange(1, m, dtype=jnp.uint32)[None, :] * step  # [S, m-1]
-    valid = off < width
-    cand = _i32(lo_u + jnp.where(valid, off, width))  # hi past the end (masked out below)
-    n = jnp.sum(low_side(cand) & valid, axis=-1, keepdims=True, dtype=jnp.uint32)
-    new_lo = n * step  # < width: candidate n is valid (or n = 0)
-    new_hi = new_lo + jnp.minimum(step, width - new_lo)
-    return _i32(lo_u + new_lo), _i32(lo_u + new_hi)
+def _midpoint(lo: jax.Array, hi: jax.Array) -> jax.Array:
+    """floor((lo + hi) / 2) of int32s without overflow."""
+    return (lo & hi) + ((lo ^ hi) >> 1)
 
 
 def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Smallest logit kept by top_k then top_p (vLLM). x: [S, V] f32, top_k: [S] in [1, V]
     (V = off), top_p: [S] (>= 1 = off) -> [S, 1], so that `x >= thr` is the kept set.
 
-    No sort of the vocab (slow on GPU for large V): two per-row 16-ary searches over the
-    order-preserving int32 keys of x, each a static unrolled chain of 8 passes; a pass
-    evaluates 15 candidate keys in one fused [S, 15] reduction over the row (a binary
-    search needs 32 passes). top_k: the k-th largest key, the largest t with
-    count(key >= t) >= k (ties at the cut are kept). top_p, on the distribution renormalised
-    over exactly k tokens (as the sort-based version does): the smallest key t >= that with
-    mass(key > t) < p * mass(top k), i.e. a token is kept iff the mass of strictly better
-    tokens is < p; the top token always is. Masses are summed in a different order than a
-    sorted cumsum, so a cut may differ only where a cumulative sum is within float rounding
-    of p. Both searches find the same keys as per-row bisections with the same predicates.
+    No sort of the vocab (slow on GPU for large V): two per-row bisections over the
+    order-preserving int32 keys of x, each a static unrolled chain of 32 fused [S, V]
+    reductions. top_k: the k-th largest key, the largest t with count(key >= t) >= k (ties at
+    the cut are kept). top_p, on the distribution renormalised over exactly k tokens (as the
+    sort-based version does): the smallest key t >= that with mass(key > t) < p * mass(top k),
+    i.e. a token is kept iff the mass of strictly better tokens is < p; the top token always
+    is. Masses are summed in a different order than a sorted cumsum, so a cut may differ only
+    where a cumulative sum is within float rounding of p.
     """
     key = _f32_key(x)
     k = top_k[:, None]
     top = key.max(-1, keepdims=True)
-    kb = key[:, None, :]  # [S, 1, V] against candidates [S, m-1, 1]
-
-    def at_least_k_from(c):  # lo's side: count(key >= c) >= k
-        return jnp.sum(kb >= c[:, :, None], axis=-1, dtype=jnp.int32) >= k
-
     lo, hi = jnp.full_like(k, _NEG_INF_KEY), top + 1  # count(key >= lo) = V >= k > 0 = count(key >= hi)
-    for _ in range(_SEARCH_PASSES):
-        lo, hi = _search_pass(lo, hi, at_least_k_from)
+    for _ in range(_BISECT_STEPS):
+        mid = _midpoint(lo, hi)
+        ok = jnp.sum(key >= mid, axis=-1, keepdims=True, dtype=jnp.int32) >= k
+        lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
     kth = lo
 
     m = _key_f32(top)
@@ -209,14 +177,11 @@ def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     n_above = jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
     mass_k = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) + (k - n_above) * jnp.exp(_key_f32(kth) - m)
     bound = top_p[:, None] * mass_k
-    eb = e[:, None, :]
-
-    def mass_not_below_bound(c):  # lo's side: not mass(key > c) < bound
-        return ~(jnp.sum(jnp.where(kb > c[:, :, None], eb, 0.0), axis=-1) < bound)
-
     lo, hi = kth - 1, top  # search (lo, hi]: hi, the top token, is always kept
-    for _ in range(_SEARCH_PASSES):
-        lo, hi = _search_pass(lo, hi, mass_not_below_bound)
+    for _ in range(_BISECT_STEPS):
+        mid = _midpoint(lo, hi)
+        ok = jnp.sum(jnp.where(key > mid, e, 0.0), axis=-1, keepdims=True) < bound
+        lo, hi = jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
     return _key_f32(jnp.where(top_p[:, None] >= 1.0, kth, jnp.maximum(hi, kth)))
 
 
@@ -249,7 +214,7 @@ def sample(
     Straight-line code, no `lax.cond` or loop: XLA on GPU reads a conditional's predicate on
     the host, which would block the dispatching thread until the step's forward is done (no
     host / device overlap). So the random path is always computed and greedy rows are picked
-    per row, and top_k / top_p use a fixed-length search instead of a data-dependent skip."""
+    per row, and top_k / top_p use a fixed bisection instead of a data-dependent skip."""
     logits = logits.astype(jnp.float32)
     raw = jax.nn.log_softmax(logits, axis=-1)
     if bias is not None:
