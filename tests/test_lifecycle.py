@@ -164,3 +164,32 @@ def test_n_samples_share_prompt_blocks(llm):
     engine.abort_request("fork")
     assert bm.num_free_blocks == bm.num_total_blocks
 
+
+
+def test_runner_marks_short_query_steps(llm):
+    """Steps above 32 tokens whose sequences all have <= 32 new tokens take the forward
+    variant with the `max_query_len` hint (the kernel's decode launch); a long chunk does not."""
+    import numpy as np
+
+    from jaxpaged.engine.host_buffer import unpack
+    from jaxpaged.engine.model_runner import SHORT_QUERY
+
+    runner = llm.engine.runner
+    seen, dispatch = [], runner.dispatch
+
+    def recording(mode, step, layout, max_query_len, *rest):
+        fields = unpack(step, layout)
+        seen.append((fields["token_ids"].shape[0], int(np.diff(np.asarray(fields["query_start"])).max()),
+                     max_query_len))
+        return dispatch(mode, step, layout, max_query_len, *rest)
+
+    runner.dispatch = recording
+    try:
+        llm.generate([[5, 6, 7]] * 40 + [list(range(1, 51))], SamplingParams(temperature=0, max_tokens=3),
+                     use_tqdm=False)
+    finally:
+        runner.dispatch = dispatch
+    assert any(q == SHORT_QUERY for *_, q in seen), seen  # the 40-way decode steps (bucket 64)
+    assert any(longest > SHORT_QUERY and q is None for _, longest, q in seen), seen  # the 50-token chunk
+    for tokens, longest, q in seen:
+        assert q == (SHORT_QUERY if tokens > SHORT_QUERY and longest <= SHORT_QUERY else None)
