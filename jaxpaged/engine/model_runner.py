@@ -174,7 +174,8 @@ class ModelRunner:
                              num_prev=self.max_num_seqs).compile()
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            hidden = {v[0]: c.out_info[0] for v, c in zip(forwards, pool.map(compile_forward, forwards))}
+            # the head's input: the forward's output (the same for both variants of a bucket)
+            hidden = {t: c.out_info[0] for (t, _), c in zip(forwards, pool.map(compile_forward, forwards))}
             list(pool.map(lambda key: compile_head(key, hidden[key[0]]), inputs))
         runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
         for t, mode, max_query_len in runs:
@@ -193,10 +194,7 @@ class ModelRunner:
         """Build the padded inputs on the host and dispatch the step in variant `mode` (does
         not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        return self._launch(sched.scheduled, sched.block_tables, t, mode)
-
-    def _launch(self, scheduled, block_tables, t: int, mode: str) -> Launched:
-        rows, step, sampling, query_start = self._inputs(scheduled, block_tables, t, mode)
+        rows, step, sampling, query_start = self._inputs(sched.scheduled, sched.block_tables, t, mode)
         return Launched(rows, *self.dispatch(mode, *step, *sampling), query_start)
 
     def _inputs(self, scheduled, block_tables, t: int, mode: str):
