@@ -73,6 +73,9 @@ MODES = ("greedy", "sample", "full")
 SHORT_QUERY = 32  # buckets above this get a second forward for steps whose queries are all this short
 
 
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
+
+
 def _fields(x) -> dict:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
 
@@ -118,9 +121,6 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
     if replicated is not None:  # the same sharding as the first step's input: no second compile
         padded = jax.lax.with_sharding_constraint(padded, replicated)
     return out, prompt, padded
-
-
-_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
 
 
 @functools.cache
@@ -210,7 +210,7 @@ class ModelRunner:
             if new[-1] == PENDING:  # sampled by the previous step: read it on the device
                 feedback[offset + n - 1] = seq.sample_row
             seqs.append((new, start, table))
-            keys.append(row_key(seq.seed, len(seq.output_token_ids)))
+            keys.append(row_key(seq.seed, seq.num_output_tokens))
             rows.append((seq, start, n, start + n == seq.num_tokens))
             offset += n
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
@@ -260,7 +260,7 @@ class ModelRunner:
         for row, (seq, _) in enumerate(scheduled):
             p = seq.params
             entries = list(p.logit_bias.items())
-            if len(seq.output_token_ids) < p.min_tokens:
+            if seq.num_output_tokens < p.min_tokens:
                 entries += [(t, -np.inf) for t in (*self.eos_token_ids, *p.stop_token_ids)]
             if entries:
                 bias_ids[row, :len(entries)], bias_vals[row, :len(entries)] = zip(*entries)

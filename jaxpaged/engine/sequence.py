@@ -33,8 +33,9 @@ class Sequence:
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.max_tokens = max_tokens
-        self.output_token_ids: list[int] = []  # the last `num_pending` are PENDING (sampled, not yet seen)
-        self.all_token_ids = list(prompt_token_ids)  # prompt + output, kept in step (no copy per step)
+        # prompt + output ids, one list (the runner slices it every step); the last
+        # `num_pending` are PENDING (sampled on the device, not yet seen)
+        self.all_token_ids = list(prompt_token_ids)
         self.num_pending = 0
         self.final_token_scheduled = False  # max_tokens reached by scheduled tokens: schedule no more
         self.sample_row = -1  # this sequence's row in the step that sampled its newest token
@@ -62,23 +63,30 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
     @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[len(self.prompt_token_ids):]
+
+    @property
     def known_output_ids(self) -> list[int]:
-        return self.output_token_ids[:len(self.output_token_ids) - self.num_pending]
+        return self.all_token_ids[len(self.prompt_token_ids):len(self.all_token_ids) - self.num_pending]
 
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
-        del self.output_token_ids[len(self.output_token_ids) - self.num_pending:]
-        del self.all_token_ids[self.num_tokens:]
+        del self.all_token_ids[len(self.all_token_ids) - self.num_pending:]
         self.num_pending = 0
         self.status = Status.FINISHED
         self.finish_reason, self.stop_reason = reason, stop_reason
@@ -86,11 +94,10 @@ class Sequence:
 
     def add_pending(self, row: int) -> None:
         """A step sampling this sequence's next token was launched (row `row` of its output)."""
-        self.output_token_ids.append(PENDING)
         self.all_token_ids.append(PENDING)
         self.num_pending += 1
         self.sample_row = row
-        self.final_token_scheduled = len(self.output_token_ids) >= self.max_tokens
+        self.final_token_scheduled = self.num_output_tokens >= self.max_tokens
 
     def append_token(self, token_id: int, logprob: float, top: dict[int, Logprob] | None,
                      eos_token_ids: tuple[int, ...]) -> None:
@@ -99,8 +106,8 @@ class Sequence:
         now = time.monotonic()
         self.first_token_time = self.first_token_time or now
         self.last_token_time = now
-        pos = len(self.output_token_ids) - self.num_pending
-        self.output_token_ids[pos] = self.all_token_ids[self.num_prompt_tokens + pos] = token_id
+        pos = self.num_output_tokens - self.num_pending
+        self.all_token_ids[self.num_prompt_tokens + pos] = token_id
         self.num_pending -= 1
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
