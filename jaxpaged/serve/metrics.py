@@ -67,24 +67,20 @@ class Metrics:
         s: EngineStats = self._stats()
         names = list(self.labels)
         values = list(self.labels.values())
-        for name, doc, value in (
-            ("num_requests_running", "Requests in the running batch.", s.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
-            ("kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", s.kv_usage),
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
+        for family, name, doc, value in (
+            (gauge, "num_requests_running", "Requests in the running batch.", s.num_running),
+            (gauge, "num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
+            (gauge, "kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", s.kv_usage),
+            (counter, "prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.prompt_tokens),
+            (counter, "generation_tokens", "Generated tokens.", s.generation_tokens),
+            (counter, "num_preemptions", "Preemptions (recompute).", s.preemptions),
+            (counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
+            (counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
         ):
-            g = GaugeMetricFamily(f"jaxpaged:{name}", doc, labels=names)
-            g.add_metric(values, value)
-            yield g
-        for name, doc, value in (
-            ("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", s.prompt_tokens),
-            ("generation_tokens", "Generated tokens.", s.generation_tokens),
-            ("num_preemptions", "Preemptions (recompute).", s.preemptions),
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
-        ):
-            c = CounterMetricFamily(f"jaxpaged:{name}", doc, labels=names)
-            c.add_metric(values, value)
-            yield c
+            metric = family(f"jaxpaged:{name}", doc, labels=names)
+            metric.add_metric(values, value)
+            yield metric
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
