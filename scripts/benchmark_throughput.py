@@ -31,15 +31,19 @@ SHAPES = {  # HF config.json fields of known architectures (random weights, load
 }
 
 
+def shape_config(name: str) -> dict:
+    """The HF config.json fields of a known shape (bf16, Llama 3 RoPE)."""
+    return dict(SHAPES[name], architectures=["LlamaForCausalLM"], model_type="llama", dtype="bfloat16",
+                max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=128000,
+                eos_token_id=128001, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                          low_freq_factor=1.0, high_freq_factor=4.0,
+                                                          original_max_position_embeddings=8192))
+
+
 def shape_dir(name: str) -> Path:
-    """A model directory holding only the config.json of a known shape (bf16, Llama 3 RoPE)."""
+    """A model directory holding only the config.json of a known shape."""
     d = Path(tempfile.mkdtemp(prefix=f"jaxpaged-{name}-"))
-    cfg = dict(SHAPES[name], architectures=["LlamaForCausalLM"], model_type="llama", dtype="bfloat16",
-               max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", bos_token_id=128000,
-               eos_token_id=128001, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
-                                                         low_freq_factor=1.0, high_freq_factor=4.0,
-                                                         original_max_position_embeddings=8192))
-    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps(shape_config(name)))
     return d
 
 

@@ -3,7 +3,7 @@
     python scripts/make_shape_model.py OUT_DIR --model-shape llama3-8b
     python scripts/make_shape_model.py OUT_DIR --tiny      # CPU-sized layers, Llama 3's vocab
 
-config.json is scripts/benchmark_throughput.py's `shape_dir` config (no weights: serve it with
+config.json is scripts/benchmark_throughput.py's `shape_config` (no weights: serve it with
 `--load-format dummy`). The tokenizer covers the whole vocab so that a server streams one text
 delta per generated token (a model directory without a tokenizer streams no per-token chunks):
 a `tokenizers` WordLevel model whose token i is the word `t{i}`, split on whitespace and decoded
@@ -16,26 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark_throughput import SHAPES, shape_dir  # noqa: E402 - one source for the shapes
+from benchmark_throughput import SHAPES, shape_config  # noqa: E402 - one source for the shapes
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)  # over llama3-1b: vocab stays 128256
 
 
-def shape_config(name: str) -> dict:
-    """config.json of `name` (a key of SHAPES, or `tiny`), as `shape_dir` writes it."""
-    tmp = shape_dir("llama3-1b" if name == "tiny" else name)
-    try:
-        cfg = json.loads((tmp / "config.json").read_text())
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cfg | TINY if name == "tiny" else cfg
+def config_of(name: str) -> dict:
+    """config.json of `name` (a key of SHAPES, or `tiny`)."""
+    return shape_config("llama3-1b") | TINY if name == "tiny" else shape_config(name)
 
 
 def write_tokenizer(out: Path, vocab_size: int, bos_id: int, eos_id: int) -> None:
@@ -58,7 +52,7 @@ def make_shape_model(out_dir: str | Path, name: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # transformers < 5.18 warns about a Mistral regex when a local config.json names no version
-    cfg = shape_config(name) | {"transformers_version": "5.0.0"}  # the format is v5's (rope_parameters, dtype)
+    cfg = config_of(name) | {"transformers_version": "5.0.0"}  # the format is v5's (rope_parameters, dtype)
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     write_tokenizer(out, cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"])
     return out

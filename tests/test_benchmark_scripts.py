@@ -87,11 +87,11 @@ def test_shape_model_tokenizer_streams_every_token(tmp_path):
     import random
 
     import transformers
-    from make_shape_model import SHAPES, make_shape_model, shape_config
+    from make_shape_model import SHAPES, config_of, make_shape_model
 
     from jaxpaged.engine.detokenizer import IncrementalDetokenizer
 
-    assert shape_config("llama3-8b").items() >= SHAPES["llama3-8b"].items()
+    assert config_of("llama3-8b").items() >= SHAPES["llama3-8b"].items()
     out = make_shape_model(tmp_path / "tiny", "tiny")
     cfg = json.loads((out / "config.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(out)
