@@ -128,6 +128,11 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         subprocess.run([sys.executable, SCRIPTS / "benchmark_latency.py", "--model", model, *ENGINE, *cache,
                         "--prompt-lens", "16", "--batches", "1,2", "--decode-steps", "3", "--decode-prompt-len", "8",
                         "--json", results / "latency.json"], env=env, check=True, capture_output=True, timeout=300)
+        run = json.loads((results / "throughput-fixed.json").read_text())["jaxpaged"]
+        replayed = sum(b["steps"] for b in run["device_by_bucket"].values())  # every launched step, once
+        assert 0 < replayed <= run["steps"] and run["device_s"] > 0 and 0 < run["device_busy"] <= 1
+        lat = json.loads((results / "latency.json").read_text())["seconds"]
+        assert lat["  its device time, prompt 16"] > 0 and lat["TTFT, prompt 16"] > 0
 
         deadline = time.monotonic() + 180
         while True:
