@@ -193,3 +193,40 @@ def test_runner_marks_short_query_steps(llm):
     assert any(longest > SHORT_QUERY and q is None for _, longest, q in seen), seen  # the 50-token chunk
     for tokens, longest, q in seen:
         assert q == (SHORT_QUERY if tokens > SHORT_QUERY and longest <= SHORT_QUERY else None)
+
+
+def test_dispatch_overlaps_output_processing(llm):
+    """The step's dispatch runs on the runner's worker thread, so the engine processes step n
+    while step n+1 is dispatched: with a dispatch made slow on purpose, processing of the
+    previous step starts before that dispatch returns, and the outputs do not change."""
+    import threading
+    import time
+
+    runner, engine = llm.engine.runner, llm.engine
+    params = SamplingParams(temperature=0, max_tokens=6)
+    expected = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)]
+    events, dispatch, process = [], runner.dispatch, engine._process
+
+    def slow_dispatch(*a):
+        events.append(("dispatch start", threading.current_thread().name))
+        time.sleep(0.05)
+        out = dispatch(*a)
+        events.append(("dispatch end", threading.current_thread().name))
+        return out
+
+    def traced_process(launched):
+        events.append(("process", threading.current_thread().name))
+        return process(launched)
+
+    runner.dispatch, engine._process = slow_dispatch, traced_process
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)]
+    finally:
+        runner.dispatch, engine._process = dispatch, process
+    assert got == expected
+    main = threading.current_thread().name
+    assert {name for kind, name in events if kind.startswith("dispatch")} == {"jaxpaged-dispatch_0"}
+    assert all(name == main for kind, name in events if kind == "process")
+    # some step's processing happened between a later step's dispatch start and its end
+    order = [kind for kind, _ in events]
+    assert any(order[i:i + 3] == ["dispatch start", "process", "dispatch end"] for i in range(len(order))), order

@@ -5,9 +5,11 @@ Per token bucket one forward program (the model, KV pool donated: the heavy comp
 small head program (final norm, LM head, sampler) in three variants (`MODES`): `greedy`
 (argmax and the chosen token's raw logprob), `sample` (temperature, top-k/p, min-p, seeds)
 and `full` (adds penalties over the token history, top-N logprobs, prompt logprobs, logit
-bias, min_tokens), each used only when the scheduled requests need it. `launch` only
-dispatches: the engine builds and launches step n+1 while step n still runs, feeding back
-the tokens step n samples on the device (see `_forward`).
+bias, min_tokens), each used only when the scheduled requests need it. `launch` builds the
+inputs and hands the dispatch to one worker thread: the engine launches step n+1 while step
+n still runs, feeding back the tokens step n samples on the device (see `_forward`), and
+processes step n's outputs while the worker dispatches (XLA releases the GIL while it
+launches the step's kernels, milliseconds per step under tensor parallelism).
 """
 from __future__ import annotations
 
@@ -45,11 +47,12 @@ class PromptLogprobsOutput:
 
 @dataclasses.dataclass
 class Launched:
-    """A dispatched step; its outputs stay on the device until `ModelRunner.fetch`."""
+    """A launched step; `ModelRunner.fetch` waits for it and fills `sampled` and `prompt`."""
     rows: list[tuple[Sequence, int, int, bool]]  # (sequence, first new position, new tokens, samples)
-    sampled: SamplerOutput  # row i belongs to rows[i]
-    prompt: PromptLogprobsOutput | None
     token_offsets: np.ndarray  # [S+1] where each row's tokens start in T
+    outputs: concurrent.futures.Future  # of the dispatch: (device SamplerOutput, PromptLogprobsOutput | None)
+    sampled: SamplerOutput | None = None  # host copy; row i belongs to rows[i]
+    prompt: PromptLogprobsOutput | None = None
 
 
 def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
@@ -153,7 +156,8 @@ class ModelRunner:
         zeros = np.zeros(max_num_seqs, np.int32)
         self._prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
                              else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
-        self.device_wait_seconds = 0.0  # host blocked on the device (dispatch + fetch)
+        self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
+        self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
 
     def warmup(self, threads: int | None = None) -> None:
         """Compile every forward variant and every head, then run each once on an all-padding
@@ -180,8 +184,7 @@ class ModelRunner:
         runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
         for t, mode, max_query_len in runs:
             rows, (step, layout, _), sampling, query_start = inputs[t, mode]
-            out = self.dispatch(mode, step, layout, max_query_len, *sampling)
-            self.fetch(Launched(rows, *out, query_start))
+            self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
 
     @staticmethod
     def step_mode(sched: SchedulerOutput) -> str:
@@ -195,7 +198,11 @@ class ModelRunner:
         not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
         rows, step, sampling, query_start = self._inputs(sched.scheduled, sched.block_tables, t, mode)
-        return Launched(rows, *self.dispatch(mode, *step, *sampling), query_start)
+        return self._submit(rows, query_start, mode, step, sampling)
+
+    def _submit(self, rows, query_start, mode: str, step: tuple, sampling: tuple) -> Launched:
+        """Queue the step's dispatch on the worker thread (one at a time, in order)."""
+        return Launched(rows, query_start, self._dispatcher.submit(self.dispatch, mode, *step, *sampling))
 
     def _inputs(self, scheduled, block_tables, t: int, mode: str):
         """(rows, (packed step inputs, layout, max_query_len), (packed sampling inputs, layout),
@@ -225,19 +232,18 @@ class ModelRunner:
     def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, max_query_len: int | None,
                  sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
-        device outputs (sampled, prompt logprobs or None) without waiting."""
-        t0 = time.perf_counter()
+        device outputs (sampled, prompt logprobs or None) without waiting. Owns `kv` and
+        `_prev_tokens`: called on the worker thread once the engine runs."""
         hidden, self.kv = self._fwd(self.params, self.kv, step_buf, self._prev_tokens, layout=step_layout,
                                     max_query_len=max_query_len)
         out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
                                                     mode=mode, num_prev=self.max_num_seqs)
-        self.device_wait_seconds += time.perf_counter() - t0
         return out, prompt
 
     def fetch(self, launched: Launched) -> Launched:
         """Wait for a launched step and copy its outputs to the host."""
         t0 = time.perf_counter()
-        sampled, prompt = jax.device_get((launched.sampled, launched.prompt))
+        sampled, prompt = jax.device_get(launched.outputs.result())
         self.device_wait_seconds += time.perf_counter() - t0
         return dataclasses.replace(launched, sampled=sampled, prompt=prompt)
 
