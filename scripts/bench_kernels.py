@@ -199,7 +199,8 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64):
               ours(scale), args, kvb, copy_bw)
     if sweep:
         for bn, ns, nw, st in [(64, 1, 4, 3), (32, 1, 4, 4), (128, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 3),
-                               (64, 1, 4, 4)]:
+                               (64, 1, 4, 4), (32, 1, 4, 3), (32, 1, 2, 4), (64, 1, 8, 3), (128, 1, 4, 3),
+                               (64, 1, 4, 2), (32, 1, 4, 6)]:
             try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
                       ours(scale, decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
@@ -296,6 +297,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--log", default=None)
     ap.add_argument("--only", default="checks,decode,prefill,mixed")
+    ap.add_argument("--decode-batch", type=int, default=64)
+    ap.add_argument("--decode-ctx", default=None, help="comma-separated contexts (default 512,2048,8192)")
     a = ap.parse_args()
     only = a.only.split(",")
     dev = jax.devices()[0]
@@ -308,9 +311,10 @@ def main():
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     if "decode" in only:
-        for ctx in ([512] if a.quick else [512, 2048, 8192]):
-            bench_decode(ctx, copy_bw, a.sweep)
-        if not a.quick:
+        ctxs = [int(c) for c in a.decode_ctx.split(",")] if a.decode_ctx else [512] if a.quick else [512, 2048, 8192]
+        for ctx in ctxs:
+            bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch)
+        if not a.quick and not a.decode_ctx:
             bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
     if "prefill" in only and not a.quick:
         bench_prefill(copy_bw, a.sweep)

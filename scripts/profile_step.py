@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy, as the benchmark workloads")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-kv-blocks", type=int, default=24000)
@@ -196,8 +197,8 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     for i in range(args.batch):
         engine.add_request(str(i), rng.integers(0, vocab, args.input_len).tolist(),
-                           SamplingParams(max_tokens=args.max_model_len - args.input_len, ignore_eos=True,
-                                          detokenize=False))
+                           SamplingParams(temperature=args.temperature, max_tokens=args.max_model_len - args.input_len,
+                                          ignore_eos=True, detokenize=False))
     records = []
     dispatch = runner.dispatch
     runner.dispatch = lambda *a: records.append(a) or dispatch(*a)
@@ -205,6 +206,7 @@ def main() -> None:
     def steps(n):
         for _ in range(n):
             engine.step()
+        runner._dispatcher.submit(lambda: None).result()  # the dispatch thread is idle: the pool is safe to read
         jax.block_until_ready(runner.kv)
 
     print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}, jax {jax.__version__}, tp {args.tensor_parallel_size}")

@@ -128,3 +128,27 @@ def test_async_scheduling_overlaps_steps(model_dir):
         assert any(in_flight) == mode
         outs[mode] = final.outputs[0].token_ids
     assert outs[True] == outs[False] and len(outs[True]) == 8
+
+
+def test_kv_sizing_needs_a_memory_budget_off_cpu(monkeypatch):
+    """On an accelerator whose allocator reports no memory budget (XLA's VMM allocator, used
+    by the command-buffer update modes), the KV pool is not silently sized by the CPU default:
+    the engine asks for num_kv_blocks."""
+    import types
+
+    import jax
+
+    from jaxpaged.engine.config import EngineConfig
+    from jaxpaged.engine.llm_engine import LLMEngine
+    from jaxpaged.models.config import ModelConfig
+
+    cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+                      dtype="float32")
+    fake = types.SimpleNamespace(model_config=cfg, config=EngineConfig(model="x"), max_model_len=128)
+    dev = types.SimpleNamespace(memory_stats=lambda: None)
+    monkeypatch.setattr(jax, "devices", lambda *a: [dev])
+    assert LLMEngine._num_blocks_from_memory(fake, np.float32) > 0  # CPU: the default cap
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        LLMEngine._num_blocks_from_memory(fake, np.float32)

@@ -135,8 +135,9 @@ def test_in_model_forward(tiny_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU (interpret mode is too slow for these sizes)")
-@pytest.mark.parametrize("d,hq,hkv,bs", [(128, 32, 8, 16), (64, 16, 2, 32), (128, 8, 8, 16)])
-def test_gpu_randomized_bf16(d, hq, hkv, bs):
+@pytest.mark.parametrize("d,hq,hkv,bs,block_n", [(128, 32, 8, 16, None), (64, 16, 2, 32, None), (128, 8, 8, 16, None),
+                                                  (128, 32, 8, 16, 128)])  # the tile of big decode batches
+def test_gpu_randomized_bf16(d, hq, hkv, bs, block_n):
     rng = np.random.default_rng(d + hq + bs)
     plan = [(int(rng.integers(0, 2048)), 1) for _ in range(20)]
     plan += [(int(rng.integers(0, 1024)), int(rng.integers(1, 400))) for _ in range(4)]
@@ -147,7 +148,8 @@ def test_gpu_randomized_bf16(d, hq, hkv, bs):
     for window in (0, 300):
         ref = np.asarray(paged_attention_ref(q, k, v, 1, qs, lens, bt, scale=scale, sliding_window=window))
         bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
-        out = paged_attention_gpu(bf(q), bf(k), bf(v), 1, qs, lens, bt, scale=scale, sliding_window=window)
+        out = paged_attention_gpu(bf(q), bf(k), bf(v), 1, qs, lens, bt, scale=scale, sliding_window=window,
+                                  block_n=block_n)
         out = np.asarray(out.astype(jnp.float32))
         n = int(qs[-1])
         assert np.isfinite(out).all()

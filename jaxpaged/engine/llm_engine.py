@@ -93,6 +93,9 @@ class LLMEngine:
             cfg, t = self.model_config, self.config.max_num_batched_tokens or 2048
             reserve = t * (8 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
             free = stats["bytes_limit"] * self.config.gpu_memory_utilization - stats["bytes_in_use"] - reserve
+        elif jax.default_backend() != "cpu":  # e.g. XLA's VMM allocator (command-buffer update modes)
+            raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
+                             "cache from: set num_kv_blocks (--num-kv-blocks)")
         else:
             tokens = self.config.max_num_seqs * (self.max_model_len or 0)
             free = min(self.config.cpu_kv_cache_bytes, tokens // self.config.block_size * per_block)
