@@ -1,17 +1,17 @@
-"""Sampler tests against an independent numpy oracle. Four compiles in total:
-`sample` at [S, V] = [2000, 16] with K = 3 logprobs, `apply_penalties` and `sample` with
-history at [4, 16], and the top-k / top-p threshold with its sort-based oracle at [512, 1000]
-(plus lowerings to StableHLO, which compile nothing)."""
+"""Sampler tests against an independent numpy oracle. Five compiles in total:
+`sample` at [S, V] = [2000, 16] with K = 3 logprobs, with and without top-k / top-p filters,
+`apply_penalties` and `sample` with history at [4, 16], and the top-k / top-p threshold with
+its sort-based oracle at [512, 1000] (plus lowerings to StableHLO, which compile nothing)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.engine.sampler import (_top_k_top_p_threshold, apply_penalties, make_history, make_sampling_input,
-                                     row_key, sample)
+from jaxpaged.engine.sampler import (_BISECT_STEPS, _top_k_top_p_threshold, apply_penalties, make_history,
+                                     make_sampling_input, row_key, sample)
 
 S, V, K = 2000, 16, 3
-_sample = jax.jit(sample, static_argnames="num_logprobs")
+_sample = jax.jit(sample, static_argnames=("num_logprobs", "greedy_only", "filters"))
 _penalties = jax.jit(apply_penalties)
 
 # A fixed 16-token distribution with well-separated cumulative sums (top_p margins >= 0.05).
@@ -25,8 +25,8 @@ GROUPS = [
 ]
 
 
-def run(logits: np.ndarray, params: list[dict], keys: list[np.ndarray]):
-    out = _sample(logits.astype(np.float32), make_sampling_input(params, keys, S), num_logprobs=K)
+def run(logits: np.ndarray, params: list[dict], keys: list[np.ndarray], filters: bool = True):
+    out = _sample(logits.astype(np.float32), make_sampling_input(params, keys, S), num_logprobs=K, filters=filters)
     return jax.tree.map(np.asarray, out)
 
 
@@ -57,9 +57,9 @@ def np_allowed(logits: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
 
 
 @pytest.fixture(scope="module")
-def filter_batch():
-    """Groups above, then 100 greedy rows (random logits, filters set but ignored), then
-    900 rows at temperature 0.5 with one shared logits row (frequency check)."""
+def filter_inputs():
+    """(logits, params, keys): groups above, then 100 greedy rows (random logits, filters set
+    but ignored), then 900 rows at temperature 0.5 with one shared logits row (frequency check)."""
     rng = np.random.default_rng(0)
     logits, params = [], []
     for p, n in GROUPS:
@@ -71,7 +71,12 @@ def filter_batch():
     logits += [free] * 900
     params += [dict(temperature=0.5)] * 900
     logits = np.stack(logits)
-    keys = [row_key(seed, 0) for seed in range(S)]
+    return logits, params, [row_key(seed, 0) for seed in range(S)]
+
+
+@pytest.fixture(scope="module")
+def filter_batch(filter_inputs):
+    logits, params, keys = filter_inputs
     return logits, params, run(logits, params, keys)
 
 
@@ -85,6 +90,24 @@ def test_filters_stay_in_allowed_set(filter_batch):
         # every allowed token has renormalised probability >= 3 %, so 250 draws see them all
         assert emitted == allowed, (p, emitted, allowed)
         start += n
+
+
+def test_unfiltered_sample_applies_temperature_and_min_p(filter_inputs, filter_batch):
+    """filters=False: top_k / top_p are not traced (ignored), min_p and temperature still
+    apply, and rows without top_k / top_p draw what the filtered sampler draws (same keys)."""
+    logits, params, keys = filter_inputs
+    out = run(logits, params, keys, filters=False)
+    start = 0
+    for p, n in GROUPS:
+        unfiltered = np_allowed(logits[start], **{k: v for k, v in p.items() if k not in ("top_k", "top_p")})
+        emitted = set(out.token_ids[start : start + n].tolist())
+        assert emitted <= unfiltered, (p, emitted, unfiltered)
+        if "top_k" in p or "top_p" in p:
+            assert not emitted <= np_allowed(logits[start], **p), p  # the filters were skipped
+        else:
+            assert emitted == unfiltered, (p, emitted, unfiltered)
+        start += n
+    np.testing.assert_array_equal(out.token_ids[start:], filter_batch[2].token_ids[start:])
 
 
 def test_greedy_is_argmax(filter_batch):
@@ -257,14 +280,28 @@ def test_threshold_matches_sort_oracle():
     assert (n_k > top_k).sum() > 10  # ties at the top_k cut, all kept
 
 
-@pytest.mark.parametrize("greedy_only", [False, True])
-def test_sample_lowers_without_conditionals(pen_case, greedy_only):
-    """On GPU a conditional's predicate is read on the host (no host / device overlap).
-    Lowered for CUDA (nothing is compiled): the CPU lowering of threefry is a rolled loop."""
+def lowered(*args, **static) -> str:
+    """StableHLO of `sample` lowered for CUDA (nothing is compiled): the CPU lowering of
+    threefry is a rolled loop."""
+    return _sample.trace(*args, num_logprobs=2, **static).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("static", [{}, {"filters": False}, {"greedy_only": True}],
+                         ids=["sample", "unfiltered", "greedy_only"])
+def test_sample_lowers_without_conditionals(pen_case, static):
+    """On GPU a conditional's predicate is read on the host (no host / device overlap)."""
     logits, sp, history, is_output, _ = pen_case
-    fn = jax.jit(sample, static_argnames=("num_logprobs", "greedy_only"))
     for args in [(logits, sp), (logits, sp, history, is_output)]:
-        traced = fn.trace(*args, num_logprobs=2, greedy_only=greedy_only)
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+        text = lowered(*args, **static)
         for op in ("stablehlo.case", "stablehlo.if", "stablehlo.while"):
             assert op not in text, op
+
+
+def test_unfiltered_sample_lowers_without_bisections(pen_case):
+    """filters=False drops the top-k / top-p threshold: a reduction per bisection step."""
+    logits, sp, *_ = pen_case
+
+    def reductions(**static) -> int:
+        return lowered(logits, sp, **static).count("stablehlo.reduce(")
+
+    assert reductions() - reductions(filters=False) >= 2 * _BISECT_STEPS

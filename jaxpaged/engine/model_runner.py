@@ -2,14 +2,15 @@
 jitted programs on packed host inputs, and hands the sampled ids back as numpy.
 
 Per token bucket one forward program (the model, KV pool donated: the heavy compile) and a
-small head program (final norm, LM head, sampler) in three variants (`MODES`): `greedy`
-(argmax and the chosen token's raw logprob), `sample` (temperature, top-k/p, min-p, seeds)
-and `full` (adds penalties over the token history, top-N logprobs, prompt logprobs, logit
-bias, min_tokens), each used only when the scheduled requests need it. `launch` builds the
-inputs and hands the dispatch to one worker thread: the engine launches step n+1 while step
-n still runs, feeding back the tokens step n samples on the device (see `_forward`), and
-processes step n's outputs while the worker dispatches (XLA releases the GIL while it
-launches the step's kernels, milliseconds per step under tensor parallelism).
+small head program (final norm, LM head, sampler) in four variants (`MODES`): `greedy`
+(argmax and the chosen token's raw logprob), `sample` (temperature, min-p, seeds),
+`sample_filtered` (adds top-k/p: two bisections over the logits, ~2.7 ms of a 256-row step
+on an H200) and `full` (adds penalties over the token history, top-N logprobs, prompt
+logprobs, logit bias, min_tokens), each used only when the scheduled requests need it.
+`launch` builds the inputs and hands the dispatch to one worker thread: the engine launches
+step n+1 while step n still runs, feeding back the tokens step n samples on the device (see
+`_forward`), and processes step n's outputs while the worker dispatches (XLA releases the
+GIL while it launches the step's kernels, milliseconds per step under tensor parallelism).
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def num_step_compiles() -> int:
     return _traces[0]
 
 
-MODES = ("greedy", "sample", "full")
+MODES = ("greedy", "sample", "sample_filtered", "full")
 SHORT_QUERY = 32  # buckets above this get a second forward for steps whose queries are all this short
 
 
@@ -111,7 +112,8 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
     logits_of = functools.partial(family_module(cfg).compute_logits, top_params, cfg=cfg)
     prompt = None
     if mode != "full":
-        out = sample(logits_of(hidden[a["logits_index"]]), sp, greedy_only=mode == "greedy")
+        out = sample(logits_of(hidden[a["logits_index"]]), sp, greedy_only=mode == "greedy",
+                     filters=mode == "sample_filtered")
     else:
         logits_all = logits_of(hidden)
         out = sample(logits_all[a["logits_index"]], sp, a["history"], a["history_is_output"], MAX_LOGPROBS,
@@ -186,12 +188,14 @@ class ModelRunner:
             rows, (step, layout, _), sampling, query_start = inputs[t, mode]
             self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
 
-    @staticmethod
-    def step_mode(sched: SchedulerOutput) -> str:
+    def step_mode(self, sched: SchedulerOutput) -> str:
         """The cheapest variant (of `MODES`) that serves every scheduled request."""
-        if any(seq.params.needs_full_step for seq, _ in sched.scheduled):
+        params = [seq.params for seq, _ in sched.scheduled]
+        if any(p.needs_full_step for p in params):
             return "full"
-        return "greedy" if all(seq.params.greedy for seq, _ in sched.scheduled) else "sample"
+        if all(p.greedy for p in params):
+            return "greedy"
+        return "sample_filtered" if any(p.uses_top_k_top_p(self.cfg.vocab_size) for p in params) else "sample"
 
     def launch(self, sched: SchedulerOutput, mode: str) -> Launched:
         """Build the padded inputs on the host and dispatch the step in variant `mode` (does

@@ -185,12 +185,14 @@ def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     return _key_f32(jnp.where(top_p[:, None] >= 1.0, kth, jnp.maximum(hi, kth)))
 
 
-def _sample_random(x: jax.Array, sp: SamplingInput) -> jax.Array:
-    """Filter temperature-scaled logits x: [S, V] (min_p, top_k, top_p), Gumbel-max -> [S] i32."""
+def _sample_random(x: jax.Array, sp: SamplingInput, filters: bool) -> jax.Array:
+    """Filter temperature-scaled logits x: [S, V] (min_p, then top_k and top_p if `filters`),
+    Gumbel-max -> [S] i32."""
     v = x.shape[-1]
     x = jnp.where(x >= x.max(-1, keepdims=True) + jnp.log(sp.min_p)[:, None], x, -jnp.inf)
-    top_k = jnp.where((sp.top_k <= 0) | (sp.top_k >= v), v, sp.top_k)
-    x = jnp.where(x >= _top_k_top_p_threshold(x, top_k, sp.top_p), x, -jnp.inf)
+    if filters:
+        top_k = jnp.where((sp.top_k <= 0) | (sp.top_k >= v), v, sp.top_k)
+        x = jnp.where(x >= _top_k_top_p_threshold(x, top_k, sp.top_p), x, -jnp.inf)
     keys = jax.random.wrap_key_data(sp.keys, impl="threefry2x32")
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
     return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
@@ -204,12 +206,15 @@ def sample(
     num_logprobs: int = 0,
     bias: tuple[jax.Array, jax.Array] | None = None,
     greedy_only: bool = False,
+    filters: bool = True,
 ) -> SamplerOutput:
     """Sample one token per row. logits: [S, V]; history / history_is_output: [S, H] or None
     (None skips penalties: a separate, cheaper compile); num_logprobs: static K; bias:
     optional `(ids [S, B] i32 padded with -1, values [S, B] f32)` added to the logits after
     the raw logprobs are taken (logit_bias; -inf bans a token, as min_tokens does for EOS);
-    greedy_only (static): every row is greedy, so no random path is traced.
+    greedy_only (static): every row is greedy, so no random path is traced; filters (static):
+    False when no row uses top_k / top_p, so their threshold (two 32-step bisections) is not
+    traced and those fields are ignored.
 
     Straight-line code, no `lax.cond` or loop: XLA on GPU reads a conditional's predicate on
     the host, which would block the dispatching thread until the step's forward is done (no
@@ -229,7 +234,7 @@ def sample(
     if greedy_only:
         tokens = argmax
     else:
-        tokens = jnp.where(greedy, argmax, _sample_random(scaled, sp))
+        tokens = jnp.where(greedy, argmax, _sample_random(scaled, sp, filters))
     logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)
     ranks = jnp.sum(raw >= logprob, axis=-1, dtype=jnp.int32)
     out = SamplerOutput(tokens, logprob[:, 0], ranks)
