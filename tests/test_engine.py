@@ -148,7 +148,45 @@ def test_kv_sizing_needs_a_memory_budget_off_cpu(monkeypatch):
     fake = types.SimpleNamespace(model_config=cfg, config=EngineConfig(model="x"), max_model_len=128)
     dev = types.SimpleNamespace(memory_stats=lambda: None)
     monkeypatch.setattr(jax, "devices", lambda *a: [dev])
-    assert LLMEngine._num_blocks_from_memory(fake, np.float32) > 0  # CPU: the default cap
+    assert LLMEngine._num_blocks_from_memory(fake, np.float32, 0) > 0  # CPU: the default cap
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ValueError, match="num_kv_blocks"):
-        LLMEngine._num_blocks_from_memory(fake, np.float32)
+        LLMEngine._num_blocks_from_memory(fake, np.float32, 0)
+
+
+def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
+    """Start-up compiles the head programs first and keeps their measured memory free when it
+    sizes the pool: the reserve covers at least the `full` head's f32 [T, V] logits (a bound
+    from the shapes alone), and each head is traced once (compiled before the forward, reused
+    after it: the hidden states' sharding matches)."""
+    import jax
+
+    from jaxpaged.engine import llm_engine, model_runner
+    from jaxpaged.models.kv_cache import kv_bytes_per_block
+
+    seen = {}
+    sizing = llm_engine.LLMEngine._num_blocks_from_memory
+
+    def fake_budget(self, dtype, head_bytes):
+        seen["head_bytes"] = head_bytes
+        dev = jax.devices()[0]
+        stats = {"bytes_limit": 64 << 20, "bytes_in_use": 0}
+        monkeypatch.setattr(dev.__class__, "memory_stats", lambda d: stats, raising=False)
+        try:
+            return sizing(self, dtype, head_bytes)
+        finally:
+            monkeypatch.undo()
+
+    monkeypatch.setattr(llm_engine.LLMEngine, "_num_blocks_from_memory", fake_budget)
+    traces = model_runner.num_step_compiles()
+    llm = LLM(model_dir, max_model_len=MAX_LEN, block_size=4, max_num_seqs=3, max_num_batched_tokens=24,
+              gpu_memory_utilization=0.5)
+    runner, cfg = llm.engine.runner, llm.engine.model_config
+    forwards = sum(2 if t > model_runner.SHORT_QUERY else 1 for t in runner.buckets)
+    assert model_runner.num_step_compiles() - traces == forwards + len(runner.buckets) * len(model_runner.MODES)
+    assert seen["head_bytes"] >= max(runner.buckets) * cfg.vocab_size * 4
+    per_block = kv_bytes_per_block(cfg, 4, np.float32)
+    reserve = seen["head_bytes"] + 24 * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+    assert llm.engine.block_manager.num_total_blocks + 1 == int(((64 << 20) * 0.5 - reserve) // per_block)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3

@@ -53,23 +53,24 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
         budget = config.max_num_batched_tokens or 2048
-        dtype = params["embed"].dtype
-        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(dtype)
-        t1 = time.perf_counter()
-        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
-                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         attention = get_attention(config.attention_backend)
         if self.mesh is not None:
             attention = shard_attention(attention, self.mesh)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
         eos = set(cfg.eos_token_ids)
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = tuple(sorted(eos))
-        self.runner = ModelRunner(cfg, params, kv, attention,
-                                  config.max_num_seqs, budget, self.max_model_len, self.eos_token_ids, self.mesh)
-        self.runner.warmup(config.compile_threads)
+        self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs, budget,
+                                  self.max_model_len, self.eos_token_ids, self.mesh)
+        t1 = time.perf_counter()
+        head_bytes = self.runner.compile_heads(config.compile_threads)
+        dtype = params["embed"].dtype
+        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(dtype, head_bytes)
+        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
+                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
         self._pending: Launched | None = None  # launched step whose outputs are not processed yet
@@ -81,17 +82,17 @@ class LLMEngine:
                         "buckets": self.runner.buckets}
         logger.info("engine ready: %s", self.startup)
 
-    def _num_blocks_from_memory(self, dtype) -> int:
-        """Pool size from `gpu_memory_utilization` of device memory, or a CPU default."""
+    def _num_blocks_from_memory(self, dtype, head_bytes: int) -> int:
+        """Pool size from `gpu_memory_utilization` of device memory, or a CPU default.
+        `head_bytes`: the head programs' measured need beyond their arguments (per device)."""
         # bytes per block on each device (tensor parallelism splits the KV heads)
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype) // self.config.tensor_parallel_size
         stats = jax.devices()[0].memory_stats()
         if stats and "bytes_limit" in stats:
-            # Keep room for the step's temporaries. The `full` head over the largest bucket
-            # dominates: f32 logits [T, V], their log-softmax and top-k workspace (XLA asked for
-            # 4 GiB more than a 3 x [T, V] reserve at T = 2048, V = 128k: a 70B run ran out).
+            # Keep room for the step's temporaries: the heads' as measured, the forward's
+            # activations (f32 upper bound of hidden and MLP widths per token) estimated.
             cfg, t = self.model_config, self.config.max_num_batched_tokens or 2048
-            reserve = t * (8 * cfg.vocab_size + 8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+            reserve = head_bytes + t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
             free = stats["bytes_limit"] * self.config.gpu_memory_utilization - stats["bytes_in_use"] - reserve
         elif jax.default_backend() != "cpu":  # e.g. XLA's VMM allocator (command-buffer update modes)
             raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.host_buffer import pack, unpack
@@ -36,6 +36,7 @@ from jaxpaged.engine.sequence import PENDING, Sequence
 from jaxpaged.models import ModelConfig, family_module
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.step_input import StepInput, make_step_input
+from jaxpaged.parallel import KV_POOL
 
 
 @struct.dataclass
@@ -129,31 +130,39 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
 
 
 @functools.cache
-def _jitted_step(cfg: ModelConfig, attention, replicated):
+def _jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
     """The step's two programs per (model config, kernel, mesh), shared by engines (same shapes,
     no recompile): the forward (KV pool donated) and the head + sampler. `replicated` (a
-    sharding over the mesh, or None) pins the fed-back token ids."""
+    sharding over the mesh, or None) pins the forward's hidden states and the fed-back token
+    ids, so the heads can be compiled before the forward (`ModelRunner.compile_heads`)."""
+    out_shardings = None if replicated is None else (replicated, kv_sharding)
     fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
-                  static_argnames=("layout", "max_query_len"))
+                  static_argnames=("layout", "max_query_len"), out_shardings=out_shardings)
     head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
                    static_argnames=("layout", "mode", "num_prev"))
     return fwd, head
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params: dict, kv: KVCache, attention, max_num_seqs: int,
+    """Start-up: `compile_heads` (before the KV pool exists: their memory sizes it), then
+    `warmup(kv)`; then `launch` / `fetch` per step."""
+
+    def __init__(self, cfg: ModelConfig, params: dict, attention, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None):
-        self.cfg, self.params, self.kv = cfg, params, kv
+        self.cfg, self.params, self.kv = cfg, params, None
         self.top_params = {k: v for k, v in params.items() if k != "layers"}  # all the head reads
         self.eos_token_ids = eos_token_ids
         self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_token_ids)  # min_tokens bans EOS too
-        self.block_size = kv.block_size
+        self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
-        self._fwd, self._head = _jitted_step(cfg, attention, replicated)
+        self._fwd, self._head = _jitted_step(cfg, attention, replicated,
+                                             NamedSharding(mesh, KV_POOL) if mesh is not None else None)
+        # where the forward leaves the hidden states (committed, as every step output)
+        self._hidden_sharding = replicated or SingleDeviceSharding(jax.devices()[0])
         # the last step's sampled ids; committed like the step's outputs, so no second compile
         zeros = np.zeros(max_num_seqs, np.int32)
         self._prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
@@ -161,28 +170,39 @@ class ModelRunner:
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
         self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
 
-    def warmup(self, threads: int | None = None) -> None:
-        """Compile every forward variant and every head, then run each once on an all-padding
-        batch (it writes only the scratch block). The compiles run in `threads` threads
-        (default: one per CPU core; XLA compiles outside the GIL), the runs serially."""
+    def compile_heads(self, threads: int | None = None) -> int:
+        """Compile every head (bucket x mode) in `threads` threads (default: one per core; XLA
+        compiles outside the GIL). Returns the largest per-device memory one needs besides
+        its arguments (temporaries and outputs, e.g. the `full` head's f32 [T, V] logits):
+        the engine keeps it free when it sizes the KV pool."""
+        dtype = self.params["embed"].dtype
+
+        def compile_head(key) -> int:
+            t, mode = key
+            buf, layout = self._inputs([], [], t, mode)[2]
+            hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), dtype, sharding=self._hidden_sharding)
+            mem = self._head.lower(self.top_params, hidden, buf, layout=layout, mode=mode,
+                                   num_prev=self.max_num_seqs).compile().memory_analysis()
+            return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
+
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+            return max(pool.map(compile_head, [(t, mode) for t in self.buckets for mode in MODES]))
+
+    def warmup(self, kv: KVCache, threads: int | None = None) -> None:
+        """Take the KV pool, compile every forward variant (in `threads` threads), then run
+        every program once on an all-padding batch (it writes only the scratch block)."""
+        self.kv = kv
         inputs = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
         forwards = [(t, q) for t in self.buckets for q in ((None, SHORT_QUERY) if t > SHORT_QUERY else (None,))]
 
         def compile_forward(variant):
             t, max_query_len = variant
             step, layout, _ = inputs[t, "greedy"][1]
-            return self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
-                                   max_query_len=max_query_len).compile()
-
-        def compile_head(key, hidden):
-            buf, layout = inputs[key][2]
-            self._head.lower(self.top_params, hidden, buf, layout=layout, mode=key[1],
-                             num_prev=self.max_num_seqs).compile()
+            self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
+                            max_query_len=max_query_len).compile()
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            # the head's input: the forward's output (the same for both variants of a bucket)
-            hidden = {t: c.out_info[0] for (t, _), c in zip(forwards, pool.map(compile_forward, forwards))}
-            list(pool.map(lambda key: compile_head(key, hidden[key[0]]), inputs))
+            list(pool.map(compile_forward, forwards))
         runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
         for t, mode, max_query_len in runs:
             rows, (step, layout, _), sampling, query_start = inputs[t, mode]
