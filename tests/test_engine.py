@@ -161,7 +161,8 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     after it: the hidden states' sharding matches)."""
     import jax
 
-    from jaxpaged.engine import llm_engine, model_runner
+    from jaxpaged.engine import llm_engine
+    from jaxpaged.engine import step_programs
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     seen = {}
@@ -178,12 +179,12 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
             monkeypatch.undo()
 
     monkeypatch.setattr(llm_engine.LLMEngine, "_num_blocks_from_memory", fake_budget)
-    traces = model_runner.num_step_compiles()
+    traces = step_programs.num_step_compiles()
     llm = LLM(model_dir, max_model_len=MAX_LEN, block_size=4, max_num_seqs=3, max_num_batched_tokens=24,
               gpu_memory_utilization=0.5)
     runner, cfg = llm.engine.runner, llm.engine.model_config
-    forwards = sum(2 if t > model_runner.SHORT_QUERY else 1 for t in runner.buckets)
-    assert model_runner.num_step_compiles() - traces == forwards + len(runner.buckets) * len(model_runner.MODES)
+    forwards = sum(2 if t > step_programs.SHORT_QUERY else 1 for t in runner.buckets)
+    assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
     assert seen["head_bytes"] >= max(runner.buckets) * cfg.vocab_size * 4
     per_block = kv_bytes_per_block(cfg, 4, np.float32)
     reserve = seen["head_bytes"] + 24 * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4

@@ -172,7 +172,7 @@ def test_runner_marks_short_query_steps(llm):
     import numpy as np
 
     from jaxpaged.engine.host_buffer import unpack
-    from jaxpaged.engine.model_runner import SHORT_QUERY
+    from jaxpaged.engine.step_programs import SHORT_QUERY
 
     runner = llm.engine.runner
     seen, dispatch = [], runner.dispatch

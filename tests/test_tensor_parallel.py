@@ -37,16 +37,16 @@ def reference(model_dir, requests):
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_tp_matches_one_device(tp, model_dir, requests, reference, compile_counter):
-    from jaxpaged.engine import model_runner
+    from jaxpaged.engine import step_programs
 
     assert len(jax.devices()) >= tp
-    traces = model_runner.num_step_compiles()
+    traces = step_programs.num_step_compiles()
     llm = LLM(model_dir, tensor_parallel_size=tp, **ENGINE)
     engine = llm.engine
     # each program traced once at start-up: the heads, compiled before the forward for the KV
     # sizing, match the replicated hidden states the forward leaves
-    forwards = sum(2 if t > model_runner.SHORT_QUERY else 1 for t in engine.runner.buckets)
-    assert model_runner.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(model_runner.MODES)
+    forwards = sum(2 if t > step_programs.SHORT_QUERY else 1 for t in engine.runner.buckets)
+    assert step_programs.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(step_programs.MODES)
     wqkv = engine.runner.params["layers"][0]["wqkv"]
     assert isinstance(wqkv.sharding, NamedSharding) and len(wqkv.sharding.device_set) == tp
     assert wqkv.addressable_shards[0].data.shape[1] == 8 // tp  # KV heads split over the mesh

@@ -1,50 +1,35 @@
 """Runs one scheduled step on the device: pads the batch to a token bucket, dispatches two
 jitted programs on packed host inputs, and hands the sampled ids back as numpy.
 
-Per token bucket one forward program (the model, KV pool donated: the heavy compile) and a
-small head program (final norm, LM head, sampler) in four variants (`MODES`): `greedy`
-(argmax and the chosen token's raw logprob), `sample` (temperature, min-p, seeds),
-`sample_filtered` (adds top-k/p: two bisections over the logits, ~2.7 ms of a 256-row step
-on an H200) and `full` (adds penalties over the token history, top-N logprobs, prompt
-logprobs, logit bias, min_tokens), each used only when the scheduled requests need it.
-`launch` builds the inputs and hands the dispatch to one worker thread: the engine launches
-step n+1 while step n still runs, feeding back the tokens step n samples on the device (see
-`_forward`), and processes step n's outputs while the worker dispatches (XLA releases the
-GIL while it launches the step's kernels, milliseconds per step under tensor parallelism).
+The programs (a forward per token bucket, a head per bucket and mode) are in
+`step_programs.py`; each step uses the cheapest head its requests allow. `launch` builds
+the inputs and hands the dispatch to one worker thread: the engine launches step n+1 while
+step n still runs, feeding back the tokens step n samples on the device (`feedback`), and
+processes step n's outputs while the worker dispatches (XLA releases the GIL while it
+launches the step's kernels, milliseconds per step under tensor parallelism).
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import struct
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpaged.engine.host_buffer import pack, unpack
-from jaxpaged.engine.sampler import (SamplerOutput, SamplingInput, make_history, make_sampling_input, row_key,
-                                     sample)
-from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
+from jaxpaged.engine.host_buffer import pack
+from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_key
+from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler import SchedulerOutput
 from jaxpaged.engine.sequence import PENDING, Sequence
-from jaxpaged.models import ModelConfig, family_module
+from jaxpaged.engine.step_programs import MODES, SHORT_QUERY, PromptLogprobsOutput, jitted_step
+from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.models.step_input import StepInput, make_step_input
+from jaxpaged.models.step_input import make_step_input
 from jaxpaged.parallel import KV_POOL
-
-
-@struct.dataclass
-class PromptLogprobsOutput:
-    logprobs: jax.Array  # [T] raw logprob of `prompt_next`
-    ranks: jax.Array  # [T]
-    top_ids: jax.Array  # [T, K]
-    top_logprobs: jax.Array  # [T, K]
 
 
 @dataclasses.dataclass
@@ -66,81 +51,8 @@ def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
     return out + [max_num_batched_tokens]
 
 
-_traces = [0]  # traces of the step's programs in this process: a trace is a compile
-
-
-def num_step_compiles() -> int:
-    """How many times any engine's step programs were traced (and so compiled)."""
-    return _traces[0]
-
-
-MODES = ("greedy", "sample", "sample_filtered", "full")
-SHORT_QUERY = 32  # buckets above this get a second forward for steps whose queries are all this short
-
-
-_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
-
-
 def _fields(x) -> dict:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-
-
-def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, cfg: ModelConfig, attention):
-    """The model over the packed StepInput; traced once per (token bucket, `max_query_len`):
-    the heavy compile. `max_query_len` (None or `SHORT_QUERY`) tells the attention kernel
-    whether every sequence has few new tokens (decode steps take a faster launch).
-
-    Tokens whose value the host has not seen yet (sampled by the previous step, still on the
-    device) come from `prev_tokens[feedback[t]]` (feedback -1 = use the host's token id).
-    Returns (hidden [T, H], kv).
-    """
-    _traces[0] += 1
-    a = unpack(buf, layout)
-    feedback = a.pop("feedback")
-    a["token_ids"] = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
-    inp = StepInput(**a, logits_index=None)  # the head program picks the sampled rows
-    if max_query_len is not None:
-        attention = functools.partial(attention, max_query_len=max_query_len)
-    return family_module(cfg).forward(params, kv, inp, cfg, attention)
-
-
-def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: ModelConfig, replicated):
-    """LM head + sampler over the packed sampling inputs; traced once per (bucket, mode), small.
-    Returns (sampled, prompt logprobs or None, the sampled ids padded to `num_prev`)."""
-    _traces[0] += 1
-    a = unpack(buf, layout)
-    sp = SamplingInput(**{k: a[k] for k in _SAMPLING_FIELDS})
-    logits_of = functools.partial(family_module(cfg).compute_logits, top_params, cfg=cfg)
-    prompt = None
-    if mode != "full":
-        out = sample(logits_of(hidden[a["logits_index"]]), sp, greedy_only=mode == "greedy",
-                     filters=mode == "sample_filtered")
-    else:
-        logits_all = logits_of(hidden)
-        out = sample(logits_all[a["logits_index"]], sp, a["history"], a["history_is_output"], MAX_LOGPROBS,
-                     (a["bias_ids"], a["bias_vals"]))
-        raw = jax.nn.log_softmax(logits_all, axis=-1)
-        lp = jnp.take_along_axis(raw, jnp.maximum(a["prompt_next"], 0)[:, None], axis=-1)
-        top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-        prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
-    padded = jnp.zeros(num_prev, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
-    if replicated is not None:  # the same sharding as the first step's input: no second compile
-        padded = jax.lax.with_sharding_constraint(padded, replicated)
-    return out, prompt, padded
-
-
-@functools.cache
-def _jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
-    """The step's two programs per (model config, kernel, mesh), shared by engines (same shapes,
-    no recompile): the forward (KV pool donated) and the head + sampler. `replicated` (a
-    sharding over the mesh, or None) pins the forward's hidden states and the fed-back token
-    ids, so the heads can be compiled before the forward (`ModelRunner.compile_heads`)."""
-    out_shardings = None if replicated is None else (replicated, kv_sharding)
-    fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
-                  static_argnames=("layout", "max_query_len"), out_shardings=out_shardings)
-    head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
-                   static_argnames=("layout", "mode", "num_prev"))
-    return fwd, head
 
 
 class ModelRunner:
@@ -159,7 +71,7 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
-        self._fwd, self._head = _jitted_step(cfg, attention, replicated,
+        self._fwd, self._head = jitted_step(cfg, attention, replicated,
                                              NamedSharding(mesh, KV_POOL) if mesh is not None else None)
         # where the forward leaves the hidden states (committed, as every step output)
         self._hidden_sharding = replicated or SingleDeviceSharding(jax.devices()[0])
