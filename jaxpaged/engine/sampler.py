@@ -230,10 +230,10 @@ def sample(
         logits = apply_penalties(logits, sp, history, history_is_output)
     greedy = sp.temperature < GREEDY_EPS
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(greedy, 1.0, sp.temperature)[:, None]
     if greedy_only:
         tokens = argmax
     else:
+        scaled = logits / jnp.where(greedy, 1.0, sp.temperature)[:, None]
         tokens = jnp.where(greedy, argmax, _sample_random(scaled, sp, filters))
     logprob = jnp.take_along_axis(raw, tokens[:, None], axis=-1)
     ranks = jnp.sum(raw >= logprob, axis=-1, dtype=jnp.int32)
