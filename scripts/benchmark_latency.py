@@ -15,8 +15,12 @@ from benchmark_throughput import SHAPES, enable_compilation_cache, record_dispat
 from ceilings import ceilings
 
 
-def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> float:
-    """Median time of one decode step with `batch` sequences running (after their prefill)."""
+def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> tuple[float, float]:
+    """Median time of one decode step with `batch` sequences running (after their prefill), and
+    the device time per step of the same steps replayed back to back (where the ITL is above
+    it, the host's dispatch is the limit)."""
+    import jax
+
     from jaxpaged import SamplingParams
 
     rng = np.random.default_rng(batch)
@@ -25,12 +29,18 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> f
         engine.add_request(f"itl-{batch}-{i}", rng.integers(0, vocab, prompt_len).tolist(), p)
     while any(not s.output_token_ids for seqs in engine.requests.values() for s in seqs):
         engine.step()  # prefill
+    dispatch = engine.runner.dispatch
+    records = record_dispatches(engine.runner)
     times = []
     while engine.has_unfinished_requests():
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    engine.runner.dispatch = dispatch
+    jax.block_until_ready(dispatch(*records[0]))
+    t = time.perf_counter()
+    jax.block_until_ready([dispatch(*rec) for rec in records][-1])
+    return float(np.median(times)), (time.perf_counter() - t) / len(records)
 
 
 def ttft(engine, prompt_len: int, vocab: int, reps: int = 3) -> tuple[float, float]:
@@ -93,8 +103,10 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / args.tensor_parallel_size / ceil["copy_bytes_per_s"]  # each GPU reads its shard
     vocab = engine.model_config.vocab_size
-    rows = {f"decode ITL, batch {b}": decode_itl(engine, int(b), args.decode_prompt_len, args.decode_steps, vocab)
-            for b in args.batches.split(",")}
+    rows = {}
+    for b in args.batches.split(","):
+        rows[f"decode ITL, batch {b}"], rows[f"  its device time, batch {b}"] = decode_itl(
+            engine, int(b), args.decode_prompt_len, args.decode_steps, vocab)
     for n in args.prompt_lens.split(","):
         rows[f"TTFT, prompt {n}"], rows[f"  its device time, prompt {n}"] = ttft(engine, int(n), vocab)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; weights {weight_bytes / 1e9:.2f} GB, "

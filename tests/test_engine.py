@@ -130,26 +130,48 @@ def test_async_scheduling_overlaps_steps(model_dir):
     assert outs[True] == outs[False] and len(outs[True]) == 8
 
 
-def test_kv_sizing_needs_a_memory_budget_off_cpu(monkeypatch):
-    """On an accelerator whose allocator reports no memory budget (XLA's VMM allocator, used
-    by the command-buffer update modes), the KV pool is not silently sized by the CPU default:
-    the engine asks for num_kv_blocks."""
+def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypatch):
+    """On a GPU whose allocator reports no memory statistics (XLA's VMM allocator, used by
+    the command-buffer update mode SKIP_TEMP), the pool is sized from the CUDA driver's free
+    and total memory of that device; where the driver does not answer either, the engine asks
+    for num_kv_blocks instead of silently using the CPU default."""
     import types
 
     import jax
 
+    from jaxpaged.engine import device_memory
     from jaxpaged.engine.config import EngineConfig
     from jaxpaged.engine.llm_engine import LLMEngine
     from jaxpaged.models.config import ModelConfig
+    from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
                       dtype="float32")
-    fake = types.SimpleNamespace(model_config=cfg, config=EngineConfig(model="x"), max_model_len=128)
-    dev = types.SimpleNamespace(memory_stats=lambda: None)
-    monkeypatch.setattr(jax, "devices", lambda *a: [dev])
+    config = EngineConfig(model="x", max_num_batched_tokens=16, gpu_memory_utilization=0.5)
+    fake = types.SimpleNamespace(model_config=cfg, config=config, max_model_len=128)
+    dev = types.SimpleNamespace(memory_stats=lambda: None, platform="cpu", local_hardware_id=3)
+    monkeypatch.setattr(jax, "local_devices", lambda *a: [dev])
     assert LLMEngine._num_blocks_from_memory(fake, np.float32, 0) > 0  # CPU: the default cap
+    dev.platform = "gpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    asked = []
+
+    def driver(ordinal):
+        asked.append(ordinal)
+        return 80 << 20, 100 << 20  # 80 MiB free of 100 MiB
+
+    monkeypatch.setattr(device_memory, "cuda_mem_get_info", driver)
+    head_bytes = 1 << 20
+    reserve = head_bytes + 16 * (8 * 32 + 4 * 64) * 4
+    expected = ((100 << 20) * 0.5 - (20 << 20) - reserve) // kv_bytes_per_block(cfg, config.block_size, np.float32)
+    assert LLMEngine._num_blocks_from_memory(fake, np.float32, head_bytes) == expected
+    assert asked == [3]  # the device's own CUDA ordinal
+
+    def no_driver(ordinal):
+        raise OSError("libcuda.so.1: cannot open shared object file")
+
+    monkeypatch.setattr(device_memory, "cuda_mem_get_info", no_driver)
     with pytest.raises(ValueError, match="num_kv_blocks"):
         LLMEngine._num_blocks_from_memory(fake, np.float32, 0)
 

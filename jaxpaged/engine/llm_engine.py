@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.config import EngineConfig
+from jaxpaged.engine.device_memory import memory_budget
 from jaxpaged.engine.detokenizer import IncrementalDetokenizer
 from jaxpaged.engine.model_runner import Launched, ModelRunner
 from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -87,14 +88,15 @@ class LLMEngine:
         `head_bytes`: the head programs' measured need beyond their arguments (per device)."""
         # bytes per block on each device (tensor parallelism splits the KV heads)
         per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype) // self.config.tensor_parallel_size
-        stats = jax.devices()[0].memory_stats()
-        if stats and "bytes_limit" in stats:
+        budget = memory_budget(jax.local_devices()[0])
+        if budget is not None:
             # Keep room for the step's temporaries: the heads' as measured, the forward's
             # activations (f32 upper bound of hidden and MLP widths per token) estimated.
             cfg, t = self.model_config, self.config.max_num_batched_tokens or 2048
             reserve = head_bytes + t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
-            free = stats["bytes_limit"] * self.config.gpu_memory_utilization - stats["bytes_in_use"] - reserve
-        elif jax.default_backend() != "cpu":  # e.g. XLA's VMM allocator (command-buffer update modes)
+            limit, in_use = budget
+            free = limit * self.config.gpu_memory_utilization - in_use - reserve
+        elif jax.default_backend() != "cpu":
             raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
                              "cache from: set num_kv_blocks (--num-kv-blocks)")
         else:

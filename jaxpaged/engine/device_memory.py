@@ -1,0 +1,47 @@
+"""How much device memory the KV pool may take: XLA's allocator statistics, or, where the
+allocator keeps none (XLA's VMM allocator, which the command-buffer update mode SKIP_TEMP
+uses), the CUDA driver's free and total memory (what vLLM reads with torch.cuda.mem_get_info).
+The driver is called through ctypes: libcuda ships with every NVIDIA driver, so no package is
+needed."""
+from __future__ import annotations
+
+import ctypes
+
+
+def memory_budget(device) -> tuple[int, int] | None:
+    """(limit, in use) in bytes on `device`; None where no source answers (e.g. the CPU)."""
+    stats = device.memory_stats()
+    if stats and "bytes_limit" in stats:
+        return stats["bytes_limit"], stats["bytes_in_use"]
+    if device.platform == "gpu":
+        try:
+            free, total = cuda_mem_get_info(device.local_hardware_id)
+        except OSError:
+            return None
+        return total, total - free
+    return None
+
+
+def cuda_mem_get_info(ordinal: int) -> tuple[int, int]:
+    """(free, total) bytes of CUDA device `ordinal` (in CUDA_VISIBLE_DEVICES numbering), read in
+    its primary context, the one XLA uses. Raises OSError without a driver or on a CUDA error."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(status: int) -> None:
+        if status != 0:
+            raise OSError(f"CUDA driver error {status}")
+
+    dev, ctx, popped = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    check(cuda.cuInit(0))
+    check(cuda.cuDeviceGet(ctypes.byref(dev), ordinal))
+    check(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))
+    try:
+        check(cuda.cuCtxPushCurrent_v2(ctx))
+        try:
+            check(cuda.cuMemGetInfo_v2(ctypes.byref(free), ctypes.byref(total)))
+        finally:
+            cuda.cuCtxPopCurrent_v2(ctypes.byref(popped))
+    finally:
+        cuda.cuDevicePrimaryCtxRelease_v2(dev)
+    return free.value, total.value
