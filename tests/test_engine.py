@@ -164,7 +164,8 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
     monkeypatch.setattr(device_memory, "cuda_mem_get_info", driver)
     head_bytes = 1 << 20
     reserve = head_bytes + 16 * (8 * 32 + 4 * 64) * 4
-    expected = ((100 << 20) * 0.5 - (20 << 20) - reserve) // kv_bytes_per_block(cfg, config.block_size, np.float32)
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.8")  # XLA's cap on the allocators
+    expected = ((100 << 20) * 0.8 * 0.5 - (20 << 20) - reserve) // kv_bytes_per_block(cfg, config.block_size, np.float32)
     assert LLMEngine._num_blocks_from_memory(fake, np.float32, head_bytes) == expected
     assert asked == [3]  # the device's own CUDA ordinal
 

@@ -1,11 +1,13 @@
 """How much device memory the KV pool may take: XLA's allocator statistics, or, where the
 allocator keeps none (XLA's VMM allocator, which the command-buffer update mode SKIP_TEMP
-uses), the CUDA driver's free and total memory (what vLLM reads with torch.cuda.mem_get_info).
+uses), the CUDA driver's free and total memory (what vLLM reads with torch.cuda.mem_get_info),
+capped like XLA's allocators at XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the total.
 The driver is called through ctypes: libcuda ships with every NVIDIA driver, so no package is
 needed."""
 from __future__ import annotations
 
 import ctypes
+import os
 
 
 def memory_budget(device) -> tuple[int, int] | None:
@@ -18,7 +20,8 @@ def memory_budget(device) -> tuple[int, int] | None:
             free, total = cuda_mem_get_info(device.local_hardware_id)
         except OSError:
             return None
-        return total, total - free
+        # XLA's VMM allocator refuses physical memory beyond this fraction (its "PA budget")
+        return int(total * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))), total - free
     return None
 
 
