@@ -13,8 +13,9 @@ cd scripts
 for flags in "$coll" "$coll --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"; do
   echo "######## 70B tp=4 batch-1 profile, XLA_FLAGS=$flags"
   XLA_FLAGS="$flags" timeout 170 python profile_step.py --model-shape llama3-70b -tp 4 --batch 1 --input-len 512 \
-    --steps 6 --num-kv-blocks 40000 --cmdbuf --hlo --out /tmp/prof-$RANDOM 2>&1 | quiet | tee -a $OUT/profile.log | tail -45
+    --steps 8 --num-kv-blocks 40000 --cmdbuf --hlo --out /tmp/prof-$RANDOM 2>&1 | quiet | tee -a $OUT/profile.log | tail -60
 done
+[ "${MIXED:-1}" = 0 ] && exit 0
 echo "######## 70B tp=4 mixed, XLA_FLAGS=$skip, KV pool from memory"
 XLA_FLAGS="$skip" timeout 220 python benchmark_throughput.py --model-shape llama3-70b -tp 4 --max-model-len 2048 \
   --workload mixed --no-replay --no-progress --json $OUT/x4-70b-mixed-skip.json 2>&1 | quiet | tee $OUT/mixed.log | tail -9

@@ -212,6 +212,8 @@ def main() -> None:
     print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}, jax {jax.__version__}, tp {args.tensor_parallel_size}")
     prefill_steps = min(args.steps, -(-args.batch * args.input_len // args.max_num_batched_tokens) - 1)
     for label, n in (("prefill", prefill_steps), ("decode", args.steps)):
+        if n == 0:  # a prompt that fits one step leaves no prefill steps to trace
+            continue
         if label == "decode":  # until every request decodes, then a few more
             while any(s.num_computed_tokens < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):
                 engine.step()
