@@ -177,15 +177,22 @@ def ours(scale, **kw):
         q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
 
 
-def bench_decode(ctx, copy_bw, sweep, check=True, b=64):
-    hq, hkv, d, bs = 32, 8, 128, 16
+def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None):
+    """Decode of `b` sequences at context `ctx`; `t` >= b: the step's padded bucket (padding
+    sequences without context, as in the engine's smallest bucket); `table_keys`: block-table
+    width in keys (the engine's max_model_len; default ctx)."""
+    hq, d, bs = 4 * hkv, 128, 16
     plan = [(ctx - 1, 1)] * b
-    k_pool, v_pool, sets = make_batch(jax.random.key(ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=3)
+    k_pool, v_pool, sets = make_batch(jax.random.key(ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=3,
+                                      num_tokens=t, num_seqs=t)
+    width = -(-(table_keys or ctx) // bs)
+    sets = [(q, qs, lens, jnp.pad(bt, ((0, 0), (0, max(0, width - bt.shape[1]))))) for q, qs, lens, bt in sets]
     scale = d ** -0.5
     kvb = kv_bytes(plan, hkv, d)
-    case = f"decode b{b} ctx{ctx}"
+    case = f"decode b{b} ctx{ctx}" + (f" hkv{hkv}" if hkv != 8 else "") + (f" S{t}" if t else "") + (
+        f" table{table_keys}" if table_keys else "")
     args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
-    cfg, _ = choose_config(b, b, hq, hkv, d, ctx)
+    cfg, _ = choose_config(t or b, t or b, hq, hkv, d, width * bs)
     if check:
         try:
             q, qs, lens, bt = sets[0]
@@ -203,6 +210,10 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64):
                                (64, 1, 4, 2), (32, 1, 4, 6)]:
             try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
                       ours(scale, decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
+    if sweep and b <= 16:  # split-KV for small batches: parts and the least keys per part
+        for ns, mk in [(1, 128), (2, 1024), (4, 1024), (4, 128), (8, 128), (16, 128), (16, 64), (8, 256)]:
+            try_bench(case, f"pallas n64 sp{ns} min{mk}",
+                      ours(scale, decode_config=TileConfig(16, 64, ns, min_split_keys=mk)), args, kvb, copy_bw)
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
         q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
     # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].
@@ -299,6 +310,9 @@ def main():
     ap.add_argument("--only", default="checks,decode,prefill,mixed")
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--decode-ctx", default=None, help="comma-separated contexts (default 512,2048,8192)")
+    ap.add_argument("--decode-kv-heads", type=int, default=8, help="KV heads per device (tp=4 of Llama-3: 2)")
+    ap.add_argument("--decode-bucket", type=int, default=None, help="sequences of the padded step (>= batch)")
+    ap.add_argument("--decode-table", type=int, default=None, help="block-table width in keys (max_model_len)")
     a = ap.parse_args()
     only = a.only.split(",")
     dev = jax.devices()[0]
@@ -313,7 +327,8 @@ def main():
     if "decode" in only:
         ctxs = [int(c) for c in a.decode_ctx.split(",")] if a.decode_ctx else [512] if a.quick else [512, 2048, 8192]
         for ctx in ctxs:
-            bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch)
+            bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch, hkv=a.decode_kv_heads, t=a.decode_bucket,
+                         table_keys=a.decode_table)
         if not a.quick and not a.decode_ctx:
             bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
     if "prefill" in only and not a.quick:
