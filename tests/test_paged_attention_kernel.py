@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref
-from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
+from jaxpaged.kernels.paged_attention_gpu import TileConfig, paged_attention_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -68,7 +68,8 @@ def check(plan, *, hq, hkv, d, bs, window=0, num_tokens=None, num_seqs=None, see
 CASES = {
     # small buckets (T <= DECODE_ONLY_MAX_TOKENS): the per-sequence kernel alone
     "decode g4 d128 bs16": ([(37, 1), (0, 1), (130, 1), (16, 1), (63, 1)], 8, 2, 128, 16, 0, 8, 7, {}),
-    "decode g8 d64 bs32 split": ([(300, 1), (5, 1), (96, 1)], 8, 1, 64, 32, 0, 4, 4, dict(num_splits=4)),
+    "decode g8 d64 bs32 split": ([(300, 1), (5, 1), (96, 1)], 8, 1, 64, 32, 0, 4, 4,
+                                 dict(decode_config=TileConfig(16, 64, num_splits=4, min_split_keys=64))),
     "decode g1 d64 bs16 window": ([(90, 1), (3, 1), (47, 1)], 2, 2, 64, 16, 20, 4, 3, {}),
     "decode bucket with a chunk": ([(20, 1), (8, 9), (0, 3)], 4, 1, 64, 16, 0, 16, 8, dict(num_splits=2)),
     "large bucket, short queries (hint)": ([(37, 1), (0, 5), (130, 1)], 8, 2, 64, 16, 0, 64, 4, dict(max_query_len=32)),

@@ -73,7 +73,7 @@ class TileConfig:
     num_stages: int = 3
     split_mask: bool = True  # unmasked loop over fully visible KV blocks, masked edges only
     heavy_first: bool = True  # per-q-block kernel: last (longest causal) q-blocks first
-    min_split_keys: int = 128  # split-KV: keys per part at least this (short contexts use fewer parts)
+    min_split_keys: int = 1024  # split-KV: keys per part at least this (short contexts use fewer parts)
 
 
 def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tuple[TileConfig, TileConfig]:
@@ -86,13 +86,12 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
     long_ctx = max_ctx >= 4096
     dec_n = (128 if long_ctx or s * hkv >= 1024 else 64) * 128 // max(d, 128)
     # Split-KV only to give a small batch enough programs for the 132 SMs; each part gets at
-    # least `min_split_keys` keys (applied in the kernel from the real context), so a batch-1
-    # step at context 512 runs 4 programs of 128 keys per KV head instead of one of 512
-    # (a program's time is ~2 us per 64-key step, whatever the batch, when the GPU is idle).
+    # least `min_split_keys` keys (applied in the kernel from the real context), so short
+    # contexts stay whole. 128-key parts measured no faster in the engine (docs/kernels.md).
     min_keys = TileConfig.min_split_keys
     progs = max(1, s * hkv)
     splits = 1
-    while progs * splits < 264 and max_ctx >= splits * 2 * min_keys:
+    while progs * splits < 264 and max_ctx >= splits * min_keys:
         splits *= 2
     dec = TileConfig(block_m=max(16, gp), block_n=dec_n, num_splits=splits, num_warps=8 if long_ctx else 4,
                      num_stages=3)
@@ -102,7 +101,7 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
 
 def _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
                   tok0, n_tok, num_tokens, hq, group, group_p, block_q, block_n, block_size, max_blocks,
-                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=128):
+                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=1024):
     """Attention of `n_tok` (<= block_q) new tokens from `tok0` of one sequence, one KV head."""
     block_m = block_q * group_p
     rows = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
