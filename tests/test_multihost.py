@@ -39,3 +39,71 @@ def test_two_processes_match_one(tiny_model_dir):
     want = LLM(model, **ENGINE).generate(PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                                          use_tqdm=False)
     assert tokens[0] == tokens[1] == [o.outputs[0].token_ids for o in want]
+
+
+SERVE_ENGINE = ["--max-model-len", "64", "--block-size", "4", "--num-kv-blocks", "64", "--max-num-seqs", "4",
+                "--max-num-batched-tokens", "16", "--no-enable-prefix-caching", "--tensor-parallel-size", "2"]
+
+
+def test_server_across_two_processes(tiny_model_dir, tmp_path):
+    """`jaxpaged.serve` on two processes: process 0 serves HTTP and sends each step's new and
+    aborted requests to process 1, which mirrors them (the mesh spans both). Completions
+    (two at once, a streamed one dropped mid-way, one after an idle spell) match one
+    process's tokens, and both processes exit cleanly when the server stops."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import httpx
+    import openai
+
+    model = str(tiny_model_dir("llama"))
+    coord, port = free_port(), free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    logs = [open(tmp_path / f"p{pid}.log", "w+") for pid in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--model", model, "--host", "127.0.0.1",
+                               "--port", str(port), *SERVE_ENGINE, "--num-processes", "2", "--process-id", str(pid),
+                               "--coordinator-address", f"127.0.0.1:{coord}"],
+                              env=env, stdout=logs[pid], stderr=subprocess.STDOUT) for pid in (0, 1)]
+
+    def show() -> str:
+        return "\n".join(open(tmp_path / f"p{pid}.log").read()[-3000:] for pid in (0, 1))
+
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, show()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        name = client.models.list().data[0].id
+        prompts = [[5, 6, 7, 8, 9], list(range(40, 61)), [3, 1, 4, 1, 5, 9, 2, 6]]
+        greedy = dict(max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        got: dict[int, str] = {}
+
+        def complete(i: int) -> None:
+            got[i] = client.completions.create(model=name, prompt=prompts[i], **greedy).choices[0].text
+
+        # a streamed request dropped after its first chunk: process 0 aborts it
+        stream = client.completions.create(model=name, prompt=[7] * 30, max_tokens=20, temperature=0, stream=True)
+        next(iter(stream))
+        stream.close()
+        threads = [threading.Thread(target=complete, args=(i,)) for i in (0, 1)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        time.sleep(2)  # idle: process 1 waits for the next message
+        complete(2)
+    finally:
+        procs[0].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=60) for p in procs]
+        [f.close() for f in logs]
+    assert codes == [0, 0], show()
+    assert "aborted request" in open(tmp_path / "p0.log").read()  # the dropped stream (mirrored on process 1)
+    want = LLM(model, **ENGINE).generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                         use_tqdm=False)
+    assert [got[i] for i in range(3)] == [o.outputs[0].text for o in want]

@@ -29,9 +29,21 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
     assert (defaults.port, defaults.api_key, defaults.enable_prefix_caching) == (8000, "from-env", True)
     assert engine_config(defaults, "m", DEMO_DEFAULTS).max_model_len == 256  # the demo's defaults apply
     assert make_parser().parse_args(["--api-key", "flag"]).api_key == "flag"
+    multi = make_parser().parse_args(["--num-processes", "2", "--process-id", "1", "--coordinator-address", "h:1"])
+    cfg = engine_config(multi, "m", {})
+    assert (cfg.num_processes, cfg.process_id, cfg.coordinator_address) == (2, 1, "h:1")
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")
     assert read_chat_template(str(template)) == "{{ messages }}" and read_chat_template("{{ x }}") == "{{ x }}"
+
+
+def test_several_processes_need_a_coordinator(capsys):
+    """A multi-process server without the coordinator's address is a usage error, not a hang."""
+    from jaxpaged.serve.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "m", "--num-processes", "2", "--process-id", "1"])
+    assert exit_.value.code == 2 and "--coordinator-address" in capsys.readouterr().err
 
 
 def _free_port() -> int:

@@ -31,6 +31,10 @@ def make_parser() -> argparse.ArgumentParser:
     a("--block-size", type=int, default=16, help="tokens per KV block")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--tensor-parallel-size", "-tp", type=int, default=1)
+    a("--num-processes", type=int, default=1,
+      help="JAX processes of the mesh (e.g. one per host); process 0 serves HTTP, the others follow it")
+    a("--process-id", type=int, default=0)
+    a("--coordinator-address", help="host:port of process 0's JAX coordinator (with --num-processes > 1)")
     a("--api-key", default=os.environ.get("JAXPAGED_API_KEY"),
       help="require `Authorization: Bearer KEY` on /v1 routes (or env JAXPAGED_API_KEY)")
     a("--chat-template", help="Jinja chat template: a file or the template itself")
@@ -48,7 +52,8 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-        async_scheduling=args.async_scheduling, **{**defaults, **given})
+        async_scheduling=args.async_scheduling, coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes, process_id=args.process_id, **{**defaults, **given})
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     from jaxpaged.serve import demo
     from jaxpaged.serve.app import build_app
     from jaxpaged.serve.async_engine import AsyncEngine
+    from jaxpaged.serve.multiprocess import Channel, Leader, follow
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # fast restarts: reuse compiled steps
         jax.config.update("jax_compilation_cache_dir", str(demo.cache_root() / "xla"))
@@ -80,16 +86,25 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model, defaults = args.model, {}
         names = args.served_model_name or [args.model]
+    if args.num_processes > 1 and not args.coordinator_address:
+        parser.error("--num-processes > 1 needs --coordinator-address (host:port of process 0)")
     try:
         engine = LLMEngine(engine_config(args, model, defaults))
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    if args.process_id > 0:
+        follow(engine, Channel())  # no HTTP here: process 0 sends the requests
+        return
     s, cfg = engine.startup, engine.model_config
     logger.info("loaded %s (%s, %d layers, vocab %d) in %.1f s", model, cfg.architecture, cfg.num_layers,
                 cfg.vocab_size, s["load_s"])
     logger.info("KV cache: %d blocks x %d = %d tokens; max_model_len %d", s["num_kv_blocks"],
                 engine.config.block_size, s["kv_capacity_tokens"], engine.max_model_len)
     logger.info("compiled token buckets %s in %.1f s", s["buckets"], s["warmup_s"])
-    app = build_app(AsyncEngine(engine), names, model, read_chat_template(args.chat_template), args.api_key)
+    leader = Leader(engine, Channel()) if args.num_processes > 1 else None
+    async_engine = AsyncEngine(leader or engine)
+    app = build_app(async_engine, names, model, read_chat_template(args.chat_template), args.api_key)
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    if leader is not None and async_engine.error is None:  # the engine thread has stopped
+        leader.stop()

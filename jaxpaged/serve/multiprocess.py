@@ -1,0 +1,104 @@
+"""Serving across processes (tensor parallelism over several hosts): process 0 runs the HTTP
+server and the engine, every other process runs the same engine as a follower.
+
+The engine is SPMD: every process must add and abort the same requests between the same
+steps, and then computes the same outputs. So process 0's engine is wrapped in a `Leader`
+that records each add and abort and, before each step, sends what it recorded to the
+others (one message per step, and a last one when the server stops); a `follow`ing process
+applies each message and steps too. The messages go through the JAX coordination service's
+key-value store, not a device collective: the steps' own collectives are issued by the
+runner's dispatch thread, and every process must issue its collectives in one order.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+import jax
+from jax._src import distributed  # the coordination service's client, as jax.experimental.multihost_utils uses it
+
+from jaxpaged.engine.llm_engine import LLMEngine
+from jaxpaged.engine.outputs import RequestOutput
+from jaxpaged.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("jaxpaged.serve")
+STEP, STOP = "step", "stop"
+KEEP = 64  # messages kept in the store; followers are at most ~2 steps behind (the steps' collectives)
+
+
+class Channel:
+    """Process 0's messages to every other process, in order (key `jaxpaged/step/<n>`)."""
+
+    def __init__(self, poll_ms: int = 60_000):
+        self._client = distributed.global_state.client
+        if self._client is None:
+            raise RuntimeError("jax.distributed is not initialized")
+        self._seq, self._poll_ms = 0, poll_ms
+
+    def send(self, message: Any) -> None:
+        self._client.key_value_set_bytes(f"jaxpaged/step/{self._seq}", pickle.dumps(message))
+        if self._seq >= KEEP:
+            self._client.key_value_delete(f"jaxpaged/step/{self._seq - KEEP}")
+        self._seq += 1
+
+    def receive(self) -> Any:
+        """The next message; waits as long as process 0 is idle (and dies with it)."""
+        while True:
+            try:
+                data = self._client.blocking_key_value_get_bytes(f"jaxpaged/step/{self._seq}", self._poll_ms)
+                break
+            except Exception as e:  # noqa: BLE001 - XLA's runtime error; only a timeout is retried
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+        self._seq += 1
+        return pickle.loads(data)
+
+
+class Leader:
+    """Process 0's engine: `LLMEngine`'s interface; adds and aborts are recorded and sent to
+    the followers with the next step."""
+
+    def __init__(self, engine: LLMEngine, channel: Channel):
+        self._engine, self._channel = engine, channel
+        self._events: list[tuple] = []
+
+    def __getattr__(self, name: str) -> Any:  # everything else reads the engine
+        return getattr(self._engine, name)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> list[int]:
+        ids = self._engine.add_request(request_id, prompt, params, arrival_time)
+        self._events.append(("add", request_id, prompt, params))  # only requests process 0 accepted
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        self._engine.abort_request(request_id)
+        self._events.append(("abort", request_id))
+
+    def step(self) -> list[RequestOutput]:
+        self._send(STEP)
+        return self._engine.step()
+
+    def stop(self) -> None:
+        """Let the followers exit (after any aborts of the server's last requests)."""
+        self._send(STOP)
+
+    def _send(self, action: str) -> None:
+        events, self._events = self._events, []
+        self._channel.send((events, action))
+
+
+def follow(engine: LLMEngine, channel: Channel) -> None:
+    """A process other than 0: mirror process 0's requests and steps until it stops."""
+    logger.info("process %d follows process 0's requests", jax.process_index())
+    while True:
+        events, action = channel.receive()
+        for kind, request_id, *rest in events:
+            if kind == "add":
+                engine.add_request(request_id, *rest)
+            else:
+                engine.abort_request(request_id)
+        if action == STOP:
+            return
+        engine.step()
