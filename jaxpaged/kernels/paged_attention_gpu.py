@@ -87,7 +87,7 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
     dec_n = (128 if long_ctx or s * hkv >= 1024 else 64) * 128 // max(d, 128)
     # Split-KV only to give a small batch enough programs for the 132 SMs; each part gets at
     # least `min_split_keys` keys (applied in the kernel from the real context), so short
-    # contexts stay whole. 128-key parts measured no faster in the engine (docs/kernels.md).
+    # contexts stay whole (128-key parts measured no faster in the engine: docs/kernels.md).
     min_keys = TileConfig.min_split_keys
     progs = max(1, s * hkv)
     splits = 1
