@@ -7,14 +7,11 @@ import base64
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from argparse import Namespace
 from pathlib import Path
 
-import httpx
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -26,12 +23,7 @@ ENGINE = ["--max-model-len", "128", "--max-num-seqs", "8", "--max-num-batched-to
 sys.path.insert(0, str(SCRIPTS))
 
 import benchmark_serving as bs  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _server import free_port, wait_healthy  # noqa: E402
 
 
 def _env(tmp_path: Path) -> dict:
@@ -113,7 +105,7 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
     model = str(tiny_model_dir("llama"))
     results = tmp_path / "results"
     results.mkdir()
-    env, port = _env(tmp_path), _free_port()
+    env, port = _env(tmp_path), free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--model", model, "--host", "127.0.0.1",
                                "--port", str(port), "--no-enable-prefix-caching", *ENGINE],
@@ -134,16 +126,7 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         lat = json.loads((results / "latency.json").read_text())["seconds"]
         assert lat["  its device time, prompt 16"] > 0 and lat["TTFT, prompt 16"] > 0
 
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_healthy(port, [server], (tmp_path / "server.log").read_text)
 
         n, rates = 6, ["8", "inf"]
         cmd = [sys.executable, SCRIPTS / "benchmark_serving.py", "--base-url", f"http://127.0.0.1:{port}",

@@ -3,9 +3,10 @@ parallel over both: the same tokens as one process."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
+
+from _server import free_port, wait_healthy
 
 from jaxpaged import LLM, SamplingParams
 
@@ -19,12 +20,6 @@ llm = LLM(model, tensor_parallel_size=2, coordinator_address=f"127.0.0.1:{port}"
 outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 print("TOKENS", json.dumps([o.outputs[0].token_ids for o in outs]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_match_one(tiny_model_dir):
@@ -55,7 +50,6 @@ def test_server_across_two_processes(tiny_model_dir, tmp_path):
     import threading
     import time
 
-    import httpx
     import openai
 
     model = str(tiny_model_dir("llama"))
@@ -71,15 +65,7 @@ def test_server_across_two_processes(tiny_model_dir, tmp_path):
         return "\n".join(open(tmp_path / f"p{pid}.log").read()[-3000:] for pid in (0, 1))
 
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, show()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
+        wait_healthy(port, procs, show, timeout=240)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
         name = client.models.list().data[0].id
         prompts = [[5, 6, 7, 8, 9], list(range(40, 61)), [3, 1, 4, 1, 5, 9, 2, 6]]

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
+from _server import free_port, wait_healthy
 
 from jaxpaged.serve.cli import engine_config, make_parser, read_chat_template
 from jaxpaged.serve.demo import DEMO_DEFAULTS
@@ -46,30 +44,15 @@ def test_several_processes_need_a_coordinator(capsys):
     assert exit_.value.code == 2 and "--coordinator-address" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
 def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "JAXPAGED_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--host", "127.0.0.1", "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_healthy(port, [proc], (tmp_path / "server.log").read_text)
         out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v1/completions", "-H",
                               "Content-Type: application/json", "-d",
                               '{"model": "jaxpaged-demo", "prompt": "Hello", "max_tokens": 5}'],
