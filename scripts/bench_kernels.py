@@ -177,11 +177,11 @@ def ours(scale, **kw):
         q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
 
 
-def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None):
+def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None, bs=16):
     """Decode of `b` sequences at context `ctx`; `t` >= b: the step's padded bucket (padding
     sequences without context, as in the engine's smallest bucket); `table_keys`: block-table
-    width in keys (the engine's max_model_len; default ctx)."""
-    hq, d, bs = 4 * hkv, 128, 16
+    width in keys (the engine's max_model_len; default ctx); `bs`: tokens per KV block."""
+    hq, d = 4 * hkv, 128
     plan = [(ctx - 1, 1)] * b
     k_pool, v_pool, sets = make_batch(jax.random.key(ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=3,
                                       num_tokens=t, num_seqs=t)
@@ -190,7 +190,7 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
     scale = d ** -0.5
     kvb = kv_bytes(plan, hkv, d)
     case = f"decode b{b} ctx{ctx}" + (f" hkv{hkv}" if hkv != 8 else "") + (f" S{t}" if t else "") + (
-        f" table{table_keys}" if table_keys else "")
+        f" table{table_keys}" if table_keys else "") + (f" bs{bs}" if bs != 16 else "")
     args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
     cfg, _ = choose_config(t or b, t or b, hq, hkv, d, width * bs)
     if check:
@@ -313,6 +313,7 @@ def main():
     ap.add_argument("--decode-kv-heads", type=int, default=8, help="KV heads per device (tp=4 of Llama-3: 2)")
     ap.add_argument("--decode-bucket", type=int, default=None, help="sequences of the padded step (>= batch)")
     ap.add_argument("--decode-table", type=int, default=None, help="block-table width in keys (max_model_len)")
+    ap.add_argument("--decode-block-size", default="16", help="comma-separated tokens per KV block")
     a = ap.parse_args()
     only = a.only.split(",")
     dev = jax.devices()[0]
@@ -327,8 +328,9 @@ def main():
     if "decode" in only:
         ctxs = [int(c) for c in a.decode_ctx.split(",")] if a.decode_ctx else [512] if a.quick else [512, 2048, 8192]
         for ctx in ctxs:
-            bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch, hkv=a.decode_kv_heads, t=a.decode_bucket,
-                         table_keys=a.decode_table)
+            for bs in (int(x) for x in a.decode_block_size.split(",")):
+                bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch, hkv=a.decode_kv_heads, t=a.decode_bucket,
+                             table_keys=a.decode_table, bs=bs)
         if not a.quick and not a.decode_ctx:
             bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
     if "prefill" in only and not a.quick:

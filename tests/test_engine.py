@@ -49,6 +49,7 @@ CONFIGS = {
     "seqs1-budget64": dict(max_num_seqs=1, max_num_batched_tokens=64),
     "seqs4-budget16": dict(max_num_seqs=4, max_num_batched_tokens=16),
     "seqs64-budget64-nocache": dict(max_num_seqs=64, max_num_batched_tokens=64, enable_prefix_caching=False),
+    "seqs64-budget64-buckets24,40": dict(max_num_seqs=64, max_num_batched_tokens=64, token_buckets=(24, 40)),
     "preempt": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48),
     "preempt-sync": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48, async_scheduling=False),
     # the Pallas GPU kernel, here in Pallas interpret mode
@@ -69,11 +70,22 @@ def test_greedy_matches_hf_under_every_schedule(name, model_dir, workload, compi
     engine = llm.engine
     if name.startswith("preempt"):
         assert engine.scheduler.num_preemptions > 0
+    if "buckets" in name:  # steps padded to the given sizes, the budget added
+        assert engine.runner.buckets == [24, 40, 64]
     if name == "seqs4-budget16":  # prompts longer than the budget were chunked
         assert max(len(p) for p in prompts) > 16
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks  # nothing leaked: every block free or cached
     assert compile_counter.count == compiles, "the engine compiled after warm-up"
+
+
+def test_default_buckets_add_steps_where_decode_gemms_are_compute_bound():
+    from jaxpaged.engine.model_runner import token_buckets
+    b = token_buckets(2048, 256)
+    assert b == sorted(set(b)) and b[0] == 16 and b[-1] == 2048  # every step size has a bucket
+    assert [t for t in b if 128 < t < 256] == [192]  # decode steps of 129-192 rows are not padded to 256
+    assert token_buckets(2048, 128) == [t for t in b if t != 192]  # none beyond max_num_seqs
+    assert token_buckets(100, 256) == [16, 32, 64, 100]
 
 
 def test_prefix_cache_computes_only_new_tokens(model_dir):

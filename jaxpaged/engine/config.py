@@ -16,6 +16,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped at 8192
+    token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: model_runner.token_buckets)
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # launch step n+1 before processing step n's outputs
     seed: int = 0
@@ -36,6 +37,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be at least 2 (one is scratch), got {self.num_kv_blocks}")
+        if self.token_buckets is not None and (not self.token_buckets or min(self.token_buckets) < 1):
+            raise ValueError(f"token_buckets must be positive token counts, got {self.token_buckets}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.attention_backend not in ("auto", "reference", "pallas"):

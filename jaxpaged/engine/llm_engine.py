@@ -62,7 +62,7 @@ class LLMEngine:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs, budget,
-                                  self.max_model_len, self.eos_token_ids, self.mesh)
+                                  self.max_model_len, self.eos_token_ids, self.mesh, config.token_buckets)
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype

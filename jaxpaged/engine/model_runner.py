@@ -42,13 +42,22 @@ class Launched:
     prompt: PromptLogprobsOutput | None = None
 
 
-def token_buckets(max_num_batched_tokens: int, smallest: int = 16) -> list[int]:
-    """Powers of two from `smallest` up to the budget, and the budget itself."""
-    out, b = [], min(smallest, max_num_batched_tokens)
-    while b < max_num_batched_tokens:
-        out.append(b)
-        b *= 2
-    return out + [max_num_batched_tokens]
+def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[int, ...] | None = None,
+                  smallest: int = 16) -> list[int]:
+    """The padded step sizes (one compiled forward each). Default: powers of two from
+    `smallest` up to the budget, the budget itself, and 1.5x steps between 128 and
+    `max_num_seqs` (e.g. 192): decode steps of more than ~128 rows make the GEMMs
+    compute-bound on a GPU, so padding them to the next power of two costs time.
+    `sizes` replaces the rule (vLLM's cudagraph capture sizes); the budget is always added."""
+    if sizes is None:
+        out, b = [], min(smallest, max_num_batched_tokens)
+        while b < max_num_batched_tokens:
+            out.append(b)
+            if b >= 128 and 3 * b // 2 <= min(max_num_seqs, max_num_batched_tokens):
+                out.append(3 * b // 2)
+            b *= 2
+        sizes = out
+    return sorted({t for t in sizes if t < max_num_batched_tokens} | {max_num_batched_tokens})
 
 
 def _fields(x) -> dict:
@@ -60,7 +69,8 @@ class ModelRunner:
     `warmup(kv)`; then `launch` / `fetch` per step."""
 
     def __init__(self, cfg: ModelConfig, params: dict, attention, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None):
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None,
+                 buckets: tuple[int, ...] | None = None):
         self.cfg, self.params, self.kv = cfg, params, None
         self.top_params = {k: v for k, v in params.items() if k != "layers"}  # all the head reads
         self.eos_token_ids = eos_token_ids
@@ -69,7 +79,7 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // self.block_size)
-        self.buckets = token_buckets(max_num_batched_tokens)
+        self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, buckets)
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
         self._fwd, self._head = jitted_step(cfg, attention, replicated,
                                              NamedSharding(mesh, KV_POOL) if mesh is not None else None)
