@@ -18,11 +18,14 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXPAGED_API_KEY", "from-env")
     args = make_parser().parse_args(["--model", "m", "--dtype", "half", "--max-model-len", "99", "--block-size", "8",
                                      "--no-enable-prefix-caching", "-tp", "2", "--max-num-seqs", "3", "--seed", "5",
-                                     "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "32"])
+                                     "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "32",
+                                     "--token-buckets", "8,24"])
     cfg = engine_config(args, "m", DEMO_DEFAULTS)
     assert (cfg.dtype, cfg.max_model_len, cfg.block_size, cfg.enable_prefix_caching) == ("float16", 99, 8, False)
     assert (cfg.tensor_parallel_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.seed) == (2, 3, 32, 5)
-    assert cfg.gpu_memory_utilization == 0.5
+    assert cfg.gpu_memory_utilization == 0.5 and cfg.token_buckets == (8, 24)
+    with pytest.raises(SystemExit):  # a usage error, not a traceback
+        make_parser().parse_args(["--token-buckets", "8,x"])
     defaults = make_parser().parse_args([])
     assert (defaults.port, defaults.api_key, defaults.enable_prefix_caching) == (8000, "from-env", True)
     assert engine_config(defaults, "m", DEMO_DEFAULTS).max_model_len == 256  # the demo's defaults apply

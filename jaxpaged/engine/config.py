@@ -15,7 +15,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # default: max(2048, max_model_len) capped at 8192
+    max_num_batched_tokens: int | None = None  # token budget per step; default 2048
     token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: model_runner.token_buckets)
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # launch step n+1 before processing step n's outputs

@@ -29,6 +29,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--max-num-seqs", type=int, help="most requests in one batch (default 256)")
     a("--max-num-batched-tokens", type=int, help="token budget per engine step (default 2048)")
     a("--block-size", type=int, default=16, help="tokens per KV block")
+    a("--token-buckets", type=_int_list, help="comma-separated padded step sizes to compile (default: powers of "
+      "two and 192-style steps; vLLM's --cuda-graph-sizes)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--tensor-parallel-size", "-tp", type=int, default=1)
     a("--num-processes", type=int, default=1,
@@ -43,6 +45,13 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+
+
 def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> EngineConfig:
     """Flags given on the command line win over `defaults` (the demo's), then EngineConfig's."""
     given = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
@@ -52,7 +61,7 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-        async_scheduling=args.async_scheduling, coordinator_address=args.coordinator_address,
+        async_scheduling=args.async_scheduling, token_buckets=args.token_buckets, coordinator_address=args.coordinator_address,
         num_processes=args.num_processes, process_id=args.process_id, **{**defaults, **given})
 
 
