@@ -53,7 +53,7 @@ def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[i
         out, b = [], min(smallest, max_num_batched_tokens)
         while b < max_num_batched_tokens:
             out.append(b)
-            if b >= 128 and 3 * b // 2 <= min(max_num_seqs, max_num_batched_tokens):
+            if b >= 128 and 3 * b // 2 <= max_num_seqs:  # (sizes past the budget are dropped below)
                 out.append(3 * b // 2)
             b *= 2
         sizes = out
