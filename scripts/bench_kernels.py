@@ -8,8 +8,10 @@
 3. timings (median over repeats of back-to-back calls after warm-up, inputs rotated among
    3 sets in disjoint parts of the pool) of the kernel, the jnp reference and JAX's own
    `jax.experimental.pallas.ops.gpu.paged_attention` (decode only), for decode batch 64,
-   32 q heads, 8 KV heads, D=128, bf16, block 16 at contexts 512/2048/8192, prefill
-   8 x 2048 causal and a mixed batch; prints one table last.
+   32 q heads, 8 KV heads, D=128, bf16, block 16 at contexts 512/2048/8192 (the per-sequence
+   kernel, as the engine's decode steps), prefill 8 x 2048 causal and a mixed batch, and with
+   `--only bucket` a prefill step's attention in the engine's padded 2048-token bucket; prints
+   one table last.
 """
 from __future__ import annotations
 
@@ -177,50 +179,59 @@ def ours(scale, **kw):
         q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
 
 
-def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None, bs=16):
-    """Decode of `b` sequences at context `ctx`; `t` >= b: the step's padded bucket (padding
-    sequences without context, as in the engine's smallest bucket); `table_keys`: block-table
-    width in keys (the engine's max_model_len; default ctx); `bs`: tokens per KV block."""
+def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None, bs=16, layers=2):
+    """Decode of `b` sequences at context `ctx` (an int, or "mixed": uniform in [17, 2048]) through
+    the per-sequence kernel, as the engine's decode steps (`max_query_len=1`); `t` >= b: the step's
+    padded bucket (padding sequences without context, as in the engine's smallest bucket);
+    `table_keys`: block-table width in keys (the engine's max_model_len; default the longest
+    context); `bs`: tokens per KV block; `layers`: of the pool (32: an engine-sized pool, over
+    4 GiB, so the kernel computes 64-bit offsets; one input set then, else three)."""
     hq, d = 4 * hkv, 128
-    plan = [(ctx - 1, 1)] * b
-    k_pool, v_pool, sets = make_batch(jax.random.key(ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=3,
-                                      num_tokens=t, num_seqs=t)
-    width = -(-(table_keys or ctx) // bs)
+    if ctx == "mixed":
+        plan = [(int(c) - 1, 1) for c in np.random.default_rng(0).integers(17, 2049, b)]
+    else:
+        plan = [(ctx - 1, 1)] * b
+    max_ctx = max(c + n for c, n in plan)
+    k_pool, v_pool, sets = make_batch(jax.random.key(max_ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs,
+                                      sets=1 if layers > 2 else 3, layers=layers, num_tokens=t, num_seqs=t)
+    width = -(-(table_keys or max_ctx) // bs)
     sets = [(q, qs, lens, jnp.pad(bt, ((0, 0), (0, max(0, width - bt.shape[1]))))) for q, qs, lens, bt in sets]
     scale = d ** -0.5
     kvb = kv_bytes(plan, hkv, d)
     case = f"decode b{b} ctx{ctx}" + (f" hkv{hkv}" if hkv != 8 else "") + (f" S{t}" if t else "") + (
-        f" table{table_keys}" if table_keys else "") + (f" bs{bs}" if bs != 16 else "")
+        f" table{table_keys}" if table_keys else "") + (f" bs{bs}" if bs != 16 else "") + (
+        f" pool{k_pool.nbytes / 2**30:.0f}GiB" if layers > 2 else "")
     args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
     cfg, _ = choose_config(t or b, t or b, hq, hkv, d, width * bs)
     if check:
         try:
             q, qs, lens, bt = sets[0]
-            out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
+            out = ours(scale, max_query_len=1)(q, k_pool, v_pool, qs, lens, bt)
             ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
             log(f"check {case:<38} rel_err={rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), b):.2e} "
                 f"(vs bf16 reference)")
         except Exception as e:  # noqa: BLE001
             log(f"check {case:<38} ERROR {type(e).__name__}: {str(e)[:300]}")
     try_bench(case, f"pallas (default n{cfg.block_n} sp{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages})",
-              ours(scale), args, kvb, copy_bw)
+              ours(scale, max_query_len=1), args, kvb, copy_bw)
     if sweep:
         for bn, ns, nw, st in [(64, 1, 4, 3), (32, 1, 4, 4), (128, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 3),
                                (64, 1, 4, 4), (32, 1, 4, 3), (32, 1, 2, 4), (64, 1, 8, 3), (128, 1, 4, 3),
                                (64, 1, 4, 2), (32, 1, 4, 6)]:
             try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
-                      ours(scale, decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
+                      ours(scale, max_query_len=1, decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
     if sweep and b <= 16:  # split-KV for small batches: parts and the least keys per part
         for ns, mk in [(1, 128), (2, 1024), (4, 1024), (4, 128), (8, 128), (16, 128), (16, 64), (8, 256)]:
             try_bench(case, f"pallas n64 sp{ns} min{mk}",
-                      ours(scale, decode_config=TileConfig(16, 64, ns, min_split_keys=mk)), args, kvb, copy_bw)
+                      ours(scale, max_query_len=1, decode_config=TileConfig(16, 64, ns, min_split_keys=mk)), args,
+                      kvb, copy_bw)
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
         q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
     # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].
     from jax.experimental.pallas.ops.gpu import paged_attention as jpa
     k1, v1 = k_pool[1], v_pool[1]
     jargs = [((q * scale).astype(q.dtype), k1, v1, bt, lens) for q, qs, lens, bt in sets]
-    pages = -(-ctx // bs)
+    pages = width
     best = None
     for ks, ppcb in [(16, 8), (8, 8), (4, 16), (16, 4)]:
         if pages % ks or (pages // ks) % min(ppcb, pages // ks):
@@ -285,8 +296,9 @@ def bench_mixed(copy_bw):
     for name, plan in [("mixed", dec + pre), ("  decode part", dec), ("  prefill part", pre)]:
         k_pool, v_pool, sets = make_batch(jax.random.key(len(plan)), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=2)
         args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
+        dec_only = name == "  decode part"
         res[name] = try_bench(f"{name} 64x2k+2x1k".strip(), "pallas (default: " + (
-            "fused" if name != "  decode part" else "decode") + ")", ours(scale), args,
+            "fused" if not dec_only else "decode") + ")", ours(scale, max_query_len=1 if dec_only else None), args,
                               kv_bytes(plan, hkv, d), copy_bw, attn_flops(plan, hq, d))
         if name == "mixed":
             for mode in ("split", "prefill"):
@@ -302,6 +314,28 @@ def bench_mixed(copy_bw):
         log(f"  mixed / (decode + prefill) = {res['mixed'] / (res['  decode part'] + res['  prefill part']):.2f}")
 
 
+def bench_bucket(copy_bw):
+    """A prefill step's attention in the engine's 2048-token bucket, whose grid has slack for
+    256 sequence slots: a few prompts (and decodes) among padding sequences; fused vs split."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    for plan, s in [([(0, 512)] * 4, 5), ([(0, 512)] * 4, 256), ([(0, 512)] * 3 + [(0, 500)] + [(600, 1)] * 12, 256),
+                    ([(0, 2048)], 256), ([(1000, 1024), (0, 1024)], 256)]:
+        k_pool, v_pool, sets = make_batch(jax.random.key(s + len(plan)), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=2,
+                                          layers=32, num_tokens=2048, num_seqs=s)
+        args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
+        case = f"bucket2048 S{s} {len(plan)}seqs"
+        q, qs, lens, bt = sets[0]
+        scale = d ** -0.5
+        out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
+        ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
+        log(f"check {case:<38} rel_err="
+            f"{rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), sum(n for _, n in plan)):.2e} (vs bf16 ref)")
+        for mode in ("fused", "split"):
+            try_bench(case, f"pallas mode={mode}", ours(scale, mode=mode), args, kv_bytes(plan, hkv, d), copy_bw,
+                      attn_flops(plan, hq, d), note=" + ".join(f"{n}@{c}" for c, n in sorted(set(plan))))
+        del k_pool, v_pool, sets, args, ref
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -309,11 +343,13 @@ def main():
     ap.add_argument("--log", default=None)
     ap.add_argument("--only", default="checks,decode,prefill,mixed")
     ap.add_argument("--decode-batch", type=int, default=64)
-    ap.add_argument("--decode-ctx", default=None, help="comma-separated contexts (default 512,2048,8192)")
+    ap.add_argument("--decode-ctx", default=None,
+                    help="comma-separated contexts, or 'mixed' (uniform in [17, 2048]); default 512,2048,8192")
     ap.add_argument("--decode-kv-heads", type=int, default=8, help="KV heads per device (tp=4 of Llama-3: 2)")
     ap.add_argument("--decode-bucket", type=int, default=None, help="sequences of the padded step (>= batch)")
     ap.add_argument("--decode-table", type=int, default=None, help="block-table width in keys (max_model_len)")
     ap.add_argument("--decode-block-size", default="16", help="comma-separated tokens per KV block")
+    ap.add_argument("--decode-layers", type=int, default=2, help="pool layers (32: engine-sized, 64-bit offsets)")
     a = ap.parse_args()
     only = a.only.split(",")
     dev = jax.devices()[0]
@@ -326,17 +362,19 @@ def main():
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     if "decode" in only:
-        ctxs = [int(c) for c in a.decode_ctx.split(",")] if a.decode_ctx else [512] if a.quick else [512, 2048, 8192]
+        ctxs = [c if c == "mixed" else int(c) for c in a.decode_ctx.split(",")] if a.decode_ctx else [512] if a.quick else [512, 2048, 8192]
         for ctx in ctxs:
             for bs in (int(x) for x in a.decode_block_size.split(",")):
                 bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch, hkv=a.decode_kv_heads, t=a.decode_bucket,
-                             table_keys=a.decode_table, bs=bs)
+                             table_keys=a.decode_table, bs=bs, layers=a.decode_layers)
         if not a.quick and not a.decode_ctx:
             bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
     if "prefill" in only and not a.quick:
         bench_prefill(copy_bw, a.sweep)
     if "mixed" in only and not a.quick:
         bench_mixed(copy_bw)
+    if "bucket" in only:
+        bench_bucket(copy_bw)
     lines = ["", f"| case | impl | us | TB/s KV read | % of copy BW ({copy_bw / 1e12:.2f} TB/s) | TFLOP/s |",
              "|---|---|---:|---:|---:|---:|"]
     for case, impl, us, tbs, pct, tf, note in ROWS:

@@ -242,8 +242,11 @@ def _qblock_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, qb,
     n_tok = jnp.clip(q_len - tok0, 0, block_q)
     if min_q_len is not None:  # sequences this short went to the per-sequence kernel
         n_tok = jnp.where((q_len < min_q_len) & (s < num_seqs), 0, n_tok)
-    _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, h=h, sp=0, s_c=s_c, layer=layer, win=win,
-                  q_start=q_start, q_len=q_len, ctx=ctx, tok0=tok0, n_tok=n_tok, **kw)
+    # Most programs of a step with few sequences in a large bucket own no tokens (the grid's
+    # slack for the padding sequences): they exit before loading their q tile.
+    pl.when(n_tok > 0)(lambda: _attend_block(
+        q_ref, k_ref, v_ref, bt_ref, out_refs, h=h, sp=0, s_c=s_c, layer=layer, win=win, q_start=q_start,
+        q_len=q_len, ctx=ctx, tok0=tok0, n_tok=n_tok, **kw))
 
 
 def _split_refs(rest, has_prev):
