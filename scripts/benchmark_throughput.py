@@ -139,7 +139,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
               async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
               compile_threads=args.compile_threads, block_size=args.block_size,
-              token_buckets=tuple(int(t) for t in args.token_buckets.split(",")) if args.token_buckets else None)
+              token_buckets=args.token_buckets)
     engine = llm.engine
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -198,6 +198,8 @@ def run_hf(args, model_dir: str, prompts, outs) -> dict:
 
 
 def main() -> None:
+    from jaxpaged.serve.cli import int_list  # (jax reads the memory settings below only when a backend starts)
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF model directory")
@@ -217,7 +219,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--token-buckets", default=None, help="comma-separated padded step sizes (default: the engine's)")
+    ap.add_argument("--token-buckets", type=int_list, default=None,
+                    help="comma-separated padded step sizes (default: the engine's)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)

@@ -29,7 +29,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--max-num-seqs", type=int, help="most requests in one batch (default 256)")
     a("--max-num-batched-tokens", type=int, help="token budget per engine step (default 2048)")
     a("--block-size", type=int, default=16, help="tokens per KV block")
-    a("--token-buckets", type=_int_list, help="comma-separated padded step sizes to compile (default: powers of "
+    a("--token-buckets", type=int_list, help="comma-separated padded step sizes to compile (default: powers of "
       "two and 192-style steps; vLLM's --cuda-graph-sizes)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -45,7 +45,8 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_list(value: str) -> tuple[int, ...]:
+def int_list(value: str) -> tuple[int, ...]:
+    """argparse type: "16,32,64" -> (16, 32, 64), a usage error otherwise."""
     try:
         return tuple(int(v) for v in value.split(","))
     except ValueError:
