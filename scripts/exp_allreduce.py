@@ -1,0 +1,149 @@
+"""EXPERIMENT (written in session 6, not yet run on a GPU): a one-shot all-reduce as a Pallas
+Mosaic GPU kernel, against XLA's psum, on the GPUs of one process.
+
+    CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH=. python scripts/exp_allreduce.py [--rows 16,256,2048] [--hidden 4096]
+
+The question it answers for issue 7 (docs/parallel.md): can the tensor-parallel step's
+all-reduces run inside XLA's CUDA graph without NCCL, and in how many microseconds? Today the
+8B tp=2 step is split into ~65 graph segments at its all-reduces (host-bound dispatch) and
+the 70B tp=4 step spends 160 x 11.8 us in NCCL. The kernel here: every device reads every
+peer's input over NVLink (`plgpu.remote_ref`; no NVLink multicast, which must stay off on
+these machines) and sums in f32; cross-device semaphores order the reads after the peers'
+kernels start and keep each input alive until every peer has read it.
+
+Per shape [rows, hidden] per device (bf16): the max error against psum, the time per call in
+a jitted chain of 32 calls (each followed by the same scale), for both; then whether XLA keeps
+the kernel inside a command buffer: the optimized HLO of an 8-layer matmul -> all-reduce
+chain, entry-computation ops and custom calls outside command buffers (as
+`profile_step.py --hlo` prints them). Lowers for CUDA on a CPU-only machine with
+`--lower-only` (a construction check, nothing runs).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+
+if "--lower-only" in sys.argv:
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+def all_reduce_pull(x: jax.Array, *, axis_name: str, num_blocks: int = 132, tile: int = 8192,
+                    vec: int = 8) -> jax.Array:
+    """Sum of `x` over `axis_name` (inside shard_map). x: [M, N], M * N a multiple of `tile`."""
+    n = lax.axis_size(axis_name)
+    shape, dtype = x.shape, x.dtype
+    total = math.prod(shape)
+    assert total % tile == 0, (shape, tile)
+
+    def kernel(x_ref, y_ref, sems):
+        # Per block: sems[0] counts "input ready", sems[1] "done reading"; each wait decrements,
+        # so both are back at 0 when the kernel exits (a fast peer's next call can signal early).
+        me = lax.axis_index(axis_name)
+        xf, yf = x_ref.reshape((total,)), y_ref.reshape((total,))
+        for j in range(n):  # this device's input is ready: tell every device (itself included)
+            pl.semaphore_signal(sems.at[0], device_id=j)
+        pl.semaphore_wait(sems.at[0], n)
+
+        @plgpu.nd_loop((total // tile,), collective_axes="blocks")
+        def _tiles(info):
+            sl = pl.ds(info.index[0] * tile, tile)
+            layout = plgpu.Layout.WG_STRIDED((tile,), vec_size=vec)
+            acc = plgpu.layout_cast(xf[sl], layout).astype(jnp.float32)
+            for j in range(1, n):
+                peer = lax.rem(me + j, n)
+                acc = acc + plgpu.layout_cast(plgpu.remote_ref(xf, peer)[sl], layout).astype(jnp.float32)
+            yf[sl] = acc.astype(dtype)
+
+        for j in range(n):  # done reading the peers' inputs: they may be reused
+            pl.semaphore_signal(sems.at[1], device_id=j)
+        pl.semaphore_wait(sems.at[1], n)
+
+        @pl.when(me == -1)  # never runs: as in JAX's all_gather_mgpu, makes XLA place x in symmetric memory
+        def _never():
+            x_ref[(0,) * len(shape)] = jnp.asarray(0, dtype)
+
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct(shape, dtype), grid=(num_blocks,),
+                        grid_names=("blocks",), scratch_types=[plgpu.SemaphoreType.REGULAR((2,))],
+                        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+                        )(x)
+
+
+def chain(mesh, reduce, k: int, weights: bool = False):
+    """jit(shard_map) of k (matmul ->) all-reduce -> scale steps; rows sharded over `tp`."""
+    n = mesh.shape["tp"]
+
+    def body(x, *ws):
+        for i in range(k):
+            if weights:
+                x = x @ ws[0]
+            x = (reduce(x).astype(jnp.float32) * (1.0 / n)).astype(x.dtype)
+        return x
+
+    specs = (P("tp"), P()) if weights else (P("tp"),)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P("tp"), check_vma=False))
+
+
+def entry_report(text: str) -> str:
+    entry = text[text.index("\nENTRY"):]
+    entry = entry[: entry.index("\n}\n")]
+    outside = [ln.strip()[:120] for ln in entry.splitlines() if "custom-call" in ln or "all-reduce" in ln]
+    return (f"{len(entry.splitlines()) - 1} entry instructions, {text.count('command_buffer')} mentions of "
+            f"command_buffer; custom calls / all-reduces in the entry: {len(outside)}\n    " + "\n    ".join(outside[:6]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="16,256,2048")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--calls", type=int, default=32)
+    ap.add_argument("--lower-only", action="store_true", help="lower for CUDA on this machine, run nothing")
+    a = ap.parse_args()
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ("tp",))
+    ours = functools.partial(all_reduce_pull, axis_name="tp")
+    xla = functools.partial(lax.psum, axis_name="tp")
+    print(f"jax {jax.__version__}, {n} x {jax.devices()[0].device_kind}, {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    for rows in (int(r) for r in a.rows.split(",")):
+        shape = (n * rows, a.hidden)
+        if a.lower_only:
+            spec = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P("tp")))
+            text = chain(mesh, ours, 2).trace(spec).lower(lowering_platforms=("cuda",)).as_text()
+            print(f"rows {rows}: lowered for CUDA, {len(text)} chars, mosaic custom call: {'mosaic_gpu' in text}")
+            continue
+        x = jax.device_put(jax.random.normal(jax.random.key(rows), shape, jnp.bfloat16), NamedSharding(mesh, P("tp")))
+        one = {name: chain(mesh, f, 1) for name, f in (("pallas", ours), ("psum", xla))}
+        ref, out = one["psum"](x), one["pallas"](x)
+        err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        line = f"rows {rows:5d} x {a.hidden}: max |pallas - psum| {err:.3g}"
+        for name, f in (("pallas", ours), ("psum", xla)):
+            g = chain(mesh, f, a.calls)
+            jax.block_until_ready(g(x))
+            t0 = time.perf_counter()
+            for _ in range(5):
+                y = g(x)
+            jax.block_until_ready(y)
+            line += f"  {name} {(time.perf_counter() - t0) / 5 / a.calls * 1e6:7.1f} us/call"
+        print(line, flush=True)
+    if a.lower_only:
+        return
+    w = jax.device_put(jnp.eye(a.hidden, dtype=jnp.bfloat16), NamedSharding(mesh, P()))
+    x = jax.device_put(jnp.ones((n * 16, a.hidden), jnp.bfloat16), NamedSharding(mesh, P("tp")))
+    for name, f in (("pallas", ours), ("psum", xla)):
+        text = chain(mesh, f, 8, weights=True).lower(x, w).compile().as_text()
+        print(f"8 x (matmul -> {name}): {entry_report(text)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
