@@ -179,6 +179,14 @@ def ours(scale, **kw):
         q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
 
 
+def check_vs_ref(case, fn, q, k_pool, v_pool, qs, lens, bt, n, scale):
+    """Log `fn`'s error against the jnp reference on the same bf16 inputs over the first n tokens."""
+    out = fn(q, k_pool, v_pool, qs, lens, bt)
+    ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
+    log(f"check {case:<38} rel_err={rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), n):.2e} "
+        f"(vs bf16 reference)")
+
+
 def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None, bs=16, layers=2):
     """Decode of `b` sequences at context `ctx` (an int, or "mixed": uniform in [17, 2048]) through
     the per-sequence kernel, as the engine's decode steps (`max_query_len=1`); `t` >= b: the step's
@@ -203,28 +211,25 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
         f" pool{k_pool.nbytes / 2**30:.0f}GiB" if layers > 2 else "")
     args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
     cfg, _ = choose_config(t or b, t or b, hq, hkv, d, width * bs)
+    decode = functools.partial(ours, scale, max_query_len=1)  # the per-sequence kernel alone
     if check:
         try:
             q, qs, lens, bt = sets[0]
-            out = ours(scale, max_query_len=1)(q, k_pool, v_pool, qs, lens, bt)
-            ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
-            log(f"check {case:<38} rel_err={rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), b):.2e} "
-                f"(vs bf16 reference)")
+            check_vs_ref(case, decode(), q, k_pool, v_pool, qs, lens, bt, b, scale)
         except Exception as e:  # noqa: BLE001
             log(f"check {case:<38} ERROR {type(e).__name__}: {str(e)[:300]}")
     try_bench(case, f"pallas (default n{cfg.block_n} sp{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages})",
-              ours(scale, max_query_len=1), args, kvb, copy_bw)
+              decode(), args, kvb, copy_bw)
     if sweep:
         for bn, ns, nw, st in [(64, 1, 4, 3), (32, 1, 4, 4), (128, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 3),
                                (64, 1, 4, 4), (32, 1, 4, 3), (32, 1, 2, 4), (64, 1, 8, 3), (128, 1, 4, 3),
                                (64, 1, 4, 2), (32, 1, 4, 6)]:
             try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
-                      ours(scale, max_query_len=1, decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
+                      decode(decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
     if sweep and b <= 16:  # split-KV for small batches: parts and the least keys per part
         for ns, mk in [(1, 128), (2, 1024), (4, 1024), (4, 128), (8, 128), (16, 128), (16, 64), (8, 256)]:
             try_bench(case, f"pallas n64 sp{ns} min{mk}",
-                      ours(scale, max_query_len=1, decode_config=TileConfig(16, 64, ns, min_split_keys=mk)), args,
-                      kvb, copy_bw)
+                      decode(decode_config=TileConfig(16, 64, ns, min_split_keys=mk)), args, kvb, copy_bw)
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
         q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
     # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].
@@ -305,10 +310,7 @@ def bench_mixed(copy_bw):
                 try_bench("mixed 64x2k+2x1k", f"pallas mode={mode}", ours(scale, mode=mode), args,
                           kv_bytes(plan, hkv, d), copy_bw, attn_flops(plan, hq, d))
             q, qs, lens, bt = sets[0]
-            out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
-            ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
-            log(f"check {'mixed 64x2k+2x1k':<38} rel_err="
-                f"{rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), int(qs[-1])):.2e} (vs bf16 ref)")
+            check_vs_ref("mixed 64x2k+2x1k", ours(scale), q, k_pool, v_pool, qs, lens, bt, int(qs[-1]), scale)
         del k_pool, v_pool, sets, args
     if all(res.values()):
         log(f"  mixed / (decode + prefill) = {res['mixed'] / (res['  decode part'] + res['  prefill part']):.2f}")
@@ -326,14 +328,11 @@ def bench_bucket(copy_bw):
         case = f"bucket2048 S{s} {len(plan)}seqs"
         q, qs, lens, bt = sets[0]
         scale = d ** -0.5
-        out = ours(scale)(q, k_pool, v_pool, qs, lens, bt)
-        ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(q, k_pool, v_pool, 1, qs, lens, bt)
-        log(f"check {case:<38} rel_err="
-            f"{rel_err(out.astype(jnp.float32), ref.astype(jnp.float32), sum(n for _, n in plan)):.2e} (vs bf16 ref)")
+        check_vs_ref(case, ours(scale), q, k_pool, v_pool, qs, lens, bt, sum(n for _, n in plan), scale)
         for mode in ("fused", "split"):
             try_bench(case, f"pallas mode={mode}", ours(scale, mode=mode), args, kv_bytes(plan, hkv, d), copy_bw,
                       attn_flops(plan, hq, d), note=" + ".join(f"{n}@{c}" for c, n in sorted(set(plan))))
-        del k_pool, v_pool, sets, args, ref
+        del k_pool, v_pool, sets, args
 
 
 def main():
