@@ -14,8 +14,8 @@ kernels start and keep each input alive until every peer has read it.
 Per shape [rows, hidden] per device (bf16): the max error against psum, the time per call in
 a jitted chain of 32 calls (each followed by the same scale), for both; then whether XLA keeps
 the kernel inside a command buffer: the optimized HLO of an 8-layer matmul -> all-reduce
-chain, entry-computation ops and custom calls outside command buffers (as
-`profile_step.py --hlo` prints them). Lowers for CUDA on a CPU-only machine with
+chain, entry-computation ops and custom calls outside command buffers
+(`profile_step.hlo_report`, which also writes the HLO under `--out`). Lowers for CUDA on a CPU-only machine with
 `--lower-only` (a construction check, nothing runs).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 if "--lower-only" in sys.argv:
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
@@ -37,6 +38,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from ceilings import bench  # noqa: E402
+from profile_step import hlo_report  # noqa: E402
 
 
 def all_reduce_pull(x: jax.Array, *, axis_name: str, num_blocks: int = 132, tile: int = 8192,
@@ -95,20 +99,13 @@ def chain(mesh, reduce, k: int, weights: bool = False):
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P("tp"), check_vma=False))
 
 
-def entry_report(text: str) -> str:
-    entry = text[text.index("\nENTRY"):]
-    entry = entry[: entry.index("\n}\n")]
-    outside = [ln.strip()[:120] for ln in entry.splitlines() if "custom-call" in ln or "all-reduce" in ln]
-    return (f"{len(entry.splitlines()) - 1} entry instructions, {text.count('command_buffer')} mentions of "
-            f"command_buffer; custom calls / all-reduces in the entry: {len(outside)}\n    " + "\n    ".join(outside[:6]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="16,256,2048")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--lower-only", action="store_true", help="lower for CUDA on this machine, run nothing")
+    ap.add_argument("--out", default="/tmp/jaxpaged-allreduce", help="where the optimized HLO is written")
     a = ap.parse_args()
     n = jax.device_count()
     mesh = jax.make_mesh((n,), ("tp",))
@@ -128,21 +125,18 @@ def main() -> None:
         err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         line = f"rows {rows:5d} x {a.hidden}: max |pallas - psum| {err:.3g}"
         for name, f in (("pallas", ours), ("psum", xla)):
-            g = chain(mesh, f, a.calls)
-            jax.block_until_ready(g(x))
-            t0 = time.perf_counter()
-            for _ in range(5):
-                y = g(x)
-            jax.block_until_ready(y)
-            line += f"  {name} {(time.perf_counter() - t0) / 5 / a.calls * 1e6:7.1f} us/call"
+            sec = bench(chain(mesh, f, a.calls), [(x,)], reps=5, inner=1)
+            line += f"  {name} {sec / a.calls * 1e6:7.1f} us/call"
         print(line, flush=True)
     if a.lower_only:
         return
     w = jax.device_put(jnp.eye(a.hidden, dtype=jnp.bfloat16), NamedSharding(mesh, P()))
     x = jax.device_put(jnp.ones((n * 16, a.hidden), jnp.bfloat16), NamedSharding(mesh, P("tp")))
     for name, f in (("pallas", ours), ("psum", xla)):
-        text = chain(mesh, f, 8, weights=True).lower(x, w).compile().as_text()
-        print(f"8 x (matmul -> {name}): {entry_report(text)}", flush=True)
+        print(f"\n8 x (matmul -> {name}):", flush=True)
+        out = Path(a.out) / name
+        out.mkdir(parents=True, exist_ok=True)
+        hlo_report(chain(mesh, f, 8, weights=True).lower(x, w).compile().as_text(), out)
 
 
 if __name__ == "__main__":
