@@ -361,7 +361,10 @@ def main():
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     if "decode" in only:
-        ctxs = [c if c == "mixed" else int(c) for c in a.decode_ctx.split(",")] if a.decode_ctx else [512] if a.quick else [512, 2048, 8192]
+        if a.decode_ctx:
+            ctxs = [c if c == "mixed" else int(c) for c in a.decode_ctx.split(",")]
+        else:
+            ctxs = [512] if a.quick else [512, 2048, 8192]
         for ctx in ctxs:
             for bs in (int(x) for x in a.decode_block_size.split(",")):
                 bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch, hkv=a.decode_kv_heads, t=a.decode_bucket,

@@ -115,8 +115,8 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         cache = ["--compilation-cache", str(tmp_path / "xla")]
         subprocess.run([sys.executable, SCRIPTS / "benchmark_throughput.py", "--model", model, *ENGINE, *cache,
                         "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--no-progress",
-                        "--token-buckets", "24", "--json", results / "throughput-fixed.json"], env=env, check=True, capture_output=True,
-                       timeout=300)
+                        "--token-buckets", "24", "--json", results / "throughput-fixed.json"],
+                       env=env, check=True, capture_output=True, timeout=300)
         subprocess.run([sys.executable, SCRIPTS / "benchmark_latency.py", "--model", model, *ENGINE, *cache,
                         "--prompt-lens", "16", "--batches", "1,2", "--decode-steps", "3", "--decode-prompt-len", "8",
                         "--json", results / "latency.json"], env=env, check=True, capture_output=True, timeout=300)
