@@ -53,7 +53,7 @@ class LLMEngine:
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
-        budget = config.max_num_batched_tokens or 2048
+        self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
         attention = get_attention(config.attention_backend)
         if self.mesh is not None:
             attention = shard_attention(attention, self.mesh)
@@ -61,8 +61,9 @@ class LLMEngine:
         if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos = {self.tokenizer.eos_token_id}
         self.eos_token_ids = tuple(sorted(eos))
-        self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs, budget,
-                                  self.max_model_len, self.eos_token_ids, self.mesh, config.token_buckets)
+        self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs,
+                                  self.max_num_batched_tokens, self.max_model_len, self.eos_token_ids, self.mesh,
+                                  config.token_buckets)
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
@@ -70,7 +71,7 @@ class LLMEngine:
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, budget)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
@@ -92,7 +93,7 @@ class LLMEngine:
         if budget is not None:
             # Keep room for the step's temporaries: the heads' as measured, the forward's
             # activations (f32 upper bound of hidden and MLP widths per token) estimated.
-            cfg, t = self.model_config, self.config.max_num_batched_tokens or 2048
+            cfg, t = self.model_config, self.max_num_batched_tokens
             reserve = head_bytes + t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
             limit, in_use = budget
             free = limit * self.config.gpu_memory_utilization - in_use - reserve
