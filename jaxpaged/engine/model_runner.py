@@ -91,6 +91,7 @@ class ModelRunner:
                              else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
         self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
+        self._padding = None  # start-up's all-padding step inputs per (bucket, mode): `compile_heads`
 
     def compile_heads(self, threads: int | None = None) -> int:
         """Compile every head (bucket x mode) in `threads` threads (default: one per core; XLA
@@ -98,23 +99,25 @@ class ModelRunner:
         its arguments (temporaries and outputs, e.g. the `full` head's f32 [T, V] logits):
         the engine keeps it free when it sizes the KV pool."""
         dtype = self.params["embed"].dtype
+        # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
+        self._padding = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
 
         def compile_head(key) -> int:
             t, mode = key
-            buf, layout = self._inputs([], [], t, mode)[2]
+            buf, layout = self._padding[key][2]
             hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), dtype, sharding=self._hidden_sharding)
             mem = self._head.lower(self.top_params, hidden, buf, layout=layout, mode=mode,
                                    num_prev=self.max_num_seqs).compile().memory_analysis()
             return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            return max(pool.map(compile_head, [(t, mode) for t in self.buckets for mode in MODES]))
+            return max(pool.map(compile_head, self._padding))
 
     def warmup(self, kv: KVCache, threads: int | None = None) -> None:
         """Take the KV pool, compile every forward variant (in `threads` threads), then run
-        every program once on an all-padding batch (it writes only the scratch block)."""
+        every program once on the all-padding batches of `compile_heads`."""
         self.kv = kv
-        inputs = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
+        inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
         forwards = [(t, q) for t in self.buckets for q in ((None, SHORT_QUERY) if t > SHORT_QUERY else (None,))]
 
         def compile_forward(variant):
