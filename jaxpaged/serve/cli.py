@@ -62,8 +62,9 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-        async_scheduling=args.async_scheduling, token_buckets=args.token_buckets, coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes, process_id=args.process_id, **{**defaults, **given})
+        async_scheduling=args.async_scheduling, token_buckets=args.token_buckets,
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
+        **{**defaults, **given})
 
 
 def read_chat_template(value: str | None) -> str | None:
