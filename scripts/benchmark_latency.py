@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    ap.add_argument("--max-steps-in-flight", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--json")
@@ -98,7 +99,8 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
-              async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
+              async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / args.tensor_parallel_size / ceil["copy_bytes_per_s"]  # each GPU reads its shard

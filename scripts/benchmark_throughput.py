@@ -137,7 +137,8 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
-              async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
+              async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
+              tensor_parallel_size=args.tensor_parallel_size,
               compile_threads=args.compile_threads, block_size=args.block_size,
               token_buckets=args.token_buckets)
     engine = llm.engine
@@ -225,6 +226,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
+    ap.add_argument("--max-steps-in-flight", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--compile-threads", type=int, default=None, help="warm-up compile threads (default: CPUs)")

@@ -125,21 +125,51 @@ def test_request_larger_than_the_pool_is_rejected(model_dir):
         small.generate([list(range(20))], SamplingParams(max_tokens=80), use_tqdm=False)
 
 
-def test_async_scheduling_overlaps_steps(model_dir):
-    """Step n+1 is launched before step n's outputs are processed, and outputs are the same."""
+def test_async_scheduling_keeps_steps_in_flight(model_dir):
+    """With async scheduling, up to `max_steps_in_flight` launched steps wait unprocessed
+    (their sampled ids fed back on the device), and the outputs are those of the synchronous engine."""
     outs = {}
-    for mode in (True, False):
-        llm = make_llm(model_dir, max_num_seqs=64, max_num_batched_tokens=64, async_scheduling=mode)
+    for depth, kw in ((0, dict(async_scheduling=False)), (1, dict(max_steps_in_flight=1)), (2, {})):
+        llm = make_llm(model_dir, max_num_seqs=64, max_num_batched_tokens=64, **kw)
         engine = llm.engine
-        engine.add_request("a", list(range(30, 50)), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-        in_flight, final = [], None
+        for i in range(3):
+            engine.add_request(str(i), list(range(30 + i, 50)),
+                               SamplingParams(temperature=0, max_tokens=8 + i, ignore_eos=True))
+        in_flight, final = [], {}
         while engine.has_unfinished_requests():
             for out in engine.step():
-                final = out
-            in_flight.append(engine._pending is not None)
-        assert any(in_flight) == mode
-        outs[mode] = final.outputs[0].token_ids
-    assert outs[True] == outs[False] and len(outs[True]) == 8
+                final[out.request_id] = out.outputs[0].token_ids
+            in_flight.append(len(engine._in_flight))
+        assert max(in_flight) == depth
+        outs[depth] = final
+    assert outs[0] == outs[1] == outs[2] and [len(outs[0][str(i)]) for i in range(3)] == [8, 9, 10]
+
+
+def test_step_drops_rows_of_sequences_finished_by_the_steps_it_processes_first(model_dir):
+    """A request needing the `full` step variant (logprobs) makes the engine process every
+    launched step before launching: a sequence with two pending tokens that stops on the
+    first one (a stop token id) is then dropped from the step instead of reading a token it no
+    longer has."""
+    llm = make_llm(model_dir, max_num_seqs=8, max_num_batched_tokens=64)
+    engine = llm.engine
+    prompt = list(range(30, 50))
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    k = next(i for i in range(4, 12) if free[i] not in free[:i])  # stop there, at its first occurrence
+    engine.add_request("stop", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                      stop_token_ids=[free[k]]))
+    (seq,) = engine.requests["stop"]
+    outs = {}
+    while not (seq.num_pending == 2 and len(seq.known_output_ids) == k):
+        outs |= {out.request_id: out for out in engine.step()}
+    engine.add_request("logprobs", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3, logprobs=1))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id] = out
+    assert outs["stop"].outputs[0].token_ids == free[:k + 1] and outs["stop"].outputs[0].finish_reason == "stop"
+    assert len(outs["logprobs"].outputs[0].logprobs) == 3
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
 
 
 def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypatch):

@@ -18,7 +18,10 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # token budget per step; default 2048
     token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: model_runner.token_buckets)
     enable_prefix_caching: bool = True
-    async_scheduling: bool = True  # launch step n+1 before processing step n's outputs
+    async_scheduling: bool = True  # launch the next steps before processing a step's outputs
+    # async scheduling: launched steps whose outputs may wait unprocessed (1: vLLM's one step
+    # ahead; 2 keeps the device busy when the host's work per step outlasts a short step)
+    max_steps_in_flight: int = 2
     seed: int = 0
     attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1
@@ -32,7 +35,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("block_size", "max_num_seqs", "tensor_parallel_size"):
+        for name in ("block_size", "max_num_seqs", "tensor_parallel_size", "max_steps_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

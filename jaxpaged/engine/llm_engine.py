@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import jax
@@ -21,7 +22,7 @@ from jaxpaged.engine.detokenizer import IncrementalDetokenizer
 from jaxpaged.engine.model_runner import Launched, ModelRunner
 from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from jaxpaged.engine.sampling_params import SamplingParams
-from jaxpaged.engine.scheduler import Scheduler
+from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.sequence import Sequence
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
@@ -75,7 +76,8 @@ class LLMEngine:
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
-        self._pending: Launched | None = None  # launched step whose outputs are not processed yet
+        self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
+        self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self._rng = np.random.default_rng(config.seed)
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
         self.num_generation_tokens = 0
@@ -168,30 +170,46 @@ class LLMEngine:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule and launch one step, then process the previous one (async scheduling: the
-        host works on step n's outputs while the device runs step n+1). With async scheduling
-        off, or when a request needs the token history (penalties, logprobs), the previous
-        step is processed first."""
+        """Schedule and launch one step, then process the oldest launched steps beyond
+        `max_steps_in_flight` (async scheduling: the host works on step n's outputs while the
+        device runs the steps after it). Steps are processed first where the new step needs
+        their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
+        step is processed."""
         sched = self.scheduler.schedule()
-        outputs = []
         mode = self.runner.step_mode(sched)
-        if self._pending is not None and (mode == "full" or not self.config.async_scheduling):
-            outputs += self._process(self._pending)
-            self._pending = None
-        launched = None
+        outputs = []
+        keep = self._steps_kept(sched, mode)
+        if len(self._in_flight) > keep:
+            while len(self._in_flight) > keep:
+                outputs += self._process(self._in_flight.popleft())
+            sched = sched.without_finished()  # e.g. a stop string found in a step just processed
         if sched.scheduled:
             launched = self.runner.launch(sched, mode)
             self.scheduler.advance(sched.scheduled)
             for row, (seq, _, _, samples) in enumerate(launched.rows):
                 if samples:
                     seq.add_pending(row)
-        if self._pending is not None:
-            outputs += self._process(self._pending)
-        self._pending = launched
-        if launched is not None and not self.config.async_scheduling:
-            outputs += self._process(launched)
-            self._pending = None
+            self._in_flight.append(launched)
+        done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
+        for _ in range(done):
+            outputs += self._process(self._in_flight.popleft())
         return outputs
+
+    def _steps_kept(self, sched: SchedulerOutput, mode: str) -> int:
+        """How many launched steps may stay unprocessed while `sched` launches. A row reads a
+        pending (sampled, not yet seen) token only as its last token and only from the newest
+        step, whose ids the device feeds back; other pending tokens must reach the host first
+        (e.g. a sequence the token budget skipped for a step, or one recomputed after a
+        preemption), and the `full` variant reads every request's token history."""
+        if mode == "full" or not self._in_flight:
+            return 0
+        newest = {seq for seq, _, _, samples in self._in_flight[-1].rows if samples}
+        for seq, n in sched.scheduled:
+            end = seq.num_computed_tokens + n
+            unseen = end - max(seq.num_tokens - seq.num_pending, seq.num_computed_tokens)
+            if unseen > 1 or (unseen == 1 and (end != seq.num_tokens or seq not in newest)):
+                return 1
+        return len(self._in_flight)
 
     def _process(self, launched: Launched) -> list[RequestOutput]:
         """Apply a finished step's sampled tokens (and prompt logprobs) to its sequences."""

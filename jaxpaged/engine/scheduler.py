@@ -26,6 +26,13 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(n for _, n in self.scheduled)
 
+    def without_finished(self) -> SchedulerOutput:
+        """The rows of sequences still unfinished (others finished after scheduling: their
+        blocks are already free)."""
+        keep = [i for i, (seq, _) in enumerate(self.scheduled) if not seq.is_finished]
+        return SchedulerOutput([self.scheduled[i] for i in keep], [self.block_tables[i] for i in keep],
+                               self.preempted)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):

@@ -22,7 +22,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "half", "float"])
     a("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     a("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
-      help="launch step n+1 before processing step n's outputs")
+      help="launch the next steps before processing a step's outputs")
+    a("--max-steps-in-flight", type=int, default=2,
+      help="async scheduling: launched steps whose outputs may wait unprocessed (1: one step ahead)")
     a("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
     a("--gpu-memory-utilization", type=float, default=0.9, help="fraction of device memory to use")
     a("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the memory budget)")
@@ -62,7 +64,8 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         gpu_memory_utilization=args.gpu_memory_utilization, num_kv_blocks=args.num_kv_blocks,
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
-        async_scheduling=args.async_scheduling, token_buckets=args.token_buckets,
+        async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
+        token_buckets=args.token_buckets,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
         **{**defaults, **given})
 
