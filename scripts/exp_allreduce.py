@@ -1,5 +1,6 @@
-"""EXPERIMENT (written in session 6, not yet run on a GPU): a one-shot all-reduce as a Pallas
-Mosaic GPU kernel, against XLA's psum, on the GPUs of one process.
+"""EXPERIMENT: a one-shot all-reduce as a Pallas Mosaic GPU kernel, against XLA's psum, on
+the GPUs of one process. First run in session 7 (docs/parallel.md): exact, 1.1-1.7x psum's
+time per call outside CUDA graphs; command-buffer capture not answered by this chain.
 
     CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH=. python scripts/exp_allreduce.py [--rows 16,256,2048] [--hidden 4096]
 
@@ -43,13 +44,14 @@ from ceilings import bench  # noqa: E402
 from profile_step import hlo_report  # noqa: E402
 
 
-def all_reduce_pull(x: jax.Array, *, axis_name: str, num_blocks: int = 132, tile: int = 8192,
+def all_reduce_pull(x: jax.Array, *, axis_name: str, num_blocks: int | None = None, tile: int = 8192,
                     vec: int = 8) -> jax.Array:
     """Sum of `x` over `axis_name` (inside shard_map). x: [M, N], M * N a multiple of `tile`."""
     n = lax.axis_size(axis_name)
     shape, dtype = x.shape, x.dtype
     total = math.prod(shape)
     assert total % tile == 0, (shape, tile)
+    num_blocks = num_blocks or min(132, total // tile)  # a block per tile up to one per SM
 
     def kernel(x_ref, y_ref, sems):
         # Per block: sems[0] counts "input ready", sems[1] "done reading"; each wait decrements,
