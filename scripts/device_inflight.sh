@@ -6,20 +6,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/jaxpaged-inflight}; mkdir -p $OUT
 cd scripts
 common="--model-shape llama3-8b --num-kv-blocks 24000 --max-model-len 2048 --no-progress"
-summary() {
-  python - "$1" <<'PY'
-import json, sys
-j = json.load(open(sys.argv[1]))["jaxpaged"]
-h = j["host_ms_per_step"]
-print(f"  {j['output_tok_per_s']:.0f} tok/s, wall {j['wall_s']:.2f} s, device {j.get('device_s') or 0:.2f} s, "
-      f"busy {j.get('device_busy') or 0:.3f}, dispatch {h['dispatch']:.2f} ms, startup {j['startup_s']:.0f} s")
-PY
-}
 run() {  # name, devices, extra args
   local name=$1 dev=$2; shift 2
   CUDA_VISIBLE_DEVICES=$dev timeout 200 python benchmark_throughput.py $common "$@" --json $OUT/$name.json \
     > /tmp/$name.log 2>&1 || { echo "== $name failed"; tail -5 /tmp/$name.log; return; }
-  echo "== $name"; summary $OUT/$name.json
+  echo "== $name"; python run_summary.py $OUT/$name.json
 }
 run mixed-d2-a 0 --workload mixed
 run mixed-d1-a 0 --workload mixed --max-steps-in-flight 1

@@ -10,20 +10,11 @@ CUDA_VISIBLE_DEVICES=0,1 XLA_FLAGS="--xla_gpu_graph_min_graph_size=1" timeout -k
   --rows 16,256 --out /tmp/ar > $OUT/allreduce-graph1.log 2>&1; echo "== allreduce (min graph size 1) rc $?"
 grep -v "^W\|^I" $OUT/allreduce-graph1.log | tail -n 16 | cut -c1-300
 common="--model-shape llama3-8b --num-kv-blocks 24000 --max-model-len 2048 --no-progress --workload mixed"
-summary() {
-  python - "$1" <<'PY'
-import json, sys
-j = json.load(open(sys.argv[1]))["jaxpaged"]
-h = j["host_ms_per_step"]
-print(f"  {j['output_tok_per_s']:.0f} tok/s, wall {j['wall_s']:.2f} s, device {j.get('device_s') or 0:.2f} s, "
-      f"busy {j.get('device_busy') or 0:.3f}, dispatch {h['dispatch']:.2f} ms, startup {j['startup_s']:.0f} s")
-PY
-}
 run() {  # name, devices, XLA_FLAGS, extra args
   local name=$1 dev=$2 flags=$3; shift 3
   CUDA_VISIBLE_DEVICES=$dev XLA_FLAGS="$flags" timeout 150 python benchmark_throughput.py $common "$@" \
     --json $OUT/$name.json > /tmp/$name.log 2>&1 || { echo "== $name failed"; tail -5 /tmp/$name.log; return; }
-  echo "== $name"; summary $OUT/$name.json
+  echo "== $name"; python run_summary.py $OUT/$name.json
 }
 skip="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
 run tp2-skip-d2 0,1 "$skip" -tp 2 --no-replay
