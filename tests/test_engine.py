@@ -88,6 +88,16 @@ def test_default_buckets_add_steps_where_decode_gemms_are_compute_bound():
     assert token_buckets(100, 256) == [16, 32, 64, 100]
 
 
+def test_short_query_forwards_stop_at_a_full_decode_batch():
+    """The decode-launch forward variant is compiled for buckets above SHORT_QUERY that a
+    decode-only step can use (up to the bucket of max_num_seqs rows), not for larger ones."""
+    from jaxpaged.engine.model_runner import short_query_buckets, token_buckets
+    assert short_query_buckets(token_buckets(2048, 256), 256) == [64, 128, 192, 256]  # not 512 / 1024 / 2048
+    assert short_query_buckets(token_buckets(2048, 200), 200) == [64, 128, 192, 256]  # 200 rows pad to 256
+    assert short_query_buckets([16, 32, 64], 64) == [64]
+    assert short_query_buckets([16, 24], 3) == []
+
+
 def test_prefix_cache_computes_only_new_tokens(model_dir):
     llm = make_llm(model_dir, max_num_seqs=8, max_num_batched_tokens=64)
     engine = llm.engine
@@ -248,7 +258,7 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     llm = LLM(model_dir, max_model_len=MAX_LEN, block_size=4, max_num_seqs=3, max_num_batched_tokens=24,
               gpu_memory_utilization=0.5)
     runner, cfg = llm.engine.runner, llm.engine.model_config
-    forwards = sum(2 if t > step_programs.SHORT_QUERY else 1 for t in runner.buckets)
+    forwards = len(runner.buckets) + len(runner.short_query_buckets)
     assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
     assert seen["head_bytes"] >= max(runner.buckets) * cfg.vocab_size * 4
     per_block = kv_bytes_per_block(cfg, 4, np.float32)

@@ -192,7 +192,7 @@ def test_runner_marks_short_query_steps(llm):
     assert any(q == SHORT_QUERY for *_, q in seen), seen  # the 40-way decode steps (bucket 64)
     assert any(longest > SHORT_QUERY and q is None for _, longest, q in seen), seen  # the 50-token chunk
     for tokens, longest, q in seen:
-        assert q == (SHORT_QUERY if tokens > SHORT_QUERY and longest <= SHORT_QUERY else None)
+        assert q == (SHORT_QUERY if tokens in runner.short_query_buckets and longest <= SHORT_QUERY else None)
 
 
 def test_dispatch_overlaps_output_processing(llm):

@@ -45,7 +45,7 @@ def test_tp_matches_one_device(tp, model_dir, requests, reference, compile_count
     engine = llm.engine
     # each program traced once at start-up: the heads, compiled before the forward for the KV
     # sizing, match the replicated hidden states the forward leaves
-    forwards = sum(2 if t > step_programs.SHORT_QUERY else 1 for t in engine.runner.buckets)
+    forwards = len(engine.runner.buckets) + len(engine.runner.short_query_buckets)
     assert step_programs.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(step_programs.MODES)
     wqkv = engine.runner.params["layers"][0]["wqkv"]
     assert isinstance(wqkv.sharding, NamedSharding) and len(wqkv.sharding.device_set) == tp

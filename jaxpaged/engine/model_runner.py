@@ -60,6 +60,15 @@ def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[i
     return sorted({t for t in sizes if t < max_num_batched_tokens} | {max_num_batched_tokens})
 
 
+def short_query_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
+    """The buckets that get a second forward for steps whose queries all have at most
+    `SHORT_QUERY` new tokens (the kernel's per-sequence launch): those above `SHORT_QUERY`, up
+    to the one that holds a full decode batch. A larger step has prompt tokens anyway, and each
+    forward is a heavy compile (start-up time)."""
+    full_batch = next((t for t in buckets if t >= max_num_seqs), buckets[-1])
+    return [t for t in buckets if SHORT_QUERY < t <= full_batch]
+
+
 def _fields(x) -> dict:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
 
@@ -80,6 +89,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, buckets)
+        self.short_query_buckets = short_query_buckets(self.buckets, max_num_seqs)
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
         self._fwd, self._head = jitted_step(cfg, attention, replicated,
                                              NamedSharding(mesh, KV_POOL) if mesh is not None else None)
@@ -118,7 +128,7 @@ class ModelRunner:
         every program once on the all-padding batches of `compile_heads`."""
         self.kv = kv
         inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
-        forwards = [(t, q) for t in self.buckets for q in ((None, SHORT_QUERY) if t > SHORT_QUERY else (None,))]
+        forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
         def compile_forward(variant):
             t, max_query_len = variant
@@ -175,7 +185,7 @@ class ModelRunner:
         if mode == "full":
             sampling |= self._full_input(scheduled, t, s)
         longest = max((n for _, n in scheduled), default=0)
-        max_query_len = SHORT_QUERY if t > SHORT_QUERY and longest <= SHORT_QUERY else None
+        max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
         return rows, (*pack(inp | {"feedback": feedback}), max_query_len), pack(sampling), inp["query_start"]
 
     def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, max_query_len: int | None,
