@@ -42,7 +42,9 @@ def num_step_compiles() -> int:
 
 
 MODES = ("greedy", "sample", "sample_filtered", "full")
-SHORT_QUERY = 32  # buckets above this (up to a full decode batch) get a second forward for steps whose queries are all this short
+# buckets above this (up to a full decode batch) get a second forward for steps whose queries
+# are all this short (model_runner.short_query_buckets)
+SHORT_QUERY = 32
 
 
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
