@@ -1,6 +1,7 @@
 """EXPERIMENT: a one-shot all-reduce as a Pallas Mosaic GPU kernel, against XLA's psum, on
 the GPUs of one process. First run in session 7 (docs/parallel.md): exact, 1.1-1.7x psum's
-time per call outside CUDA graphs; command-buffer capture not answered by this chain.
+time per call; command-buffer capture not answered (the optimized HLO text never names
+command buffers in jax 0.11.2: a profile must tell).
 
     CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH=. python scripts/exp_allreduce.py [--rows 16,256,2048] [--hidden 4096]
 

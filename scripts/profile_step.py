@@ -5,9 +5,10 @@
 Adds `--batch` requests of `--input-len` random tokens to an engine, traces (jax.profiler)
 `--steps` steps of the prefill phase and, once every request decodes, `--steps` decode
 steps, and prints per phase: kernel time per step by kind (GEMM, attention, fusion, NCCL,
-copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints how the
-decode forward's optimized HLO groups its ops into command buffers (CUDA graphs): the entry
-computation's op counts and which custom calls run outside a command buffer. `--gil` checks
+copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints the
+decode forward's optimized HLO entry computation (op counts, custom calls); which CUDA graph
+(`command_buffer_N`) runs each kernel shows in the profile's kernel names, not in the HLO
+text (jax 0.11.2). `--gil` checks
 whether the step's dispatch releases the GIL (a dispatch thread could then overlap the
 host's other work).
 """
@@ -80,7 +81,9 @@ def summarize(prof, label: str, steps: int, wall: float) -> None:
 
 
 def hlo_report(text: str, out: Path) -> None:
-    """Op counts of the optimized module's entry computation: what runs outside command buffers."""
+    """Op counts of the optimized module's entry computation. (In jax 0.11.2 this text never
+    names XLA's command buffers, which are formed later: the profile's kernel names tag each
+    kernel with its `command_buffer_N`.)"""
     (out / "forward_after_optimizations.txt").write_text(text)
     entry = text[text.index("\nENTRY"):]
     entry = entry[: entry.index("\n}\n")]
