@@ -1,7 +1,7 @@
 """The engine loop: requests in, one scheduled step at a time, `RequestOutput`s out.
 
-    Scheduler.schedule() -> ModelRunner.launch()       step n+1 dispatched, then for step n:
-    ModelRunner.fetch() -> LLMEngine._process() -> Scheduler.commit()
+    Scheduler.schedule() -> ModelRunner.launch()       step n+1 dispatched, then for step n-1:
+    ModelRunner.fetch() -> LLMEngine._process() -> Scheduler.commit(), OutputProcessor
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import memory_budget
 from jaxpaged.engine.detokenizer import IncrementalDetokenizer
 from jaxpaged.engine.model_runner import Launched, ModelRunner
-from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from jaxpaged.engine.output_processor import OutputProcessor
+from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.sequence import Sequence
@@ -50,6 +51,7 @@ class LLMEngine:
         self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh)
         cfg = self.model_config
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        self.output = OutputProcessor(self.tokenizer)
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
@@ -220,7 +222,7 @@ class LLMEngine:
             if seq.is_finished:  # aborted, or finished by an earlier step: a wasted row
                 continue
             if seq.prompt_logprobs is not None and step.prompt is not None:
-                self._add_prompt_logprobs(seq, step, int(step.token_offsets[i]), start, n)
+                self.output.add_prompt_logprobs(seq, step.prompt, int(step.token_offsets[i]), start, n)
             if not samples:  # a prompt chunk: nothing to sample yet
                 self.num_prompt_tokens += n
                 continue
@@ -228,8 +230,8 @@ class LLMEngine:
             token = int(sampled.token_ids[i])
             top = None
             if seq.logprobs is not None:
-                top = self._logprobs_entry(token, sampled.logprobs[i], sampled.ranks[i], sampled.top_ids,
-                                           sampled.top_logprobs, i, seq.params.logprobs)
+                top = self.output.logprobs_entry(token, sampled.logprobs[i], sampled.ranks[i], sampled.top_ids,
+                                                 sampled.top_logprobs, i, seq.params.logprobs)
             seq.append_token(token, float(sampled.logprobs[i]), top, self.eos_token_ids)
             self.num_generation_tokens += 1
             touched.setdefault(seq.request_id, []).append(seq)
@@ -237,56 +239,9 @@ class LLMEngine:
         outputs = []
         for request_id, stepped in touched.items():
             seqs = self.requests[request_id]
-            out = self._make_output(seqs, stepped)
+            out = self.output.make_output(seqs, stepped)
             if out is not None:
                 outputs.append(out)
             if all(s.is_finished for s in seqs):
                 del self.requests[request_id]
         return outputs
-
-    def _add_prompt_logprobs(self, seq: Sequence, step: Launched, offset: int, start: int, n: int) -> None:
-        p = step.prompt
-        k = seq.params.prompt_logprobs
-        for j in range(n):
-            pos = start + j
-            if pos + 1 >= seq.num_prompt_tokens or len(seq.prompt_logprobs) != pos + 1:
-                continue  # past the prompt, or already recorded before a preemption
-            row = offset + j
-            seq.prompt_logprobs.append(self._logprobs_entry(
-                seq.prompt_token_ids[pos + 1], p.logprobs[row], p.ranks[row], p.top_ids, p.top_logprobs, row, k))
-
-    def _logprobs_entry(self, token: int, logprob, rank, top_ids, top_logprobs, row: int,
-                        n: int) -> dict[int, Logprob]:
-        """{token: its Logprob} plus the top `n` of `row` (vLLM's per-position logprobs dict);
-        the top arrays exist only in the `full` step variant, i.e. when some request has n > 0."""
-        entry = {token: Logprob(float(logprob), int(rank), self._decode(token))}
-        for r in range(n):
-            tid = int(top_ids[row, r])
-            entry.setdefault(tid, Logprob(float(top_logprobs[row, r]), r + 1, self._decode(tid)))
-        return entry
-
-    def _decode(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-
-    def _make_output(self, seqs: list[Sequence], stepped: list[Sequence]) -> RequestOutput | None:
-        kind = seqs[0].params.output_kind
-        finished = all(s.is_finished for s in seqs)
-        if kind == "final_only" and not finished:
-            return None
-        completions = []
-        for seq in (stepped if kind == "delta" else seqs):
-            known = seq.known_output_ids
-            if kind == "delta":
-                text, ids = seq.take_text_delta(), known[seq.num_sent_tokens:]
-                logprobs = seq.logprobs[seq.num_sent_tokens:] if seq.logprobs is not None else None
-                seq.num_sent_tokens = len(known)
-            else:
-                text, ids, logprobs = seq.text, known, seq.logprobs
-            completions.append(CompletionOutput(
-                seq.index, text, ids, seq.cumulative_logprob if seq.logprobs is not None else None,
-                logprobs, seq.finish_reason, seq.stop_reason))
-        first = seqs[0]
-        metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,
-                                 max((s.last_token_time or 0) for s in seqs), first.finished_time)
-        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs,
-                             completions, finished, metrics, first.num_cached_tokens)
