@@ -59,29 +59,23 @@ def main() -> None:
     a = ap.parse_args()
 
     from jaxpaged import LLM
-    from jaxpaged.engine import step_programs
-    from jaxpaged.kernels import get_attention
-    from jaxpaged.parallel import shard_attention
 
     enable_compilation_cache(a.compilation_cache)
     model = a.model or str(shape_dir(a.model_shape))
     llm = LLM(model, load_format="dummy" if a.model_shape else "auto", max_model_len=2048, max_num_seqs=a.bucket,
               max_num_batched_tokens=2048, num_kv_blocks=2000, enable_prefix_caching=False,
               tensor_parallel_size=a.tensor_parallel_size, token_buckets=(a.bucket,))
-    engine, runner = llm.engine, llm.engine.runner
+    runner = llm.engine.runner
     _, (buf, layout, max_query_len), _, _ = runner._inputs([], [], a.bucket, "greedy")
-    attention = get_attention(engine.config.attention_backend)
-    if engine.mesh is not None:
-        attention = shard_attention(attention, engine.mesh)
-    forward = functools.partial(step_programs._forward, layout=layout, max_query_len=max_query_len,
-                                cfg=engine.model_config, attention=attention)
+    # the engine's forward function (model config and attention kernel bound), unjitted
+    forward = functools.partial(runner._fwd.__wrapped__, layout=layout, max_query_len=max_query_len)
 
     @functools.partial(jax.jit, donate_argnums=1, static_argnames="k")
     def loop(params, kv, buf, prev, *, k: int):
         def body(_, carry):
             return forward(params, carry[1], buf, prev)
 
-        hidden = jnp.zeros((a.bucket, engine.model_config.hidden_size), runner.params["embed"].dtype)
+        hidden = jnp.zeros((a.bucket, runner.cfg.hidden_size), runner.params["embed"].dtype)
         return lax.fori_loop(0, k, body, (hidden, kv))
 
     def separate(k: int):
