@@ -182,8 +182,7 @@ class LLMEngine:
         outputs = []
         keep = self._steps_kept(sched, mode)
         if len(self._in_flight) > keep:
-            while len(self._in_flight) > keep:
-                outputs += self._process(self._in_flight.popleft())
+            outputs += self._process_oldest(len(self._in_flight) - keep)
             sched = sched.without_finished()  # e.g. a stop string found in a step just processed
         if sched.scheduled:
             launched = self.runner.launch(sched, mode)
@@ -193,9 +192,11 @@ class LLMEngine:
                     seq.add_pending(row)
             self._in_flight.append(launched)
         done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
-        for _ in range(done):
-            outputs += self._process(self._in_flight.popleft())
-        return outputs
+        return outputs + self._process_oldest(done)
+
+    def _process_oldest(self, n: int) -> list[RequestOutput]:
+        """Process the `n` oldest launched steps (none if n <= 0)."""
+        return [out for _ in range(n) for out in self._process(self._in_flight.popleft())]
 
     def _steps_kept(self, sched: SchedulerOutput, mode: str) -> int:
         """How many launched steps may stay unprocessed while `sched` launches. A row reads a
