@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_throughput import SHAPES, enable_compilation_cache, record_dispatches, shape_dir
+from benchmark_throughput import SHAPES, enable_compilation_cache, recorded_dispatches, replay, shape_dir
 from ceilings import ceilings
 
 
@@ -29,42 +29,33 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> t
         engine.add_request(f"itl-{batch}-{i}", rng.integers(0, vocab, prompt_len).tolist(), p)
     while any(not s.output_token_ids for seqs in engine.requests.values() for s in seqs):
         engine.step()  # prefill
-    dispatch = engine.runner.dispatch
-    records = record_dispatches(engine.runner)
     times = []
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    engine.runner.dispatch = dispatch
-    jax.block_until_ready(dispatch(*records[0]))
-    t = time.perf_counter()
-    jax.block_until_ready([dispatch(*rec) for rec in records][-1])
-    return float(np.median(times)), (time.perf_counter() - t) / len(records)
+    with recorded_dispatches(engine.runner) as records:
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t)
+    fn, a = records[0]
+    jax.block_until_ready(fn(*a))
+    return float(np.median(times)), replay(records)[0] / len(records)
 
 
 def ttft(engine, prompt_len: int, vocab: int, reps: int = 3) -> tuple[float, float]:
     """Median time from add_request to the first token of one prompt, and the median device
     time of the same steps replayed (the rest of TTFT is host work)."""
-    import jax
-
     from jaxpaged import SamplingParams
 
     rng = np.random.default_rng(prompt_len)
-    dispatch = engine.runner.dispatch
     times, device = [], []
     for r in range(reps):
-        records = record_dispatches(engine.runner)
-        t = time.perf_counter()
-        engine.add_request(f"ttft-{prompt_len}-{r}", rng.integers(0, vocab, prompt_len).tolist(),
-                           SamplingParams(temperature=0, max_tokens=1, detokenize=False))
-        while engine.has_unfinished_requests():
-            engine.step()
-        times.append(time.perf_counter() - t)
-        engine.runner.dispatch = dispatch
-        t = time.perf_counter()
-        jax.block_until_ready([dispatch(*rec) for rec in records])
-        device.append(time.perf_counter() - t)
+        with recorded_dispatches(engine.runner) as records:
+            t = time.perf_counter()
+            engine.add_request(f"ttft-{prompt_len}-{r}", rng.integers(0, vocab, prompt_len).tolist(),
+                               SamplingParams(temperature=0, max_tokens=1, detokenize=False))
+            while engine.has_unfinished_requests():
+                engine.step()
+            times.append(time.perf_counter() - t)
+        device.append(replay(records)[0])
     return float(np.median(times)), float(np.median(device))
 
 

@@ -12,6 +12,7 @@ transformers `generate` in static batches on the same prompts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -85,37 +86,46 @@ def time_calls(obj, name: str, totals: dict) -> None:
     setattr(obj, name, timed)
 
 
-def record_dispatches(runner) -> list:
-    """Record every `runner.dispatch` call's arguments (the packed host inputs of each step)."""
-    records, dispatch = [], runner.dispatch
+@contextlib.contextmanager
+def recorded_dispatches(runner):
+    """Inside: every step dispatch (`runner.dispatch`, and `dispatch_loop` for multi-step
+    decode) is appended to the yielded list with its arguments (the packed host inputs of
+    the step) as (function, args); `replay` runs them again."""
+    records = []
 
-    def recording(*a):
-        records.append(a)
-        return dispatch(*a)
+    def recording(fn):
+        def call(*a):
+            records.append((fn, a))
+            return fn(*a)
+        return call
 
-    runner.dispatch = recording
-    return records
+    runner.dispatch, runner.dispatch_loop = recording(runner.dispatch), recording(runner.dispatch_loop)
+    try:
+        yield records
+    finally:
+        del runner.dispatch, runner.dispatch_loop  # the class's methods again
 
 
-def replay(dispatch, records) -> tuple[float, dict]:
+def replay(records) -> tuple[float, dict]:
     """Run the recorded steps again: all back to back, waiting only at the end (the device time
     of the workload without the host's gaps; dispatch counts where it is slower than the
     device), then each token bucket's steps back to back for its ms per step (the same: the
-    dispatch is hidden unless slower than the device, except the first step's). Feeds back the
-    replay's own tokens, which does not change the work."""
+    dispatch is hidden unless slower than the device, except the first step's; a multi-step
+    decode bucket is keyed "T xK"). Feeds back the replay's own tokens, which does not change the work."""
     import jax
 
     t = time.perf_counter()
-    jax.block_until_ready([dispatch(*rec) for rec in records][-1])
+    jax.block_until_ready([fn(*a) for fn, a in records][-1])
     total = time.perf_counter() - t
-    by_bucket: dict[int, list] = {}
-    for rec in records:
-        tokens = next(shape[0] for name, shape, _ in rec[2] if name == "token_ids")  # rec[2]: step layout
-        by_bucket.setdefault(tokens, []).append(rec)
+    by_bucket: dict[str, list] = {}
+    for fn, a in records:
+        tokens = next(shape[0] for name, shape, _ in a[2] if name == "token_ids")  # a[2]: the step layout
+        loop = next((shape[0] for name, shape, _ in a[2] if name == "keys" and len(shape) == 3), None)
+        by_bucket.setdefault(f"{tokens}" + (f" x{loop}" if loop else ""), []).append((fn, a))
     per_bucket = {}
-    for b, recs in sorted(by_bucket.items()):
+    for b, recs in sorted(by_bucket.items(), key=lambda kv: (int(kv[0].split()[0]), kv[0])):
         t = time.perf_counter()
-        jax.block_until_ready([dispatch(*rec) for rec in recs][-1])
+        jax.block_until_ready([fn(*a) for fn, a in recs][-1])
         per_bucket[b] = {"steps": len(recs), "mean_ms": 1e3 * (time.perf_counter() - t) / len(recs)}
     return total, per_bucket
 
@@ -142,6 +152,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
               async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
+              num_scheduler_steps=args.num_scheduler_steps,
               tensor_parallel_size=args.tensor_parallel_size,
               compile_threads=args.compile_threads, block_size=args.block_size,
               token_buckets=args.token_buckets)
@@ -151,13 +162,13 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
         engine.add_request(str(i), p, SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=i,
                                                      max_tokens=o, ignore_eos=True, detokenize=False))
     device0, steps, generated = engine.runner.device_wait_seconds, 0, 0
-    dispatch, records = engine.runner.dispatch, record_dispatches(engine.runner)
     breakdown: dict[str, float] = {}  # where the host's time per step goes
     for obj, name in [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "dispatch"),
-                      (engine.runner, "fetch"), (engine, "_process")]:
+                      (engine.runner, "dispatch_loop"), (engine.runner, "fetch"), (engine, "_process")]:
         time_calls(obj, name, breakdown)
     t = time.perf_counter()
-    with tqdm(total=len(prompts), desc="jaxpaged", disable=args.no_progress) as bar:
+    with recorded_dispatches(engine.runner) as records, \
+            tqdm(total=len(prompts), desc="jaxpaged", disable=args.no_progress) as bar:
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
@@ -167,8 +178,8 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     wall = time.perf_counter() - t
     assert generated == sum(outs), (generated, sum(outs))
     device_wait = (engine.runner.device_wait_seconds - device0) / wall  # before the replay adds to it
-    device_s, device_by_bucket = replay(dispatch, records) if args.replay else (None, {})
-    breakdown = {k: v / steps * 1e3 for k, v in breakdown.items()}  # ms per step; nested: launch > dispatch,
+    breakdown = {k: v / steps * 1e3 for k, v in breakdown.items()}  # ms per step (before the replay adds to
+    device_s, device_by_bucket = replay(records) if args.replay else (None, {})  # it); nested: launch > dispatch,
     return {"wall_s": wall, "startup_s": startup, "steps": steps, "engine": engine.startup,  # _process > fetch
             "host_ms_per_step": breakdown,
             "device_wait": device_wait, "cfg": engine.model_config,
@@ -231,6 +242,7 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--max-steps-in-flight", type=int, default=2)
+    ap.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode iterations per step")
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--compile-threads", type=int, default=None, help="warm-up compile threads (default: CPUs)")

@@ -52,6 +52,9 @@ CONFIGS = {
     "seqs64-budget64-buckets24,40": dict(max_num_seqs=64, max_num_batched_tokens=64, token_buckets=(24, 40)),
     "preempt": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48),
     "preempt-sync": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48, async_scheduling=False),
+    # multi-step decode: all-decode steps run 4 (3) iterations per dispatch; with preemption
+    "multistep4": dict(max_num_seqs=64, max_num_batched_tokens=64, num_scheduler_steps=4),
+    "multistep3-preempt": dict(max_num_seqs=64, max_num_batched_tokens=64, num_kv_blocks=48, num_scheduler_steps=3),
     # the Pallas GPU kernel, here in Pallas interpret mode
     "pallas-seqs4-budget16": dict(max_num_seqs=4, max_num_batched_tokens=16, attention_backend="pallas"),
 }
@@ -72,6 +75,8 @@ def test_greedy_matches_hf_under_every_schedule(name, model_dir, workload, compi
         assert engine.scheduler.num_preemptions > 0
     if "buckets" in name:  # steps padded to the given sizes, the budget added
         assert engine.runner.buckets == [24, 40, 64]
+    if name.startswith("multistep"):
+        assert engine.runner.loop_buckets == [16, 32, 64]
     if name == "seqs4-budget16":  # prompts longer than the budget were chunked
         assert max(len(p) for p in prompts) > 16
     bm = engine.block_manager
@@ -153,6 +158,40 @@ def test_async_scheduling_keeps_steps_in_flight(model_dir):
         assert max(in_flight) == depth
         outs[depth] = final
     assert outs[0] == outs[1] == outs[2] and [len(outs[0][str(i)]) for i in range(3)] == [8, 9, 10]
+
+
+def test_multi_step_decode_samples_what_single_steps_sample(model_dir, compile_counter):
+    """Multi-step decode (4 iterations per all-decode step, sampled ids fed back on the
+    device) gives the outputs of single steps: seeded sampling with and without top-p, a stop
+    token met inside a step's iterations (the tokens after it dropped), max_tokens not a
+    multiple of 4; every block is freed and nothing compiles after warm-up."""
+    prompts = [list(range(9 + i, 30)) for i in range(9)]
+    single = make_llm(model_dir, max_num_seqs=16, max_num_batched_tokens=64)
+    greedy = single.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0].token_ids
+    stop = next(t for i, t in enumerate(greedy) if i >= 5 and t not in greedy[:i])  # after a few steps
+    params = ([SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop])]
+              + [SamplingParams(temperature=0, max_tokens=7 + i, ignore_eos=True) for i in range(3)]
+              + [SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=13, ignore_eos=True) for i in range(3)]
+              + [SamplingParams(temperature=0.8, seed=i, max_tokens=10, logprobs=0, ignore_eos=True) for i in range(2)])
+    multi = make_llm(model_dir, max_num_seqs=16, max_num_batched_tokens=64, num_scheduler_steps=4)
+    compiles = compile_counter.count
+    launched = []
+    launch = multi.engine.runner.launch
+    multi.engine.runner.launch = lambda sched, mode: launched.append(sched.steps) or launch(sched, mode)
+    outs = {k: llm.generate(prompts, params, use_tqdm=False) for k, llm in ((1, single), (4, multi))}
+    for a, b in zip(outs[1], outs[4]):
+        a, b = a.outputs[0], b.outputs[0]
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert b.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-4)
+        assert [next(iter(e.values())).logprob for e in b.logprobs or []] == \
+            pytest.approx([next(iter(e.values())).logprob for e in a.logprobs or []], abs=1e-4)
+    assert outs[4][0].outputs[0].token_ids[-1] == stop and outs[4][0].outputs[0].finish_reason == "stop"
+    assert [len(o.outputs[0].token_ids) for o in outs[4][1:4]] == [7, 8, 9]
+    assert any(s and max(s) == 4 for s in launched) and any(s and min(s) < 4 for s in launched)
+    bm = multi.engine.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
+    assert compile_counter.count == compiles, "the engine compiled after warm-up"
 
 
 def test_step_drops_rows_of_sequences_finished_by_the_steps_it_processes_first(model_dir):

@@ -35,18 +35,21 @@ def reference(model_dir, requests):
     return [o.outputs[0].token_ids for o in llm.generate(*requests, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("tp", [2, 4, 8])
-def test_tp_matches_one_device(tp, model_dir, requests, reference, compile_counter):
+@pytest.mark.parametrize("tp,steps", [(2, 1), (4, 1), (8, 1), (2, 4)])
+def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compile_counter):
+    """steps: multi-step decode iterations (4: the decode loop, sharded, in place of most steps)."""
     from jaxpaged.engine import step_programs
 
     assert len(jax.devices()) >= tp
     traces = step_programs.num_step_compiles()
-    llm = LLM(model_dir, tensor_parallel_size=tp, **ENGINE)
+    llm = LLM(model_dir, tensor_parallel_size=tp, num_scheduler_steps=steps, **ENGINE)
     engine = llm.engine
     # each program traced once at start-up: the heads, compiled before the forward for the KV
     # sizing, match the replicated hidden states the forward leaves
     forwards = len(engine.runner.buckets) + len(engine.runner.short_query_buckets)
-    assert step_programs.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(step_programs.MODES)
+    loops = len(engine.runner.loop_buckets) * 3
+    assert step_programs.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(step_programs.MODES) + loops
+    assert bool(loops) == (steps > 1)
     wqkv = engine.runner.params["layers"][0]["wqkv"]
     assert isinstance(wqkv.sharding, NamedSharding) and len(wqkv.sharding.device_set) == tp
     assert wqkv.addressable_shards[0].data.shape[1] == 8 // tp  # KV heads split over the mesh

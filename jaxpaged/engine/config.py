@@ -22,6 +22,9 @@ class EngineConfig:
     # async scheduling: launched steps whose outputs may wait unprocessed (1: vLLM's one step
     # ahead; 2 keeps the device busy when the host's work per step outlasts a short step)
     max_steps_in_flight: int = 2
+    # multi-step decode (vLLM's num_scheduler_steps): a step whose rows are all decodes runs up
+    # to this many forward + sample iterations in one program (one schedule and one dispatch)
+    num_scheduler_steps: int = 1
     seed: int = 0
     attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1
@@ -35,7 +38,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("block_size", "max_num_seqs", "tensor_parallel_size", "max_steps_in_flight"):
+        for name in ("block_size", "max_num_seqs", "tensor_parallel_size", "max_steps_in_flight",
+                     "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -66,7 +66,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs,
                                   self.max_num_batched_tokens, self.max_model_len, self.eos_token_ids, self.mesh,
-                                  config.token_buckets)
+                                  config.token_buckets, config.num_scheduler_steps)
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
@@ -74,7 +74,8 @@ class LLMEngine:
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.num_scheduler_steps)
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Sequence]] = {}
@@ -186,9 +187,9 @@ class LLMEngine:
             sched = sched.without_finished()  # e.g. a stop string found in a step just processed
         if sched.scheduled:
             launched = self.runner.launch(sched, mode)
-            self.scheduler.advance(sched.scheduled)
+            self.scheduler.advance(sched)
             for row, (seq, _, _, samples) in enumerate(launched.rows):
-                if samples:
+                for _ in range(sched.steps[row] if sched.steps else samples):
                     seq.add_pending(row)
             self._in_flight.append(launched)
         done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
@@ -228,13 +229,17 @@ class LLMEngine:
                 self.num_prompt_tokens += n
                 continue
             self.num_prompt_tokens += max(0, min(n, seq.num_prompt_tokens - start))
-            token = int(sampled.token_ids[i])
-            top = None
-            if seq.logprobs is not None:
-                top = self.output.logprobs_entry(token, sampled.logprobs[i], sampled.ranks[i], sampled.top_ids,
-                                                 sampled.top_logprobs, i, seq.params.logprobs)
-            seq.append_token(token, float(sampled.logprobs[i]), top, self.eos_token_ids)
-            self.num_generation_tokens += 1
+            for j in range(step.steps[i] if step.steps else 1):  # tokens past a stop are dropped
+                if seq.is_finished:
+                    break
+                token = int(sampled.token_ids[j, i])
+                top = None
+                if seq.logprobs is not None:  # top-N arrays only in the (single-step) `full` variant
+                    tops = (None, None) if sampled.top_ids is None else (sampled.top_ids[j], sampled.top_logprobs[j])
+                    top = self.output.logprobs_entry(token, sampled.logprobs[j, i], sampled.ranks[j, i], *tops, i,
+                                                     seq.params.logprobs)
+                seq.append_token(token, float(sampled.logprobs[j, i]), top, self.eos_token_ids)
+                self.num_generation_tokens += 1
             touched.setdefault(seq.request_id, []).append(seq)
         self.scheduler.commit([seq for seq, _, _, _ in step.rows])
         outputs = []

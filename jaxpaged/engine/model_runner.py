@@ -6,7 +6,9 @@ The programs (a forward per token bucket, a head per bucket and mode) are in
 the inputs and hands the dispatch to one worker thread: the engine launches step n+1 while
 step n still runs, feeding back the tokens step n samples on the device (`feedback`), and
 processes step n's outputs while the worker dispatches (XLA releases the GIL while it
-launches the step's kernels, milliseconds per step under tensor parallelism).
+launches the step's kernels, milliseconds per step under tensor parallelism). With
+multi-step decode (`num_steps` > 1) an all-decode step runs the decode loop program: K
+iterations per dispatch, the sampled ids fed back on the device.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.host_buffer import pack
-from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_key
+from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_keys
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler import SchedulerOutput
 from jaxpaged.engine.sequence import PENDING, Sequence
@@ -38,7 +40,8 @@ class Launched:
     rows: list[tuple[Sequence, int, int, bool]]  # (sequence, first new position, new tokens, samples)
     token_offsets: np.ndarray  # [S+1] where each row's tokens start in T
     outputs: concurrent.futures.Future  # of the dispatch: (device SamplerOutput, PromptLogprobsOutput | None)
-    sampled: SamplerOutput | None = None  # host copy; row i belongs to rows[i]
+    steps: list[int] | None = None  # multi-step decode: iterations per row
+    sampled: SamplerOutput | None = None  # host copy, [K, S]: iteration j of row i (K = 1 unless multi-step)
     prompt: PromptLogprobsOutput | None = None
 
 
@@ -69,6 +72,12 @@ def short_query_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
     return [t for t in buckets if SHORT_QUERY < t <= full_batch]
 
 
+def decode_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
+    """The buckets an all-decode step (one token per sequence) can land in: the decode loop's."""
+    full_batch = next((t for t in buckets if t >= max_num_seqs), buckets[-1])
+    return [t for t in buckets if t <= full_batch]
+
+
 def _fields(x) -> dict:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
 
@@ -79,7 +88,7 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: dict, attention, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None,
-                 buckets: tuple[int, ...] | None = None):
+                 buckets: tuple[int, ...] | None = None, num_steps: int = 1):
         self.cfg, self.params, self.kv = cfg, params, None
         self.top_params = {k: v for k, v in params.items() if k != "layers"}  # all the head reads
         self.eos_token_ids = eos_token_ids
@@ -90,8 +99,10 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, buckets)
         self.short_query_buckets = short_query_buckets(self.buckets, max_num_seqs)
+        self.num_steps = num_steps
+        self.loop_buckets = decode_buckets(self.buckets, max_num_seqs) if num_steps > 1 else []
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
-        self._fwd, self._head = jitted_step(cfg, attention, replicated,
+        self._fwd, self._head, self._loop = jitted_step(cfg, attention, replicated,
                                              NamedSharding(mesh, KV_POOL) if mesh is not None else None)
         # where the forward leaves the hidden states (committed, as every step output)
         self._hidden_sharding = replicated or SingleDeviceSharding(jax.devices()[0])
@@ -111,6 +122,8 @@ class ModelRunner:
         dtype = self.params["embed"].dtype
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
         self._padding = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
+        self._padding |= {(t, mode, "loop"): self._inputs([], [], t, mode, []) for t in self.loop_buckets
+                          for mode in MODES[:3]}
 
         def compile_head(key) -> int:
             t, mode = key
@@ -121,27 +134,37 @@ class ModelRunner:
             return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            return max(pool.map(compile_head, self._padding))
+            return max(pool.map(compile_head, [k for k in self._padding if len(k) == 2]))
 
     def warmup(self, kv: KVCache, threads: int | None = None) -> None:
-        """Take the KV pool, compile every forward variant (in `threads` threads), then run
-        every program once on the all-padding batches of `compile_heads`."""
+        """Take the KV pool, compile every forward and decode loop variant (in `threads`
+        threads), then run every program once on the all-padding batches of `compile_heads`."""
         self.kv = kv
         inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
         forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
-        def compile_forward(variant):
+        def compile_program(variant):
+            if len(variant) == 3:  # a decode loop: (t, mode, "loop")
+                step, layout, max_query_len = inputs[variant][1]
+                self._loop.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
+                                 max_query_len=max_query_len, mode=variant[1], num_steps=self.num_steps,
+                                 num_prev=self.max_num_seqs).compile()
+                return
             t, max_query_len = variant
             step, layout, _ = inputs[t, "greedy"][1]
             self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
                             max_query_len=max_query_len).compile()
 
+        loops = [k for k in inputs if len(k) == 3]
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            list(pool.map(compile_forward, forwards))
-        runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
+            list(pool.map(compile_program, forwards + loops))
+        runs = [(*key, None) for key in inputs if len(key) == 2] + [(t, "greedy", q) for t, q in forwards if q]
         for t, mode, max_query_len in runs:
             rows, (step, layout, _), sampling, query_start = inputs[t, mode]
             self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
+        for key in loops:
+            rows, step, _, query_start = inputs[key]
+            self.fetch(self._submit(rows, query_start, key[1], step, None, []))
 
     def step_mode(self, sched: SchedulerOutput) -> str:
         """The cheapest variant (of `MODES`) that serves every scheduled request."""
@@ -156,18 +179,23 @@ class ModelRunner:
         """Build the padded inputs on the host and dispatch the step in variant `mode` (does
         not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        rows, step, sampling, query_start = self._inputs(sched.scheduled, sched.block_tables, t, mode)
-        return self._submit(rows, query_start, mode, step, sampling)
+        rows, step, sampling, query_start = self._inputs(sched.scheduled, sched.block_tables, t, mode, sched.steps)
+        return self._submit(rows, query_start, mode, step, sampling, sched.steps)
 
-    def _submit(self, rows, query_start, mode: str, step: tuple, sampling: tuple) -> Launched:
+    def _submit(self, rows, query_start, mode: str, step: tuple, sampling: tuple | None,
+                steps: list[int] | None = None) -> Launched:
         """Queue the step's dispatch on the worker thread (one at a time, in order)."""
+        if steps is not None:
+            return Launched(rows, query_start, self._dispatcher.submit(self.dispatch_loop, mode, *step), steps)
         return Launched(rows, query_start, self._dispatcher.submit(self.dispatch, mode, *step, *sampling))
 
-    def _inputs(self, scheduled, block_tables, t: int, mode: str):
+    def _inputs(self, scheduled, block_tables, t: int, mode: str, steps: list[int] | None = None):
         """(rows, (packed step inputs, layout, max_query_len), (packed sampling inputs, layout),
-        query_start) of a step padded to `t` tokens (and min(t, max_num_seqs) sequences)."""
-        s = min(t, self.max_num_seqs)
-        seqs, keys, rows = [], [], []
+        query_start) of a step padded to `t` tokens (and min(t, max_num_seqs) sequences). With
+        `steps` (multi-step decode: iterations per row) one buffer holds both, for t rows,
+        with the sampling keys of every iteration, and the sampling slot is None."""
+        s = t if steps is not None else min(t, self.max_num_seqs)
+        seqs, rows = [], []
         feedback = np.full(t, -1, np.int32)
         offset = 0
         for (seq, n), table in zip(scheduled, block_tables):
@@ -176,16 +204,28 @@ class ModelRunner:
             if new[-1] == PENDING:  # sampled by the previous step: read it on the device
                 feedback[offset + n - 1] = seq.sample_row
             seqs.append((new, start, table))
-            keys.append(row_key(seq.seed, seq.num_output_tokens))
             rows.append((seq, start, n, start + n == seq.num_tokens))
             offset += n
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
+        seeds = [seq.seed for seq, _ in scheduled]
+        done = [seq.num_output_tokens for seq, _ in scheduled]  # the key of the token after these
+        keys = row_keys(seeds, done) if seeds else np.zeros((0, 2), np.uint32)
         sampling = {"logits_index": inp.pop("logits_index"),
                     **_fields(make_sampling_input([seq.params for seq, _ in scheduled], keys, s))}
         if mode == "full":
             sampling |= self._full_input(scheduled, t, s)
         longest = max((n for _, n in scheduled), default=0)
         max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
+        if steps is not None:
+            k = self.num_steps
+            sampling["keys"] = np.zeros((k, s, 2), np.uint32)
+            if seeds:
+                sampling["keys"][:, :len(seeds)] = row_keys(seeds * k, [d + j for j in range(k) for d in done]
+                                                            ).reshape(k, len(seeds), 2)
+            sampling["steps"] = np.zeros(s, np.int32)
+            sampling["steps"][:len(steps)] = steps
+            buf, layout = pack(inp | {"feedback": feedback} | sampling)
+            return rows, (buf, layout, max_query_len), None, inp["query_start"]
         return rows, (*pack(inp | {"feedback": feedback}), max_query_len), pack(sampling), inp["query_start"]
 
     def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, max_query_len: int | None,
@@ -199,11 +239,21 @@ class ModelRunner:
                                                     mode=mode, num_prev=self.max_num_seqs)
         return out, prompt
 
+    def dispatch_loop(self, mode: str, buf: np.ndarray, layout, max_query_len: int | None):
+        """Dispatch the decode loop (`num_steps` iterations) on its packed inputs; as `dispatch`."""
+        out, self.kv, self._prev_tokens = self._loop(
+            self.params, self.kv, buf, self._prev_tokens, layout=layout, max_query_len=max_query_len,
+            mode=mode, num_steps=self.num_steps, num_prev=self.max_num_seqs)
+        return out, None
+
     def fetch(self, launched: Launched) -> Launched:
-        """Wait for a launched step and copy its outputs to the host."""
+        """Wait for a launched step and copy its outputs to the host ([K, S], K = 1 for a
+        single step)."""
         t0 = time.perf_counter()
         sampled, prompt = jax.device_get(launched.outputs.result())
         self.device_wait_seconds += time.perf_counter() - t0
+        if launched.steps is None:
+            sampled = jax.tree.map(lambda x: x[None], sampled)
         return dataclasses.replace(launched, sampled=sampled, prompt=prompt)
 
     def _full_input(self, scheduled, t: int, s: int) -> dict[str, np.ndarray]:

@@ -45,22 +45,30 @@ class SamplerOutput:
 # ---------------------------------------------------------------- host (numpy) helpers
 
 
-def _mix64(x: int) -> int:
-    """splitmix64: a bijective 64-bit mix."""
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 of uint64 values (a bijective 64-bit mix; numpy uint64 arithmetic wraps)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def row_keys(seeds: Sequence[int], steps: Sequence[int]) -> np.ndarray:
+    """Key data [N, 2] uint32: row i's key for the token after `steps[i]` generated ones of a
+    request seeded `seeds[i]`.
+
+    A pure host hash of (seed, step): the same request step draws the same token whatever
+    batch or row it is in (or how many decode iterations its step runs), and making keys
+    costs no device work or compile.
+    """
+    seed = np.array([s & _M64 for s in seeds], np.uint64)
+    x = _mix64(_mix64(seed) ^ np.asarray(steps, np.int64).astype(np.uint64))
+    return np.stack([x >> np.uint64(32), x & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
 
 
 def row_key(seed: int, step: int) -> np.ndarray:
-    """Key data [2] uint32 for the token after `step` generated ones of a request seeded `seed`.
-
-    A pure host hash of (seed, step): the same request step draws the same token whatever
-    batch or row it is in, and making keys costs no device work or compile.
-    """
-    x = _mix64(_mix64(seed & _M64) ^ (step & _M64))
-    return np.array([x >> 32, x & 0xFFFFFFFF], np.uint32)
+    """`row_keys` of one row: [2] uint32."""
+    return row_keys([seed], [step])[0]
 
 
 def make_sampling_input(

@@ -4,7 +4,9 @@ vLLM V1's policy: one token budget per step; running sequences first (decodes an
 continuing prefills, in admission order), then waiting ones FCFS; prompts longer than the
 budget are chunked; when blocks run out, the newest running sequence is preempted and will
 be recomputed. There is no prefill/decode distinction: each step a sequence computes the
-tokens it has but whose KV is not yet cached.
+tokens it has but whose KV is not yet cached. With `num_steps` > 1 (multi-step decode), a
+step whose rows are all decodes reserves blocks for up to `num_steps` tokens per sequence
+and runs that many iterations (`SchedulerOutput.steps`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class SchedulerOutput:
     scheduled: list[tuple[Sequence, int]]  # (sequence, number of new tokens this step)
     block_tables: list[list[int]]  # per scheduled sequence
     preempted: list[Sequence]
+    steps: list[int] | None = None  # multi-step decode: iterations per row (None: one step)
 
     @property
     def num_tokens(self) -> int:
@@ -31,12 +34,14 @@ class SchedulerOutput:
         blocks are already free)."""
         keep = [i for i, (seq, _) in enumerate(self.scheduled) if not seq.is_finished]
         return SchedulerOutput([self.scheduled[i] for i in keep], [self.block_tables[i] for i in keep],
-                               self.preempted)
+                               self.preempted, self.steps and [self.steps[i] for i in keep])
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 num_steps: int = 1):
         self.bm = block_manager
+        self.num_steps = num_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -70,8 +75,23 @@ class Scheduler:
         now = time.monotonic()
         for seq, _ in scheduled:
             seq.first_scheduled_time = seq.first_scheduled_time or now
+        steps = self._lookahead(scheduled) if self.num_steps > 1 and not preempted else None
         tables = [self.bm.block_table(seq.seq_id) for seq, _ in scheduled]
-        return SchedulerOutput(scheduled, tables, preempted)
+        return SchedulerOutput(scheduled, tables, preempted, steps)
+
+    def _lookahead(self, scheduled: list[tuple[Sequence, int]]) -> list[int] | None:
+        """Iterations per row when every row is a decode (its one new token is its last) that
+        the fast step variants serve: up to `num_steps`, fewer where max_tokens ends the
+        sequence sooner, with blocks reserved for them; None (one step) otherwise or when the
+        blocks are short (no preemption for lookahead)."""
+        if not scheduled or any(n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens
+                                or seq.params.needs_full_step for seq, n in scheduled):
+            return None
+        steps = [min(self.num_steps, seq.max_tokens - seq.num_output_tokens) for seq, _ in scheduled]
+        for (seq, _), k in zip(scheduled, steps):
+            if not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + k):
+                return None
+        return steps
 
     def _admit(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
         """Move waiting sequences to running, FCFS, while budget, seats and blocks allow."""
@@ -108,10 +128,11 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def advance(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """A step was launched: its tokens' KV will be in the cache."""
-        for seq, n in scheduled:
-            seq.num_computed_tokens += n
+    def advance(self, sched: SchedulerOutput) -> None:
+        """A step was launched: its tokens' KV will be in the cache (with multi-step decode,
+        also that of the tokens its iterations sample and feed back, all but the last)."""
+        for i, (seq, n) in enumerate(sched.scheduled):
+            seq.num_computed_tokens += sched.steps[i] if sched.steps else n
 
     def commit(self, seqs: list[Sequence]) -> None:
         """A step's tokens are known: cache the full blocks they complete, retire finished ones

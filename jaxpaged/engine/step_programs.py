@@ -3,6 +3,9 @@
 the heavy compile, one per token bucket and `max_query_len` hint) and the **head** (final
 norm, LM head and sampler in one of `MODES`: small, one per bucket and mode).
 
+With multi-step decode a third program, the **decode loop**, runs K forward + head
+iterations of an all-decode step in one call (one per decode bucket and fast mode).
+
 Modes: `greedy` (argmax and the chosen token's raw logprob), `sample` (temperature, min-p,
 seeds), `sample_filtered` (adds top-k/p: two bisections over the logits, ~2.7 ms of a
 256-row step on an H200) and `full` (adds penalties over the token history, top-N logprobs,
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxpaged.engine.host_buffer import unpack
-from jaxpaged.engine.sampler import SamplingInput, sample
+from jaxpaged.engine.sampler import SamplerOutput, SamplingInput, sample
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.models import ModelConfig, family_module
 from jaxpaged.models.kv_cache import KVCache
@@ -94,10 +97,56 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
     return out, prompt, padded
 
 
+def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, mode: str, num_steps: int,
+                 num_prev: int, cfg: ModelConfig, attention, replicated):
+    """`num_steps` (K) decode iterations of forward + head in one program (multi-step decode:
+    one dispatch instead of K). Row i is token i (T == S); iteration j feeds each row the
+    token it sampled in iteration j - 1, at position + j, its KV written to the slot its
+    block table gives (the scheduler reserved the blocks). A row past its `steps` (max_tokens
+    reached) writes to the scratch block instead. A static-bound `fori_loop`: one compile, and
+    XLA's GPU while loop with a known trip count reads no predicate on the host.
+    Returns (SamplerOutput of [K, S] arrays, kv, each row's last sampled id padded to `num_prev`)."""
+    _traces[0] += 1
+    a = unpack(buf, layout)
+    feedback, steps, keys = a.pop("feedback"), a.pop("steps"), a.pop("keys")  # [T], [S], [K, S, 2]
+    sp = SamplingInput(**{k: a.pop(k) for k in _SAMPLING_FIELDS if k != "keys"}, keys=keys[0])
+    a.pop("logits_index")
+    inp = StepInput(**a, logits_index=None)
+    if max_query_len is not None:
+        attention = functools.partial(attention, max_query_len=max_query_len)
+    model = family_module(cfg)
+    t, bs = inp.token_ids.shape[0], kv.block_size
+    rows, scratch = jnp.arange(t), jnp.arange(t, dtype=jnp.int32) % bs  # scratch: as padding tokens
+
+    def iteration(j, carry):
+        kv, tokens, out = carry
+        valid = j < steps
+        pos = inp.positions + j
+        block = inp.block_tables[rows, jnp.minimum(pos // bs, inp.block_tables.shape[1] - 1)]
+        step = inp.replace(token_ids=tokens, positions=pos, slot_mapping=jnp.where(valid, block * bs + pos % bs, scratch),
+                           seq_lens=jnp.where(valid, inp.seq_lens + j, inp.seq_lens))
+        hidden, kv = model.forward(params, kv, step, cfg, attention)
+        new = sample(model.compute_logits(params, hidden, cfg), sp.replace(keys=keys[j]),
+                     greedy_only=mode == "greedy", filters=mode == "sample_filtered")
+        out = jax.tree.map(lambda o, x: o.at[j].set(x), out, new)
+        return kv, new.token_ids, out
+
+    tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], inp.token_ids)
+    out = SamplerOutput(jnp.zeros((num_steps, t), jnp.int32), jnp.zeros((num_steps, t), jnp.float32),
+                        jnp.zeros((num_steps, t), jnp.int32))
+    kv, _, out = jax.lax.fori_loop(0, num_steps, iteration, (kv, tokens, out))
+    last = out.token_ids[jnp.maximum(steps - 1, 0), rows][:num_prev]
+    padded = jnp.zeros(num_prev, jnp.int32).at[: last.shape[0]].set(last)
+    if replicated is not None:
+        padded = jax.lax.with_sharding_constraint(padded, replicated)
+    return out, kv, padded
+
+
 @functools.cache
 def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
-    """The step's two programs per (model config, kernel, mesh), shared by engines (same shapes,
-    no recompile): the forward (KV pool donated) and the head + sampler. `replicated` (a
+    """The step's programs per (model config, kernel, mesh), shared by engines (same shapes,
+    no recompile): the forward (KV pool donated), the head + sampler, and the decode loop
+    (KV pool donated). `replicated` (a
     sharding over the mesh, or None) pins the forward's hidden states and the fed-back token
     ids, so the heads can be compiled before the forward (`ModelRunner.compile_heads`)."""
     out_shardings = None if replicated is None else (replicated, kv_sharding)
@@ -105,4 +154,7 @@ def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
                   static_argnames=("layout", "max_query_len"), out_shardings=out_shardings)
     head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
                    static_argnames=("layout", "mode", "num_prev"))
-    return fwd, head
+    loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, attention=attention, replicated=replicated),
+                   donate_argnums=1, out_shardings=None if replicated is None else (replicated, kv_sharding, replicated),
+                   static_argnames=("layout", "max_query_len", "mode", "num_steps", "num_prev"))
+    return fwd, head, loop

@@ -25,6 +25,8 @@ def make_parser() -> argparse.ArgumentParser:
       help="launch the next steps before processing a step's outputs")
     a("--max-steps-in-flight", type=int, default=2,
       help="async scheduling: launched steps whose outputs may wait unprocessed (1: one step ahead)")
+    a("--num-scheduler-steps", type=int, default=1,
+      help="multi-step decode: forward + sample iterations per all-decode step (one dispatch)")
     a("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
     a("--gpu-memory-utilization", type=float, default=0.9, help="fraction of device memory to use")
     a("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the memory budget)")
@@ -65,7 +67,7 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
         async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
-        token_buckets=args.token_buckets,
+        num_scheduler_steps=args.num_scheduler_steps, token_buckets=args.token_buckets,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
         **{**defaults, **given})
 
