@@ -85,7 +85,7 @@ def test_greedy_matches_hf_under_every_schedule(name, model_dir, workload, compi
 
 
 def test_default_buckets_add_steps_where_decode_gemms_are_compute_bound():
-    from jaxpaged.engine.model_runner import token_buckets
+    from jaxpaged.engine.buckets import token_buckets
     b = token_buckets(2048, 256)
     assert b == sorted(set(b)) and b[0] == 16 and b[-1] == 2048  # every step size has a bucket
     assert [t for t in b if 128 < t < 256] == [192]  # decode steps of 129-192 rows are not padded to 256
@@ -96,7 +96,7 @@ def test_default_buckets_add_steps_where_decode_gemms_are_compute_bound():
 def test_short_query_forwards_stop_at_a_full_decode_batch():
     """The decode-launch forward variant is compiled for buckets above SHORT_QUERY that a
     decode-only step can use (up to the bucket of max_num_seqs rows), not for larger ones."""
-    from jaxpaged.engine.model_runner import short_query_buckets, token_buckets
+    from jaxpaged.engine.buckets import short_query_buckets, token_buckets
     assert short_query_buckets(token_buckets(2048, 256), 256) == [64, 128, 192, 256]  # not 512 / 1024 / 2048
     assert short_query_buckets(token_buckets(2048, 200), 200) == [64, 128, 192, 256]  # 200 rows pad to 256
     assert short_query_buckets([16, 32, 64], 64) == [64]

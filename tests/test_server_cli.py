@@ -19,11 +19,11 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
     args = make_parser().parse_args(["--model", "m", "--dtype", "half", "--max-model-len", "99", "--block-size", "8",
                                      "--no-enable-prefix-caching", "-tp", "2", "--max-num-seqs", "3", "--seed", "5",
                                      "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "32",
-                                     "--token-buckets", "8,24"])
+                                     "--token-buckets", "8,24", "--num-scheduler-steps", "4"])
     cfg = engine_config(args, "m", DEMO_DEFAULTS)
     assert (cfg.dtype, cfg.max_model_len, cfg.block_size, cfg.enable_prefix_caching) == ("float16", 99, 8, False)
     assert (cfg.tensor_parallel_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.seed) == (2, 3, 32, 5)
-    assert cfg.gpu_memory_utilization == 0.5 and cfg.token_buckets == (8, 24)
+    assert cfg.gpu_memory_utilization == 0.5 and cfg.token_buckets == (8, 24) and cfg.num_scheduler_steps == 4
     with pytest.raises(SystemExit):  # a usage error, not a traceback
         make_parser().parse_args(["--token-buckets", "8,x"])
     defaults = make_parser().parse_args([])

@@ -16,7 +16,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # token budget per step; default 2048
-    token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: model_runner.token_buckets)
+    token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: buckets.token_buckets)
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # launch the next steps before processing a step's outputs
     # async scheduling: launched steps whose outputs may wait unprocessed (1: vLLM's one step

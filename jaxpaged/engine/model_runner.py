@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import pack
 from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_keys
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
@@ -43,39 +44,6 @@ class Launched:
     steps: list[int] | None = None  # multi-step decode: iterations per row
     sampled: SamplerOutput | None = None  # host copy, [K, S]: iteration j of row i (K = 1 unless multi-step)
     prompt: PromptLogprobsOutput | None = None
-
-
-def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[int, ...] | None = None,
-                  smallest: int = 16) -> list[int]:
-    """The padded step sizes (one compiled forward each). Default: powers of two from
-    `smallest` up to the budget, the budget itself, and 1.5x steps between 128 and
-    `max_num_seqs` (e.g. 192): decode steps of more than ~128 rows make the GEMMs
-    compute-bound on a GPU, so padding them to the next power of two costs time.
-    `sizes` replaces the rule (vLLM's cudagraph capture sizes); the budget is always added."""
-    if sizes is None:
-        out, b = [], min(smallest, max_num_batched_tokens)
-        while b < max_num_batched_tokens:
-            out.append(b)
-            if b >= 128 and 3 * b // 2 <= max_num_seqs:  # (sizes past the budget are dropped below)
-                out.append(3 * b // 2)
-            b *= 2
-        sizes = out
-    return sorted({t for t in sizes if t < max_num_batched_tokens} | {max_num_batched_tokens})
-
-
-def short_query_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
-    """The buckets that get a second forward for steps whose queries all have at most
-    `SHORT_QUERY` new tokens (the kernel's per-sequence launch): those above `SHORT_QUERY`, up
-    to the one that holds a full decode batch. A larger step has prompt tokens anyway, and each
-    forward is a heavy compile (start-up time)."""
-    full_batch = next((t for t in buckets if t >= max_num_seqs), buckets[-1])
-    return [t for t in buckets if SHORT_QUERY < t <= full_batch]
-
-
-def decode_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
-    """The buckets an all-decode step (one token per sequence) can land in: the decode loop's."""
-    full_batch = next((t for t in buckets if t >= max_num_seqs), buckets[-1])
-    return [t for t in buckets if t <= full_batch]
 
 
 def _fields(x) -> dict:

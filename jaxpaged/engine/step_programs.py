@@ -46,7 +46,7 @@ def num_step_compiles() -> int:
 
 MODES = ("greedy", "sample", "sample_filtered", "full")
 # buckets above this (up to a full decode batch) get a second forward for steps whose queries
-# are all this short (model_runner.short_query_buckets)
+# are all this short (buckets.short_query_buckets)
 SHORT_QUERY = 32
 
 
