@@ -177,19 +177,17 @@ class ModelRunner:
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
         seeds = [seq.seed for seq, _ in scheduled]
         done = [seq.num_output_tokens for seq, _ in scheduled]  # the key of the token after these
-        keys = row_keys(seeds, done) if seeds else np.zeros((0, 2), np.uint32)
         sampling = {"logits_index": inp.pop("logits_index"),
-                    **_fields(make_sampling_input([seq.params for seq, _ in scheduled], keys, s))}
+                    **_fields(make_sampling_input([seq.params for seq, _ in scheduled], row_keys(seeds, done), s))}
         if mode == "full":
             sampling |= self._full_input(scheduled, t, s)
         longest = max((n for _, n in scheduled), default=0)
         max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
         if steps is not None:
             k = self.num_steps
-            sampling["keys"] = np.zeros((k, s, 2), np.uint32)
-            if seeds:
-                sampling["keys"][:, :len(seeds)] = row_keys(seeds * k, [d + j for j in range(k) for d in done]
-                                                            ).reshape(k, len(seeds), 2)
+            sampling["keys"] = np.zeros((k, s, 2), np.uint32)  # iteration j: the token after done + j
+            sampling["keys"][:, :len(seeds)] = row_keys(seeds * k, [d + j for j in range(k) for d in done]
+                                                        ).reshape(k, len(seeds), 2)
             sampling["steps"] = np.zeros(s, np.int32)
             sampling["steps"][:len(steps)] = steps
             buf, layout = pack(inp | {"feedback": feedback} | sampling)
