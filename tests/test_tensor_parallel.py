@@ -55,8 +55,12 @@ def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compil
     assert wqkv.addressable_shards[0].data.shape[1] == 8 // tp  # KV heads split over the mesh
     assert engine.runner.kv.k.addressable_shards[0].data.shape[1] == 8 // tp
     compiles = compile_counter.count
+    launched = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, mode: launched.append(sched.steps) or launch(sched, mode)
     outs = llm.generate(*requests, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference
+    assert any(launched) == (steps > 1)  # the decode loop ran
     assert engine.scheduler.num_preemptions > 0  # the small pool forced recomputes
     assert engine.block_manager.prefix_cache_hits > 0
     assert compile_counter.count == compiles, "compiled after warm-up"
