@@ -1,5 +1,5 @@
 #!/bin/bash
-# Ready for the next x2 lease (written in session 7, not run yet): (1) the cold start after the
+# Session 8's first x2 call (written in session 7): (1) the cold start after the
 # short-query compile cut (8B mixed on GPU 0 from an empty compilation cache); (2) does one
 # dispatch of K forward iterations (fori_loop) cost the host less than K dispatches, at tp=1
 # and tp=2, for a decode bucket of 16 and of 256 rows (scripts/exp_multistep.py)?

@@ -1,7 +1,7 @@
-"""EXPERIMENT (written in session 7, not yet run on a GPU): does one dispatch of K forward
-iterations (a static-bound `lax.fori_loop`) cost the host less than K dispatches of one
-forward? Multi-step decode hangs on it (docs/parallel.md: at tp=2 the mixed run is bound by
-~8 ms of dispatch per step).
+"""EXPERIMENT (session 7; run on the GPU in session 8, results in docs/parallel.md: yes, 2.5-7x
+less host time per iteration): does one dispatch of K forward iterations (a static-bound
+`lax.fori_loop`) cost the host less than K dispatches of one forward? Multi-step decode
+(`--num-scheduler-steps`) was built on the answer.
 
     CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH=. python scripts/exp_multistep.py --model-shape llama3-8b -tp 2 --k 1,4,8
 
