@@ -189,7 +189,7 @@ class LLMEngine:
             launched = self.runner.launch(sched, mode)
             self.scheduler.advance(sched)
             for row, (seq, _, _, samples) in enumerate(launched.rows):
-                for _ in range(sched.steps[row] if sched.steps else samples):
+                for _ in range(sched.steps[row] if sched.steps else int(samples)):
                     seq.add_pending(row)
             self._in_flight.append(launched)
         done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)

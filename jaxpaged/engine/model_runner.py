@@ -90,8 +90,6 @@ class ModelRunner:
         dtype = self.params["embed"].dtype
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
         self._padding = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
-        self._padding |= {(t, mode, "loop"): self._inputs([], [], t, mode, []) for t in self.loop_buckets
-                          for mode in MODES[:3]}
 
         def compile_head(key) -> int:
             t, mode = key
@@ -102,37 +100,35 @@ class ModelRunner:
             return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
 
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            return max(pool.map(compile_head, [k for k in self._padding if len(k) == 2]))
+            return max(pool.map(compile_head, self._padding))
 
     def warmup(self, kv: KVCache, threads: int | None = None) -> None:
         """Take the KV pool, compile every forward and decode loop variant (in `threads`
         threads), then run every program once on the all-padding batches of `compile_heads`."""
         self.kv = kv
         inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
+        loops = {(t, mode): self._inputs([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
         forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
-        def compile_program(variant):
-            if len(variant) == 3:  # a decode loop: (t, mode, "loop")
-                step, layout, max_query_len = inputs[variant][1]
-                self._loop.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
-                                 max_query_len=max_query_len, mode=variant[1], num_steps=self.num_steps,
-                                 num_prev=self.max_num_seqs).compile()
-                return
-            t, max_query_len = variant
+        def compile_forward(t: int, max_query_len: int | None):
             step, layout, _ = inputs[t, "greedy"][1]
             self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
                             max_query_len=max_query_len).compile()
 
-        loops = [k for k in inputs if len(k) == 3]
+        def compile_loop(t: int, mode: str):
+            step, layout, max_query_len = loops[t, mode][1]
+            self._loop.lower(self.params, self.kv, step, self._prev_tokens, layout=layout, max_query_len=max_query_len,
+                             mode=mode, num_steps=self.num_steps, num_prev=self.max_num_seqs).compile()
+
+        jobs = [(compile_forward, v) for v in forwards] + [(compile_loop, key) for key in loops]
         with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            list(pool.map(compile_program, forwards + loops))
-        runs = [(*key, None) for key in inputs if len(key) == 2] + [(t, "greedy", q) for t, q in forwards if q]
+            list(pool.map(lambda job: job[0](*job[1]), jobs))
+        runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
         for t, mode, max_query_len in runs:
             rows, (step, layout, _), sampling, query_start = inputs[t, mode]
             self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
-        for key in loops:
-            rows, step, _, query_start = inputs[key]
-            self.fetch(self._submit(rows, query_start, key[1], step, None, []))
+        for (t, mode), (rows, step, _, query_start) in loops.items():
+            self.fetch(self._submit(rows, query_start, mode, step, None, []))
 
     def step_mode(self, sched: SchedulerOutput) -> str:
         """The cheapest variant (of `MODES`) that serves every scheduled request."""
@@ -175,19 +171,19 @@ class ModelRunner:
             rows.append((seq, start, n, start + n == seq.num_tokens))
             offset += n
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
-        seeds = [seq.seed for seq, _ in scheduled]
-        done = [seq.num_output_tokens for seq, _ in scheduled]  # the key of the token after these
+        # keys [K, rows, 2] (K = 1 unless multi-step): iteration j draws the token after done + j
+        k, done = (self.num_steps if steps is not None else 1), [seq.num_output_tokens for seq, _ in scheduled]
+        keys = row_keys([seq.seed for seq, _ in scheduled] * k, [d + j for j in range(k) for d in done])
+        keys = keys.reshape(k, len(done), 2)
         sampling = {"logits_index": inp.pop("logits_index"),
-                    **_fields(make_sampling_input([seq.params for seq, _ in scheduled], row_keys(seeds, done), s))}
+                    **_fields(make_sampling_input([seq.params for seq, _ in scheduled], keys[0], s))}
         if mode == "full":
             sampling |= self._full_input(scheduled, t, s)
         longest = max((n for _, n in scheduled), default=0)
         max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
         if steps is not None:
-            k = self.num_steps
-            sampling["keys"] = np.zeros((k, s, 2), np.uint32)  # iteration j: the token after done + j
-            sampling["keys"][:, :len(seeds)] = row_keys(seeds * k, [d + j for j in range(k) for d in done]
-                                                        ).reshape(k, len(seeds), 2)
+            sampling["keys"] = np.zeros((k, s, 2), np.uint32)
+            sampling["keys"][:, :len(done)] = keys
             sampling["steps"] = np.zeros(s, np.int32)
             sampling["steps"][:len(steps)] = steps
             buf, layout = pack(inp | {"feedback": feedback} | sampling)

@@ -51,24 +51,43 @@ SHORT_QUERY = 32
 
 
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
+_STEP_FIELDS = tuple(f.name for f in dataclasses.fields(StepInput) if f.name != "logits_index")
 
 
-def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, cfg: ModelConfig, attention):
-    """The model over the packed StepInput; traced once per (token bucket, `max_query_len`):
-    the heavy compile. `max_query_len` (None or `SHORT_QUERY`) tells the attention kernel
-    whether every sequence has few new tokens (decode steps take a faster launch).
+def _fed_back_input(a: dict, prev_tokens, attention, max_query_len) -> tuple[StepInput, object]:
+    """The StepInput of the unpacked fields `a`, and `attention` with its launch hint.
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
     device) come from `prev_tokens[feedback[t]]` (feedback -1 = use the host's token id).
+    `max_query_len` (None or `SHORT_QUERY`) tells the attention kernel whether every sequence
+    has few new tokens (decode steps take a faster launch)."""
+    feedback = a["feedback"]
+    tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
+    inp = StepInput(**{f: a[f] for f in _STEP_FIELDS}, logits_index=None).replace(token_ids=tokens)
+    if max_query_len is not None:
+        attention = functools.partial(attention, max_query_len=max_query_len)
+    return inp, attention
+
+
+def _sample_fast(logits, sp: SamplingInput, mode: str) -> SamplerOutput:
+    """Sample in one of the modes without token history (`greedy`, `sample`, `sample_filtered`)."""
+    return sample(logits, sp, greedy_only=mode == "greedy", filters=mode == "sample_filtered")
+
+
+def _padded_ids(ids, num_prev: int, replicated):
+    """Sampled ids padded to `num_prev` rows for the next step's feedback; under a mesh with the
+    sharding of the first step's input (no second compile)."""
+    padded = jnp.zeros(num_prev, jnp.int32).at[: ids.shape[0]].set(ids[:num_prev])
+    return padded if replicated is None else jax.lax.with_sharding_constraint(padded, replicated)
+
+
+def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, cfg: ModelConfig, attention):
+    """The model over the packed StepInput (`_fed_back_input`); traced once per (token bucket,
+    `max_query_len`): the heavy compile. The head program picks the sampled rows.
     Returns (hidden [T, H], kv).
     """
     _traces[0] += 1
-    a = unpack(buf, layout)
-    feedback = a.pop("feedback")
-    a["token_ids"] = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
-    inp = StepInput(**a, logits_index=None)  # the head program picks the sampled rows
-    if max_query_len is not None:
-        attention = functools.partial(attention, max_query_len=max_query_len)
+    inp, attention = _fed_back_input(unpack(buf, layout), prev_tokens, attention, max_query_len)
     return family_module(cfg).forward(params, kv, inp, cfg, attention)
 
 
@@ -81,8 +100,7 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
     logits_of = functools.partial(family_module(cfg).compute_logits, top_params, cfg=cfg)
     prompt = None
     if mode != "full":
-        out = sample(logits_of(hidden[a["logits_index"]]), sp, greedy_only=mode == "greedy",
-                     filters=mode == "sample_filtered")
+        out = _sample_fast(logits_of(hidden[a["logits_index"]]), sp, mode)
     else:
         logits_all = logits_of(hidden)
         out = sample(logits_all[a["logits_index"]], sp, a["history"], a["history_is_output"], MAX_LOGPROBS,
@@ -91,10 +109,7 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
         lp = jnp.take_along_axis(raw, jnp.maximum(a["prompt_next"], 0)[:, None], axis=-1)
         top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
         prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
-    padded = jnp.zeros(num_prev, jnp.int32).at[: out.token_ids.shape[0]].set(out.token_ids)
-    if replicated is not None:  # the same sharding as the first step's input: no second compile
-        padded = jax.lax.with_sharding_constraint(padded, replicated)
-    return out, prompt, padded
+    return out, prompt, _padded_ids(out.token_ids, num_prev, replicated)
 
 
 def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, mode: str, num_steps: int,
@@ -108,12 +123,9 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
     Returns (SamplerOutput of [K, S] arrays, kv, each row's last sampled id padded to `num_prev`)."""
     _traces[0] += 1
     a = unpack(buf, layout)
-    feedback, steps, keys = a.pop("feedback"), a.pop("steps"), a.pop("keys")  # [T], [S], [K, S, 2]
-    sp = SamplingInput(**{k: a.pop(k) for k in _SAMPLING_FIELDS if k != "keys"}, keys=keys[0])
-    a.pop("logits_index")
-    inp = StepInput(**a, logits_index=None)
-    if max_query_len is not None:
-        attention = functools.partial(attention, max_query_len=max_query_len)
+    steps, keys = a["steps"], a["keys"]  # [S], [K, S, 2]
+    sp = SamplingInput(**{k: a[k] for k in _SAMPLING_FIELDS} | {"keys": keys[0]})
+    inp, attention = _fed_back_input(a, prev_tokens, attention, max_query_len)
     model = family_module(cfg)
     t, bs = inp.token_ids.shape[0], kv.block_size
     rows, scratch = jnp.arange(t), jnp.arange(t, dtype=jnp.int32) % bs  # scratch: as padding tokens
@@ -126,20 +138,14 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
         step = inp.replace(token_ids=tokens, positions=pos, slot_mapping=jnp.where(valid, block * bs + pos % bs, scratch),
                            seq_lens=jnp.where(valid, inp.seq_lens + j, inp.seq_lens))
         hidden, kv = model.forward(params, kv, step, cfg, attention)
-        new = sample(model.compute_logits(params, hidden, cfg), sp.replace(keys=keys[j]),
-                     greedy_only=mode == "greedy", filters=mode == "sample_filtered")
+        new = _sample_fast(model.compute_logits(params, hidden, cfg), sp.replace(keys=keys[j]), mode)
         out = jax.tree.map(lambda o, x: o.at[j].set(x), out, new)
         return kv, new.token_ids, out
 
-    tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], inp.token_ids)
     out = SamplerOutput(jnp.zeros((num_steps, t), jnp.int32), jnp.zeros((num_steps, t), jnp.float32),
                         jnp.zeros((num_steps, t), jnp.int32))
-    kv, _, out = jax.lax.fori_loop(0, num_steps, iteration, (kv, tokens, out))
-    last = out.token_ids[jnp.maximum(steps - 1, 0), rows][:num_prev]
-    padded = jnp.zeros(num_prev, jnp.int32).at[: last.shape[0]].set(last)
-    if replicated is not None:
-        padded = jax.lax.with_sharding_constraint(padded, replicated)
-    return out, kv, padded
+    kv, _, out = jax.lax.fori_loop(0, num_steps, iteration, (kv, inp.token_ids, out))
+    return out, kv, _padded_ids(out.token_ids[jnp.maximum(steps - 1, 0), rows], num_prev, replicated)
 
 
 @functools.cache
