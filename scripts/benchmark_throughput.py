@@ -296,7 +296,10 @@ def main() -> None:
           f"{res['steps']} steps, {res['preemptions']} preemptions, startup {res['startup_s']:.0f} s")
     if res["device_s"] is not None:
         print(f"device busy {j['device_busy']:.0%} of wall (the steps replayed back to back took {res['device_s']:.2f} s)")
-    print(f"start-up {res['engine']}")
+    print("start-up " + str({k: v for k, v in res["engine"].items() if k != "compiles"}))
+    compiles = sorted(res["engine"]["compiles"], key=lambda c: -c[2])
+    print(f"start-up programs: {len(compiles)}, {sum(c[2] for c in compiles):.0f} s summed; slowest (program, start s, "
+          f"s): {compiles[:6]}")
     print("device ms per step by token bucket (its steps replayed back to back): " + ", ".join(
         f"{b}: {v['steps']} x {v['mean_ms']:.2f}" for b, v in res["device_by_bucket"].items()))
     print("compile events: " + ", ".join(f"{k.removeprefix('/jax/')} {v:.1f}" for k, v in res["compile_events"].items()))

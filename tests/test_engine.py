@@ -103,6 +103,29 @@ def test_short_query_forwards_stop_at_a_full_decode_batch():
     assert short_query_buckets([16, 24], 3) == []
 
 
+def test_prefill_buckets_run_the_forward_compiled_with_cublas_gemms(model_dir, compile_counter):
+    """Steps above a full decode batch run the forward's prefill twin, compiled with
+    PREFILL_COMPILER_OPTIONS (real XLA flags: an unknown one fails every GPU compile); decode
+    steps the other. Warm-up compiles each bucket in the program its steps use."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxpaged.engine import step_programs
+
+    f = jax.jit(lambda x: x @ x + 1, compiler_options=step_programs.PREFILL_COMPILER_OPTIONS)
+    np.testing.assert_allclose(f(jnp.eye(4)), np.eye(4) + 1)
+    llm = LLM(model_dir, max_model_len=MAX_LEN, block_size=4, max_num_seqs=2, max_num_batched_tokens=40,
+              token_buckets=(8, 16))
+    runner = llm.engine.runner
+    assert runner.buckets == [8, 16, 40] and runner.decode_buckets == [8]
+    program = {t: runner._forward_program(runner._inputs([], [], t, "greedy")[1][1]) for t in runner.buckets}
+    assert program == {8: runner._fwd, 16: runner._fwd_prefill, 40: runner._fwd_prefill}
+    compiles = compile_counter.count
+    out = llm.generate([[5] * 30, [7] * 3], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [4, 4]
+    assert compile_counter.count == compiles, "a step ran a forward that warm-up did not compile"
+
+
 def test_prefix_cache_computes_only_new_tokens(model_dir):
     llm = make_llm(model_dir, max_num_seqs=8, max_num_batched_tokens=64)
     engine = llm.engine
@@ -269,10 +292,10 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
 
 
 def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
-    """Start-up compiles the head programs first and keeps their measured memory free when it
-    sizes the pool: the reserve covers at least the `full` head's f32 [T, V] logits (a bound
-    from the shapes alone), and each head is traced once (compiled before the forward, reused
-    after it: the hidden states' sharding matches)."""
+    """Start-up compiles the largest bucket's heads first and keeps their measured memory free
+    when it sizes the pool: the reserve covers at least the `full` head's f32 [T, V] logits (a
+    bound from the shapes alone) and every head's memory, and each head is traced once (the
+    rest compiled beside the forwards, all reused after: the hidden states' sharding matches)."""
     import jax
 
     from jaxpaged.engine import llm_engine
@@ -300,6 +323,9 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     forwards = len(runner.buckets) + len(runner.short_query_buckets)
     assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
     assert seen["head_bytes"] >= max(runner.buckets) * cfg.vocab_size * 4
+    runner._padding = {(t, mode): runner._inputs([], [], t, mode) for t in runner.buckets for mode in step_programs.MODES}
+    assert max(runner._compile_head(key) for key in runner._padding) == seen["head_bytes"]
+    assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
     per_block = kv_bytes_per_block(cfg, 4, np.float32)
     reserve = seen["head_bytes"] + 24 * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
     assert llm.engine.block_manager.num_total_blocks + 1 == int(((64 << 20) * 0.5 - reserve) // per_block)

@@ -86,8 +86,8 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
                         "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
-                        "buckets": self.runner.buckets}
-        logger.info("engine ready: %s", self.startup)
+                        "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
+        logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
 
     def _num_blocks_from_memory(self, dtype, head_bytes: int) -> int:
         """Pool size from `gpu_memory_utilization` of device memory, or a CPU default.

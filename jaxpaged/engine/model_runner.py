@@ -13,6 +13,7 @@ iterations per dispatch, the sampled ids fed back on the device.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import time
@@ -46,6 +47,12 @@ class Launched:
     prompt: PromptLogprobsOutput | None = None
 
 
+def _in_parallel(threads: int | None, fn, items: list) -> list:
+    """`fn` over `items` in `threads` threads (default: one per core; XLA compiles outside the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        return list(pool.map(fn, items))
+
+
 def _fields(x) -> dict:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
 
@@ -68,10 +75,11 @@ class ModelRunner:
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, buckets)
         self.short_query_buckets = short_query_buckets(self.buckets, max_num_seqs)
         self.num_steps = num_steps
-        self.loop_buckets = decode_buckets(self.buckets, max_num_seqs) if num_steps > 1 else []
+        self.decode_buckets = decode_buckets(self.buckets, max_num_seqs)
+        self.loop_buckets = self.decode_buckets if num_steps > 1 else []
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
-        self._fwd, self._head, self._loop = jitted_step(cfg, attention, replicated,
-                                             NamedSharding(mesh, KV_POOL) if mesh is not None else None)
+        self._fwd, self._fwd_prefill, self._head, self._loop = jitted_step(
+            cfg, attention, replicated, NamedSharding(mesh, KV_POOL) if mesh is not None else None)
         # where the forward leaves the hidden states (committed, as every step output)
         self._hidden_sharding = replicated or SingleDeviceSharding(jax.devices()[0])
         # the last step's sampled ids; committed like the step's outputs, so no second compile
@@ -81,54 +89,70 @@ class ModelRunner:
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
         self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
         self._padding = None  # start-up's all-padding step inputs per (bucket, mode): `compile_heads`
+        self.compile_log: list[tuple[str, float, float]] = []  # start-up: (program, start s, seconds)
+        self._t0 = time.perf_counter()
 
     def compile_heads(self, threads: int | None = None) -> int:
-        """Compile every head (bucket x mode) in `threads` threads (default: one per core; XLA
-        compiles outside the GIL). Returns the largest per-device memory one needs besides
-        its arguments (temporaries and outputs, e.g. the `full` head's f32 [T, V] logits):
-        the engine keeps it free when it sizes the KV pool."""
-        dtype = self.params["embed"].dtype
+        """Compile the heads of the largest bucket (one per mode, in `threads` threads) and
+        return the most per-device memory one needs besides its arguments (temporaries and
+        outputs, e.g. the `full` head's f32 [T, V] logits): the engine keeps it free when it
+        sizes the KV pool. It bounds every head's: their arrays scale with the bucket's T
+        tokens or S <= T rows. `warmup` compiles the other heads beside the forwards."""
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
         self._padding = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
+        return max(_in_parallel(threads, self._compile_head, [(self.buckets[-1], mode) for mode in MODES]))
 
-        def compile_head(key) -> int:
-            t, mode = key
-            buf, layout = self._padding[key][2]
-            hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), dtype, sharding=self._hidden_sharding)
+    def _compile_head(self, key: tuple[int, str]) -> int:
+        """Compile the head of (bucket, mode); returns its temporary + output bytes per device."""
+        t, mode = key
+        buf, layout = self._padding[key][2]
+        hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), self.params["embed"].dtype,
+                                      sharding=self._hidden_sharding)
+        with self._logged(f"head {t} {mode}"):
             mem = self._head.lower(self.top_params, hidden, buf, layout=layout, mode=mode,
                                    num_prev=self.max_num_seqs).compile().memory_analysis()
-            return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
+        return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
 
-        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            return max(pool.map(compile_head, self._padding))
+    @contextlib.contextmanager
+    def _logged(self, program: str):
+        """Add the block's wall time to `compile_log` (which start-up compiles bound it)."""
+        t0 = time.perf_counter()
+        yield
+        self.compile_log.append((program, round(t0 - self._t0, 2), round(time.perf_counter() - t0, 2)))
 
     def warmup(self, kv: KVCache, threads: int | None = None) -> None:
-        """Take the KV pool, compile every forward and decode loop variant (in `threads`
-        threads), then run every program once on the all-padding batches of `compile_heads`."""
+        """Take the KV pool; compile every forward, decode loop and the heads `compile_heads`
+        left, all at once (in `threads` threads); then run every program once on the
+        all-padding batches of `compile_heads`."""
         self.kv = kv
-        inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
+        inputs = self._padding
         loops = {(t, mode): self._inputs([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
         forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
             step, layout, _ = inputs[t, "greedy"][1]
-            self._fwd.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
-                            max_query_len=max_query_len).compile()
+            with self._logged(f"forward {t}" + (f" q<={max_query_len}" if max_query_len else "")):
+                self._forward_program(layout).lower(self.params, self.kv, step, self._prev_tokens,
+                                                    layout=layout, max_query_len=max_query_len).compile()
 
         def compile_loop(t: int, mode: str):
             step, layout, max_query_len = loops[t, mode][1]
-            self._loop.lower(self.params, self.kv, step, self._prev_tokens, layout=layout, max_query_len=max_query_len,
-                             mode=mode, num_steps=self.num_steps, num_prev=self.max_num_seqs).compile()
+            with self._logged(f"loop {t} {mode}"):
+                self._loop.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
+                                 max_query_len=max_query_len, mode=mode, num_steps=self.num_steps,
+                                 num_prev=self.max_num_seqs).compile()
 
-        jobs = [(compile_forward, v) for v in forwards] + [(compile_loop, key) for key in loops]
-        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-            list(pool.map(lambda job: job[0](*job[1]), jobs))
+        heads = [(self._compile_head, (key,)) for key in inputs if key[0] != self.buckets[-1]]
+        jobs = [(compile_forward, v) for v in forwards] + [(compile_loop, key) for key in loops] + heads
+        _in_parallel(threads, lambda job: job[0](*job[1]), jobs)  # the heavy compiles start first
+        self._padding = None  # host arrays, not needed after start-up
         runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
-        for t, mode, max_query_len in runs:
-            rows, (step, layout, _), sampling, query_start = inputs[t, mode]
-            self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
-        for (t, mode), (rows, step, _, query_start) in loops.items():
-            self.fetch(self._submit(rows, query_start, mode, step, None, []))
+        with self._logged("first runs"):
+            for t, mode, max_query_len in runs:
+                rows, (step, layout, _), sampling, query_start = inputs[t, mode]
+                self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
+            for (t, mode), (rows, step, _, query_start) in loops.items():
+                self.fetch(self._submit(rows, query_start, mode, step, None, []))
 
     def step_mode(self, sched: SchedulerOutput) -> str:
         """The cheapest variant (of `MODES`) that serves every scheduled request."""
@@ -195,11 +219,16 @@ class ModelRunner:
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
         device outputs (sampled, prompt logprobs or None) without waiting. Owns `kv` and
         `_prev_tokens`: called on the worker thread once the engine runs."""
-        hidden, self.kv = self._fwd(self.params, self.kv, step_buf, self._prev_tokens, layout=step_layout,
-                                    max_query_len=max_query_len)
+        hidden, self.kv = self._forward_program(step_layout)(self.params, self.kv, step_buf, self._prev_tokens,
+                                                     layout=step_layout, max_query_len=max_query_len)
         out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
                                                     mode=mode, num_prev=self.max_num_seqs)
         return out, prompt
+
+    def _forward_program(self, layout):
+        """The forward program of a step's packed inputs: `_fwd_prefill` above the decode buckets."""
+        tokens = next(shape[0] for name, shape, _ in layout if name == "token_ids")
+        return self._fwd if tokens <= self.decode_buckets[-1] else self._fwd_prefill
 
     def dispatch_loop(self, mode: str, buf: np.ndarray, layout, max_query_len: int | None):
         """Dispatch the decode loop (`num_steps` iterations) on its packed inputs; as `dispatch`."""

@@ -148,19 +148,30 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
     return out, kv, _padded_ids(out.token_ids[jnp.maximum(steps - 1, 0), rows], num_prev, replicated)
 
 
+# The forward of the token buckets above a full decode batch (their steps carry prompt chunks:
+# compute-bound GEMMs) is compiled with cuBLAS GEMMs only: on an H200 its steps run 1-2% faster
+# than with XLA's Triton GEMMs, and with no Triton candidates to autotune it compiles ~2x
+# faster beside the others at start-up (docs/benchmarks.md, session 9). GPU only.
+PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
 @functools.cache
 def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
     """The step's programs per (model config, kernel, mesh), shared by engines (same shapes,
-    no recompile): the forward (KV pool donated), the head + sampler, and the decode loop
-    (KV pool donated). `replicated` (a
-    sharding over the mesh, or None) pins the forward's hidden states and the fed-back token
-    ids, so the heads can be compiled before the forward (`ModelRunner.compile_heads`)."""
-    out_shardings = None if replicated is None else (replicated, kv_sharding)
-    fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
-                  static_argnames=("layout", "max_query_len"), out_shardings=out_shardings)
+    no recompile): the forward (KV pool donated) and its prefill twin (same function, compiled
+    with `PREFILL_COMPILER_OPTIONS`), the head + sampler, and the decode loop (KV pool
+    donated). `replicated` (a sharding over the mesh, or None) pins the forward's hidden
+    states and the fed-back token ids, so the heads can be compiled before the forward
+    (`ModelRunner.compile_heads`)."""
+    forward = dict(donate_argnums=1, static_argnames=("layout", "max_query_len"),
+                   out_shardings=None if replicated is None else (replicated, kv_sharding))
+    fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), **forward)
+    gpu = jax.default_backend() == "gpu"
+    fwd_prefill = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), **forward,
+                          compiler_options=PREFILL_COMPILER_OPTIONS if gpu else None)
     head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
                    static_argnames=("layout", "mode", "num_prev"))
     loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, attention=attention, replicated=replicated),
                    donate_argnums=1, out_shardings=None if replicated is None else (replicated, kv_sharding, replicated),
                    static_argnames=("layout", "max_query_len", "mode", "num_steps", "num_prev"))
-    return fwd, head, loop
+    return fwd, fwd_prefill, head, loop
