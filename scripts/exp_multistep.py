@@ -66,7 +66,7 @@ def main() -> None:
               max_num_batched_tokens=2048, num_kv_blocks=2000, enable_prefix_caching=False,
               tensor_parallel_size=a.tensor_parallel_size, token_buckets=(a.bucket,))
     runner = llm.engine.runner
-    _, (buf, layout, max_query_len), _, _ = runner._inputs([], [], a.bucket, "greedy")
+    _, (buf, layout, max_query_len), _, _ = runner.inputs.build([], [], a.bucket, "greedy")
     # the engine's forward function (model config and attention kernel bound), unjitted
     forward = functools.partial(runner._fwd.__wrapped__, layout=layout, max_query_len=max_query_len)
 

@@ -118,7 +118,7 @@ def test_prefill_buckets_run_the_forward_compiled_with_cublas_gemms(model_dir, c
               token_buckets=(8, 16))
     runner = llm.engine.runner
     assert runner.buckets == [8, 16, 40] and runner.decode_buckets == [8]
-    program = {t: runner._forward_program(runner._inputs([], [], t, "greedy")[1][1]) for t in runner.buckets}
+    program = {t: runner._forward_program(runner.inputs.build([], [], t, "greedy")[1][1]) for t in runner.buckets}
     assert program == {8: runner._fwd, 16: runner._fwd_prefill, 40: runner._fwd_prefill}
     compiles = compile_counter.count
     out = llm.generate([[5] * 30, [7] * 3], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
@@ -323,7 +323,7 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     forwards = len(runner.buckets) + len(runner.short_query_buckets)
     assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
     assert seen["head_bytes"] >= max(runner.buckets) * cfg.vocab_size * 4
-    runner._padding = {(t, mode): runner._inputs([], [], t, mode) for t in runner.buckets for mode in step_programs.MODES}
+    runner._padding = {(t, mode): runner.inputs.build([], [], t, mode) for t in runner.buckets for mode in step_programs.MODES}
     assert max(runner._compile_head(key) for key in runner._padding) == seen["head_bytes"]
     assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
     per_block = kv_bytes_per_block(cfg, 4, np.float32)

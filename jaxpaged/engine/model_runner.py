@@ -3,7 +3,7 @@ jitted programs on packed host inputs, and hands the sampled ids back as numpy.
 
 The programs (a forward per token bucket, a head per bucket and mode) are in
 `step_programs.py`; each step uses the cheapest head its requests allow. `launch` builds
-the inputs and hands the dispatch to one worker thread: the engine launches step n+1 while
+the inputs (`input_builder.py`) and hands the dispatch to one worker thread: the engine launches step n+1 while
 step n still runs, feeding back the tokens step n samples on the device (`feedback`), and
 processes step n's outputs while the worker dispatches (XLA releases the GIL while it
 launches the step's kernels, milliseconds per step under tensor parallelism). With
@@ -24,15 +24,13 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
-from jaxpaged.engine.host_buffer import pack
-from jaxpaged.engine.sampler import SamplerOutput, make_history, make_sampling_input, row_keys
-from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
+from jaxpaged.engine.input_builder import InputBuilder
+from jaxpaged.engine.sampler import SamplerOutput
 from jaxpaged.engine.scheduler import SchedulerOutput
-from jaxpaged.engine.sequence import PENDING, Sequence
+from jaxpaged.engine.sequence import Sequence
 from jaxpaged.engine.step_programs import MODES, SHORT_QUERY, PromptLogprobsOutput, jitted_step
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.models.step_input import make_step_input
 from jaxpaged.parallel import KV_POOL
 
 
@@ -53,10 +51,6 @@ def _in_parallel(threads: int | None, fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def _fields(x) -> dict:
-    return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
-
-
 class ModelRunner:
     """Start-up: `compile_heads` (before the KV pool exists: their memory sizes it), then
     `warmup(kv)`; then `launch` / `fetch` per step."""
@@ -66,15 +60,12 @@ class ModelRunner:
                  buckets: tuple[int, ...] | None = None, num_steps: int = 1):
         self.cfg, self.params, self.kv = cfg, params, None
         self.top_params = {k: v for k, v in params.items() if k != "layers"}  # all the head reads
-        self.eos_token_ids = eos_token_ids
-        self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_token_ids)  # min_tokens bans EOS too
-        self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // self.block_size)
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, buckets)
         self.short_query_buckets = short_query_buckets(self.buckets, max_num_seqs)
         self.num_steps = num_steps
+        self.inputs = InputBuilder(block_size, max_num_seqs, max_model_len, eos_token_ids, self.short_query_buckets,
+                                   num_steps)
         self.decode_buckets = decode_buckets(self.buckets, max_num_seqs)
         self.loop_buckets = self.decode_buckets if num_steps > 1 else []
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
@@ -99,7 +90,7 @@ class ModelRunner:
         sizes the KV pool. It bounds every head's: their arrays scale with the bucket's T
         tokens or S <= T rows. `warmup` compiles the other heads beside the forwards."""
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
-        self._padding = {(t, mode): self._inputs([], [], t, mode) for t in self.buckets for mode in MODES}
+        self._padding = {(t, mode): self.inputs.build([], [], t, mode) for t in self.buckets for mode in MODES}
         return max(_in_parallel(threads, self._compile_head, [(self.buckets[-1], mode) for mode in MODES]))
 
     def _compile_head(self, key: tuple[int, str]) -> int:
@@ -126,7 +117,7 @@ class ModelRunner:
         all-padding batches of `compile_heads`."""
         self.kv = kv
         inputs = self._padding
-        loops = {(t, mode): self._inputs([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
+        loops = {(t, mode): self.inputs.build([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
         forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
@@ -167,7 +158,7 @@ class ModelRunner:
         """Build the padded inputs on the host and dispatch the step in variant `mode` (does
         not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        rows, step, sampling, query_start = self._inputs(sched.scheduled, sched.block_tables, t, mode, sched.steps)
+        rows, step, sampling, query_start = self.inputs.build(sched.scheduled, sched.block_tables, t, mode, sched.steps)
         return self._submit(rows, query_start, mode, step, sampling, sched.steps)
 
     def _submit(self, rows, query_start, mode: str, step: tuple, sampling: tuple | None,
@@ -176,43 +167,6 @@ class ModelRunner:
         if steps is not None:
             return Launched(rows, query_start, self._dispatcher.submit(self.dispatch_loop, mode, *step), steps)
         return Launched(rows, query_start, self._dispatcher.submit(self.dispatch, mode, *step, *sampling))
-
-    def _inputs(self, scheduled, block_tables, t: int, mode: str, steps: list[int] | None = None):
-        """(rows, (packed step inputs, layout, max_query_len), (packed sampling inputs, layout),
-        query_start) of a step padded to `t` tokens (and min(t, max_num_seqs) sequences). With
-        `steps` (multi-step decode: iterations per row) one buffer holds both, for t rows,
-        with the sampling keys of every iteration, and the sampling slot is None."""
-        s = t if steps is not None else min(t, self.max_num_seqs)
-        seqs, rows = [], []
-        feedback = np.full(t, -1, np.int32)
-        offset = 0
-        for (seq, n), table in zip(scheduled, block_tables):
-            start = seq.num_computed_tokens
-            new = seq.all_token_ids[start:start + n]
-            if new[-1] == PENDING:  # sampled by the previous step: read it on the device
-                feedback[offset + n - 1] = seq.sample_row
-            seqs.append((new, start, table))
-            rows.append((seq, start, n, start + n == seq.num_tokens))
-            offset += n
-        inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
-        # keys [K, rows, 2] (K = 1 unless multi-step): iteration j draws the token after done + j
-        k, done = (self.num_steps if steps is not None else 1), [seq.num_output_tokens for seq, _ in scheduled]
-        keys = row_keys([seq.seed for seq, _ in scheduled] * k, [d + j for j in range(k) for d in done])
-        keys = keys.reshape(k, len(done), 2)
-        sampling = {"logits_index": inp.pop("logits_index"),
-                    **_fields(make_sampling_input([seq.params for seq, _ in scheduled], keys[0], s))}
-        if mode == "full":
-            sampling |= self._full_input(scheduled, t, s)
-        longest = max((n for _, n in scheduled), default=0)
-        max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
-        if steps is not None:
-            sampling["keys"] = np.zeros((k, s, 2), np.uint32)
-            sampling["keys"][:, :len(done)] = keys
-            sampling["steps"] = np.zeros(s, np.int32)
-            sampling["steps"][:len(steps)] = steps
-            buf, layout = pack(inp | {"feedback": feedback} | sampling)
-            return rows, (buf, layout, max_query_len), None, inp["query_start"]
-        return rows, (*pack(inp | {"feedback": feedback}), max_query_len), pack(sampling), inp["query_start"]
 
     def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, max_query_len: int | None,
                  sampling_buf: np.ndarray, sampling_layout):
@@ -246,29 +200,3 @@ class ModelRunner:
         if launched.steps is None:
             sampled = jax.tree.map(lambda x: x[None], sampled)
         return dataclasses.replace(launched, sampled=sampled, prompt=prompt)
-
-    def _full_input(self, scheduled, t: int, s: int) -> dict[str, np.ndarray]:
-        """Extra inputs of the `full` variant: token history (penalties), next prompt token per
-        token (prompt logprobs, -1 = none), logit bias / bans (-inf: EOS and stop ids before
-        min_tokens), each padded to `s` rows."""
-        hist, is_out = make_history([(seq.prompt_token_ids, seq.output_token_ids) for seq, _ in scheduled],
-                                    s, self.max_model_len)
-        nxt = np.full(t, -1, np.int32)
-        i = 0
-        for seq, n in scheduled:
-            if seq.params.prompt_logprobs is not None:
-                pos = np.arange(seq.num_computed_tokens, seq.num_computed_tokens + n)
-                ok = pos + 1 < seq.num_prompt_tokens
-                nxt[i:i + n][ok] = np.asarray(seq.prompt_token_ids)[pos[ok] + 1]
-            i += n
-        bias_ids = np.full((s, self.bias_width), -1, np.int32)
-        bias_vals = np.zeros((s, self.bias_width), np.float32)
-        for row, (seq, _) in enumerate(scheduled):
-            p = seq.params
-            entries = list(p.logit_bias.items())
-            if seq.num_output_tokens < p.min_tokens:
-                entries += [(t, -np.inf) for t in (*self.eos_token_ids, *p.stop_token_ids)]
-            if entries:
-                bias_ids[row, :len(entries)], bias_vals[row, :len(entries)] = zip(*entries)
-        return {"history": hist, "history_is_output": is_out, "prompt_next": nxt,
-                "bias_ids": bias_ids, "bias_vals": bias_vals}
