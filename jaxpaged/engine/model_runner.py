@@ -3,10 +3,11 @@ jitted programs on packed host inputs, and hands the sampled ids back as numpy.
 
 The programs (a forward per token bucket, a head per bucket and mode) are in
 `step_programs.py`; each step uses the cheapest head its requests allow. `launch` builds
-the inputs (`input_builder.py`) and hands the dispatch to one worker thread: the engine launches step n+1 while
-step n still runs, feeding back the tokens step n samples on the device (`feedback`), and
-processes step n's outputs while the worker dispatches (XLA releases the GIL while it
-launches the step's kernels, milliseconds per step under tensor parallelism). With
+the inputs (`input_builder.py`) and hands the dispatch to one worker thread: the engine
+launches step n+1 while step n still runs, feeding back the tokens step n samples on the
+device (`feedback`), and processes step n's outputs while the worker dispatches (XLA
+releases the GIL while it launches the step's kernels, milliseconds per step under tensor
+parallelism). With
 multi-step decode (`num_steps` > 1) an all-decode step runs the decode loop program: K
 iterations per dispatch, the sampled ids fed back on the device.
 """
