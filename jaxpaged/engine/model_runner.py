@@ -85,14 +85,13 @@ class ModelRunner:
         self._t0 = time.perf_counter()
 
     def compile_heads(self, threads: int | None = None) -> int:
-        """Compile the heads of the largest bucket (one per mode, in `threads` threads) and
-        return the most per-device memory one needs besides its arguments (temporaries and
-        outputs, e.g. the `full` head's f32 [T, V] logits): the engine keeps it free when it
-        sizes the KV pool. It bounds every head's: their arrays scale with the bucket's T
-        tokens or S <= T rows. `warmup` compiles the other heads beside the forwards."""
+        """Compile every head (bucket x mode) in `threads` threads. Returns the largest
+        per-device memory one needs besides its arguments (temporaries and outputs, e.g. the
+        `full` head's f32 [T, V] logits): the engine keeps it free when it sizes the KV pool.
+        Before the pool exists, their autotuning has the device's memory to itself."""
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
         self._padding = {(t, mode): self.inputs.build([], [], t, mode) for t in self.buckets for mode in MODES}
-        return max(_in_parallel(threads, self._compile_head, [(self.buckets[-1], mode) for mode in MODES]))
+        return max(_in_parallel(threads, self._compile_head, list(self._padding)))
 
     def _compile_head(self, key: tuple[int, str]) -> int:
         """Compile the head of (bucket, mode); returns its temporary + output bytes per device."""
@@ -113,11 +112,10 @@ class ModelRunner:
         self.compile_log.append((program, round(t0 - self._t0, 2), round(time.perf_counter() - t0, 2)))
 
     def warmup(self, kv: KVCache, threads: int | None = None) -> None:
-        """Take the KV pool; compile every forward, decode loop and the heads `compile_heads`
-        left, all at once (in `threads` threads); then run every program once on the
-        all-padding batches of `compile_heads`."""
+        """Take the KV pool, compile every forward and decode loop variant (in `threads`
+        threads), then run every program once on the all-padding batches of `compile_heads`."""
         self.kv = kv
-        inputs = self._padding
+        inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
         loops = {(t, mode): self.inputs.build([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
         forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
@@ -134,10 +132,8 @@ class ModelRunner:
                                  max_query_len=max_query_len, mode=mode, num_steps=self.num_steps,
                                  num_prev=self.max_num_seqs).compile()
 
-        heads = [(self._compile_head, (key,)) for key in inputs if key[0] != self.buckets[-1]]
-        jobs = [(compile_forward, v) for v in forwards] + [(compile_loop, key) for key in loops] + heads
-        _in_parallel(threads, lambda job: job[0](*job[1]), jobs)  # the heavy compiles start first
-        self._padding = None  # host arrays, not needed after start-up
+        jobs = [(compile_forward, v) for v in forwards] + [(compile_loop, key) for key in loops]
+        _in_parallel(threads, lambda job: job[0](*job[1]), jobs)
         runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
         with self._logged("first runs"):
             for t, mode, max_query_len in runs:
