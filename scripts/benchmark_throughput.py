@@ -114,13 +114,16 @@ def replay(records) -> tuple[float, dict]:
     decode bucket is keyed "T xK"). Feeds back the replay's own tokens, which does not change the work."""
     import jax
 
+    from jaxpaged.engine.host_buffer import field_shape
+
     t = time.perf_counter()
     jax.block_until_ready([fn(*a) for fn, a in records][-1])
     total = time.perf_counter() - t
     by_bucket: dict[str, list] = {}
     for fn, a in records:
-        tokens = next(shape[0] for name, shape, _ in a[2] if name == "token_ids")  # a[2]: the step layout
-        loop = next((shape[0] for name, shape, _ in a[2] if name == "keys" and len(shape) == 3), None)
+        tokens = field_shape(a[2], "token_ids")[0]  # a[2]: the step layout
+        keys = field_shape(a[2], "keys")  # [K, S, 2] in a decode loop's layout
+        loop = keys[0] if keys is not None and len(keys) == 3 else None
         by_bucket.setdefault(f"{tokens}" + (f" x{loop}" if loop else ""), []).append((fn, a))
     per_bucket = {}
     for b, recs in sorted(by_bucket.items(), key=lambda kv: (int(kv[0].split()[0]), kv[0])):

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import functools
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from benchmark_throughput import SHAPES, shape_dir
-from exp_xla_options import SETS, step_buffer
+from exp_xla_options import SETS, forward_program, launch_hint, step_buffer
 
 COMPILE = {
     "llvm_parallel": {"xla_gpu_enable_llvm_module_compilation_parallelism": True},
@@ -38,7 +37,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=6)
     a = ap.parse_args()
 
-    from jaxpaged.engine.step_programs import SHORT_QUERY, _forward
     from jaxpaged.kernels import get_attention
     from jaxpaged.models import load_model
     from jaxpaged.models.kv_cache import init_kv_cache
@@ -54,10 +52,9 @@ def main() -> None:
 
     def job(t: int):
         buf, layout, _ = inputs[t]
-        fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
-                      static_argnames=("layout", "max_query_len"), compiler_options=opts or None)
+        fwd = forward_program(cfg, attention, opts)
         t0 = time.perf_counter()
-        lowered = fwd.lower(params, kv, buf, prev, layout=layout, max_query_len=SHORT_QUERY if 32 < t <= 256 else None)
+        lowered = fwd.lower(params, kv, buf, prev, layout=layout, max_query_len=launch_hint(t))
         t1 = time.perf_counter()
         lowered.compile()
         t2 = time.perf_counter()

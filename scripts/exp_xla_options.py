@@ -63,6 +63,23 @@ def step_buffer(t: int, context: int, block_size: int, max_blocks: int):
     return buf, layout, n_seq * per + 1
 
 
+def forward_program(cfg, attention, opts: dict, out_shardings=None):
+    """The engine's forward (`step_programs._forward`) jitted with XLA compile options `opts`;
+    a new function object per call, so nothing is shared with another program's caches."""
+    from jaxpaged.engine.step_programs import _forward
+
+    return jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
+                   static_argnames=("layout", "max_query_len"), compiler_options=opts or None,
+                   out_shardings=out_shardings)
+
+
+def launch_hint(t: int) -> int | None:
+    """The engine's `max_query_len` for step_buffer's all-decode buckets above 32 rows."""
+    from jaxpaged.engine.step_programs import SHORT_QUERY
+
+    return SHORT_QUERY if 32 < t <= 256 else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model-shape", choices=list(SHAPES), required=True)
@@ -78,7 +95,6 @@ def main() -> None:
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from jaxpaged.engine.step_programs import SHORT_QUERY, _forward
     from jaxpaged.kernels import get_attention
     from jaxpaged.models import load_model
     from jaxpaged.models.kv_cache import init_kv_cache
@@ -101,10 +117,8 @@ def main() -> None:
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     for t in buckets:
         buf, layout, _ = inputs[t]
-        mql = SHORT_QUERY if 32 < t <= 256 else None
-        fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), donate_argnums=1,
-                      static_argnames=("layout", "max_query_len"), compiler_options=opts or None,
-                      out_shardings=None if mesh is None else (rep, kv_sharding))
+        mql = launch_hint(t)
+        fwd = forward_program(cfg, attention, opts, None if mesh is None else (rep, kv_sharding))
         dbuf = jax.device_put(buf, rep)
         t0 = time.perf_counter()
         try:

@@ -26,6 +26,11 @@ def pack(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32), tuple(layout)
 
 
+def field_shape(layout: Layout, name: str) -> tuple[int, ...] | None:
+    """The shape of field `name` in a packed layout (None if it has no such field)."""
+    return next((shape for field, shape, _ in layout if field == name), None)
+
+
 def unpack(buf: jax.Array, layout: Layout) -> dict[str, jax.Array]:
     """The fields of a `pack`ed buffer (inside jit: static slices and bitcasts, no copies)."""
     out, offset = {}, 0

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
+from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder
 from jaxpaged.engine.sampler import SamplerOutput
 from jaxpaged.engine.scheduler import SchedulerOutput
@@ -178,8 +179,7 @@ class ModelRunner:
 
     def _forward_program(self, layout):
         """The forward program of a step's packed inputs: `_fwd_prefill` above the decode buckets."""
-        tokens = next(shape[0] for name, shape, _ in layout if name == "token_ids")
-        return self._fwd if tokens <= self.decode_buckets[-1] else self._fwd_prefill
+        return self._fwd if field_shape(layout, "token_ids")[0] <= self.decode_buckets[-1] else self._fwd_prefill
 
     def dispatch_loop(self, mode: str, buf: np.ndarray, layout, max_query_len: int | None):
         """Dispatch the decode loop (`num_steps` iterations) on its packed inputs; as `dispatch`."""

@@ -149,9 +149,9 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
 
 
 # The forward of the token buckets above a full decode batch (their steps carry prompt chunks:
-# compute-bound GEMMs) is compiled with cuBLAS GEMMs only: on an H200 its steps run 1-2% faster
-# than with XLA's Triton GEMMs, and with no Triton candidates to autotune it compiles ~2x
-# faster beside the others at start-up (docs/benchmarks.md, session 9). GPU only.
+# compute-bound GEMMs) is compiled with cuBLAS GEMMs only: on an H200 its steps run 0.8-2.2%
+# faster than with XLA's Triton GEMMs at tp=1, even at tp=2 (docs/benchmarks.md, session 9;
+# the engine's cold start did not measurably change). GPU only.
 PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
@@ -166,9 +166,9 @@ def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
     forward = dict(donate_argnums=1, static_argnames=("layout", "max_query_len"),
                    out_shardings=None if replicated is None else (replicated, kv_sharding))
     fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), **forward)
-    gpu = jax.default_backend() == "gpu"
+    # a distinct function object: jax's trace and compile caches stay per program
     fwd_prefill = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), **forward,
-                          compiler_options=PREFILL_COMPILER_OPTIONS if gpu else None)
+                          compiler_options=PREFILL_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None)
     head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
                    static_argnames=("layout", "mode", "num_prev"))
     loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, attention=attention, replicated=replicated),
