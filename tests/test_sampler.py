@@ -1,7 +1,8 @@
-"""Sampler tests against an independent numpy oracle. Five compiles in total:
+"""Sampler tests against an independent numpy oracle. Seven compiles in total:
 `sample` at [S, V] = [2000, 16] with K = 3 logprobs, with and without top-k / top-p filters,
 `apply_penalties` and `sample` with history at [4, 16], and the top-k / top-p threshold with
-its sort-based oracle at [512, 1000] (plus lowerings to StableHLO, which compile nothing)."""
+its sort-based oracle at [512, 1000], the `full` head's prompt logprobs at [20, 300] in two chunk
+sizes (plus lowerings to StableHLO, which compile nothing)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,3 +306,26 @@ def test_unfiltered_sample_lowers_without_bisections(pen_case):
         return lowered(logits, sp, **static).count("stablehlo.reduce(")
 
     assert reductions() - reductions(filters=False) >= 2 * _BISECT_STEPS
+
+
+@pytest.mark.parametrize("rows", [8, 64])
+def test_prompt_logprobs_by_chunks_match_numpy(monkeypatch, rows):
+    """The `full` head's prompt logprobs, `rows` rows of f32 logits at a time (8: three chunks,
+    the last padded; 64: one), against numpy's log-softmax over the whole [T, V]."""
+    from jaxpaged.engine import step_programs
+
+    monkeypatch.setattr(step_programs, "PROMPT_LOGPROBS_ROWS", rows)
+    rng = np.random.default_rng(5)
+    t, h, v = 20, 16, 300
+    hidden, w = rng.standard_normal((t, h), np.float32), rng.standard_normal((h, v), np.float32)
+    nxt = rng.integers(-1, v, t)
+    out = jax.jit(lambda x, n: step_programs._prompt_logprobs(lambda y: y @ w, x, n))(hidden, nxt)
+    logits = hidden.astype(np.float64) @ w
+    ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    lp = ref[np.arange(t), np.maximum(nxt, 0)]
+    np.testing.assert_allclose(out.logprobs, lp, atol=1e-4)
+    np.testing.assert_array_equal(out.ranks, (ref >= lp[:, None] - 1e-9).sum(-1))
+    top = np.argsort(-ref, -1)[:, :out.top_ids.shape[1]]
+    np.testing.assert_array_equal(out.top_ids, top)
+    np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(ref, top, -1), atol=1e-4)

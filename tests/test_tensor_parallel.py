@@ -26,20 +26,29 @@ def requests():
                for i in range(16)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(4, 20)), ignore_eos=True) for _ in prompts]
     params[5] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=12, ignore_eos=True)
+    params[7] = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=2)  # the `full` head
     return prompts, params
+
+
+def prompt_logprobs(out) -> list:
+    """(position, token, logprob) of every prompt logprob entry."""
+    return [(p, t, v.logprob) for p, e in enumerate(out.prompt_logprobs) if e for t, v in sorted(e.items())]
 
 
 @pytest.fixture(scope="module")
 def reference(model_dir, requests):
     llm = LLM(model_dir, **ENGINE)
-    return [o.outputs[0].token_ids for o in llm.generate(*requests, use_tqdm=False)]
+    outs = llm.generate(*requests, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs], prompt_logprobs(outs[7])
 
 
 @pytest.mark.parametrize("tp,steps", [(2, 1), (4, 1), (8, 1), (2, 4)])
-def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compile_counter):
-    """steps: multi-step decode iterations (4: the decode loop, sharded, in place of most steps)."""
+def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compile_counter, monkeypatch):
+    """steps: multi-step decode iterations (4: the decode loop, sharded, in place of most steps).
+    The `full` head computes prompt logprobs over vocab-sharded logits, 8 rows at a time."""
     from jaxpaged.engine import step_programs
 
+    monkeypatch.setattr(step_programs, "PROMPT_LOGPROBS_ROWS", 8)
     assert len(jax.devices()) >= tp
     traces = step_programs.num_step_compiles()
     llm = LLM(model_dir, tensor_parallel_size=tp, num_scheduler_steps=steps, **ENGINE)
@@ -59,7 +68,10 @@ def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compil
     launch = engine.runner.launch
     engine.runner.launch = lambda sched, mode: launched.append(sched.steps) or launch(sched, mode)
     outs = llm.generate(*requests, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert [o.outputs[0].token_ids for o in outs] == reference[0]
+    got, ref = prompt_logprobs(outs[7]), reference[1]
+    assert [g[:2] for g in got] == [r[:2] for r in ref] and len(ref) > 20
+    np.testing.assert_allclose([g[2] for g in got], [r[2] for r in ref], atol=1e-4)
     assert any(launched) == (steps > 1)  # the decode loop ran
     assert engine.scheduler.num_preemptions > 0  # the small pool forced recomputes
     assert engine.block_manager.prefix_cache_hits > 0

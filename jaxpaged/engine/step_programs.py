@@ -48,6 +48,8 @@ MODES = ("greedy", "sample", "sample_filtered", "full")
 # buckets above this (up to a full decode batch) get a second forward for steps whose queries
 # are all this short (buckets.short_query_buckets)
 SHORT_QUERY = 32
+# rows of the `full` head's prompt logprobs computed at once (f32 [rows, V] logits each)
+PROMPT_LOGPROBS_ROWS = 2048
 
 
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingInput))
@@ -98,18 +100,35 @@ def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: Mod
     a = unpack(buf, layout)
     sp = SamplingInput(**{k: a[k] for k in _SAMPLING_FIELDS})
     logits_of = functools.partial(family_module(cfg).compute_logits, top_params, cfg=cfg)
+    logits = logits_of(hidden[a["logits_index"]])
     prompt = None
     if mode != "full":
-        out = _sample_fast(logits_of(hidden[a["logits_index"]]), sp, mode)
+        out = _sample_fast(logits, sp, mode)
     else:
-        logits_all = logits_of(hidden)
-        out = sample(logits_all[a["logits_index"]], sp, a["history"], a["history_is_output"], MAX_LOGPROBS,
-                     (a["bias_ids"], a["bias_vals"]))
-        raw = jax.nn.log_softmax(logits_all, axis=-1)
-        lp = jnp.take_along_axis(raw, jnp.maximum(a["prompt_next"], 0)[:, None], axis=-1)
-        top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-        prompt = PromptLogprobsOutput(lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp)
+        out = sample(logits, sp, a["history"], a["history_is_output"], MAX_LOGPROBS, (a["bias_ids"], a["bias_vals"]))
+        prompt = _prompt_logprobs(logits_of, hidden, a["prompt_next"])
     return out, prompt, _padded_ids(out.token_ids, num_prev, replicated)
+
+
+def _prompt_logprobs(logits_of, hidden, next_ids) -> PromptLogprobsOutput:
+    """Every row's logprob of its next prompt token (`next_ids` [T], -1 = none), its rank and
+    the top `MAX_LOGPROBS`, `PROMPT_LOGPROBS_ROWS` rows at a time: the f32 [T, V] logits of a
+    whole bucket would be 8 GB at T = 16384 for a 128k vocabulary (and the head's memory is
+    kept free beside the KV pool)."""
+    t = hidden.shape[0]
+    c = min(PROMPT_LOGPROBS_ROWS, t)
+    n = -(-t // c)
+    h = jnp.pad(hidden, ((0, n * c - t), (0, 0))).reshape(n, c, -1)
+    nxt = jnp.pad(jnp.maximum(next_ids, 0), (0, n * c - t)).reshape(n, c)
+
+    def chunk(args):
+        raw = jax.nn.log_softmax(logits_of(args[0]), axis=-1)
+        lp = jnp.take_along_axis(raw, args[1][:, None], axis=-1)
+        top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+        return lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp
+
+    out = jax.lax.map(chunk, (h, nxt))
+    return PromptLogprobsOutput(*(x.reshape(n * c, *x.shape[2:])[:t] for x in out))
 
 
 def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, mode: str, num_steps: int,
