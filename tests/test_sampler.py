@@ -1,8 +1,9 @@
-"""Sampler tests against an independent numpy oracle. Seven compiles in total:
+"""Sampler tests against an independent numpy oracle. Eight compiles in total:
 `sample` at [S, V] = [2000, 16] with K = 3 logprobs, with and without top-k / top-p filters,
-`apply_penalties` and `sample` with history at [4, 16], and the top-k / top-p threshold with
-its sort-based oracle at [512, 1000], the `full` head's prompt logprobs at [20, 300] in two chunk
-sizes (plus lowerings to StableHLO, which compile nothing)."""
+`apply_penalties` and `sample` with history at [4, 16], the top-k / top-p threshold with its
+sort-based oracle at [512, 1000], and the `full` head's prompt logprobs at [20, 300] in two
+chunk sizes and at [2048, 4000] (compiled only, for its memory); plus lowerings to StableHLO,
+which compile nothing."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -329,3 +330,16 @@ def test_prompt_logprobs_by_chunks_match_numpy(monkeypatch, rows):
     top = np.argsort(-ref, -1)[:, :out.top_ids.shape[1]]
     np.testing.assert_array_equal(out.top_ids, top)
     np.testing.assert_allclose(out.top_logprobs, np.take_along_axis(ref, top, -1), atol=1e-4)
+
+
+def test_prompt_logprobs_memory_is_one_chunk_of_logits(monkeypatch):
+    """XLA's memory analysis of the compiled prompt logprobs: temporaries for a few chunks of
+    f32 logits, well under the whole bucket's [T, V] (what ran a 16384-token step out of memory)."""
+    from jaxpaged.engine import step_programs
+
+    monkeypatch.setattr(step_programs, "PROMPT_LOGPROBS_ROWS", 256)
+    t, h, v = 2048, 32, 4000
+    w = jnp.zeros((h, v), jnp.float32)
+    f = jax.jit(lambda x, n: step_programs._prompt_logprobs(lambda y: y @ w, x, n))
+    mem = f.lower(jax.ShapeDtypeStruct((t, h), jnp.float32), jax.ShapeDtypeStruct((t,), jnp.int32)).compile()
+    assert mem.memory_analysis().temp_size_in_bytes < t * v * 4 / 2

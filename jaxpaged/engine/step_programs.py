@@ -115,20 +115,14 @@ def _prompt_logprobs(logits_of, hidden, next_ids) -> PromptLogprobsOutput:
     the top `MAX_LOGPROBS`, `PROMPT_LOGPROBS_ROWS` rows at a time: the f32 [T, V] logits of a
     whole bucket would be 8 GB at T = 16384 for a 128k vocabulary (and the head's memory is
     kept free beside the KV pool)."""
-    t = hidden.shape[0]
-    c = min(PROMPT_LOGPROBS_ROWS, t)
-    n = -(-t // c)
-    h = jnp.pad(hidden, ((0, n * c - t), (0, 0))).reshape(n, c, -1)
-    nxt = jnp.pad(jnp.maximum(next_ids, 0), (0, n * c - t)).reshape(n, c)
-
-    def chunk(args):
-        raw = jax.nn.log_softmax(logits_of(args[0]), axis=-1)
-        lp = jnp.take_along_axis(raw, args[1][:, None], axis=-1)
+    def row(args):
+        raw = jax.nn.log_softmax(logits_of(args[0][None])[0])
+        lp = raw[jnp.maximum(args[1], 0)]
         top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-        return lp[:, 0], jnp.sum(raw >= lp, axis=-1, dtype=jnp.int32), top_ids, top_lp
+        return lp, jnp.sum(raw >= lp, dtype=jnp.int32), top_ids, top_lp
 
-    out = jax.lax.map(chunk, (h, nxt))
-    return PromptLogprobsOutput(*(x.reshape(n * c, *x.shape[2:])[:t] for x in out))
+    rows = min(PROMPT_LOGPROBS_ROWS, hidden.shape[0])
+    return PromptLogprobsOutput(*jax.lax.map(row, (hidden, next_ids), batch_size=rows))
 
 
 def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, mode: str, num_steps: int,
