@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxpaged.engine.sampler import (_BISECT_STEPS, _top_k_top_p_threshold, apply_penalties, make_history,
-                                     make_sampling_input, row_key, sample)
+                                     make_sampling_input, row_keys, sample)
 
 S, V, K = 2000, 16, 3
 _sample = jax.jit(sample, static_argnames=("num_logprobs", "greedy_only", "filters"))
@@ -73,7 +73,7 @@ def filter_inputs():
     logits += [free] * 900
     params += [dict(temperature=0.5)] * 900
     logits = np.stack(logits)
-    return logits, params, [row_key(seed, 0) for seed in range(S)]
+    return logits, params, row_keys(range(S), [0] * S)
 
 
 @pytest.fixture(scope="module")
@@ -146,26 +146,27 @@ def test_seed_and_step_determinism():
     rng = np.random.default_rng(1)
     logits = np.tile(rng.normal(scale=0.3, size=V), (S, 1))
     base = [(dict(temperature=1.0), seed, 5) for seed in range(S)]
-    a = run(logits, [p for p, _, _ in base], [row_key(s, t) for _, s, t in base]).token_ids
+    a = run(logits, [p for p, _, _ in base], row_keys(*zip(*[(s, t) for _, s, t in base]))).token_ids
     assert len(set(a.tolist())) > V // 2  # different seeds draw different tokens
-    other_step = run(logits, [p for p, _, _ in base], [row_key(s, 6) for _, s, _ in base]).token_ids
+    other_step = run(logits, [p for p, _, _ in base], row_keys([s for _, s, _ in base], [6] * len(base))).token_ids
     assert (other_step != a).mean() > 0.5
     # Same requests at other positions, among other requests, in a partly padded batch.
     perm = rng.permutation(S)[:1200]
     filler = [(dict(temperature=0.8, top_k=4), 10_000 + i, 0) for i in range(300)]
     mixed = [base[i] for i in perm[:600]] + filler + [base[i] for i in perm[600:]]
-    b = run(logits, [p for p, _, _ in mixed], [row_key(s, t) for _, s, t in mixed]).token_ids
+    b = run(logits, [p for p, _, _ in mixed], row_keys(*zip(*[(s, t) for _, s, t in mixed]))).token_ids
     np.testing.assert_array_equal(b[:600], a[perm[:600]])
     np.testing.assert_array_equal(b[900:1500], a[perm[600:]])
     np.testing.assert_array_equal(b[1500:], logits[0].argmax())  # padding rows are greedy
 
 
-def test_row_key_host_helper():
-    k = row_key(3, 0)
-    assert k.dtype == np.uint32 and k.shape == (2,)
-    np.testing.assert_array_equal(k, row_key(3, 0))
-    keys = {row_key(seed, step).tobytes() for seed in range(50) for step in range(50)}
-    assert len(keys) == 2500
+def test_row_keys_host_helper():
+    seeds, steps = [seed for seed in range(50) for _ in range(50)], list(range(50)) * 50
+    keys = row_keys(seeds, steps)
+    assert keys.dtype == np.uint32 and keys.shape == (2500, 2)
+    np.testing.assert_array_equal(keys, row_keys(seeds, steps))
+    np.testing.assert_array_equal(keys[3 * 50], row_keys([3], [0])[0])  # a row's key is its own, in any batch
+    assert len({k.tobytes() for k in keys}) == 2500
 
 
 def np_penalties(logits, prompt, output, rep, freq, pres):
@@ -195,7 +196,7 @@ def pen_case():
         if prompt or output:  # make the raw argmax a penalised token
             fresh = np.setdiff1d(np.arange(V), prompt + output)
             logits[row, (output or prompt)[0]] = logits[row, fresh].max() + 0.3
-    sp = make_sampling_input(PEN_PARAMS, [row_key(i, 0) for i in range(4)])
+    sp = make_sampling_input(PEN_PARAMS, row_keys(range(4), [0] * 4))
     history, is_output = make_history(PEN_SEQS, length=12)
     expected = np.stack([
         np_penalties(logits[i], list(pr), list(out), PEN_PARAMS[i].get("repetition_penalty", 1.0),

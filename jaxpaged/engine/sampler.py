@@ -30,7 +30,7 @@ class SamplingInput:
     presence_penalty: jax.Array  # [S] f32, 0 = off
     frequency_penalty: jax.Array  # [S] f32, 0 = off
     repetition_penalty: jax.Array  # [S] f32, 1 = off
-    keys: jax.Array  # [S, 2] uint32 threefry key data, from `row_key`
+    keys: jax.Array  # [S, 2] uint32 threefry key data, from `row_keys`
 
 
 @struct.dataclass
@@ -66,11 +66,6 @@ def row_keys(seeds: Sequence[int], steps: Sequence[int]) -> np.ndarray:
     return np.stack([x >> np.uint64(32), x & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
 
 
-def row_key(seed: int, step: int) -> np.ndarray:
-    """`row_keys` of one row: [2] uint32."""
-    return row_keys([seed], [step])[0]
-
-
 def make_sampling_input(
     params: Sequence[Any], keys: Sequence[np.ndarray], num_seqs: int | None = None
 ) -> SamplingInput:
@@ -78,7 +73,7 @@ def make_sampling_input(
 
     `params[i]` is a mapping or an object (e.g. a vLLM-style SamplingParams) with any of the
     SamplingInput field names; missing or None fields are off (temperature defaults to 1).
-    `keys[i]` is the row's `row_key`. Padding rows are greedy with everything off.
+    `keys[i]` is the row's key (`row_keys`). Padding rows are greedy with everything off.
     """
     s = num_seqs or len(params)
     assert s >= len(params) == len(keys)
