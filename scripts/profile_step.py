@@ -46,7 +46,7 @@ def trace(fn, out: Path, label: str):
     return ProfileData.from_file(sorted(glob.glob(f"{d}/**/*.xplane.pb", recursive=True))[-1])
 
 
-def summarize(prof, label: str, steps: int, wall: float) -> None:
+def summarize(prof, label: str, steps: int, wall: float, top: int = 16) -> None:
     kernels, host = collections.Counter(), collections.Counter()
     counts, ops = collections.Counter(), {}
     for plane in prof.planes:
@@ -72,7 +72,7 @@ def summarize(prof, label: str, steps: int, wall: float) -> None:
           f"({sum(counts.values()) // steps // devices} kernel launches per step per GPU)")
     print("  " + ", ".join(f"{k} {ns / 1e6 / steps / devices:.2f}" for k, ns in by_kind.most_common()))
     print("  top kernels (ms/step/GPU, launches/step, us each, kernel, module:HLO op):")
-    for name, ns in kernels.most_common(16):
+    for name, ns in kernels.most_common(top):
         print(f"    {ns / 1e6 / steps / devices:7.3f} {counts[name] / steps / devices:6.1f} {ns / 1e3 / counts[name]:7.1f}"
               f"  {name[:60]}  {ops[name][:70]}")
     print("  top host events (ms/step, summed over threads):")
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--num-kv-blocks", type=int, default=24000)
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache")
+    ap.add_argument("--top", type=int, default=16, help="kernels listed per phase")
     ap.add_argument("--hlo", action="store_true")
     ap.add_argument("--gil", action="store_true")
     ap.add_argument("--cmdbuf", action="store_true")
@@ -224,7 +225,8 @@ def main() -> None:
                 engine.step()
         t = time.perf_counter()
         prof = trace(lambda: steps(n), out, label)
-        summarize(prof, f"{label} ({args.batch} requests, prompt {args.input_len})", n, time.perf_counter() - t)
+        summarize(prof, f"{label} ({args.batch} requests, prompt {args.input_len})", n, time.perf_counter() - t,
+                  args.top)
     last = records[-1]
     if args.hlo:
         mode, step_buf, layout, mql = last[:4]
