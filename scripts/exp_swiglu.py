@@ -5,7 +5,8 @@
 A chain of 8 Llama-3-8B MLPs (distinct weights, H 4096, I 14336, bf16; the next layer's input
 is the previous one's output, so nothing is skipped or cached in L2) as XLA compiles it
 (`swiglu_ref` then `@ w_down`) and with `swiglu_gpu` in its place; per MLP: microseconds, and
-the gate/up TFLOP/s implied if the down GEMM costs what it costs in XLA's chain. Checks the
+the gate/up TFLOP/s implied by subtracting a chain of the down GEMMs alone (their input made
+by a small concatenate of the previous output, so slightly over the down GEMM's cost). Checks the
 kernel against the reference first. `--sweep` times every tile config in CONFIGS.
 
 The kernel (Pallas, Triton lowering): each program computes one [block_m, block_n] tile of
