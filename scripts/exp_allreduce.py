@@ -1,9 +1,11 @@
 """EXPERIMENT: a one-shot all-reduce as a Pallas Mosaic GPU kernel, against XLA's psum, on
-the GPUs of one process. First run in session 7 (docs/parallel.md): exact, 1.1-1.7x psum's
-time per call; command-buffer capture not answered (the optimized HLO text never names
-command buffers in jax 0.11.2: a profile must tell).
+the GPUs of one process. Session 7 (docs/parallel.md): exact, 1.1-1.7x psum's wall time per
+call. Session 12 (`--profile`): the kernel runs inside XLA's CUDA graph, 7.8 / 14.7 / 58.5 us
+at 16 / 256 / 2048 rows on 2 GPUs, but XLA adds a ~4 us barrier kernel and a host-to-device
+copy to every call; `--psum-only` times psum alone under the process's XLA_FLAGS.
 
-    CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH=. python scripts/exp_allreduce.py [--rows 16,256,2048] [--hidden 4096]
+    CUDA_VISIBLE_DEVICES=0,1 PYTHONPATH=. python scripts/exp_allreduce.py [--rows 16,256,2048] [--hidden 4096] \
+        [--psum-only] [--profile]
 
 The question it answers for issue 7 (docs/parallel.md): can the tensor-parallel step's
 all-reduces run inside XLA's CUDA graph without NCCL, and in how many microseconds? Today the
@@ -42,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ceilings import bench  # noqa: E402
-from profile_step import hlo_report  # noqa: E402
+from profile_step import hlo_report, summarize, trace  # noqa: E402
 
 
 def all_reduce_pull(x: jax.Array, *, axis_name: str, num_blocks: int | None = None, tile: int = 8192,
@@ -102,12 +104,32 @@ def chain(mesh, reduce, k: int, weights: bool = False):
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P("tp"), check_vma=False))
 
 
+def psum_line(mesh, x: jax.Array, rows: int, a) -> str:
+    """psum alone: max error against the f32 sum of the shards on the host, us per call in a
+    chain, and how many all-reduces the compiled chain assigns to NVSHMEM."""
+    import numpy as np
+    n = mesh.shape["tp"]
+    f = chain(mesh, functools.partial(lax.psum, axis_name="tp"), 1)
+    shards = np.asarray(x, np.float32).reshape(n, rows, a.hidden)
+    want = np.tile(shards.sum(0) / n, (n, 1))
+    err = float(np.max(np.abs(np.asarray(f(x), np.float32) - want)))
+    many = chain(mesh, functools.partial(lax.psum, axis_name="tp"), a.calls)
+    hlo = many.lower(x).compile().as_text()
+    sec = bench(many, [(x,)], reps=5, inner=1)
+    return (f"rows {rows:5d} x {a.hidden}: psum {sec / a.calls * 1e6:7.1f} us/call, max error vs host sum {err:.3g}, "
+            f"NVSHMEM mentions in the compiled chain: {hlo.count('NVSHMEM')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="16,256,2048")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=32)
     ap.add_argument("--lower-only", action="store_true", help="lower for CUDA on this machine, run nothing")
+    ap.add_argument("--psum-only", action="store_true",
+                    help="time XLA's psum alone (compare XLA_FLAGS collective backends across processes)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also trace each chain: device time per call by kernel and its CUDA graph")
     ap.add_argument("--out", default="/tmp/jaxpaged-allreduce", help="where the optimized HLO is written")
     a = ap.parse_args()
     n = jax.device_count()
@@ -123,6 +145,9 @@ def main() -> None:
             print(f"rows {rows}: lowered for CUDA, {len(text)} chars, mosaic custom call: {'mosaic_gpu' in text}")
             continue
         x = jax.device_put(jax.random.normal(jax.random.key(rows), shape, jnp.bfloat16), NamedSharding(mesh, P("tp")))
+        if a.psum_only:
+            print(psum_line(mesh, x, rows, a), flush=True)
+            continue
         one = {name: chain(mesh, f, 1) for name, f in (("pallas", ours), ("psum", xla))}
         ref, out = one["psum"](x), one["pallas"](x)
         err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
@@ -131,7 +156,15 @@ def main() -> None:
             sec = bench(chain(mesh, f, a.calls), [(x,)], reps=5, inner=1)
             line += f"  {name} {sec / a.calls * 1e6:7.1f} us/call"
         print(line, flush=True)
-    if a.lower_only:
+        if a.profile:
+            for name, f in (("pallas", ours), ("psum", xla)):
+                fn = chain(mesh, f, a.calls)
+                jax.block_until_ready(fn(x))  # compile outside the trace
+                t0 = time.perf_counter()
+                prof = trace(lambda: [jax.block_until_ready(fn(x)) for _ in range(3)], Path(a.out), f"{name}-{rows}")
+                summarize(prof, f"{name}, rows {rows} (a step = one call of the chain)", 3 * a.calls,
+                          time.perf_counter() - t0, top=6)
+    if a.lower_only or a.psum_only:
         return
     w = jax.device_put(jnp.eye(a.hidden, dtype=jnp.bfloat16), NamedSharding(mesh, P()))
     x = jax.device_put(jnp.ones((n * 16, a.hidden), jnp.bfloat16), NamedSharding(mesh, P("tp")))
