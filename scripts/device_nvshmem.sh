@@ -5,6 +5,8 @@
 #   2. 8B tp=2 latency: `one graph` (GPUs 0,1) beside `one graph` + NVSHMEM (GPUs 2,3), then swapped
 #   3. 70B tp=4 batch-1/8 latency with `one graph` + NVSHMEM (session 10 without it: 13.52 ms)
 # NVLink multicast stays off (the machine's NVSHMEM_DISABLE_NVLS=1, NCCL_NVLS_ENABLE=0 are kept).
+# Session 12's run stopped after 1: jax 0.11.2's CUDA plugin rejects the NVSHMEM flag
+# (docs/results/x4-psum-nvshmem-session12.log); 2 and 3 run only where it is accepted.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/jaxpaged-nvshmem}; mkdir -p $OUT
 quiet() { grep -v "^W1\|rematerial\|Warning\|warn(\|^ *$"; }
