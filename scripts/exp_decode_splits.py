@@ -13,14 +13,13 @@ all kernels of the chain (the merge fusion included) per call. Prints one table.
 from __future__ import annotations
 
 import argparse
-import collections
 import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from profile_step import trace
+from profile_step import gpu_events, trace
 
 from jaxpaged.kernels.paged_attention_gpu import TileConfig, choose_config, paged_attention_gpu
 
@@ -58,14 +57,7 @@ def device_us_per_call(fn, args, reps: int = 5) -> float:
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as d:
         prof = trace(lambda: [jax.block_until_ready(fn(*args)) for _ in range(reps)], Path(d), "chain")
-    ns = collections.Counter()
-    for plane in prof.planes:
-        if plane.name.startswith("/device:GPU"):
-            for line in plane.lines:
-                if line.name.startswith("Stream"):
-                    for e in line.events:
-                        ns[e.name] += e.duration_ns
-    return sum(ns.values()) / 1e3 / reps / LAYERS
+    return sum(e.duration_ns for e in gpu_events(prof)) / 1e3 / reps / LAYERS
 
 
 def main() -> None:

@@ -46,22 +46,28 @@ def trace(fn, out: Path, label: str):
     return ProfileData.from_file(sorted(glob.glob(f"{d}/**/*.xplane.pb", recursive=True))[-1])
 
 
+def gpu_events(prof):
+    """The kernel (and copy) events of every GPU stream in a profile."""
+    for plane in prof.planes:
+        if plane.name.startswith("/device:GPU"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    yield from line.events
+
+
 def summarize(prof, label: str, steps: int, wall: float, top: int = 16) -> None:
     kernels, host = collections.Counter(), collections.Counter()
     counts, ops = collections.Counter(), {}
+    for e in gpu_events(prof):
+        kernels[e.name] += e.duration_ns
+        counts[e.name] += 1
+        if e.name not in ops:
+            st = dict(e.stats)
+            ops[e.name] = f"{st.get('hlo_module', '')}:{st.get('hlo_op', '')}"
     for plane in prof.planes:
-        gpu = plane.name.startswith("/device:GPU")
-        for line in plane.lines:
-            if gpu and not line.name.startswith("Stream"):
-                continue
-            for e in line.events:
-                if gpu:
-                    kernels[e.name] += e.duration_ns
-                    counts[e.name] += 1
-                    if e.name not in ops:
-                        st = dict(e.stats)
-                        ops[e.name] = f"{st.get('hlo_module', '')}:{st.get('hlo_op', '')}"
-                elif plane.name.startswith("/host"):
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
                     host[e.name] += e.duration_ns
     by_kind = collections.Counter()
     for name, ns in kernels.items():
