@@ -79,6 +79,12 @@ def main() -> None:
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--json")
     args = ap.parse_args()
+    prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
+    for n in [n for n in prompt_lens if n >= args.max_model_len]:
+        print(f"skipping TTFT of a {n}-token prompt: it needs --max-model-len above {n} (is {args.max_model_len})")
+    if args.decode_prompt_len + args.decode_steps + 1 > args.max_model_len:
+        ap.error(f"--decode-prompt-len {args.decode_prompt_len} + --decode-steps {args.decode_steps} + 1 exceeds "
+                 f"--max-model-len {args.max_model_len}")
     import jax
 
     from jaxpaged import LLM
@@ -100,8 +106,8 @@ def main() -> None:
     for b in args.batches.split(","):
         rows[f"decode ITL, batch {b}"], rows[f"  its device time, batch {b}"] = decode_itl(
             engine, int(b), args.decode_prompt_len, args.decode_steps, vocab)
-    for n in args.prompt_lens.split(","):
-        rows[f"TTFT, prompt {n}"], rows[f"  its device time, prompt {n}"] = ttft(engine, int(n), vocab)
+    for n in [n for n in prompt_lens if n < args.max_model_len]:
+        rows[f"TTFT, prompt {n}"], rows[f"  its device time, prompt {n}"] = ttft(engine, n, vocab)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; weights {weight_bytes / 1e9:.2f} GB, "
           f"copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s -> weight-read floor {floor * 1e3:.2f} ms")
     print(f"{'measure':28s} {'ms':>8s} {'x floor':>8s}")

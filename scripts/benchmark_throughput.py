@@ -2,19 +2,21 @@
 
     python scripts/benchmark_throughput.py --model-shape llama3-8b --workload mixed --compare hf
 
-Workloads (../shared/DEVICE.md): `fixed` = N prompts x --input-len tokens, --output-len
-outputs; `mixed` = input and output lengths uniform in [--min-len, --max-len] (numpy
-default_rng(seed): inputs drawn first, then outputs). Greedy unless --temperature, EOS ignored. Prints
-requests/s, output and total tok/s, the workload's roofline floor against ceilings measured
-in the same run, and the share of wall time the device was busy; `--compare hf` runs HF
-transformers `generate` in static batches on the same prompts.
+Workloads: `fixed` = N prompts x --input-len tokens, --output-len outputs; `mixed` = input
+and output lengths uniform in [--min-len, --max-len] (numpy default_rng(seed): inputs drawn
+first, then outputs). Greedy unless --temperature, EOS ignored. Prints requests/s, output and
+total tok/s, the workload's roofline floor against ceilings measured in the same run, and the
+share of wall time the device was busy; `--compare hf` first runs HF transformers `generate`
+in static batches on the same prompts in a subprocess (so each framework has the whole GPU to
+itself), then jaxpaged, and prints the ratio.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -190,30 +192,50 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
             "preemptions": engine.scheduler.num_preemptions}
 
 
+def run_hf_subprocess() -> dict:
+    """This script again with the same arguments in `--hf-worker` mode (HF only), before JAX
+    takes the GPU: torch's memory is the driver's again when the worker exits."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--hf-worker", f.name], check=True)
+        return json.loads(Path(f.name).read_text())
+
+
+def hf_worker(args) -> None:
+    """`--hf-worker FILE`: run HF on the workload, write its result to FILE (no JAX)."""
+    import transformers
+
+    model = args.model or str(shape_dir(args.model_shape))
+    prompts, outs = workload(args, transformers.AutoConfig.from_pretrained(model).vocab_size)
+    Path(args.hf_worker).write_text(json.dumps(run_hf(args, model, prompts, outs)))
+
+
 def run_hf(args, model_dir: str, prompts, outs) -> dict:
-    """HF transformers `generate` in static batches (left padded; a batch runs to its longest)."""
+    """HF transformers `generate` in static batches (left padded; a batch runs to its longest),
+    on the GPU when torch sees one; random weights for a --model-shape."""
     import torch
     import transformers
 
-    hf_cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    with torch.device(device):
+        if args.model_shape:
+            hf_cfg = transformers.AutoConfig.from_pretrained(model_dir)
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     t = time.perf_counter()
     for i in range(0, len(prompts), args.hf_batch_size):
         batch, n_out = prompts[i:i + args.hf_batch_size], max(outs[i:i + args.hf_batch_size])
         width = max(map(len, batch))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device="cuda")
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device="cuda")
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         gen = transformers.GenerationConfig(max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False,
                                             eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t
-    del model
-    torch.cuda.empty_cache()
-    return {"wall_s": wall}
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return {"wall_s": time.perf_counter() - t, "device": device}
 
 
 def main() -> None:
@@ -255,27 +277,28 @@ def main() -> None:
                     help="skip replaying the steps (device busy and per-bucket device time)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--hf-worker", help=argparse.SUPPRESS)  # internal: the HF subprocess of --compare hf
     args = ap.parse_args()
-    if args.compare == "hf":  # leave the GPU memory HF needs: JAX preallocates 75% by default
-        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.55")
+    if args.hf_worker:
+        return hf_worker(args)
+    hf = run_hf_subprocess() if args.compare == "hf" else None
     import jax
 
     from jaxpaged.models import load_config
 
     enable_compilation_cache(args.compilation_cache)
-    events = compile_events()
 
     model = args.model or str(shape_dir(args.model_shape))
     args.load_format = args.load_format or ("dummy" if args.model_shape else "auto")
     cfg = load_config(model)
     prompts, outs = workload(args, cfg.vocab_size)
+    ceil = ceilings()  # before the engine: its KV pool takes the free memory
+    events = compile_events()
     res = run_jaxpaged(args, model, prompts, outs)
     res["compile_events"] = {k: v for k, v in events.items() if "compil" in k}
-    ceil = ceilings()
     floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil) / args.tensor_parallel_size  # N GPUs' ceilings
     n_in, n_out = sum(map(len, prompts)), sum(outs)
     rows = [("jaxpaged", res["wall_s"])]
-    hf = run_hf(args, model, prompts, outs) if args.compare == "hf" else None
     if hf:
         rows.append((f"HF generate (static batches of {args.hf_batch_size})", hf["wall_s"]))
     summary = {

@@ -115,18 +115,23 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         cache = ["--compilation-cache", str(tmp_path / "xla")]
         subprocess.run([sys.executable, SCRIPTS / "benchmark_throughput.py", "--model", model, *ENGINE, *cache,
                         "--num-prompts", "4", "--input-len", "8", "--output-len", "4", "--no-progress",
-                        "--token-buckets", "24", "--num-scheduler-steps", "2", "--json", results / "throughput-fixed.json"],
+                        "--token-buckets", "24", "--num-scheduler-steps", "2", "--compare", "hf",
+                        "--json", results / "throughput-fixed.json"],
                        env=env, check=True, capture_output=True, timeout=300)
-        subprocess.run([sys.executable, SCRIPTS / "benchmark_latency.py", "--model", model, *ENGINE, *cache,
-                        "--prompt-lens", "16", "--batches", "1,2", "--decode-steps", "3", "--decode-prompt-len", "8",
-                        "--json", results / "latency.json"], env=env, check=True, capture_output=True, timeout=300)
-        run = json.loads((results / "throughput-fixed.json").read_text())["jaxpaged"]
+        lat = subprocess.run([sys.executable, SCRIPTS / "benchmark_latency.py", "--model", model, *ENGINE, *cache,
+                              "--prompt-lens", "16,128", "--batches", "1,2", "--decode-steps", "3",
+                              "--decode-prompt-len", "8", "--json", results / "latency.json"],
+                             env=env, check=True, capture_output=True, text=True, timeout=300)
+        assert "skipping TTFT of a 128-token prompt" in lat.stdout  # a prompt of max_model_len tokens
+        summary = json.loads((results / "throughput-fixed.json").read_text())
+        hf, run = summary["hf"], summary["jaxpaged"]  # HF ran in its own process, on the same prompts
+        assert hf["wall_s"] > 0 and hf["speedup"] == pytest.approx(hf["wall_s"] / run["wall_s"])
         replayed = sum(b["steps"] for b in run["device_by_bucket"].values())  # every launched step, once
         assert 0 < replayed <= run["steps"] and run["device_s"] > 0 and 0 < run["device_busy"] <= 1
         assert run["engine"]["buckets"] == [24, 64]  # --token-buckets, plus the budget
         assert "24 x2" in run["device_by_bucket"]  # multi-step decode steps, replayed too
         lat = json.loads((results / "latency.json").read_text())["seconds"]
-        assert lat["  its device time, prompt 16"] > 0 and lat["TTFT, prompt 16"] > 0
+        assert "TTFT, prompt 128" not in lat and lat["  its device time, prompt 16"] > 0 and lat["TTFT, prompt 16"] > 0
 
         wait_healthy(port, [server], (tmp_path / "server.log").read_text)
 
