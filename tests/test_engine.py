@@ -111,6 +111,8 @@ def test_prefill_buckets_run_the_forward_compiled_with_cublas_gemms(model_dir, c
     import jax.numpy as jnp
 
     from jaxpaged.engine import step_programs
+    from jaxpaged.engine.sample.features import GREEDY
+    from jaxpaged.engine.scheduler import SchedulerOutput
 
     f = jax.jit(lambda x: x @ x + 1, compiler_options=step_programs.PREFILL_COMPILER_OPTIONS)
     np.testing.assert_allclose(f(jnp.eye(4)), np.eye(4) + 1)
@@ -118,7 +120,8 @@ def test_prefill_buckets_run_the_forward_compiled_with_cublas_gemms(model_dir, c
               token_buckets=(8, 16))
     runner = llm.engine.runner
     assert runner.buckets == [8, 16, 40] and runner.decode_buckets == [8]
-    program = {t: runner._forward_program(runner.inputs.build([], [], t, "greedy")[1][1]) for t in runner.buckets}
+    program = {t: runner._forward_program(runner.inputs.build(SchedulerOutput([]), t, GREEDY).step_layout)
+               for t in runner.buckets}
     assert program == {8: runner._fwd, 16: runner._fwd_prefill, 40: runner._fwd_prefill}
     compiles = compile_counter.count
     out = llm.generate([[5] * 30, [7] * 3], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
@@ -201,7 +204,8 @@ def test_multi_step_decode_samples_what_single_steps_sample(model_dir, compile_c
     compiles = compile_counter.count
     launched = []
     launch = multi.engine.runner.launch
-    multi.engine.runner.launch = lambda sched, mode: launched.append(sched.steps) or launch(sched, mode)
+    multi.engine.runner.launch = lambda sched, variant: launched.append(
+        [r.num_sampled for r in sched.scheduled] if sched.multi_step else None) or launch(sched, variant)
     outs = {k: llm.generate(prompts, params, use_tqdm=False) for k, llm in ((1, single), (4, multi))}
     for a, b in zip(outs[1], outs[4]):
         a, b = a.outputs[0], b.outputs[0]
@@ -300,6 +304,7 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
 
     from jaxpaged.engine import llm_engine
     from jaxpaged.engine import step_programs
+    from jaxpaged.engine.sample.features import VARIANTS
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     seen = {}
@@ -321,7 +326,7 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
               gpu_memory_utilization=0.5)
     runner, cfg = llm.engine.runner, llm.engine.model_config
     forwards = len(runner.buckets) + len(runner.short_query_buckets)
-    assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(step_programs.MODES)
+    assert step_programs.num_step_compiles() - traces == forwards + len(runner.buckets) * len(VARIANTS)
     assert seen["head_bytes"] >= max(runner.buckets) * cfg.vocab_size * 4
     per_block = kv_bytes_per_block(cfg, 4, np.float32)
     reserve = seen["head_bytes"] + 24 * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4

@@ -232,35 +232,37 @@ def test_dispatch_overlaps_output_processing(llm):
     assert any(order[i:i + 3] == ["dispatch start", "process", "dispatch end"] for i in range(len(order))), order
 
 
-def test_step_mode_skips_unused_top_k_top_p(llm, monkeypatch):
+def test_step_variant_skips_unused_top_k_top_p(llm, monkeypatch):
     """Sampled steps where no request can be cut by top_k / top_p run the head variant without
-    their bisections ("sample"), any such request takes "sample_filtered", all-greedy steps
-    "greedy"; a seeded request draws the same tokens whichever variant served it."""
-    runner = llm.engine.runner
-    modes, dispatch = [], runner.dispatch
+    their bisections (SAMPLE), any such request takes SAMPLE_FILTERED, all-greedy steps
+    GREEDY; a seeded request draws the same tokens whichever variant served it."""
+    from jaxpaged.engine.sample.features import GREEDY, SAMPLE, SAMPLE_FILTERED
 
-    def recording(mode, *args):
-        modes.append(mode)
-        return dispatch(mode, *args)
+    runner = llm.engine.runner
+    variants, dispatch = [], runner.dispatch
+
+    def recording(variant, *args):
+        variants.append(variant)
+        return dispatch(variant, *args)
 
     monkeypatch.setattr(runner, "dispatch", recording)
 
-    def run(*params: SamplingParams) -> tuple[list[list[int]], set[str]]:
-        modes.clear()
+    def run(*params: SamplingParams) -> tuple[list[list[int]], set]:
+        variants.clear()
         outs = llm.generate(["Hello world"] * len(params), list(params), use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs], set(modes)
+        return [o.outputs[0].token_ids for o in outs], set(variants)
 
     kw = dict(max_tokens=8, ignore_eos=True)
     greedy, used = run(SamplingParams(temperature=0, **kw))
-    assert used == {"greedy"}
+    assert used == {GREEDY}
     plain = SamplingParams(temperature=1.0, seed=11, **kw)
     alone, used = run(plain)
-    assert used == {"sample"}
+    assert used == {SAMPLE}
     off = SamplingParams(temperature=0.8, top_k=runner.cfg.vocab_size, seed=1, **kw)  # cuts nothing
     greedy_filters = SamplingParams(temperature=0, top_k=3, top_p=0.5, **kw)  # greedy rows ignore them
     tokens, used = run(plain, off, greedy_filters)
-    assert used == {"sample"} and tokens[0] == alone[0]
+    assert used == {SAMPLE} and tokens[0] == alone[0]
     tokens, used = run(plain, SamplingParams(temperature=1.0, top_p=0.5, seed=12, **kw))
-    assert used == {"sample_filtered"} and tokens[0] == alone[0]
+    assert used == {SAMPLE_FILTERED} and tokens[0] == alone[0]
     tokens, used = run(plain, SamplingParams(temperature=1.0, top_k=1, seed=13, **kw))
-    assert used == {"sample_filtered"} and tokens == [alone[0], greedy[0]]  # top_k=1 is argmax
+    assert used == {SAMPLE_FILTERED} and tokens == [alone[0], greedy[0]]  # top_k=1 is argmax

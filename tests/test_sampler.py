@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.engine.sampler import (_BISECT_STEPS, _top_k_top_p_threshold, apply_penalties, make_history,
+from jaxpaged.engine.sample.sampler import (_BISECT_STEPS, _top_k_top_p_threshold, apply_penalties, make_history,
                                      make_sampling_input, row_keys, sample)
 
 S, V, K = 2000, 16, 3

@@ -47,6 +47,7 @@ def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compil
     """steps: multi-step decode iterations (4: the decode loop, sharded, in place of most steps).
     The `full` head computes prompt logprobs over vocab-sharded logits, 8 rows at a time."""
     from jaxpaged.engine import step_programs
+    from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS
 
     monkeypatch.setattr(step_programs, "PROMPT_LOGPROBS_ROWS", 8)
     assert len(jax.devices()) >= tp
@@ -56,8 +57,8 @@ def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compil
     # each program traced once at start-up: the heads, compiled before the forward for the KV
     # sizing, match the replicated hidden states the forward leaves
     forwards = len(engine.runner.buckets) + len(engine.runner.short_query_buckets)
-    loops = len(engine.runner.loop_buckets) * 3
-    assert step_programs.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(step_programs.MODES) + loops
+    loops = len(engine.runner.loop_buckets) * len(LOOP_VARIANTS)
+    assert step_programs.num_step_compiles() - traces == forwards + len(engine.runner.buckets) * len(VARIANTS) + loops
     assert bool(loops) == (steps > 1)
     wqkv = engine.runner.params["layers"][0]["wqkv"]
     assert isinstance(wqkv.sharding, NamedSharding) and len(wqkv.sharding.device_set) == tp
@@ -66,7 +67,7 @@ def test_tp_matches_one_device(tp, steps, model_dir, requests, reference, compil
     compiles = compile_counter.count
     launched = []
     launch = engine.runner.launch
-    engine.runner.launch = lambda sched, mode: launched.append(sched.steps) or launch(sched, mode)
+    engine.runner.launch = lambda sched, variant: launched.append(sched.multi_step) or launch(sched, variant)
     outs = llm.generate(*requests, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == reference[0]
     got, ref = prompt_logprobs(outs[7]), reference[1]

@@ -1,7 +1,8 @@
 """The engine loop: requests in, one scheduled step at a time, `RequestOutput`s out.
 
-    Scheduler.schedule() -> ModelRunner.launch()       step n+1 dispatched, then for step n-1:
-    ModelRunner.fetch() -> LLMEngine._process() -> Scheduler.commit(), OutputProcessor
+    Scheduler.schedule() -> SchedulerOutput -> ModelRunner.launch()   step n+1 dispatched, then for step n-1:
+    ModelRunner.fetch() -> ModelRunnerOutput -> Request.append_token (core: ids, stop ids, length)
+                        -> OutputProcessor (text, stop strings, logprobs) -> Scheduler.commit()
 """
 from __future__ import annotations
 
@@ -18,13 +19,13 @@ from jax.sharding import NamedSharding
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import memory_budget
-from jaxpaged.engine.detokenizer import IncrementalDetokenizer
-from jaxpaged.engine.model_runner import Launched, ModelRunner
-from jaxpaged.engine.output_processor import OutputProcessor
+from jaxpaged.engine.model_runner import Launched, ModelRunner, ModelRunnerOutput
+from jaxpaged.engine.output_processor import OutputProcessor, RequestState
 from jaxpaged.engine.outputs import RequestOutput
+from jaxpaged.engine.request import Request
+from jaxpaged.engine.sample.features import SamplingFeatures, features_of, variant_for
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
-from jaxpaged.engine.sequence import Sequence
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
@@ -78,7 +79,8 @@ class LLMEngine:
                                    config.num_scheduler_steps)
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
-        self.requests: dict[str, list[Sequence]] = {}
+        self.requests: dict[str, list[Request]] = {}  # the core's state of each sample
+        self.states: dict[str, list[RequestState]] = {}  # the output side's, index for index
         self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
         self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self._rng = np.random.default_rng(config.seed)
@@ -147,22 +149,24 @@ class LLMEngine:
         if blocks > self.block_manager.num_total_blocks:
             raise ValueError(f"the request needs {blocks} KV blocks but the pool has only "
                              f"{self.block_manager.num_total_blocks}")
+        features = features_of(params, vocab)
+        variant_for(features)  # a request no compiled variant serves is rejected here
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**63))
-        seqs = []
+        arrival_time = arrival_time or time.monotonic()
+        seqs, states = [], []
         for i in range(params.n):
-            detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
-                                            params.spaces_between_special_tokens)
-                     if self.tokenizer is not None and params.detokenize else None)
-            seq = Sequence(request_id, i, prompt if isinstance(prompt, str) else None, ids, params,
-                           max_tokens, base_seed + i, detok, arrival_time)
+            seq = Request(request_id, i, ids, params, features, max_tokens, base_seed + i, arrival_time)
             seq.fork_parent = seqs[0] if seqs else None
             seqs.append(seq)
+            states.append(self.output.new_state(request_id, i, prompt if isinstance(prompt, str) else None, ids,
+                                                params, arrival_time))
             self.scheduler.add(seq)
-        self.requests[request_id] = seqs
+        self.requests[request_id], self.states[request_id] = seqs, states
         return ids
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks (unknown or finished ids are ignored)."""
+        self.states.pop(request_id, None)
         for seq in self.requests.pop(request_id, []):
             if not seq.is_finished:
                 seq.finish("abort")
@@ -179,75 +183,77 @@ class LLMEngine:
         their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
         step is processed."""
         sched = self.scheduler.schedule()
-        mode = self.runner.step_mode(sched)
+        variant = self.runner.variant(sched)
         outputs = []
-        keep = self._steps_kept(sched, mode)
+        keep = self._steps_kept(sched, variant)
         if len(self._in_flight) > keep:
             outputs += self._process_oldest(len(self._in_flight) - keep)
             sched = sched.without_finished()  # e.g. a stop string found in a step just processed
         if sched.scheduled:
-            launched = self.runner.launch(sched, mode)
+            launched = self.runner.launch(sched, variant)
             self.scheduler.advance(sched)
-            for row, (seq, _, _, samples) in enumerate(launched.rows):
-                for _ in range(sched.steps[row] if sched.steps else int(samples)):
-                    seq.add_pending(row)
+            for i, row in enumerate(sched.scheduled):
+                for _ in range(row.num_sampled):
+                    row.request.add_pending(i)
             self._in_flight.append(launched)
         done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
         return outputs + self._process_oldest(done)
 
     def _process_oldest(self, n: int) -> list[RequestOutput]:
         """Process the `n` oldest launched steps (none if n <= 0)."""
-        return [out for _ in range(n) for out in self._process(self._in_flight.popleft())]
+        return [out for _ in range(n) for out in self._process(self.runner.fetch(self._in_flight.popleft()))]
 
-    def _steps_kept(self, sched: SchedulerOutput, mode: str) -> int:
-        """How many launched steps may stay unprocessed while `sched` launches. A row reads a
-        pending (sampled, not yet seen) token only as its last token and only from the newest
-        step, whose ids the device feeds back; other pending tokens must reach the host first
-        (e.g. a sequence the token budget skipped for a step, or one recomputed after a
-        preemption), and the `full` variant reads every request's token history."""
-        if mode == "full" or not self._in_flight:
+    def _steps_kept(self, sched: SchedulerOutput, variant: SamplingFeatures) -> int:
+        """How many launched steps may stay unprocessed while `sched` launches: all of them when
+        every row's unseen tokens are fed back on the device (`Request.feeds_back`), else 1
+        (the newest, whose sampled ids the device holds); none for a variant that reads every
+        request's token history on the host."""
+        if variant.needs_history or not self._in_flight:
             return 0
-        newest = {seq for seq, _, _, samples in self._in_flight[-1].rows if samples}
-        for seq, n in sched.scheduled:
-            end = seq.num_computed_tokens + n
-            unseen = end - max(seq.num_tokens - seq.num_pending, seq.num_computed_tokens)
-            if unseen > 1 or (unseen == 1 and (end != seq.num_tokens or seq not in newest)):
-                return 1
-        return len(self._in_flight)
+        newest = {row.request for row in self._in_flight[-1].rows if row.num_sampled}
+        if all(row.request.feeds_back(row.start, row.num_new_tokens, row.request in newest) for row in sched.scheduled):
+            return len(self._in_flight)
+        return 1
 
-    def _process(self, launched: Launched) -> list[RequestOutput]:
-        """Apply a finished step's sampled tokens (and prompt logprobs) to its sequences."""
-        step = self.runner.fetch(launched)
-        sampled = step.sampled
-        touched: dict[str, list[Sequence]] = {}
-        for i, (seq, start, n, samples) in enumerate(step.rows):
+    def _process(self, out: ModelRunnerOutput) -> list[RequestOutput]:
+        """Apply a finished step's sampled tokens (and prompt logprobs): the core's requests
+        take the ids, the output side the text and logprobs."""
+        touched: dict[str, list[RequestState]] = {}
+        for i, row in enumerate(out.rows):
+            seq = row.request
             if seq.is_finished:  # aborted, or finished by an earlier step: a wasted row
                 continue
-            if seq.prompt_logprobs is not None and step.prompt is not None:
-                self.output.add_prompt_logprobs(seq, step.prompt, int(step.token_offsets[i]), start, n)
-            if not samples:  # a prompt chunk: nothing to sample yet
-                self.num_prompt_tokens += n
+            state = self.states[seq.request_id][seq.index]
+            if state.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                self.output.add_prompt_logprobs(state, out.prompt_logprobs, int(out.token_offsets[i]), row.start,
+                                                row.num_new_tokens)
+            prompt_tokens = max(0, min(row.num_new_tokens, seq.num_prompt_tokens - row.start))
+            self.num_prompt_tokens += prompt_tokens if row.num_sampled else row.num_new_tokens
+            if not row.num_sampled:  # a prompt chunk: nothing to sample yet
                 continue
-            self.num_prompt_tokens += max(0, min(n, seq.num_prompt_tokens - start))
-            for j in range(step.steps[i] if step.steps else 1):  # tokens past a stop are dropped
+            tokens = []
+            for token in out.sampled(i):  # tokens past a stop are dropped
+                seq.append_token(token, self.eos_token_ids)
+                tokens.append(token)
                 if seq.is_finished:
                     break
-                token = int(sampled.token_ids[j, i])
-                top = None
-                if seq.logprobs is not None:  # top-N arrays only in the (single-step) `full` variant
-                    tops = (None, None) if sampled.top_ids is None else (sampled.top_ids[j], sampled.top_logprobs[j])
-                    top = self.output.logprobs_entry(token, sampled.logprobs[j, i], sampled.ranks[j, i], *tops, i,
-                                                     seq.params.logprobs)
-                seq.append_token(token, float(sampled.logprobs[j, i]), top, self.eos_token_ids)
-                self.num_generation_tokens += 1
-            touched.setdefault(seq.request_id, []).append(seq)
-        self.scheduler.commit([seq for seq, _, _, _ in step.rows])
+            k = len(tokens)
+            tops = (None, None) if out.top_ids is None else (out.top_ids[:k, i], out.top_logprobs[:k, i])
+            before = len(state.output_token_ids)
+            stop = self.output.add_tokens(state, tokens, out.logprobs[:k, i], out.ranks[:k, i], *tops)
+            self.num_generation_tokens += len(state.output_token_ids) - before
+            if stop is not None:
+                seq.finish("stop", stop)
+            elif seq.is_finished:
+                state.finish(seq.finish_reason, seq.stop_reason)
+            state.first_scheduled_time, state.num_cached_tokens = seq.first_scheduled_time, seq.num_cached_tokens
+            touched.setdefault(seq.request_id, []).append(state)
+        self.scheduler.commit([row.request for row in out.rows])
         outputs = []
         for request_id, stepped in touched.items():
-            seqs = self.requests[request_id]
-            out = self.output.make_output(seqs, stepped)
-            if out is not None:
-                outputs.append(out)
-            if all(s.is_finished for s in seqs):
-                del self.requests[request_id]
+            result = self.output.make_output(self.states[request_id], stepped)
+            if result is not None:
+                outputs.append(result)
+            if all(s.is_finished for s in self.requests[request_id]):
+                del self.requests[request_id], self.states[request_id]
         return outputs

@@ -1,21 +1,20 @@
 """Runs one scheduled step on the device: pads the batch to a token bucket, dispatches two
-jitted programs on packed host inputs, and hands the sampled ids back as numpy.
+jitted programs on packed host inputs, and hands the sampled ids back as a `ModelRunnerOutput`.
 
-The programs (a forward per token bucket, a head per bucket and mode) are in
-`step_programs.py`; each step uses the cheapest head its requests allow. `launch` builds
+The programs (a forward per token bucket, a head per bucket and sampling variant) are in
+`step_programs.py`; each step uses the cheapest variant its requests allow. `launch` builds
 the inputs (`input_builder.py`) and hands the dispatch to one worker thread: the engine
 launches step n+1 while step n still runs, feeding back the tokens step n samples on the
-device (`feedback`), and processes step n's outputs while the worker dispatches (XLA
-releases the GIL while it launches the step's kernels, milliseconds per step under tensor
-parallelism). With
-multi-step decode (`num_steps` > 1) an all-decode step runs the decode loop program: K
-iterations per dispatch, the sampled ids fed back on the device.
+device, and processes step n's outputs while the worker dispatches (XLA releases the GIL while
+it launches the step's kernels). With multi-step decode (`num_steps` > 1) an all-decode step
+runs the decode loop program: K iterations per dispatch, the sampled ids fed back on the device.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import os
 import time
 
@@ -26,11 +25,10 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
-from jaxpaged.engine.input_builder import InputBuilder
-from jaxpaged.engine.sampler import SamplerOutput
-from jaxpaged.engine.scheduler import SchedulerOutput
-from jaxpaged.engine.sequence import Sequence
-from jaxpaged.engine.step_programs import MODES, SHORT_QUERY, PromptLogprobsOutput, jitted_step
+from jaxpaged.engine.input_builder import InputBuilder, StepInputs
+from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, variant_for
+from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.engine.step_programs import SHORT_QUERY, PromptLogprobsOutput, jitted_step
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.parallel import KV_POOL
@@ -38,13 +36,31 @@ from jaxpaged.parallel import KV_POOL
 
 @dataclasses.dataclass
 class Launched:
-    """A launched step; `ModelRunner.fetch` waits for it and fills `sampled` and `prompt`."""
-    rows: list[tuple[Sequence, int, int, bool]]  # (sequence, first new position, new tokens, samples)
-    token_offsets: np.ndarray  # [S+1] where each row's tokens start in T
-    outputs: concurrent.futures.Future  # of the dispatch: (device SamplerOutput, PromptLogprobsOutput | None)
-    steps: list[int] | None = None  # multi-step decode: iterations per row
-    sampled: SamplerOutput | None = None  # host copy, [K, S]: iteration j of row i (K = 1 unless multi-step)
-    prompt: PromptLogprobsOutput | None = None
+    """A launched step: its rows, where their tokens start in the batch, and the future of the
+    dispatch's device outputs; `ModelRunner.fetch` turns it into a `ModelRunnerOutput`."""
+    rows: list[ScheduledRequest]
+    token_offsets: np.ndarray  # [S + 1]
+    outputs: concurrent.futures.Future  # (device SamplerOutput, PromptLogprobsOutput | None)
+    multi_step: bool = False
+
+
+@dataclasses.dataclass
+class ModelRunnerOutput:
+    """A step's results on the host, per row i of `rows`: `num_sampled[i]` (0..K) sampled
+    token ids `token_ids[:num_sampled[i], i]` with their raw logprobs and ranks, the top-N
+    logprobs when the variant computes them, and the prompt logprobs of the step's tokens
+    (rows `token_offsets[i] ..` of `prompt_logprobs`)."""
+    rows: list[ScheduledRequest]
+    token_offsets: np.ndarray  # [S + 1]
+    token_ids: np.ndarray  # [K, S] i32
+    logprobs: np.ndarray  # [K, S] f32
+    ranks: np.ndarray  # [K, S] i32
+    top_ids: np.ndarray | None = None  # [K, S, N]
+    top_logprobs: np.ndarray | None = None  # [K, S, N]
+    prompt_logprobs: PromptLogprobsOutput | None = None
+
+    def sampled(self, i: int) -> list[int]:
+        return self.token_ids[:self.rows[i].num_sampled, i].tolist()
 
 
 def _in_parallel(threads: int | None, fn, items: list) -> list:
@@ -66,8 +82,8 @@ class ModelRunner:
         self.buckets = token_buckets(max_num_batched_tokens, max_num_seqs, buckets)
         self.short_query_buckets = short_query_buckets(self.buckets, max_num_seqs)
         self.num_steps = num_steps
-        self.inputs = InputBuilder(block_size, max_num_seqs, max_model_len, eos_token_ids, self.short_query_buckets,
-                                   num_steps)
+        self.inputs = InputBuilder(block_size, max_num_seqs, max_model_len, eos_token_ids, cfg.vocab_size,
+                                   self.short_query_buckets, num_steps)
         self.decode_buckets = decode_buckets(self.buckets, max_num_seqs)
         self.loop_buckets = self.decode_buckets if num_steps > 1 else []
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
@@ -81,27 +97,27 @@ class ModelRunner:
                              else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
         self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
-        self._padding = None  # start-up's all-padding step inputs per (bucket, mode): `compile_heads`
+        self._padding = None  # start-up's all-padding step inputs per (bucket, variant): `compile_heads`
         self.compile_log: list[tuple[str, float, float]] = []  # start-up: (program, start s, seconds)
         self._t0 = time.perf_counter()
 
     def compile_heads(self, threads: int | None = None) -> int:
-        """Compile every head (bucket x mode) in `threads` threads. Returns the largest
+        """Compile every head (bucket x variant) in `threads` threads. Returns the largest
         per-device memory one needs besides its arguments (temporaries and outputs, e.g. the
-        `full` head's f32 [T, V] logits): the engine keeps it free when it sizes the KV pool.
-        Before the pool exists, their autotuning has the device's memory to itself."""
+        prompt logprobs' f32 [T, V] logits): the engine keeps it free when it sizes the KV
+        pool. Before the pool exists, their autotuning has the device's memory to itself."""
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
-        self._padding = {(t, mode): self.inputs.build([], [], t, mode) for t in self.buckets for mode in MODES}
+        self._padding = {(t, v): self.inputs.build(SchedulerOutput([]), t, v) for t in self.buckets for v in VARIANTS}
         return max(_in_parallel(threads, self._compile_head, list(self._padding)))
 
-    def _compile_head(self, key: tuple[int, str]) -> int:
-        """Compile the head of (bucket, mode); returns its temporary + output bytes per device."""
-        t, mode = key
-        buf, layout = self._padding[key][2]
+    def _compile_head(self, key: tuple[int, SamplingFeatures]) -> int:
+        """Compile the head of (bucket, variant); returns its temporary + output bytes per device."""
+        t, variant = key
+        inp = self._padding[key]
         hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), self.params["embed"].dtype,
                                       sharding=self._hidden_sharding)
-        with self._logged(f"head {t} {mode}"):
-            mem = self._head.lower(self.top_params, hidden, buf, layout=layout, mode=mode,
+        with self._logged(f"head {t} {variant.name}"):
+            mem = self._head.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout, variant=variant,
                                    num_prev=self.max_num_seqs).compile().memory_analysis()
         return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
 
@@ -117,56 +133,59 @@ class ModelRunner:
         threads), then run every program once on the all-padding batches of `compile_heads`."""
         self.kv = kv
         inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
-        loops = {(t, mode): self.inputs.build([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
+        loops = {(t, v): self.inputs.build(SchedulerOutput([], multi_step=True), t, v)
+                 for t in self.loop_buckets for v in LOOP_VARIANTS}
         forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
-            step, layout, _ = inputs[t, "greedy"][1]
+            inp = inputs[t, VARIANTS[0]]
             with self._logged(f"forward {t}" + (f" q<={max_query_len}" if max_query_len else "")):
-                self._forward_program(layout).lower(self.params, self.kv, step, self._prev_tokens,
-                                                    layout=layout, max_query_len=max_query_len).compile()
+                self._forward_program(inp.step_layout).lower(
+                    self.params, self.kv, inp.step, self._prev_tokens, layout=inp.step_layout,
+                    max_query_len=max_query_len).compile()
 
-        def compile_loop(t: int, mode: str):
-            step, layout, max_query_len = loops[t, mode][1]
-            with self._logged(f"loop {t} {mode}"):
-                self._loop.lower(self.params, self.kv, step, self._prev_tokens, layout=layout,
-                                 max_query_len=max_query_len, mode=mode, num_steps=self.num_steps,
+        def compile_loop(t: int, variant: SamplingFeatures):
+            inp = loops[t, variant]
+            with self._logged(f"loop {t} {variant.name}"):
+                self._loop.lower(self.params, self.kv, inp.step, self._prev_tokens, layout=inp.step_layout,
+                                 max_query_len=inp.max_query_len, variant=variant, num_steps=self.num_steps,
                                  num_prev=self.max_num_seqs).compile()
 
-        jobs = [(compile_forward, v) for v in forwards] + [(compile_loop, key) for key in loops]
+        jobs = [(compile_forward, f) for f in forwards] + [(compile_loop, key) for key in loops]
         _in_parallel(threads, lambda job: job[0](*job[1]), jobs)
-        runs = [(t, mode, None) for t, mode in inputs] + [(t, "greedy", q) for t, q in forwards if q]
         with self._logged("first runs"):
-            for t, mode, max_query_len in runs:
-                rows, (step, layout, _), sampling, query_start = inputs[t, mode]
-                self.fetch(self._submit(rows, query_start, mode, (step, layout, max_query_len), sampling))
-            for (t, mode), (rows, step, _, query_start) in loops.items():
-                self.fetch(self._submit(rows, query_start, mode, step, None, []))
+            for (t, variant), inp in inputs.items():
+                self.fetch(self._submit([], variant, inp, multi_step=False))
+            for t, q in forwards:
+                if q:
+                    inp = dataclasses.replace(inputs[t, VARIANTS[0]], max_query_len=q)
+                    self.fetch(self._submit([], VARIANTS[0], inp, multi_step=False))
+            for (t, variant), inp in loops.items():
+                self.fetch(self._submit([], variant, inp, multi_step=True))
 
-    def step_mode(self, sched: SchedulerOutput) -> str:
-        """The cheapest variant (of `MODES`) that serves every scheduled request."""
-        params = [seq.params for seq, _ in sched.scheduled]
-        if any(p.needs_full_step for p in params):
-            return "full"
-        if all(p.greedy for p in params):
-            return "greedy"
-        return "sample_filtered" if any(p.uses_top_k_top_p(self.cfg.vocab_size) for p in params) else "sample"
+    def variant(self, sched: SchedulerOutput) -> SamplingFeatures:
+        """The cheapest compiled sampling variant that serves every scheduled request."""
+        return variant_for(functools.reduce(SamplingFeatures.__or__, (r.request.features for r in sched.scheduled),
+                                            SamplingFeatures()))
 
-    def launch(self, sched: SchedulerOutput, mode: str) -> Launched:
-        """Build the padded inputs on the host and dispatch the step in variant `mode` (does
-        not wait for it)."""
+    def launch(self, sched: SchedulerOutput, variant: SamplingFeatures) -> Launched:
+        """Build the padded inputs on the host and dispatch the step with sampling `variant`
+        (does not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        rows, step, sampling, query_start = self.inputs.build(sched.scheduled, sched.block_tables, t, mode, sched.steps)
-        return self._submit(rows, query_start, mode, step, sampling, sched.steps)
+        return self._submit(sched.scheduled, variant, self.inputs.build(sched, t, variant), sched.multi_step)
 
-    def _submit(self, rows, query_start, mode: str, step: tuple, sampling: tuple | None,
-                steps: list[int] | None = None) -> Launched:
+    def _submit(self, rows: list[ScheduledRequest], variant: SamplingFeatures, inp: StepInputs,
+                multi_step: bool) -> Launched:
         """Queue the step's dispatch on the worker thread (one at a time, in order)."""
-        if steps is not None:
-            return Launched(rows, query_start, self._dispatcher.submit(self.dispatch_loop, mode, *step), steps)
-        return Launched(rows, query_start, self._dispatcher.submit(self.dispatch, mode, *step, *sampling))
+        if multi_step:
+            future = self._dispatcher.submit(self.dispatch_loop, variant, inp.step, inp.step_layout,
+                                             inp.max_query_len)
+        else:
+            future = self._dispatcher.submit(self.dispatch, variant, inp.step, inp.step_layout, inp.max_query_len,
+                                             inp.sampling, inp.sampling_layout)
+        return Launched(rows, inp.query_start, future, multi_step)
 
-    def dispatch(self, mode: str, step_buf: np.ndarray, step_layout, max_query_len: int | None,
+    def dispatch(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout, max_query_len: int | None,
                  sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
         device outputs (sampled, prompt logprobs or None) without waiting. Owns `kv` and
@@ -174,26 +193,27 @@ class ModelRunner:
         hidden, self.kv = self._forward_program(step_layout)(self.params, self.kv, step_buf, self._prev_tokens,
                                                      layout=step_layout, max_query_len=max_query_len)
         out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
-                                                    mode=mode, num_prev=self.max_num_seqs)
+                                                    variant=variant, num_prev=self.max_num_seqs)
         return out, prompt
 
     def _forward_program(self, layout):
         """The forward program of a step's packed inputs: `_fwd_prefill` above the decode buckets."""
         return self._fwd if field_shape(layout, "token_ids")[0] <= self.decode_buckets[-1] else self._fwd_prefill
 
-    def dispatch_loop(self, mode: str, buf: np.ndarray, layout, max_query_len: int | None):
+    def dispatch_loop(self, variant: SamplingFeatures, buf: np.ndarray, layout, max_query_len: int | None):
         """Dispatch the decode loop (`num_steps` iterations) on its packed inputs; as `dispatch`."""
         out, self.kv, self._prev_tokens = self._loop(
             self.params, self.kv, buf, self._prev_tokens, layout=layout, max_query_len=max_query_len,
-            mode=mode, num_steps=self.num_steps, num_prev=self.max_num_seqs)
+            variant=variant, num_steps=self.num_steps, num_prev=self.max_num_seqs)
         return out, None
 
-    def fetch(self, launched: Launched) -> Launched:
+    def fetch(self, launched: Launched) -> ModelRunnerOutput:
         """Wait for a launched step and copy its outputs to the host ([K, S], K = 1 for a
         single step)."""
         t0 = time.perf_counter()
         sampled, prompt = jax.device_get(launched.outputs.result())
         self.device_wait_seconds += time.perf_counter() - t0
-        if launched.steps is None:
+        if not launched.multi_step:
             sampled = jax.tree.map(lambda x: x[None], sampled)
-        return dataclasses.replace(launched, sampled=sampled, prompt=prompt)
+        return ModelRunnerOutput(launched.rows, launched.token_offsets, sampled.token_ids, sampled.logprobs,
+                                 sampled.ranks, sampled.top_ids, sampled.top_logprobs, prompt)

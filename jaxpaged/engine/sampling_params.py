@@ -91,17 +91,3 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
-
-    def uses_top_k_top_p(self, vocab_size: int) -> bool:
-        """Whether top_k or top_p can cut a sampled token (top_k >= vocab_size keeps them all):
-        only such requests need the step variant with the sampler's top-k / top-p threshold."""
-        return not self.greedy and (0 < self.top_k < vocab_size or self.top_p < 1)
-
-    @property
-    def needs_full_step(self) -> bool:
-        """Penalties, logprobs, logit bias and min_tokens need the slower step variant."""
-        return (
-            bool(self.logit_bias) or self.min_tokens > 0 or
-            self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-            or (self.logprobs or 0) > 0 or self.prompt_logprobs is not None
-        )

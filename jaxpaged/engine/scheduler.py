@@ -6,7 +6,7 @@ budget are chunked; when blocks run out, the newest running sequence is preempte
 be recomputed. There is no prefill/decode distinction: each step a sequence computes the
 tokens it has but whose KV is not yet cached. With `num_steps` > 1 (multi-step decode), a
 step whose rows are all decodes reserves blocks for up to `num_steps` tokens per sequence
-and runs that many iterations (`SchedulerOutput.steps`).
+and runs that many iterations (`SchedulerOutput.multi_step`, `ScheduledRequest.num_sampled`).
 """
 from __future__ import annotations
 
@@ -15,26 +15,41 @@ import time
 from collections import deque
 
 from jaxpaged.engine.block_manager import BlockManager
-from jaxpaged.engine.sequence import Sequence, Status
+from jaxpaged.engine.request import Request, RequestStatus
+
+
+@dataclasses.dataclass
+class ScheduledRequest:
+    """One row of a step: `num_new_tokens` tokens of `request` from position `start` (its
+    computed count when scheduled), the block table they read and write, and how many tokens
+    the row samples: 0 for a prompt chunk that does not reach the end, else 1, or K for the K
+    iterations of a multi-step decode."""
+    request: Request
+    start: int
+    num_new_tokens: int
+    block_table: list[int]
+    num_sampled: int = 1
+
+    @classmethod
+    def of(cls, request: Request, n: int, block_table: list[int], num_steps: int = 1) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return cls(request, start, n, block_table, num_steps if start + n == request.num_tokens else 0)
 
 
 @dataclasses.dataclass
 class SchedulerOutput:
-    scheduled: list[tuple[Sequence, int]]  # (sequence, number of new tokens this step)
-    block_tables: list[list[int]]  # per scheduled sequence
-    preempted: list[Sequence]
-    steps: list[int] | None = None  # multi-step decode: iterations per row (None: one step)
+    scheduled: list[ScheduledRequest]
+    preempted: list[Request] = dataclasses.field(default_factory=list)
+    multi_step: bool = False  # an all-decode step run as the decode loop (rows' num_steps iterations)
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+        return sum(r.num_new_tokens for r in self.scheduled)
 
     def without_finished(self) -> SchedulerOutput:
-        """The rows of sequences still unfinished (others finished after scheduling: their
+        """The rows of requests still unfinished (others finished after scheduling: their
         blocks are already free)."""
-        keep = [i for i, (seq, _) in enumerate(self.scheduled) if not seq.is_finished]
-        return SchedulerOutput([self.scheduled[i] for i in keep], [self.block_tables[i] for i in keep],
-                               self.preempted, self.steps and [self.steps[i] for i in keep])
+        return dataclasses.replace(self, scheduled=[r for r in self.scheduled if not r.request.is_finished])
 
 
 class Scheduler:
@@ -44,21 +59,21 @@ class Scheduler:
         self.num_steps = num_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Request) -> None:
         self.waiting.append(seq)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[tuple[Sequence, int]] = []
-        preempted: list[Sequence] = []
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[Request] = []
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING or seq.final_token_scheduled:
+            if seq.status is not RequestStatus.RUNNING or seq.final_token_scheduled:
                 continue  # preempted for an older sequence, or only waiting for its last token
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
@@ -67,7 +82,7 @@ class Scheduler:
                 preempted.append(victim)
                 if victim is seq:
                     break
-            if seq.status is Status.RUNNING:
+            if seq.status is RequestStatus.RUNNING:
                 scheduled.append((seq, n))
                 budget -= n
         if not preempted:
@@ -76,16 +91,17 @@ class Scheduler:
         for seq, _ in scheduled:
             seq.first_scheduled_time = seq.first_scheduled_time or now
         steps = self._lookahead(scheduled) if self.num_steps > 1 and not preempted else None
-        tables = [self.bm.block_table(seq.seq_id) for seq, _ in scheduled]
-        return SchedulerOutput(scheduled, tables, preempted, steps)
+        rows = [ScheduledRequest.of(seq, n, self.bm.block_table(seq.seq_id), steps[i] if steps else 1)
+                for i, (seq, n) in enumerate(scheduled)]
+        return SchedulerOutput(rows, preempted, steps is not None)
 
-    def _lookahead(self, scheduled: list[tuple[Sequence, int]]) -> list[int] | None:
+    def _lookahead(self, scheduled: list[tuple[Request, int]]) -> list[int] | None:
         """Iterations per row when every row is a decode (its one new token is its last) that
-        the fast step variants serve: up to `num_steps`, fewer where max_tokens ends the
-        sequence sooner, with blocks reserved for them; None (one step) otherwise or when the
-        blocks are short (no preemption for lookahead)."""
+        the decode loop serves: up to `num_steps`, fewer where max_tokens ends the sequence
+        sooner, with blocks reserved for them; None (one step) otherwise or when the blocks are
+        short (no preemption for lookahead)."""
         if not scheduled or any(n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens
-                                or seq.params.needs_full_step for seq, n in scheduled):
+                                or seq.features.needs_history for seq, n in scheduled):
             return None
         steps = [min(self.num_steps, seq.max_tokens - seq.num_output_tokens) for seq, _ in scheduled]
         for (seq, _), k in zip(scheduled, steps):
@@ -93,7 +109,7 @@ class Scheduler:
                 return None
         return steps
 
-    def _admit(self, scheduled: list[tuple[Sequence, int]], budget: int) -> None:
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
         """Move waiting sequences to running, FCFS, while budget, seats and blocks allow."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
@@ -113,17 +129,17 @@ class Scheduler:
                     self.bm.free(seq.seq_id)  # undo the fork
                 break
             self.waiting.popleft()
-            seq.status = Status.RUNNING
+            seq.status = RequestStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = computed
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Request) -> None:
         """Free the sequence's blocks; it goes back to the front of the queue (recompute)."""
         self.running.remove(seq)
         self.bm.free(seq.seq_id)
-        seq.status = Status.WAITING
+        seq.status = RequestStatus.WAITING
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -131,20 +147,20 @@ class Scheduler:
     def advance(self, sched: SchedulerOutput) -> None:
         """A step was launched: its tokens' KV will be in the cache (with multi-step decode,
         also that of the tokens its iterations sample and feed back, all but the last)."""
-        for i, (seq, n) in enumerate(sched.scheduled):
-            seq.num_computed_tokens += sched.steps[i] if sched.steps else n
+        for row in sched.scheduled:
+            row.request.num_computed_tokens += row.num_sampled if sched.multi_step else row.num_new_tokens
 
-    def commit(self, seqs: list[Sequence]) -> None:
+    def commit(self, seqs: list[Request]) -> None:
         """A step's tokens are known: cache the full blocks they complete, retire finished ones
         (also one preempted after its last token was launched: it finishes while waiting)."""
         for seq in seqs:
             if self.bm.holds(seq.seq_id):
-                known = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending)
+                known = min(seq.num_computed_tokens, seq.num_known_tokens)
                 self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, known)
             if seq.is_finished:
                 self.finish(seq)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Request) -> None:
         """Drop a finished or aborted sequence from the queues and free its blocks (a waiting
         sequence holds none: never admitted, or preempted)."""
         if seq in self.running:

@@ -1,15 +1,10 @@
-"""The step's two jitted programs, pure functions of device arrays (the host side is
+"""The step's jitted programs, pure functions of device arrays (the host side is
 `model_runner.py`): the **forward** (the model over the packed step inputs, KV pool donated:
 the heavy compile, one per token bucket and `max_query_len` hint) and the **head** (final
-norm, LM head and sampler in one of `MODES`: small, one per bucket and mode).
+norm, LM head and sampler: small, one per bucket and sampling variant, `sample.features`).
 
 With multi-step decode a third program, the **decode loop**, runs K forward + head
-iterations of an all-decode step in one call (one per decode bucket and fast mode).
-
-Modes: `greedy` (argmax and the chosen token's raw logprob), `sample` (temperature, min-p,
-seeds), `sample_filtered` (adds top-k/p: two bisections over the logits, ~2.7 ms of a
-256-row step on an H200) and `full` (adds penalties over the token history, top-N logprobs,
-prompt logprobs, logit bias, min_tokens); the runner picks the cheapest its requests allow.
+iterations of an all-decode step in one call (one per decode bucket and history-free variant).
 """
 from __future__ import annotations
 
@@ -21,7 +16,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxpaged.engine.host_buffer import unpack
-from jaxpaged.engine.sampler import SamplerOutput, SamplingInput, sample
+from jaxpaged.engine.sample.features import SamplingFeatures
+from jaxpaged.engine.sample.sampler import SamplerOutput, SamplingInput, sample
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.models import ModelConfig, family_module
 from jaxpaged.models.kv_cache import KVCache
@@ -44,7 +40,6 @@ def num_step_compiles() -> int:
     return _traces[0]
 
 
-MODES = ("greedy", "sample", "sample_filtered", "full")
 # buckets above this (up to a full decode batch) get a second forward for steps whose queries
 # are all this short (buckets.short_query_buckets)
 SHORT_QUERY = 32
@@ -71,9 +66,14 @@ def _fed_back_input(a: dict, prev_tokens, attention, max_query_len) -> tuple[Ste
     return inp, attention
 
 
-def _sample_fast(logits, sp: SamplingInput, mode: str) -> SamplerOutput:
-    """Sample in one of the modes without token history (`greedy`, `sample`, `sample_filtered`)."""
-    return sample(logits, sp, greedy_only=mode == "greedy", filters=mode == "sample_filtered")
+def _sample(logits, sp: SamplingInput, a: dict, variant: SamplingFeatures) -> SamplerOutput:
+    """Sample with the features of `variant`, reading their inputs from the unpacked `a`."""
+    return sample(logits, sp,
+                  a.get("history"), a.get("history_is_output"),
+                  MAX_LOGPROBS if variant.logprobs else 0,
+                  (a["bias_ids"], a["bias_vals"]) if variant.logit_bias else None,
+                  greedy_only=not variant.random, filters=variant.top_k_top_p,
+                  token_bitmask=a.get("token_bitmask"))
 
 
 def _padded_ids(ids, num_prev: int, replicated):
@@ -93,20 +93,16 @@ def _forward(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, cf
     return family_module(cfg).forward(params, kv, inp, cfg, attention)
 
 
-def _head(top_params, hidden, buf, *, layout, mode: str, num_prev: int, cfg: ModelConfig, replicated):
-    """LM head + sampler over the packed sampling inputs; traced once per (bucket, mode), small.
-    Returns (sampled, prompt logprobs or None, the sampled ids padded to `num_prev`)."""
+def _head(top_params, hidden, buf, *, layout, variant: SamplingFeatures, num_prev: int, cfg: ModelConfig,
+          replicated):
+    """LM head + sampler over the packed sampling inputs; traced once per (bucket, variant),
+    small. Returns (sampled, prompt logprobs or None, the sampled ids padded to `num_prev`)."""
     _traces[0] += 1
     a = unpack(buf, layout)
     sp = SamplingInput(**{k: a[k] for k in _SAMPLING_FIELDS})
     logits_of = functools.partial(family_module(cfg).compute_logits, top_params, cfg=cfg)
-    logits = logits_of(hidden[a["logits_index"]])
-    prompt = None
-    if mode != "full":
-        out = _sample_fast(logits, sp, mode)
-    else:
-        out = sample(logits, sp, a["history"], a["history_is_output"], MAX_LOGPROBS, (a["bias_ids"], a["bias_vals"]))
-        prompt = _prompt_logprobs(logits_of, hidden, a["prompt_next"])
+    out = _sample(logits_of(hidden[a["logits_index"]]), sp, a, variant)
+    prompt = _prompt_logprobs(logits_of, hidden, a["prompt_next"]) if variant.prompt_logprobs else None
     return out, prompt, _padded_ids(out.token_ids, num_prev, replicated)
 
 
@@ -125,8 +121,8 @@ def _prompt_logprobs(logits_of, hidden, next_ids) -> PromptLogprobsOutput:
     return PromptLogprobsOutput(*jax.lax.map(row, (hidden, next_ids), batch_size=rows))
 
 
-def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, mode: str, num_steps: int,
-                 num_prev: int, cfg: ModelConfig, attention, replicated):
+def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len, variant: SamplingFeatures,
+                 num_steps: int, num_prev: int, cfg: ModelConfig, attention, replicated):
     """`num_steps` (K) decode iterations of forward + head in one program (multi-step decode:
     one dispatch instead of K). Row i is token i (T == S); iteration j feeds each row the
     token it sampled in iteration j - 1, at position + j, its KV written to the slot its
@@ -151,7 +147,7 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
         step = inp.replace(token_ids=tokens, positions=pos, slot_mapping=jnp.where(valid, block * bs + pos % bs, scratch),
                            seq_lens=jnp.where(valid, inp.seq_lens + j, inp.seq_lens))
         hidden, kv = model.forward(params, kv, step, cfg, attention)
-        new = _sample_fast(model.compute_logits(params, hidden, cfg), sp.replace(keys=keys[j]), mode)
+        new = _sample(model.compute_logits(params, hidden, cfg), sp.replace(keys=keys[j]), a, variant)
         out = jax.tree.map(lambda o, x: o.at[j].set(x), out, new)
         return kv, new.token_ids, out
 
@@ -183,8 +179,8 @@ def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
     fwd_prefill = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), **forward,
                           compiler_options=PREFILL_COMPILER_OPTIONS if jax.default_backend() == "gpu" else None)
     head = jax.jit(functools.partial(_head, cfg=cfg, replicated=replicated),
-                   static_argnames=("layout", "mode", "num_prev"))
+                   static_argnames=("layout", "variant", "num_prev"))
     loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, attention=attention, replicated=replicated),
                    donate_argnums=1, out_shardings=None if replicated is None else (replicated, kv_sharding, replicated),
-                   static_argnames=("layout", "max_query_len", "mode", "num_steps", "num_prev"))
+                   static_argnames=("layout", "max_query_len", "variant", "num_steps", "num_prev"))
     return fwd, fwd_prefill, head, loop

@@ -201,6 +201,15 @@ def _sample_random(x: jax.Array, sp: SamplingInput, filters: bool) -> jax.Array:
     return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
 
 
+def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
+    """Ban the tokens whose bit is 0. logits: [S, V]; bitmask: [S, ceil(V / 32)] int32, bit
+    `v % 32` of word `v // 32` set = token v allowed (xgrammar's layout)."""
+    v = logits.shape[-1]
+    ids = jnp.arange(v)
+    allowed = (bitmask[:, ids // 32] >> (ids % 32)) & 1
+    return jnp.where(allowed != 0, logits, -jnp.inf)
+
+
 def sample(
     logits: jax.Array,
     sp: SamplingInput,
@@ -210,6 +219,7 @@ def sample(
     bias: tuple[jax.Array, jax.Array] | None = None,
     greedy_only: bool = False,
     filters: bool = True,
+    token_bitmask: jax.Array | None = None,
 ) -> SamplerOutput:
     """Sample one token per row. logits: [S, V]; history / history_is_output: [S, H] or None
     (None skips penalties: a separate, cheaper compile); num_logprobs: static K; bias:
@@ -217,7 +227,8 @@ def sample(
     the raw logprobs are taken (logit_bias; -inf bans a token, as min_tokens does for EOS);
     greedy_only (static): every row is greedy, so no random path is traced; filters (static):
     False when no row uses top_k / top_p, so their threshold (two 32-step bisections) is not
-    traced and those fields are ignored.
+    traced and those fields are ignored; token_bitmask: optional [S, ceil(V / 32)] int32 of
+    allowed tokens (`apply_token_bitmask`), applied after bias and penalties.
 
     Straight-line code, no `lax.cond` or loop: XLA on GPU reads a conditional's predicate on
     the host, which would block the dispatching thread until the step's forward is done (no
@@ -231,6 +242,8 @@ def sample(
         logits = logits.at[rows, jnp.where(ids < 0, logits.shape[1], ids)].add(vals, mode="drop")
     if history is not None:
         logits = apply_penalties(logits, sp, history, history_is_output)
+    if token_bitmask is not None:
+        logits = apply_token_bitmask(logits, token_bitmask)
     greedy = sp.temperature < GREEDY_EPS
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
