@@ -95,6 +95,25 @@ def test_prefix_hit_shares_blocks_and_counts_tokens():
     check_invariants(bm)
 
 
+def test_cached_block_is_found_only_after_its_own_prefix():
+    """A block's hash chains the blocks before it: equal tokens after another prefix (or
+    first) are not a hit, and the lookup stops at the first block not cached."""
+    bm = BlockManager(num_blocks=20, block_size=BS)
+    A, B, C, D = ([10 * k + i for i in range(BS)] for k in range(1, 5))
+    for name, toks in (("ab", A + B + [1]), ("d", D + [2])):
+        bm.allocate(name, len(toks))
+        bm.cache_blocks(name, toks, len(toks))
+    a_block, b_block = bm.block_table("ab")[:2]
+    d_block = bm.block_table("d")[0]
+    queries = {"AB": (A + B + [3], [a_block, b_block]), "B": (B + [3], []), "BA": (B + A + [3], []),
+               "CB": (C + B + [3], []), "DB": (D + B + [3], [d_block]), "CAB": (C + A + B + [3], [])}
+    for name, (toks, blocks) in queries.items():
+        hits = bm.prefix_cache_hits
+        assert bm.get_computed_blocks(toks) == blocks, name
+        assert bm.prefix_cache_hits - hits == len(blocks) * BS, name
+    check_invariants(bm)
+
+
 def test_prefix_never_covers_whole_prompt():
     bm = BlockManager(num_blocks=10, block_size=BS)
     prompt = list(range(2 * BS))

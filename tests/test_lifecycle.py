@@ -65,6 +65,60 @@ def test_stop_token_ids_eos_and_min_tokens(llm):
     assert out.token_ids == [eos] * 10 and out.finish_reason == "length"
 
 
+def hf_greedy_with_bans(hf, prompt, max_tokens, min_tokens, stop_token_ids, eos, ignore_eos=False, bias=None):
+    """Greedy decoding on HF logits (float32) with vLLM's min_tokens rule: EOS and every stop
+    token id get -inf for the first `min_tokens` steps; afterwards a stop id ends the output
+    (kept, finish "stop") as does EOS unless ignore_eos. Returns (ids, finish_reason, stop_reason)."""
+    ids = []
+    for i in range(max_tokens):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + ids])).logits[0, -1].clone()
+        for t, v in (bias or {}).items():
+            logits[t] += v
+        if i < min_tokens:
+            logits[[eos, *stop_token_ids]] = -float("inf")
+        tok = int(torch.argmax(logits))
+        ids.append(tok)
+        if i + 1 >= min_tokens and not ignore_eos and tok == eos:
+            return ids, "stop", None
+        if i + 1 >= min_tokens and tok in stop_token_ids:
+            return ids, "stop", tok
+    return ids, "length", None
+
+
+def test_min_tokens_bans_eos_and_every_stop_token_id_like_hf(llm, model_dir):
+    """Before min_tokens outputs, EOS and all stop_token_ids are banned (not just not
+    stopping): the outputs are those of a greedy HF loop with those logits at -inf, for stop
+    ids that greedy picks first without the ban; after min_tokens a stop id ends the output."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    eos = llm.engine.eos_token_ids[0]
+    prompt = np.random.default_rng(1).integers(3, 500, 11).tolist()
+    free, _, _ = hf_greedy_with_bans(hf, prompt, 16, 0, [], eos, ignore_eos=True)
+    early = [free[0], free[1]]  # what greedy picks first without a ban
+    banned, _, _ = hf_greedy_with_bans(hf, prompt, 16, 4, early, eos, ignore_eos=True)
+    late = next(t for t in banned[4:] if t not in banned[:4] + early)  # a stop id met after min_tokens
+    stops = [*early, late]
+    cases = [  # (min_tokens, stop_token_ids, logit_bias)
+        (0, early, None),  # no ban: stops at once
+        (4, [early[1], early[0]], None),  # the ban changes the first tokens: greedy would stop
+        (4, stops, None),  # ... and stops at `late` after min_tokens
+        (7, stops, None),
+        (3, stops, {eos: 100.0}),  # EOS forced by the bias: banned for 3 steps, then it stops
+    ]
+    params = [SamplingParams(temperature=0, max_tokens=16, min_tokens=m, stop_token_ids=s, logit_bias=b)
+              for m, s, b in cases]
+    outs = llm.generate([prompt] * len(cases), params, use_tqdm=False)
+    refs = [hf_greedy_with_bans(hf, prompt, 16, m, s, eos, bias=b) for m, s, b in cases]
+    for out, ref, (m, s, b) in zip(outs, refs, cases):
+        o = out.outputs[0]
+        assert (o.token_ids, o.finish_reason, o.stop_reason) == ref, (m, s, b)
+        assert not set(o.token_ids[:m]) & {eos, *s}
+    assert refs[0] == ([early[0]], "stop", early[0])
+    assert refs[1][0][:2] != early and len(refs[1][0]) > 4  # not stopped at once
+    assert refs[2][1:] == ("stop", late) and len(refs[2][0]) > 4
+    assert refs[4] == (refs[4][0][:3] + [eos], "stop", None)
+
+
 def test_n_samples(llm):
     out = gen(llm, "Flat is better than nested.", n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
     assert [c.index for c in out.outputs] == [0, 1, 2]
