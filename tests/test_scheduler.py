@@ -12,15 +12,21 @@ import pytest
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.scheduler import Scheduler
-from jaxpaged.engine.sequence import Sequence, Status
+from jaxpaged.engine.request import Request, RequestStatus
+from jaxpaged.engine.sample.features import features_of
 
 BS = 4
 
 
-def make_seq(name: str, prompt_len: int, max_tokens: int = 8, first_token: int = 0) -> Sequence:
+def make_seq(name: str, prompt_len: int, max_tokens: int = 8, first_token: int = 0) -> Request:
     prompt = list(range(first_token, first_token + prompt_len))
-    return Sequence(name, 0, None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                    max_tokens, seed=0, detokenizer=None)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return Request(name, 0, prompt, params, features_of(params, 512), max_tokens, seed=0)
+
+
+def rows(out) -> list[tuple[Request, int]]:
+    """(request, new tokens) of each row of a SchedulerOutput."""
+    return [(r.request, r.num_new_tokens) for r in out.scheduled]
 
 
 def make_scheduler(num_blocks=1024, max_num_seqs=64, budget=16, caching=False) -> Scheduler:
@@ -30,12 +36,12 @@ def make_scheduler(num_blocks=1024, max_num_seqs=64, budget=16, caching=False) -
 def finish_step(sched: Scheduler, out, token: int = 7) -> list[tuple[str, int]]:
     """Launch and complete a scheduled step; returns its [(request_id, n)]."""
     sched.advance(out)
-    for row, (seq, _) in enumerate(out.scheduled):
+    for row, (seq, _) in enumerate(rows(out)):
         if seq.num_computed_tokens == seq.num_tokens:  # its last token computed: one is sampled
             seq.add_pending(row)
-            seq.append_token(token, 0.0, None, ())
-    sched.commit([seq for seq, _ in out.scheduled])
-    return [(seq.request_id, n) for seq, n in out.scheduled]
+            seq.append_token(token, ())
+    sched.commit([seq for seq, _ in rows(out)])
+    return [(seq.request_id, n) for seq, n in rows(out)]
 
 
 def step(sched: Scheduler, token: int = 7):
@@ -97,7 +103,7 @@ def test_a_later_request_is_not_admitted_before_an_earlier_one_that_does_not_fit
     out, rows = step(sched)
     assert rows == [("r", 1)]
     assert [s.request_id for s in sched.waiting] == ["big", "small"]
-    assert all(s.status is Status.WAITING for s in sched.waiting)
+    assert all(s.status is RequestStatus.WAITING for s in sched.waiting)
     assert not sched.bm.holds(sched.waiting[0].seq_id) and not sched.bm.holds(sched.waiting[1].seq_id)
 
 
@@ -113,7 +119,7 @@ def test_the_newest_running_request_is_preempted_and_requeued_first():
     # each has 9 tokens now and needs a 3rd block: only c's two blocks can provide them
     out, rows = step(sched)
     assert out.preempted == [c] and rows == [("a", 1), ("b", 1)]
-    assert c.status is Status.WAITING and c.num_computed_tokens == 0 and not sched.bm.holds(c.seq_id)
+    assert c.status is RequestStatus.WAITING and c.num_computed_tokens == 0 and not sched.bm.holds(c.seq_id)
     assert c.num_tokens == 9  # its output token is kept (recomputed with the prompt)
     assert [s.request_id for s in sched.waiting] == ["c", "d"]
     assert sched.running == [a, b] and sched.num_preemptions == 1
@@ -208,7 +214,7 @@ def test_random_runs_with_scarce_blocks_preempt_the_newest_and_never_exceed_the_
         running_before = list(sched.running)
         out = sched.schedule()
         total = out.num_tokens
-        assert all(0 < n <= budget for _, n in out.scheduled) and total <= budget
+        assert all(0 < n <= budget for _, n in rows(out)) and total <= budget
         if out.preempted:
             preemptions += len(out.preempted)
             # the victims are the newest running ones, newest first
@@ -223,7 +229,7 @@ def test_random_runs_with_scarce_blocks_preempt_the_newest_and_never_exceed_the_
             blocks = trial.get_computed_blocks(head.all_token_ids)
             cached = len(blocks) * BS
             assert not trial.allocate(head.seq_id, cached + min(head.num_tokens - cached, left), blocks)
-        for seq, _ in out.scheduled:
+        for seq, _ in rows(out):
             if seq not in running_before:
                 admitted_at[seq.seq_id] = t
         finish_step(sched, out)
