@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import NamedTuple
 
 
-def memory_budget(device) -> tuple[int, int] | None:
-    """(limit, in use) in bytes on `device`; None where no source answers (e.g. the CPU)."""
+class MemoryBudget(NamedTuple):
+    limit: int  # bytes the allocator may take on the device
+    in_use: int  # bytes taken now
+
+
+def memory_budget(device) -> MemoryBudget | None:
+    """The allocator's limit and use on `device`; None where no source answers (e.g. the CPU)."""
     stats = device.memory_stats()
     if stats and "bytes_limit" in stats:
-        return stats["bytes_limit"], stats["bytes_in_use"]
+        return MemoryBudget(stats["bytes_limit"], stats["bytes_in_use"])
     if device.platform == "gpu":
         try:
             free, total = cuda_mem_get_info(device.local_hardware_id)
         except OSError:
             return None
         # XLA's VMM allocator refuses physical memory beyond this fraction (its "PA budget")
-        return int(total * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))), total - free
+        return MemoryBudget(int(total * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", 0.75))), total - free)
     return None
 
 

@@ -13,7 +13,7 @@ from jaxpaged.engine.sample.sampler import make_history, make_sampling_input, ro
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.step_programs import SHORT_QUERY
-from jaxpaged.models.step_input import make_step_input
+from jaxpaged.models.step_input import SeqChunk, make_step_input
 
 
 @dataclasses.dataclass
@@ -55,9 +55,9 @@ class InputBuilder:
         feedback = np.full(t, -1, np.int32)  # token -> row of the previous step's sampled ids
         seqs, offset = [], 0
         for r in rows:
-            ids, fed_back_row = r.request.new_tokens(r.start, r.num_new_tokens)
-            feedback[offset + r.num_new_tokens - 1] = fed_back_row
-            seqs.append((ids, r.start, r.block_table))
+            end = r.start + r.num_new_tokens
+            feedback[offset + r.num_new_tokens - 1] = r.request.fed_back_row(end)
+            seqs.append(SeqChunk(r.request.all_token_ids[r.start:end], r.start, r.block_table))
             offset += r.num_new_tokens
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
         # keys [K, rows, 2] (K = 1 unless multi-step): iteration j draws the token after done + j
@@ -87,8 +87,9 @@ class InputBuilder:
         bitmask; each padded to `s` rows (`t` tokens)."""
         out = {}
         if variant.penalties:
-            out["history"], out["history_is_output"] = make_history(
-                [(r.request.prompt_token_ids, r.request.output_token_ids) for r in rows], s, self.max_model_len)
+            hist = make_history([(r.request.prompt_token_ids, r.request.output_token_ids) for r in rows], s,
+                                self.max_model_len)
+            out["history"], out["history_is_output"] = hist.token_ids, hist.is_output
         if variant.prompt_logprobs:
             nxt, i = np.full(t, -1, np.int32), 0
             for r in rows:

@@ -102,8 +102,7 @@ class LLMEngine:
             # activations (f32 upper bound of hidden and MLP widths per token) estimated.
             cfg, t = self.model_config, self.max_num_batched_tokens
             reserve = head_bytes + t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
-            limit, in_use = budget
-            free = limit * self.config.gpu_memory_utilization - in_use - reserve
+            free = budget.limit * self.config.gpu_memory_utilization - budget.in_use - reserve
         elif jax.default_backend() != "cpu":
             raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
                              "cache from: set num_kv_blocks (--num-kv-blocks)")

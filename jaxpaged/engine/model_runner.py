@@ -87,8 +87,9 @@ class ModelRunner:
         self.decode_buckets = decode_buckets(self.buckets, max_num_seqs)
         self.loop_buckets = self.decode_buckets if num_steps > 1 else []
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
-        self._fwd, self._fwd_prefill, self._head, self._loop = jitted_step(
-            cfg, attention, replicated, NamedSharding(mesh, KV_POOL) if mesh is not None else None)
+        programs = jitted_step(cfg, attention, replicated, NamedSharding(mesh, KV_POOL) if mesh is not None else None)
+        self._fwd, self._fwd_prefill = programs.forward, programs.forward_prefill
+        self._head, self._loop = programs.head, programs.decode_loop
         # where the forward leaves the hidden states (committed, as every step output)
         self._hidden_sharding = replicated or SingleDeviceSharding(jax.devices()[0])
         # the last step's sampled ids; committed like the step's outputs, so no second compile

@@ -85,11 +85,10 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    def new_tokens(self, start: int, n: int) -> tuple[list[int], int]:
-        """The ids of tokens `start .. start + n` and the row of the previous step whose sampled
-        id replaces the last of them on the device (-1: the host knows every id)."""
-        ids = self.all_token_ids[start:start + n]
-        return ids, self.sample_row if ids[-1] == PENDING else -1
+    def fed_back_row(self, end: int) -> int:
+        """The row of the previous step whose sampled id the device feeds in as token
+        `end - 1` (-1: the host knows that id)."""
+        return self.sample_row if self.all_token_ids[end - 1] == PENDING else -1
 
     def feeds_back(self, start: int, n: int, sampled_by_newest: bool) -> bool:
         """Whether a step scheduling tokens `start .. start + n` can run before the host sees

@@ -164,8 +164,17 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
 PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPrograms:
+    """The jitted programs of one (model config, kernel, mesh)."""
+    forward: object  # (params, kv, buf, prev_tokens; layout, max_query_len) -> (hidden, kv); kv donated
+    forward_prefill: object  # the same, compiled with PREFILL_COMPILER_OPTIONS
+    head: object  # (top_params, hidden, buf; layout, variant, num_prev) -> (sampled, prompt, prev_tokens)
+    decode_loop: object  # (params, kv, buf, prev_tokens; ...) -> (sampled [K, S], kv, prev_tokens); kv donated
+
+
 @functools.cache
-def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
+def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding) -> StepPrograms:
     """The step's programs per (model config, kernel, mesh), shared by engines (same shapes,
     no recompile): the forward (KV pool donated) and its prefill twin (same function, compiled
     with `PREFILL_COMPILER_OPTIONS`), the head + sampler, and the decode loop (KV pool
@@ -183,4 +192,4 @@ def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding):
     loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, attention=attention, replicated=replicated),
                    donate_argnums=1, out_shardings=None if replicated is None else (replicated, kv_sharding, replicated),
                    static_argnames=("layout", "max_query_len", "variant", "num_steps", "num_prev"))
-    return fwd, fwd_prefill, head, loop
+    return StepPrograms(fwd, fwd_prefill, head, loop)

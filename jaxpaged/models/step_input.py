@@ -7,6 +7,8 @@ have `seq_lens == 0` and an empty query range.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 from flax import struct
@@ -23,15 +25,23 @@ class StepInput:
     logits_index: jax.Array  # [N] int32, tokens whose logits are returned (usually N == S)
 
 
+class SeqChunk(NamedTuple):
+    """One sequence's part of a step: its new token ids, the tokens already in the KV cache
+    before them, and its block table."""
+    token_ids: list[int]
+    num_computed: int
+    block_table: list[int]
+
+
 def make_step_input(
-    seqs: list[tuple[list[int], int, list[int]]],
+    seqs: list[SeqChunk],
     block_size: int,
     num_tokens: int | None = None,
     num_seqs: int | None = None,
     max_blocks: int | None = None,
     all_logits: bool = False,
 ) -> StepInput:
-    """Build a padded StepInput on the host from `(new_token_ids, num_computed, block_table)`.
+    """Build a padded StepInput on the host from each sequence's `SeqChunk`.
 
     `num_computed` tokens of the sequence are already in the KV cache; the new tokens
     follow them. Logits are returned for the last new token of each sequence, or for every

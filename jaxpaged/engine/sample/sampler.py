@@ -8,7 +8,7 @@ All shapes are fixed; padding rows are greedy with every filter and penalty off.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,13 +88,18 @@ def make_sampling_input(
     return SamplingInput(**cols, keys=key_data)
 
 
+class TokenHistory(NamedTuple):
+    token_ids: np.ndarray  # [S, H] i32, prompt then output ids, padded with -1
+    is_output: np.ndarray  # [S, H] bool, generated (vs prompt) token
+
+
 def make_history(
     seqs: Sequence[tuple[Sequence[int], Sequence[int]]],
     num_seqs: int | None = None,
     length: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """`(history [S, H] i32 padded with -1, history_is_output [S, H] bool)` from
-    per-request `(prompt_ids, output_ids)`; H = `length` or the longest history."""
+) -> TokenHistory:
+    """The penalties' token history from per-request `(prompt_ids, output_ids)`, padded to
+    `num_seqs` rows; H = `length` or the longest history."""
     s = num_seqs or len(seqs)
     h = length or max((len(p) + len(o) for p, o in seqs), default=1)
     history = np.full((s, h), -1, np.int32)
@@ -104,7 +109,7 @@ def make_history(
         assert n + m <= h, f"history of {n + m} tokens does not fit length {h}"
         history[i, : n + m] = np.concatenate([np.asarray(prompt, np.int32), np.asarray(output, np.int32)])
         is_output[i, n : n + m] = True
-    return history, is_output
+    return TokenHistory(history, is_output)
 
 
 # ---------------------------------------------------------------- device (jnp)
