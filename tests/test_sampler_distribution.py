@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from jaxpaged.engine.sampler import make_sampling_input, row_keys, sample
+from jaxpaged.engine.sample.sampler import make_sampling_input, row_keys, sample
 
 V = 16
 DRAWS = 20_000
