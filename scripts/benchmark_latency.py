@@ -115,6 +115,7 @@ def main() -> None:
         print(f"{name:28s} {s * 1e3:8.2f} {s / floor:8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+                                               "device": jax.devices()[0].device_kind, "args": vars(args),
                                                "floor_s": floor, "ceilings": ceil, "seconds": rows}, indent=2))
 
 

@@ -1,4 +1,7 @@
-"""Device ceilings measured in the same run as a benchmark: copy bandwidth and matmul rate."""
+"""Device ceilings measured in the same run as a benchmark: copy bandwidth and matmul rate.
+
+    PYTHONPATH=. python scripts/ceilings.py      # prints them for this machine's first device
+"""
 from __future__ import annotations
 
 import statistics
@@ -54,3 +57,12 @@ def matmul_flops() -> float:
 
 def ceilings(log=print) -> dict:
     return {"copy_bytes_per_s": copy_bandwidth(log), "matmul_flops_per_s": matmul_flops()}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
+    c = ceilings()
+    print(f"{jax.devices()[0].device_kind}: copy {c['copy_bytes_per_s'] / 1e12:.2f} TB/s (read + write), "
+          f"bf16 matmul {c['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s")

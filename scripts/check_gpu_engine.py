@@ -6,6 +6,7 @@ has several GPUs) against one GPU. Prints one line per check and exits non-zero 
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 
@@ -52,4 +53,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     sys.exit(main())

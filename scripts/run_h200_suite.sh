@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Reproduces the numbers of docs/benchmarks.md on one H200 (the lent `nvidia-h200` machine) and
+# prints a short table last. Runs from the repository (PYTHONPATH=., no install needed).
+#
+#   bash scripts/run_h200_suite.sh [OUT_DIR]     # results in $OUT if set, else OUT_DIR, else /tmp/jaxpaged-suite
+#
+# Parts, in this order ($PARTS, default "fixed latency mixed kernels serving"; ~7-8 min on one H200,
+# the first engine's start-up is the cold start: it compiles into an empty compilation cache):
+#   fixed    fixed workload, jaxpaged against HF transformers `generate` in one run (--compare hf)  ~130 s
+#   latency  batch-1 / batch-8 decode inter-token latency and TTFT of 128 / 512-token prompts    ~40 s
+#   mixed    mixed workload                                                                        ~70 s
+#   kernels  paged-attention kernel: GPU checks and the default table (decode batch 64, prefill,
+#            mixed), then decode at batch 256 on an engine-sized pool and the 2048-token bucket  ~3 min
+#   serving  `python -m jaxpaged.serve` on the shape + scripts/benchmark_serving.py at 4, 16, inf req/s
+#            (~2.5 min). Needs starlette, uvicorn, pydantic and httpx: installed from the wheels in .whl/
+#            when that folder exists, else skipped with a message where they are not importable.
+#   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
+#   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
+# Workloads and settings: docs/benchmarks.md, "Method". Every command's full log is $OUT/<part>*.log,
+# its JSON $OUT/<part>*.json. Extra flags (e.g. for a quick CPU check with MODEL=a small model
+# directory): THROUGHPUT_ARGS, LATENCY_ARGS, SERVER_ARGS, SERVING_ARGS; CACHE: the compilation cache.
+set -uo pipefail
+case "${1:-}" in -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;; esac
+cd "$(dirname "$0")/.."
+OUT=${OUT:-${1:-/tmp/jaxpaged-suite}}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PARTS=${PARTS:-fixed latency mixed kernels serving}
+CACHE=${CACHE:-$(mktemp -d /tmp/jaxpaged-suite-xla.XXXXXX)}  # empty: the first start-up is a cold start
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+if [ -n "${MODEL:-}" ]; then SRC=(--model "$MODEL"); else SRC=(--model-shape llama3-8b); fi
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+echo "jaxpaged $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u '+%Y-%m-%d %H:%M UTC'), " \
+     "$NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | sort | uniq -c | xargs)"
+echo "results in $OUT; parts: $PARTS"
+SUITE_START=$SECONDS
+TIMES=()
+
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+# run NAME TIMEOUT CMD...: the command's output to $OUT/NAME.log, its lines that carry results to the terminal
+run() {
+    local name=$1 limit=$2 start=$SECONDS; shift 2
+    echo "== $name: $*"
+    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|TTFT|speedup|checks|copy bandwidth)|skipping" \
+        "$OUT/$name.log" | cut -c1-200
+    [ $rc = 0 ] || { echo "   $name failed (rc $rc; 124: over its ${limit} s), its log ends:"; tail -n 5 "$OUT/$name.log"; }
+    TIMES+=("$name $((SECONDS - start)) s")
+    return $rc
+}
+throughput() {  # NAME TIMEOUT ARGS...
+    local name=$1 limit=$2; shift 2
+    run "$name" "$limit" $PY scripts/benchmark_throughput.py "${SRC[@]}" --no-progress --compilation-cache "$CACHE" \
+        --json "$OUT/$name.json" "$@" ${THROUGHPUT_ARGS:-}
+}
+
+if want fixed; then
+    throughput fixed-vs-hf 300 --workload fixed --compare hf
+fi
+if want latency; then
+    run latency 200 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 --prompt-lens 128,512 \
+        --batches 1,8 --compilation-cache "$CACHE" --json "$OUT/latency.json" ${LATENCY_ARGS:-}
+fi
+if want mixed; then
+    throughput mixed 240 --workload mixed
+fi
+if want kernels; then
+    run kernels 240 $PY scripts/bench_kernels.py --log "$OUT/kernels-table.log"
+    run kernels-b256 240 $PY scripts/bench_kernels.py --only decode,bucket --decode-batch 256 --decode-ctx 512,mixed \
+        --decode-layers 32 --log "$OUT/kernels-b256-table.log"
+fi
+if want serving; then
+    SITE=""
+    if ls .whl/*.whl > /dev/null 2>&1; then
+        SITE=$(mktemp -d /tmp/jaxpaged-suite-site.XXXXXX)
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+            || echo "   installing the wheels in .whl/ failed"
+    fi
+    if ! PYTHONPATH=$SITE:$PYTHONPATH $PY -c "import starlette, uvicorn, pydantic, httpx" 2> /dev/null; then
+        echo "== serving: skipped: starlette, uvicorn, pydantic or httpx is not importable (put their wheels in .whl/," \
+             "see docs/server.md)"
+    else
+        start=$SECONDS
+        PORT=${PORT:-8000}
+        MODEL_DIR=${MODEL:-$OUT/llama3-8b-shape}
+        [ -n "${MODEL:-}" ] || $PY scripts/make_shape_model.py "$MODEL_DIR" --model-shape llama3-8b > /dev/null
+        [ -n "${MODEL:-}" ] && LOAD=() || LOAD=(--load-format dummy)
+        echo "== serving: python -m jaxpaged.serve --model $MODEL_DIR ${LOAD[*]} on port $PORT, then benchmark_serving.py"
+        JAX_COMPILATION_CACHE_DIR=$CACHE PYTHONPATH=$SITE:$PYTHONPATH $PY -m jaxpaged.serve --model "$MODEL_DIR" \
+            "${LOAD[@]}" --host 127.0.0.1 --port "$PORT" --no-enable-prefix-caching --max-model-len 2048 \
+            --num-kv-blocks 24000 ${SERVER_ARGS:-} > "$OUT/serving-server.log" 2>&1 &
+        SERVER=$!
+        ready=0
+        for _ in $(seq 150); do
+            kill -0 $SERVER 2> /dev/null || break
+            if $PY -c "import sys, urllib.request as u
+try:
+    sys.exit(u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:$PORT/health', timeout=2).status != 200)
+except Exception:
+    sys.exit(1)" 2> /dev/null; then ready=1; break; fi
+            sleep 2
+        done
+        if [ $ready = 1 ]; then
+            echo "   server ready after $((SECONDS - start)) s"
+            PYTHONPATH=$SITE:$PYTHONPATH timeout -k 10 300 $PY scripts/benchmark_serving.py \
+                --base-url "http://127.0.0.1:$PORT" --request-rates 4,16,inf --workload mixed --num-prompts 200 \
+                --max-duration 90 --no-progress --json "$OUT/serving.json" --plot "$OUT/serving.png" \
+                ${SERVING_ARGS:-} > "$OUT/serving.log" 2>&1 || { echo "   serving failed:"; tail -n 5 "$OUT/serving.log"; }
+        else
+            echo "   the server did not become ready; its log ends:"; tail -n 5 "$OUT/serving-server.log"
+        fi
+        kill $SERVER 2> /dev/null; wait $SERVER 2> /dev/null
+        TIMES+=("serving $((SECONDS - start)) s")
+    fi
+fi
+if want tp2; then  # the x2 machine
+    TP=(--workload mixed --num-kv-blocks 24000 --max-num-batched-tokens 8192 --num-scheduler-steps 8)
+    CUDA_VISIBLE_DEVICES=0 throughput tp1-mixed-8192-k8 300 "${TP[@]}"
+    CUDA_VISIBLE_DEVICES=0,1 throughput tp2-mixed-8192-k8 300 "${TP[@]}" -tp 2
+fi
+if want tp4; then  # the x4 machine; XLA flags: the whole step in one CUDA graph per GPU (docs/parallel.md)
+    export XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_TEMP --xla_gpu_enable_command_buffer=+COLLECTIVES \
+--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false"
+    run tp4-70b-latency 400 $PY scripts/benchmark_latency.py --model-shape llama3-70b -tp 4 --max-model-len 2048 \
+        --max-num-seqs 256 --num-kv-blocks 40000 --batches 1,8 --prompt-lens 512 --compilation-cache "$CACHE" \
+        --json "$OUT/tp4-70b-latency.json"
+    run tp4-70b-mixed 400 $PY scripts/benchmark_throughput.py --model-shape llama3-70b -tp 4 --workload mixed \
+        --max-num-batched-tokens 8192 --num-scheduler-steps 8 --no-replay --no-progress --compilation-cache "$CACHE" \
+        --json "$OUT/tp4-70b-mixed.json"
+    unset XLA_FLAGS
+fi
+
+echo
+echo "######## summary ($((SECONDS - SUITE_START)) s in all: ${TIMES[*]/%/,})"
+$PY scripts/run_summary.py "$OUT"
+for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
+    [ -f "$f" ] || continue
+    grep -E "^copy bandwidth" "$f"
+    grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn)" "$f" \
+        | cut -d'|' -f2-5,7 | sed 's/ *| */ | /g'
+done
