@@ -158,9 +158,8 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
 
 
 # The forward of the token buckets above a full decode batch (their steps carry prompt chunks:
-# compute-bound GEMMs) is compiled with cuBLAS GEMMs only: on an H200 its steps run 0.8-2.2%
-# faster than with XLA's Triton GEMMs at tp=1, even at tp=2 (docs/benchmarks.md, session 9;
-# the engine's cold start did not measurably change). GPU only.
+# compute-bound GEMMs) is compiled with cuBLAS GEMMs only, 1-2% faster there on an H200 than
+# XLA's Triton GEMMs (docs/decisions.md). GPU only.
 PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 

@@ -1,4 +1,4 @@
-"""The ragged, token-major batch of one forward step (see DESIGN.md).
+"""The ragged, token-major batch of one forward step (docs/architecture.md).
 
 All new tokens of all scheduled sequences are concatenated, so prefill, decode and mixed
 steps share one layout. `T` (tokens) and `S` (sequences) are padded to buckets by the
