@@ -98,7 +98,8 @@ def main() -> None:
     from jaxpaged.kernels import get_attention
     from jaxpaged.models import load_model
     from jaxpaged.models.kv_cache import init_kv_cache
-    from jaxpaged.parallel import KV_POOL, make_mesh, shard_attention
+    from jaxpaged.engine.mesh import make_mesh, shard_attention
+    from jaxpaged.models.sharding import KV_POOL
 
     opts = SETS[a.set]
     mesh = make_mesh(a.tensor_parallel_size) if a.tensor_parallel_size > 1 else None

@@ -33,7 +33,7 @@ from jaxpaged.engine.sequence import Sequence
 from jaxpaged.engine.step_programs import MODES, SHORT_QUERY, PromptLogprobsOutput, jitted_step
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.parallel import KV_POOL
+from jaxpaged.models.sharding import KV_POOL
 
 
 @dataclasses.dataclass
