@@ -75,9 +75,9 @@ def forward_program(cfg, attention, opts: dict, out_shardings=None):
 
 def launch_hint(t: int) -> int | None:
     """The engine's `max_query_len` for step_buffer's all-decode buckets above 32 rows."""
-    from jaxpaged.engine.step_programs import SHORT_QUERY
+    from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 
-    return SHORT_QUERY if 32 < t <= 256 else None
+    return DECODE_ONLY_MAX_TOKENS if 32 < t <= 256 else None
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The host side of a step (DESIGN.md's input builder): the scheduled rows padded to a token
+"""The host side of a step (the input builder): the scheduled rows padded to a token
 bucket and packed into the step programs' int32 buffers (`host_buffer.py`: one host-to-device
 transfer per program), with the sampling inputs of the step's head mode."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ from jaxpaged.engine.host_buffer import pack
 from jaxpaged.engine.sampler import make_history, make_sampling_input, row_keys
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.sequence import PENDING
-from jaxpaged.engine.step_programs import SHORT_QUERY
+from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models.step_input import make_step_input
 
 
@@ -58,7 +58,8 @@ class InputBuilder:
         if mode == "full":
             sampling |= self._full_input(scheduled, t, s)
         longest = max((n for _, n in scheduled), default=0)
-        max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
+        short = t in self.short_query_buckets and longest <= DECODE_ONLY_MAX_TOKENS
+        max_query_len = DECODE_ONLY_MAX_TOKENS if short else None
         if steps is not None:
             sampling["keys"] = np.zeros((k, s, 2), np.uint32)
             sampling["keys"][:, :len(done)] = keys

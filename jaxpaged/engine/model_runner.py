@@ -30,7 +30,8 @@ from jaxpaged.engine.input_builder import InputBuilder
 from jaxpaged.engine.sampler import SamplerOutput
 from jaxpaged.engine.scheduler import SchedulerOutput
 from jaxpaged.engine.sequence import Sequence
-from jaxpaged.engine.step_programs import MODES, SHORT_QUERY, PromptLogprobsOutput, jitted_step
+from jaxpaged.engine.step_programs import MODES, PromptLogprobsOutput, jitted_step
+from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.sharding import KV_POOL
@@ -118,7 +119,8 @@ class ModelRunner:
         self.kv = kv
         inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
         loops = {(t, mode): self.inputs.build([], [], t, mode, []) for t in self.loop_buckets for mode in MODES[:3]}
-        forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
+        forwards = [(t, None) for t in self.buckets]
+        forwards += [(t, DECODE_ONLY_MAX_TOKENS) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
             step, layout, _ = inputs[t, "greedy"][1]

@@ -45,9 +45,6 @@ def num_step_compiles() -> int:
 
 
 MODES = ("greedy", "sample", "sample_filtered", "full")
-# buckets above this (up to a full decode batch) get a second forward for steps whose queries
-# are all this short (buckets.short_query_buckets)
-SHORT_QUERY = 32
 # rows of the `full` head's prompt logprobs computed at once (f32 [rows, V] logits each)
 PROMPT_LOGPROBS_ROWS = 2048
 
@@ -61,8 +58,8 @@ def _fed_back_input(a: dict, prev_tokens, attention, max_query_len) -> tuple[Ste
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
     device) come from `prev_tokens[feedback[t]]` (feedback -1 = use the host's token id).
-    `max_query_len` (None or `SHORT_QUERY`) tells the attention kernel whether every sequence
-    has few new tokens (decode steps take a faster launch)."""
+    `max_query_len` (None or `DECODE_ONLY_MAX_TOKENS`) tells the attention kernel whether every
+    sequence has few new tokens (decode steps take a faster launch)."""
     feedback = a["feedback"]
     tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
     inp = StepInput(**{f: a[f] for f in _STEP_FIELDS}, logits_index=None).replace(token_ids=tokens)
@@ -162,9 +159,8 @@ def _decode_loop(params, kv: KVCache, buf, prev_tokens, *, layout, max_query_len
 
 
 # The forward of the token buckets above a full decode batch (their steps carry prompt chunks:
-# compute-bound GEMMs) is compiled with cuBLAS GEMMs only: on an H200 its steps run 0.8-2.2%
-# faster than with XLA's Triton GEMMs at tp=1, even at tp=2 (docs/benchmarks.md, session 9;
-# the engine's cold start did not measurably change). GPU only.
+# compute-bound GEMMs) is compiled with cuBLAS GEMMs only, which run those steps faster than
+# XLA's Triton GEMMs on an H200 (docs/benchmarks.md). GPU only.
 PREFILL_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
