@@ -94,7 +94,7 @@ def test_default_buckets_add_steps_where_decode_gemms_are_compute_bound():
 
 
 def test_short_query_forwards_stop_at_a_full_decode_batch():
-    """The decode-launch forward variant is compiled for buckets above SHORT_QUERY that a
+    """The decode-launch forward variant is compiled for buckets above DECODE_ONLY_MAX_TOKENS that a
     decode-only step can use (up to the bucket of max_num_seqs rows), not for larger ones."""
     from jaxpaged.engine.buckets import short_query_buckets, token_buckets
     assert short_query_buckets(token_buckets(2048, 256), 256) == [64, 128, 192, 256]  # not 512 / 1024 / 2048

@@ -226,7 +226,7 @@ def test_runner_marks_short_query_steps(llm):
     import numpy as np
 
     from jaxpaged.engine.host_buffer import unpack
-    from jaxpaged.engine.step_programs import SHORT_QUERY
+    from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 
     runner = llm.engine.runner
     seen, dispatch = [], runner.dispatch
@@ -243,10 +243,10 @@ def test_runner_marks_short_query_steps(llm):
                      use_tqdm=False)
     finally:
         runner.dispatch = dispatch
-    assert any(q == SHORT_QUERY for *_, q in seen), seen  # the 40-way decode steps (bucket 64)
-    assert any(longest > SHORT_QUERY and q is None for _, longest, q in seen), seen  # the 50-token chunk
+    assert any(q == DECODE_ONLY_MAX_TOKENS for *_, q in seen), seen  # the 40-way decode steps (bucket 64)
+    assert any(longest > DECODE_ONLY_MAX_TOKENS and q is None for _, longest, q in seen), seen  # the 50-token chunk
     for tokens, longest, q in seen:
-        assert q == (SHORT_QUERY if tokens in runner.short_query_buckets and longest <= SHORT_QUERY else None)
+        assert q == (DECODE_ONLY_MAX_TOKENS if tokens in runner.short_query_buckets and longest <= DECODE_ONLY_MAX_TOKENS else None)
 
 
 def test_dispatch_overlaps_output_processing(llm):

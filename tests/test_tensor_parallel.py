@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.models import ConfigError
-from jaxpaged.parallel import make_mesh
+from jaxpaged.engine.mesh import make_mesh
 
 ENGINE = dict(max_model_len=128, block_size=4, max_num_seqs=16, max_num_batched_tokens=32, num_kv_blocks=40)
 

@@ -3,7 +3,7 @@ forward and heads; the short-query forward and the multi-step decode loop only f
 buckets that decode-only steps land in. Each forward or loop is a heavy compile (start-up)."""
 from __future__ import annotations
 
-from jaxpaged.engine.step_programs import SHORT_QUERY
+from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 
 
 def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[int, ...] | None = None,
@@ -26,10 +26,10 @@ def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[i
 
 def short_query_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:
     """The buckets that get a second forward for steps whose queries all have at most
-    `SHORT_QUERY` new tokens (the kernel's per-sequence launch): those above `SHORT_QUERY`, up
+    `DECODE_ONLY_MAX_TOKENS` new tokens (the kernel's per-sequence launch): those above it, up
     to the one that holds a full decode batch. A larger step has prompt tokens anyway, and each
     forward is a heavy compile (start-up time)."""
-    return [t for t in decode_buckets(buckets, max_num_seqs) if t > SHORT_QUERY]
+    return [t for t in decode_buckets(buckets, max_num_seqs) if t > DECODE_ONLY_MAX_TOKENS]
 
 
 def decode_buckets(buckets: list[int], max_num_seqs: int) -> list[int]:

@@ -12,14 +12,15 @@ from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sample.sampler import make_history, make_sampling_input, row_keys
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
-from jaxpaged.engine.step_programs import SHORT_QUERY
+from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models.step_input import SeqChunk, make_step_input
 
 
 @dataclasses.dataclass
 class StepInputs:
     """A step packed for the runner. `step`: the forward's inputs, with the attention launch
-    hint `max_query_len` (`SHORT_QUERY` when every row has that few new tokens, else None);
+    hint `max_query_len` (`DECODE_ONLY_MAX_TOKENS` when every row has that few new tokens, else
+    None);
     `sampling`: the head's (None for the multi-step decode loop, whose one buffer holds both);
     `query_start` [S + 1]: where each row's tokens start."""
     step: np.ndarray
@@ -69,7 +70,8 @@ class InputBuilder:
                     **_fields(make_sampling_input([r.request.params for r in rows], keys[0], s))}
         sampling |= self._history_inputs(rows, variant, t, s)
         longest = max((r.num_new_tokens for r in rows), default=0)
-        max_query_len = SHORT_QUERY if t in self.short_query_buckets and longest <= SHORT_QUERY else None
+        short = t in self.short_query_buckets and longest <= DECODE_ONLY_MAX_TOKENS
+        max_query_len = DECODE_ONLY_MAX_TOKENS if short else None
         if sched.multi_step:
             sampling["keys"] = np.zeros((k, s, 2), np.uint32)
             sampling["keys"][:, :len(rows)] = keys

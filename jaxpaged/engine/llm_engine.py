@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import memory_budget
+from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
 from jaxpaged.engine.model_runner import Launched, ModelRunner, ModelRunnerOutput
 from jaxpaged.engine.output_processor import OutputProcessor, RequestState
 from jaxpaged.engine.outputs import RequestOutput
@@ -29,7 +30,7 @@ from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
-from jaxpaged.parallel import KV_POOL, init_distributed, make_mesh, shard_attention
+from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
 

@@ -28,10 +28,11 @@ from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, StepInputs
 from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, variant_for
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
-from jaxpaged.engine.step_programs import SHORT_QUERY, PromptLogprobsOutput, jitted_step
+from jaxpaged.engine.step_programs import PromptLogprobsOutput, jitted_step
+from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.parallel import KV_POOL
+from jaxpaged.models.sharding import KV_POOL
 
 
 @dataclasses.dataclass
@@ -136,7 +137,8 @@ class ModelRunner:
         inputs, self._padding = self._padding, None  # host arrays, not needed after start-up
         loops = {(t, v): self.inputs.build(SchedulerOutput([], multi_step=True), t, v)
                  for t in self.loop_buckets for v in LOOP_VARIANTS}
-        forwards = [(t, None) for t in self.buckets] + [(t, SHORT_QUERY) for t in self.short_query_buckets]
+        forwards = [(t, None) for t in self.buckets]
+        forwards += [(t, DECODE_ONLY_MAX_TOKENS) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
             inp = inputs[t, VARIANTS[0]]

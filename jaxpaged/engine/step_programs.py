@@ -40,9 +40,6 @@ def num_step_compiles() -> int:
     return _traces[0]
 
 
-# buckets above this (up to a full decode batch) get a second forward for steps whose queries
-# are all this short (buckets.short_query_buckets)
-SHORT_QUERY = 32
 # rows of the `full` head's prompt logprobs computed at once (f32 [rows, V] logits each)
 PROMPT_LOGPROBS_ROWS = 2048
 
@@ -56,8 +53,8 @@ def _fed_back_input(a: dict, prev_tokens, attention, max_query_len) -> tuple[Ste
 
     Tokens whose value the host has not seen yet (sampled by the previous step, still on the
     device) come from `prev_tokens[feedback[t]]` (feedback -1 = use the host's token id).
-    `max_query_len` (None or `SHORT_QUERY`) tells the attention kernel whether every sequence
-    has few new tokens (decode steps take a faster launch)."""
+    `max_query_len` (None or `DECODE_ONLY_MAX_TOKENS`) tells the attention kernel whether every
+    sequence has few new tokens (decode steps take a faster launch)."""
     feedback = a["feedback"]
     tokens = jnp.where(feedback >= 0, prev_tokens[jnp.maximum(feedback, 0)], a["token_ids"])
     inp = StepInput(**{f: a[f] for f in _STEP_FIELDS}, logits_index=None).replace(token_ids=tokens)

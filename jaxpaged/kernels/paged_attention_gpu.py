@@ -44,12 +44,13 @@ from jax.experimental.pallas import triton as pltriton
 
 LOG2E = 1.4426950408889634
 _NEG = -1e30  # finite initial running max: fully masked rows stay NaN-free
-# Batches whose sequences have at most this many new tokens run the per-sequence kernel
-# alone. It walks a sequence's q-blocks serially, so a long chunk there is slow (a lone
-# 512-token prompt: 41 ms of device time against 28 ms for 1024 tokens in the fused launch),
-# while the fused launch costs decode-heavy batches of 64-256 tokens 5-17% more device time
-# per step than this path (H200, mixed workload): the engine says which case a step is.
+# Batches whose sequences have at most this many new tokens run the per-sequence kernel alone:
+# faster than the fused launch for decode-heavy batches, but it walks a sequence's q-blocks
+# serially, so a long chunk there is slow. The bound is static (T or the caller's
+# `max_query_len`): the engine compiles a forward with this hint for the steps it fits.
 DECODE_ONLY_MAX_TOKENS = 32
+# Off-GPU (interpret mode) no device reports its SMs: tile as on an H200.
+_DEFAULT_NUM_SMS = 132
 
 # Every Triton lowering warns in JAX >= 0.11 ("The Pallas Triton backend is deprecated").
 warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecated.*")
@@ -62,6 +63,12 @@ def _next_pow2(x: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _default_backend() -> str:
     return jax.default_backend()
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms() -> int:
+    """The streaming multiprocessors of the local GPU (`core_count`)."""
+    return getattr(jax.local_devices()[0], "core_count", None) or _DEFAULT_NUM_SMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,19 +86,17 @@ class TileConfig:
 def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tuple[TileConfig, TileConfig]:
     """(per-sequence kernel config, per-q-block kernel config) from the static shapes."""
     gp = _next_pow2(hq // hkv)
-    # Measured on the H200 (docs/kernels.md): decode b64 x 8 KV heads is fastest unsplit, with
-    # 64-key steps at contexts <= 2k and 128-key steps / 8 warps at 8k; with >= 1024 programs
-    # (b256 x 8 KV heads) 128-key steps win at every context (ctx 512 / 1024: 4% / 7% faster).
-    # `max_ctx` is the static block-table width, so a long table picks the long-context tiles.
+    # Decode tiles tuned on the H200 (docs/kernels.md): 64-key steps up to 2k contexts, 128-key
+    # steps and 8 warps for long ones, and 128-key steps at any context once there are >= 1024
+    # programs. `max_ctx` is the static block-table width, so a long table picks the long-context tiles.
     long_ctx = max_ctx >= 4096
     dec_n = (128 if long_ctx or s * hkv >= 1024 else 64) * 128 // max(d, 128)
-    # Split-KV only to give a small batch enough programs for the 132 SMs; each part gets at
-    # least `min_split_keys` keys (applied in the kernel from the real context), so short
-    # contexts stay whole (128-key parts measured no faster in the engine: docs/kernels.md).
+    # Split-KV only to give a small batch two programs per SM; each part gets at least
+    # `min_split_keys` keys (applied in the kernel from the real context), so short contexts stay whole.
     min_keys = TileConfig.min_split_keys
     progs = max(1, s * hkv)
     splits = 1
-    while progs * splits < 264 and max_ctx >= splits * min_keys:
+    while progs * splits < 2 * num_sms() and max_ctx >= splits * min_keys:
         splits *= 2
     dec = TileConfig(block_m=max(16, gp), block_n=dec_n, num_splits=splits, num_warps=8 if long_ctx else 4,
                      num_stages=3)

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: norms, RoPE, linear, paged attention step."""
+"""Building blocks shared by the model families: the weight ops (`embed`, `linear`, `lm_head`),
+norms, RoPE and the paged-attention step."""
 from __future__ import annotations
 
 import jax
@@ -33,10 +34,28 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def linear(x: jax.Array, p: dict, w: str, b: str) -> jax.Array:
-    """`x @ p[w]`, plus `p[b]` when the model has that bias."""
-    y = x @ p[w]
-    return y + p[b] if b in p else y
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+    """x: [T, in], w: [in, *out] (b: [*out]) -> [T, *out]: x's last axis contracted with w's
+    first, so a fused weight (`wqkv` [H, Hkv, G + 2, D], `w_gate_up` [H, 2, I]) is one GEMM.
+
+    Every matmul of a model with a weight goes through here: the one place to dispatch on
+    another kind of weight (quantized with scales, say)."""
+    y = jnp.tensordot(x, w, axes=1)
+    return y if b is None else y + b
+
+
+def embed(table: jax.Array, ids: jax.Array, multiplier: float = 1.0) -> jax.Array:
+    """Rows `ids` [T] of `table` [V, H] -> [T, H], times `multiplier` (Granite scales them)."""
+    x = table[ids]
+    return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
+
+
+def lm_head(h: jax.Array, params: dict, scaling: float = 1.0) -> jax.Array:
+    """h: [N, H] -> float32 logits [N, V] through `params["lm_head"]` [H, V], or without one
+    (tied embeddings) the embedding table [V, H] transposed; divided by `scaling` (Granite)."""
+    w = params["lm_head"] if "lm_head" in params else params["embed"].T
+    logits = linear(h, w).astype(jnp.float32)
+    return logits if scaling == 1.0 else logits / scaling
 
 
 def paged_attend(q, k, v, k_all, v_all, layer, inp: StepInput, attention, scale: float, window=0):

@@ -2,7 +2,7 @@
 
 Params are a dict of arrays with `params["layers"]` a list of per-layer dicts; the layer loop
 is unrolled (see docs/architecture.md: stacked weights under `lax.scan` read every weight
-twice on the GPU). Linear weights are stored `[in, out]` so `x @ w` needs no transpose.
+twice on the GPU). Weights are stored `[in, *out]` for `layers.linear`: no transpose.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.hf_format import hf_transpose
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.models.layers import apply_rope, linear, paged_attend, rms_norm
+from jaxpaged.models.layers import apply_rope, embed, linear, lm_head, paged_attend, rms_norm
 from jaxpaged.models.step_input import StepInput
 
 
@@ -132,7 +132,7 @@ def forward(
     `attention` has the signature of `kernels.paged_attention.paged_attention_ref` (or a GPU
     kernel with the same one); the new K/V are written to the pool before it is called.
     """
-    x = params["embed"][inp.token_ids] * jnp.asarray(cfg.embedding_multiplier, params["embed"].dtype)
+    x = embed(params["embed"], inp.token_ids, cfg.embedding_multiplier)
     k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
         x, k_all, v_all = _layer(lp, x, k_all, v_all, jnp.int32(i), inp, cfg=cfg, attention=attention,
@@ -149,25 +149,22 @@ def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: ja
     hq, d = cfg.num_heads, cfg.head_dim
     g = hq // cfg.num_kv_heads
     h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-    qkv = jnp.einsum("th,hkgd->tkgd", h, lp["wqkv"])  # [T, Hkv, G + 2, D]
-    qkv = qkv + lp["bqkv"] if "bqkv" in lp else qkv
+    qkv = linear(h, lp["wqkv"], lp.get("bqkv"))  # [T, Hkv, G + 2, D]
     q, k, v = qkv[:, :, :g].reshape(t, hq, d), qkv[:, :, g], qkv[:, :, g + 1]
     if cfg.qk_norm:
         q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
     o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, layer, inp, attention, cfg.attn_scale, window)
-    x = x + linear(o, lp, "wo", "bo") * cfg.residual_multiplier
+    x = x + linear(o, lp["wo"], lp.get("bo")) * cfg.residual_multiplier
     h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-    gate_up = jnp.einsum("th,hpi->tpi", h, lp["w_gate_up"])  # [T, 2, I]
-    gate_up = gate_up + lp["b_gate_up"] if "b_gate_up" in lp else gate_up
-    x = x + linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp, "w_down", "b_down") * cfg.residual_multiplier
+    gate_up = linear(h, lp["w_gate_up"], lp.get("b_gate_up"))  # [T, 2, I]
+    mlp = linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp["w_down"], lp.get("b_down"))
+    x = x + mlp * cfg.residual_multiplier
     return x, k_all, v_all
 
 
 def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     """hidden: [N, H] rows of `forward`'s output -> float32 logits [N, V] (final norm, LM head).
     Reads only top-level params."""
-    h = rms_norm(hidden, params["final_norm"], cfg.norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return (h @ head).astype(jnp.float32) / cfg.logits_scaling
+    return lm_head(rms_norm(hidden, params["final_norm"], cfg.norm_eps), params, cfg.logits_scaling)

@@ -1,4 +1,5 @@
-"""Load HF safetensors checkpoints into our params pytree; save/restore converted params.
+"""Load HF safetensors checkpoints into our params pytree (sharded over a mesh, or random for
+speed runs); save/restore converted params.
 
 Each model family module gives `param_shapes(cfg)` (our layout) and `from_hf` / `to_hf`
 (our params from HF tensors and back); loading reads every HF tensor once and casts it to
@@ -16,8 +17,26 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from jaxpaged.models import build_params, family_module
-from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig
+from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig, load_config
+from jaxpaged.models.family import build_params, family_module
+from jaxpaged.models.sharding import placement, split_config
+
+
+def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=None) -> tuple[ModelConfig, dict]:
+    """Config and params of the HF checkpoint in `model_dir` (one-line `ConfigError` on failure).
+
+    `load_format="dummy"` reads only config.json and makes random weights on the device.
+    With a `mesh` (axis `tp`), each weight is sharded as its family's `partition_specs` say.
+    """
+    cfg = load_config(model_dir)
+    place = None
+    if mesh is not None:
+        cfg = split_config(cfg, mesh.shape["tp"])
+        place = placement(cfg, mesh)
+    if load_format == "dummy":
+        return cfg, random_params(cfg, dtype, place=place)
+    return cfg, load_params(model_dir, cfg, dtype, place)
+
 
 def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:
     """`auto` keeps the checkpoint's dtype; otherwise one of float32, bfloat16, float16."""

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.hf_format import hf_transpose
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.models.layers import layer_norm, linear, paged_attend
+from jaxpaged.models.layers import embed, layer_norm, linear, lm_head, paged_attend
 from jaxpaged.models.step_input import StepInput
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -85,10 +85,10 @@ def forward(
     params: dict, kv: KVCache, inp: StepInput, cfg: ModelConfig, attention
 ) -> tuple[jax.Array, KVCache]:
     """One step over the ragged batch. Returns (hidden states [T, H] after the last layer, kv)."""
-    x = params["embed"][inp.token_ids]
+    x = embed(params["embed"], inp.token_ids)
     if "project_in" in params:
-        x = x @ params["project_in"]
-    x = x + params["pos_embed"][inp.positions + POSITION_OFFSET]
+        x = linear(x, params["project_in"])
+    x = x + embed(params["pos_embed"], inp.positions + POSITION_OFFSET)
     k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
         x, k_all, v_all = _layer(lp, x, k_all, v_all, jnp.int32(i), inp, cfg=cfg, attention=attention)
@@ -103,15 +103,15 @@ def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: ja
     nh, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
     pre = cfg.do_layer_norm_before
     h = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps) if pre else x
-    q = linear(h, lp, "wq", "bq").reshape(t, nh, d)
-    k = linear(h, lp, "wk", "bk").reshape(t, nh, d)
-    v = linear(h, lp, "wv", "bv").reshape(t, nh, d)
+    q = linear(h, lp["wq"], lp.get("bq")).reshape(t, nh, d)
+    k = linear(h, lp["wk"], lp.get("bk")).reshape(t, nh, d)
+    v = linear(h, lp["wv"], lp.get("bv")).reshape(t, nh, d)
     o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, layer, inp, attention, cfg.attn_scale)
-    x = x + linear(o, lp, "wo", "bo")
+    x = x + linear(o, lp["wo"], lp.get("bo"))
     if not pre:
         x = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps)
     h = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps) if pre else x
-    x = x + linear(jax.nn.relu(linear(h, lp, "w_fc1", "b_fc1")), lp, "w_fc2", "b_fc2")
+    x = x + linear(jax.nn.relu(linear(h, lp["w_fc1"], lp.get("b_fc1"))), lp["w_fc2"], lp.get("b_fc2"))
     if not pre:
         x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
     return x, k_all, v_all
@@ -124,5 +124,5 @@ def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Arr
     if cfg.do_layer_norm_before:
         h = layer_norm(h, params["final_norm_w"], params["final_norm_b"], cfg.norm_eps)
     if "project_out" in params:
-        h = h @ params["project_out"]
-    return (h @ params["embed"].T).astype(jnp.float32)
+        h = linear(h, params["project_out"])
+    return lm_head(h, params, cfg.logits_scaling)

@@ -15,8 +15,8 @@ import transformers
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from jaxpaged.models import build_params, family_module
 from jaxpaged.models.config import config_from_hf
+from jaxpaged.models.family import build_params, family_module
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -1,0 +1,48 @@
+"""Tensor-parallel layout of the model's arrays over one mesh axis `tp`: each weight as its
+family's `partition_specs` say (q/k/v and gate/up column-parallel, o/down row-parallel), the KV
+pool over KV heads, and the config of a model split `tp` ways."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxpaged.models.config import ConfigError, ModelConfig
+from jaxpaged.models.family import family_module
+
+KV_POOL = P(None, "tp")  # [L, Hkv, num_blocks, block_size, D]
+
+
+def split_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """`cfg` as run `tp` ways; a one-line error when the model cannot be split so.
+
+    With fewer KV heads than devices, each KV head is replicated `tp // Hkv` times (as vLLM
+    does) and its query heads are split among the copies, so every device holds one KV head.
+    """
+    for what, n in [("attention heads", cfg.num_heads), ("intermediate size", cfg.intermediate_size)]:
+        if n % tp:
+            raise ConfigError(f"tensor_parallel_size {tp} does not divide the model's {n} {what}")
+    hkv = cfg.num_kv_heads
+    if hkv % tp == 0:
+        return cfg
+    if tp % hkv:
+        raise ConfigError(f"tensor_parallel_size {tp} neither divides nor is a multiple of the model's {hkv} KV heads")
+    return dataclasses.replace(cfg, num_kv_heads=tp, kv_head_replicas=tp // hkv)
+
+
+def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, tuple[int, ...], int | None], NamedSharding]:
+    """`(key, shape, layer) -> NamedSharding` of one weight on `mesh`: its spec in
+    `param_specs`, or replicated where the mesh does not divide the sharded axis. A leaf
+    function for `build_params`, so the loader places each weight as it makes it."""
+    specs = family_module(cfg).partition_specs(cfg)
+    tp = mesh.shape["tp"]
+
+    def sharding(key: str, shape: tuple[int, ...], layer: int | None) -> NamedSharding:
+        spec = specs[key]
+        if any(ax == "tp" and shape[i] % tp for i, ax in enumerate(spec)):
+            spec = P()  # e.g. a vocabulary the mesh does not divide: keep it whole
+        return NamedSharding(mesh, spec)
+
+    return sharding
