@@ -56,10 +56,10 @@ class InputBuilder:
         feedback = np.full(t, -1, np.int32)  # token -> row of the previous step's sampled ids
         seqs, offset = [], 0
         for r in rows:
-            end = r.start + r.num_new_tokens
-            feedback[offset + r.num_new_tokens - 1] = r.request.fed_back_row(end)
-            seqs.append(SeqChunk(r.request.all_token_ids[r.start:end], r.start, r.block_table))
-            offset += r.num_new_tokens
+            n = r.num_new_tokens
+            feedback[offset + n - 1] = r.request.fed_back_row(r.start + n)
+            seqs.append(SeqChunk(r.request.all_token_ids[r.start:r.start + n], r.start, r.block_table))
+            offset += n
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
         # keys [K, rows, 2] (K = 1 unless multi-step): iteration j draws the token after done + j
         k = self.num_steps if sched.multi_step else 1

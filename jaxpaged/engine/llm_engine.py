@@ -219,6 +219,7 @@ class LLMEngine:
         """Apply a finished step's sampled tokens (and prompt logprobs): the core's requests
         take the ids, the output side the text and logprobs."""
         touched: dict[str, list[RequestState]] = {}
+        token_ids, logprobs = out.token_ids.T.tolist(), out.logprobs.T.tolist()  # [S][K], one conversion
         for i, row in enumerate(out.rows):
             seq = row.request
             if seq.is_finished:  # aborted, or finished by an earlier step: a wasted row
@@ -231,16 +232,18 @@ class LLMEngine:
             self.num_prompt_tokens += prompt_tokens if row.num_sampled else row.num_new_tokens
             if not row.num_sampled:  # a prompt chunk: nothing to sample yet
                 continue
-            tokens = []
-            for token in out.sampled(i):  # tokens past a stop are dropped
+            k = 0
+            for token in token_ids[i][:row.num_sampled]:  # tokens past a stop are dropped
                 seq.append_token(token, self.eos_token_ids)
-                tokens.append(token)
+                k += 1
                 if seq.is_finished:
                     break
-            k = len(tokens)
-            tops = (None, None) if out.top_ids is None else (out.top_ids[:k, i], out.top_logprobs[:k, i])
+            tops = None
+            if state.logprobs is not None:  # ranks [K], top ids / logprobs [K, N] (these only if computed)
+                tops = (out.ranks[:k, i], *((None, None) if out.top_ids is None else
+                                             (out.top_ids[:k, i], out.top_logprobs[:k, i])))
             before = len(state.output_token_ids)
-            stop = self.output.add_tokens(state, tokens, out.logprobs[:k, i], out.ranks[:k, i], *tops)
+            stop = self.output.add_tokens(state, token_ids[i][:k], logprobs[i][:k], tops)
             self.num_generation_tokens += len(state.output_token_ids) - before
             if stop is not None:
                 seq.finish("stop", stop)

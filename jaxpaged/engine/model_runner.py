@@ -14,7 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import os
 import time
 
@@ -26,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, StepInputs
-from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, variant_for
+from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, union, variant_for
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.step_programs import PromptLogprobsOutput, jitted_step
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
@@ -59,9 +58,6 @@ class ModelRunnerOutput:
     top_ids: np.ndarray | None = None  # [K, S, N]
     top_logprobs: np.ndarray | None = None  # [K, S, N]
     prompt_logprobs: PromptLogprobsOutput | None = None
-
-    def sampled(self, i: int) -> list[int]:
-        return self.token_ids[:self.rows[i].num_sampled, i].tolist()
 
 
 def _in_parallel(threads: int | None, fn, items: list) -> list:
@@ -168,8 +164,7 @@ class ModelRunner:
 
     def variant(self, sched: SchedulerOutput) -> SamplingFeatures:
         """The cheapest compiled sampling variant that serves every scheduled request."""
-        return variant_for(functools.reduce(SamplingFeatures.__or__, (r.request.features for r in sched.scheduled),
-                                            SamplingFeatures()))
+        return variant_for(union(r.request.features for r in sched.scheduled))
 
     def launch(self, sched: SchedulerOutput, variant: SamplingFeatures) -> Launched:
         """Build the padded inputs on the host and dispatch the step with sampling `variant`

@@ -121,16 +121,19 @@ class OutputProcessor:
                 state.prompt_token_ids[pos + 1], prompt.logprobs[row], prompt.ranks[row], prompt.top_ids[row],
                 prompt.top_logprobs[row], k))
 
-    def add_tokens(self, state: RequestState, token_ids: list[int], logprobs: np.ndarray, ranks: np.ndarray,
-                   top_ids: np.ndarray | None, top_logprobs: np.ndarray | None) -> str | None:
-        """Append a row's new tokens (the core's; arrays indexed like `token_ids`); stops at
-        a stop string and returns it."""
+    def add_tokens(self, state: RequestState, token_ids: list[int], logprobs: list[float],
+                   tops: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None) -> str | None:
+        """Append a row's new tokens (the core's) with their logprobs; `tops`, given when the
+        request asked for logprobs: ranks [K] and the top-N ids and logprobs [K, N] (None when
+        the step's variant computed none). Stops at a stop string and returns it."""
         for j, token in enumerate(token_ids):
             top = None
-            if state.logprobs is not None:
-                tops = (None, None) if top_ids is None else (top_ids[j], top_logprobs[j])
-                top = self.logprobs_entry(token, logprobs[j], ranks[j], *tops, state.params.logprobs)
-            stop = state.add_token(token, float(logprobs[j]), top)
+            if tops is not None:
+                ranks, top_ids, top_logprobs = tops
+                top = self.logprobs_entry(token, logprobs[j], ranks[j],
+                                          *((None, None) if top_ids is None else (top_ids[j], top_logprobs[j])),
+                                          state.params.logprobs)
+            stop = state.add_token(token, logprobs[j], top)
             if stop is not None:
                 return stop
         return None

@@ -9,6 +9,7 @@ it) is rejected when the request arrives.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 from jaxpaged.engine.sampling_params import SamplingParams
 
@@ -23,11 +24,14 @@ class SamplingFeatures:
     prompt_logprobs: bool = False  # logprobs of every prompt position
     token_bitmask: bool = False  # a per-row allowed-token bitmask [S, ceil(V / 32)] (structured output)
 
+    def flags(self) -> tuple[bool, ...]:
+        return tuple(getattr(self, name) for name in self.__dataclass_fields__)
+
     def __or__(self, other: SamplingFeatures) -> SamplingFeatures:
-        return SamplingFeatures(*(a or b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return SamplingFeatures(*(a or b for a, b in zip(self.flags(), other.flags())))
 
     def covers(self, other: SamplingFeatures) -> bool:
-        return all(a or not b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other)))
+        return all(a or not b for a, b in zip(self.flags(), other.flags()))
 
     @property
     def needs_history(self) -> bool:
@@ -38,8 +42,8 @@ class SamplingFeatures:
 
     @property
     def name(self) -> str:
-        on = [f.name for f in dataclasses.fields(self) if getattr(self, f.name)]
-        return "+".join(on) or "greedy"
+        """The variant's name (`full`, ...), else its features joined by `+`."""
+        return _VARIANT_NAMES.get(self) or "+".join(n for n in self.__dataclass_fields__ if getattr(self, n))
 
 
 GREEDY = SamplingFeatures()
@@ -50,14 +54,18 @@ FULL = SamplingFeatures(random=True, top_k_top_p=True, penalties=True, logit_bia
 # The compiled head variants per token bucket, cheapest first: top-k / top-p cost ~2.7 ms of a
 # 256-row step on an H200, the history inputs more; most batches need one of the first three.
 VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, FULL)
+_VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered", FULL: "full"}
 LOOP_VARIANTS = tuple(v for v in VARIANTS if not v.needs_history)  # the decode loop's
+
+
+_interned: dict[SamplingFeatures, SamplingFeatures] = {}
 
 
 def features_of(params: SamplingParams, vocab_size: int) -> SamplingFeatures:
     """The features one request needs (top_k >= vocab_size cuts nothing; greedy rows ignore
-    top_k / top_p)."""
+    top_k / top_p). Equal features are one object, so a step's union is over a few."""
     random = not params.greedy
-    return SamplingFeatures(
+    features = SamplingFeatures(
         random=random,
         top_k_top_p=random and (0 < params.top_k < vocab_size or params.top_p < 1),
         penalties=(params.presence_penalty != 0 or params.frequency_penalty != 0
@@ -66,6 +74,15 @@ def features_of(params: SamplingParams, vocab_size: int) -> SamplingFeatures:
         logprobs=(params.logprobs or 0) > 0,
         prompt_logprobs=params.prompt_logprobs is not None,
     )
+    return _interned.setdefault(features, features)
+
+
+def union(features: Iterable[SamplingFeatures]) -> SamplingFeatures:
+    """What a step of requests with these features needs (cheap per row: distinct objects only)."""
+    out = SamplingFeatures()
+    for f in {id(f): f for f in features}.values():
+        out = out | f
+    return out
 
 
 def variant_for(needed: SamplingFeatures) -> SamplingFeatures:

@@ -79,10 +79,10 @@ def make_sampling_input(
     assert s >= len(params) == len(keys)
     cols = {name: np.full(s, off, np.int32 if name == "top_k" else np.float32) for name, off in _OFF.items()}
     cols["temperature"][:] = 0.0
-    for i, p in enumerate(params):
-        for name, col in cols.items():
-            val = p.get(name) if isinstance(p, Mapping) else getattr(p, name, None)
-            col[i] = _OFF[name] if val is None else val
+    mappings = [p if isinstance(p, Mapping) else None for p in params]
+    for name, col in cols.items():  # a column at a time: one numpy assignment each
+        vals = [m.get(name) if m is not None else getattr(p, name, None) for p, m in zip(params, mappings)]
+        col[:len(params)] = [_OFF[name] if v is None else v for v in vals]
     key_data = np.zeros((s, 2), np.uint32)
     key_data[: len(keys)] = np.asarray(keys, np.uint32).reshape(-1, 2)
     return SamplingInput(**cols, keys=key_data)
