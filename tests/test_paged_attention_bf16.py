@@ -18,32 +18,11 @@ import pytest
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
+from test_paged_attention_kernel import make_case
 
 ROW_TOL = 6e-3  # relative L2 error of any (token, head) output row: ~3 bf16 ulps
 # XLA may otherwise keep f32 where the kernel rounds to bf16 (on the GPU Triton rounds)
 NO_EXCESS_PRECISION = {"xla_allow_excess_precision": False}
-
-
-def make_case(rng, plan, *, hq, hkv, d, bs, num_tokens, num_seqs):
-    """plan: [(num_computed, num_new)] per sequence, padded to num_tokens / num_seqs; pages
-    are a random permutation of the pool (block 0 is scratch), random everywhere; bf16."""
-    nblocks = [-(-(c + n) // bs) for c, n in plan]
-    nb = 1 + sum(nblocks) + 2
-    perm = rng.permutation(np.arange(1, nb))
-    tables = np.zeros((num_seqs, max(nblocks) + 1), np.int32)
-    qs = np.zeros(num_seqs + 1, np.int32)
-    lens = np.zeros(num_seqs, np.int32)
-    i = 0
-    for j, ((c, n), nbk) in enumerate(zip(plan, nblocks)):
-        tables[j, :nbk] = perm[i:i + nbk]
-        i += nbk
-        qs[j + 1] = qs[j] + n
-        lens[j] = c + n
-    qs[len(plan) + 1:] = qs[len(plan)]
-    k, v = rng.standard_normal((2, 2, hkv, nb, bs, d))  # 2 layers
-    q = rng.standard_normal((num_tokens, hq, d))
-    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    return bf(q), bf(k), bf(v), jnp.asarray(qs), jnp.asarray(lens), jnp.asarray(tables)
 
 
 # (plan, T, S, kernel kwargs)
@@ -61,7 +40,7 @@ def test_bf16_kernel_matches_f32_reference_interpret(name):
     plan, t, s, kw = CASES[name]
     hq, hkv, d = 8, 2, 64
     q, k, v, qs, lens, bt = make_case(np.random.default_rng(len(name)), plan, hq=hq, hkv=hkv, d=d, bs=16,
-                                      num_tokens=t, num_seqs=s)
+                                      num_tokens=t, num_seqs=s, dtype=jnp.bfloat16)
     scale = d ** -0.5
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref = jax.jit(functools.partial(paged_attention_ref, scale=scale))(f32(q), f32(k), f32(v), 1, qs, lens, bt)
