@@ -242,9 +242,8 @@ class LLMEngine:
             if state.logprobs is not None:  # ranks [K], top ids / logprobs [K, N] (these only if computed)
                 tops = (out.ranks[:k, i], *((None, None) if out.top_ids is None else
                                              (out.top_ids[:k, i], out.top_logprobs[:k, i])))
-            before = len(state.output_token_ids)
-            stop = self.output.add_tokens(state, token_ids[i][:k], logprobs[i][:k], tops)
-            self.num_generation_tokens += len(state.output_token_ids) - before
+            taken, stop = self.output.add_tokens(state, token_ids[i][:k], logprobs[i][:k], tops)
+            self.num_generation_tokens += taken
             if stop is not None:
                 seq.finish("stop", stop)
             elif seq.is_finished:

@@ -44,6 +44,14 @@ class RequestState:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add_ids(self, token_ids: list[int], logprobs: list[float]) -> None:
+        """Append tokens of a request that wants neither text nor top logprobs."""
+        now = time.monotonic()
+        self.first_token_time = self.first_token_time or now
+        self.last_token_time = now
+        self.output_token_ids += token_ids
+        self.cumulative_logprob += sum(logprobs)
+
     def add_token(self, token_id: int, logprob: float, top: dict[int, Logprob] | None) -> str | None:
         """Append one token and its text; returns the stop string it completes, if any (the
         text is then cut there, and the engine finishes the request)."""
@@ -122,10 +130,14 @@ class OutputProcessor:
                 prompt.top_logprobs[row], k))
 
     def add_tokens(self, state: RequestState, token_ids: list[int], logprobs: list[float],
-                   tops: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None) -> str | None:
+                   tops: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None) -> tuple[int, str | None]:
         """Append a row's new tokens (the core's) with their logprobs; `tops`, given when the
         request asked for logprobs: ranks [K] and the top-N ids and logprobs [K, N] (None when
-        the step's variant computed none). Stops at a stop string and returns it."""
+        the step's variant computed none). Returns how many it took and the stop string it
+        stopped at (None: all taken)."""
+        if tops is None and state.detokenizer is None:  # ids only: nothing to decode or check
+            state.add_ids(token_ids, logprobs)
+            return len(token_ids), None
         for j, token in enumerate(token_ids):
             top = None
             if tops is not None:
@@ -135,8 +147,8 @@ class OutputProcessor:
                                           state.params.logprobs)
             stop = state.add_token(token, logprobs[j], top)
             if stop is not None:
-                return stop
-        return None
+                return j + 1, stop
+        return len(token_ids), None
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None

@@ -94,9 +94,9 @@ class Request:
         """Whether a step scheduling tokens `start .. start + n` can run before the host sees
         the pending ones: at most one is unseen, the last token of the request, sampled by the
         newest launched step (`sampled_by_newest`)."""
-        end = start + n
-        unseen = end - max(self.num_known_tokens, start)
-        return unseen <= 0 or (unseen == 1 and end == self.num_tokens and sampled_by_newest)
+        end, num_tokens = start + n, len(self.all_token_ids)
+        unseen = end - max(num_tokens - self.num_pending, start)
+        return unseen <= 0 or (unseen == 1 and end == num_tokens and sampled_by_newest)
 
     def add_pending(self, row: int) -> None:
         """A step sampling this request's next token was launched (row `row` of its output)."""
@@ -108,8 +108,9 @@ class Request:
     def append_token(self, token_id: int, eos_token_ids: tuple[int, ...]) -> None:
         """Fill the oldest pending token and apply the token-id stop rules (EOS, stop_token_ids,
         max_tokens; none before min_tokens). Stop strings are the output side's."""
-        pos = self.num_output_tokens - self.num_pending
-        self.all_token_ids[self.num_prompt_tokens + pos] = token_id
+        at = len(self.all_token_ids) - self.num_pending
+        pos = at - len(self.prompt_token_ids)
+        self.all_token_ids[at] = token_id
         self.num_pending -= 1
         p, n = self.params, pos + 1
         if n >= p.min_tokens and not p.ignore_eos and token_id in eos_token_ids:

@@ -18,7 +18,7 @@ from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.request import Request, RequestStatus
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScheduledRequest:
     """One row of a step: `num_new_tokens` tokens of `request` from position `start` (its
     computed count when scheduled), the block table they read and write, and how many tokens
