@@ -380,6 +380,27 @@ def test_disconnect_non_streaming_frees_blocks(server):
     assert after[key] == before.get(key, 0) + 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_disconnect_while_the_request_is_being_added_aborts_it(server, stream):
+    """A client that leaves while its request is still being added (a long prompt to tokenize,
+    say) gets it aborted once the add completes, not generated for nobody."""
+    before = metrics(server)
+    add = server.engine.add_request
+    server.engine.add_request = lambda *a, **kw: (time.sleep(0.6), add(*a, **kw))[1]
+    try:
+        body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 100, "ignore_eos": True, "stream": stream}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.2,
+                       headers={"Authorization": f"Bearer {KEY}"})
+        time.sleep(0.8)  # the add has run on the engine thread by now
+        after = wait_idle(server)
+    finally:
+        del server.engine.add_request
+    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 100
+    key = 'jaxpaged:request_success_total{finished_reason="abort",model_name="tiny"}'
+    assert after[key] == before.get(key, 0) + 1
+
+
 # ---- fuzz ---------------------------------------------------------------------------------
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),

@@ -108,7 +108,12 @@ class AsyncEngine:
                 raise
             return ids
 
-        prompt_ids = await self.call(add)
+        try:
+            prompt_ids = await self.call(add)
+        except asyncio.CancelledError:  # the client left: the add still runs, so abort after it
+            for request_id in request_ids:
+                self.abort(request_id)
+            raise
         return RequestGroup(self, request_ids, prompt_ids, sink)
 
     def abort(self, request_id: str) -> None:
