@@ -401,6 +401,29 @@ def test_disconnect_while_the_request_is_being_added_aborts_it(server, stream):
     assert after[key] == before.get(key, 0) + 1
 
 
+def test_prompts_are_tokenized_off_the_engine_thread(server, client):
+    """Text -> ids for /tokenize, completions and chat runs on the tokenizer thread, never on
+    the engine thread, whose steps every stream waits on (a long prompt would stall them all)."""
+    tok = server.engine.tokenizer
+    threads, encode, template = [], tok.encode, tok.apply_chat_template
+
+    def recording(fn):
+        def call(*a, **kw):
+            threads.append(threading.current_thread().name)
+            return fn(*a, **kw)
+        return call
+
+    tok.encode, tok.apply_chat_template = recording(encode), recording(template)
+    try:
+        r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"})
+        assert r.status_code == 200 and r.json()["tokens"] == encode("Hello world")
+        client.completions.create(model=MODEL, prompt=["Hello world", "The quick"], max_tokens=2)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    finally:
+        del tok.encode, tok.apply_chat_template
+    assert len(threads) >= 5 and all(name.startswith("jaxpaged-tokenizer") for name in threads), threads
+
+
 # ---- fuzz ---------------------------------------------------------------------------------
 _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
                      lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),

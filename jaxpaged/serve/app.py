@@ -98,7 +98,7 @@ def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], mo
                 out["token_strs"] = e.tokenizer.convert_ids_to_tokens(ids)
             return out
 
-        return JSONResponse(await engine.call(run))
+        return JSONResponse(await engine.tokenize(run))
 
     async def detokenize(request: Request) -> Response:
         req = await parse(request, DetokenizeRequest)
@@ -112,7 +112,7 @@ def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], mo
                 raise APIError(f"token ids must be in [0, {vocab})", 400, "tokens")
             return {"prompt": e.tokenizer.decode(req.tokens)}
 
-        return JSONResponse(await engine.call(run))
+        return JSONResponse(await engine.tokenize(run))
 
     async def health(request: Request) -> Response:
         return Response(status_code=200 if engine.alive else 503)

@@ -1,7 +1,8 @@
 """`AsyncEngine`: the (thread-unsafe) `LLMEngine` owned by one background thread.
 
-The event loop hands the thread commands (add, abort, or any call such as tokenizing)
-through a thread-safe queue; the thread drains it between steps and blocks on it when idle.
+The event loop hands the thread commands (add, abort, or any call on the engine) through a
+thread-safe queue; the thread drains it between steps and blocks on it when idle. Tokenizing
+runs on a thread of its own (`tokenize`), so a long prompt does not hold up the steps.
 Each HTTP request has an `asyncio.Queue`; the thread feeds it through
 `loop.call_soon_threadsafe`. If a step raises, the engine is dead: every pending request
 gets `EngineDeadError` and `/health` turns 503.
@@ -9,6 +10,7 @@ gets `EngineDeadError` and `/health` turns 503.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -58,12 +60,16 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="jaxpaged-engine", daemon=True)
+        # Text -> ids (and the other tokenizer calls of requests) run here, not on the engine
+        # thread: a huge prompt would stall every stream (the tokenizer releases the GIL).
+        self._tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-tokenizer")
 
     # ---- event-loop side -----------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def shutdown(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
             self._commands.put(None)
             self._thread.join()
@@ -90,6 +96,11 @@ class AsyncEngine:
         self._commands.put(run)
         self._check_alive()  # died after the check above: nobody will run `run`
         return await future
+
+    async def tokenize(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)`, tokenizer work that reads no engine state, off the engine thread."""
+        self._check_alive()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, self.engine)
 
     async def add(self, request_ids: list[str], prompts: list[str | list[int]], params: SamplingParams,
                   arrival_time: float) -> RequestGroup:

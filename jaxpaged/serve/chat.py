@@ -17,7 +17,7 @@ from jaxpaged.serve.sse import sse_response
 
 def render_chat(engine: LLMEngine, messages: list[dict], chat_template: str | None,
                 add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation through the chat template (run in the engine thread)."""
+    """Token ids of a conversation through the chat template (`AsyncEngine.tokenize`)."""
     tok = engine.tokenizer
     if tok is None:
         raise ValueError("this model has no tokenizer, so chat is not available")
@@ -44,7 +44,7 @@ def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
 async def create_chat_completion(engine: AsyncEngine, req: ChatCompletionRequest, model: str,
                                  chat_template: str | None) -> Response:
     conv = req.conversation()
-    prompt = await engine.call(lambda e: render_chat(e, conv, chat_template, req.add_generation_prompt))
+    prompt = await engine.tokenize(lambda e: render_chat(e, conv, chat_template, req.add_generation_prompt))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = req.top_logprobs or 0
     params = req.sampling_params(max_tokens, top_n if req.logprobs else None)

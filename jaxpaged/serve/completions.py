@@ -52,7 +52,9 @@ async def create_completion(engine: AsyncEngine, req: CompletionRequest, model: 
     params = req.sampling_params(req.max_tokens, req.logprobs,
                                  prompt_logprobs=req.logprobs if req.echo and want_logprobs else None)
     cid = f"cmpl-{uuid.uuid4().hex}"
-    group = await engine.add([f"{cid}-{i}" for i in range(len(prompts))], prompts, params, time.monotonic())
+    arrival = time.monotonic()
+    ids = await engine.tokenize(lambda e: [e.encode(p) for p in prompts])
+    group = await engine.add([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival)
     try:
         echoes = await _echoes(engine, req, prompts, group) if req.echo else None
     except BaseException:
@@ -124,4 +126,4 @@ async def _echoes(engine: AsyncEngine, req: CompletionRequest, prompts: list[str
                  [e.tokenizer.decode([t]) for t in ids] if req.logprobs is not None else [])
                 for p, ids in zip(prompts, group.prompt_ids)]
 
-    return await engine.call(decode)
+    return await engine.tokenize(decode)
