@@ -71,3 +71,37 @@ def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_sigterm_exits_while_a_client_holds_a_stream_without_reading(tmp_path):
+    """A client that opens a large stream and never reads it cannot keep the server alive: on
+    SIGTERM the server waits a bounded time for open connections, then exits."""
+    import signal
+    import socket
+    import time
+
+    port = free_port()
+    env = {**os.environ, "JAXPAGED_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(port, [proc], (tmp_path / "server.log").read_text)
+        body = json.dumps({"model": "jaxpaged-demo", "prompt": "Hello", "max_tokens": 200, "n": 128,
+                           "logprobs": 5, "ignore_eos": True, "stream": True}).encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # several MB of stream: it fills up
+        stalled.connect(("127.0.0.1", port))
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(5)  # generating into the stream, whose send blocks once the buffers are full
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        proc.wait(timeout=45)
+        assert time.monotonic() - start < 30, "shutdown took too long"
+        stalled.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -9,6 +9,9 @@ from pathlib import Path
 from jaxpaged.engine.config import EngineConfig
 
 logger = logging.getLogger("jaxpaged.serve")
+# On SIGTERM, how long open requests may finish before they are cancelled (a client holding a
+# stream open without reading it would otherwise keep the process alive indefinitely).
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     async_engine = AsyncEngine(leader or engine)
     app = build_app(async_engine, names, model, read_chat_template(args.chat_template), args.api_key)
     logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     if leader is not None and async_engine.error is None:  # the engine thread has stopped
         leader.stop()
