@@ -16,6 +16,11 @@
 #            when that folder exists, else skipped with a message where they are not importable.
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
+#   ab       (name it in PARTS) this tree against another revision's package, side by side: mixed (each
+#            version's first run into an empty compilation cache: its cold start), fixed and latency, the
+#            versions alternating, $ROUNDS rounds (default 1, ~6 min). AB_TREE: a folder holding the other
+#            revision's jaxpaged/, e.g. `git archive REV jaxpaged | tar -x -C .ab/old` (carried to the GPU
+#            machine: it travels only if named in carry). Prints the comparison table last.
 # Workloads and settings: docs/benchmarks.md, "Method". Every command's full log is $OUT/<part>*.log,
 # its JSON $OUT/<part>*.json. Extra flags (e.g. for a quick CPU check with MODEL=a small model
 # directory): THROUGHPUT_ARGS, LATENCY_ARGS, SERVER_ARGS, SERVING_ARGS; CACHE: the compilation cache.
@@ -131,10 +136,34 @@ if want tp4; then  # the x4 machine; XLA flags: the whole step in one CUDA graph
         --json "$OUT/tp4-70b-mixed.json"
     unset XLA_FLAGS
 fi
+if want ab; then
+    if [ -z "${AB_TREE:-}" ] || [ ! -d "${AB_TREE:-}/jaxpaged" ]; then
+        echo "== ab: skipped: set AB_TREE to a folder holding another revision's jaxpaged/ package"
+    else
+        AB_TREE=$(cd "$AB_TREE" && pwd)
+        for round in $(seq "${ROUNDS:-1}"); do
+            order="base this"; [ $((round % 2)) = 0 ] && order="this base"
+            for v in $order; do
+                tree=$([ $v = base ] && echo "$AB_TREE" || echo "$PWD")
+                ab=(env PYTHONPATH=$tree $PY)
+                run ab-mixed-$v-$round 300 "${ab[@]}" scripts/benchmark_throughput.py "${SRC[@]}" --workload mixed \
+                    --no-progress --no-replay --compilation-cache "$CACHE-ab-$v" --json "$OUT/ab-mixed-$v-$round.json" \
+                    ${THROUGHPUT_ARGS:-}
+                run ab-fixed-$v-$round 200 "${ab[@]}" scripts/benchmark_throughput.py "${SRC[@]}" --workload fixed \
+                    --no-progress --compilation-cache "$CACHE-ab-$v" --json "$OUT/ab-fixed-$v-$round.json" \
+                    ${THROUGHPUT_ARGS:-}
+                run ab-latency-$v-$round 200 "${ab[@]}" scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 \
+                    --prompt-lens 512 --batches 1 --compilation-cache "$CACHE-ab-$v" \
+                    --json "$OUT/ab-latency-$v-$round.json" ${LATENCY_ARGS:-}
+            done
+        done
+    fi
+fi
 
 echo
 echo "######## summary ($((SECONDS - SUITE_START)) s in all: ${TIMES[*]/%/,})"
 $PY scripts/run_summary.py "$OUT"
+if want ab; then $PY scripts/run_summary.py --ab "$OUT"; fi
 for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
     [ -f "$f" ] || continue
     grep -E "^copy bandwidth" "$f"

@@ -6,12 +6,15 @@ benchmark_latency.py and benchmark_serving.py (files, or folders searched for *.
 One row per throughput run (output tok/s, HF's and the ratio when `--compare hf` ran, the
 fraction of the roofline floor, device busy, start-up), per latency figure (ms and x the
 weight-read floor) and per serving rate (throughput, TTFT / TPOT / ITL medians and TTFT p99).
-scripts/run_h200_suite.sh prints it last.
+scripts/run_h200_suite.sh prints it last. `--ab`: the suite's `ab` part instead, this tree
+against the base revision per measure (files `ab-<measure>-<base|this>-<round>.json`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 
@@ -81,10 +84,51 @@ def summarize(paths: list[Path]) -> list[list[str]]:
     return rows
 
 
+AB_MEASURES = {  # measure -> (the runs' workload, its value in a run's JSON or None, higher is better)
+    "mixed tok/s": ("mixed", lambda d: d["jaxpaged"]["output_tok_per_s"], True),
+    "cold start s (round 1)": ("mixed", lambda d: d["jaxpaged"]["startup_s"], False),
+    "fixed tok/s": ("fixed", lambda d: d["jaxpaged"]["output_tok_per_s"], True),
+    "fixed device s": ("fixed", lambda d: d["jaxpaged"].get("device_s"), False),
+    "batch-1 ITL ms": ("latency", lambda d: _ms(d["seconds"].get("decode ITL, batch 1")), False),
+    "TTFT 512 ms": ("latency", lambda d: _ms(d["seconds"].get("TTFT, prompt 512")), False),
+}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1e3 * seconds
+
+
+def ab_rows(paths: list[Path]) -> list[list[str]]:
+    """Per measure: the base revision's and this tree's values (median over rounds), the change."""
+    runs: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+    for p in paths:
+        for f in (sorted(p.rglob("ab-*.json")) if p.is_dir() else [p]):
+            m = re.fullmatch(r"ab-(\w+)-(base|this)-(\d+)", f.stem)
+            if m:
+                runs.setdefault((m[1], m[2]), []).append((int(m[3]), json.loads(f.read_text())))
+    rows = []
+    for name, (workload, value, higher) in AB_MEASURES.items():
+        vals = {}
+        for v in ("base", "this"):
+            got = [(r, value(d)) for r, d in runs.get((workload, v), []) if "round 1" not in name or r == 1]
+            vals[v] = [x for _, x in sorted(got) if x is not None]
+        if not (vals["base"] and vals["this"]):
+            continue
+        base, this = statistics.median(vals["base"]), statistics.median(vals["this"])
+        change = 100 * (this / base - 1) * (1 if higher else -1)
+        rows.append([name, " / ".join(f"{x:,.2f}" for x in vals["base"]), " / ".join(f"{x:,.2f}" for x in vals["this"]),
+                     f"{change:+.1f}% ({'better' if change >= 0 else 'worse'})"])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", type=Path, help="result JSON files or folders of them")
-    rows = summarize(ap.parse_args().paths)
+    ap.add_argument("--ab", action="store_true", help="compare the suite's `ab` runs (base revision vs this tree)")
+    args = ap.parse_args()
+    rows = ab_rows(args.paths) if args.ab else summarize(args.paths)
+    if args.ab and rows:
+        rows.insert(0, ["measure", "base (per round)", "this tree (per round)", "this vs base"])
     if not rows:
         print("no benchmark results")
         return

@@ -186,3 +186,27 @@ def test_notebook_with_no_results(tmp_path, monkeypatch):
     (tmp_path / "empty" / "notes.json").write_text('{"not": "a result"}')
     nb = _run_notebook(tmp_path / "empty", monkeypatch, tmp_path)
     assert "No benchmark results" in _text(nb) and "notes.json" in _text(nb) and not _images(nb)
+
+
+def test_run_summary_compares_the_suites_ab_runs(tmp_path):
+    """`run_summary.py --ab`: per measure the base and this tree's values over rounds, their
+    medians' change signed so that positive is better (higher tok/s, lower ms and seconds)."""
+    from run_summary import ab_rows
+
+    def throughput(tok_s, startup, device=None):
+        return {"jaxpaged": {"output_tok_per_s": tok_s, "startup_s": startup, "device_s": device}}
+
+    def latency(itl_s):
+        return {"floor_s": 0.004, "seconds": {"decode ITL, batch 1": itl_s}}
+
+    runs = {"mixed-base-1": throughput(100.0, 50.0), "mixed-this-1": throughput(98.0, 55.0),
+            "mixed-base-2": throughput(104.0, 12.0), "mixed-this-2": throughput(102.0, 11.0),
+            "fixed-base-1": throughput(200.0, 10.0, 6.0), "fixed-this-1": throughput(210.0, 10.0, 5.7),
+            "latency-base-1": latency(0.0050), "latency-this-1": latency(0.0049)}
+    for name, d in runs.items():
+        (tmp_path / f"ab-{name}.json").write_text(json.dumps(d))
+    rows = {r[0]: r for r in ab_rows([tmp_path])}
+    assert rows["mixed tok/s"][3] == "-2.0% (worse)"  # medians 102 vs 100
+    assert rows["cold start s (round 1)"][1:] == ["50.00", "55.00", "-10.0% (worse)"]  # round 1 only
+    assert rows["fixed tok/s"][3] == "+5.0% (better)" and rows["fixed device s"][3] == "+5.0% (better)"
+    assert rows["batch-1 ITL ms"][3] == "+2.0% (better)" and "TTFT 512 ms" not in rows

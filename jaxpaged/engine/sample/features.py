@@ -9,6 +9,7 @@ it) is rejected when the request arrives.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 from jaxpaged.engine.sampling_params import SamplingParams
@@ -79,12 +80,13 @@ def features_of(params: SamplingParams, vocab_size: int) -> SamplingFeatures:
 
 def union(features: Iterable[SamplingFeatures]) -> SamplingFeatures:
     """What a step of requests with these features needs (cheap per row: distinct objects only)."""
-    out = SamplingFeatures()
-    for f in {id(f): f for f in features}.values():
-        out = out | f
-    return out
+    distinct = list({id(f): f for f in features}.values())
+    if len(distinct) == 1:
+        return distinct[0]
+    return functools.reduce(SamplingFeatures.__or__, distinct, SamplingFeatures())
 
 
+@functools.cache
 def variant_for(needed: SamplingFeatures) -> SamplingFeatures:
     """The cheapest compiled variant that serves a step needing `needed`."""
     for v in VARIANTS:
