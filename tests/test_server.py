@@ -345,6 +345,13 @@ def _slow_engine(server: Server, delay: float = 0.02):
     server.engine.step = lambda: (time.sleep(delay), step())[1]
 
 
+def assert_aborted_once(before: dict[str, float], after: dict[str, float]) -> None:
+    """Between the two `/metrics` readings one request was aborted before its 100 tokens."""
+    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 100
+    key = 'jaxpaged:request_success_total{finished_reason="abort",model_name="tiny"}'
+    assert after[key] == before.get(key, 0) + 1
+
+
 def test_disconnect_mid_stream_frees_blocks(server):
     before = metrics(server)
     _slow_engine(server)
@@ -359,9 +366,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
     finally:
         del server.engine.step
     assert server.engine.block_manager.num_free_blocks == server.engine.block_manager.num_total_blocks
-    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 100
-    key = 'jaxpaged:request_success_total{finished_reason="abort",model_name="tiny"}'
-    assert after[key] == before.get(key, 0) + 1
+    assert_aborted_once(before, after)
 
 
 def test_disconnect_non_streaming_frees_blocks(server):
@@ -375,9 +380,7 @@ def test_disconnect_non_streaming_frees_blocks(server):
         after = wait_idle(server)
     finally:
         del server.engine.step
-    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 100
-    key = 'jaxpaged:request_success_total{finished_reason="abort",model_name="tiny"}'
-    assert after[key] == before.get(key, 0) + 1
+    assert_aborted_once(before, after)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -396,9 +399,7 @@ def test_disconnect_while_the_request_is_being_added_aborts_it(server, stream):
         after = wait_idle(server)
     finally:
         del server.engine.add_request
-    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 100
-    key = 'jaxpaged:request_success_total{finished_reason="abort",model_name="tiny"}'
-    assert after[key] == before.get(key, 0) + 1
+    assert_aborted_once(before, after)
 
 
 def test_prompts_are_tokenized_off_the_engine_thread(server, client):

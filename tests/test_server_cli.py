@@ -1,6 +1,7 @@
 """`python -m jaxpaged.serve`: flags, and the README's first command on a fresh cache (subprocess + curl)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,15 +48,32 @@ def test_several_processes_need_a_coordinator(capsys):
     assert exit_.value.code == 2 and "--coordinator-address" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
-def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
+@contextlib.contextmanager
+def demo_server(tmp_path):
+    """`python -m jaxpaged.serve` on the demo model with a fresh cache, healthy; yields (port,
+    process) and stops the process if it is still running at the end."""
     port = free_port()
     env = {**os.environ, "JAXPAGED_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(port, [proc], (tmp_path / "server.log").read_text)
+    with open(tmp_path / "server.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(port, [proc], (tmp_path / "server.log").read_text)
+            yield port, proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)  # SIGTERM stops the server within 30 s, or the test fails
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
+    with demo_server(tmp_path) as (port, _):
         out = subprocess.run(["curl", "-s", f"http://127.0.0.1:{port}/v1/completions", "-H",
                               "Content-Type: application/json", "-d",
                               '{"model": "jaxpaged-demo", "prompt": "Hello", "max_tokens": 5}'],
@@ -67,10 +85,6 @@ def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
         for needle in ("demo model", "KV cache:", "tokens", "compiled token buckets", "loaded"):
             assert needle in logs
         assert (tmp_path / "cache" / "demo-llama" / "config.json").is_file()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def test_sigterm_exits_while_a_client_holds_a_stream_without_reading(tmp_path):
@@ -80,13 +94,7 @@ def test_sigterm_exits_while_a_client_holds_a_stream_without_reading(tmp_path):
     import socket
     import time
 
-    port = free_port()
-    env = {**os.environ, "JAXPAGED_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(port, [proc], (tmp_path / "server.log").read_text)
+    with demo_server(tmp_path) as (port, proc):
         body = json.dumps({"model": "jaxpaged-demo", "prompt": "Hello", "max_tokens": 200, "n": 128,
                            "logprobs": 5, "ignore_eos": True, "stream": True}).encode()
         stalled = socket.socket()
@@ -100,8 +108,3 @@ def test_sigterm_exits_while_a_client_holds_a_stream_without_reading(tmp_path):
         proc.wait(timeout=45)
         assert time.monotonic() - start < 30, "shutdown took too long"
         stalled.close()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
