@@ -20,9 +20,8 @@ from jaxpaged.models.step_input import SeqChunk, make_step_input
 class StepInputs:
     """A step packed for the runner. `step`: the forward's inputs, with the attention launch
     hint `max_query_len` (`DECODE_ONLY_MAX_TOKENS` when every row has that few new tokens, else
-    None);
-    `sampling`: the head's (None for the multi-step decode loop, whose one buffer holds both);
-    `query_start` [S + 1]: where each row's tokens start."""
+    None); `sampling`: the head's (None for the multi-step decode loop, whose one buffer holds
+    both); `query_start` [S + 1]: where each row's tokens start."""
     step: np.ndarray
     step_layout: Layout
     max_query_len: int | None

@@ -46,8 +46,8 @@ class Launched:
 
 @dataclasses.dataclass
 class ModelRunnerOutput:
-    """A step's results on the host, per row i of `rows`: `num_sampled[i]` (0..K) sampled
-    token ids `token_ids[:num_sampled[i], i]` with their raw logprobs and ranks, the top-N
+    """A step's results on the host, per row i of `rows`: its `rows[i].num_sampled` (0..K)
+    sampled token ids `token_ids[:num_sampled, i]` with their raw logprobs and ranks, the top-N
     logprobs when the variant computes them, and the prompt logprobs of the step's tokens
     (rows `token_offsets[i] ..` of `prompt_logprobs`)."""
     rows: list[ScheduledRequest]
