@@ -225,7 +225,7 @@ def main() -> None:
         if n == 0:  # a prompt that fits one step leaves no prefill steps to trace
             continue
         if label == "decode":  # until every request decodes, then a few more
-            while any(s.num_computed_tokens < s.num_prompt_tokens for seqs in engine.requests.values() for s in seqs):
+            while any(s.num_computed_tokens < s.num_prompt_tokens for seqs in engine.core.requests.values() for s in seqs):
                 engine.step()
             for _ in range(8):
                 engine.step()

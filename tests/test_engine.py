@@ -135,10 +135,10 @@ def test_prefix_cache_computes_only_new_tokens(model_dir):
     prefix = list(range(100, 112))  # 3 full blocks of 4
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     first = llm.generate([prefix + [7, 8]], greedy, use_tqdm=False)[0]
-    computed = engine.num_prompt_tokens
+    computed = engine.core.num_prompt_tokens
     hits = engine.block_manager.prefix_cache_hits
     second = llm.generate([prefix + [9, 10, 11]], greedy, use_tqdm=False)[0]
-    assert engine.num_prompt_tokens - computed == 3  # only the new tokens
+    assert engine.core.num_prompt_tokens - computed == 3  # only the new tokens
     assert engine.block_manager.prefix_cache_hits - hits == 12
     assert second.num_cached_tokens == 12
     cold = make_llm(model_dir, max_num_seqs=8, max_num_batched_tokens=64, enable_prefix_caching=False)
@@ -180,7 +180,7 @@ def test_async_scheduling_keeps_steps_in_flight(model_dir):
         while engine.has_unfinished_requests():
             for out in engine.step():
                 final[out.request_id] = out.outputs[0].token_ids
-            in_flight.append(len(engine._in_flight))
+            in_flight.append(len(engine.core._in_flight))
         assert max(in_flight) == depth
         outs[depth] = final
     assert outs[0] == outs[1] == outs[2] and [len(outs[0][str(i)]) for i in range(3)] == [8, 9, 10]
@@ -234,7 +234,7 @@ def test_step_drops_rows_of_sequences_finished_by_the_steps_it_processes_first(m
     k = next(i for i in range(4, 12) if free[i] not in free[:i])  # stop there, at its first occurrence
     engine.add_request("stop", prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
                                                       stop_token_ids=[free[k]]))
-    (seq,) = engine.requests["stop"]
+    (seq,) = engine.core.requests["stop"]
     outs = {}
     while not (seq.num_pending == 2 and len(seq.known_output_ids) == k):
         outs |= {out.request_id: out for out in engine.step()}
@@ -259,7 +259,7 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
 
     from jaxpaged.engine import device_memory
     from jaxpaged.engine.config import EngineConfig
-    from jaxpaged.engine.llm_engine import LLMEngine
+    from jaxpaged.engine.core import EngineCore
     from jaxpaged.models.config import ModelConfig
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
@@ -270,7 +270,7 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
     fake = types.SimpleNamespace(model_config=cfg, config=config, max_model_len=128, max_num_batched_tokens=16)
     dev = types.SimpleNamespace(memory_stats=lambda: None, platform="cpu", local_hardware_id=3)
     monkeypatch.setattr(jax, "local_devices", lambda *a: [dev])
-    assert LLMEngine._num_blocks_from_memory(fake, np.float32, 0) > 0  # CPU: the default cap
+    assert EngineCore._num_blocks_from_memory(fake, np.float32, 0) > 0  # CPU: the default cap
     dev.platform = "gpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     asked = []
@@ -284,7 +284,7 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
     reserve = head_bytes + 16 * (8 * 32 + 4 * 64) * 4
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.8")  # XLA's cap on the allocators
     expected = ((100 << 20) * 0.8 * 0.5 - (20 << 20) - reserve) // kv_bytes_per_block(cfg, config.block_size, np.float32)
-    assert LLMEngine._num_blocks_from_memory(fake, np.float32, head_bytes) == expected
+    assert EngineCore._num_blocks_from_memory(fake, np.float32, head_bytes) == expected
     assert asked == [3]  # the device's own CUDA ordinal
 
     def no_driver(ordinal):
@@ -292,7 +292,7 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
 
     monkeypatch.setattr(device_memory, "cuda_mem_get_info", no_driver)
     with pytest.raises(ValueError, match="num_kv_blocks"):
-        LLMEngine._num_blocks_from_memory(fake, np.float32, 0)
+        EngineCore._num_blocks_from_memory(fake, np.float32, 0)
 
 
 def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
@@ -302,13 +302,12 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     after it: the hidden states' sharding matches)."""
     import jax
 
-    from jaxpaged.engine import llm_engine
-    from jaxpaged.engine import step_programs
+    from jaxpaged.engine import core, step_programs
     from jaxpaged.engine.sample.features import VARIANTS
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     seen = {}
-    sizing = llm_engine.LLMEngine._num_blocks_from_memory
+    sizing = core.EngineCore._num_blocks_from_memory
 
     def fake_budget(self, dtype, head_bytes):
         seen["head_bytes"] = head_bytes
@@ -320,7 +319,7 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
         finally:
             monkeypatch.undo()
 
-    monkeypatch.setattr(llm_engine.LLMEngine, "_num_blocks_from_memory", fake_budget)
+    monkeypatch.setattr(core.EngineCore, "_num_blocks_from_memory", fake_budget)
     traces = step_programs.num_step_compiles()
     llm = LLM(model_dir, max_model_len=MAX_LEN, block_size=4, max_num_seqs=3, max_num_batched_tokens=24,
               gpu_memory_utilization=0.5)

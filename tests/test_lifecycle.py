@@ -54,7 +54,7 @@ def test_stop_token_ids_eos_and_min_tokens(llm):
     assert out.token_ids == full.token_ids[:first + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", full.token_ids[4])
 
-    eos = llm.engine.eos_token_ids[0]
+    eos = llm.engine.core.eos_token_ids[0]
     forced = dict(temperature=0, max_tokens=10, logit_bias={eos: 100.0})
     out = gen(llm, "Hello", **forced).outputs[0]
     assert out.token_ids == [eos] and (out.finish_reason, out.stop_reason) == ("stop", None)
@@ -91,7 +91,7 @@ def test_min_tokens_bans_eos_and_every_stop_token_id_like_hf(llm, model_dir):
     stopping): the outputs are those of a greedy HF loop with those logits at -inf, for stop
     ids that greedy picks first without the ban; after min_tokens a stop id ends the output."""
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    eos = llm.engine.eos_token_ids[0]
+    eos = llm.engine.core.eos_token_ids[0]
     prompt = np.random.default_rng(1).integers(3, 500, 11).tolist()
     free, _, _ = hf_greedy_with_bans(hf, prompt, 16, 0, [], eos, ignore_eos=True)
     early = [free[0], free[1]]  # what greedy picks first without a ban
@@ -209,7 +209,7 @@ def test_n_samples_share_prompt_blocks(llm):
     engine, bm = llm.engine, llm.engine.block_manager
     prompt = list(range(200, 222))  # 22 tokens: 5 full blocks of 4 and a partial one
     engine.add_request("fork", prompt, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=30, ignore_eos=True))
-    seqs = engine.requests["fork"]
+    seqs = engine.core.requests["fork"]
     while not all(s.output_token_ids for s in seqs):
         engine.step()
     tables = [bm.block_table(s.seq_id) for s in seqs]
@@ -259,7 +259,7 @@ def test_dispatch_overlaps_output_processing(llm):
     runner, engine = llm.engine.runner, llm.engine
     params = SamplingParams(temperature=0, max_tokens=6)
     expected = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)]
-    events, dispatch, process = [], runner.dispatch, engine._process
+    events, dispatch, process = [], runner.dispatch, engine.core._process
 
     def slow_dispatch(*a):
         events.append(("dispatch start", threading.current_thread().name))
@@ -272,11 +272,11 @@ def test_dispatch_overlaps_output_processing(llm):
         events.append(("process", threading.current_thread().name))
         return process(launched)
 
-    runner.dispatch, engine._process = slow_dispatch, traced_process
+    runner.dispatch, engine.core._process = slow_dispatch, traced_process
     try:
         got = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)]
     finally:
-        runner.dispatch, engine._process = dispatch, process
+        runner.dispatch, engine.core._process = dispatch, process
     assert got == expected
     main = threading.current_thread().name
     assert {name for kind, name in events if kind.startswith("dispatch")} == {"jaxpaged-dispatch_0"}

@@ -1,8 +1,10 @@
 """The OpenAI server over real HTTP on 127.0.0.1, checked with the official `openai` client.
 
-One server (uvicorn in a thread) for the module. Its engine uses the shapes of
+One server (uvicorn in a thread) for the module, split as in production: the app over an
+`AsyncLLM` that talks to the engine core over ZeroMQ and msgpack; the core runs in a thread
+of this process (so tests can slow or break its steps). Its engine uses the shapes of
 tests/test_engine.py, so the compiled steps are shared. The offline `LLM` on the same model
-is the oracle for generated text.
+is the oracle for generated text. tests/test_server_cli.py runs the real processes.
 """
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from jaxpaged import LLM, SamplingParams
+from jaxpaged.engine.async_llm import AsyncLLM
 from jaxpaged.engine.config import EngineConfig
-from jaxpaged.engine.llm_engine import LLMEngine
+from jaxpaged.engine.core import EngineCore
+from jaxpaged.engine.core_proc import start_core_thread, stop_core_thread
 from jaxpaged.serve.app import build_app
-from jaxpaged.serve.async_engine import AsyncEngine
 
 ENGINE = dict(max_model_len=128, block_size=4, num_kv_blocks=1024, max_num_seqs=64, max_num_batched_tokens=64)
 KEY = "test-key"
+BODY_LIMIT = 16 << 20
 MODEL = "tiny"
 PROMPTS = ["Hello world", "The quick brown fox", "Readability counts.", "jaxpaged serves"]
 
@@ -35,20 +39,24 @@ PROMPTS = ["Hello world", "The quick brown fox", "Readability counts.", "jaxpage
 @dataclasses.dataclass
 class Server:
     url: str
-    engine: LLMEngine
-    async_engine: AsyncEngine
+    core: EngineCore
+    llm: AsyncLLM
     uvicorn: uvicorn.Server
     thread: threading.Thread
+    core_address: str
+    core_thread: threading.Thread
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True
         self.thread.join(timeout=30)
+        stop_core_thread(self.core_address, self.core_thread)
 
 
 def start_server(model_dir, **app_kwargs) -> Server:
-    engine = LLMEngine(EngineConfig(model=str(model_dir), **ENGINE))
-    async_engine = AsyncEngine(engine)
-    app = build_app(async_engine, [MODEL, "tiny-alias"], str(model_dir), **app_kwargs)
+    core = EngineCore(EngineConfig(model=str(model_dir), **ENGINE))
+    address, core_thread = start_core_thread(core)
+    llm = AsyncLLM(address, core.info)
+    app = build_app(llm, [MODEL, "tiny-alias"], str(model_dir), **app_kwargs)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
@@ -58,7 +66,7 @@ def start_server(model_dir, **app_kwargs) -> Server:
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    return Server(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, async_engine, server, thread)
+    return Server(f"http://127.0.0.1:{sock.getsockname()[1]}", core, llm, server, thread, address, core_thread)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,7 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = start_server(model_dir, api_key=KEY)
+    s = start_server(model_dir, api_key=KEY, max_request_body_size=BODY_LIMIT)
     yield s
     s.stop()
 
@@ -326,23 +334,23 @@ def test_64_concurrent_streams_match_one_at_a_time_and_batch(server, client):
             return await asyncio.gather(*(one(aclient, p) for p in prompts))
 
     poller = threading.Thread(target=poll)
-    step = server.engine.step
-    server.engine.step = lambda: (time.sleep(0.005), step())[1]  # slow enough for the poller to see it
+    step = server.core.step
+    server.core.step = lambda: (time.sleep(0.005), step())[1]  # slow enough for the poller to see it
     try:
         poller.start()
         concurrent = asyncio.run(run_all())
     finally:
         done.set()
         poller.join()
-        del server.engine.step
+        del server.core.step
     assert concurrent == sequential
     assert max(seen_running) > 1
     wait_idle(server)
 
 
 def _slow_engine(server: Server, delay: float = 0.02):
-    step = server.engine.step
-    server.engine.step = lambda: (time.sleep(delay), step())[1]
+    step = server.core.step
+    server.core.step = lambda: (time.sleep(delay), step())[1]
 
 
 def assert_aborted_once(before: dict[str, float], after: dict[str, float]) -> None:
@@ -364,8 +372,8 @@ def test_disconnect_mid_stream_frees_blocks(server):
             assert metrics(server)["jaxpaged:kv_cache_usage_perc"] > 0
         after = wait_idle(server)  # running 0, waiting 0, no referenced KV blocks
     finally:
-        del server.engine.step
-    assert server.engine.block_manager.num_free_blocks == server.engine.block_manager.num_total_blocks
+        del server.core.step
+    assert server.core.block_manager.num_free_blocks == server.core.block_manager.num_total_blocks
     assert_aborted_once(before, after)
 
 
@@ -379,7 +387,7 @@ def test_disconnect_non_streaming_frees_blocks(server):
                        headers={"Authorization": f"Bearer {KEY}"})
         after = wait_idle(server)
     finally:
-        del server.engine.step
+        del server.core.step
     assert_aborted_once(before, after)
 
 
@@ -388,8 +396,8 @@ def test_disconnect_while_the_request_is_being_added_aborts_it(server, stream):
     """A client that leaves while its request is still being added (a long prompt to tokenize,
     say) gets it aborted once the add completes, not generated for nobody."""
     before = metrics(server)
-    add = server.engine.add_request
-    server.engine.add_request = lambda *a, **kw: (time.sleep(0.6), add(*a, **kw))[1]
+    add = server.core.add_request
+    server.core.add_request = lambda *a, **kw: (time.sleep(0.6), add(*a, **kw))[1]
     try:
         body = {"model": MODEL, "prompt": "Hello world", "max_tokens": 100, "ignore_eos": True, "stream": stream}
         with pytest.raises(httpx.ReadTimeout):
@@ -398,14 +406,14 @@ def test_disconnect_while_the_request_is_being_added_aborts_it(server, stream):
         time.sleep(0.8)  # the add has run on the engine thread by now
         after = wait_idle(server)
     finally:
-        del server.engine.add_request
+        del server.core.add_request
     assert_aborted_once(before, after)
 
 
 def test_prompts_are_tokenized_off_the_engine_thread(server, client):
     """Text -> ids for /tokenize, completions and chat runs on the tokenizer thread, never on
     the engine thread, whose steps every stream waits on (a long prompt would stall them all)."""
-    tok = server.engine.tokenizer
+    tok = server.llm.tokenizer
     threads, encode, template = [], tok.encode, tok.apply_chat_template
 
     def recording(fn):
@@ -423,6 +431,55 @@ def test_prompts_are_tokenized_off_the_engine_thread(server, client):
     finally:
         del tok.encode, tok.apply_chat_template
     assert len(threads) >= 5 and all(name.startswith("jaxpaged-tokenizer") for name in threads), threads
+
+
+def test_a_huge_prompt_being_tokenized_delays_no_small_request(server):
+    """While a 9 MB prompt is tokenized (seconds), a small completion still completes within 1 s:
+    tokenizing runs off the event loop, large inputs on a thread of their own."""
+    huge = "Hello world, this is a long prompt. " * (9_000_000 // 36)
+    started = threading.Event()
+    result = {}
+
+    def send_huge() -> None:
+        started.set()
+        result["r"] = httpx.post(server.url + "/tokenize", json={"prompt": huge}, timeout=120)
+
+    thread = threading.Thread(target=send_huge)
+    thread.start()
+    started.wait()
+    time.sleep(1.0)  # the 9 MB body is in and being tokenized
+    t0 = time.monotonic()
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert thread.is_alive(), "the huge prompt was tokenized too fast to test anything"
+    assert elapsed < 1.0, elapsed
+    thread.join()
+    assert result["r"].status_code == 200 and result["r"].json()["count"] > 1_000_000
+
+
+def test_request_body_over_the_limit_gets_413_before_it_is_read(server):
+    """A body over --max-request-body-size: 413 from Content-Length alone (the body is never
+    sent), and 413 for a chunked body once it passes the limit."""
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {BODY_LIMIT + 1}\r\n\r\n".encode())
+        head = s.recv(65536).decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    assert "larger than the server's limit" in head
+
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(BODY_LIMIT // (1 << 20) + 1):
+            yield b"a" * (1 << 20)
+        yield b'"}'
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"Authorization": f"Bearer {KEY}"})
+    assert _error(r, 413)["message"].startswith("the request body is larger")
+    small = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2},
+                       headers={"Authorization": f"Bearer {KEY}"})
+    assert small.status_code == 200
 
 
 # ---- fuzz ---------------------------------------------------------------------------------
@@ -481,7 +538,7 @@ def test_fuzz_request_bodies_never_5xx(server, request):
         _error(r, r.status_code)
     elif path.startswith("/v1") and isinstance(body, dict) and body.get("stream") is True:
         assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text
-    assert server.async_engine.alive
+    assert server.llm.alive
 
 
 # ---- engine death -------------------------------------------------------------------------
@@ -494,7 +551,7 @@ def test_dead_engine_gives_503(model_dir):
         def broken():
             raise RuntimeError("device lost")
 
-        s.engine.step = broken
+        s.core.step = broken
         with pytest.raises(openai.APIStatusError) as e:
             c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
         assert e.value.status_code == 503

@@ -12,7 +12,7 @@ import pytest
 from _server import free_port, wait_healthy
 
 from jaxpaged.serve.cli import engine_config, make_parser, read_chat_template
-from jaxpaged.serve.demo import DEMO_DEFAULTS
+from jaxpaged.engine.demo import DEMO_DEFAULTS
 
 
 def test_flags_map_to_engine_config(tmp_path, monkeypatch):

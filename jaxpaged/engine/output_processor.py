@@ -1,15 +1,16 @@
-"""The output side of the engine: per sequence, what the client sees (detokenized text, stop
-strings, logprobs, counters), built from each step's `ModelRunnerOutput` into vLLM's
-`RequestOutput` (cumulative, delta or final only). The engine core's `Request` keeps only
-token ids; a stop string found here finishes it there."""
+"""The output side of the engine: per sample, what the client sees (detokenized text, stop
+strings, logprobs, counters), built from the core's `EngineCoreOutput`s into vLLM's
+`RequestOutput` (cumulative, delta or final only). The engine core keeps only token ids; a stop
+string found here is handed back to it (`process_outputs` returns the samples to finish).
+"""
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import transformers
 
 from jaxpaged.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from jaxpaged.engine.messages import EngineCoreOutput, EngineCoreRequest, PromptLogprobsChunk
 from jaxpaged.engine.outputs import (CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput,
                                      SampleLogprobs)
 from jaxpaged.engine.sampling_params import SamplingParams
@@ -98,17 +99,58 @@ class RequestState:
 class OutputProcessor:
     def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase | None):
         self.tokenizer = tokenizer
+        self.states: dict[str, list[RequestState]] = {}  # each request's samples, index for index
 
-    def new_state(self, request_id: str, index: int, prompt: str | None, prompt_token_ids: list[int],
-                  params: SamplingParams, arrival_time: float) -> RequestState:
-        detok = (IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
-                                        params.spaces_between_special_tokens)
-                 if self.tokenizer is not None and params.detokenize else None)
-        return RequestState(request_id, index, prompt, prompt_token_ids, params, detok, arrival_time)
+    def add_request(self, req: EngineCoreRequest, prompt: str | None) -> None:
+        p = req.params
+        self.states[req.request_id] = [
+            RequestState(req.request_id, i, prompt, req.prompt_token_ids, p,
+                         IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, p.skip_special_tokens,
+                                                p.spaces_between_special_tokens)
+                         if self.tokenizer is not None and p.detokenize else None, req.arrival_time)
+            for i in range(p.n)]
 
-    def logprobs_entry(self, token: int, logprob, rank, top_ids, top_logprobs, n: int) -> dict[int, Logprob]:
-        """{token: its Logprob} plus the top `n` of `top_ids` / `top_logprobs` [N] (vLLM's
-        per-position logprobs dict); the top arrays exist only when the step's sampling variant
+    def abort(self, request_id: str) -> None:
+        self.states.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.states)
+
+    def process_outputs(self, outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[tuple[str, int, str]]]:
+        """Apply one core step's outputs: the `RequestOutput`s to hand out, and the samples
+        (request_id, index, stop string) that a stop string finished, for the core to finish."""
+        touched: dict[str, list[RequestState]] = {}
+        stopped = []
+        for o in outputs:
+            states = self.states.get(o.request_id)
+            if states is None or states[o.index].is_finished:  # aborted, or stopped by a stop string
+                continue
+            state = states[o.index]
+            if o.prompt_logprobs is not None and state.prompt_logprobs is not None:
+                self._add_prompt_logprobs(state, o.prompt_logprobs)
+            if not o.new_token_ids:
+                continue
+            stop = self._add_tokens(state, o)
+            if stop is not None:
+                stopped.append((o.request_id, o.index, stop))
+            elif o.finish_reason is not None:
+                state.finish(o.finish_reason, o.stop_reason)
+            state.first_scheduled_time, state.num_cached_tokens = o.first_scheduled_time, o.num_cached_tokens
+            touched.setdefault(o.request_id, []).append(state)
+        results = []
+        for request_id, stepped in touched.items():
+            states = self.states[request_id]
+            result = self.make_output(states, stepped)
+            if result is not None:
+                results.append(result)
+            if all(s.is_finished for s in states):
+                del self.states[request_id]
+        return results, stopped
+
+    def logprobs_entry(self, token: int, logprob: float, rank: int, top_ids: list[int] | None,
+                       top_logprobs: list[float] | None, n: int) -> dict[int, Logprob]:
+        """{token: its Logprob} plus the top `n` of `top_ids` / `top_logprobs` (vLLM's
+        per-position logprobs dict); the top lists exist only when the step's sampling variant
         computes them, i.e. when some request has n > 0."""
         entry = {token: Logprob(float(logprob), int(rank), self._decode(token))}
         for r in range(n):
@@ -116,39 +158,33 @@ class OutputProcessor:
             entry.setdefault(tid, Logprob(float(top_logprobs[r]), r + 1, self._decode(tid)))
         return entry
 
-    def add_prompt_logprobs(self, state: RequestState, prompt, offset: int, start: int, n: int) -> None:
-        """Append the logprobs of prompt positions `start .. start + n` (rows from `offset` of
-        the step's prompt logprobs arrays) to `state.prompt_logprobs`."""
+    def _add_prompt_logprobs(self, state: RequestState, chunk: PromptLogprobsChunk) -> None:
+        """Append the logprobs of prompt positions `chunk.start ..` to `state.prompt_logprobs`."""
         k = state.params.prompt_logprobs
-        for j in range(n):
-            pos = start + j
-            if pos + 1 >= len(state.prompt_token_ids) or len(state.prompt_logprobs) != pos + 1:
-                continue  # past the prompt, or already recorded before a preemption
-            row = offset + j
+        for j, logprob in enumerate(chunk.logprobs):
+            pos = chunk.start + j
+            if len(state.prompt_logprobs) != pos + 1:
+                continue  # already recorded before a preemption
             state.prompt_logprobs.append(self.logprobs_entry(
-                state.prompt_token_ids[pos + 1], prompt.logprobs[row], prompt.ranks[row], prompt.top_ids[row],
-                prompt.top_logprobs[row], k))
+                state.prompt_token_ids[pos + 1], logprob, chunk.ranks[j], chunk.top_ids[j], chunk.top_logprobs[j], k))
 
-    def add_tokens(self, state: RequestState, token_ids: list[int], logprobs: list[float],
-                   tops: tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None) -> tuple[int, str | None]:
-        """Append a row's new tokens (the core's) with their logprobs; `tops`, given when the
-        request asked for logprobs: ranks [K] and the top-N ids and logprobs [K, N] (None when
-        the step's variant computed none). Returns how many it took and the stop string it
-        stopped at (None: all taken)."""
-        if tops is None and state.detokenizer is None:  # ids only: nothing to decode or check
-            state.add_ids(token_ids, logprobs)
-            return len(token_ids), None
-        for j, token in enumerate(token_ids):
+    def _add_tokens(self, state: RequestState, o: EngineCoreOutput) -> str | None:
+        """Append a sample's new tokens with their logprobs; returns the stop string it stopped
+        at (the tokens after it are dropped), else None."""
+        if o.ranks is None and state.detokenizer is None:  # ids only: nothing to decode or check
+            state.add_ids(o.new_token_ids, o.new_logprobs)
+            return None
+        for j, token in enumerate(o.new_token_ids):
             top = None
-            if tops is not None:
-                ranks, top_ids, top_logprobs = tops
-                top = self.logprobs_entry(token, logprobs[j], ranks[j],
-                                          *((None, None) if top_ids is None else (top_ids[j], top_logprobs[j])),
+            if o.ranks is not None:
+                top = self.logprobs_entry(token, o.new_logprobs[j], o.ranks[j],
+                                          o.top_ids[j] if o.top_ids is not None else None,
+                                          o.top_logprobs[j] if o.top_logprobs is not None else None,
                                           state.params.logprobs)
-            stop = state.add_token(token, logprobs[j], top)
+            stop = state.add_token(token, o.new_logprobs[j], top)
             if stop is not None:
-                return j + 1, stop
-        return len(token_ids), None
+                return stop
+        return None
 
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None

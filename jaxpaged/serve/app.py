@@ -18,10 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jaxpaged
-from jaxpaged.serve.async_engine import AsyncEngine, EngineDeadError
+from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
 from jaxpaged.serve.chat import create_chat_completion, render_chat
 from jaxpaged.serve.completions import create_completion
 from jaxpaged.serve.errors import APIError, error_body, error_response
@@ -32,11 +32,12 @@ from jaxpaged.serve.protocol import (ChatCompletionRequest, CompletionRequest, D
 logger = logging.getLogger("jaxpaged.serve")
 Handler = Callable[[Request], Awaitable[Response]]
 CLIENT_ERRORS = (ValueError, TypeError, OverflowError, jinja2.TemplateError)
+DEFAULT_MAX_BODY = 64 << 20  # bytes (--max-request-body-size)
 
 
 @dataclasses.dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: AsyncLLM
     model_name: str  # the first served name, echoed in responses
     served_names: tuple[str, ...]
     model_path: str
@@ -45,20 +46,22 @@ class ServerState:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
-def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], model_path: str,
-              chat_template: str | None = None, api_key: str | None = None) -> Starlette:
-    """The OpenAI-compatible app; it starts the engine thread on startup and stops it on shutdown."""
+def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model_path: str,
+              chat_template: str | None = None, api_key: str | None = None,
+              max_request_body_size: int = DEFAULT_MAX_BODY) -> Starlette:
+    """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
+    stops the engine core if the client started it)."""
     state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key)
     metrics = Metrics(state.model_name, lambda: engine.stats)
     engine.observer = metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        await engine.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(engine.shutdown)
+            engine.shutdown()
 
     def parse_model(model: str | None) -> None:
         if model is not None and model not in state.served_names:
@@ -75,7 +78,7 @@ def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], mo
         return await create_chat_completion(engine, req, state.model_name, state.chat_template)
 
     async def models(request: Request) -> Response:
-        max_len = engine.engine.max_model_len
+        max_len = engine.max_model_len
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": state.created, "owned_by": "jaxpaged",
              "root": state.model_path, "parent": None, "max_model_len": max_len, "permission": []}
@@ -98,21 +101,22 @@ def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], mo
                 out["token_strs"] = e.tokenizer.convert_ids_to_tokens(ids)
             return out
 
-        return JSONResponse(await engine.tokenize(run))
+        size = len(req.prompt or "") + sum(len(m.text()) for m in req.messages or [])
+        return JSONResponse(await engine.tokenize(run, size))
 
     async def detokenize(request: Request) -> Response:
         req = await parse(request, DetokenizeRequest)
         parse_model(req.model)
 
         def run(e) -> dict:
-            vocab = e.model_config.vocab_size
+            vocab = e.info.vocab_size
             if e.tokenizer is None:
                 raise ValueError("this model has no tokenizer")
             if any(not 0 <= t < vocab for t in req.tokens):
                 raise APIError(f"token ids must be in [0, {vocab})", 400, "tokens")
             return {"prompt": e.tokenizer.decode(req.tokens)}
 
-        return JSONResponse(await engine.tokenize(run))
+        return JSONResponse(await engine.tokenize(run, len(req.tokens)))
 
     async def health(request: Request) -> Response:
         return Response(status_code=200 if engine.alive else 503)
@@ -137,6 +141,7 @@ def build_app(engine: AsyncEngine, served_names: list[str] | tuple[str, ...], mo
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_body_size)
     return app
 
 
@@ -195,6 +200,38 @@ async def _cancel_on_disconnect(handler: Handler, request: Request) -> Response:
         logger.info("client disconnected: request %s cancelled", request.url.path)
         return Response(status_code=499)
     return work.result()
+
+
+class BodySizeLimit:
+    """Request bodies over `max_bytes` get 413 before they are read whole or parsed: at once
+    from Content-Length, else as soon as the received chunks pass the limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than the server's limit of {self.max_bytes} bytes"
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(self._message(), 413)(scope, receive, send)
 
 
 class APIKeyMiddleware:

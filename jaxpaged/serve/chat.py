@@ -7,17 +7,16 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse, Response
 
-from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.engine.outputs import CompletionOutput, Logprob
-from jaxpaged.serve.async_engine import AsyncEngine
+from jaxpaged.engine.async_llm import AsyncLLM, Tokenizing
 from jaxpaged.serve.completions import safe_logprob
 from jaxpaged.serve.protocol import ChatCompletionRequest
 from jaxpaged.serve.sse import sse_response
 
 
-def render_chat(engine: LLMEngine, messages: list[dict], chat_template: str | None,
+def render_chat(engine: Tokenizing, messages: list[dict], chat_template: str | None,
                 add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation through the chat template (`AsyncEngine.tokenize`)."""
+    """Token ids of a conversation through the chat template (`AsyncLLM.tokenize`)."""
     tok = engine.tokenizer
     if tok is None:
         raise ValueError("this model has no tokenizer, so chat is not available")
@@ -41,15 +40,16 @@ def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
     return {"content": content}
 
 
-async def create_chat_completion(engine: AsyncEngine, req: ChatCompletionRequest, model: str,
+async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, model: str,
                                  chat_template: str | None) -> Response:
     conv = req.conversation()
-    prompt = await engine.tokenize(lambda e: render_chat(e, conv, chat_template, req.add_generation_prompt))
+    prompt = await engine.tokenize(lambda e: render_chat(e, conv, chat_template, req.add_generation_prompt),
+                                   sum(len(str(m["content"])) for m in conv))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = req.top_logprobs or 0
     params = req.sampling_params(max_tokens, top_n if req.logprobs else None)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
-    group = await engine.add([cid], [prompt], params, time.monotonic())
+    group = await engine.add_requests([cid], [prompt], params, time.monotonic())
     head = {"id": cid, "created": int(time.time()), "model": model}
     texts, num_tokens = [""] * req.n, [0] * req.n
     finish: list[tuple[str | None, int | str | None]] = [(None, None)] * req.n

@@ -1,17 +1,26 @@
-"""`python -m jaxpaged.serve`: vLLM-style flags -> engine -> app -> uvicorn."""
+"""`python -m jaxpaged.serve`: vLLM-style flags -> the engine-core process -> API server process(es).
+
+The process that runs this starts the engine core (a spawned process that owns JAX), then
+serves HTTP itself, or with `--api-server-count N` spawns N API server processes sharing one
+listening socket and supervises them. No API server process imports JAX.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import socket
+import sys
 from pathlib import Path
 
+from jaxpaged.engine import demo
 from jaxpaged.engine.config import EngineConfig
+from jaxpaged.serve.app import DEFAULT_MAX_BODY
 
 logger = logging.getLogger("jaxpaged.serve")
-# On SIGTERM, how long open requests may finish before they are cancelled (a client holding a
-# stream open without reading it would otherwise keep the process alive indefinitely).
-GRACEFUL_SHUTDOWN_S = 10
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -47,6 +56,11 @@ def make_parser() -> argparse.ArgumentParser:
     a("--api-key", default=os.environ.get("JAXPAGED_API_KEY"),
       help="require `Authorization: Bearer KEY` on /v1 routes (or env JAXPAGED_API_KEY)")
     a("--chat-template", help="Jinja chat template: a file or the template itself")
+    a("--api-server-count", type=int, default=1, help="API server processes on the port, one engine core")
+    a("--shutdown-timeout", type=float, default=30.0,
+      help="on SIGTERM, seconds open requests may finish; then their streams end with an error event")
+    a("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY,
+      help="bytes; a larger request body gets 413 before it is parsed")
     a("--seed", type=int, default=0)
     a("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     return p
@@ -86,20 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = make_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import jax
-    import uvicorn
-
-    from jaxpaged.engine.llm_engine import LLMEngine
-    from jaxpaged.serve import demo
-    from jaxpaged.serve.app import build_app
-    from jaxpaged.serve.async_engine import AsyncEngine
-    from jaxpaged.serve.multiprocess import Channel, Leader, follow
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # fast restarts: reuse compiled steps
-        jax.config.update("jax_compilation_cache_dir", str(demo.cache_root() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if args.model is None:
-        model, defaults = str(demo.demo_model_dir()), demo.DEMO_DEFAULTS
+        model, defaults = str(demo.demo_dir()), demo.DEMO_DEFAULTS
         names = args.served_model_name or [demo.DEMO_NAME]
         logger.info("no --model: serving the built-in demo model (random weights) from %s", model)
     else:
@@ -107,24 +109,62 @@ def main(argv: list[str] | None = None) -> None:
         names = args.served_model_name or [args.model]
     if args.num_processes > 1 and not args.coordinator_address:
         parser.error("--num-processes > 1 needs --coordinator-address (host:port of process 0)")
+    if args.api_server_count < 1:
+        parser.error("--api-server-count must be at least 1")
     try:
-        engine = LLMEngine(engine_config(args, model, defaults))
+        config = engine_config(args, model, defaults)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.process_id > 0:  # no HTTP here: process 0's core sends the requests
+        from jaxpaged.engine.core import EngineCore
+        from jaxpaged.engine.multihost import Channel, follow
+        follow(EngineCore(config), Channel())
+        return
+    from jaxpaged.engine.async_llm import AsyncLLM
+    from jaxpaged.serve.api_server import ServerSettings, run_api_server, serve
+
+    try:
+        llm = AsyncLLM.from_engine_config(config, args.log_level, demo=args.model is None)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    if args.process_id > 0:
-        follow(engine, Channel())  # no HTTP here: process 0 sends the requests
-        return
-    s, cfg = engine.startup, engine.model_config
-    logger.info("loaded %s (%s, %d layers, vocab %d) in %.1f s", model, cfg.architecture, cfg.num_layers,
-                cfg.vocab_size, s["load_s"])
-    logger.info("KV cache: %d blocks x %d = %d tokens; max_model_len %d", s["num_kv_blocks"],
-                engine.config.block_size, s["kv_capacity_tokens"], engine.max_model_len)
-    logger.info("compiled token buckets %s in %.1f s", s["buckets"], s["warmup_s"])
-    leader = Leader(engine, Channel()) if args.num_processes > 1 else None
-    async_engine = AsyncEngine(leader or engine)
-    app = build_app(async_engine, names, model, read_chat_template(args.chat_template), args.api_key)
-    logger.info("serving %s on http://%s:%d", ", ".join(names), args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    if leader is not None and async_engine.error is None:  # the engine thread has stopped
-        leader.stop()
+    s, info = llm.startup, llm.info
+    logger.info("engine core ready in %.1f s: KV cache %d blocks x %d = %d tokens; max_model_len %d; "
+                "compiled token buckets %s in %.1f s", s["load_s"] + s["warmup_s"], s["num_kv_blocks"],
+                info.block_size, s["kv_capacity_tokens"], info.max_model_len, s["buckets"], s["warmup_s"])
+    settings = ServerSettings(names, model, args.host, args.port, read_chat_template(args.chat_template),
+                              args.api_key, args.max_request_body_size, args.shutdown_timeout, args.log_level)
+    logger.info("serving %s on http://%s:%d (%d API server process%s)", ", ".join(names), args.host, args.port,
+                args.api_server_count, "es" if args.api_server_count > 1 else "")
+    if args.api_server_count == 1:
+        sys.exit(serve(llm, settings))
+    sock = socket.create_server((args.host, args.port), reuse_port=False)
+    ctx = multiprocessing.get_context("spawn")
+    servers = [ctx.Process(target=run_api_server, name=f"jaxpaged-api-{i}",
+                           args=(llm.address, info, config.seed + 1 + i, settings, sock))
+               for i in range(args.api_server_count)]
+    for p in servers:
+        p.start()
+    sys.exit(_supervise(servers, llm))
+
+
+def _supervise(servers: list, llm) -> int:
+    """Forward SIGTERM / SIGINT to the API servers, wait for them, stop the core; the exit
+    status is the first non-zero one of theirs (one failing ends the others)."""
+    def forward(sig, frame) -> None:
+        for p in servers:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    remaining = list(servers)
+    while remaining:
+        multiprocessing.connection.wait([p.sentinel for p in remaining])
+        for p in [p for p in remaining if not p.is_alive()]:
+            remaining.remove(p)
+            if p.exitcode and not status:
+                status = p.exitcode if p.exitcode > 0 else 1
+                forward(None, None)
+    llm.shutdown()
+    return status

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from starlette.responses import JSONResponse, Response
 
 from jaxpaged.engine.outputs import CompletionOutput, Logprob
-from jaxpaged.serve.async_engine import AsyncEngine, RequestGroup
+from jaxpaged.engine.async_llm import AsyncLLM, RequestGroup
 from jaxpaged.serve.protocol import CompletionRequest
 from jaxpaged.serve.sse import sse_response
 
@@ -46,15 +46,15 @@ def _empty_logprobs() -> dict:
     return {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
 
 
-async def create_completion(engine: AsyncEngine, req: CompletionRequest, model: str) -> Response:
+async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str) -> Response:
     prompts = req.prompts()
     want_logprobs = req.logprobs is not None
     params = req.sampling_params(req.max_tokens, req.logprobs,
                                  prompt_logprobs=req.logprobs if req.echo and want_logprobs else None)
     cid = f"cmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
-    ids = await engine.tokenize(lambda e: [e.encode(p) for p in prompts])
-    group = await engine.add([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival)
+    ids = await engine.tokenize(lambda e: [e.encode(p) for p in prompts], sum(len(p) for p in prompts))
+    group = await engine.add_requests([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival)
     try:
         echoes = await _echoes(engine, req, prompts, group) if req.echo else None
     except BaseException:
@@ -116,7 +116,7 @@ async def create_completion(engine: AsyncEngine, req: CompletionRequest, model: 
     return JSONResponse(body)
 
 
-async def _echoes(engine: AsyncEngine, req: CompletionRequest, prompts: list[str | list[int]],
+async def _echoes(engine: AsyncLLM, req: CompletionRequest, prompts: list[str | list[int]],
                   group: RequestGroup) -> list[tuple[str, list[int], list[str]]]:
     """Per prompt: its text, token ids and token strings (for echo)."""
     def decode(e) -> list[tuple[str, list[int], list[str]]]:
@@ -126,4 +126,4 @@ async def _echoes(engine: AsyncEngine, req: CompletionRequest, prompts: list[str
                  [e.tokenizer.decode([t]) for t in ids] if req.logprobs is not None else [])
                 for p, ids in zip(prompts, group.prompt_ids)]
 
-    return await engine.tokenize(decode)
+    return await engine.tokenize(decode, sum(len(ids) for ids in group.prompt_ids))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 413: "RequestTooLargeError",
           405: "MethodNotAllowed", 503: "ServiceUnavailableError"}
 
 

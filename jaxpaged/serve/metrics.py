@@ -1,7 +1,7 @@
 """Prometheus metrics for `/metrics`, named like vLLM's with a `jaxpaged:` prefix.
 
-Engine gauges and counters are read from the engine thread's latest `EngineStats` snapshot
-at scrape time; latency histograms are observed from each request's outputs as they are
+Engine gauges and counters are read from the latest `SchedulerStats` the engine core sent
+(with each step) at scrape time; latency histograms are observed from each request's outputs as they are
 produced.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxpaged.engine.outputs import RequestOutput
-from jaxpaged.serve.async_engine import EngineStats
+from jaxpaged.engine.messages import SchedulerStats
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                  7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -23,9 +23,9 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 
 
 class Metrics:
-    """One registry per app; `observe` and `forget` are called from the engine thread."""
+    """One registry per app; `observe` and `forget` are called by the engine client."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]):
+    def __init__(self, model_name: str, stats: Callable[[], SchedulerStats]):
         self.registry = CollectorRegistry()
         self.labels = {"model_name": model_name}
         self._stats = stats
@@ -64,7 +64,7 @@ class Metrics:
 
     def collect(self):
         """The engine's gauges and counters from its latest snapshot (prometheus collector)."""
-        s: EngineStats = self._stats()
+        s: SchedulerStats = self._stats()
         names = list(self.labels)
         values = list(self.labels.values())
         gauge, counter = GaugeMetricFamily, CounterMetricFamily

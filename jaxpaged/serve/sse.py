@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from jaxpaged.serve.async_engine import EngineDeadError, RequestGroup
+from jaxpaged.engine.async_llm import EngineDeadError, RequestGroup
 from jaxpaged.serve.errors import error_body
 
 logger = logging.getLogger("jaxpaged.serve")

@@ -6,7 +6,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from jaxpaged.models.tiny import make_tiny_model
 
 DEMO_NAME = "jaxpaged-demo"
 # Small engine settings so the demo starts fast on a CPU (its max_position_embeddings is 256).
@@ -18,10 +17,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("JAXPAGED_CACHE") or Path.home() / ".cache" / "jaxpaged").expanduser()
 
 
+def demo_dir() -> Path:
+    """Where the demo checkpoint is (or will be) built."""
+    return cache_root() / "demo-llama"
+
+
 def demo_model_dir() -> Path:
     """The demo checkpoint's directory, building it if needed (atomically: safe to race)."""
-    out = cache_root() / "demo-llama"
+    out = demo_dir()
     if not (out / "config.json").is_file():
+        from jaxpaged.models.tiny import make_tiny_model  # imports JAX: only the engine core builds it
+
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="demo-llama.", dir=out.parent))
         make_tiny_model(tmp, "llama")

@@ -1,9 +1,9 @@
-"""Serving across processes (tensor parallelism over several hosts): process 0 runs the HTTP
-server and the engine, every other process runs the same engine as a follower.
+"""Serving across processes (tensor parallelism over several hosts): process 0 runs the
+engine core that the HTTP server talks to, every other process runs the same core as a follower.
 
-The engine is SPMD: every process must add and abort the same requests between the same
-steps, and then computes the same outputs. So process 0's engine is wrapped in a `Leader`
-that records each add and abort and, before each step, sends what it recorded to the
+The core is SPMD: every process must add, abort and stop the same requests between the same
+steps, and then computes the same outputs. So process 0's core is wrapped in a `Leader`
+that records each of these and, before each step, sends what it recorded to the
 others (one message per step, and a last one when the server stops); a `follow`ing process
 applies each message and steps too. The messages go through the JAX coordination service's
 key-value store, not a device collective: the steps' own collectives are issued by the
@@ -18,11 +18,10 @@ from typing import Any
 import jax
 from jax._src import distributed  # the coordination service's client, as jax.experimental.multihost_utils uses it
 
-from jaxpaged.engine.llm_engine import LLMEngine
-from jaxpaged.engine.outputs import RequestOutput
-from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.core import EngineCore
+from jaxpaged.engine.messages import EngineCoreOutputs, EngineCoreRequest
 
-logger = logging.getLogger("jaxpaged.serve")
+logger = logging.getLogger("jaxpaged")
 STEP, STOP = "step", "stop"
 KEEP = 64  # messages kept in the store; followers are at most ~2 steps behind (the steps' collectives)
 
@@ -56,29 +55,31 @@ class Channel:
 
 
 class Leader:
-    """Process 0's engine: `LLMEngine`'s interface; adds and aborts are recorded and sent to
-    the followers with the next step."""
+    """Process 0's core: `EngineCore`'s interface; adds, aborts and stops are recorded and sent
+    to the followers with the next step."""
 
-    def __init__(self, engine: LLMEngine, channel: Channel):
-        self._engine, self._channel = engine, channel
+    def __init__(self, core: EngineCore, channel: Channel):
+        self._core, self._channel = core, channel
         self._events: list[tuple] = []
 
-    def __getattr__(self, name: str) -> Any:  # everything else reads the engine
-        return getattr(self._engine, name)
+    def __getattr__(self, name: str) -> Any:  # everything else reads the core
+        return getattr(self._core, name)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> list[int]:
-        ids = self._engine.add_request(request_id, prompt, params, arrival_time)
-        self._events.append(("add", request_id, prompt, params))  # only requests process 0 accepted
-        return ids
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self._core.add_request(req)
+        self._events.append(("add_request", req))  # only requests process 0 accepted
 
-    def abort_request(self, request_id: str) -> None:
-        self._engine.abort_request(request_id)
-        self._events.append(("abort", request_id))
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self._core.abort_requests(request_ids)
+        self._events.append(("abort_requests", request_ids))
 
-    def step(self) -> list[RequestOutput]:
+    def finish_stopped(self, stopped: list[tuple[str, int, str]]) -> None:
+        self._core.finish_stopped(stopped)
+        self._events.append(("finish_stopped", stopped))
+
+    def step(self) -> EngineCoreOutputs:
         self._send(STEP)
-        return self._engine.step()
+        return self._core.step()
 
     def stop(self) -> None:
         """Let the followers exit (after any aborts of the server's last requests)."""
@@ -89,16 +90,13 @@ class Leader:
         self._channel.send((events, action))
 
 
-def follow(engine: LLMEngine, channel: Channel) -> None:
+def follow(core: EngineCore, channel: Channel) -> None:
     """A process other than 0: mirror process 0's requests and steps until it stops."""
     logger.info("process %d follows process 0's requests", jax.process_index())
     while True:
         events, action = channel.receive()
-        for kind, request_id, *rest in events:
-            if kind == "add":
-                engine.add_request(request_id, *rest)
-            else:
-                engine.abort_request(request_id)
+        for method, arg in events:
+            getattr(core, method)(arg)
         if action == STOP:
             return
-        engine.step()
+        core.step()

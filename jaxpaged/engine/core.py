@@ -1,0 +1,245 @@
+"""`EngineCore`: the scheduler and the model runner over token ids; one step at a time.
+
+    Scheduler.schedule() -> SchedulerOutput -> ModelRunner.launch()   step n+1 dispatched, then for step n-1:
+    ModelRunner.fetch() -> ModelRunnerOutput -> Request.append_token (EOS, stop ids, length)
+                        -> EngineCoreOutputs (per sample: new ids, logprobs) -> Scheduler.commit()
+
+It knows no text: prompts arrive tokenized (`EngineCoreRequest`), stop strings are found by
+the client's output processor, which then finishes the sample here (`finish_stopped`). It runs
+in the engine-core process (`core_proc`) or inside the offline `LLMEngine`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import jax
+from jax.sharding import NamedSharding
+
+from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.config import EngineConfig
+from jaxpaged.engine.device_memory import memory_budget
+from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
+from jaxpaged.engine.messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
+                                      PromptLogprobsChunk, SchedulerStats)
+from jaxpaged.engine.model_runner import Launched, ModelRunner, ModelRunnerOutput
+from jaxpaged.engine.processor import load_tokenizer
+from jaxpaged.engine.request import Request
+from jaxpaged.engine.sample.features import SamplingFeatures, features_of
+from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
+from jaxpaged.kernels import get_attention
+from jaxpaged.models import load_model
+from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
+from jaxpaged.models.sharding import KV_POOL
+
+logger = logging.getLogger("jaxpaged")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        t0 = time.perf_counter()
+        self.config = config
+        if config.num_processes > 1:
+            init_distributed(config.coordinator_address, config.num_processes, config.process_id)
+        self.mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
+        self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh)
+        cfg = self.model_config
+        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+        self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        attention = get_attention(config.attention_backend)
+        if self.mesh is not None:
+            attention = shard_attention(attention, self.mesh)
+        eos = set(cfg.eos_token_ids)
+        if not eos and (tok := load_tokenizer(config.tokenizer or config.model)) is not None \
+                and tok.eos_token_id is not None:
+            eos = {tok.eos_token_id}
+        self.eos_token_ids = tuple(sorted(eos))
+        self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs,
+                                  self.max_num_batched_tokens, self.max_model_len, self.eos_token_ids, self.mesh,
+                                  config.token_buckets, config.num_scheduler_steps)
+        t1 = time.perf_counter()
+        head_bytes = self.runner.compile_heads(config.compile_threads)
+        dtype = params["embed"].dtype
+        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(dtype, head_bytes)
+        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
+                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   config.num_scheduler_steps)
+        self.runner.warmup(kv, config.compile_threads)
+        t2 = time.perf_counter()
+        self.requests: dict[str, list[Request]] = {}  # each request's samples
+        self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
+        self._depth = config.max_steps_in_flight if config.async_scheduling else 0
+        self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
+        self.num_generation_tokens = 0
+        self.info = CoreInfo(config.model, self.max_model_len, cfg.vocab_size, config.block_size,
+                             self.block_manager.num_total_blocks, list(self.eos_token_ids))
+        self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
+                        "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
+                        "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
+        logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
+
+    def _num_blocks_from_memory(self, dtype, head_bytes: int) -> int:
+        """Pool size from `gpu_memory_utilization` of device memory, or a CPU default.
+        `head_bytes`: the head programs' measured need beyond their arguments (per device)."""
+        # bytes per block on each device (tensor parallelism splits the KV heads)
+        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype) // self.config.tensor_parallel_size
+        budget = memory_budget(jax.local_devices()[0])
+        if budget is not None:
+            # Keep room for the step's temporaries: the heads' as measured, the forward's
+            # activations (f32 upper bound of hidden and MLP widths per token) estimated.
+            cfg, t = self.model_config, self.max_num_batched_tokens
+            reserve = head_bytes + t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+            free = budget.limit * self.config.gpu_memory_utilization - budget.in_use - reserve
+        elif jax.default_backend() != "cpu":
+            raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
+                             "cache from: set num_kv_blocks (--num-kv-blocks)")
+        else:
+            tokens = self.config.max_num_seqs * (self.max_model_len or 0)
+            free = min(self.config.cpu_kv_cache_bytes, tokens // self.config.block_size * per_block)
+        num = int(free // per_block)
+        needed = -(-self.max_model_len // self.config.block_size) + 1
+        if num < needed:
+            raise ValueError(f"KV cache of {num} blocks cannot hold one sequence of max_model_len "
+                             f"{self.max_model_len} ({needed} blocks); lower max_model_len or raise memory")
+        return num
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request's samples (checked by the client's `Processor`)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        p = req.params
+        features = features_of(p, self.model_config.vocab_size)
+        seqs = []
+        for i in range(p.n):
+            seq = Request(req.request_id, i, req.prompt_token_ids, p, features, req.max_tokens, p.seed + i,
+                          req.arrival_time)
+            seq.fork_parent = seqs[0] if seqs else None
+            seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[req.request_id] = seqs
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Stop requests and free their blocks (unknown or finished ids are ignored)."""
+        for request_id in request_ids:
+            for seq in self.requests.pop(request_id, []):
+                self._finish(seq, "abort", None)
+
+    def finish_stopped(self, stopped: list[tuple[str, int, str]]) -> None:
+        """Finish samples (request_id, index) at the stop string the output side found."""
+        for request_id, index, stop in stopped:
+            seqs = self.requests.get(request_id)
+            if seqs is not None:
+                self._finish(seqs[index], "stop", stop)
+                if all(s.is_finished for s in seqs):
+                    del self.requests[request_id]
+
+    def _finish(self, seq: Request, reason: str, stop: str | None) -> None:
+        if not seq.is_finished:
+            seq.finish(reason, stop)
+        self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def stats(self) -> SchedulerStats:
+        bm, sched = self.block_manager, self.scheduler
+        return SchedulerStats(len(sched.running), len(sched.waiting), bm.usage, self.num_prompt_tokens,
+                              self.num_generation_tokens, sched.num_preemptions, bm.prefix_cache_queries,
+                              bm.prefix_cache_hits)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        """Schedule and launch one step, then process the oldest launched steps beyond
+        `max_steps_in_flight` (async scheduling: the host works on step n's outputs while the
+        device runs the steps after it). Steps are processed first where the new step needs
+        their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
+        step is processed."""
+        sched = self.scheduler.schedule()
+        variant = self.runner.variant(sched)
+        outputs = []
+        keep = self._steps_kept(sched, variant)
+        if len(self._in_flight) > keep:
+            outputs += self._process_oldest(len(self._in_flight) - keep)
+            sched = sched.without_finished()
+        if sched.scheduled:
+            launched = self.runner.launch(sched, variant)
+            self.scheduler.advance(sched)
+            for i, row in enumerate(sched.scheduled):
+                for _ in range(row.num_sampled):
+                    row.request.add_pending(i)
+            self._in_flight.append(launched)
+        done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
+        return EngineCoreOutputs(outputs + self._process_oldest(done), self.stats())
+
+    def _process_oldest(self, n: int) -> list[EngineCoreOutput]:
+        """Process the `n` oldest launched steps (none if n <= 0)."""
+        return [out for _ in range(n) for out in self._process(self.runner.fetch(self._in_flight.popleft()))]
+
+    def _steps_kept(self, sched: SchedulerOutput, variant: SamplingFeatures) -> int:
+        """How many launched steps may stay unprocessed while `sched` launches: all of them when
+        every row's unseen tokens are fed back on the device (`Request.feeds_back`), else 1
+        (the newest, whose sampled ids the device holds); none for a variant that reads every
+        request's token history on the host."""
+        if variant.needs_history or not self._in_flight:
+            return 0
+        newest = {row.request for row in self._in_flight[-1].rows if row.num_sampled}
+        if all(row.request.feeds_back(row.start, row.num_new_tokens, row.request in newest) for row in sched.scheduled):
+            return len(self._in_flight)
+        return 1
+
+    def _process(self, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """A finished step's sampled tokens into the requests (token-id stop rules), and one
+        `EngineCoreOutput` per sample that has news."""
+        outputs = []
+        token_ids, logprobs = out.token_ids.T.tolist(), out.logprobs.T.tolist()  # [S][K], one conversion
+        for i, row in enumerate(out.rows):
+            seq = row.request
+            if seq.is_finished:  # aborted, or finished by an earlier step: a wasted row
+                continue
+            prompt = None
+            if seq.params.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                prompt = _prompt_chunk(out, i, row.start, row.num_new_tokens, seq.num_prompt_tokens)
+            prompt_tokens = max(0, min(row.num_new_tokens, seq.num_prompt_tokens - row.start))
+            self.num_prompt_tokens += prompt_tokens if row.num_sampled else row.num_new_tokens
+            if not row.num_sampled:  # a prompt chunk: nothing sampled yet
+                if prompt is not None:
+                    outputs.append(EngineCoreOutput(seq.request_id, seq.index, [], [], prompt_logprobs=prompt))
+                continue
+            k = 0
+            for token in token_ids[i][:row.num_sampled]:  # tokens past a stop are dropped
+                seq.append_token(token, self.eos_token_ids)
+                k += 1
+                if seq.is_finished:
+                    break
+            self.num_generation_tokens += k
+            o = EngineCoreOutput(seq.request_id, seq.index, token_ids[i][:k], logprobs[i][:k],
+                                 prompt_logprobs=prompt, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+                                 num_cached_tokens=seq.num_cached_tokens, first_scheduled_time=seq.first_scheduled_time)
+            if seq.params.logprobs is not None:
+                o.ranks = out.ranks[:k, i].tolist()
+                if out.top_ids is not None:
+                    o.top_ids, o.top_logprobs = out.top_ids[:k, i].tolist(), out.top_logprobs[:k, i].tolist()
+            outputs.append(o)
+        self.scheduler.commit([row.request for row in out.rows])
+        for o in outputs:
+            seqs = self.requests.get(o.request_id)
+            if o.finish_reason is not None and seqs is not None and all(s.is_finished for s in seqs):
+                del self.requests[o.request_id]
+        return outputs
+
+
+def _prompt_chunk(out: ModelRunnerOutput, i: int, start: int, n: int, num_prompt: int) -> PromptLogprobsChunk | None:
+    """Row i's prompt logprobs: positions `start ..` that have a next prompt token."""
+    n = min(n, num_prompt - 1 - start)
+    if n <= 0:
+        return None
+    p, a = out.prompt_logprobs, int(out.token_offsets[i])
+    return PromptLogprobsChunk(start, p.logprobs[a:a + n].tolist(), p.ranks[a:a + n].tolist(),
+                               p.top_ids[a:a + n].tolist(), p.top_logprobs[a:a + n].tolist())

@@ -1,0 +1,142 @@
+"""What crosses between the engine core and its clients (API servers, `AsyncLLM`, `LLMEngine`),
+with vLLM V1's names: `EngineCoreRequest` in, one `EngineCoreOutputs` per step out.
+
+On a socket each message is one msgpack array (`encode` / `decode`): plain lists of ints,
+floats and strings, no pickling. Nothing here imports JAX: an API server process uses it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import msgpack
+
+from jaxpaged.engine.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class EngineCoreRequest:
+    """A tokenized, validated request (`Processor.process`); `max_tokens` is resolved."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    arrival_time: float
+
+
+@dataclasses.dataclass
+class PromptLogprobsChunk:
+    """Logprobs of prompt positions `start .. start + len(logprobs)` (each of the next prompt
+    token), with ranks and the top-N ids and logprobs, as one step computed them."""
+    start: int
+    logprobs: list[float]
+    ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclasses.dataclass
+class EngineCoreOutput:
+    """One sample's (request_id, index) news from one step: 0..K new token ids with logprobs
+    (ranks and top-N only when the request asked for logprobs), prompt logprobs, and the
+    finish reason when the core finished it (EOS, a stop token id, length)."""
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    new_logprobs: list[float]
+    ranks: list[int] | None = None  # [K]
+    top_ids: list[list[int]] | None = None  # [K][N]
+    top_logprobs: list[list[float]] | None = None  # [K][N]
+    prompt_logprobs: PromptLogprobsChunk | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    """The core's gauges and counters after a step (Prometheus reads them)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+@dataclasses.dataclass
+class EngineCoreOutputs:
+    outputs: list[EngineCoreOutput]
+    stats: SchedulerStats
+
+
+@dataclasses.dataclass
+class CoreInfo:
+    """What a client needs to validate requests without the model: the core's limits."""
+    model: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    num_kv_blocks: int
+    eos_token_ids: list[int]
+
+
+# ---- the wire: msgpack arrays ------------------------------------------------------------
+# client -> core: [ADD, request] | [ABORT, [request_id, ...]] | [STOP, [[request_id, index, stop], ...]]
+#                 | [HELLO] (a client's first message) | [SHUTDOWN]
+# core -> client: [OUTPUTS, [output, ...], stats] | [ERROR, request_id, message]
+#                 | [DEAD, message]
+HELLO, ADD, ABORT, STOP, SHUTDOWN, OUTPUTS, ERROR, DEAD = range(8)
+_PARAM_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
+_OUTPUT_FIELDS = [f.name for f in dataclasses.fields(EngineCoreOutput)]
+
+
+def _row(obj: Any, fields: list[str]) -> list:
+    return [getattr(obj, f) for f in fields]
+
+
+def request_to_wire(r: EngineCoreRequest) -> list:
+    p = dataclasses.replace(r.params)
+    p.logit_bias = list(p.logit_bias.items())  # msgpack maps want string keys
+    return [r.request_id, r.prompt_token_ids, _row(p, _PARAM_FIELDS), r.max_tokens, r.arrival_time]
+
+
+def request_from_wire(data: list) -> EngineCoreRequest:
+    request_id, ids, params, max_tokens, arrival = data
+    kw = dict(zip(_PARAM_FIELDS, params))
+    kw["logit_bias"] = dict(kw["logit_bias"])
+    return EngineCoreRequest(request_id, ids, SamplingParams(**kw), max_tokens, arrival)
+
+
+def output_to_wire(o: EngineCoreOutput) -> list:
+    row = _row(o, _OUTPUT_FIELDS)
+    if o.prompt_logprobs is not None:
+        row[_OUTPUT_FIELDS.index("prompt_logprobs")] = dataclasses.astuple(o.prompt_logprobs)
+    return row
+
+
+def output_from_wire(row: list) -> EngineCoreOutput:
+    o = EngineCoreOutput(*row)
+    if o.prompt_logprobs is not None:
+        o.prompt_logprobs = PromptLogprobsChunk(*o.prompt_logprobs)
+    return o
+
+
+def encode(message: list) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def outputs_message(outs: EngineCoreOutputs) -> bytes:
+    return encode([OUTPUTS, [output_to_wire(o) for o in outs.outputs], dataclasses.astuple(outs.stats)])
+
+
+def outputs_from_message(message: list) -> EngineCoreOutputs:
+    _, rows, stats = message
+    return EngineCoreOutputs([output_from_wire(r) for r in rows], SchedulerStats(*stats))
