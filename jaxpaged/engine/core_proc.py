@@ -136,6 +136,12 @@ def run_engine_core(config: EngineConfig, address: str, ready, parent_pid: int, 
     except (ValueError, OSError) as e:
         ready.send(("error", str(e)))
         sys.exit(1)
+    s, cfg = core.startup, core.model_config
+    logger.info("loaded %s (%s, %d layers, vocab %d) in %.1f s", config.model, cfg.architecture, cfg.num_layers,
+                cfg.vocab_size, s["load_s"])
+    logger.info("KV cache: %d blocks x %d = %d tokens; max_model_len %d", s["num_kv_blocks"], config.block_size,
+                s["kv_capacity_tokens"], core.max_model_len)
+    logger.info("compiled token buckets %s in %.1f s; engine core process %d", s["buckets"], s["warmup_s"], os.getpid())
     proc = EngineCoreProc(core, address, parent_pid)
     ready.send(("ready", dataclasses.astuple(core.info), core.startup | {"compiles": None}))
     if config.num_processes > 1:

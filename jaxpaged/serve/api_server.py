@@ -25,7 +25,7 @@ from jaxpaged.serve.app import build_app
 
 logger = logging.getLogger("jaxpaged.serve")
 CUT_AFTER_S = 3  # after the error events, how long a stream that is not being read may stay open
-DEAD_EXIT_DELAY_S = 0.5  # after the core died: time for the error events to go out
+DEAD_EXIT_DELAY_S = 2.0  # after the core died: time for the error events (and 503s) to go out
 
 
 @dataclasses.dataclass

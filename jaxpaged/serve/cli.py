@@ -127,10 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         llm = AsyncLLM.from_engine_config(config, args.log_level, demo=args.model is None)
     except (ValueError, OSError) as e:
         parser.error(str(e))
-    s, info = llm.startup, llm.info
-    logger.info("engine core ready in %.1f s: KV cache %d blocks x %d = %d tokens; max_model_len %d; "
-                "compiled token buckets %s in %.1f s", s["load_s"] + s["warmup_s"], s["num_kv_blocks"],
-                info.block_size, s["kv_capacity_tokens"], info.max_model_len, s["buckets"], s["warmup_s"])
+    info = llm.info
     settings = ServerSettings(names, model, args.host, args.port, read_chat_template(args.chat_template),
                               args.api_key, args.max_request_body_size, args.shutdown_timeout, args.log_level)
     logger.info("serving %s on http://%s:%d (%d API server process%s)", ", ".join(names), args.host, args.port,
