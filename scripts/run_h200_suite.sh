@@ -110,7 +110,7 @@ except Exception:
         if [ $ready = 1 ]; then
             echo "   server ready after $((SECONDS - start)) s"
             PYTHONPATH=$SITE:$PYTHONPATH timeout -k 10 300 $PY scripts/benchmark_serving.py \
-                --base-url "http://127.0.0.1:$PORT" --request-rates 4,16,inf --workload mixed --num-prompts 200 \
+                --base-url "http://127.0.0.1:$PORT" --request-rates 4,16,inf --workload mixed --num-prompts 256 \
                 --max-duration 90 --no-progress --json "$OUT/serving.json" --plot "$OUT/serving.png" \
                 ${SERVING_ARGS:-} > "$OUT/serving.log" 2>&1 || { echo "   serving failed:"; tail -n 5 "$OUT/serving.log"; }
         else

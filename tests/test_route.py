@@ -1,5 +1,6 @@
 """docs/architecture.md draws a request's route: the jaxpaged files whose Python runs while the
-server answers a completion (after start-up) are exactly the host files that drawing names."""
+server answers a completion (after start-up) are exactly the host files that drawing names,
+and the route has at most 12 stations (its numbered files)."""
 from __future__ import annotations
 
 import asyncio
@@ -11,10 +12,11 @@ from pathlib import Path
 import httpx
 
 import jaxpaged
+from jaxpaged.engine.async_llm import AsyncLLM
 from jaxpaged.engine.config import EngineConfig
-from jaxpaged.engine.llm_engine import LLMEngine
+from jaxpaged.engine.core import EngineCore
+from jaxpaged.engine.core_proc import start_core_thread, stop_core_thread
 from jaxpaged.serve.app import build_app
-from jaxpaged.serve.async_engine import AsyncEngine
 
 ROOT = Path(jaxpaged.__file__).parent
 DOC = Path(__file__).parent.parent / "docs" / "architecture.md"
@@ -22,16 +24,23 @@ COMPILED = {"engine/step_programs.py", "models/llama.py", "models/layers.py", "k
             "kernels/paged_attention.py"}  # traced at start-up: the step's compiled programs
 
 
+def drawing() -> str:
+    return DOC.read_text().split("## A request's route")[1].split("```")[1]
+
+
 def drawn_files() -> set[str]:
     """The files named (with their folder) in the drawing's code block."""
-    block = DOC.read_text().split("## A request's route")[1].split("```")[1]
-    return set(re.findall(r"\b((?:serve|engine|models|kernels)/[\w/]+\.py)", block))
+    return set(re.findall(r"\b((?:serve|engine|models|kernels)/[\w/]+\.py)", drawing()))
+
+
+def test_the_route_has_at_most_12_stations():
+    stations = dict(re.findall(r"^\s*(\d+) ((?:serve|engine|models|kernels)/[\w/]+\.py)", drawing(), re.M))
+    assert sorted(map(int, stations)) == list(range(1, len(stations) + 1)) and len(stations) <= 12, stations
 
 
 def test_completion_route_runs_the_drawn_files(tiny_model_dir):
-    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir("llama")), max_model_len=128, block_size=4,
-                                    num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=64))
-    app = build_app(AsyncEngine(engine), ["tiny"], "tiny")
+    core = EngineCore(EngineConfig(model=str(tiny_model_dir("llama")), max_model_len=128, block_size=4,
+                                   num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=64))
     seen, on = set(), [False]
 
     def record(frame, event, arg):
@@ -50,11 +59,14 @@ def test_completion_route_runs_the_drawn_files(tiny_model_dir):
                 on[0] = False
 
     old = sys.getprofile()
+    threading.setprofile(record)  # the engine core's, dispatch and tokenizer threads start after this
+    address, thread = start_core_thread(core)
+    app = build_app(AsyncLLM(address, core.info), ["tiny"], "tiny")
     sys.setprofile(record)
-    threading.setprofile(record)  # the engine and dispatch threads start inside `run`
     try:
         asyncio.run(run())
     finally:
         sys.setprofile(old)
         threading.setprofile(None)
+        stop_core_thread(address, thread)
     assert seen == drawn_files() - COMPILED, (sorted(seen), sorted(drawn_files()))
