@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import multiprocessing
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import Processor, encode, load_tokenizer
 from jaxpaged.engine.sampling_params import SamplingParams
 
+logger = logging.getLogger("jaxpaged")
 T = TypeVar("T")
 LARGE_INPUT = 1 << 16  # characters or tokens: tokenizer work this large goes to its own thread
 
@@ -124,14 +126,17 @@ class AsyncLLM:
         return RequestGroup(self, request_ids, [r.prompt_token_ids for r in reqs], sink)
 
     def abort_request(self, request_id: str) -> None:
-        """Stop a request and free its blocks (no-op if it has finished)."""
-        if self._sinks.pop(request_id, None) is None:
+        """Stop a request and free its blocks (no-op if it has finished); its outputs end."""
+        sink = self._sinks.pop(request_id, None)
+        if sink is None:
             return
+        sink.put_nowait(_Aborted(request_id))
         self.output.abort(request_id)
         if self.error is None:
             self._client.send([m.ABORT, [request_id]])
         if self.observer is not None:
             self.observer.forget(request_id)
+        logger.info("aborted request %s", request_id)
 
     async def tokenize(self, fn: Callable[[Tokenizing], T], size: int = 0) -> T:
         """Run tokenizer work `fn` on a tokenizer thread: the large-input one if `size`
@@ -209,6 +214,12 @@ class AsyncLLM:
             self.on_dead()
 
 
+@dataclasses.dataclass
+class _Aborted:
+    """Queued after a request's last output when it is aborted."""
+    request_id: str
+
+
 class RequestGroup:
     """The core requests of one API request (one per prompt) and their shared queue."""
 
@@ -224,9 +235,10 @@ class RequestGroup:
             if isinstance(item, BaseException):
                 self.abort()
                 raise item
-            if item.finished:
+            if isinstance(item, _Aborted) or item.finished:
                 self._unfinished.discard(item.request_id)
-            yield item
+            if not isinstance(item, _Aborted):
+                yield item
 
     def abort(self) -> None:
         """Abort the requests that have not finished (client gone, or an error)."""

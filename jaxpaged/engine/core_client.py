@@ -27,6 +27,7 @@ class CoreClient:
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sender = zmq.Socket.shadow(self._sock.underlying)  # sends never wait: from any code, loop or not
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._tasks: list[asyncio.Task] = []
 
@@ -37,7 +38,7 @@ class CoreClient:
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
 
     def send(self, message: list) -> None:
-        self._sock.send(m.encode(message), flags=zmq.NOBLOCK)
+        self._sender.send(m.encode(message), flags=zmq.NOBLOCK)
 
     async def _read(self) -> None:
         try:
@@ -72,7 +73,8 @@ class CoreClient:
     def close(self, stop_core: bool = False) -> None:
         """Disconnect; `stop_core`: tell the core to exit first (its owner does)."""
         for task in self._tasks:
-            task.cancel()
+            if not task.done():
+                task.cancel()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         if stop_core:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -121,6 +122,7 @@ def run_engine_core(config: EngineConfig, address: str, ready, parent_pid: int, 
     """The engine-core process: build the core (the demo model first, if `demo`), report
     `CoreInfo` (or the error) on `ready`, then serve `address`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API server stops the core
     import jax
 
     from jaxpaged.engine.core import EngineCore
