@@ -140,10 +140,10 @@ class OutputProcessor:
         results = []
         for request_id, stepped in touched.items():
             states = self.states[request_id]
-            result = self.make_output(states, stepped)
-            if result is not None:
-                results.append(result)
-            if all(s.is_finished for s in states):
+            finished = states[0].is_finished if len(states) == 1 else all(s.is_finished for s in states)
+            if finished or states[0].params.output_kind != "final_only":
+                results.append(self.make_output(states, stepped, finished))
+            if finished:
                 del self.states[request_id]
         return results, stopped
 
@@ -190,12 +190,9 @@ class OutputProcessor:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
 
     @staticmethod
-    def make_output(states: list[RequestState], stepped: list[RequestState]) -> RequestOutput | None:
-        """The request's output after a step that advanced `stepped` (None: nothing to send)."""
+    def make_output(states: list[RequestState], stepped: list[RequestState], finished: bool) -> RequestOutput:
+        """The request's output after a step that advanced `stepped`."""
         kind = states[0].params.output_kind
-        finished = all(s.is_finished for s in states)
-        if kind == "final_only" and not finished:
-            return None
         completions = []
         for st in (stepped if kind == "delta" else states):
             if kind == "delta":
@@ -209,6 +206,7 @@ class OutputProcessor:
                 logprobs, st.finish_reason, st.stop_reason))
         first = states[0]
         metrics = RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,
-                                 max((s.last_token_time or 0) for s in states), first.finished_time)
+                                 max(s.last_token_time or 0 for s in states) if len(states) > 1
+                                 else first.last_token_time, first.finished_time)
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs,
                              completions, finished, metrics, first.num_cached_tokens)
