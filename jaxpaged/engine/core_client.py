@@ -27,7 +27,6 @@ class CoreClient:
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sender = zmq.Socket.shadow(self._sock.underlying)  # sends never wait: from any code, loop or not
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._tasks: list[asyncio.Task] = []
 
@@ -38,7 +37,9 @@ class CoreClient:
         self._tasks = [asyncio.ensure_future(self._read()), asyncio.ensure_future(self._watch())]
 
     def send(self, message: list) -> None:
-        self._sender.send(m.encode(message), flags=zmq.NOBLOCK)
+        """Queue a message (never waits: no high-water mark). From the event loop: a send on a
+        sync shadow of this socket could swallow the edge-triggered wake-up of `_read`."""
+        self._sock.send(m.encode(message), flags=zmq.NOBLOCK)
 
     async def _read(self) -> None:
         try:
@@ -77,7 +78,7 @@ class CoreClient:
                 task.cancel()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
-        if stop_core:
-            self.send([m.SHUTDOWN])
+        if stop_core:  # maybe outside the loop, and nothing reads any more: a sync send
+            zmq.Socket.shadow(self._sock.underlying).send(m.encode([m.SHUTDOWN]), flags=zmq.NOBLOCK)
         self._sock.close(linger=1000 if stop_core else 0)
         self._ctx.term()

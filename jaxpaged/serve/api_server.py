@@ -36,7 +36,7 @@ class ServerSettings:
     port: int = 8000
     chat_template: str | None = None
     api_key: str | None = None
-    max_request_body_size: int = 64 << 20
+    max_request_body_size: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
 

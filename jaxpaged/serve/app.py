@@ -32,7 +32,6 @@ from jaxpaged.serve.protocol import (ChatCompletionRequest, CompletionRequest, D
 logger = logging.getLogger("jaxpaged.serve")
 Handler = Callable[[Request], Awaitable[Response]]
 CLIENT_ERRORS = (ValueError, TypeError, OverflowError, jinja2.TemplateError)
-DEFAULT_MAX_BODY = 64 << 20  # bytes (--max-request-body-size)
 
 
 @dataclasses.dataclass
@@ -48,9 +47,10 @@ class ServerState:
 
 def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model_path: str,
               chat_template: str | None = None, api_key: str | None = None,
-              max_request_body_size: int = DEFAULT_MAX_BODY) -> Starlette:
+              max_request_body_size: int | None = None) -> Starlette:
     """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
-    stops the engine core if the client started it)."""
+    stops the engine core if the client started it). Bodies over `max_request_body_size`
+    bytes get 413 (None: no limit)."""
     state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key)
     metrics = Metrics(state.model_name, lambda: engine.stats)
     engine.observer = metrics
@@ -141,7 +141,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    app.add_middleware(BodySizeLimit, max_bytes=max_request_body_size)
+    if max_request_body_size is not None:
+        app.add_middleware(BodySizeLimit, max_bytes=max_request_body_size)
     return app
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from jaxpaged.engine import demo
 from jaxpaged.engine.config import EngineConfig
-from jaxpaged.serve.app import DEFAULT_MAX_BODY
 
 logger = logging.getLogger("jaxpaged.serve")
+MAX_REQUEST_BODY_SIZE = 64 << 20  # bytes, --max-request-body-size
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--api-server-count", type=int, default=1, help="API server processes on the port, one engine core")
     a("--shutdown-timeout", type=float, default=30.0,
       help="on SIGTERM, seconds open requests may finish; then their streams end with an error event")
-    a("--max-request-body-size", type=int, default=DEFAULT_MAX_BODY,
+    a("--max-request-body-size", type=int, default=MAX_REQUEST_BODY_SIZE,
       help="bytes; a larger request body gets 413 before it is parsed")
     a("--seed", type=int, default=0)
     a("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
