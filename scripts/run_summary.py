@@ -61,10 +61,11 @@ def serving_rows(name: str, d: dict) -> list[list[str]]:
     for r in d["results"]:
         ms = {k: r[f"{k}_ms"] for k in ("ttft", "tpot", "itl")}
         rate = "inf" if str(r["request_rate"]) == "inf" else f"{float(r['request_rate']):g}"
-        rows.append([name, f"rate {rate}/s, {r['completed']}/{r['completed'] + r['failed']} done",
-                     f"{r['output_throughput']:,.0f} out tok/s",
-                     f"TTFT {ms['ttft']['median']:.1f} (p99 {ms['ttft']['p99']:.1f}), TPOT {ms['tpot']['median']:.1f}, "
-                     f"ITL {ms['itl']['median']:.1f} ms"])
+        f = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 - none completed
+        rows.append([name, f"rate {rate}/s, {r['completed']}/{r['completed'] + r['failed']} done, "
+                     f"{r.get('request_throughput', 0):.1f} req/s", f"{r['output_throughput']:,.0f} out tok/s",
+                     f"TTFT {f(ms['ttft']['median'])} (p99 {f(ms['ttft']['p99'])}), TPOT {f(ms['tpot']['median'])}, "
+                     f"ITL {f(ms['itl']['median'])} (p99 {f(ms['itl']['p99'])}) ms"])
     return rows
 
 
