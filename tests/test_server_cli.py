@@ -177,6 +177,7 @@ def test_engine_core_killed_mid_stream(tmp_path):
 
     with demo_server(tmp_path) as (port, proc):
         core, _ = processes(proc.pid)
+        assert not imports_jax(proc.pid)  # one API server: the command's own process, without JAX
         base = f"http://127.0.0.1:{port}"
         with httpx.stream("POST", base + "/v1/completions", json={**STREAM, "n": 8}, timeout=60) as r:
             lines = r.iter_lines()

@@ -87,9 +87,7 @@ class AsyncLLM:
     def from_engine_config(cls, config: EngineConfig, log_level: str = "info", demo: bool = False) -> AsyncLLM:
         """Start an engine-core process for `config` and a client that owns it."""
         core = launch_core(config, log_level, demo)
-        llm = cls(core.address, core.info, config.seed, core.process)
-        llm.startup = core.startup
-        return llm
+        return cls(core.address, core.info, config.seed, core.process)
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,

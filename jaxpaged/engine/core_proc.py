@@ -145,7 +145,7 @@ def run_engine_core(config: EngineConfig, address: str, ready, parent_pid: int, 
                 s["kv_capacity_tokens"], core.max_model_len)
     logger.info("compiled token buckets %s in %.1f s; engine core process %d", s["buckets"], s["warmup_s"], os.getpid())
     proc = EngineCoreProc(core, address, parent_pid)
-    ready.send(("ready", dataclasses.astuple(core.info), core.startup | {"compiles": None}))
+    ready.send(("ready", dataclasses.astuple(core.info)))
     if config.num_processes > 1:
         from jaxpaged.engine.multihost import Channel, Leader
         proc.core = Leader(core, Channel())
@@ -161,7 +161,6 @@ class CoreProcess:
     process: multiprocessing.Process
     address: str
     info: m.CoreInfo
-    startup: dict
 
 
 def launch_core(config: EngineConfig, log_level: str = "info", demo: bool = False) -> CoreProcess:
@@ -182,7 +181,7 @@ def launch_core(config: EngineConfig, log_level: str = "info", demo: bool = Fals
     if reply[0] == "error":
         proc.join()
         raise ValueError(reply[1])
-    return CoreProcess(proc, address, m.CoreInfo(*reply[1]), reply[2])
+    return CoreProcess(proc, address, m.CoreInfo(*reply[1]))
 
 
 def start_core_thread(core: EngineCore) -> tuple[str, threading.Thread]:
