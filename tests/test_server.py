@@ -297,6 +297,26 @@ def test_errors_openai_client(client):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/completions", "allowed_token_ids", [1, 2]), ("/v1/completions", "bad_words", ["x"]),
+    ("/v1/completions", "truncate_prompt_tokens", 4), ("/v1/completions", "prompt_logprobs", 1),
+    ("/v1/completions", "priority", 1), ("/v1/chat/completions", "chat_template", "{{ messages }}"),
+    ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}),
+    ("/v1/chat/completions", "continue_final_message", True), ("/v1/chat/completions", "echo", True),
+])
+def test_vllm_fields_not_implemented_are_a_400_naming_them(server, path, field, value):
+    """vLLM request fields jaxpaged does not implement are refused, never silently ignored; their
+    unset values (null, empty, false, 0) pass."""
+    body = {"model": MODEL, "max_tokens": 2, **({"prompt": "Hi"} if "chat" not in path else
+                                                {"messages": [{"role": "user", "content": "Hi"}]})}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    err = _error(httpx.post(server.url + path, json={**body, field: value}, headers=auth), 400)
+    assert f"`{field}`" in err["message"]
+    unset = {list: [], dict: {}, bool: False, int: 0}.get(type(value))
+    if unset is not None:
+        assert httpx.post(server.url + path, json={**body, field: unset}, headers=auth).status_code == 200
+
+
 def test_errors_raw_http(server):
     url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
     assert _error(httpx.post(url + "/v1/completions", content=b"{not json", headers=auth), 400)["type"] == "BadRequestError"

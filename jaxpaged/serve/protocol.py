@@ -19,7 +19,9 @@ MAX_CHOICES = 1024  # prompts x n per HTTP request
 # 400 rather than a silent no-op. Unknown fields are ignored, as in vLLM.
 UNSUPPORTED = ("suffix", "tools", "functions", "function_call", "use_beam_search",
                "prompt_embeds", "structured_outputs", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar")
+               "guided_choice", "guided_grammar", "allowed_token_ids", "bad_words",
+               "truncate_prompt_tokens", "prompt_logprobs", "chat_template", "chat_template_kwargs",
+               "continue_final_message", "priority")
 
 
 class OpenAIModel(BaseModel):
@@ -29,7 +31,7 @@ class OpenAIModel(BaseModel):
     def _reject_unsupported(self) -> OpenAIModel:
         extra = self.model_extra or {}
         for name in UNSUPPORTED:
-            if extra.get(name) not in (None, [], False):
+            if extra.get(name) not in (None, [], {}, False):  # unset, empty, false or 0
                 raise ValueError(f"`{name}` is not supported by jaxpaged")
         fmt = extra.get("response_format")
         if fmt not in (None, {"type": "text"}):
@@ -145,6 +147,8 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
+        if (self.model_extra or {}).get("echo"):
+            raise ValueError("`echo` is not supported by jaxpaged for chat completions")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs` set to true")
         return self
