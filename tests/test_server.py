@@ -96,7 +96,7 @@ def metrics(server: Server) -> dict[str, float]:
     """`/metrics` as {name{labels}: value}, keyed by name only for single-series metrics."""
     out = {}
     for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith("jaxpaged:"):
+        if line.startswith("vllm:"):
             key, value = line.rsplit(" ", 1)
             out[key] = float(value)
             out.setdefault(key.split("{")[0], float(value))
@@ -107,8 +107,8 @@ def wait_idle(server: Server, timeout: float = 10) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = metrics(server)
-        if m["jaxpaged:num_requests_running"] == 0 and m["jaxpaged:num_requests_waiting"] == 0 \
-                and m["jaxpaged:kv_cache_usage_perc"] == 0:
+        if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 \
+                and m["vllm:kv_cache_usage_perc"] == 0:
             return m
         assert time.monotonic() < deadline, f"engine not idle: {m}"
         time.sleep(0.05)
@@ -297,6 +297,32 @@ def test_errors_openai_client(client):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+VLLM_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
+                "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total")
+VLLM_HISTOGRAMS = ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                   "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
+                   "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds")
+
+
+def test_metrics_carry_vllms_names(server, client):
+    """/metrics under vLLM's names with the model_name label; a finished request adds one
+    observation to each per-request histogram and its tokens to the counters."""
+    before = metrics(server)
+    client.completions.create(model=MODEL, prompt="Hello world", max_tokens=5, temperature=0,
+                              extra_body={"ignore_eos": True})
+    after = metrics(server)
+    text = httpx.get(server.url + "/metrics").text
+    for name in VLLM_METRICS:
+        assert f'{name}{{' in text and 'model_name="tiny"' in text, name
+    for name in VLLM_HISTOGRAMS:
+        count = f'{name}_count{{model_name="tiny"}}'
+        if name != "vllm:inter_token_latency_seconds":
+            assert after[count] == before.get(count, 0) + 1, name
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == 5
+    assert not any(line.startswith("jaxpaged:") for line in text.splitlines())
+
+
 @pytest.mark.parametrize("path, field, value", [
     ("/v1/completions", "allowed_token_ids", [1, 2]), ("/v1/completions", "bad_words", ["x"]),
     ("/v1/completions", "truncate_prompt_tokens", 4), ("/v1/completions", "prompt_logprobs", 1),
@@ -341,7 +367,7 @@ def test_64_concurrent_streams_match_one_at_a_time_and_batch(server, client):
 
     def poll() -> None:
         while not done.is_set():
-            seen_running.append(metrics(server)["jaxpaged:num_requests_running"])
+            seen_running.append(metrics(server)["vllm:num_requests_running"])
             time.sleep(0.01)
 
     async def one(aclient, p) -> str:
@@ -375,8 +401,8 @@ def _slow_engine(server: Server, delay: float = 0.02):
 
 def assert_aborted_once(before: dict[str, float], after: dict[str, float]) -> None:
     """Between the two `/metrics` readings one request was aborted before its 100 tokens."""
-    assert after["jaxpaged:generation_tokens_total"] - before["jaxpaged:generation_tokens_total"] < 100
-    key = 'jaxpaged:request_success_total{finished_reason="abort",model_name="tiny"}'
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 100
+    key = 'vllm:request_success_total{finished_reason="abort",model_name="tiny"}'
     assert after[key] == before.get(key, 0) + 1
 
 
@@ -389,7 +415,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
                           headers={"Authorization": f"Bearer {KEY}"}) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            assert metrics(server)["jaxpaged:kv_cache_usage_perc"] > 0
+            assert metrics(server)["vllm:kv_cache_usage_perc"] > 0
         after = wait_idle(server)  # running 0, waiting 0, no referenced KV blocks
     finally:
         del server.core.step

@@ -1,8 +1,9 @@
-"""Prometheus metrics for `/metrics`, named like vLLM's with a `jaxpaged:` prefix.
+"""Prometheus metrics for `/metrics` under vLLM's names (`vllm:*`, labelled `model_name`), so
+dashboards and autoscalers written for vLLM read them.
 
 Engine gauges and counters are read from the latest `SchedulerStats` the engine core sent
-(with each step) at scrape time; latency histograms are observed from each request's outputs as they are
-produced.
+(with each step) at scrape time; latency histograms are observed from each request's outputs
+as they are produced.
 """
 from __future__ import annotations
 
@@ -31,13 +32,16 @@ class Metrics:
         self._stats = stats
         self.registry.register(self)
         hist = lambda name, doc, buckets: Histogram(  # noqa: E731
-            f"jaxpaged:{name}", doc, ["model_name"], buckets=buckets, registry=self.registry
+            f"vllm:{name}", doc, ["model_name"], buckets=buckets, registry=self.registry
         ).labels(model_name)
         self.ttft = hist("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
         self.itl = hist("inter_token_latency_seconds", "Time between engine outputs of a request.",
                         _ITL_BUCKETS)
         self.e2e = hist("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
-        self.success = Counter("jaxpaged:request_success", "Finished requests by finish reason.",
+        self.queue = hist("request_queue_time_seconds", "Arrival to first scheduled.", _E2E_BUCKETS)
+        self.prefill = hist("request_prefill_time_seconds", "First scheduled to first token.", _E2E_BUCKETS)
+        self.decode = hist("request_decode_time_seconds", "First token to last token.", _E2E_BUCKETS)
+        self.success = Counter("vllm:request_success", "Finished requests by finish reason.",
                                ["model_name", "finished_reason"], registry=self.registry)
         self._last_token_time: dict[str, float] = {}
 
@@ -54,6 +58,10 @@ class Metrics:
         if out.finished:
             self._last_token_time.pop(rid, None)
             self.e2e.observe(m.last_token_time - m.arrival_time)
+            if m.first_scheduled_time is not None and m.first_token_time is not None:
+                self.queue.observe(m.first_scheduled_time - m.arrival_time)
+                self.prefill.observe(m.first_token_time - m.first_scheduled_time)
+                self.decode.observe(m.last_token_time - m.first_token_time)
             reason = out.outputs[0].finish_reason if out.outputs else "stop"
             self.success.labels(finished_reason=reason, **self.labels).inc()
 
@@ -78,7 +86,7 @@ class Metrics:
             (counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             (counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
         ):
-            metric = family(f"jaxpaged:{name}", doc, labels=names)
+            metric = family(f"vllm:{name}", doc, labels=names)
             metric.add_metric(values, value)
             yield metric
 
