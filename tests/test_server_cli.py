@@ -41,6 +41,52 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
     assert read_chat_template(str(template)) == "{{ messages }}" and read_chat_template("{{ x }}") == "{{ x }}"
 
 
+def fake_hub_cache(cache: Path, repo: str, src: Path) -> Path:
+    """`src` as snapshot `c0ffee` of `repo` in a Hugging Face cache at `cache`, laid out as
+    huggingface_hub lays it out (refs/main names the snapshot)."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / "c0ffee"
+    shutil.copytree(src, snapshot)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("c0ffee")
+    return snapshot
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
+    """A hub id is found in the HF cache with HF_HUB_OFFLINE set; one missing there is a
+    one-line error naming it; a local directory is taken as is."""
+    from huggingface_hub import constants
+
+    from jaxpaged.engine.hub import resolve_model
+
+    cache = tmp_path / "hub"
+    snapshot = fake_hub_cache(cache, "acme/tiny-llama", tiny_model_dir("llama"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert Path(resolve_model("acme/tiny-llama", download_dir=str(cache))) == snapshot
+    assert resolve_model(str(snapshot)) == str(snapshot)
+    with pytest.raises(ValueError, match="'acme/missing' is not a local directory and not in the Hugging Face cache"):
+        resolve_model("acme/missing", download_dir=str(cache))
+
+
+def test_jaxpaged_serve_command_and_positional_model(capsys):
+    """`jaxpaged serve [MODEL]` as `vllm serve`; MODEL and a different --model are a usage error."""
+    from jaxpaged.serve.cli import console_main, main
+
+    with pytest.raises(SystemExit) as exit_:
+        console_main(["serve", "--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: jaxpaged serve [-h] [--model MODEL]")
+    with pytest.raises(SystemExit) as exit_:
+        console_main(["bogus"])
+    assert exit_.value.code == 2 and "usage: jaxpaged serve" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["a", "--model", "b"])
+    assert exit_.value.code == 2 and "differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["/nonexistent/model-dir"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "'/nonexistent/model-dir' is not a local directory" in err
+
+
 def test_several_processes_need_a_coordinator(capsys):
     """A multi-process server without the coordinator's address is a usage error, not a hang."""
     from jaxpaged.serve.cli import main

@@ -18,16 +18,19 @@ from pathlib import Path
 
 from jaxpaged.engine import demo
 from jaxpaged.engine.config import EngineConfig
+from jaxpaged.engine.hub import resolve_model
 
 logger = logging.getLogger("jaxpaged.serve")
 MAX_REQUEST_BODY_SIZE = 64 << 20  # bytes, --max-request-body-size
 
 
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxpaged.serve",
-                                description="OpenAI-compatible server for a jaxpaged engine.")
+def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server for a jaxpaged engine.")
     a = p.add_argument
-    a("--model", help="HF model directory (default: the built-in demo model, built offline)")
+    a("model_tag", nargs="?", metavar="MODEL", help="as --model")
+    a("--model", help="a local HF model directory or a hub id (default: the built-in demo model, built offline)")
+    a("--revision", help="hub revision (branch, tag or commit) of a hub id")
+    a("--download-dir", help="Hugging Face cache directory to look in and download to")
     a("--served-model-name", nargs="+", help="name(s) the API answers to; the first is echoed")
     a("--host", default="0.0.0.0")
     a("--port", type=int, default=8000)
@@ -96,16 +99,31 @@ def read_chat_template(value: str | None) -> str | None:
     return path.read_text() if path.is_file() else value
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = make_parser()
+def console_main(argv: list[str] | None = None) -> None:
+    """The `jaxpaged` command: `jaxpaged serve [MODEL] [flags]`, as `vllm serve`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "serve":
+        print("usage: jaxpaged serve [MODEL] [flags]   (jaxpaged serve --help for the flags)", file=sys.stderr)
+        sys.exit(2)
+    main(argv[1:], prog="jaxpaged serve")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m jaxpaged.serve") -> None:
+    parser = make_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model_tag and args.model and args.model_tag != args.model:
+        parser.error(f"MODEL {args.model_tag!r} and --model {args.model!r} differ: give one")
+    args.model = args.model_tag or args.model
     if args.model is None:
         model, defaults = str(demo.demo_dir()), demo.DEMO_DEFAULTS
         names = args.served_model_name or [demo.DEMO_NAME]
         logger.info("no --model: serving the built-in demo model (random weights) from %s", model)
     else:
-        model, defaults = args.model, {}
+        try:
+            model, defaults = resolve_model(args.model, args.revision, args.download_dir), {}
+        except ValueError as e:
+            parser.error(str(e))
         names = args.served_model_name or [args.model]
     if args.num_processes > 1 and not args.coordinator_address:
         parser.error("--num-processes > 1 needs --coordinator-address (host:port of process 0)")
