@@ -12,7 +12,19 @@ from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int] | dict  # text, token ids, or vLLM's TextPrompt / TokensPrompt dict
+
+
+def _prompt(p: Prompt) -> str | list[int]:
+    """vLLM's prompt forms as text or token ids: `{"prompt": text}` (TextPrompt) and
+    `{"prompt_token_ids": ids}` (TokensPrompt); other keys (multi-modal data, ...) are refused."""
+    if not isinstance(p, dict):
+        return p
+    if set(p) == {"prompt"} and isinstance(p["prompt"], str):
+        return p["prompt"]
+    if set(p) == {"prompt_token_ids"}:
+        return list(p["prompt_token_ids"])
+    raise ValueError(f"a prompt dict must be {{'prompt': text}} or {{'prompt_token_ids': ids}}; got keys {sorted(p)}")
 
 
 class LLM:
@@ -33,9 +45,11 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); results come back in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for each prompt (text, token ids, or a TextPrompt / TokensPrompt dict);
+        results come back in input order."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_prompt(p) for p in prompts]
         params = sampling_params or SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)

@@ -320,3 +320,18 @@ def test_step_variant_skips_unused_top_k_top_p(llm, monkeypatch):
     assert used == {SAMPLE_FILTERED} and tokens[0] == alone[0]
     tokens, used = run(plain, SamplingParams(temperature=1.0, top_k=1, seed=13, **kw))
     assert used == {SAMPLE_FILTERED} and tokens == [alone[0], greedy[0]]  # top_k=1 is argmax
+
+
+def test_text_and_tokens_prompt_dicts_as_in_vllm(llm):
+    """vLLM's TextPrompt and TokensPrompt dicts give the outputs of the plain text and ids;
+    a dict with other keys is refused, naming them."""
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    ids = llm.get_tokenizer().encode("Hello world")
+    plain = [o.outputs[0].token_ids for o in llm.generate(["Hello world", ids], params, use_tqdm=False)]
+    dicts = [o.outputs[0].token_ids for o in llm.generate(
+        [{"prompt": "Hello world"}, {"prompt_token_ids": ids}], params, use_tqdm=False)]
+    assert dicts == plain and plain[0] == plain[1]
+    single = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)
+    assert single[0].outputs[0].token_ids == plain[1]
+    with pytest.raises(ValueError, match="multi_modal_data"):
+        llm.generate({"prompt": "Hi", "multi_modal_data": {}}, params, use_tqdm=False)
