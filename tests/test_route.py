@@ -61,7 +61,7 @@ def test_completion_route_runs_the_drawn_files(tiny_model_dir):
     old = sys.getprofile()
     threading.setprofile(record)  # the engine core's, dispatch and tokenizer threads start after this
     address, thread = start_core_thread(core)
-    app = build_app(AsyncLLM(address, core.info), ["tiny"], "tiny")
+    app = build_app(AsyncLLM(address, core.info), ["tiny"], "tiny", max_request_body_size=1 << 20)  # as the CLI
     sys.setprofile(record)
     try:
         asyncio.run(run())

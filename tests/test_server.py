@@ -297,6 +297,32 @@ def test_errors_openai_client(client):
         openai.OpenAI(base_url=client.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+def test_cors_preflight_and_ping(server):
+    """CORS as vLLM configures it (all origins by default, preflight without the API key; an
+    explicit --allowed-origins list is enforced) and /ping as /health."""
+    import asyncio
+
+    from jaxpaged.serve.middleware import CORS
+
+    preflight = {"Origin": "https://ui.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(server.url + "/v1/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] in ("*", "https://ui.example")
+    assert httpx.get(server.url + "/ping").status_code == 200
+
+    import types
+
+    engine = types.SimpleNamespace(observer=None, stats=None)  # a preflight never reaches the engine
+    app = build_app(engine, [MODEL], "tiny", cors=CORS(["https://ui.example"]))
+
+    async def ask(origin: str) -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.options("/v1/completions", headers={**preflight, "Origin": origin})
+
+    assert asyncio.run(ask("https://ui.example")).headers["access-control-allow-origin"] == "https://ui.example"
+    assert asyncio.run(ask("https://evil.example")).status_code == 400
+
+
 VLLM_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:request_success_total")

@@ -22,6 +22,7 @@ import uvicorn
 from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
 from jaxpaged.engine.messages import CoreInfo
 from jaxpaged.serve.app import build_app
+from jaxpaged.serve.middleware import CORS
 
 logger = logging.getLogger("jaxpaged.serve")
 CUT_AFTER_S = 3  # after the error events, how long a stream that is not being read may stay open
@@ -39,6 +40,7 @@ class ServerSettings:
     max_request_body_size: int | None = None
     shutdown_timeout: float = 30.0
     log_level: str = "info"
+    cors: CORS | None = None
 
 
 class _Server(uvicorn.Server):
@@ -59,7 +61,7 @@ class _Server(uvicorn.Server):
 def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM or the core's death; the exit status (1: the core died)."""
     app = build_app(llm, settings.served_names, settings.model_path, settings.chat_template, settings.api_key,
-                    settings.max_request_body_size)
+                    settings.max_request_body_size, settings.cors)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout + CUT_AFTER_S)
     server = _Server(config, llm, settings.shutdown_timeout)

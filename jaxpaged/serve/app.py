@@ -5,7 +5,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import hmac
 import json
 import logging
 import time
@@ -18,7 +17,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import jaxpaged
 from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
@@ -26,8 +24,13 @@ from jaxpaged.serve.chat import create_chat_completion, render_chat
 from jaxpaged.serve.completions import create_completion
 from jaxpaged.serve.errors import APIError, error_body, error_response
 from jaxpaged.serve.metrics import Metrics
-from jaxpaged.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                     TokenizeRequest)
+from jaxpaged.serve.middleware import CORS, add_middlewares
+from jaxpaged.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 logger = logging.getLogger("jaxpaged.serve")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -47,10 +50,10 @@ class ServerState:
 
 def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model_path: str,
               chat_template: str | None = None, api_key: str | None = None,
-              max_request_body_size: int | None = None) -> Starlette:
+              max_request_body_size: int | None = None, cors: CORS | None = None) -> Starlette:
     """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
     stops the engine core if the client started it). Bodies over `max_request_body_size`
-    bytes get 413 (None: no limit)."""
+    bytes get 413 (None: no limit); `cors`: vLLM's CORS settings (its defaults allow all)."""
     state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key)
     metrics = Metrics(state.model_name, lambda: engine.stats)
     engine.observer = metrics
@@ -134,15 +137,13 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         Route("/tokenize", api(tokenize), methods=["POST"]),
         Route("/detokenize", api(detokenize), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ping", health, methods=["GET", "POST"]),  # vLLM's (SageMaker's) health check
         Route("/version", version, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
-    if api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    if max_request_body_size is not None:
-        app.add_middleware(BodySizeLimit, max_bytes=max_request_body_size)
+    add_middlewares(app, api_key, max_request_body_size, cors)
     return app
 
 
@@ -201,53 +202,6 @@ async def _cancel_on_disconnect(handler: Handler, request: Request) -> Response:
         logger.info("client disconnected: request %s cancelled", request.url.path)
         return Response(status_code=499)
     return work.result()
-
-
-class BodySizeLimit:
-    """Request bodies over `max_bytes` get 413 before they are read whole or parsed: at once
-    from Content-Length, else as soon as the received chunks pass the limit."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            return await self._too_large(scope, receive, send)
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise HTTPException(413, self._message())
-            return message
-
-        await self.app(scope, counted, send)
-
-    def _message(self) -> str:
-        return f"the request body is larger than the server's limit of {self.max_bytes} bytes"
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await error_response(self._message(), 413)(scope, receive, send)
-
-
-class APIKeyMiddleware:
-    """`Authorization: Bearer <key>` on `/v1` routes (vLLM's rule); else 401 in OpenAI's body."""
-
-    def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(auth, b"Bearer " + self.key):
-                response = error_response("Invalid or missing API key", 401)
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:

@@ -7,6 +7,7 @@ listening socket and supervises them. No API server process imports JAX.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -64,6 +65,10 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       help="on SIGTERM, seconds open requests may finish; then their streams end with an error event")
     a("--max-request-body-size", type=int, default=MAX_REQUEST_BODY_SIZE,
       help="bytes; a larger request body gets 413 before it is parsed")
+    a("--allowed-origins", type=json.loads, default=["*"], help='CORS origins, a JSON list (default ["*"])')
+    a("--allowed-methods", type=json.loads, default=["*"], help="CORS methods, a JSON list")
+    a("--allowed-headers", type=json.loads, default=["*"], help="CORS headers, a JSON list")
+    a("--allow-credentials", action="store_true", help="CORS: allow credentials")
     a("--seed", type=int, default=0)
     a("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     return p
@@ -140,14 +145,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpaged.serve") 
         return
     from jaxpaged.engine.async_llm import AsyncLLM
     from jaxpaged.serve.api_server import ServerSettings, run_api_server, serve
+    from jaxpaged.serve.middleware import CORS
 
     try:
         llm = AsyncLLM.from_engine_config(config, args.log_level, demo=args.model is None)
     except (ValueError, OSError) as e:
         parser.error(str(e))
     info = llm.info
+    cors = CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials)
     settings = ServerSettings(names, model, args.host, args.port, read_chat_template(args.chat_template),
-                              args.api_key, args.max_request_body_size, args.shutdown_timeout, args.log_level)
+                              args.api_key, args.max_request_body_size, args.shutdown_timeout, args.log_level, cors)
     logger.info("serving %s on http://%s:%d (%d API server process%s)", ", ".join(names), args.host, args.port,
                 args.api_server_count, "es" if args.api_server_count > 1 else "")
     if args.api_server_count == 1:
