@@ -75,3 +75,25 @@ def test_no_weights_is_named(tiny_model_dir, tmp_path):
     d = shutil.copytree(tiny_model_dir("llama"), tmp_path / "m")
     (d / "model.safetensors").unlink()
     one_line_error(d, r"no \*.safetensors files")
+
+
+def test_a_truncated_weights_file_is_one_line_naming_it(tiny_model_dir, tmp_path):
+    """A corrupt or truncated safetensors file: a one-line ConfigError naming the file, from
+    `LLM()` and from the server's command line (a usage error, no traceback)."""
+    import subprocess
+    import sys
+
+    from jaxpaged import LLM
+    from jaxpaged.models.config import ConfigError
+
+    model = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError) as e:
+        LLM(str(model), max_model_len=64, num_kv_blocks=16)
+    assert str(weights) in str(e.value) and "\n" not in str(e.value)
+    run = subprocess.run([sys.executable, "-m", "jaxpaged.serve", str(model), "--max-model-len", "64"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert f"cannot read weights file {weights}" in run.stderr.strip().splitlines()[-1]

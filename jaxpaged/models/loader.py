@@ -46,6 +46,12 @@ def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def _unreadable(f: Path, e: Exception) -> ConfigError:
+    """A corrupt or truncated weights file, in one line naming it."""
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return ConfigError(f"cannot read weights file {f}: {reason} (corrupt or truncated?)")
+
+
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file, from the sharded index or by listing the files."""
     index = model_dir / "model.safetensors.index.json"
@@ -57,8 +63,11 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
         raise ConfigError(f"no *.safetensors files in {model_dir}")
     out = {}
     for f in files:
-        with safe_open(f, framework="numpy") as st:
-            out |= {name: f for name in st.keys()}
+        try:
+            with safe_open(f, framework="numpy") as st:
+                out |= {name: f for name in st.keys()}
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types, OSError
+            raise _unreadable(f, e) from None
     return out
 
 
@@ -81,8 +90,15 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", pl
         if f not in handles:
             if not f.is_file():
                 raise ConfigError(f"checkpoint file {f} listed in the index does not exist")
-            handles[f] = safe_open(f, framework="flax")
-        return handles[f].get_tensor(name).astype(target)
+            try:
+                handles[f] = safe_open(f, framework="flax")
+            except Exception as e:  # noqa: BLE001
+                raise _unreadable(f, e) from None
+        try:
+            tensor = handles[f].get_tensor(name)
+        except Exception as e:  # noqa: BLE001
+            raise _unreadable(f, e) from None
+        return tensor.astype(target)
 
     def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
