@@ -68,6 +68,39 @@ def test_hub_id_resolves_from_the_local_cache_offline(tiny_model_dir, tmp_path, 
         resolve_model("acme/missing", download_dir=str(cache))
 
 
+def test_vllm_cpu_tutorial_line_with_a_hub_id_offline(tiny_model_dir, tmp_path):
+    """vLLM's CPU tutorial line (`--model M --trust-remote-code --device cpu --dtype bfloat16
+    --tokenizer-mode auto`, plus small engine sizes) with M a hub id in an offline HF cache, and
+    its request; the flags that change nothing here are logged as such."""
+    import httpx
+
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "acme/tiny-llama", tiny_model_dir("llama"))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "JAXPAGED_CACHE": str(tmp_path / "jp")}
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jaxpaged.serve", "--model", "acme/tiny-llama",
+                                 "--trust-remote-code", "--device", "cpu", "--dtype", "bfloat16", "--tokenizer-mode",
+                                 "auto", "--max-model-len", "128", "--max-num-seqs", "4", "--max-num-batched-tokens",
+                                 "64", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(port, [proc], log_path.read_text)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+                "model": "acme/tiny-llama", "prompt": "Explique a importância da IA.", "max_tokens": 50,
+                "temperature": 0.7})
+            body = r.json()
+            assert r.status_code == 200 and body["model"] == "acme/tiny-llama", body
+            assert 1 <= body["usage"]["completion_tokens"] <= 50
+            assert body["choices"][0]["finish_reason"] in ("stop", "length")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    logs = log_path.read_text()
+    assert "--trust-remote-code changes nothing here" in logs and "non-default args" in logs
+
+
 def test_jaxpaged_serve_command_and_positional_model(capsys):
     """`jaxpaged serve [MODEL]` as `vllm serve`; MODEL and a different --model are a usage error."""
     from jaxpaged.serve.cli import console_main, main
@@ -81,6 +114,9 @@ def test_jaxpaged_serve_command_and_positional_model(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["a", "--model", "b"])
     assert exit_.value.code == 2 and "differ" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["m", "--tokenizer-mode", "slow"])
+    assert exit_.value.code == 2 and "--tokenizer-mode slow is not supported" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["/nonexistent/model-dir"])
     err = capsys.readouterr().err

@@ -23,6 +23,10 @@ from jaxpaged.engine.hub import resolve_model
 
 logger = logging.getLogger("jaxpaged.serve")
 MAX_REQUEST_BODY_SIZE = 64 << 20  # bytes, --max-request-body-size
+# vLLM flags that change nothing here: accepted (launch lines carry them) with a one-line warning
+NO_EFFECT = {"trust_remote_code": "jaxpaged runs no code from the model repository",
+             "enforce_eager": "the steps are always compiled ahead; there are no CUDA graphs to skip",
+             "swap_space": "a preempted request is recomputed; nothing is swapped to host memory"}
 
 
 def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentParser:
@@ -31,6 +35,12 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
     a("model_tag", nargs="?", metavar="MODEL", help="as --model")
     a("--model", help="a local HF model directory or a hub id (default: the built-in demo model, built offline)")
     a("--revision", help="hub revision (branch, tag or commit) of a hub id")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="the engine core's JAX platform")
+    a("--tokenizer-mode", default="auto", choices=["auto", "hf", "slow", "mistral", "custom"],
+      help="auto / hf: the HF (fast) tokenizer, the only one here")
+    a("--trust-remote-code", action="store_true", help="accepted, changes nothing: " + NO_EFFECT["trust_remote_code"])
+    a("--enforce-eager", action="store_true", help="accepted, changes nothing: " + NO_EFFECT["enforce_eager"])
+    a("--swap-space", type=float, help="accepted, changes nothing: " + NO_EFFECT["swap_space"])
     a("--download-dir", help="Hugging Face cache directory to look in and download to")
     a("--served-model-name", nargs="+", help="name(s) the API answers to; the first is echoed")
     a("--host", default="0.0.0.0")
@@ -120,6 +130,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpaged.serve") 
     if args.model_tag and args.model and args.model_tag != args.model:
         parser.error(f"MODEL {args.model_tag!r} and --model {args.model!r} differ: give one")
     args.model = args.model_tag or args.model
+    logger.info("non-default args: %s", {k: v for k, v in vars(args).items() if v != parser.get_default(k)})
+    for name, why in NO_EFFECT.items():
+        if getattr(args, name) not in (None, False):
+            logger.warning("--%s changes nothing here: %s", name.replace("_", "-"), why)
+    if args.tokenizer_mode not in ("auto", "hf"):
+        parser.error(f"--tokenizer-mode {args.tokenizer_mode} is not supported: jaxpaged uses the HF tokenizer (auto)")
+    if args.device != "auto":
+        os.environ["JAX_PLATFORMS"] = args.device  # inherited by the engine core's process
     if args.model is None:
         model, defaults = str(demo.demo_dir()), demo.DEMO_DEFAULTS
         names = args.served_model_name or [demo.DEMO_NAME]
