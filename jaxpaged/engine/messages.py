@@ -92,29 +92,29 @@ class CoreInfo:
 HELLO, ADD, ABORT, STOP, SHUTDOWN, OUTPUTS, ERROR, DEAD = range(8)
 _PARAM_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
 _OUTPUT_FIELDS = [f.name for f in dataclasses.fields(EngineCoreOutput)]
+_PROMPT_FIELDS = [f.name for f in dataclasses.fields(PromptLogprobsChunk)]
+_STATS_FIELDS = [f.name for f in dataclasses.fields(SchedulerStats)]
+_PROMPT_AT = _OUTPUT_FIELDS.index("prompt_logprobs")
 
 
 def _row(obj: Any, fields: list[str]) -> list:
+    """A dataclass's fields as a list, by reference (`dataclasses.astuple` deep-copies)."""
     return [getattr(obj, f) for f in fields]
 
 
 def request_to_wire(r: EngineCoreRequest) -> list:
-    p = dataclasses.replace(r.params)
-    p.logit_bias = list(p.logit_bias.items())  # msgpack maps want string keys
-    return [r.request_id, r.prompt_token_ids, _row(p, _PARAM_FIELDS), r.max_tokens, r.arrival_time]
+    return [r.request_id, r.prompt_token_ids, _row(r.params, _PARAM_FIELDS), r.max_tokens, r.arrival_time]
 
 
 def request_from_wire(data: list) -> EngineCoreRequest:
     request_id, ids, params, max_tokens, arrival = data
-    kw = dict(zip(_PARAM_FIELDS, params))
-    kw["logit_bias"] = dict(kw["logit_bias"])
-    return EngineCoreRequest(request_id, ids, SamplingParams(**kw), max_tokens, arrival)
+    return EngineCoreRequest(request_id, ids, SamplingParams(**dict(zip(_PARAM_FIELDS, params))), max_tokens, arrival)
 
 
 def output_to_wire(o: EngineCoreOutput) -> list:
     row = _row(o, _OUTPUT_FIELDS)
     if o.prompt_logprobs is not None:
-        row[_OUTPUT_FIELDS.index("prompt_logprobs")] = dataclasses.astuple(o.prompt_logprobs)
+        row[_PROMPT_AT] = _row(o.prompt_logprobs, _PROMPT_FIELDS)
     return row
 
 
@@ -134,7 +134,7 @@ def decode(data: bytes) -> list:
 
 
 def outputs_message(outs: EngineCoreOutputs) -> bytes:
-    return encode([OUTPUTS, [output_to_wire(o) for o in outs.outputs], dataclasses.astuple(outs.stats)])
+    return encode([OUTPUTS, [output_to_wire(o) for o in outs.outputs], _row(outs.stats, _STATS_FIELDS)])
 
 
 def outputs_from_message(message: list) -> EngineCoreOutputs:
