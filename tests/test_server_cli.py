@@ -64,6 +64,8 @@ def test_hub_id_resolves_from_the_local_cache_offline(tiny_model_dir, tmp_path, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert Path(resolve_model("acme/tiny-llama", download_dir=str(cache))) == snapshot
     assert resolve_model(str(snapshot)) == str(snapshot)
+    with pytest.raises(ValueError, match="applies to hub ids only"):
+        resolve_model(str(snapshot), revision="v1")
     with pytest.raises(ValueError, match="'acme/missing' is not a local directory and not in the Hugging Face cache"):
         resolve_model("acme/missing", download_dir=str(cache))
 

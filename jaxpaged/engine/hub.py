@@ -11,6 +11,8 @@ def resolve_model(model: str, revision: str | None = None, download_dir: str | N
     """`model`'s local directory; ValueError in one line when it is neither here nor downloadable."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None or download_dir is not None:
+            raise ValueError(f"{model} is a local directory: a revision or download directory applies to hub ids only")
         return str(path)
     from huggingface_hub import constants, snapshot_download
 
