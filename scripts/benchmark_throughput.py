@@ -160,7 +160,8 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               num_scheduler_steps=args.num_scheduler_steps,
               tensor_parallel_size=args.tensor_parallel_size,
               compile_threads=args.compile_threads, block_size=args.block_size,
-              token_buckets=args.token_buckets)
+              token_buckets=args.token_buckets,
+              **({"long_prefill_token_threshold": t} if (t := args.long_prefill_token_threshold) else {}))
     engine = llm.engine
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -261,6 +262,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--long-prefill-token-threshold", type=int, default=0, help="most tokens of one prompt per step")
     ap.add_argument("--token-buckets", type=int_list, default=None,
                     help="comma-separated padded step sizes (default: the engine's)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)

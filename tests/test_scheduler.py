@@ -238,3 +238,24 @@ def test_random_runs_with_scarce_blocks_preempt_the_newest_and_never_exceed_the_
         raise AssertionError("the run did not finish")
     assert preemptions > 0
     assert bm.num_free_blocks == bm.num_total_blocks
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_not_the_step():
+    """vLLM's long_prefill_token_threshold: a prompt takes at most that many tokens of a step,
+    so a step beside running decodes stays short; several prompts still share the budget."""
+    sched = Scheduler(BlockManager(1024, BS, enable_prefix_caching=False), 64, 64, long_prefill_token_threshold=8)
+    sched.add(make_seq("d", 3, max_tokens=20))
+    step(sched)  # d samples its first token: a decode from now on
+    for name, n in (("a", 20), ("b", 5), ("c", 30)):
+        sched.add(make_seq(name, n))
+    out, rows = step(sched)
+    assert rows == [("d", 1), ("a", 8), ("b", 5), ("c", 8)]
+    out, rows = step(sched)
+    assert rows == [("d", 1), ("a", 8), ("b", 1), ("c", 8)]
+    out, rows = step(sched)
+    assert rows == [("d", 1), ("a", 4), ("b", 1), ("c", 8)]
+    # alone, a long prompt still goes in chunks of the threshold, not of the budget
+    sched = Scheduler(BlockManager(1024, BS, enable_prefix_caching=False), 64, 64, long_prefill_token_threshold=24)
+    sched.add(make_seq("e", 50))
+    out, done = step(sched)
+    assert done == [("e", 24)]

@@ -16,6 +16,9 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # token budget per step; default 2048
+    # most tokens of one prompt per step (0: up to the budget); vLLM's name. Bounds the steps that
+    # carry decodes (inter-token latency) while several prompts can still fill the budget.
+    long_prefill_token_threshold: int = 0
     token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: buckets.token_buckets)
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # launch the next steps before processing a step's outputs
@@ -42,6 +45,9 @@ class EngineConfig:
                      "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be 0 (off) or positive, got "
+                             f"{self.long_prefill_token_threshold}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ValueError(f"num_kv_blocks must be at least 2 (one is scratch), got {self.num_kv_blocks}")
         if self.token_buckets is not None and (not self.token_buckets or min(self.token_buckets) < 1):

@@ -2,7 +2,9 @@
 
 vLLM V1's policy: one token budget per step; running sequences first (decodes and
 continuing prefills, in admission order), then waiting ones FCFS; prompts longer than the
-budget are chunked; when blocks run out, the newest running sequence is preempted and will
+budget are chunked, and with `long_prefill_token_threshold` no prompt takes more than that
+many tokens of one step (so a step that carries decodes stays short, while several waiting
+prompts still fill the budget together); when blocks run out, the newest running sequence is preempted and will
 be recomputed. There is no prefill/decode distinction: each step a sequence computes the
 tokens it has but whose KV is not yet cached. With `num_steps` > 1 (multi-step decode), a
 step whose rows are all decodes reserves blocks for up to `num_steps` tokens per sequence
@@ -54,8 +56,9 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_steps: int = 1):
+                 num_steps: int = 1, long_prefill_token_threshold: int = 0):
         self.bm = block_manager
+        self.chunk_cap = long_prefill_token_threshold or max_num_batched_tokens  # tokens per prompt per step
         self.num_steps = num_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -75,7 +78,7 @@ class Scheduler:
                 break
             if seq.status is not RequestStatus.RUNNING or seq.final_token_scheduled:
                 continue  # preempted for an older sequence, or only waiting for its last token
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_cap)
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -123,7 +126,7 @@ class Scheduler:
                 want = seq.params.prompt_logprobs is None
                 blocks = self.bm.get_computed_blocks(seq.all_token_ids) if want else []
                 computed = len(blocks) * self.bm.block_size
-            n = min(seq.num_tokens - computed, budget)
+            n = min(seq.num_tokens - computed, budget, self.chunk_cap)
             if not self.bm.allocate(seq.seq_id, computed + n, blocks):
                 if blocks is None:
                     self.bm.free(seq.seq_id)  # undo the fork

@@ -58,6 +58,8 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
     a("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the memory budget)")
     a("--max-num-seqs", type=int, help="most requests in one batch (default 256)")
     a("--max-num-batched-tokens", type=int, help="token budget per engine step (default 2048)")
+    a("--long-prefill-token-threshold", type=int, default=0,
+      help="most tokens of one prompt per step (0: up to the budget): shorter steps for running streams")
     a("--block-size", type=int, default=16, help="tokens per KV block")
     a("--token-buckets", type=int_list, help="comma-separated padded step sizes to compile (default: powers of "
       "two and 192-style steps; vLLM's --cuda-graph-sizes)")
@@ -102,7 +104,8 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
         async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
-        num_scheduler_steps=args.num_scheduler_steps, token_buckets=args.token_buckets,
+        num_scheduler_steps=args.num_scheduler_steps, long_prefill_token_threshold=args.long_prefill_token_threshold,
+        token_buckets=args.token_buckets,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
         **{**defaults, **given})
 
