@@ -16,7 +16,11 @@ across rates). Greedy, `ignore_eos`, `max_tokens` = the output length.
 Per request: TTFT (first streamed chunk), TPOT ((e2e - TTFT) / (output tokens - 1)), ITL
 (every gap between streamed chunks, pooled) and end-to-end latency; output tokens from the
 stream's usage chunk. Per rate: completed, failed, duration, request / output / total token
-throughput and mean, median, p90, p99 of each latency in ms. Loopback servers only; every
+throughput and mean, median, p90, p99 of each latency in ms. Where the time goes: the server's
+own means over the rate (from its `/metrics` histograms, scraped before and after: TTFT from
+arrival in the API server to its first token, split into queue = arrival to first scheduled and
+prefill = first scheduled to first token) and the share of the rate's wall time this client's
+process was on a CPU (near 100%: the client, not the server, sets the latencies). Loopback servers only; every
 request has --request-timeout and every rate --max-duration, after which what is still
 running is cancelled and counted as failed.
 """
@@ -247,6 +251,35 @@ async def run_rate(args, model: str, prompts: list[list[int]], outs: list[int], 
     return results, duration
 
 
+SERVER_HISTOGRAMS = {"ttft": "vllm:time_to_first_token_seconds", "queue": "vllm:request_queue_time_seconds",
+                     "prefill": "vllm:request_prefill_time_seconds", "itl": "vllm:inter_token_latency_seconds"}
+
+
+def scrape(client: httpx.Client) -> dict[str, float]:
+    """The `_sum` and `_count` samples of SERVER_HISTOGRAMS from the server's /metrics ({} if none)."""
+    try:
+        text = client.get("/metrics").text
+    except httpx.HTTPError:
+        return {}
+    wanted = {f"{name}_{part}" for name in SERVER_HISTOGRAMS.values() for part in ("sum", "count")}
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition("{")
+        if name in wanted:
+            samples[name] = samples.get(name, 0.0) + float(rest.rsplit(" ", 1)[-1])
+    return samples
+
+
+def server_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean of each server histogram over what it observed between two scrapes, in ms."""
+    out = {}
+    for key, name in SERVER_HISTOGRAMS.items():
+        n = after.get(f"{name}_count", 0.0) - before.get(f"{name}_count", 0.0)
+        total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
+        out[key] = total / n * 1e3 if n > 0 else None
+    return out
+
+
 def auth_headers(args) -> dict:
     return {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 
@@ -305,6 +338,9 @@ def print_table(summary: dict) -> None:
                     f"{row['total_token_throughput']:10,.0f}") if j == 0 else " " * 56
             print(f"{left}  {name:6s} {fmt(s['mean']):>9s} {fmt(s['median']):>9s} {fmt(s['p90']):>9s} "
                   f"{fmt(s['p99']):>9s}")
+        m = row["server_mean_ms"]
+        print(" " * 56 + f"  server means: TTFT {fmt(m['ttft'])} = queue {fmt(m['queue'])} + prefill "
+              f"{fmt(m['prefill'])}, ITL {fmt(m['itl'])}; client on CPU {row['client_cpu_busy']:.0%} of the time")
 
 
 def plot(summary: dict, path: str) -> None:
@@ -400,11 +436,15 @@ def main(argv: list[str] | None = None) -> dict:
             sys.exit(f"warm-up request failed: {next(r.error for r in res if not r.ok)}")
 
     rows = []
+    metrics = httpx.Client(base_url=args.base_url, headers=auth_headers(args), timeout=30, trust_env=False)
     for k, rate in enumerate(args.request_rates):
         ps = fresh_prompts(prompts, info["vocab_size"], args.seed, k)
         offsets = arrival_offsets(len(ps), rate, args.burstiness, args.seed, k)
+        before, cpu0 = scrape(metrics), time.process_time()
         results, duration = asyncio.run(run_rate(args, info["model"], ps, outs, offsets, f"rate {rate:g}/s"))
         row = summarize(rate, results, duration, args.detailed)
+        row["client_cpu_busy"] = (time.process_time() - cpu0) / duration
+        row["server_mean_ms"] = server_means_ms(before, scrape(metrics))
         rows.append(row)
         ok = [r for r in results if r.ok and r.output_tokens > 1]
         if ok and all(r.chunks == 1 for r in ok):
@@ -414,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"rate {rate:g}/s: {row['completed']}/{len(ps)} completed in {duration:.1f} s, "
               f"{row['output_throughput']:,.0f} output tok/s, median TTFT {fmt(row['ttft_ms']['median'])} ms"
               + (f"; errors: {row['errors']}" if row["errors"] else ""), flush=True)
+    metrics.close()
 
     summary = {
         "kind": "serving", "date": time.strftime("%Y-%m-%d"), "base_url": args.base_url, "model": info["model"],

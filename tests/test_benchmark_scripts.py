@@ -147,9 +147,10 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         server.wait(timeout=30)
         log.close()
 
-    # the table comes last: one block of TTFT/TPOT/ITL/E2E rows per rate
+    # the table comes last: one block of TTFT/TPOT/ITL/E2E rows and the server's means per rate
     tail = out.stdout.strip().splitlines()
-    assert [line.split()[0] for line in tail[-8::4]] == rates and tail[-1].split()[-5] == "E2E"
+    assert [line.split()[0] for line in tail[-10::5]] == rates and tail[-2].split()[-5] == "E2E"
+    assert tail[-1].split()[:3] == ["server", "means:", "TTFT"]
 
     summary = json.loads((results / "serving.json").read_text())
     _, outs = bs.workload(Namespace(seed=1, num_prompts=n, workload="mixed", input_len=0, output_len=0,
@@ -166,6 +167,10 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
             assert 0 < s["median"] <= s["p90"] <= s["p99"], (key, s)
             assert s["mean"] > 0
         assert row["ttft_ms"]["median"] < row["e2el_ms"]["median"]
+        server = row["server_mean_ms"]  # the server's own view: within the client's, queue + prefill = TTFT
+        assert 0 < server["ttft"] <= row["ttft_ms"]["mean"] and 0 < server["itl"]
+        assert server["queue"] + server["prefill"] == pytest.approx(server["ttft"], rel=0.05)
+        assert 0 < row["client_cpu_busy"] < 1.5
     assert summary["results"][1]["duration_s"] < summary["results"][0]["duration_s"]  # inf: all at once
     try:
         import matplotlib  # noqa: F401 - the script plots only when it can
