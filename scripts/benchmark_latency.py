@@ -27,7 +27,8 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> t
     p = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True, detokenize=False)
     for i in range(batch):
         engine.add_request(f"itl-{batch}-{i}", rng.integers(0, vocab, prompt_len).tolist(), p)
-    while any(not s.output_token_ids for seqs in engine.core.requests.values() for s in seqs):
+    core = getattr(engine, "core", engine)  # an older revision's engine (A/B runs) has no separate core
+    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
     times = []
     with recorded_dispatches(engine.runner) as records:

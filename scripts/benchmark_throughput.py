@@ -75,8 +75,11 @@ def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int
 
 
 def time_calls(obj, name: str, totals: dict) -> None:
-    """Wrap `obj.name` to add its wall time to `totals[name]` (host-side step breakdown)."""
-    fn = getattr(obj, name)
+    """Wrap `obj.name` to add its wall time to `totals[name]` (host-side step breakdown); an
+    older revision's engine (A/B runs) may lack it."""
+    fn = getattr(obj, name, None)
+    if fn is None:
+        return
 
     def timed(*a, **kw):
         t = time.perf_counter()
@@ -167,10 +170,11 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     for i, (p, o) in enumerate(zip(prompts, outs)):
         engine.add_request(str(i), p, SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=i,
                                                      max_tokens=o, ignore_eos=True, detokenize=False))
+    core = getattr(engine, "core", engine)  # an older revision's engine (A/B runs) has no separate core
     device0, steps, generated = engine.runner.device_wait_seconds, 0, 0
     breakdown: dict[str, float] = {}  # where the host's time per step goes
     for obj, name in [(engine.scheduler, "schedule"), (engine.runner, "launch"), (engine.runner, "dispatch"),
-                      (engine.runner, "dispatch_loop"), (engine.runner, "fetch"), (engine.core, "_process"),
+                      (engine.runner, "dispatch_loop"), (engine.runner, "fetch"), (core, "_process"),
                       (engine.output, "process_outputs")]:
         time_calls(obj, name, breakdown)
     t = time.perf_counter()

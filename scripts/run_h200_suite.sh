@@ -12,7 +12,7 @@
 #   kernels  paged-attention kernel: GPU checks and the default table (decode batch 64, prefill,
 #            mixed), then decode at batch 256 on an engine-sized pool and the 2048-token bucket  ~3 min
 #   serving  `python -m jaxpaged.serve` on the shape + scripts/benchmark_serving.py at 4, 16, inf req/s
-#            (~2.5 min). Needs starlette, uvicorn, pydantic and httpx: installed from the wheels in .whl/
+#            (~2.5 min). Needs starlette, uvicorn, pydantic, httpx and aiohttp: installed from the wheels in .whl/
 #            when that folder exists, else skipped with a message where they are not importable.
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
@@ -83,8 +83,8 @@ if want serving; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
             || echo "   installing the wheels in .whl/ failed"
     fi
-    if ! PYTHONPATH=$SITE:$PYTHONPATH $PY -c "import starlette, uvicorn, pydantic, httpx" 2> /dev/null; then
-        echo "== serving: skipped: starlette, uvicorn, pydantic or httpx is not importable (put their wheels in .whl/," \
+    if ! PYTHONPATH=$SITE:$PYTHONPATH $PY -c "import starlette, uvicorn, pydantic, httpx, aiohttp" 2> /dev/null; then
+        echo "== serving: skipped: starlette, uvicorn, pydantic, httpx or aiohttp is not importable (put their wheels in .whl/," \
              "see docs/server.md)"
     else
         start=$SECONDS
