@@ -176,14 +176,11 @@ def test_image_entrypoint_is_the_documented_server_command(image, capsys):
     for copy_ in d["COPY"]:
         for src in copy_.split()[:-1]:
             assert (ROOT / src).exists() and f"!{src}" in ignored, src
-    documented = re.findall(rf"^docker run .*{re.escape(image)}( .*)?$", docs(), re.M)
+    deployment_md = (ROOT / "docs" / "deployment.md").read_text()
+    documented = re.findall(rf"^docker run .*{re.escape(image)}( .*)?$", deployment_md, re.M)
     assert documented, f"docs/deployment.md shows no `docker run ... {image}`"
     for rest in documented:
         server_args(image_argv(image, shlex.split(rest) or None))
-
-
-def docs() -> str:
-    return (ROOT / "docs" / "deployment.md").read_text()
 
 
 def pod_templates() -> list[tuple[dict, dict, dict[str, str]]]:
@@ -238,13 +235,12 @@ def test_pods_run_what_the_server_accepts(template, owner, env):
 
 
 def test_services_reach_a_served_port():
-    templates = [t for t, _, env in pod_templates() if env.get("LWS_WORKER_INDEX", "0") == "0"]
     for service in [d for d in manifests() if d["kind"] == "Service"]:
         selector = service["spec"]["selector"].items()
-        (pod,) = [t for t in templates if selector <= t["metadata"]["labels"].items()]
+        ((pod, env),) = [(t, env) for t, _, env in pod_templates() if selector <= t["metadata"]["labels"].items()]
         (c,) = pod["spec"]["containers"]
-        assert served_port(c, service["spec"]["ports"][0]["targetPort"]) == server_args(image_argv(
-            c["image"], c["args"]), {**LWS_ENV, "LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "0"}).port
+        port = server_args(image_argv(c["image"], c["args"]), env).port
+        assert served_port(c, service["spec"]["ports"][0]["targetPort"]) == port
 
 
 def test_autoscaler_query_selects_the_servers_waiting_requests():
@@ -263,10 +259,12 @@ def test_autoscaler_query_selects_the_servers_waiting_requests():
     assert float(trigger["metadata"]["threshold"]) > 0
 
 
-def test_compose_serves_the_demo_model_with_a_health_check():
-    service = compose()["services"]["jaxpaged"]
+@pytest.mark.parametrize("name", sorted(compose()["services"]))
+def test_compose_services_health_check_the_served_port(name):
+    service = compose()["services"][name]
     args = server_args(image_argv(service["image"], service.get("command")))
-    assert args.model is None and args.model_tag is None  # the built-in demo model
+    assert (args.model or args.model_tag) is None if name == "jaxpaged" else args.model_tag  # demo model on CPU
     assert service["ports"] == [f"{args.port}:{args.port}"]
     assert f"localhost:{args.port}/health" in " ".join(service["healthcheck"]["test"])
-    assert any(v.endswith(":/cache") for v in service["volumes"])
+    assert int(service["stop_grace_period"].removesuffix("s")) > args.shutdown_timeout + CUT_AFTER_S
+    assert any(v.endswith(":/cache") for v in service["volumes"])  # HF_HOME and JAXPAGED_CACHE of the images
