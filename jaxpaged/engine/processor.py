@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import transformers
 
@@ -55,9 +56,12 @@ def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, 
     kwargs = dict(chat_template_kwargs or {})
     if reserved := sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys()):
         raise ValueError(f"chat_template_kwargs may not set {reserved}")
-    text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, **kwargs)
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -117,6 +121,8 @@ class Processor:
         out: list[list[int]] = []
         for word in bad_words:
             plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"bad_words: {word!r} has no tokens")
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
             out.append(plain)
             if spaced[0] != plain[0] and len(spaced) == len(plain):
