@@ -140,11 +140,14 @@ def test_allowed_token_ids_and_bad_words_match_hf_greedy_loop(llm, hf_logits):
     want_allowed, gap_a = constrained_greedy(hf_logits, prompt, allowed=allowed)
     want_bad, gap_b = constrained_greedy(hf_logits, prompt, bad_words_ids=bad_ids)
     assert min(gap_a, gap_b) > MIN_GAP
+    # "aue" ends with a token greedy emits, but after other tokens than "aue"'s: nothing is banned
+    aue = [enc("aue"), enc(" aue")]
+    assert aue[0][-1] == aue[1][-1] in plain and constrained_greedy(hf_logits, prompt, bad_words_ids=aue)[0] == plain
     kw = dict(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outs = llm.generate([prompt] * 3, [SamplingParams(allowed_token_ids=allowed, **kw),
-                                       SamplingParams(bad_words=["dellt", "mo"], **kw), SamplingParams(**kw)],
-                        use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == [want_allowed, want_bad, plain]
+    outs = llm.generate([prompt] * 4, [SamplingParams(allowed_token_ids=allowed, **kw),
+                                       SamplingParams(bad_words=["dellt", "mo"], **kw), SamplingParams(**kw),
+                                       SamplingParams(bad_words=["aue"], **kw)], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [want_allowed, want_bad, plain, plain]
     # not vacuous: greedy emits "dellt"'s first token, then its second is banned (only there),
     # and it would emit " mo"
     dellt, mo = enc("dellt"), enc(" mo")[0]
