@@ -4,12 +4,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.engine.outputs import RequestOutput
+from jaxpaged.engine.processor import apply_chat_template
 from jaxpaged.engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict  # text, token ids, or vLLM's TextPrompt / TokensPrompt dict
@@ -76,14 +78,13 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the chat template."""
-        tok = self.get_tokenizer()
-        if tok is None:
-            raise ValueError("this model has no tokenizer, so chat is not available")
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template
+        (`chat_template` or the tokenizer's). `continue_final_message`: the reply continues the
+        last message (with `add_generation_prompt=False`); `chat_template_kwargs`: more template
+        variables (e.g. `enable_thinking`)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [tok.apply_chat_template(c, chat_template=chat_template, tokenize=False,
-                                           add_generation_prompt=add_generation_prompt)
-                   for c in conversations]
-        prompt_ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+        prompt_ids = [apply_chat_template(self.get_tokenizer(), c, chat_template, add_generation_prompt,
+                                          continue_final_message, chat_template_kwargs) for c in conversations]
         return self.generate(prompt_ids, sampling_params, use_tqdm)

@@ -197,12 +197,29 @@ def test_too_long_request_is_rejected_with_numbers(llm):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("n", 0), ("max_tokens", 0),
+    ("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("n", 0), ("max_tokens", -1),
     ("presence_penalty", 3), ("repetition_penalty", 0), ("logprobs", 21), ("min_tokens", -1),
+    ("allowed_token_ids", []), ("bad_words", [" "]), ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2),
 ])
 def test_sampling_params_validation(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_max_tokens_0_computes_the_prompt_only(llm):
+    """A prompt-only request (echo with max_tokens 0 on the server): its prompt logprobs, no
+    token, finish "length", its blocks freed; beside requests that generate, chunked (30
+    tokens, chunks of at most 64 - the others' tokens) and with n = 2."""
+    engine = llm.engine
+    prompts = [list(range(40, 70)), list(range(100, 105))]
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=0, prompt_logprobs=1, n=2),
+                                  SamplingParams(max_tokens=6, **GREEDY)], use_tqdm=False)
+    only, other = outs
+    assert [(c.token_ids, c.finish_reason) for c in only.outputs] == [([], "length")] * 2
+    assert len(only.prompt_logprobs) == 30 and only.prompt_logprobs[0] is None
+    assert all(prompts[0][i] in e for i, e in enumerate(only.prompt_logprobs) if e is not None)
+    assert other.outputs[0].token_ids == gen(llm, prompts[1], max_tokens=6, **GREEDY).outputs[0].token_ids
+    assert not engine.has_unfinished_requests() and engine.block_manager.usage == 0
 
 
 def test_n_samples_share_prompt_blocks(llm):

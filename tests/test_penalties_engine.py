@@ -1,8 +1,10 @@
-"""Penalties and logit_bias end to end: `LLM.generate` with greedy sampling against a greedy
-loop over HF transformers logits (float32), with vLLM V1's semantics reimplemented in numpy
-here: logit_bias added first (a non-argmax-invariant logits processor), then the repetition
+"""Logits processors end to end: `LLM.generate` with greedy sampling against a greedy loop
+over HF transformers logits (float32), with vLLM V1's semantics reimplemented in numpy here:
+logit_bias added first (a non-argmax-invariant logits processor), then the repetition
 penalty over every token seen in prompt + output (positive logits divided, others
-multiplied), then frequency and presence penalties over output tokens only."""
+multiplied), then frequency and presence penalties over output tokens only; and the token
+constraints: `allowed_token_ids` (argmax over the subset) and `bad_words` (a word's last token
+banned after its other tokens were generated)."""
 from __future__ import annotations
 
 import numpy as np
@@ -106,3 +108,51 @@ def test_penalties_and_logit_bias_match_hf_greedy_loop(llm, hf_logits, refs):
     assert refs[0][0] == 160 and refs[0][1] != 160  # prompt tokens escape presence / frequency
     assert refs[1][0] != plain[1][0]  # ... but not the repetition penalty
     assert refs[6][0] != 252
+
+
+def constrained_greedy(hf_logits, prompt, n=MAX_TOKENS, allowed=None, bad_words_ids=()):
+    """(greedy ids, smallest top-2 gap): argmax over `allowed` (all if None) minus the bad
+    words' last tokens whose other tokens the output ends with (vLLM's rule, prompt excluded)."""
+    ids, gap = [], np.inf
+    for _ in range(n):
+        x = hf_logits(prompt + ids)
+        if allowed is not None:
+            x = np.where(np.isin(np.arange(x.shape[0]), allowed), x, -np.inf)
+        for word in bad_words_ids:
+            if len(word) - 1 <= len(ids) and ids[len(ids) - len(word) + 1:] == word[:-1]:
+                x[word[-1]] = -np.inf
+        top2 = np.sort(x)[-2:]
+        gap = min(gap, top2[1] - top2[0])
+        ids.append(int(x.argmax()))
+    return ids, gap
+
+
+def test_allowed_token_ids_and_bad_words_match_hf_greedy_loop(llm, hf_logits):
+    tok = llm.get_tokenizer()
+    prompt = tok.encode("The quick brown fox")
+    enc = lambda w: tok.encode(w, add_special_tokens=False)  # noqa: E731
+    plain, _ = constrained_greedy(hf_logits, prompt)
+    allowed = [t for t in range(3, 500, 7) if t not in plain]
+    # vLLM tokenizes each bad word as given and with a leading space; the spaced form counts
+    # only where it has as many tokens and another first token: " mo" does, " dellt" does not
+    assert len(enc(" dellt")) != len(enc("dellt")) and len(enc(" mo")) == len(enc("mo")) == 1
+    bad_ids = [enc("dellt"), enc("mo"), enc(" mo")]
+    want_allowed, gap_a = constrained_greedy(hf_logits, prompt, allowed=allowed)
+    want_bad, gap_b = constrained_greedy(hf_logits, prompt, bad_words_ids=bad_ids)
+    assert min(gap_a, gap_b) > MIN_GAP
+    # "aue" ends with a token greedy emits, but after other tokens than "aue"'s: nothing is banned
+    aue = [enc("aue"), enc(" aue")]
+    assert aue[0][-1] == aue[1][-1] in plain and constrained_greedy(hf_logits, prompt, bad_words_ids=aue)[0] == plain
+    kw = dict(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([prompt] * 4, [SamplingParams(allowed_token_ids=allowed, **kw),
+                                       SamplingParams(bad_words=["dellt", "mo"], **kw), SamplingParams(**kw),
+                                       SamplingParams(bad_words=["aue"], **kw)], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [want_allowed, want_bad, plain, plain]
+    # not vacuous: greedy emits "dellt"'s first token, then its second is banned (only there),
+    # and it would emit " mo"
+    dellt, mo = enc("dellt"), enc(" mo")[0]
+    at = plain.index(dellt[0])
+    assert plain[at + 1] == dellt[1] and want_bad[at] == dellt[0] and want_bad[at + 1] != dellt[1]
+    assert mo in plain and mo not in want_bad and want_allowed != plain
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        llm.generate([prompt], SamplingParams(allowed_token_ids=[3, 512], **kw), use_tqdm=False)

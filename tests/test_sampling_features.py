@@ -29,6 +29,8 @@ V = 50
     (dict(temperature=0, logprobs=0), GREEDY),  # the sampled token's logprob comes with every variant
     (dict(temperature=0, logprobs=2), SamplingFeatures(logprobs=True)),
     (dict(temperature=0, prompt_logprobs=0), SamplingFeatures(prompt_logprobs=True)),
+    (dict(temperature=0, allowed_token_ids=[3, 4]), SamplingFeatures(token_bitmask=True)),
+    (dict(temperature=0, bad_words_token_ids=[[3]]), SamplingFeatures(token_bitmask=True)),
 ])
 def test_features_of_a_request(params, expected):
     assert features_of(SamplingParams(**params), V) == expected
@@ -39,8 +41,7 @@ def test_variant_is_the_cheapest_that_covers_the_batch():
     assert variant_for(SamplingFeatures(penalties=True)) == FULL
     assert variant_for(SAMPLE | SamplingFeatures(top_k_top_p=True)) == SAMPLE_FILTERED
     assert all(not v.needs_history for v in LOOP_VARIANTS) and FULL not in LOOP_VARIANTS
-    with pytest.raises(ValueError, match="token_bitmask"):  # until a compiled variant carries it
-        variant_for(SamplingFeatures(token_bitmask=True))
+    assert variant_for(SamplingFeatures(token_bitmask=True)) == FULL
 
 
 def test_token_bitmask_allows_only_its_tokens():
@@ -79,10 +80,12 @@ def test_no_compile_after_warmup_whatever_variant_runs(tiny_model_dir, compile_c
                [SamplingParams(temperature=0.8, seed=1, **kw)],
                [SamplingParams(temperature=0.8, top_p=0.7, seed=2, **kw)],
                [SamplingParams(temperature=0, presence_penalty=0.5, **kw),
-                SamplingParams(temperature=0, logprobs=2, prompt_logprobs=1, logit_bias={5: 2.0}, min_tokens=2, **kw)]]
+                SamplingParams(temperature=0, logprobs=2, prompt_logprobs=1, logit_bias={5: 2.0}, min_tokens=2, **kw),
+                SamplingParams(temperature=0.8, seed=3, allowed_token_ids=[5, 9], bad_words=["a"], **kw)]]
     for params in batches:
         outs = llm.generate([[3, 4, 5, 6, 7]] * len(params), params, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == 7 for o in outs)
+    assert set(outs[-1].outputs[0].token_ids) <= {5, 9}
     assert {v for v, _ in used} == set(VARIANTS)
     if num_scheduler_steps > 1:
         assert {v for v, loop in used if loop} == set(LOOP_VARIANTS)

@@ -16,8 +16,11 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
+import torch
+import transformers
 import uvicorn
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -76,7 +79,7 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    s = start_server(model_dir, api_key=KEY, max_request_body_size=BODY_LIMIT)
+    s = start_server(model_dir, api_key=KEY, max_request_body_size=BODY_LIMIT, trust_request_chat_template=True)
     yield s
     s.stop()
 
@@ -90,6 +93,19 @@ def client(server):
 def oracle(model_dir):
     """The offline API on the same model and shapes: the reference for generated text."""
     return LLM(model_dir, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def hf_log_softmax(model_dir):
+    """HF transformers (float32): `f(ids)[i]` is the log-softmax after `ids[:i + 1]` ([len - 1, V])."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def f(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            t = torch.tensor([ids])  # explicit mask: HF would otherwise mask token 0 (= pad)
+            return torch.log_softmax(hf(t, attention_mask=torch.ones_like(t)).logits[0, :-1].double(), -1).numpy()
+
+    return f
 
 
 def metrics(server: Server) -> dict[str, float]:
@@ -349,24 +365,204 @@ def test_metrics_carry_vllms_names(server, client):
     assert not any(line.startswith("jaxpaged:") for line in text.splitlines())
 
 
-@pytest.mark.parametrize("path, field, value", [
-    ("/v1/completions", "allowed_token_ids", [1, 2]), ("/v1/completions", "bad_words", ["x"]),
-    ("/v1/completions", "truncate_prompt_tokens", 4), ("/v1/completions", "prompt_logprobs", 1),
-    ("/v1/completions", "priority", 1), ("/v1/chat/completions", "chat_template", "{{ messages }}"),
-    ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}),
-    ("/v1/chat/completions", "continue_final_message", True), ("/v1/chat/completions", "echo", True),
-])
-def test_vllm_fields_not_implemented_are_a_400_naming_them(server, path, field, value):
-    """vLLM request fields jaxpaged does not implement are refused, never silently ignored; their
-    unset values (null, empty, false, 0) pass."""
-    body = {"model": MODEL, "max_tokens": 2, **({"prompt": "Hi"} if "chat" not in path else
-                                                {"messages": [{"role": "user", "content": "Hi"}]})}
-    auth = {"Authorization": f"Bearer {KEY}"}
-    err = _error(httpx.post(server.url + path, json={**body, field: value}, headers=auth), 400)
-    assert f"`{field}`" in err["message"]
-    unset = {list: [], dict: {}, bool: False, int: 0}.get(type(value))
-    if unset is not None:
-        assert httpx.post(server.url + path, json={**body, field: unset}, headers=auth).status_code == 200
+# ---- vLLM's request fields ----------------------------------------------------------------
+def _post(server: Server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+def _check_prompt_logprobs(entries: list, ids: list[int], n: int, hf: np.ndarray, tok) -> None:
+    """vLLM's `prompt_logprobs` against HF: None first, then per position the prompt token and
+    the top `n` as {token id: {logprob, rank, decoded_token}}."""
+    assert len(entries) == len(ids) and entries[0] is None
+    for pos, entry in enumerate(entries[1:]):
+        want = hf[pos]
+        assert {int(k) for k in entry} == {ids[pos + 1], *np.argsort(-want)[:n].tolist()}
+        for k, v in entry.items():
+            assert v["logprob"] == pytest.approx(want[int(k)], abs=1e-4)
+            assert v["rank"] == 1 + int((want > want[int(k)] + 1e-6).sum())
+            assert v["decoded_token"] == tok.decode([int(k)])
+
+
+def test_prompt_logprobs_match_hf(server, client, oracle, hf_log_softmax):
+    tok = oracle.get_tokenizer()
+    prompt = "Beautiful is better than ugly."
+    r = client.completions.create(model=MODEL, prompt=[prompt, "Simple"], max_tokens=2, temperature=0,
+                                  extra_body={"prompt_logprobs": 3})
+    for c, p in zip(r.choices, [prompt, "Simple"]):
+        ids = tok.encode(p)
+        _check_prompt_logprobs(c.model_extra["prompt_logprobs"], ids, 3, hf_log_softmax(ids), tok)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    ids = tok.encode(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+    _check_prompt_logprobs(chat.model_extra["prompt_logprobs"], ids, 0, hf_log_softmax(ids), tok)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    assert plain.choices[0].model_extra["prompt_logprobs"] is None
+    err = _error(_post(server, "/v1/completions", {"prompt": "Hi", "prompt_logprobs": 1, "stream": True}), 400)
+    assert "`prompt_logprobs`" in err["message"]
+    assert "prompt_logprobs" in _error(_post(server, "/v1/completions", {"prompt": "Hi", "prompt_logprobs": 21}), 400)["message"]
+
+
+def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(server, client, oracle, hf_log_softmax):
+    """lm-evaluation-harness's loglikelihood request: echo, max_tokens 0, logprobs."""
+    tok = oracle.get_tokenizer()
+    prompts = ["Errors should never pass silently.", "In the face of ambiguity"]
+    r = client.completions.create(model=MODEL, prompt=[tok.encode(p) for p in prompts], max_tokens=0, echo=True,
+                                  logprobs=2, temperature=0)
+    for c, p in zip(r.choices, prompts):
+        ids, lp = tok.encode(p), c.logprobs
+        hf = hf_log_softmax(ids)
+        assert c.text == p and c.finish_reason == "length"
+        assert lp.tokens == [tok.decode([t]) for t in ids] and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx([hf[i, t] for i, t in enumerate(ids[1:])], abs=1e-4)
+        for i, top in enumerate(lp.top_logprobs[1:]):  # the token, then the top 2; equal strings: the later
+            want = {tok.decode([t]): hf[i, t] for t in dict.fromkeys([ids[i + 1], *np.argsort(-hf[i])[:2].tolist()])}
+            assert top.keys() == want.keys() and list(top.values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert r.usage.completion_tokens == 0
+    assert r.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+    stream = list(client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in stream) == prompts[0] and stream[-1].choices[0].finish_reason == "length"
+    err = _error(_post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 0}), 400)
+    assert "max_tokens" in err["message"]
+    assert "max_tokens" in _error(_post(server, "/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 0}), 400)["message"]
+
+
+def test_allowed_token_ids(server, client, oracle):
+    """The text of the offline API with the same field (checked against HF in
+    tests/test_penalties_engine.py); out-of-vocab or empty lists are a 400."""
+    allowed = list(range(100, 140))
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                  extra_body={"allowed_token_ids": allowed, "ignore_eos": True})
+    kw = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    want = oracle.generate(PROMPTS[1], SamplingParams(allowed_token_ids=allowed, **kw), use_tqdm=False)[0].outputs[0]
+    plain = oracle.generate(PROMPTS[1], SamplingParams(**kw), use_tqdm=False)[0].outputs[0]
+    assert r.choices[0].text == want.text != plain.text and set(want.token_ids) <= set(allowed)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                          extra_body={"allowed_token_ids": allowed})
+    assert chat.choices[0].message.content == oracle.chat(MESSAGES, SamplingParams(
+        allowed_token_ids=allowed, temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+    for bad in ([3, 512], []):
+        err = _error(_post(server, "/v1/completions", {"prompt": "Hi", "allowed_token_ids": bad}), 400)
+        assert "allowed_token_ids" in err["message"]
+
+
+def test_bad_words(server, client, oracle):
+    """As the offline API (vLLM's rule, checked against HF in tests/test_penalties_engine.py)."""
+    kw = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    r = client.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                  extra_body={"bad_words": ["dellt", "mo"], "ignore_eos": True})
+    want = oracle.generate("The quick brown fox", SamplingParams(bad_words=["dellt", "mo"], **kw), use_tqdm=False)
+    plain = oracle.generate("The quick brown fox", SamplingParams(**kw), use_tqdm=False)
+    assert r.choices[0].text == want[0].outputs[0].text != plain[0].outputs[0].text
+    assert "bad_words" in _error(_post(server, "/v1/completions", {"prompt": "Hi", "bad_words": [" "]}), 400)["message"]
+
+
+def test_truncate_prompt_tokens(server, client, oracle):
+    """The last k prompt tokens: the same completion (and echo) as those tokens sent as the prompt."""
+    ids = oracle.get_tokenizer().encode(PROMPTS[1])
+    kw = dict(model=MODEL, max_tokens=8, temperature=0, echo=True)
+    r = client.completions.create(prompt=PROMPTS[1], extra_body={"truncate_prompt_tokens": 3}, **kw)
+    cut = client.completions.create(prompt=ids[-3:], **kw)
+    full = client.completions.create(prompt=PROMPTS[1], **kw)
+    assert r.choices[0].text == cut.choices[0].text != full.choices[0].text and r.usage.prompt_tokens == 3
+    keep_all = client.completions.create(prompt=PROMPTS[1], extra_body={"truncate_prompt_tokens": -1}, **kw)
+    assert keep_all.choices[0].text == full.choices[0].text  # -1: max_model_len
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 5})
+    assert chat.usage.prompt_tokens == 5
+    for k in (0, 129):
+        err = _error(_post(server, "/v1/completions", {"prompt": "Hi", "truncate_prompt_tokens": k}), 400)
+        assert "truncate_prompt_tokens" in err["message"]
+
+
+def test_priority_0_only(server):
+    """vLLM under its default (first come, first served) policy refuses other priorities."""
+    assert _post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "priority": 0}).status_code == 200
+    for path, body in (("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", {"messages": MESSAGES})):
+        err = _error(_post(server, path, {**body, "priority": 1}), 400)
+        assert "`priority`" in err["message"] and "Priority scheduling is not enabled" in err["message"]
+
+
+TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+            "{% if greeting %}{{ greeting }} {% endif %}{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def _rendered(tok, messages, **kw) -> list[int]:
+    return tok.encode(tok.apply_chat_template(messages, tokenize=False, **kw), add_special_tokens=False)
+
+
+def _chat_matches_prompt(client, oracle, ids: list[int], messages, **fields) -> str:
+    """A greedy chat with `fields` has the prompt `ids` and the offline API's reply to them."""
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                       extra_body={"ignore_eos": True, **fields})
+    want = oracle.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)[0]
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content == want.outputs[0].text
+    return want.outputs[0].text
+
+
+def test_chat_template_per_request(server, client, oracle):
+    """The server here trusts request templates (--trust-request-chat-template); one that does
+    not refuses them: `test_default_server_refuses_request_chat_templates`."""
+    tok = oracle.get_tokenizer()
+    ids = _rendered(tok, MESSAGES, chat_template=TEMPLATE, add_generation_prompt=True)
+    assert ids != _rendered(tok, MESSAGES, add_generation_prompt=True)
+    tokenized = _post(server, "/tokenize", {"messages": MESSAGES, "chat_template": TEMPLATE}).json()
+    assert tokenized["tokens"] == ids
+    _chat_matches_prompt(client, oracle, ids, MESSAGES, chat_template=TEMPLATE)
+    assert "chat template" in _error(_post(server, "/v1/chat/completions", {
+        "messages": MESSAGES, "chat_template": "{% for %}"}), 400)["message"]
+
+
+def test_chat_template_kwargs(server, client, oracle):
+    tok = oracle.get_tokenizer()
+    kwargs = {"greeting": "Good morning"}
+    ids = _rendered(tok, MESSAGES, chat_template=TEMPLATE, add_generation_prompt=True, **kwargs)
+    assert ids != _rendered(tok, MESSAGES, chat_template=TEMPLATE, add_generation_prompt=True)
+    body = {"messages": MESSAGES, "chat_template": TEMPLATE, "chat_template_kwargs": kwargs}
+    assert _post(server, "/tokenize", body).json()["tokens"] == ids
+    text = _chat_matches_prompt(client, oracle, ids, MESSAGES, chat_template=TEMPLATE, chat_template_kwargs=kwargs)
+    offline = oracle.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False,
+                          chat_template=TEMPLATE, chat_template_kwargs=kwargs)
+    assert offline[0].outputs[0].text == text
+    for reserved in ({"tokenize": True}, {"chat_template": TEMPLATE}):
+        err = _error(_post(server, "/v1/chat/completions", {"messages": MESSAGES, "chat_template_kwargs": reserved}), 400)
+        assert "chat_template_kwargs" in err["message"]
+
+
+CONTINUED = [*MESSAGES, {"role": "assistant", "content": "I am fine and"}]
+
+
+def test_continue_final_message(server, client, oracle):
+    tok = oracle.get_tokenizer()
+    ids = _rendered(tok, CONTINUED, add_generation_prompt=False, continue_final_message=True)
+    assert tok.decode(ids).endswith("I am fine and")  # the message is left open
+    fields = dict(add_generation_prompt=False, continue_final_message=True)
+    text = _chat_matches_prompt(client, oracle, ids, CONTINUED, **fields)
+    offline = oracle.chat(CONTINUED, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False,
+                          **fields)
+    assert offline[0].outputs[0].text == text
+    err = _error(_post(server, "/v1/chat/completions", {"messages": CONTINUED, "continue_final_message": True}), 400)
+    assert "`continue_final_message` and `add_generation_prompt`" in err["message"]
+
+
+def test_chat_echo(client, oracle):
+    """vLLM: the reply starts with the last message when its role is the reply's (the
+    assistant's after a generation prompt, else the last message's own)."""
+    kw = dict(model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True, "echo": True})
+    fields = dict(add_generation_prompt=False, continue_final_message=True)
+    r = client.chat.completions.create(messages=CONTINUED, **{**kw, "extra_body": {**kw["extra_body"], **fields}})
+    plain = client.chat.completions.create(messages=CONTINUED, max_tokens=8, temperature=0, model=MODEL,
+                                           extra_body={"ignore_eos": True, **fields})
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == "I am fine and" + plain.choices[0].message.content
+    stream = list(client.chat.completions.create(messages=CONTINUED, stream=True, **{**kw, "extra_body": {
+        **kw["extra_body"], **fields}}))
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == r.choices[0].message.content
+    reply = client.chat.completions.create(messages=MESSAGES, **kw)  # the user's message: another role
+    assert reply.choices[0].message.content == client.chat.completions.create(
+        messages=MESSAGES, model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}).choices[0].message.content
+    user = client.chat.completions.create(messages=MESSAGES, **{**kw, "extra_body": {
+        **kw["extra_body"], "add_generation_prompt": False}})
+    assert user.choices[0].message.role == "user"
+    assert user.choices[0].message.content.startswith(MESSAGES[-1]["content"])
 
 
 def test_errors_raw_http(server):
@@ -569,9 +765,15 @@ _VALID = {  # mostly valid values, so that generation runs too
     "stop_token_ids": st.lists(st.integers(0, 511), max_size=3), "ignore_eos": st.booleans(),
     "min_tokens": st.integers(0, 3), "logit_bias": st.dictionaries(st.integers(0, 511).map(str), st.floats(-100, 100), max_size=3),
     "stream": st.booleans(), "stream_options": st.just({"include_usage": True}), "model": st.sampled_from([MODEL, "tiny-alias"]),
+    "allowed_token_ids": st.lists(st.integers(0, 511), min_size=1, max_size=4),
+    "bad_words": st.lists(st.text(min_size=1, max_size=4), max_size=3), "truncate_prompt_tokens": st.integers(-1, 8),
+    "prompt_logprobs": st.integers(0, 3), "priority": st.integers(-1, 1),
 }
-_COMPLETION = {**_VALID, "logprobs": st.integers(0, 5), "echo": st.booleans()}
-_CHAT = {**_VALID, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5), "max_completion_tokens": st.integers(1, 6)}
+_COMPLETION = {**_VALID, "logprobs": st.integers(0, 5), "echo": st.booleans(), "max_tokens": st.integers(0, 6)}
+_CHAT = {**_VALID, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5), "max_completion_tokens": st.integers(1, 6),
+         "echo": st.booleans(), "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(),
+         "chat_template": st.sampled_from([TEMPLATE, "{{ messages[0]['content'] }}", "{% if %}"]),
+         "chat_template_kwargs": st.dictionaries(st.sampled_from(["greeting", "tokenize", "x"]), _json, max_size=2)}
 _messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
                                             "content": st.text(max_size=12)}), min_size=1, max_size=3)
 _BODIES = {
@@ -613,23 +815,34 @@ def test_fuzz_request_bodies_never_5xx(server, request):
     assert server.llm.alive
 
 
-# ---- engine death -------------------------------------------------------------------------
-def test_dead_engine_gives_503(model_dir):
+# ---- a server with the defaults, then engine death -----------------------------------------
+@pytest.fixture(scope="module")
+def default_server(model_dir):
     s = start_server(model_dir)
-    try:
-        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
-        assert c.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+    yield s
+    s.stop()
 
-        def broken():
-            raise RuntimeError("device lost")
 
-        s.core.step = broken
-        with pytest.raises(openai.APIStatusError) as e:
-            c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-        assert e.value.status_code == 503
-        assert httpx.get(s.url + "/health").status_code == 503
-        with pytest.raises(openai.APIStatusError) as e:
-            c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
-        assert e.value.status_code == 503
-    finally:
-        s.stop()
+def test_default_server_refuses_request_chat_templates(default_server):
+    """As vLLM without --trust-request-chat-template."""
+    r = httpx.post(default_server.url + "/v1/chat/completions", json={"messages": MESSAGES, "chat_template": TEMPLATE})
+    assert "--trust-request-chat-template" in _error(r, 400)["message"]
+
+
+def test_dead_engine_gives_503(default_server):
+    """(Breaks `default_server`: the last test using it.)"""
+    s = default_server
+    c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+    assert c.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].text is not None
+
+    def broken():
+        raise RuntimeError("device lost")
+
+    s.core.step = broken
+    with pytest.raises(openai.APIStatusError) as e:
+        c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503
+    assert httpx.get(s.url + "/health").status_code == 503
+    with pytest.raises(openai.APIStatusError) as e:
+        c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+    assert e.value.status_code == 503

@@ -33,6 +33,8 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
     assert (defaults.port, defaults.api_key, defaults.enable_prefix_caching) == (8000, "from-env", True)
     assert engine_config(defaults, "m", DEMO_DEFAULTS).max_model_len == 256  # the demo's defaults apply
     assert make_parser().parse_args(["--api-key", "flag"]).api_key == "flag"
+    assert not defaults.trust_request_chat_template
+    assert make_parser().parse_args(["--trust-request-chat-template"]).trust_request_chat_template
     multi = make_parser().parse_args(["--num-processes", "2", "--process-id", "1", "--coordinator-address", "h:1"])
     cfg = engine_config(multi, "m", {})
     assert (cfg.num_processes, cfg.process_id, cfg.coordinator_address) == (2, 1, "h:1")

@@ -208,9 +208,14 @@ class EngineCore:
                 prompt = _prompt_chunk(out, i, row.start, row.num_new_tokens, seq.num_prompt_tokens)
             prompt_tokens = max(0, min(row.num_new_tokens, seq.num_prompt_tokens - row.start))
             self.num_prompt_tokens += prompt_tokens if row.num_sampled else row.num_new_tokens
-            if not row.num_sampled:  # a prompt chunk: nothing sampled yet
-                if prompt is not None:
-                    outputs.append(EngineCoreOutput(seq.request_id, seq.index, [], [], prompt_logprobs=prompt))
+            if not row.num_sampled:  # a prompt chunk: nothing sampled
+                if seq.max_tokens == 0 and row.start + row.num_new_tokens == seq.num_tokens:
+                    seq.finish("length")  # a prompt-only request ends with its prompt
+                if prompt is not None or seq.is_finished:
+                    outputs.append(EngineCoreOutput(seq.request_id, seq.index, [], [], prompt_logprobs=prompt,
+                                                    finish_reason=seq.finish_reason,
+                                                    num_cached_tokens=seq.num_cached_tokens,
+                                                    first_scheduled_time=seq.first_scheduled_time))
                 continue
             k = 0
             for token in token_ids[i][:row.num_sampled]:  # tokens past a stop are dropped

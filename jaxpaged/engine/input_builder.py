@@ -10,6 +10,7 @@ import numpy as np
 from jaxpaged.engine.host_buffer import Layout, pack
 from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sample.sampler import make_history, make_sampling_input, row_keys
+from jaxpaged.engine.sample.token_mask import make_token_bitmask
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
@@ -85,7 +86,7 @@ class InputBuilder:
         """The head inputs built from the requests' histories, per feature of `variant`:
         token history (penalties), logit bias and bans (-inf: EOS and stop ids before
         min_tokens), next prompt token per token (prompt logprobs, -1 = none), allowed-token
-        bitmask; each padded to `s` rows (`t` tokens)."""
+        bitmask (allowed_token_ids, bad_words); each padded to `s` rows (`t` tokens)."""
         out = {}
         if variant.penalties:
             hist = make_history([(r.request.prompt_token_ids, r.request.output_token_ids) for r in rows], s,
@@ -112,6 +113,8 @@ class InputBuilder:
                 if entries:
                     bias_ids[i, :len(entries)], bias_vals[i, :len(entries)] = zip(*entries)
             out["bias_ids"], out["bias_vals"] = bias_ids, bias_vals
-        if variant.token_bitmask:  # every token allowed until structured output fills it
-            out["token_bitmask"] = np.full((s, -(-self.vocab_size // 32)), -1, np.int32)
+        if variant.token_bitmask:
+            out["token_bitmask"] = make_token_bitmask(
+                [(r.request.params, r.request.output_token_ids if r.request.params.bad_words_token_ids else ())
+                 for r in rows], s, self.vocab_size)
         return out

@@ -128,9 +128,9 @@ class OutputProcessor:
             state = states[o.index]
             if o.prompt_logprobs is not None and state.prompt_logprobs is not None:
                 self._add_prompt_logprobs(state, o.prompt_logprobs)
-            if not o.new_token_ids:
+            if not o.new_token_ids and o.finish_reason is None:
                 continue
-            stop = self._add_tokens(state, o)
+            stop = self._add_tokens(state, o) if o.new_token_ids else None
             if stop is not None:
                 stopped.append((o.request_id, o.index, stop))
             elif o.finish_reason is not None:

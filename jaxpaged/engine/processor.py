@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
+import jinja2
 import numpy as np
 import transformers
 
@@ -32,6 +34,37 @@ def encode(tokenizer: transformers.PreTrainedTokenizerBase | None, prompt: str |
     return [int(t) for t in prompt]
 
 
+# apply_chat_template arguments that `chat_template_kwargs` may not set: the request's own fields,
+# and those that change what the call returns
+RESERVED_TEMPLATE_KWARGS = frozenset((
+    "chat_template", "tokenize", "conversation", "messages", "add_generation_prompt", "continue_final_message",
+    "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+    "return_assistant_tokens_mask"))
+
+
+def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, messages: list[dict],
+                        chat_template: str | None = None, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False,
+                        chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of a conversation through `chat_template` (else the tokenizer's).
+    `continue_final_message`: the last message stays open for the model to continue;
+    `chat_template_kwargs` reach the template as variables (e.g. `enable_thinking`)."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer, so chat is not available")
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template: give one (the server's --chat-template)")
+    kwargs = dict(chat_template_kwargs or {})
+    if reserved := sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys()):
+        raise ValueError(f"chat_template_kwargs may not set {reserved}")
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template error: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 class Processor:
     def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase | None, info: CoreInfo, seed: int = 0):
         self.tokenizer, self.info = tokenizer, info
@@ -40,14 +73,15 @@ class Processor:
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 arrival_time: float | None = None) -> EngineCoreRequest:
         """The request as the core takes it; raises ValueError (with the numbers) if it can never run.
-        A request without a seed gets one here, so its samples are reproducible from it."""
-        ids = encode(self.tokenizer, prompt)
+        The prompt is cut to `truncate_prompt_tokens`, `bad_words` are tokenized, and a request
+        without a seed gets one here, so its samples are reproducible from it."""
+        ids = self._truncate(encode(self.tokenizer, prompt), params.truncate_prompt_tokens)
         if not ids:
             raise ValueError("the prompt is empty")
         info, vocab = self.info, self.info.vocab_size
         room = info.max_model_len - len(ids)
         max_tokens = params.max_tokens if params.max_tokens is not None else room
-        if max_tokens > room or room < 1:
+        if max_tokens > room or (params.max_tokens is None and room < 1):
             raise ValueError(
                 f"This model's maximum context length is {info.max_model_len} tokens. However, you "
                 f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
@@ -56,6 +90,12 @@ class Processor:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *params.logit_bias)):
             raise ValueError(f"stop_token_ids and logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
+            raise ValueError(f"allowed_token_ids contains out-of-vocab token ids (must be in [0, {vocab}))")
+        if params.bad_words:
+            params = dataclasses.replace(params, bad_words_token_ids=self._bad_words_token_ids(params.bad_words))
+        if any(not 0 <= t < vocab for word in params.bad_words_token_ids or () for t in word):
+            raise ValueError(f"bad_words token ids must be in [0, {vocab})")
         blocks = -(-(len(ids) + max_tokens) // info.block_size)
         if blocks > info.num_kv_blocks:
             raise ValueError(f"the request needs {blocks} KV blocks but the pool has only {info.num_kv_blocks}")
@@ -63,3 +103,28 @@ class Processor:
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(self._rng.integers(2**63)))
         return EngineCoreRequest(request_id, ids, params, max_tokens, arrival_time or time.monotonic())
+
+    def _truncate(self, ids: list[int], k: int | None) -> list[int]:
+        """The last `k` prompt tokens (vLLM's truncate_prompt_tokens; -1: max_model_len)."""
+        if k is None:
+            return ids
+        if k > self.info.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens value ({k}) is greater than max_model_len "
+                             f"({self.info.max_model_len}). Please, select a smaller truncation size.")
+        return ids[-(self.info.max_model_len if k == -1 else k):]
+
+    def _bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad words: each word as it is (leading space stripped), and
+        with a leading space where that gives other tokens of the same count."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer, and this model has none")
+        out: list[list[int]] = []
+        for word in bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise ValueError(f"bad_words: {word!r} has no tokens")
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return out

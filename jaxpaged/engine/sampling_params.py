@@ -6,6 +6,7 @@ import dataclasses
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 64  # logit_bias entries per request
 MAX_STOP_TOKEN_IDS = 56
+MAX_BAD_WORDS = 128  # bad_words per request (vLLM's VLLM_MAX_NUM_BAD_WORDS)
 
 
 @dataclasses.dataclass
@@ -19,7 +20,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
-    max_tokens: int | None = 16  # None = up to max_model_len
+    max_tokens: int | None = 16  # None = up to max_model_len; 0 = the prompt only (its prompt_logprobs)
     min_tokens: int = 0
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -33,6 +34,11 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     # "cumulative": every output so far; "delta": only what is new (streaming); "final_only".
     output_kind: str = "cumulative"
+    allowed_token_ids: list[int] | None = None  # sample only these
+    bad_words: list[str] | None = None  # never generate these words (vLLM's rule: `sample/token_mask.py`)
+    truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: max_model_len)
+    # bad_words as token-id sequences: set by the `Processor` (the client holds the tokenizer)
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +48,8 @@ class SamplingParams:
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         if self.top_k == -1:
             self.top_k = 0
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
         self._check()
 
     def _check(self) -> None:
@@ -63,8 +71,8 @@ class SamplingParams:
                 bad(f, "must be in [-2, 2]")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be greater than zero")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad("max_tokens", "must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            bad("max_tokens", "must be non-negative (0: the prompt only)")
         if self.min_tokens < 0:
             bad("min_tokens", "must be non-negative")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -87,6 +95,15 @@ class SamplingParams:
             bad("output_kind", "must be cumulative, delta or final_only")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             bad("seed", "must fit in 64 bits")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            bad("allowed_token_ids", "must not be empty")
+        if len(self.bad_words or ()) > MAX_BAD_WORDS:
+            bad("bad_words", f"may have at most {MAX_BAD_WORDS} entries")
+        if any(not w.strip() for w in self.bad_words or ()):
+            bad("bad_words", "must not contain empty words")
+        if self.truncate_prompt_tokens is not None and not (self.truncate_prompt_tokens >= 1
+                                                            or self.truncate_prompt_tokens == -1):
+            bad("truncate_prompt_tokens", "must be an integer >= 1 or -1")
 
     @property
     def greedy(self) -> bool:

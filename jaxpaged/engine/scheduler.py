@@ -35,7 +35,8 @@ class ScheduledRequest:
     @classmethod
     def of(cls, request: Request, n: int, block_table: list[int], num_steps: int = 1) -> ScheduledRequest:
         start = request.num_computed_tokens
-        return cls(request, start, n, block_table, num_steps if start + n == request.num_tokens else 0)
+        samples = start + n == request.num_tokens and request.max_tokens > 0  # max_tokens 0: the prompt only
+        return cls(request, start, n, block_table, num_steps if samples else 0)
 
 
 @dataclasses.dataclass
@@ -79,6 +80,8 @@ class Scheduler:
             if seq.status is not RequestStatus.RUNNING or seq.final_token_scheduled:
                 continue  # preempted for an older sequence, or only waiting for its last token
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_cap)
+            if n == 0:
+                continue  # a prompt-only request (max_tokens 0) whose last chunk is launched
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)

@@ -41,6 +41,7 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     cors: CORS | None = None
+    trust_request_chat_template: bool = False
 
 
 class _Server(uvicorn.Server):
@@ -61,7 +62,7 @@ class _Server(uvicorn.Server):
 def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM or the core's death; the exit status (1: the core died)."""
     app = build_app(llm, settings.served_names, settings.model_path, settings.chat_template, settings.api_key,
-                    settings.max_request_body_size, settings.cors)
+                    settings.max_request_body_size, settings.cors, settings.trust_request_chat_template)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_timeout + CUT_AFTER_S)
     server = _Server(config, llm, settings.shutdown_timeout)

@@ -45,16 +45,20 @@ class ServerState:
     model_path: str
     chat_template: str | None = None
     api_key: str | None = None
+    trust_request_chat_template: bool = False
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
 def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model_path: str,
               chat_template: str | None = None, api_key: str | None = None,
-              max_request_body_size: int | None = None, cors: CORS | None = None) -> Starlette:
+              max_request_body_size: int | None = None, cors: CORS | None = None,
+              trust_request_chat_template: bool = False) -> Starlette:
     """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
     stops the engine core if the client started it). Bodies over `max_request_body_size`
-    bytes get 413 (None: no limit); `cors`: vLLM's CORS settings (its defaults allow all)."""
-    state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key)
+    bytes get 413 (None: no limit); `cors`: vLLM's CORS settings (its defaults allow all);
+    `trust_request_chat_template`: a request's own `chat_template` is used, not refused."""
+    state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key,
+                        trust_request_chat_template)
     metrics = Metrics(state.model_name, lambda: engine.stats)
     engine.observer = metrics
 
@@ -78,7 +82,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
     async def chat(request: Request) -> Response:
         req = await parse(request, ChatCompletionRequest)
         parse_model(req.model)
-        return await create_chat_completion(engine, req, state.model_name, state.chat_template)
+        return await create_chat_completion(engine, req, state.model_name, state.chat_template,
+                                            state.trust_request_chat_template)
 
     async def models(request: Request) -> Response:
         max_len = engine.max_model_len
@@ -96,7 +101,7 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
                 raise ValueError("this model has no tokenizer")
             if req.messages is not None:
                 conv = [{"role": m.role, "content": m.text()} for m in req.messages]
-                ids = render_chat(e, conv, state.chat_template, req.add_generation_prompt)
+                ids = render_chat(e, conv, req, state.chat_template, state.trust_request_chat_template)
             else:
                 ids = e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             out = {"count": len(ids), "max_model_len": e.max_model_len, "tokens": ids}

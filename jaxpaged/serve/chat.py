@@ -9,22 +9,25 @@ from starlette.responses import JSONResponse, Response
 
 from jaxpaged.engine.outputs import CompletionOutput, Logprob
 from jaxpaged.engine.async_llm import AsyncLLM, Tokenizing
-from jaxpaged.serve.completions import safe_logprob
-from jaxpaged.serve.protocol import ChatCompletionRequest
+from jaxpaged.engine.processor import apply_chat_template
+from jaxpaged.serve.completions import prompt_logprobs_json, safe_logprob
+from jaxpaged.serve.protocol import ChatCompletionRequest, ChatTemplateFields
 from jaxpaged.serve.sse import sse_response
 
 
-def render_chat(engine: Tokenizing, messages: list[dict], chat_template: str | None,
-                add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation through the chat template (`AsyncLLM.tokenize`)."""
-    tok = engine.tokenizer
-    if tok is None:
-        raise ValueError("this model has no tokenizer, so chat is not available")
-    if chat_template is None and not getattr(tok, "chat_template", None):
-        raise ValueError("this model has no chat template: start the server with --chat-template")
-    text = tok.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                   add_generation_prompt=add_generation_prompt)
-    return tok.encode(text, add_special_tokens=False)
+UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template is not set. "
+                      "Refused request with untrusted chat template (`chat_template`).")
+
+
+def render_chat(engine: Tokenizing, messages: list[dict], req: ChatTemplateFields, server_template: str | None,
+                trust_request_template: bool = False) -> list[int]:
+    """Token ids of a conversation through the request's template (only where the server trusts
+    request templates, as vLLM's --trust-request-chat-template) or the server's
+    (`AsyncLLM.tokenize`)."""
+    if req.chat_template is not None and not trust_request_template:
+        raise ValueError(UNTRUSTED_TEMPLATE)
+    return apply_chat_template(engine.tokenizer, messages, req.chat_template or server_template,
+                               req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs)
 
 
 def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
@@ -41,22 +44,25 @@ def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
 
 
 async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, model: str,
-                                 chat_template: str | None) -> Response:
+                                 chat_template: str | None, trust_request_template: bool = False) -> Response:
     conv = req.conversation()
-    prompt = await engine.tokenize(lambda e: render_chat(e, conv, chat_template, req.add_generation_prompt),
+    prompt = await engine.tokenize(lambda e: render_chat(e, conv, req, chat_template, trust_request_template),
                                    sum(len(str(m["content"])) for m in conv))
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     top_n = req.top_logprobs or 0
-    params = req.sampling_params(max_tokens, top_n if req.logprobs else None)
+    params = req.sampling_params(req.max_output_tokens, top_n if req.logprobs else None)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     group = await engine.add_requests([cid], [prompt], params, time.monotonic())
     head = {"id": cid, "created": int(time.time()), "model": model}
-    texts, num_tokens = [""] * req.n, [0] * req.n
+    role = req.role
+    # echo (vLLM): the reply starts with the last message when that message has the reply's role
+    echo = conv[-1]["content"] if req.echo and conv[-1]["role"] == role else ""
+    texts, num_tokens = [echo] * req.n, [0] * req.n
     finish: list[tuple[str | None, int | str | None]] = [(None, None)] * req.n
     logprobs: list[list[dict]] = [[] for _ in range(req.n)]
+    prompt_logprobs = None
 
     def usage() -> dict:
-        p, g = len(prompt), sum(num_tokens)
+        p, g = len(group.prompt_ids[0]), sum(num_tokens)
         return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
     if req.stream:
@@ -64,8 +70,11 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
 
         async def chunks() -> AsyncIterator[dict]:
             for i in range(req.n):
-                yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                yield {**head, "choices": [{"index": i, "delta": {"role": role, "content": ""},
                                             "logprobs": None, "finish_reason": None}]}
+            for i in range(req.n if echo else 0):
+                yield {**head, "choices": [{"index": i, "delta": {"content": echo}, "logprobs": None,
+                                            "finish_reason": None}]}
             async for out in group:
                 for o in out.outputs:
                     num_tokens[o.index] += len(o.token_ids)
@@ -81,6 +90,7 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
 
     try:
         async for out in group:
+            prompt_logprobs = out.prompt_logprobs
             for o in out.outputs:
                 texts[o.index] += o.text
                 num_tokens[o.index] += len(o.token_ids)
@@ -89,7 +99,8 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                     logprobs[o.index] += _chat_logprobs(o, top_n)["content"]
     finally:
         group.abort()
-    choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+    choices = [{"index": i, "message": {"role": role, "content": texts[i]},
                 "logprobs": {"content": logprobs[i]} if req.logprobs else None,
                 "finish_reason": finish[i][0], "stop_reason": finish[i][1]} for i in range(req.n)]
-    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage()})
+    return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(),
+                         "prompt_logprobs": prompt_logprobs_json(prompt_logprobs)})

@@ -72,6 +72,8 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
     a("--api-key", default=os.environ.get("JAXPAGED_API_KEY"),
       help="require `Authorization: Bearer KEY` on /v1 routes (or env JAXPAGED_API_KEY)")
     a("--chat-template", help="Jinja chat template: a file or the template itself")
+    a("--trust-request-chat-template", action="store_true",
+      help="use a request's own `chat_template` (refused otherwise, as in vLLM)")
     a("--api-server-count", type=int, default=1, help="API server processes on the port, one engine core")
     a("--shutdown-timeout", type=float, default=30.0,
       help="on SIGTERM, seconds open requests may finish; then their streams end with an error event")
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m jaxpaged.serve") 
     info = llm.info
     cors = CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers, args.allow_credentials)
     settings = ServerSettings(names, model, args.host, args.port, read_chat_template(args.chat_template),
-                              args.api_key, args.max_request_body_size, args.shutdown_timeout, args.log_level, cors)
+                              args.api_key, args.max_request_body_size, args.shutdown_timeout, args.log_level, cors,
+                              args.trust_request_chat_template)
     logger.info("serving %s on http://%s:%d (%d API server process%s)", ", ".join(names), args.host, args.port,
                 args.api_server_count, "es" if args.api_server_count > 1 else "")
     if args.api_server_count == 1:

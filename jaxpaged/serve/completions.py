@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from starlette.responses import JSONResponse, Response
 
-from jaxpaged.engine.outputs import CompletionOutput, Logprob
+from jaxpaged.engine.outputs import CompletionOutput, Logprob, PromptLogprobs
 from jaxpaged.engine.async_llm import AsyncLLM, RequestGroup
 from jaxpaged.serve.protocol import CompletionRequest
 from jaxpaged.serve.sse import sse_response
@@ -27,6 +27,7 @@ class _Choice:
         self.stop_reason: int | str | None = None
         self.offset = 0  # text offset of the next logprob token
         self.logprobs = _empty_logprobs() if with_logprobs else None
+        self.prompt_logprobs: PromptLogprobs | None = None
 
     def add_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob] | None],
                      token_strs: list[str], into: dict) -> None:
@@ -42,6 +43,16 @@ class _Choice:
                 into["top_logprobs"].append({lp.decoded_token: safe_logprob(lp.logprob) for lp in entry.values()})
 
 
+def prompt_logprobs_json(entries: PromptLogprobs | None) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt position (None for the first) {token id: {logprob,
+    rank, decoded_token}}, the prompt's token and the top N."""
+    if entries is None:
+        return None
+    return [None if e is None else {tid: {"logprob": safe_logprob(lp.logprob), "rank": lp.rank,
+                                          "decoded_token": lp.decoded_token} for tid, lp in e.items()}
+            for e in entries]
+
+
 def _empty_logprobs() -> dict:
     return {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
 
@@ -49,8 +60,8 @@ def _empty_logprobs() -> dict:
 async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str) -> Response:
     prompts = req.prompts()
     want_logprobs = req.logprobs is not None
-    params = req.sampling_params(req.max_tokens, req.logprobs,
-                                 prompt_logprobs=req.logprobs if req.echo and want_logprobs else None)
+    # echo + logprobs: the echoed prompt's logprobs (vLLM); max_tokens 0 with echo: the prompt only
+    params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
     cid = f"cmpl-{uuid.uuid4().hex}"
     arrival = time.monotonic()
     ids = await engine.tokenize(lambda e: [e.encode(p) for p in prompts], sum(len(p) for p in prompts))
@@ -80,6 +91,7 @@ async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str
             c.add_logprobs(out.token_ids, out.logprobs, strs, into)
         c.text += text
         c.started = True
+        c.prompt_logprobs = prompt_logprobs
         c.num_tokens += len(out.token_ids)
         c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
         return {"index": c.index, "text": text, "logprobs": into, "finish_reason": out.finish_reason,
@@ -111,18 +123,20 @@ async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str
     finally:
         group.abort()
     body = {**head, "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs,
-                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                                 "prompt_logprobs": prompt_logprobs_json(c.prompt_logprobs)}
                                 for c in choices], "usage": usage()}
     return JSONResponse(body)
 
 
 async def _echoes(engine: AsyncLLM, req: CompletionRequest, prompts: list[str | list[int]],
                   group: RequestGroup) -> list[tuple[str, list[int], list[str]]]:
-    """Per prompt: its text, token ids and token strings (for echo)."""
+    """Per prompt: its text (of the tokens left after truncate_prompt_tokens), token ids and
+    token strings (for echo)."""
     def decode(e) -> list[tuple[str, list[int], list[str]]]:
         if e.tokenizer is None:
             raise ValueError("echo needs a tokenizer, and this model has none")
-        return [(p if isinstance(p, str) else e.tokenizer.decode(ids), ids,
+        return [(p if isinstance(p, str) and req.truncate_prompt_tokens is None else e.tokenizer.decode(ids), ids,
                  [e.tokenizer.decode([t]) for t in ids] if req.logprobs is not None else [])
                 for p, ids in zip(prompts, group.prompt_ids)]
 

@@ -48,6 +48,8 @@ class Metrics:
     def observe(self, out: RequestOutput) -> None:
         m, rid = out.metrics, out.request_id
         if m is None or m.last_token_time is None:
+            if out.finished:  # a prompt-only request (max_tokens 0)
+                self.success.labels(finished_reason=out.outputs[0].finish_reason, **self.labels).inc()
             return
         previous = self._last_token_time.get(rid)
         if previous is None and m.first_token_time is not None:

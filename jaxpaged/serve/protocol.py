@@ -19,9 +19,7 @@ MAX_CHOICES = 1024  # prompts x n per HTTP request
 # 400 rather than a silent no-op. Unknown fields are ignored, as in vLLM.
 UNSUPPORTED = ("suffix", "tools", "functions", "function_call", "use_beam_search",
                "prompt_embeds", "structured_outputs", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar", "allowed_token_ids", "bad_words",
-               "truncate_prompt_tokens", "prompt_logprobs", "chat_template", "chat_template_kwargs",
-               "continue_final_message", "priority")
+               "guided_choice", "guided_grammar")
 
 
 class OpenAIModel(BaseModel):
@@ -65,6 +63,11 @@ class SamplingRequest(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    priority: int = 0
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -75,11 +78,17 @@ class SamplingRequest(OpenAIModel):
             raise ValueError("Stream options can only be defined when `stream=True`.")
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("`best_of` different from `n` is not supported by jaxpaged")
+        if self.priority != 0:  # vLLM's answer under its default first-come-first-served policy
+            raise ValueError(f"Got priority {self.priority} but Priority scheduling is not enabled "
+                             "(`priority` must be 0: jaxpaged schedules first come, first served).")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
         return self
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None) -> SamplingParams:
-        """The engine's parameters (raises ValueError on out-of-range values)."""
+        """The engine's parameters (raises ValueError on out-of-range values); `prompt_logprobs`
+        when the request's own field is unset."""
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
@@ -91,7 +100,9 @@ class SamplingRequest(OpenAIModel):
             n=self.n, seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs, logit_bias=bias,
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else prompt_logprobs,
+            logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
             skip_special_tokens=self.skip_special_tokens, output_kind="delta", **given)
 
     @property
@@ -107,6 +118,12 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check_max_tokens(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:  # echo + 0: the prompt's logprobs (lm-eval's loglikelihood)
+            raise ValueError("max_tokens must be at least 1, got 0 (0 only with `echo`)")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt field as a list of prompts (text or token ids)."""
@@ -137,32 +154,54 @@ class ChatMessage(OpenAIModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatTemplateFields(OpenAIModel):
+    """How messages go through the chat template (vLLM's fields)."""
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last message stays open: the reply continues it
+    chat_template: str | None = None  # this request's template (needs --trust-request-chat-template)
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables (e.g. enable_thinking)
+
+    @model_validator(mode="after")
+    def _check_template_fields(self) -> ChatTemplateFields:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return self
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
-    add_generation_prompt: bool = True
+    echo: bool = False  # the reply starts with the last message when it has the reply's role
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
-        if (self.model_extra or {}).get("echo"):
-            raise ValueError("`echo` is not supported by jaxpaged for chat completions")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("`top_logprobs` needs `logprobs` set to true")
+        if self.max_output_tokens == 0:
+            raise ValueError("max_tokens must be at least 1, got 0")
         return self
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
+    @property
+    def max_output_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-class TokenizeRequest(OpenAIModel):
+    @property
+    def role(self) -> str:
+        """The reply's role (vLLM): the assistant's after a generation prompt, else the last message's."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
+
+
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
     return_token_strs: bool = False
 
     @model_validator(mode="after")

@@ -3,8 +3,7 @@
 Each request needs some features (`features_of`); a step needs the union over its rows. Every
 feature is static in the head program, so each combination would be a compile per token
 bucket: the runner instead runs the first of a few compiled `VARIANTS` that covers the step.
-A feature that no variant covers (the structured-output token bitmask, until a variant adds
-it) is rejected when the request arrives.
+A feature that no variant covers would be rejected when the request arrives.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ class SamplingFeatures:
     logit_bias: bool = False  # logit_bias entries, and min_tokens' bans of EOS and stop ids
     logprobs: bool = False  # the top-N logprobs of each sampled token
     prompt_logprobs: bool = False  # logprobs of every prompt position
-    token_bitmask: bool = False  # a per-row allowed-token bitmask [S, ceil(V / 32)] (structured output)
+    token_bitmask: bool = False  # a per-row allowed-token bitmask [S, ceil(V / 32)]: allowed_token_ids, bad_words
 
     def flags(self) -> tuple[bool, ...]:
         return tuple(getattr(self, name) for name in self.__dataclass_fields__)
@@ -51,7 +50,7 @@ GREEDY = SamplingFeatures()
 SAMPLE = SamplingFeatures(random=True)
 SAMPLE_FILTERED = SamplingFeatures(random=True, top_k_top_p=True)
 FULL = SamplingFeatures(random=True, top_k_top_p=True, penalties=True, logit_bias=True, logprobs=True,
-                        prompt_logprobs=True)
+                        prompt_logprobs=True, token_bitmask=True)
 # The compiled head variants per token bucket, cheapest first: top-k / top-p cost ~2.7 ms of a
 # 256-row step on an H200, the history inputs more; most batches need one of the first three.
 VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, FULL)
@@ -74,6 +73,7 @@ def features_of(params: SamplingParams, vocab_size: int) -> SamplingFeatures:
         logit_bias=bool(params.logit_bias) or params.min_tokens > 0,
         logprobs=(params.logprobs or 0) > 0,
         prompt_logprobs=params.prompt_logprobs is not None,
+        token_bitmask=bool(params.allowed_token_ids) or bool(params.bad_words_token_ids),
     )
     return _interned.setdefault(features, features)
 
