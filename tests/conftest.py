@@ -12,6 +12,9 @@ import pytest
 # 8 fake CPU devices for the tensor-parallel tests (before any JAX work); everything else
 # runs on device 0 as it would on a single-device machine.
 jax.config.update("jax_num_cpu_devices", 8)
+# No persistent compilation cache in this process: a program loaded from it is no compile
+# event, so the no-recompile tests could not see it (engines started by default use one).
+jax.config.update("jax_enable_compilation_cache", False)
 
 from jaxpaged.models.tiny import make_tiny_model
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -173,6 +174,10 @@ def test_readme_command_serves_demo_model_and_curl_answers(tmp_path):
         for needle in ("demo model", "KV cache:", "tokens", "compiled token buckets", "loaded"):
             assert needle in logs
         assert (tmp_path / "cache" / "demo-llama" / "config.json").is_file()
+        # warm-up progress, every program counted; the compiled programs kept for the next start
+        progress = re.findall(r"warm-up: compiled (\d+)/(\d+) programs", logs)
+        assert progress and [int(d) for d, _ in progress] == list(range(1, int(progress[0][1]) + 1))
+        assert len(list((tmp_path / "cache" / "xla").iterdir())) >= int(progress[0][1])
 
 
 def children(pid: int) -> dict[int, str]:

@@ -24,6 +24,7 @@ from jaxpaged.engine import messages as m
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.core_client import CoreClient
 from jaxpaged.engine.core_proc import launch_core
+from jaxpaged.engine.demo import demo_dir
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import Processor, encode, load_tokenizer
@@ -62,11 +63,12 @@ class Observer(Protocol):
 
 class AsyncLLM:
     def __init__(self, address: str, info: m.CoreInfo, seed: int = 0,
-                 core_process: multiprocessing.Process | None = None):
+                 core_process: multiprocessing.Process | None = None, tokenizers: tuple[Any, Any] | None = None):
         """A client of the core serving `address` (`info`: its limits). `core_process`: the
-        core's process when this client owns it (`shutdown` stops it)."""
+        core's process when this client owns it (`shutdown` stops it). `tokenizers`: two
+        copies of the model's tokenizer (one per tokenizer thread) if loaded already."""
         self.info, self.max_model_len = info, info.max_model_len
-        self.tokenizer = load_tokenizer(info.model)
+        self.tokenizer, large = tokenizers or (load_tokenizer(info.model), load_tokenizer(info.model))
         self.processor = Processor(self.tokenizer, info, seed)
         self.output = OutputProcessor(self.tokenizer)
         self.observer: Observer | None = None
@@ -81,13 +83,19 @@ class AsyncLLM:
         # thread of their own, so that a huge prompt delays neither the streams nor small prompts.
         self._lanes = [(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"jaxpaged-tokenizer{suffix}"),
                         Tokenizing(tok, info))
-                       for suffix, tok in (("", self.tokenizer), ("-large", load_tokenizer(info.model)))]
+                       for suffix, tok in (("", self.tokenizer), ("-large", large))]
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, log_level: str = "info", demo: bool = False) -> AsyncLLM:
-        """Start an engine-core process for `config` and a client that owns it."""
-        core = launch_core(config, log_level, demo)
-        return cls(core.address, core.info, config.seed, core.process)
+        """Start an engine-core process for `config` and a client that owns it. The tokenizers
+        load (transformers' tokenizer modules take ~2 s to import on a CPU) while the core
+        starts; the demo model's appear only once the core has built it, on its first start."""
+        path = demo_dir() if demo else config.model
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-tokenizer-load") as pool:
+            early = pool.submit(lambda: (load_tokenizer(path), load_tokenizer(path)))
+            core = launch_core(config, log_level, demo)
+            tokenizers = early.result()
+        return cls(core.address, core.info, config.seed, core.process, tokenizers if tokenizers[0] is not None else None)
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,

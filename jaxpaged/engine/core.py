@@ -18,6 +18,7 @@ import jax
 from jax.sharding import NamedSharding
 
 from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.compile_cache import enable_compilation_cache
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import memory_budget
 from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
@@ -40,6 +41,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
         self.config = config
+        enable_compilation_cache()  # restarts reuse the compiled steps
         if config.num_processes > 1:
             init_distributed(config.coordinator_address, config.num_processes, config.process_id)
         self.mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None

@@ -123,14 +123,9 @@ def run_engine_core(config: EngineConfig, address: str, ready, parent_pid: int, 
     `CoreInfo` (or the error) on `ready`, then serve `address`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the API server stops the core
-    import jax
-
     from jaxpaged.engine.core import EngineCore
     from jaxpaged.engine import demo as demo_model
 
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # fast restarts: reuse compiled steps
-        jax.config.update("jax_compilation_cache_dir", str(demo_model.cache_root() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:
         if demo:
             config = dataclasses.replace(config, model=str(demo_model.demo_model_dir()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 
@@ -32,6 +33,8 @@ from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.sharding import KV_POOL
+
+logger = logging.getLogger("jaxpaged")
 
 
 @dataclasses.dataclass
@@ -98,6 +101,9 @@ class ModelRunner:
         self._padding = None  # start-up's all-padding step inputs per (bucket, variant): `compile_heads`
         self.compile_log: list[tuple[str, float, float]] = []  # start-up: (program, start s, seconds)
         self._t0 = time.perf_counter()
+        # every start-up program: heads (bucket x variant), forwards, decode loops (progress log)
+        self.num_programs = len(self.buckets) * len(VARIANTS) + len(self.buckets) + len(self.short_query_buckets) \
+            + len(self.loop_buckets) * len(LOOP_VARIANTS)
 
     def compile_heads(self, threads: int | None = None) -> int:
         """Compile every head (bucket x variant) in `threads` threads. Returns the largest
@@ -125,6 +131,10 @@ class ModelRunner:
         t0 = time.perf_counter()
         yield
         self.compile_log.append((program, round(t0 - self._t0, 2), round(time.perf_counter() - t0, 2)))
+        done = len(self.compile_log)  # list.append is atomic: the compile threads share it
+        if done <= self.num_programs:
+            logger.info("warm-up: compiled %d/%d programs (%s, %.1f s)", done, self.num_programs, program,
+                        time.perf_counter() - t0)
 
     def warmup(self, kv: KVCache, threads: int | None = None) -> None:
         """Take the KV pool, compile every forward and decode loop variant (in `threads`

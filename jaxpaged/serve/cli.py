@@ -98,7 +98,7 @@ def int_list(value: str) -> tuple[int, ...]:
 
 def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> EngineConfig:
     """Flags given on the command line win over `defaults` (the demo's), then EngineConfig's."""
-    given = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens")
+    given = {k: getattr(args, k) for k in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "token_buckets")
              if getattr(args, k) is not None}
     return EngineConfig(
         model=model, dtype={"half": "float16", "float": "float32"}.get(args.dtype, args.dtype),
@@ -107,7 +107,6 @@ def engine_config(args: argparse.Namespace, model: str, defaults: dict) -> Engin
         tensor_parallel_size=args.tensor_parallel_size, load_format=args.load_format,
         async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
         num_scheduler_steps=args.num_scheduler_steps, long_prefill_token_threshold=args.long_prefill_token_threshold,
-        token_buckets=args.token_buckets,
         coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id,
         **{**defaults, **given})
 
