@@ -27,7 +27,7 @@ from jaxpaged.engine.core_proc import launch_core
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import Processor, encode, load_tokenizer
-from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger("jaxpaged")
 T = TypeVar("T")
@@ -62,12 +62,15 @@ class Observer(Protocol):
 
 class AsyncLLM:
     def __init__(self, address: str, info: m.CoreInfo, seed: int = 0,
-                 core_process: multiprocessing.Process | None = None):
+                 core_process: multiprocessing.Process | None = None, tokenizer: str | None = None,
+                 max_logprobs: int = MAX_LOGPROBS):
         """A client of the core serving `address` (`info`: its limits). `core_process`: the
-        core's process when this client owns it (`shutdown` stops it)."""
+        core's process when this client owns it (`shutdown` stops it); `tokenizer`: its folder
+        when not the model's; `max_logprobs`: the most top logprobs a request may ask for."""
         self.info, self.max_model_len = info, info.max_model_len
-        self.tokenizer = load_tokenizer(info.model)
-        self.processor = Processor(self.tokenizer, info, seed)
+        tokenizer_path = tokenizer or info.model
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.processor = Processor(self.tokenizer, info, seed, max_logprobs)
         self.output = OutputProcessor(self.tokenizer)
         self.observer: Observer | None = None
         self.on_dead: Callable[[], None] | None = None  # the server exits
@@ -81,13 +84,13 @@ class AsyncLLM:
         # thread of their own, so that a huge prompt delays neither the streams nor small prompts.
         self._lanes = [(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"jaxpaged-tokenizer{suffix}"),
                         Tokenizing(tok, info))
-                       for suffix, tok in (("", self.tokenizer), ("-large", load_tokenizer(info.model)))]
+                       for suffix, tok in (("", self.tokenizer), ("-large", load_tokenizer(tokenizer_path)))]
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, log_level: str = "info", demo: bool = False) -> AsyncLLM:
         """Start an engine-core process for `config` and a client that owns it."""
         core = launch_core(config, log_level, demo)
-        return cls(core.address, core.info, config.seed, core.process)
+        return cls(core.address, core.info, config.seed, core.process, config.tokenizer, config.max_logprobs)
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,
