@@ -72,7 +72,8 @@ def create_engine_config(model: str, kwargs: dict[str, Any], flag: Callable[[str
     if unknown:
         raise TypeError(f"unexpected engine argument(s): {', '.join(unknown)}")
     check_extra_args(kwargs, flag)
-    fields = {k: v for k, v in kwargs.items() if k not in EXTRA_ARGS and k not in LOCATE_ARGS}
+    # None is vLLM's "unset": EngineConfig's default applies
+    fields = {k: v for k, v in kwargs.items() if k not in EXTRA_ARGS and k not in LOCATE_ARGS and v is not None}
     if resolve:
         download_dir = kwargs.get("download_dir")
         model = resolve_model(model, kwargs.get("revision"), download_dir)
