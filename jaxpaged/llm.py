@@ -8,7 +8,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from jaxpaged.engine.config import EngineConfig
+from jaxpaged.engine.arg_utils import create_engine_config
+from jaxpaged.engine.generation_config import load_generation_defaults
 from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import apply_chat_template
@@ -32,14 +33,26 @@ def _prompt(p: Prompt) -> str | list[int]:
 class LLM:
     """Load a model and generate for batches of prompts with continuous batching.
 
-    Keyword arguments are those of `EngineConfig` (vLLM's names): dtype, max_model_len,
-    gpu_memory_utilization, num_kv_blocks, max_num_seqs, max_num_batched_tokens, block_size,
-    enable_prefix_caching, seed, attention_backend, ...
+    Keyword arguments are vLLM's engine arguments, the names of `jaxpaged serve`'s flags
+    (engine/arg_utils.py): `EngineConfig`'s fields (dtype, max_model_len, gpu_memory_utilization,
+    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, seed, tokenizer,
+    generation_config, max_logprobs, ...), revision / download_dir for a hub id, and vLLM's
+    arguments that change nothing here (a warning) or are unsupported (an error). An unknown
+    name is a TypeError.
     """
 
     def __init__(self, model: str, **kwargs):
-        self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+        config = create_engine_config(str(model), kwargs)
+        self.generation_defaults = load_generation_defaults(config.model, config.generation_config,
+                                                            config.override_generation_config)
+        self.engine = LLMEngine(config)
         self._ids = itertools.count()
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use without SamplingParams: the model's generation config
+        (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens) over
+        SamplingParams' defaults, unless generation_config="vllm"."""
+        return self.generation_defaults.sampling_params()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -52,7 +65,7 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = [_prompt(p) for p in prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):

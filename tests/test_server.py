@@ -55,10 +55,10 @@ class Server:
         stop_core_thread(self.core_address, self.core_thread)
 
 
-def start_server(model_dir, **app_kwargs) -> Server:
+def start_server(model_dir, llm_kwargs: dict | None = None, **app_kwargs) -> Server:
     core = EngineCore(EngineConfig(model=str(model_dir), **ENGINE))
     address, core_thread = start_core_thread(core)
-    llm = AsyncLLM(address, core.info)
+    llm = AsyncLLM(address, core.info, **(llm_kwargs or {}))
     app = build_app(llm, [MODEL, "tiny-alias"], str(model_dir), **app_kwargs)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
                                      "--no-enable-prefix-caching", "-tp", "2", "--max-num-seqs", "3", "--seed", "5",
                                      "--gpu-memory-utilization", "0.5", "--max-num-batched-tokens", "32",
                                      "--token-buckets", "8,24", "--num-scheduler-steps", "4"])
-    cfg = engine_config(args, "m", DEMO_DEFAULTS)
+    cfg = engine_config(args, "m", DEMO_DEFAULTS, resolve=False)
     assert (cfg.dtype, cfg.max_model_len, cfg.block_size, cfg.enable_prefix_caching) == ("float16", 99, 8, False)
     assert (cfg.tensor_parallel_size, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.seed) == (2, 3, 32, 5)
     assert cfg.gpu_memory_utilization == 0.5 and cfg.token_buckets == (8, 24) and cfg.num_scheduler_steps == 4
@@ -32,12 +32,12 @@ def test_flags_map_to_engine_config(tmp_path, monkeypatch):
         make_parser().parse_args(["--token-buckets", "8,x"])
     defaults = make_parser().parse_args([])
     assert (defaults.port, defaults.api_key, defaults.enable_prefix_caching) == (8000, "from-env", True)
-    assert engine_config(defaults, "m", DEMO_DEFAULTS).max_model_len == 256  # the demo's defaults apply
+    assert engine_config(defaults, "m", DEMO_DEFAULTS, resolve=False).max_model_len == 256  # the demo's defaults apply
     assert make_parser().parse_args(["--api-key", "flag"]).api_key == "flag"
     assert not defaults.trust_request_chat_template
     assert make_parser().parse_args(["--trust-request-chat-template"]).trust_request_chat_template
     multi = make_parser().parse_args(["--num-processes", "2", "--process-id", "1", "--coordinator-address", "h:1"])
-    cfg = engine_config(multi, "m", {})
+    cfg = engine_config(multi, "m", {}, resolve=False)
     assert (cfg.num_processes, cfg.process_id, cfg.coordinator_address) == (2, 1, "h:1")
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages }}")
@@ -121,7 +121,7 @@ def test_jaxpaged_serve_command_and_positional_model(capsys):
     assert exit_.value.code == 2 and "differ" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["m", "--tokenizer-mode", "slow"])
-    assert exit_.value.code == 2 and "--tokenizer-mode slow is not supported" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--tokenizer-mode='slow' is not supported" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["/nonexistent/model-dir"])
     err = capsys.readouterr().err

@@ -28,7 +28,7 @@ from jaxpaged.engine.demo import demo_dir
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import Processor, encode, load_tokenizer
-from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 logger = logging.getLogger("jaxpaged")
 T = TypeVar("T")
@@ -63,13 +63,16 @@ class Observer(Protocol):
 
 class AsyncLLM:
     def __init__(self, address: str, info: m.CoreInfo, seed: int = 0,
-                 core_process: multiprocessing.Process | None = None, tokenizers: tuple[Any, Any] | None = None):
+                 core_process: multiprocessing.Process | None = None, tokenizer: str | None = None,
+                 max_logprobs: int = MAX_LOGPROBS, tokenizers: tuple[Any, Any] | None = None):
         """A client of the core serving `address` (`info`: its limits). `core_process`: the
-        core's process when this client owns it (`shutdown` stops it). `tokenizers`: two
-        copies of the model's tokenizer (one per tokenizer thread) if loaded already."""
+        core's process when this client owns it (`shutdown` stops it); `tokenizer`: its folder
+        when not the model's; `max_logprobs`: the most top logprobs a request may ask for;
+        `tokenizers`: two copies of the tokenizer (one per tokenizer thread) if loaded already."""
         self.info, self.max_model_len = info, info.max_model_len
-        self.tokenizer, large = tokenizers or (load_tokenizer(info.model), load_tokenizer(info.model))
-        self.processor = Processor(self.tokenizer, info, seed)
+        tokenizer_path = tokenizer or info.model
+        self.tokenizer, large = tokenizers or (load_tokenizer(tokenizer_path), load_tokenizer(tokenizer_path))
+        self.processor = Processor(self.tokenizer, info, seed, max_logprobs)
         self.output = OutputProcessor(self.tokenizer)
         self.observer: Observer | None = None
         self.on_dead: Callable[[], None] | None = None  # the server exits
@@ -90,12 +93,13 @@ class AsyncLLM:
         """Start an engine-core process for `config` and a client that owns it. The tokenizers
         load (transformers' tokenizer modules take ~2 s to import on a CPU) while the core
         starts; the demo model's appear only once the core has built it, on its first start."""
-        path = demo_dir() if demo else config.model
+        path = demo_dir() if demo else (config.tokenizer or config.model)
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-tokenizer-load") as pool:
             early = pool.submit(lambda: (load_tokenizer(path), load_tokenizer(path)))
             core = launch_core(config, log_level, demo)
             tokenizers = early.result()
-        return cls(core.address, core.info, config.seed, core.process, tokenizers if tokenizers[0] is not None else None)
+        return cls(core.address, core.info, config.seed, core.process, config.tokenizer, config.max_logprobs,
+                   tokenizers if tokenizers[0] is not None else None)
 
     # ---- requests ------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], sampling_params: SamplingParams,

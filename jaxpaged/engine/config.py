@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxpaged.engine.sampling_params import MAX_LOGPROBS
+
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
+
 
 @dataclasses.dataclass
 class EngineConfig:
@@ -37,8 +41,14 @@ class EngineConfig:
     num_processes: int = 1
     process_id: int = 0
     cpu_kv_cache_bytes: int = 4 << 30  # default pool cap without a device memory budget
+    # Request defaults from the model's generation_config.json (engine/generation_config.py):
+    # "auto" (the model's folder), "vllm" (ignore it) or a folder; override: HF keys that win.
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
+    max_logprobs: int = MAX_LOGPROBS  # top logprobs a request may ask for (a larger ask is refused)
 
     def __post_init__(self) -> None:
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("block_size", "max_num_seqs", "tensor_parallel_size", "max_steps_in_flight",
@@ -54,5 +64,8 @@ class EngineConfig:
             raise ValueError(f"token_buckets must be positive token counts, got {self.token_buckets}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] here (the compiled sampling step "
+                             f"returns the top {MAX_LOGPROBS}), got {self.max_logprobs}")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")

@@ -14,7 +14,7 @@ import transformers
 
 from jaxpaged.engine.messages import CoreInfo, EngineCoreRequest
 from jaxpaged.engine.sample.features import features_of, variant_for
-from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase | None:
@@ -66,8 +66,12 @@ def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, 
 
 
 class Processor:
-    def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase | None, info: CoreInfo, seed: int = 0):
-        self.tokenizer, self.info = tokenizer, info
+    def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase | None, info: CoreInfo, seed: int = 0,
+                 max_logprobs: int = MAX_LOGPROBS):
+        self.tokenizer, self.info, self.max_logprobs = tokenizer, info, max_logprobs
+        # max_tokens of a request that sets none: up to max_model_len, and at most this (the
+        # model's generation config, applied by the server)
+        self.default_max_tokens: int | None = None
         self._rng = np.random.default_rng(seed)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -80,12 +84,16 @@ class Processor:
             raise ValueError("the prompt is empty")
         info, vocab = self.info, self.info.vocab_size
         room = info.max_model_len - len(ids)
-        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        max_tokens = params.max_tokens if params.max_tokens is not None else min(room, self.default_max_tokens or room)
         if max_tokens > room or (params.max_tokens is None and room < 1):
             raise ValueError(
                 f"This model's maximum context length is {info.max_model_len} tokens. However, you "
                 f"requested {len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} "
                 f"for the completion). Please reduce the prompt or max_tokens.")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (asked := getattr(params, name)) is not None and asked > self.max_logprobs:
+                raise ValueError(f"Requested {name} of {asked}, which is greater than max allowed: "
+                                 f"{self.max_logprobs} (max_logprobs)")
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in (*params.stop_token_ids, *params.logit_bias)):

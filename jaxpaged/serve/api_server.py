@@ -20,7 +20,9 @@ import sys
 import uvicorn
 
 from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
+from jaxpaged.engine.generation_config import GenerationDefaults
 from jaxpaged.engine.messages import CoreInfo
+from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.serve.app import build_app
 from jaxpaged.serve.middleware import CORS
 
@@ -41,7 +43,24 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     log_level: str = "info"
     cors: CORS | None = None
+    tokenizer: str | None = None  # its folder when not the model's
+    max_logprobs: int = MAX_LOGPROBS
+    generation_defaults: GenerationDefaults | None = None
+    log_requests: bool = False
+    max_log_len: int | None = None
+    docs: bool = True  # /openapi.json and /docs
+    uvicorn_log_level: str = "info"
+    ssl: SSL | None = None
     trust_request_chat_template: bool = False
+
+
+@dataclasses.dataclass
+class SSL:
+    """`--ssl-keyfile`, `--ssl-certfile`, `--ssl-ca-certs`, `--ssl-cert-reqs`: uvicorn's TLS."""
+    keyfile: str | None = None
+    certfile: str | None = None
+    ca_certs: str | None = None
+    cert_reqs: int = 0  # ssl.CERT_NONE: no client certificate asked
 
 
 class _Server(uvicorn.Server):
@@ -62,10 +81,9 @@ class _Server(uvicorn.Server):
 def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM or the core's death; the exit status (1: the core died)."""
     app = build_app(llm, settings.served_names, settings.model_path, settings.chat_template, settings.api_key,
-                    settings.max_request_body_size, settings.cors, settings.trust_request_chat_template)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_timeout + CUT_AFTER_S)
-    server = _Server(config, llm, settings.shutdown_timeout)
+                    settings.max_request_body_size, settings.cors, settings.generation_defaults,
+                    settings.log_requests, settings.max_log_len, settings.docs, settings.trust_request_chat_template)
+    server = _Server(uvicorn_config(app, settings), llm, settings.shutdown_timeout)
 
     def core_died() -> None:
         logger.error("the engine core died (%s): exiting", llm.error)
@@ -76,7 +94,17 @@ def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = 
     return 1 if llm.error is not None else 0
 
 
+def uvicorn_config(app, settings: ServerSettings) -> uvicorn.Config:
+    """uvicorn's settings: address, log level, graceful-shutdown time, TLS."""
+    ssl = settings.ssl or SSL()
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.uvicorn_log_level,
+                          timeout_graceful_shutdown=settings.shutdown_timeout + CUT_AFTER_S,
+                          ssl_keyfile=ssl.keyfile, ssl_certfile=ssl.certfile, ssl_ca_certs=ssl.ca_certs,
+                          ssl_cert_reqs=ssl.cert_reqs)
+
+
 def run_api_server(address: str, info: CoreInfo, seed: int, settings: ServerSettings, sock: socket.socket) -> None:
     """An API server process of `--api-server-count N`: a client of the core at `address`."""
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(serve(AsyncLLM(address, info, seed), settings, sock))
+    sys.exit(serve(AsyncLLM(address, info, seed, tokenizer=settings.tokenizer, max_logprobs=settings.max_logprobs),
+                   settings, sock))

@@ -15,16 +15,18 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 import jaxpaged
 from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
+from jaxpaged.engine.generation_config import GenerationDefaults
 from jaxpaged.serve.chat import create_chat_completion, render_chat
 from jaxpaged.serve.completions import create_completion
 from jaxpaged.serve.errors import APIError, error_body, error_response
 from jaxpaged.serve.metrics import Metrics
 from jaxpaged.serve.middleware import CORS, add_middlewares
+from jaxpaged.serve.openapi import SWAGGER_UI, openapi_spec
 from jaxpaged.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -52,13 +54,21 @@ class ServerState:
 def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model_path: str,
               chat_template: str | None = None, api_key: str | None = None,
               max_request_body_size: int | None = None, cors: CORS | None = None,
+              generation_defaults: GenerationDefaults | None = None, log_requests: bool = False,
+              max_log_len: int | None = None, docs: bool = True,
               trust_request_chat_template: bool = False) -> Starlette:
     """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
     stops the engine core if the client started it). Bodies over `max_request_body_size`
     bytes get 413 (None: no limit); `cors`: vLLM's CORS settings (its defaults allow all);
-    `trust_request_chat_template`: a request's own `chat_template` is used, not refused."""
+    `generation_defaults`: for the sampling fields a request leaves unset; `log_requests`: log
+    each generation request (its fields, each cut to `max_log_len` characters) at INFO;
+    `docs`: serve /openapi.json and /docs; `trust_request_chat_template`: a request's own
+    `chat_template` is used, not refused."""
     state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key,
                         trust_request_chat_template)
+    defaults = generation_defaults or GenerationDefaults()
+    if defaults.max_tokens is not None:
+        engine.processor.default_max_tokens = defaults.max_tokens
     metrics = Metrics(state.model_name, lambda: engine.stats)
     engine.observer = metrics
 
@@ -74,14 +84,21 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         if model is not None and model not in state.served_names:
             raise APIError(f"The model `{model}` does not exist.", 404, "model")
 
+    def generation_request(request: Request, req: CompletionRequest | ChatCompletionRequest) -> None:
+        parse_model(req.model)
+        req.apply_defaults(defaults)
+        if log_requests:
+            fields = {k: _cut(v, max_log_len) for k, v in req.model_dump(exclude_unset=True).items()}
+            logger.info("request %s from %s: %s", request.url.path, request.client and request.client.host, fields)
+
     async def completions(request: Request) -> Response:
         req = await parse(request, CompletionRequest)
-        parse_model(req.model)
+        generation_request(request, req)
         return await create_completion(engine, req, state.model_name)
 
     async def chat(request: Request) -> Response:
         req = await parse(request, ChatCompletionRequest)
-        parse_model(req.model)
+        generation_request(request, req)
         return await create_chat_completion(engine, req, state.model_name, state.chat_template,
                                             state.trust_request_chat_template)
 
@@ -146,10 +163,20 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         Route("/version", version, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ]
+    if docs:
+        spec = openapi_spec(jaxpaged.__version__, api_key=bool(api_key))
+        routes += [Route("/openapi.json", lambda request: JSONResponse(spec), methods=["GET"]),
+                   Route("/docs", lambda request: HTMLResponse(SWAGGER_UI), methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error, Exception: _internal_error})
     add_middlewares(app, api_key, max_request_body_size, cors)
     return app
+
+
+def _cut(value: object, max_len: int | None) -> object:
+    """A logged field: its text cut to `max_len` characters (None: whole)."""
+    text = value if isinstance(value, str) else repr(value)
+    return value if max_len is None or len(text) <= max_len else text[:max_len] + "..."
 
 
 async def parse(request: Request, model: type[BaseModel]) -> BaseModel:

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from jaxpaged.engine.generation_config import SAMPLING_KEYS, GenerationDefaults
 from jaxpaged.engine.sampling_params import SamplingParams
 
 INT32_MAX = 2**31 - 1
@@ -104,6 +105,17 @@ class SamplingRequest(OpenAIModel):
             logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             skip_special_tokens=self.skip_special_tokens, output_kind="delta", **given)
+
+    def apply_defaults(self, defaults: GenerationDefaults) -> None:
+        """The model's generation config (vLLM's --generation-config) for the sampling fields
+        left unset; its max_tokens cap, if any, bounds the max_tokens asked for."""
+        for name in SAMPLING_KEYS:
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
+        if (cap := defaults.max_tokens_cap) is not None:
+            for name in ("max_tokens", "max_completion_tokens"):
+                if getattr(self, name, None) is not None:
+                    setattr(self, name, min(getattr(self, name), cap))
 
     @property
     def include_usage(self) -> bool:
