@@ -32,6 +32,15 @@ DEAD_EXIT_DELAY_S = 2.0  # after the core died: time for the error events (and 5
 
 
 @dataclasses.dataclass
+class SSL:
+    """`--ssl-keyfile`, `--ssl-certfile`, `--ssl-ca-certs`, `--ssl-cert-reqs`: uvicorn's TLS."""
+    keyfile: str | None = None
+    certfile: str | None = None
+    ca_certs: str | None = None
+    cert_reqs: int = 0  # ssl.CERT_NONE: no client certificate asked
+
+
+@dataclasses.dataclass
 class ServerSettings:
     served_names: list[str]
     model_path: str
@@ -52,15 +61,6 @@ class ServerSettings:
     uvicorn_log_level: str = "info"
     ssl: SSL | None = None
     trust_request_chat_template: bool = False
-
-
-@dataclasses.dataclass
-class SSL:
-    """`--ssl-keyfile`, `--ssl-certfile`, `--ssl-ca-certs`, `--ssl-cert-reqs`: uvicorn's TLS."""
-    keyfile: str | None = None
-    certfile: str | None = None
-    ca_certs: str | None = None
-    cert_reqs: int = 0  # ssl.CERT_NONE: no client certificate asked
 
 
 class _Server(uvicorn.Server):

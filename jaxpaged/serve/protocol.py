@@ -110,8 +110,8 @@ class SamplingRequest(OpenAIModel):
         """The model's generation config (vLLM's --generation-config) for the sampling fields
         left unset; its max_tokens cap, if any, bounds the max_tokens asked for."""
         for name in SAMPLING_KEYS:
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(defaults, name))
+            if getattr(self, name) is None and (value := getattr(defaults, name)) is not None:
+                setattr(self, name, value)
         if (cap := defaults.max_tokens_cap) is not None:
             for name in ("max_tokens", "max_completion_tokens"):
                 if getattr(self, name, None) is not None:
