@@ -245,7 +245,10 @@ def run_hf(args, model_dir: str, prompts, outs) -> dict:
 
 
 def main() -> None:
-    from jaxpaged.serve.cli_args import int_list  # (jax reads the memory settings below only when a backend starts)
+    try:  # (jax reads the memory settings below only when a backend starts)
+        from jaxpaged.serve.cli_args import int_list
+    except ImportError:  # an older revision's package (A/B runs)
+        from jaxpaged.serve.cli import int_list
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
