@@ -71,7 +71,8 @@ class EngineCore:
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
-                                   config.num_scheduler_steps, config.long_prefill_token_threshold)
+                                   config.num_scheduler_steps, config.long_prefill_token_threshold,
+                                   config.prefill_tokens_with_decodes)
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples

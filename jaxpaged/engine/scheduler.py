@@ -4,8 +4,11 @@ vLLM V1's policy: one token budget per step; running sequences first (decodes an
 continuing prefills, in admission order), then waiting ones FCFS; prompts longer than the
 budget are chunked, and with `long_prefill_token_threshold` no prompt takes more than that
 many tokens of one step (so a step that carries decodes stays short, while several waiting
-prompts still fill the budget together); when blocks run out, the newest running sequence is preempted and will
-be recomputed. There is no prefill/decode distinction: each step a sequence computes the
+prompts still fill the budget together). With `prefill_tokens_with_decodes`, a step that carries
+decodes takes at most that many prompt tokens in all while the prompt tokens still to compute fit
+in one budget (inter-token latency near a decode step's); a longer backlog gets the whole budget
+(throughput). When blocks run out, the newest running sequence is preempted and will be
+recomputed. There is no prefill/decode distinction: each step a sequence computes the
 tokens it has but whose KV is not yet cached. With `num_steps` > 1 (multi-step decode), a
 step whose rows are all decodes reserves blocks for up to `num_steps` tokens per sequence
 and runs that many iterations (`SchedulerOutput.multi_step`, `ScheduledRequest.num_sampled`).
@@ -13,6 +16,7 @@ and runs that many iterations (`SchedulerOutput.multi_step`, `ScheduledRequest.n
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections import deque
 
@@ -57,9 +61,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_steps: int = 1, long_prefill_token_threshold: int = 0):
+                 num_steps: int = 1, long_prefill_token_threshold: int = 0, prefill_tokens_with_decodes: int = 0):
         self.bm = block_manager
         self.chunk_cap = long_prefill_token_threshold or max_num_batched_tokens  # tokens per prompt per step
+        self.prefill_tokens_with_decodes = prefill_tokens_with_decodes
         self.num_steps = num_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -72,6 +77,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        prefill_budget = self._prefill_budget()
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
         for seq in list(self.running):
@@ -80,6 +86,9 @@ class Scheduler:
             if seq.status is not RequestStatus.RUNNING or seq.final_token_scheduled:
                 continue  # preempted for an older sequence, or only waiting for its last token
             n = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_cap)
+            if n > 1:  # a prompt chunk (or a preempted sequence's recompute)
+                n = min(n, prefill_budget)
+                prefill_budget -= n
             if n == 0:
                 continue  # a prompt-only request (max_tokens 0) whose last chunk is launched
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
@@ -92,7 +101,7 @@ class Scheduler:
                 scheduled.append((seq, n))
                 budget -= n
         if not preempted:
-            self._admit(scheduled, budget)
+            self._admit(scheduled, min(budget, prefill_budget))
         now = time.monotonic()
         for seq, _ in scheduled:
             seq.first_scheduled_time = seq.first_scheduled_time or now
@@ -100,6 +109,20 @@ class Scheduler:
         rows = [ScheduledRequest.of(seq, n, self.bm.block_table(seq.seq_id), steps[i] if steps else 1)
                 for i, (seq, n) in enumerate(scheduled)]
         return SchedulerOutput(rows, preempted, steps is not None)
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may take: `prefill_tokens_with_decodes` while a running
+        sequence is past its prompt (a decode) and the prompt tokens still to compute fit in one
+        budget; else the whole budget."""
+        cap, budget = self.prefill_tokens_with_decodes, self.max_num_batched_tokens
+        if not cap or not any(s.num_computed_tokens >= s.num_prompt_tokens for s in self.running):
+            return budget
+        backlog = 0
+        for seq in itertools.chain(self.running, self.waiting):
+            backlog += seq.num_tokens - seq.num_computed_tokens - 1
+            if backlog > budget:
+                return budget
+        return cap
 
     def _lookahead(self, scheduled: list[tuple[Request, int]]) -> list[int] | None:
         """Iterations per row when every row is a decode (its one new token is its last) that
