@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.buckets import token_buckets
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.scheduler import Scheduler
 from jaxpaged.engine.request import Request, RequestStatus
@@ -261,18 +262,25 @@ def test_long_prefill_token_threshold_caps_each_prompt_not_the_step():
     assert done == [("e", 24)]
 
 
-def test_prefill_tokens_with_decodes_caps_the_step_until_a_backlog():
-    """With decodes running, a step takes at most `prefill_tokens_with_decodes` prompt tokens in
-    all while the prompt tokens still to compute fit in one budget; a larger backlog gets the
-    whole budget; with no decode running the cap does not apply."""
-    sched = Scheduler(BlockManager(1024, BS, enable_prefix_caching=False), 64, 64, prefill_tokens_with_decodes=10)
+def test_decoding_token_budget_caps_the_step_until_a_backlog():
+    """With decodes running, a step takes at most `decoding_token_budget` tokens in all while
+    the prompt tokens still to compute fit in one budget; a larger backlog gets the whole budget;
+    with no decode running the cap does not apply."""
+    sched = Scheduler(BlockManager(1024, BS, enable_prefix_caching=False), 64, 64, decoding_token_budget=10)
     sched.add(make_seq("a", 30, max_tokens=20))
     assert step(sched)[1] == [("a", 30)]  # no decode running: the whole budget
     for name, n in (("b", 7), ("c", 12)):
         sched.add(make_seq(name, n))
-    assert step(sched)[1] == [("a", 1), ("b", 7), ("c", 3)]  # 10 prompt tokens beside a's decode
-    assert step(sched)[1] == [("a", 1), ("b", 1), ("c", 9)]
+    assert step(sched)[1] == [("a", 1), ("b", 7), ("c", 2)]  # 10 tokens with a's decode
+    assert step(sched)[1] == [("a", 1), ("b", 1), ("c", 8)]
     for name in "defgh":  # 5 x 20 prompt tokens waiting: more than one budget (64)
         sched.add(make_seq(name, 20))
     rows = step(sched)[1]
-    assert rows[:3] == [("a", 1), ("b", 1), ("c", 1)] and sum(n for _, n in rows) == 64
+    assert rows[:3] == [("a", 1), ("b", 1), ("c", 2)] and sum(n for _, n in rows) == 64
+
+
+def test_decoding_token_budget_is_a_token_bucket():
+    """Its steps are not padded to the next bucket: the default rule compiles it too."""
+    assert 384 not in token_buckets(2048, 256)
+    assert 384 in token_buckets(2048, 256, extra=(384,))
+    assert token_buckets(2048, 256, sizes=(64, 512), extra=(384,)) == [64, 512, 2048]

@@ -23,10 +23,10 @@ class EngineConfig:
     # most tokens of one prompt per step (0: up to the budget); vLLM's name. Bounds the steps that
     # carry decodes (inter-token latency) while several prompts can still fill the budget.
     long_prefill_token_threshold: int = 0
-    # prompt tokens in all of a step that carries decodes, while the prompt tokens still to
-    # compute fit in one budget (0: off; not a vLLM argument). Keeps inter-token latency near a
-    # decode step's at moderate load; a backlog still gets the whole budget.
-    prefill_tokens_with_decodes: int = 0
+    # token budget of a step that carries decodes while the prompt tokens still to compute fit
+    # in one full budget (0: off; not a vLLM argument; a token bucket of its own). Keeps
+    # inter-token latency near a decode step's at moderate load; a backlog gets the whole budget.
+    decoding_token_budget: int = 0
     token_buckets: tuple[int, ...] | None = None  # padded step sizes (default: buckets.token_buckets)
     enable_prefix_caching: bool = True
     async_scheduling: bool = True  # launch the next steps before processing a step's outputs
@@ -59,7 +59,7 @@ class EngineConfig:
                      "num_scheduler_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("long_prefill_token_threshold", "prefill_tokens_with_decodes"):
+        for name in ("long_prefill_token_threshold", "decoding_token_budget"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:

@@ -18,6 +18,7 @@ import jax
 from jax.sharding import NamedSharding
 
 from jaxpaged.engine.block_manager import BlockManager
+from jaxpaged.engine.buckets import token_buckets
 from jaxpaged.engine.compile_cache import enable_compilation_cache
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import memory_budget
@@ -62,7 +63,10 @@ class EngineCore:
         self.eos_token_ids = tuple(sorted(eos))
         self.runner = ModelRunner(cfg, params, attention, config.block_size, config.max_num_seqs,
                                   self.max_num_batched_tokens, self.max_model_len, self.eos_token_ids, self.mesh,
-                                  config.token_buckets, config.num_scheduler_steps)
+                                  config.token_buckets or tuple(token_buckets(
+                                      self.max_num_batched_tokens, config.max_num_seqs,
+                                      extra=(config.decoding_token_budget,))),
+                                  config.num_scheduler_steps)
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
@@ -72,7 +76,7 @@ class EngineCore:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.num_scheduler_steps, config.long_prefill_token_threshold,
-                                   config.prefill_tokens_with_decodes)
+                                   config.decoding_token_budget)
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples

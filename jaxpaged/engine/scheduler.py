@@ -4,10 +4,10 @@ vLLM V1's policy: one token budget per step; running sequences first (decodes an
 continuing prefills, in admission order), then waiting ones FCFS; prompts longer than the
 budget are chunked, and with `long_prefill_token_threshold` no prompt takes more than that
 many tokens of one step (so a step that carries decodes stays short, while several waiting
-prompts still fill the budget together). With `prefill_tokens_with_decodes`, a step that carries
-decodes takes at most that many prompt tokens in all while the prompt tokens still to compute fit
-in one budget (inter-token latency near a decode step's); a longer backlog gets the whole budget
-(throughput). When blocks run out, the newest running sequence is preempted and will be
+prompts still fill the budget together). With `decoding_token_budget`, a step that carries
+decodes takes at most that many tokens in all (prompts at least a quarter of it) while the prompt
+tokens still to compute fit in one budget (inter-token latency near a decode step's); a longer
+backlog gets the whole budget (throughput). When blocks run out, the newest running sequence is preempted and will be
 recomputed. There is no prefill/decode distinction: each step a sequence computes the
 tokens it has but whose KV is not yet cached. With `num_steps` > 1 (multi-step decode), a
 step whose rows are all decodes reserves blocks for up to `num_steps` tokens per sequence
@@ -61,10 +61,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_steps: int = 1, long_prefill_token_threshold: int = 0, prefill_tokens_with_decodes: int = 0):
+                 num_steps: int = 1, long_prefill_token_threshold: int = 0, decoding_token_budget: int = 0):
         self.bm = block_manager
         self.chunk_cap = long_prefill_token_threshold or max_num_batched_tokens  # tokens per prompt per step
-        self.prefill_tokens_with_decodes = prefill_tokens_with_decodes
+        self.decoding_token_budget = decoding_token_budget
         self.num_steps = num_steps
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -111,18 +111,19 @@ class Scheduler:
         return SchedulerOutput(rows, preempted, steps is not None)
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens this step may take: `prefill_tokens_with_decodes` while a running
-        sequence is past its prompt (a decode) and the prompt tokens still to compute fit in one
-        budget; else the whole budget."""
-        cap, budget = self.prefill_tokens_with_decodes, self.max_num_batched_tokens
-        if not cap or not any(s.num_computed_tokens >= s.num_prompt_tokens for s in self.running):
+        """Prompt tokens this step may take: what `decoding_token_budget` leaves beside the
+        decodes (at least a quarter of it) while some running sequence is past its prompt and
+        the prompt tokens still to compute fit in one budget; else the whole budget."""
+        cap, budget = self.decoding_token_budget, self.max_num_batched_tokens
+        decodes = sum(s.num_computed_tokens >= s.num_prompt_tokens for s in self.running) if cap else 0
+        if not decodes:
             return budget
         backlog = 0
         for seq in itertools.chain(self.running, self.waiting):
             backlog += seq.num_tokens - seq.num_computed_tokens - 1
             if backlog > budget:
                 return budget
-        return cap
+        return max(cap - decodes, cap // 4)
 
     def _lookahead(self, scheduled: list[tuple[Request, int]]) -> list[int] | None:
         """Iterations per row when every row is a decode (its one new token is its last) that
