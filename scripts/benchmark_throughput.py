@@ -165,7 +165,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               compile_threads=args.compile_threads, block_size=args.block_size,
               token_buckets=args.token_buckets,
               **({"long_prefill_token_threshold": t} if (t := args.long_prefill_token_threshold) else {}),
-              **({"decoding_token_budget": t} if (t := args.decoding_token_budget) else {}))
+              **({"decoding_token_budget": t} if (t := args.decoding_token_budget) is not None else {}))
     engine = llm.engine
     startup = time.perf_counter() - t0
     for i, (p, o) in enumerate(zip(prompts, outs)):
@@ -271,7 +271,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--long-prefill-token-threshold", type=int, default=0, help="most tokens of one prompt per step")
-    ap.add_argument("--decoding-token-budget", type=int, default=0,
+    ap.add_argument("--decoding-token-budget", type=int, default=None,
                     help="token budget of a step that carries decodes, without a backlog (engine arg)")
     ap.add_argument("--token-buckets", type=int_list, default=None,
                     help="comma-separated padded step sizes (default: the engine's)")

@@ -100,7 +100,7 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       help="most tokens of one prompt per step (0: up to the budget): shorter steps for running streams")
     a("--decoding-token-budget", type=int,
       help="token budget of a step that carries decodes while the waiting prompts fit in one full budget "
-      "(0: off): inter-token latency near a decode step's; a backlog gets the whole budget")
+      "(default 384, 0: off): inter-token latency near a decode step's; a backlog gets the whole budget")
     a("--block-size", type=int, default=16, help="tokens per KV block")
     a("--token-buckets", type=int_list, help="comma-separated padded step sizes to compile (default: powers of "
       "two and 192-style steps; vLLM's --cuda-graph-sizes)")
