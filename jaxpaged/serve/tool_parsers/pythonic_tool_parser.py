@@ -35,6 +35,16 @@ def _parse(source: str) -> ast.expr:
         return ast.parse(source, mode="eval").body
 
 
+def _word(text: str, j: int, pattern: re.Pattern, then: str, why: str) -> tuple[str, int] | None:
+    """The word `pattern` matches at text[j] (NotToolCall `why` if none) and where the `then`
+    character after it is; None when the text ends first."""
+    word = pattern.match(text, j)
+    if word is None:
+        raise NotToolCall(why)
+    k = skip_ws(text, word.end())
+    return (word.group(), k) if expect(text, k, then) else None
+
+
 def _literal_end(text: str, i: int) -> int | None:
     """Where the Python literal from text[i] ends: at a `,` or `)` outside strings and brackets."""
     depth, j = 0, i
@@ -74,15 +84,11 @@ class PythonicToolParser(ToolParser):
             return calls
         j = skip_ws(text, j + 1)
         while j < len(text):  # j: at a call's name
-            name = _NAME.match(text, j)
-            if name is None:
-                raise NotToolCall("not a function call")
-            j = skip_ws(text, name.end())
-            if not expect(text, j, "("):
+            if (name := _word(text, j, _NAME, "(", "not a function call")) is None:
                 return calls
-            call = PartialToolCall(name.group(), "{")
+            call = PartialToolCall(name[0], "{")
             calls.append(call)
-            j = self._scan_keywords(text, skip_ws(text, j + 1), call)
+            j = self._scan_keywords(text, skip_ws(text, name[1] + 1), call)
             if j is None:
                 return calls
             j = skip_ws(text, j)
@@ -104,12 +110,9 @@ class PythonicToolParser(ToolParser):
                 call.arguments += "}"
                 call.complete = True
                 return j + 1
-            key = _KEYWORD.match(text, j)
-            if key is None:
-                raise NotToolCall("only keyword arguments")
-            eq = skip_ws(text, key.end())
-            if not expect(text, eq, "="):
+            if (key := _word(text, j, _KEYWORD, "=", "only keyword arguments")) is None:
                 return None
+            eq = key[1]
             end = _literal_end(text, eq + 1)
             if end is None:
                 return None
@@ -117,7 +120,7 @@ class PythonicToolParser(ToolParser):
                 value = ast.literal_eval(_parse(text[eq + 1:end].strip()))
             except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 raise NotToolCall("an argument that is not a Python literal") from None
-            call.arguments += (", " if items else "") + f"{json.dumps(key.group())}: {_json_value(value)}"
+            call.arguments += (", " if items else "") + f"{json.dumps(key[0])}: {_json_value(value)}"
             items += 1
             j = skip_ws(text, end)
             if text[j] == ",":
