@@ -55,10 +55,6 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
     """`tool_parser`: the server's parser of "auto" tool calls (--tool-call-parser, with
     --enable-auto-tool-choice); `reasoning_parser`: its --reasoning-parser."""
     make_tool_parser = request_tool_parser(req, tool_parser)
-    if tool_choice_schema(req.tools, req.tool_choice, req.parallel_tool_calls) is not None:
-        # to wire: params.structured_outputs = StructuredOutputsParams(json=<that schema>)
-        raise ValueError(f"`tool_choice` {req.tool_choice if isinstance(req.tool_choice, str) else 'naming a function'}"
-                         " needs structured output, which jaxpaged does not have yet")
     conv = req.conversation()
     prompt = await engine.tokenize(lambda e: render_chat(e, conv, req, chat_template, trust_request_template),
                                    sum(len(str(m["content"])) for m in conv))
@@ -68,6 +64,10 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                for _ in range(req.n)]
     top_n = req.top_logprobs or 0
     params = req.sampling_params(req.max_output_tokens, top_n if req.logprobs else None)
+    if tool_choice_schema(req.tools, req.tool_choice, req.parallel_tool_calls) is not None:
+        # not wired yet: `params` must hold the reply to that schema (vLLM: structured_outputs.json)
+        raise ValueError(f"`tool_choice` {req.tool_choice if isinstance(req.tool_choice, str) else 'naming a function'}"
+                         " needs structured output, which jaxpaged does not have yet")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     group = await engine.add_requests([cid], [prompt], params, time.monotonic())
     head = {"id": cid, "created": int(time.time()), "model": model}
