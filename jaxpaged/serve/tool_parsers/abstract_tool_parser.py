@@ -1,9 +1,10 @@
 """`ToolParser`: a model family's tool-call format, parsed from a whole reply or a stream.
 
-`scan(text, final)` reads the content and the tool calls of a reply's text so far. Both only grow as the text grows (content ending in what may still
-become a marker is held back; a call's arguments are the model's own JSON text of them, read
-up to where the text ends), so the stream is the difference between successive scans, and
-its pieces concatenate to what `extract_tool_calls` returns for the whole text."""
+`scan(text, final)` reads the content and the tool calls of a reply's text so far. Both only
+grow as the text grows (content ending in what may still become a marker is held back; a
+call's arguments are the model's own JSON text of them, read up to where the text ends), so
+the stream is the difference between successive scans, and its pieces concatenate to what
+`extract_tool_calls` returns for the whole text."""
 from __future__ import annotations
 
 import dataclasses
