@@ -14,6 +14,8 @@ from jaxpaged.engine.llm_engine import LLMEngine
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import apply_chat_template
 from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.serve.chat_messages import ChatMessage
+from jaxpaged.serve.protocol import ChatTemplateFields
 
 Prompt = str | list[int] | dict  # text, token ids, or vLLM's TextPrompt / TokensPrompt dict
 
@@ -92,12 +94,18 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template
         (`chat_template` or the tokenizer's). `continue_final_message`: the reply continues the
         last message (with `add_generation_prompt=False`); `chat_template_kwargs`: more template
-        variables (e.g. `enable_thinking`)."""
+        variables (e.g. `enable_thinking`); `tools`: OpenAI function tools for the template (the
+        replies are not parsed for calls, as in vLLM). Messages are OpenAI's: an assistant's
+        `tool_calls` (arguments as JSON text or a dict) and `tool` messages reach the template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompt_ids = [apply_chat_template(self.get_tokenizer(), c, chat_template, add_generation_prompt,
-                                          continue_final_message, chat_template_kwargs) for c in conversations]
+        fields = ChatTemplateFields.model_validate({"tools": tools})  # the server's checks and forms
+        prompt_ids = [apply_chat_template(self.get_tokenizer(), [ChatMessage.model_validate(m).template_message()
+                                                                 for m in c], chat_template, add_generation_prompt,
+                                          continue_final_message, chat_template_kwargs, fields.template_tools())
+                      for c in conversations]
         return self.generate(prompt_ids, sampling_params, use_tqdm)

@@ -40,8 +40,10 @@ FLAGS = [  # (flags, WARN: the warning / ERROR: the usage error / a callable: th
     (["--guided-decoding-backend", "xgrammar"], ERROR, "--guided-decoding-backend='xgrammar' is not supported"),
     (["--structured-outputs-config", '{"backend": "xgrammar"}'], ERROR, "--structured-outputs-config="),
     (["--tokenizer-mode", "mistral"], ERROR, "--tokenizer-mode='mistral' is not supported"),
-    (["--enable-auto-tool-choice"], ERROR, "--enable-auto-tool-choice=True is not supported"),
-    (["--tool-call-parser", "hermes"], ERROR, "--tool-call-parser='hermes' is not supported"),
+    (["--enable-auto-tool-choice"], ERROR, "--enable-auto-tool-choice and --tool-call-parser go together"),
+    (["--tool-call-parser", "hermes"], ERROR, "--enable-auto-tool-choice and --tool-call-parser go together"),
+    (["--enable-auto-tool-choice", "--tool-call-parser", "xml"], ERROR, "invalid choice: 'xml'"),
+    (["--reasoning-parser", "o1"], ERROR, "invalid choice: 'o1'"),
     (["--response-role", "bot"], ERROR, "--response-role='bot' is not supported"),
     (["--return-tokens-as-token-ids"], ERROR, "--return-tokens-as-token-ids=True is not supported"),
     (["--enable-log-requests", "--disable-log-requests"], ERROR, "contradict each other"),
@@ -56,6 +58,8 @@ FLAGS = [  # (flags, WARN: the warning / ERROR: the usage error / a callable: th
     (["--uvicorn-log-level", "debug", "--enable-log-requests", "--max-log-len", "9", "--disable-fastapi-docs"],
      lambda c, a: _settings(c, a).uvicorn_log_level == "debug" and _settings(c, a).log_requests
      and _settings(c, a).max_log_len == 9 and not _settings(c, a).docs, None),
+    (["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"],
+     lambda c, a: (_settings(c, a).tool_parser, _settings(c, a).reasoning_parser) == ("hermes", "qwen3"), None),
     (["--ssl-keyfile", "k.pem", "--ssl-certfile", "c.pem"],
      lambda c, a: (_settings(c, a).ssl.keyfile, _settings(c, a).ssl.certfile) == ("k.pem", "c.pem"), None),
 ]

@@ -575,6 +575,12 @@ def test_errors_raw_http(server):
     _error(httpx.get(url + "/v1/nothing", headers=auth), 404)
     _error(httpx.get(url + "/v1/completions", headers=auth), 405)
     _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "suffix": "x"}, headers=auth), 400)
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "tools": tools}, headers=auth), 400)
+    # tools without --enable-auto-tool-choice: tool_choice defaults to "auto", which needs it (vLLM's 400)
+    err = _error(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                "tools": tools}, headers=auth), 400)
+    assert err["message"] == '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
     _error(httpx.post(url + "/detokenize", json={"tokens": [-1]}), 400)
     assert httpx.get(url + "/metrics").status_code == 200  # not behind the key, as in vLLM
 
@@ -773,9 +779,18 @@ _COMPLETION = {**_VALID, "logprobs": st.integers(0, 5), "echo": st.booleans(), "
 _CHAT = {**_VALID, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5), "max_completion_tokens": st.integers(1, 6),
          "echo": st.booleans(), "add_generation_prompt": st.booleans(), "continue_final_message": st.booleans(),
          "chat_template": st.sampled_from([TEMPLATE, "{{ messages[0]['content'] }}", "{% if %}"]),
-         "chat_template_kwargs": st.dictionaries(st.sampled_from(["greeting", "tokenize", "x"]), _json, max_size=2)}
-_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
-                                            "content": st.text(max_size=12)}), min_size=1, max_size=3)
+         "chat_template_kwargs": st.dictionaries(st.sampled_from(["greeting", "tokenize", "x"]), _json, max_size=2),
+         "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+             {"name": st.sampled_from(["f", "g", ""])}, optional={"parameters": _json})}), max_size=2),
+         "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]),
+         "parallel_tool_calls": st.booleans()}
+_tool_calls = st.lists(st.fixed_dictionaries({"id": st.text(max_size=4), "type": st.just("function"), "function": (
+    st.fixed_dictionaries({"name": st.text(max_size=4), "arguments": st.sampled_from(['{"a": 1}', "{", "[]"]) | _json}))}),
+    max_size=2)
+_messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
+                                            "content": st.text(max_size=12)},
+                                           optional={"tool_calls": _tool_calls, "tool_call_id": st.text(max_size=4)}),
+                     min_size=1, max_size=3)
 _BODIES = {
     "/v1/completions": st.fixed_dictionaries(
         {"prompt": st.text(min_size=1, max_size=20) | _ids | st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3)

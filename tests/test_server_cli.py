@@ -221,12 +221,13 @@ def read_events(lines) -> list[dict | str]:
 def test_two_api_servers_serve_256_concurrent_streams_without_jax(tmp_path):
     """--api-server-count 2: two API server processes on one port, one engine core. Only the
     core maps JAX's library. 256 concurrent greedy streams give the texts of one batched
-    request, and both API servers do work."""
+    request, and both API servers do work. The tool and reasoning parser flags reach both."""
     import asyncio
 
     import httpx
 
-    with demo_server(tmp_path, "--api-server-count", "2") as (port, proc):
+    with demo_server(tmp_path, "--api-server-count", "2", "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                     "--reasoning-parser", "qwen3") as (port, proc):
         core, apis = processes(proc.pid)
         assert len(apis) == 2 and not any(imports_jax(p) for p in (proc.pid, *apis))
         url = f"http://127.0.0.1:{port}/v1/completions"
@@ -251,6 +252,11 @@ def test_two_api_servers_serve_256_concurrent_streams_without_jax(tmp_path):
         assert asyncio.run(run_all()) == want
         used = [cpu_seconds(p) - c for p, c in zip(apis, cpu)]
         assert all(u > 0.05 for u in used), f"an API server did no work: {used} CPU s"
+        chat = {"model": "jaxpaged-demo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f"}}]}
+        for _ in range(6):  # tool_choice "auto" is served (a 400 without the flags); reasoning_content is there
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat, timeout=60)
+            assert r.status_code == 200 and "reasoning_content" in r.json()["choices"][0]["message"], r.text
 
 
 async def _aread_events(r):

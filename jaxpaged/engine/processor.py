@@ -37,18 +37,20 @@ def encode(tokenizer: transformers.PreTrainedTokenizerBase | None, prompt: str |
 # apply_chat_template arguments that `chat_template_kwargs` may not set: the request's own fields,
 # and those that change what the call returns
 RESERVED_TEMPLATE_KWARGS = frozenset((
-    "chat_template", "tokenize", "conversation", "messages", "add_generation_prompt", "continue_final_message",
-    "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
+    "chat_template", "tokenize", "conversation", "messages", "tools", "add_generation_prompt",
+    "continue_final_message", "return_dict", "return_tensors", "padding", "truncation", "max_length", "tokenizer_kwargs",
     "return_assistant_tokens_mask"))
 
 
 def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, messages: list[dict],
                         chat_template: str | None = None, add_generation_prompt: bool = True,
                         continue_final_message: bool = False,
-                        chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+                        chat_template_kwargs: dict[str, Any] | None = None,
+                        tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids of a conversation through `chat_template` (else the tokenizer's).
     `continue_final_message`: the last message stays open for the model to continue;
-    `chat_template_kwargs` reach the template as variables (e.g. `enable_thinking`)."""
+    `chat_template_kwargs` reach the template as variables (e.g. `enable_thinking`); `tools`:
+    OpenAI function tools, the template's `tools` (as in transformers)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so chat is not available")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -59,7 +61,7 @@ def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, 
     try:
         text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
                                              add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, **kwargs)
+                                             continue_final_message=continue_final_message, tools=tools, **kwargs)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template error: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -61,6 +61,8 @@ class ServerSettings:
     uvicorn_log_level: str = "info"
     ssl: SSL | None = None
     trust_request_chat_template: bool = False
+    tool_parser: str | None = None  # --tool-call-parser, given with --enable-auto-tool-choice
+    reasoning_parser: str | None = None
 
 
 class _Server(uvicorn.Server):
@@ -82,7 +84,8 @@ def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = 
     """Serve until SIGTERM or the core's death; the exit status (1: the core died)."""
     app = build_app(llm, settings.served_names, settings.model_path, settings.chat_template, settings.api_key,
                     settings.max_request_body_size, settings.cors, settings.generation_defaults,
-                    settings.log_requests, settings.max_log_len, settings.docs, settings.trust_request_chat_template)
+                    settings.log_requests, settings.max_log_len, settings.docs, settings.trust_request_chat_template,
+                    settings.tool_parser, settings.reasoning_parser)
     server = _Server(uvicorn_config(app, settings), llm, settings.shutdown_timeout)
 
     def core_died() -> None:

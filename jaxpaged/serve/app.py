@@ -33,6 +33,10 @@ from jaxpaged.serve.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from jaxpaged.serve.reasoning import get_reasoning_parser
+from jaxpaged.serve.reasoning.abs_reasoning_parsers import ReasoningParser
+from jaxpaged.serve.tool_parsers import get_tool_parser
+from jaxpaged.serve.tool_parsers.abstract_tool_parser import ToolParser
 
 logger = logging.getLogger("jaxpaged.serve")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -48,6 +52,8 @@ class ServerState:
     chat_template: str | None = None
     api_key: str | None = None
     trust_request_chat_template: bool = False
+    tool_parser: type[ToolParser] | None = None  # for tool_choice "auto"
+    reasoning_parser: type[ReasoningParser] | None = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -56,16 +62,19 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
               max_request_body_size: int | None = None, cors: CORS | None = None,
               generation_defaults: GenerationDefaults | None = None, log_requests: bool = False,
               max_log_len: int | None = None, docs: bool = True,
-              trust_request_chat_template: bool = False) -> Starlette:
+              trust_request_chat_template: bool = False, tool_parser: str | None = None,
+              reasoning_parser: str | None = None) -> Starlette:
     """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
     stops the engine core if the client started it). Bodies over `max_request_body_size`
     bytes get 413 (None: no limit); `cors`: vLLM's CORS settings (its defaults allow all);
     `generation_defaults`: for the sampling fields a request leaves unset; `log_requests`: log
     each generation request (its fields, each cut to `max_log_len` characters) at INFO;
     `docs`: serve /openapi.json and /docs; `trust_request_chat_template`: a request's own
-    `chat_template` is used, not refused."""
+    `chat_template` is used, not refused; `tool_parser`: the --tool-call-parser of tool_choice
+    "auto" (vLLM's --enable-auto-tool-choice); `reasoning_parser`: --reasoning-parser's name."""
     state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key,
-                        trust_request_chat_template)
+                        trust_request_chat_template, tool_parser and get_tool_parser(tool_parser),
+                        reasoning_parser and get_reasoning_parser(reasoning_parser))
     defaults = generation_defaults or GenerationDefaults()
     if defaults.max_tokens is not None:
         engine.processor.default_max_tokens = defaults.max_tokens
@@ -100,7 +109,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         req = await parse(request, ChatCompletionRequest)
         generation_request(request, req)
         return await create_chat_completion(engine, req, state.model_name, state.chat_template,
-                                            state.trust_request_chat_template)
+                                            state.trust_request_chat_template, state.tool_parser,
+                                            state.reasoning_parser)
 
     async def models(request: Request) -> Response:
         max_len = engine.max_model_len
@@ -117,7 +127,7 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
             if e.tokenizer is None:
                 raise ValueError("this model has no tokenizer")
             if req.messages is not None:
-                conv = [{"role": m.role, "content": m.text()} for m in req.messages]
+                conv = [m.template_message() for m in req.messages]
                 ids = render_chat(e, conv, req, state.chat_template, state.trust_request_chat_template)
             else:
                 ids = e.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)

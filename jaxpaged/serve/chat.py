@@ -12,7 +12,11 @@ from jaxpaged.engine.async_llm import AsyncLLM, Tokenizing
 from jaxpaged.engine.processor import apply_chat_template
 from jaxpaged.serve.completions import prompt_logprobs_json, safe_logprob
 from jaxpaged.serve.protocol import ChatCompletionRequest, ChatTemplateFields
+from jaxpaged.serve.reasoning.abs_reasoning_parsers import ReasoningParser
+from jaxpaged.serve.reply_parser import ReplyParser, request_tool_parser
 from jaxpaged.serve.sse import sse_response
+from jaxpaged.serve.tool_parsers.abstract_tool_parser import ToolParser
+from jaxpaged.serve.tool_parsers.tool_choice import tool_choice_schema
 
 
 UNTRUSTED_TEMPLATE = ("Chat template is passed with request, but --trust-request-chat-template is not set. "
@@ -27,7 +31,8 @@ def render_chat(engine: Tokenizing, messages: list[dict], req: ChatTemplateField
     if req.chat_template is not None and not trust_request_template:
         raise ValueError(UNTRUSTED_TEMPLATE)
     return apply_chat_template(engine.tokenizer, messages, req.chat_template or server_template,
-                               req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs)
+                               req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs,
+                               req.template_tools())
 
 
 def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
@@ -44,19 +49,32 @@ def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
 
 
 async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, model: str,
-                                 chat_template: str | None, trust_request_template: bool = False) -> Response:
+                                 chat_template: str | None, trust_request_template: bool = False,
+                                 tool_parser: type[ToolParser] | None = None,
+                                 reasoning_parser: type[ReasoningParser] | None = None) -> Response:
+    """`tool_parser`: the server's parser of "auto" tool calls (--tool-call-parser, with
+    --enable-auto-tool-choice); `reasoning_parser`: its --reasoning-parser."""
+    make_tool_parser = request_tool_parser(req, tool_parser)
     conv = req.conversation()
     prompt = await engine.tokenize(lambda e: render_chat(e, conv, req, chat_template, trust_request_template),
                                    sum(len(str(m["content"])) for m in conv))
+    prompt_opened = reasoning_parser is not None and reasoning_parser.prompt_opens(engine.tokenizer.decode(prompt[-16:]))
+    parsers = [ReplyParser(reasoning_parser(prompt_opened) if reasoning_parser else None,
+                           make_tool_parser() if make_tool_parser else None, req.parallel_tool_calls)
+               for _ in range(req.n)]
     top_n = req.top_logprobs or 0
     params = req.sampling_params(req.max_output_tokens, top_n if req.logprobs else None)
+    if tool_choice_schema(req.tools, req.tool_choice, req.parallel_tool_calls) is not None:
+        # not wired yet: `params` must hold the reply to that schema (vLLM: structured_outputs.json)
+        raise ValueError(f"`tool_choice` {req.tool_choice if isinstance(req.tool_choice, str) else 'naming a function'}"
+                         " needs structured output, which jaxpaged does not have yet")
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     group = await engine.add_requests([cid], [prompt], params, time.monotonic())
     head = {"id": cid, "created": int(time.time()), "model": model}
     role = req.role
     # echo (vLLM): the reply starts with the last message when that message has the reply's role
     echo = conv[-1]["content"] if req.echo and conv[-1]["role"] == role else ""
-    texts, num_tokens = [echo] * req.n, [0] * req.n
+    texts, num_tokens = [""] * req.n, [0] * req.n
     finish: list[tuple[str | None, int | str | None]] = [(None, None)] * req.n
     logprobs: list[list[dict]] = [[] for _ in range(req.n)]
     prompt_logprobs = None
@@ -79,10 +97,11 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                 for o in out.outputs:
                     num_tokens[o.index] += len(o.token_ids)
                     lp = _chat_logprobs(o, top_n) if req.logprobs else None
-                    if o.text or o.finish_reason or (lp and lp["content"]):
-                        yield {**head, "choices": [{"index": o.index, "delta": {"content": o.text},
-                                                    "logprobs": lp, "finish_reason": o.finish_reason,
-                                                    "stop_reason": o.stop_reason}]}
+                    delta = parsers[o.index].stream(o.text, o.finish_reason is not None)
+                    if delta or o.finish_reason or (lp and lp["content"]):
+                        reason = "tool_calls" if o.finish_reason and parsers[o.index].tools_called else o.finish_reason
+                        yield {**head, "choices": [{"index": o.index, "delta": delta.to_json(), "logprobs": lp,
+                                                    "finish_reason": reason, "stop_reason": o.stop_reason}]}
             if req.include_usage:
                 yield {**head, "choices": [], "usage": usage()}
 
@@ -99,8 +118,17 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                     logprobs[o.index] += _chat_logprobs(o, top_n)["content"]
     finally:
         group.abort()
-    choices = [{"index": i, "message": {"role": role, "content": texts[i]},
-                "logprobs": {"content": logprobs[i]} if req.logprobs else None,
-                "finish_reason": finish[i][0], "stop_reason": finish[i][1]} for i in range(req.n)]
+    choices = []
+    for i, parser in enumerate(parsers):
+        reply = parser.parse(texts[i])
+        message = {"role": role, "content": echo + (reply.content or "") if echo else reply.content}
+        if reasoning_parser is not None:
+            message["reasoning_content"] = reply.reasoning_content
+        if reply.tool_calls:
+            message["tool_calls"] = [c.to_json() for c in reply.tool_calls]
+        choices.append({"index": i, "message": message,
+                        "logprobs": {"content": logprobs[i]} if req.logprobs else None,
+                        "finish_reason": "tool_calls" if reply.tool_calls else finish[i][0],
+                        "stop_reason": finish[i][1]})
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": usage(),
                          "prompt_logprobs": prompt_logprobs_json(prompt_logprobs)})

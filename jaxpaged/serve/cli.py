@@ -64,7 +64,8 @@ def server_settings(args: argparse.Namespace, config: EngineConfig, generation_d
         config.tokenizer, config.max_logprobs, generation_defaults, args.enable_log_requests, args.max_log_len,
         not args.disable_fastapi_docs, args.uvicorn_log_level,
         SSL(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs),
-        trust_request_chat_template=args.trust_request_chat_template)
+        trust_request_chat_template=args.trust_request_chat_template, tool_parser=args.tool_call_parser,
+        reasoning_parser=args.reasoning_parser)
 
 
 def read_chat_template(value: str | None) -> str | None:

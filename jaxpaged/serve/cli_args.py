@@ -9,6 +9,8 @@ import os
 
 from jaxpaged.engine.arg_utils import EXTRA_ARGS
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
+from jaxpaged.serve.reasoning import REASONING_PARSERS
+from jaxpaged.serve.tool_parsers import TOOL_PARSERS
 
 MAX_REQUEST_BODY_SIZE = 64 << 20  # bytes, --max-request-body-size
 # The server's own flags (the rest are engine arguments, engine/arg_utils.py, as `LLM(...)` takes them)
@@ -18,13 +20,11 @@ FRONTEND_ARGS = frozenset({
     "shutdown_timeout", "max_request_body_size", "allowed_origins", "allowed_methods", "allowed_headers",
     "allow_credentials", "log_level", "uvicorn_log_level", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "ssl_cert_reqs", "enable_log_requests", "disable_log_requests", "max_log_len", "disable_fastapi_docs",
-    "response_role", "return_tokens_as_token_ids", "enable_auto_tool_choice", "tool_call_parser"})
+    "response_role", "return_tokens_as_token_ids", "enable_auto_tool_choice", "tool_call_parser", "reasoning_parser"})
 # The server's flags whose effect would silently differ: only their default passes (why not)
 UNSUPPORTED_FRONTEND = {
     "response_role": "replies carry the role `assistant`",
-    "return_tokens_as_token_ids": "logprob tokens are returned as text",
-    "enable_auto_tool_choice": "tool calling is not supported yet",
-    "tool_call_parser": "tool calling is not supported yet"}
+    "return_tokens_as_token_ids": "logprob tokens are returned as text"}
 
 
 def flag(name: str) -> str:
@@ -68,8 +68,11 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
     a("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"], help=_effect("scheduling_policy"))
     a("--guided-decoding-backend", help=_effect("guided_decoding_backend"))
     a("--structured-outputs-config", type=json.loads, help=_effect("structured_outputs_config"))
-    a("--enable-auto-tool-choice", action="store_true", help="unsupported: " + UNSUPPORTED_FRONTEND["enable_auto_tool_choice"])
-    a("--tool-call-parser", help="unsupported: " + UNSUPPORTED_FRONTEND["tool_call_parser"])
+    a("--enable-auto-tool-choice", action="store_true",
+      help='tool_choice "auto" (the default with tools): tool calls read from replies by --tool-call-parser')
+    a("--tool-call-parser", choices=sorted(TOOL_PARSERS), help="the model family's tool-call format")
+    a("--reasoning-parser", choices=sorted(REASONING_PARSERS),
+      help="split the model's <think> block into `reasoning_content`")
     a("--response-role", default="assistant", help="only assistant: " + UNSUPPORTED_FRONTEND["response_role"])
     a("--return-tokens-as-token-ids", action="store_true",
       help="unsupported: " + UNSUPPORTED_FRONTEND["return_tokens_as_token_ids"])
@@ -152,6 +155,8 @@ def check_frontend_args(args: argparse.Namespace) -> None:
     for name, why in UNSUPPORTED_FRONTEND.items():
         if getattr(args, name) not in (None, False, "assistant"):  # the defaults
             raise ValueError(f"{flag(name)}={getattr(args, name)!r} is not supported: {why}")
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: give both or neither")
     if args.enable_log_requests and args.disable_log_requests:
         raise ValueError("--enable-log-requests and --disable-log-requests contradict each other")
     if args.ssl_keyfile and not args.ssl_certfile:

@@ -5,12 +5,13 @@ any bad field becomes a 400 with the field's name, never a 500.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from jaxpaged.engine.generation_config import SAMPLING_KEYS, GenerationDefaults
 from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.serve.chat_messages import ChatCompletionNamedToolChoiceParam, ChatCompletionToolsParam, ChatMessage
 
 INT32_MAX = 2**31 - 1
 MAX_N = 128  # samples per prompt
@@ -149,35 +150,27 @@ class CompletionRequest(SamplingRequest):
         return list(p)
 
 
-class ChatMessage(OpenAIModel):
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        """The content as one string; only text parts are supported."""
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError("only text content parts are supported by jaxpaged")
-            parts.append(part["text"])
-        return "".join(parts)
-
-
 class ChatTemplateFields(OpenAIModel):
     """How messages go through the chat template (vLLM's fields)."""
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last message stays open: the reply continues it
     chat_template: str | None = None  # this request's template (needs --trust-request-chat-template)
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables (e.g. enable_thinking)
+    tools: list[ChatCompletionToolsParam] | None = None  # the functions the template shows the model
 
     @model_validator(mode="after")
     def _check_template_fields(self) -> ChatTemplateFields:
         if self.continue_final_message and self.add_generation_prompt:
             raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        if self.tools == []:
+            raise ValueError("`tools` must not be an empty array. Either provide at least one tool or omit the field entirely.")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise ValueError(f"`tools` has two functions named {next(n for n in names if names.count(n) > 1)!r}")
         return self
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
 
 class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
@@ -187,6 +180,9 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     echo: bool = False  # the reply starts with the last message when it has the reply's role
+    # None: "auto" with tools, else "none" (vLLM)
+    tool_choice: Literal["none", "auto", "required"] | ChatCompletionNamedToolChoiceParam | None = None
+    parallel_tool_calls: bool = True  # false: at most one call (the first)
 
     @model_validator(mode="after")
     def _check_logprobs(self) -> ChatCompletionRequest:
@@ -196,8 +192,20 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateFields):
             raise ValueError("max_tokens must be at least 1, got 0")
         return self
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    @model_validator(mode="after")
+    def _check_tool_choice(self) -> ChatCompletionRequest:
+        if self.tool_choice is None:
+            self.tool_choice = "auto" if self.tools else "none"
+        if self.tool_choice != "none" and not self.tools:
+            raise ValueError("When using `tool_choice`, `tools` must be set.")
+        if isinstance(self.tool_choice, ChatCompletionNamedToolChoiceParam) and \
+                self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"The tool specified in `tool_choice` ({self.tool_choice.function.name!r}) does not "
+                             "match any of the specified `tools`")
+        return self
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.template_message() for m in self.messages]
 
     @property
     def max_output_tokens(self) -> int | None:
