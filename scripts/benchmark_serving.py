@@ -290,10 +290,10 @@ def auth_headers(args) -> dict:
 
 def stats_ms(values: list[float]) -> dict:
     if not values:
-        return {"mean": None, "median": None, "p90": None, "p99": None, "std": None}
+        return {"mean": None, "median": None, "p90": None, "p99": None, "max": None, "std": None}
     a = np.asarray(values) * 1e3
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "std": float(a.std())}
+            "p99": float(np.percentile(a, 99)), "max": float(a.max()), "std": float(a.std())}
 
 
 def summarize(rate: float, results: list[RequestResult], duration: float, detailed: bool) -> dict:
@@ -331,7 +331,7 @@ def print_table(summary: dict) -> None:
           f"{summary['workload']} workload, {summary['input_tokens']} input / {summary['output_tokens']} output "
           f"tokens; latencies in ms")
     head = (f"{'rate':>6s} {'done':>5s} {'fail':>5s} {'dur s':>7s} {'req/s':>7s} {'out tok/s':>10s} "
-            f"{'tot tok/s':>10s}  {'metric':6s} {'mean':>9s} {'median':>9s} {'p90':>9s} {'p99':>9s}")
+            f"{'tot tok/s':>10s}  {'metric':6s} {'mean':>9s} {'median':>9s} {'p90':>9s} {'p99':>9s} {'max':>9s}")
     print(head)
     print("-" * len(head))
     for row in summary["results"]:
@@ -341,7 +341,7 @@ def print_table(summary: dict) -> None:
                     f"{row['duration_s']:7.1f} {row['request_throughput']:7.2f} {row['output_throughput']:10,.0f} "
                     f"{row['total_token_throughput']:10,.0f}") if j == 0 else " " * 56
             print(f"{left}  {name:6s} {fmt(s['mean']):>9s} {fmt(s['median']):>9s} {fmt(s['p90']):>9s} "
-                  f"{fmt(s['p99']):>9s}")
+                  f"{fmt(s['p99']):>9s} {fmt(s['max']):>9s}")
         m = row["server_mean_ms"]
         print(" " * 56 + f"  server means: TTFT {fmt(m['ttft'])} = queue {fmt(m['queue'])} + prefill "
               f"{fmt(m['prefill'])}, ITL {fmt(m['itl'])}; client on CPU {row['client_cpu_busy']:.0%} of the time")

@@ -1,10 +1,13 @@
 """The persistent compilation cache that `LLM()` and the server's engine core use by default."""
 from __future__ import annotations
 
+import logging
+
 import jax
+import numpy as np
 import pytest
 
-from jaxpaged.engine.compile_cache import enable_compilation_cache
+from jaxpaged.engine.compile_cache import enable_compilation_cache, log_late_compiles
 
 
 @pytest.fixture
@@ -27,3 +30,19 @@ def test_engines_cache_their_programs_under_jaxpaged_cache_by_default(tmp_path, 
     assert enable_compilation_cache() == str(tmp_path / "mine")
     jax.config.update("jax_enable_compilation_cache", False)  # switched off: left off
     assert enable_compilation_cache() is None
+
+
+def test_programs_lowered_after_warm_up_are_logged(caplog):
+    """A jit cache miss after warm-up (here any new program, the threshold at 0 s) is logged;
+    with the log off, nothing is."""
+    log = logging.getLogger("test_late_compiles")
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log_late_compiles(None)
+        jax.jit(lambda x: x * 3 + 1)(np.ones(5, np.float32))
+        assert not caplog.records
+        log_late_compiles(log, min_secs=0)
+        try:
+            jax.jit(lambda x: x * 5 - 2)(np.ones(7, np.float32))
+        finally:
+            log_late_compiles(None)
+    assert any("lowered after warm-up" in r.getMessage() for r in caplog.records)

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.buckets import token_buckets
-from jaxpaged.engine.compile_cache import enable_compilation_cache
+from jaxpaged.engine.compile_cache import enable_compilation_cache, log_late_compiles
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import memory_budget
 from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
@@ -43,6 +43,7 @@ class EngineCore:
         t0 = time.perf_counter()
         self.config = config
         enable_compilation_cache()  # restarts reuse the compiled steps
+        log_late_compiles(None)  # until this engine's warm-up is done
         if config.num_processes > 1:
             init_distributed(config.coordinator_address, config.num_processes, config.process_id)
         self.mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
@@ -90,6 +91,7 @@ class EngineCore:
                         "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
                         "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
+        log_late_compiles(logger)
 
     def _num_blocks_from_memory(self, dtype, head_bytes: int) -> int:
         """Pool size from `gpu_memory_utilization` of device memory, or a CPU default.
