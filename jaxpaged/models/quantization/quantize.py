@@ -3,6 +3,7 @@
 each output channel's (or group's) range."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -54,8 +55,10 @@ def quantize_int4(w: jax.Array, group_size: int = 0) -> Int4Weight:
     return Int4Weight(pack_int4(q), scale, zero.astype(jnp.uint8))
 
 
+@functools.partial(jax.jit, static_argnames=("scheme", "group_size"))
 def quantize(w: jax.Array, scheme: str, group_size: int = 0) -> QuantizedWeight:
-    """`w` [in, *out] as a quantized leaf of `scheme` (fp8, int8 or int4 in groups of `group_size`)."""
+    """`w` [in, *out] as a quantized leaf of `scheme` (fp8, int8 or int4 in groups of `group_size`);
+    one compiled program per weight shape."""
     if scheme == "int4":
         return quantize_int4(w, group_size)
     return {"fp8": quantize_fp8, "int8": quantize_int8}[scheme](w)
