@@ -12,7 +12,8 @@ Layouts (HF linear weights are [out, in]):
   [in / g, out] float16;
 - GPTQ (AutoGPTQ / GPTQModel, checkpoint_format gptq): `qweight` [in / 8, out] int32 with input
   row 8i + j in bits 4j of word i; `qzeros` [in / g, out / 8] with channel 8c + j in bits 4j,
-  each zero stored minus one; `scales` [in / g, out] float16; `g_idx` [in] int32.
+  each zero stored minus one; `scales` [in / g, out] float16; `g_idx` [in] int32 (symmetric:
+  the LM head too, GPTQModel's `lm_head=True`).
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def quantization_config(fmt: str, group: int) -> dict:
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": None}
     return {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": fmt == "gptq-sym",
-            "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False, "lm_head": False}
+            "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False, "lm_head": fmt == "gptq-sym"}
 
 
 def write_quantized(src: Path, out: Path, fmt: str, group: int = 32, input_scale: float = 4 / E4M3_MAX) -> tuple[Path, Path]:
@@ -116,7 +117,7 @@ def write_quantized(src: Path, out: Path, fmt: str, group: int = 32, input_scale
     tensors = load_file(src / "model.safetensors")
     q_tensors, dq_tensors = {}, dict(tensors)
     for name, w in tensors.items():
-        if not LINEAR.match(name):
+        if not (LINEAR.match(name) or (fmt == "gptq-sym" and name == "lm_head.weight")):  # GPTQModel's lm_head=True
             q_tensors[name] = w
             continue
         module = name.removesuffix(".weight")

@@ -87,6 +87,7 @@ def test_checkpoint_matches_transformers_on_its_dequantized_weights(fmt, checkpo
         for key in ("wqkv", "wo", "w_gate_up", "w_down"):
             assert isinstance(layer[key], kind), key
             np.testing.assert_allclose(layer[key].dequantize(), want[key], rtol=1e-6, atol=1e-9, err_msg=key)
+    assert isinstance(params["lm_head"], Int4Weight) == (fmt == "gptq-sym")
     if kind is Fp8Weight:
         assert (params["layers"][0]["wqkv"].input_scale is not None) == (fmt in ("ct-fp8-static", "modelopt-fp8"))
     logits, tokens = jaxpaged_greedy(cfg, params)
@@ -129,8 +130,9 @@ def test_two_devices_shard_each_field_and_serve_the_same_tokens(checkpoints):
     np.testing.assert_array_equal([o.outputs[0].token_ids for o in outs], transformers_greedy(dequantized)[1])
 
 
-def test_static_fp8_on_two_devices_matches_one(checkpoints):
-    """ModelOpt FP8 (static activation scales) loaded onto a 2-device mesh: same logits as on one."""
+def test_static_fp8_on_four_devices_matches_one(checkpoints):
+    """ModelOpt FP8 (static activation scales) on a 4-device mesh, each of the 2 KV heads
+    replicated twice (their scales with them): the same logits as on one device."""
     from jax.sharding import NamedSharding
 
     from jaxpaged.engine.mesh import make_mesh, shard_attention
@@ -139,9 +141,10 @@ def test_static_fp8_on_two_devices_matches_one(checkpoints):
     quantized, _ = checkpoints("modelopt-fp8")
     cfg, params = load_model(quantized, dtype="float32")
     want, _ = jaxpaged_greedy(cfg, params)
-    mesh = make_mesh(2)
+    mesh = make_mesh(4)
     cfg2, sharded = load_model(quantized, dtype="float32", mesh=mesh)
     wqkv = sharded["layers"][0]["wqkv"]
+    assert cfg2.kv_head_replicas == 2 and wqkv.qweight.addressable_shards[0].data.shape == (1, 3, 16, 64)
     assert wqkv.qweight.sharding.spec == jax.sharding.PartitionSpec("tp", None, None, None)
     assert wqkv.input_scale.sharding.is_fully_replicated
     forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
