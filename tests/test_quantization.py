@@ -193,3 +193,11 @@ def test_dummy_weights_are_quantized_as_the_checkpoint_says(tiny_model_dir, tmp_
     _, params = load_model(d, load_format="dummy")
     leaf = params["layers"][0]["w_down"]
     assert isinstance(leaf, Int4Weight) and leaf.group_size == 32 and leaf.shape == (128, 64)
+
+
+def test_the_engine_offers_the_methods_the_loader_reads():
+    """engine/config.py keeps its own copy of the list (the API server imports no JAX)."""
+    from jaxpaged.engine.config import QUANTIZATION_METHODS
+    from jaxpaged.models.quantization import QUANTIZATION_CHOICES
+
+    assert QUANTIZATION_METHODS == QUANTIZATION_CHOICES
