@@ -70,6 +70,8 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--decode-prompt-len", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--quantization", "-q", default=None,
+                    help="fp8 / int8 / int4: the weights quantized at load (random ones too); docs/quantization.md")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch")
     ap.add_argument("--attention-backend", default="auto")
@@ -93,7 +95,8 @@ def main() -> None:
     enable_compilation_cache(args.compilation_cache)
     model = args.model or str(shape_dir(args.model_shape))
     ceil = ceilings()
-    llm = LLM(model, load_format="dummy" if args.model_shape else "auto", max_model_len=args.max_model_len,
+    llm = LLM(model, load_format="dummy" if args.model_shape else "auto", quantization=args.quantization,
+              max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,

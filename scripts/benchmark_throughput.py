@@ -155,7 +155,8 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
     from jaxpaged import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
+    llm = LLM(model, load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
+              max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
@@ -266,6 +267,8 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the workloads' setting)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", "-q", default=None,
+                    help="fp8 / int8 / int4: the weights quantized at load (random ones too); docs/quantization.md")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -30,8 +30,8 @@ FLAGS = [  # (flags, WARN: the warning / ERROR: the usage error / a callable: th
     (["--disable-custom-all-reduce"], WARN, "--disable-custom-all-reduce changes nothing here"),
     (["--distributed-executor-backend", "mp"], WARN, "--distributed-executor-backend changes nothing here"),
     (["--disable-log-stats"], WARN, "--disable-log-stats changes nothing here"),
-    (["--quantization", "awq"], ERROR, "--quantization='awq' is not supported"),
-    (["-q", "fp8"], ERROR, "--quantization='fp8' is not supported"),
+    (["--quantization", "bitsandbytes"], ERROR, "argument --quantization/-q: invalid choice: 'bitsandbytes'"),
+    (["-q", "fp8"], lambda c, a: c.quantization == "fp8", None),
     (["--kv-cache-dtype", "fp8"], ERROR, "--kv-cache-dtype='fp8' is not supported"),
     (["--no-enable-chunked-prefill"], ERROR, "--enable-chunked-prefill=False is not supported"),
     (["--scheduling-policy", "priority"], ERROR, "--scheduling-policy='priority' is not supported"),
@@ -127,8 +127,12 @@ def test_every_cli_flag_is_classified_and_llm_takes_the_engine_ones(tiny_model_d
     assert len(built) == 1
     with pytest.raises(TypeError, match="unexpected engine argument.*bogus_arg"):
         LLM(str(tiny_model_dir("llama")), bogus_arg=1)
-    with pytest.raises(ValueError, match="quantization='awq' is not supported"):
-        LLM(str(tiny_model_dir("llama")), quantization="awq")
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported"):
+        LLM(str(tiny_model_dir("llama")), kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="quantization must be one of fp8, int8, int4, .* got 'bitsandbytes'"):
+        LLM(str(tiny_model_dir("llama")), quantization="bitsandbytes")
+    LLM(str(tiny_model_dir("llama")), quantization="int8")
+    assert built[-1].quantization == "int8"
     with caplog.at_level(logging.WARNING):
         LLM(str(tiny_model_dir("llama")), enforce_eager=True, max_logprobs=3, tokenizer=str(tiny_model_dir("llama")))
     assert "enforce_eager changes nothing here" in caplog.text

@@ -134,6 +134,8 @@ def wait_idle(server: Server, timeout: float = 10) -> dict[str, float]:
 def test_models_health_version(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL, "tiny-alias"]
     assert client.models.list().data[0].model_extra["max_model_len"] == 128
+    assert client.models.list().data[0].model_extra["quantization"] is None  # float weights
+    assert client.models.list().data[0].model_extra["kv_cache_dtype"] == "float32"
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/version").json()["version"]
 

@@ -6,6 +6,10 @@ import dataclasses
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
+# vLLM's `quantization` values served here (models/quantization/config.py's QUANTIZATION_CHOICES, kept
+# apart so that the API server, which builds an EngineConfig, does not import JAX): fp8 / int8 / int4
+# quantize a float checkpoint at load; the others name a quantized checkpoint's format.
+QUANTIZATION_METHODS = ("fp8", "int8", "int4", "compressed-tensors", "modelopt", "awq", "gptq")
 
 
 @dataclasses.dataclass
@@ -14,6 +18,8 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to `model`
     dtype: str = "auto"
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights, for benchmarks)
+    # None: the checkpoint's own (config.json quantization_config) or none; QUANTIZATION_METHODS
+    quantization: str | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
@@ -72,5 +78,7 @@ class EngineConfig:
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] here (the compiled sampling step "
                              f"returns the top {MAX_LOGPROBS}), got {self.max_logprobs}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")

@@ -33,6 +33,7 @@ from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
+from jaxpaged.models.quantization import load_quantization_config
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
@@ -47,7 +48,8 @@ class EngineCore:
         if config.num_processes > 1:
             init_distributed(config.coordinator_address, config.num_processes, config.process_id)
         self.mesh = make_mesh(config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
-        self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh)
+        self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh,
+                                               config.quantization)
         cfg = self.model_config
         self.max_model_len = config.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
@@ -85,8 +87,10 @@ class EngineCore:
         self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
         self.num_generation_tokens = 0
+        quant = load_quantization_config(config.model, config.quantization)
         self.info = CoreInfo(config.model, self.max_model_len, cfg.vocab_size, config.block_size,
-                             self.block_manager.num_total_blocks, list(self.eos_token_ids))
+                             self.block_manager.num_total_blocks, list(self.eos_token_ids),
+                             quant.method if quant else None, dtype.name)
         self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
                         "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
                         "buckets": self.runner.buckets, "compiles": self.runner.compile_log}

@@ -82,6 +82,8 @@ class CoreInfo:
     block_size: int
     num_kv_blocks: int
     eos_token_ids: list[int]
+    quantization: str | None = None  # the weights' (vLLM's method name); None: float weights
+    kv_cache_dtype: str = "auto"  # the KV pool's dtype
 
 
 # ---- the wire: msgpack arrays ------------------------------------------------------------

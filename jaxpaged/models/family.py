@@ -1,5 +1,6 @@
 """The model families behind one interface. A family module (`llama`, `opt`) gives
-`param_shapes(cfg)` and `partition_specs(cfg)` (flat dicts keyed alike), `from_hf` / `to_hf`,
+`param_shapes(cfg)` and `partition_specs(cfg)` (flat dicts keyed alike), `QUANTIZABLE` (the keys
+online quantization quantizes), `from_hf` / `to_hf`,
 `forward(params, kv, step_input, cfg, attention)` -> (hidden [T, H], kv) and
 `compute_logits(params, hidden_rows, cfg)` -> logits; here its flat keys become the params
 tree and the partition-spec tree parallel to it."""
@@ -11,6 +12,7 @@ import jax
 
 from jaxpaged.models import llama, opt
 from jaxpaged.models.config import ModelConfig
+from jaxpaged.models.quantization import QuantizedWeight, leaf_specs
 
 
 def family_module(cfg: ModelConfig) -> ModuleType:
@@ -31,10 +33,14 @@ def build_params(cfg: ModelConfig, make) -> dict:
     return tree
 
 
-def param_specs(cfg: ModelConfig) -> dict:
-    """The tree of `PartitionSpec`s over mesh axis `tp`, parallel to the params tree."""
+def param_specs(cfg: ModelConfig, params: dict | None = None) -> dict:
+    """The tree of `PartitionSpec`s over mesh axis `tp`, parallel to the params tree (to
+    `params`' own, whose quantized leaves get a spec per field)."""
     specs = family_module(cfg).partition_specs(cfg)
-    return build_params(cfg, lambda key, shape, layer: specs[key])
+    tree = build_params(cfg, lambda key, shape, layer: specs[key])
+    if params is None:
+        return tree
+    return jax.tree.map(leaf_specs, params, tree, is_leaf=lambda v: isinstance(v, QuantizedWeight))
 
 
 def make_forward(cfg: ModelConfig, attention):

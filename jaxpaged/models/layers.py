@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.kernels.paged_attention import write_kv
+from jaxpaged.models.quantization import QuantizedWeight, quantized_matmul
 from jaxpaged.models.step_input import StepInput
 
 
@@ -34,13 +35,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array | QuantizedWeight, b: jax.Array | None = None) -> jax.Array:
     """x: [T, in], w: [in, *out] (b: [*out]) -> [T, *out]: x's last axis contracted with w's
     first, so a fused weight (`wqkv` [H, Hkv, G + 2, D], `w_gate_up` [H, 2, I]) is one GEMM.
 
-    Every matmul of a model with a weight goes through here: the one place to dispatch on
-    another kind of weight (quantized with scales, say)."""
-    y = jnp.tensordot(x, w, axes=1)
+    Every matmul of a model with a weight goes through here: a quantized weight leaf (fp8,
+    int8, int4; models/quantization) runs its own kernel."""
+    y = quantized_matmul(x, w) if isinstance(w, QuantizedWeight) else jnp.tensordot(x, w, axes=1)
     return y if b is None else y + b
 
 

@@ -17,6 +17,7 @@ from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.hf_format import hf_transpose
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.layers import apply_rope, embed, linear, lm_head, paged_attend, rms_norm
+from jaxpaged.models.quantization import fuse_out
 from jaxpaged.models.step_input import StepInput
 
 
@@ -45,6 +46,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.qk_norm:
         shapes |= {"layers/q_norm": (cfg.head_dim,), "layers/k_norm": (cfg.head_dim,)}
     return shapes
+
+
+# The weights `quantization="fp8"` / `"int8"` / `"int4"` quantizes at load (the LM head stays, as in vLLM).
+QUANTIZABLE = frozenset({"layers/wqkv", "layers/wo", "layers/w_gate_up", "layers/w_down"})
 
 
 def partition_specs(cfg: ModelConfig) -> dict[str, P]:
@@ -89,10 +94,10 @@ def from_hf(cfg: ModelConfig, key: str, layer: int | None, get) -> jax.Array:
     parts = [hf_transpose(key, get(n)) for n in _hf_names(key, layer)]
     if key.endswith("qkv"):  # [..., heads * D] each -> [..., Hkv, G + 2, D]
         hkv = cfg.num_kv_heads // cfg.kv_head_replicas
-        qkv = jnp.concatenate([p.reshape(*p.shape[:-1], hkv, -1, cfg.head_dim) for p in parts], -2)
-        return _replicate_kv_heads(qkv, cfg.kv_head_replicas)
+        return fuse_out(parts, lambda ps: _replicate_kv_heads(jnp.concatenate(
+            [p.reshape(*p.shape[:-1], hkv, -1, cfg.head_dim) for p in ps], -2), cfg.kv_head_replicas))
     if key.endswith("gate_up"):
-        return jnp.stack(parts, axis=-2)
+        return fuse_out(parts, lambda ps: jnp.stack(ps, axis=-2))
     return parts[0]
 
 

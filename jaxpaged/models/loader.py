@@ -19,23 +19,32 @@ from safetensors import safe_open
 
 from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig, load_config
 from jaxpaged.models.family import build_params, family_module
+from jaxpaged.models.quantization import QuantizationConfig, load_quantization_config, quantize
+from jaxpaged.models.quantization.checkpoint import read_quantized
 from jaxpaged.models.sharding import placement, split_config
 
+FLOAT8 = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}  # safetensors dtype -> numpy (ml_dtypes)
 
-def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=None) -> tuple[ModelConfig, dict]:
+
+def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=None,
+               quantization: str | None = None) -> tuple[ModelConfig, dict]:
     """Config and params of the HF checkpoint in `model_dir` (one-line `ConfigError` on failure).
 
     `load_format="dummy"` reads only config.json and makes random weights on the device.
     With a `mesh` (axis `tp`), each weight is sharded as its family's `partition_specs` say.
+    `quantization` (vLLM's argument): None serves the checkpoint as stored (quantized or not);
+    fp8 / int8 / int4 quantize a float checkpoint's layer weights; a checkpoint format's name
+    must be the checkpoint's (models/quantization/config.py).
     """
     cfg = load_config(model_dir)
+    quant = load_quantization_config(model_dir, quantization)
     place = None
     if mesh is not None:
         cfg = split_config(cfg, mesh.shape["tp"])
         place = placement(cfg, mesh)
     if load_format == "dummy":
-        return cfg, random_params(cfg, dtype, place=place)
-    return cfg, load_params(model_dir, cfg, dtype, place)
+        return cfg, random_params(cfg, dtype, place=place, quant=quant)
+    return cfg, load_params(model_dir, cfg, dtype, place, quant)
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:
@@ -71,11 +80,26 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", place=None) -> dict:
+def _read_float8(f: Path, name: str) -> np.ndarray:
+    """A float8 tensor from a safetensors file (its numpy reader has no float8 dtypes): the JSON
+    header gives the dtype, shape and byte range."""
+    with open(f, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        meta = json.loads(fh.read(header_len))[name]
+        start, end = meta["data_offsets"]
+        fh.seek(8 + header_len + start)
+        data = fh.read(end - start)
+    return np.frombuffer(data, dtype=FLOAT8[meta["dtype"]]).reshape(meta["shape"])
+
+
+def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", place=None,
+                quant: QuantizationConfig | None = None) -> dict:
     """Read the checkpoint in `model_dir` into our (nested) params pytree.
 
     Tensors are read and converted in host memory, then each param goes straight to its
-    devices: `place(key, shape, layer)` gives its sharding (None: the default device).
+    devices: `place(key, value, layer)` gives its sharding (None: the default device). With
+    `quant`, a quantized module's tensors become one weight leaf (models/quantization), or a
+    float layer weight is quantized (online).
     """
     model_dir = Path(model_dir)
     target = resolve_dtype(cfg, dtype)
@@ -83,7 +107,8 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", pl
     files = _tensor_files(model_dir)
     handles: dict[Path, object] = {}
 
-    def get(name: str) -> jax.Array:
+    def raw(name: str):
+        """Tensor `name` as stored."""
         if name not in files:
             raise ConfigError(f"checkpoint {model_dir} is missing tensor {name}")
         f = files[name]
@@ -95,47 +120,74 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", pl
             except Exception as e:  # noqa: BLE001
                 raise _unreadable(f, e) from None
         try:
-            tensor = handles[f].get_tensor(name)
+            if handles[f].get_slice(name).get_dtype() in FLOAT8:
+                return _read_float8(f, name)
+            return handles[f].get_tensor(name)
         except Exception as e:  # noqa: BLE001
             raise _unreadable(f, e) from None
+
+    def get(name: str):
+        """Tensor `name` in the serving dtype, or the leaf of a quantized module's `.weight`."""
+        if quant is not None and not quant.online and name.endswith(".weight"):
+            leaf = read_quantized(quant, name.removesuffix(".weight"), raw, files.__contains__)
+            if leaf is not None:
+                return leaf
+        tensor = raw(name)
+        if tensor.dtype in FLOAT8.values():
+            raise ConfigError(f"tensor {name} is {tensor.dtype} with no weight_scale beside it")
         return tensor.astype(target)
 
-    def read(key: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
+    def read(key: str, shape: tuple[int, ...], layer: int | None):
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
             t = mod.from_hf(cfg, key, layer, get)
+            if quant is not None and quant.online and key in mod.QUANTIZABLE:
+                t = quantize(t, quant.scheme)
         if t.shape != shape:
             raise ConfigError(f"param {key} of layer {layer} has shape {tuple(t.shape)}, expected {shape} "
                               "from config.json")
         if place is None:
             return jax.device_put(t, jax.devices()[0])
-        host = np.asarray(t)  # each device (of any process) takes its own slice
-        return jax.make_array_from_callback(shape, place(key, shape, layer), lambda index: host[index])
+        # each device (of any process) takes its own slice of each array
+        return jax.tree.map(lambda a, s: jax.make_array_from_callback(a.shape, s, np.asarray(a).__getitem__),
+                            t, place(key, t, layer))
 
     return build_params(cfg, read)
 
 
-def random_params(cfg: ModelConfig, dtype: str = "auto", seed: int = 0, place=None) -> dict:
+def random_params(cfg: ModelConfig, dtype: str = "auto", seed: int = 0, place=None,
+                  quant: QuantizationConfig | None = None) -> dict:
     """Random weights of `cfg`'s shapes made on their devices (vLLM's `load_format=dummy`): for
     speed runs of real architectures without carrying their checkpoints. `place` as in
-    `load_params`."""
+    `load_params`; with `quant`, the layer weights are quantized as its scheme says."""
     target = resolve_dtype(cfg, dtype)
     key, counter = jax.random.PRNGKey(seed), itertools.count()
+    quantizable = family_module(cfg).QUANTIZABLE
 
     def make(name: str, shape: tuple[int, ...], layer: int | None) -> jax.Array:
         ones = "norm" in name and not name.endswith("_b")
-        init = _random_init(shape, target, ones, place(name, shape, layer) if place else None)
+        scheme = (quant.scheme, quant.group_size) if quant is not None and name in quantizable else None
+        value = jax.eval_shape(_init_fn(shape, target, ones, scheme), key)
+        init = _random_init(shape, target, ones, scheme, place(name, value, layer) if place else None)
         return init(jax.random.fold_in(key, next(counter)))
 
     return build_params(cfg, make)
 
 
-@functools.cache
-def _random_init(shape: tuple[int, ...], dtype, ones: bool, sharding):
-    """A jitted initialiser per (shape, dtype, kind, sharding): each device makes its own shard."""
+def _init_fn(shape: tuple[int, ...], dtype, ones: bool, scheme: tuple[str, int] | None):
+    """key -> a random weight (ones for a norm scale), quantized as `scheme` (scheme, group size) says."""
     def init(key):
-        return jnp.ones(shape, dtype) if ones else (0.02 * jax.random.normal(key, shape)).astype(dtype)
+        if ones:
+            return jnp.ones(shape, dtype)
+        w = (0.02 * jax.random.normal(key, shape)).astype(dtype)
+        return w if scheme is None else quantize(w, *scheme)
 
-    return jax.jit(init, out_shardings=sharding)
+    return init
+
+
+@functools.cache
+def _random_init(shape: tuple[int, ...], dtype, ones: bool, scheme: tuple[str, int] | None, sharding):
+    """A jitted initialiser per (shape, dtype, kind, scheme, sharding): each device makes its own shard."""
+    return jax.jit(_init_fn(shape, dtype, ones, scheme), out_shardings=sharding)
 
 
 def save_params(path: str | Path, params: dict) -> None:
@@ -152,7 +204,11 @@ def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", plac
     import orbax.checkpoint as ocp
 
     target = resolve_dtype(cfg, dtype)
-    abstract = build_params(cfg, lambda key, shape, layer: jax.ShapeDtypeStruct(
-        shape, target, sharding=place(key, shape, layer) if place else None))
+
+    def abstract_param(key: str, shape: tuple[int, ...], layer: int | None) -> jax.ShapeDtypeStruct:
+        value = jax.ShapeDtypeStruct(shape, target)
+        return jax.ShapeDtypeStruct(shape, target, sharding=place(key, value, layer) if place else None)
+
+    abstract = build_params(cfg, abstract_param)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(path).absolute(), abstract)

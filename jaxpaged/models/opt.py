@@ -37,6 +37,10 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# The weights `quantization="fp8"` / `"int8"` / `"int4"` quantizes at load (not the embedding projections).
+QUANTIZABLE = frozenset({"layers/wq", "layers/wk", "layers/wv", "layers/wo", "layers/w_fc1", "layers/w_fc2"})
+
+
 def partition_specs(cfg: ModelConfig) -> dict[str, P]:
     """Tensor-parallel layout over mesh axis `tp`, key for key with `param_shapes`: q/k/v and
     fc1 column-parallel, out/fc2 row-parallel, the rest replicated."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
+
+import jax
 
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.config import ConfigError, ModelConfig
 from jaxpaged.models.family import family_module
+from jaxpaged.models.quantization import leaf_specs
 
 KV_POOL = P(None, "tp")  # [L, Hkv, num_blocks, block_size, D]
 
@@ -32,17 +36,21 @@ def split_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     return dataclasses.replace(cfg, num_kv_heads=tp, kv_head_replicas=tp // hkv)
 
 
-def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, tuple[int, ...], int | None], NamedSharding]:
-    """`(key, shape, layer) -> NamedSharding` of one weight on `mesh`: its spec in
-    `param_specs`, or replicated where the mesh does not divide the sharded axis. A leaf
-    function for `build_params`, so the loader places each weight as it makes it."""
+def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, Any, int | None], Any]:
+    """`(key, value, layer) -> sharding` of one weight on `mesh`: for an array (or its
+    ShapeDtypeStruct) the NamedSharding of its spec in `partition_specs`, for a quantized leaf a
+    leaf of them (each field's spec follows the dense one: `QuantizedWeight.partition_specs`);
+    replicated where the mesh does not divide a sharded axis. A leaf function for
+    `build_params`, so the loader places each weight as it makes it."""
     specs = family_module(cfg).partition_specs(cfg)
     tp = mesh.shape["tp"]
 
-    def sharding(key: str, shape: tuple[int, ...], layer: int | None) -> NamedSharding:
-        spec = specs[key]
-        if any(ax == "tp" and shape[i] % tp for i, ax in enumerate(spec)):
+    def named(spec: P, array) -> NamedSharding:
+        if any(ax == "tp" and array.shape[i] % tp for i, ax in enumerate(spec)):
             spec = P()  # e.g. a vocabulary the mesh does not divide: keep it whole
         return NamedSharding(mesh, spec)
+
+    def sharding(key: str, value, layer: int | None):
+        return jax.tree.map(named, leaf_specs(value, specs[key]), value)
 
     return sharding

@@ -116,7 +116,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         max_len = engine.max_model_len
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": state.created, "owned_by": "jaxpaged",
-             "root": state.model_path, "parent": None, "max_model_len": max_len, "permission": []}
+             "root": state.model_path, "parent": None, "max_model_len": max_len, "permission": [],
+             "quantization": engine.info.quantization, "kv_cache_dtype": engine.info.kv_cache_dtype}
             for name in state.served_names]})
 
     async def tokenize(request: Request) -> Response:

@@ -8,6 +8,7 @@ import json
 import os
 
 from jaxpaged.engine.arg_utils import EXTRA_ARGS
+from jaxpaged.engine.config import QUANTIZATION_METHODS
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.serve.reasoning import REASONING_PARSERS
 from jaxpaged.serve.tool_parsers import TOOL_PARSERS
@@ -60,7 +61,9 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
     a("--distributed-executor-backend", choices=["ray", "mp", "uni", "external_launcher"],
       help=_effect("distributed_executor_backend"))
     a("--disable-log-stats", action="store_true", help=_effect("disable_log_stats"))
-    a("--quantization", "-q", help=_effect("quantization"))
+    a("--quantization", "-q", choices=QUANTIZATION_METHODS,
+      help="fp8 (W8A8), int8 (W8A16) or int4 (W4A16): quantize a float checkpoint's layer weights at load; "
+      "compressed-tensors, modelopt, awq, gptq: the quantized checkpoint's format (default: the checkpoint's own)")
     a("--kv-cache-dtype", default="auto", help=_effect("kv_cache_dtype"))
     a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, help=_effect("enable_chunked_prefill"))
     a("--pipeline-parallel-size", "-pp", type=int, default=1, help=_effect("pipeline_parallel_size"))

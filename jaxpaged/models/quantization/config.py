@@ -1,0 +1,133 @@
+"""Which quantization a model is served with: the checkpoint's (`quantization_config` in
+config.json, or ModelOpt's hf_quant_config.json) or an online scheme asked for on a float
+checkpoint (vLLM's `--quantization`). Anything else is a one-line `ConfigError` naming it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxpaged.models.config import ConfigError
+
+ONLINE_SCHEMES = ("fp8", "int8", "int4")  # quantized at load from float weights
+CHECKPOINT_METHODS = ("compressed-tensors", "modelopt", "fp8", "awq", "gptq")  # vLLM's quant_method names
+QUANTIZATION_CHOICES = tuple(dict.fromkeys(ONLINE_SCHEMES + CHECKPOINT_METHODS))
+_FP8_CT = ("float-quantized fp8 weights per channel or per tensor, with fp8 activations per token (dynamic) or "
+           "per tensor (static)")
+_MODELOPT_ALGOS = {"FP8": True, "FP8_PER_CHANNEL_PER_TOKEN": False}  # quant_algo -> static activation scales
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    method: str  # vLLM's name: the checkpoint's quant_method, or the online scheme
+    scheme: str  # the weight leaf: "fp8" (W8A8), "int8" (W8A16) or "int4" (W4A16)
+    online: bool = False  # quantized at load from a float checkpoint (or random weights)
+    static_input_scale: bool = False  # fp8: each layer's per-tensor activation scale from the checkpoint
+    group_size: int = 0  # int4: input rows per scale (-1: all; 0: online's choice)
+    zero_offset: int = 0  # int4: added to the stored zero points (GPTQ's v1 format stores them minus one)
+
+
+def load_quantization_config(model_dir: str | Path, requested: str | None = None) -> QuantizationConfig | None:
+    """The checkpoint's quantization, checked against `requested` (vLLM's `quantization`
+    argument: it must name the checkpoint's method), or the online scheme `requested` on a float
+    checkpoint; None for a float model served as it is."""
+    model_dir = Path(model_dir)
+    if requested is not None and requested not in QUANTIZATION_CHOICES:
+        raise ConfigError(f"unsupported quantization {requested!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
+    found = _checkpoint_quantization(model_dir)
+    if found is None:
+        if requested is None:
+            return None
+        if requested in ONLINE_SCHEMES:
+            return QuantizationConfig(requested, requested, online=True)
+        raise ConfigError(f"quantization {requested!r} needs a checkpoint in that format; {model_dir} has no "
+                          "quantization_config")
+    config = parse_quantization_config(found)
+    if requested not in (None, config.method):
+        raise ConfigError(f"quantization {requested!r} does not match the checkpoint's quantization method "
+                          f"{config.method!r}")
+    return config
+
+
+def _checkpoint_quantization(model_dir: Path) -> dict | None:
+    """config.json's `quantization_config`, or ModelOpt's hf_quant_config.json (method `modelopt`)."""
+    cfg_file = model_dir / "config.json"
+    found = json.loads(cfg_file.read_text()).get("quantization_config") if cfg_file.is_file() else None
+    sidecar = model_dir / "hf_quant_config.json"
+    if found is None and sidecar.is_file():
+        found = {"quant_method": "modelopt", **json.loads(sidecar.read_text())}
+    return found
+
+
+def parse_quantization_config(qc: dict) -> QuantizationConfig:
+    """A checkpoint's quantization config dict -> `QuantizationConfig`."""
+    method = str(qc.get("quant_method", "")).lower()
+    parse = {"compressed-tensors": _compressed_tensors, "modelopt": _modelopt, "fp8": _fp8,
+             "awq": _awq, "gptq": _gptq}.get(method)
+    if parse is None:
+        raise ConfigError(f"unsupported quantization format {method or '<no quant_method>'!r} in the checkpoint "
+                          f"(supported: {', '.join(CHECKPOINT_METHODS)})")
+    return parse(qc)
+
+
+def _describe(args: dict | None) -> str:
+    if not args:
+        return "none"
+    dynamic = "dynamic" if args.get("dynamic") else "static"
+    return f"{args.get('type')}{args.get('num_bits')} per {args.get('strategy')} ({dynamic})"
+
+
+def _compressed_tensors(qc: dict) -> QuantizationConfig:
+    groups = list((qc.get("config_groups") or {}).values())
+    if not groups:
+        raise ConfigError("compressed-tensors quantization_config has no config_groups")
+    static = set()
+    for group in groups:
+        fmt, w, a = group.get("format") or qc.get("format"), group.get("weights") or {}, group.get("input_activations")
+        weights_ok = (fmt == "float-quantized" and w.get("type") == "float" and w.get("num_bits") == 8
+                      and w.get("strategy") in ("channel", "tensor"))
+        acts_ok = bool(a) and a.get("type") == "float" and a.get("num_bits") == 8 and (
+            (a.get("dynamic") is True and a.get("strategy") == "token")
+            or (a.get("dynamic") is False and a.get("strategy") == "tensor"))
+        if not (weights_ok and acts_ok):
+            raise ConfigError(f"unsupported compressed-tensors scheme: format {fmt}, weights {_describe(w)}, "
+                              f"activations {_describe(a)} (supported: {_FP8_CT})")
+        static.add(a["dynamic"] is False)
+    if len(static) > 1:
+        raise ConfigError("compressed-tensors groups mixing static and dynamic activation scales are not supported")
+    return QuantizationConfig("compressed-tensors", "fp8", static_input_scale=static.pop())
+
+
+def _modelopt(qc: dict) -> QuantizationConfig:
+    algo = (qc.get("quantization") or qc).get("quant_algo")
+    if algo not in _MODELOPT_ALGOS:
+        raise ConfigError(f"unsupported ModelOpt quant_algo {algo!r} (supported: {', '.join(_MODELOPT_ALGOS)})")
+    return QuantizationConfig("modelopt", "fp8", static_input_scale=_MODELOPT_ALGOS[algo])
+
+
+def _fp8(qc: dict) -> QuantizationConfig:
+    if qc.get("weight_block_size"):
+        raise ConfigError(f"unsupported fp8 checkpoint: block-wise weight scales (weight_block_size "
+                          f"{qc['weight_block_size']}); per-tensor and per-channel scales are supported")
+    scheme = qc.get("activation_scheme", "dynamic")
+    if scheme not in ("dynamic", "static"):
+        raise ConfigError(f"unsupported fp8 activation_scheme {scheme!r} (dynamic or static)")
+    return QuantizationConfig("fp8", "fp8", static_input_scale=scheme == "static")
+
+
+def _awq(qc: dict) -> QuantizationConfig:
+    bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
+    version, zero_point = str(qc.get("version", "gemm")).lower(), qc.get("zero_point", True)
+    if bits != 4 or version != "gemm" or not zero_point:
+        raise ConfigError(f"unsupported AWQ checkpoint: bits {bits}, version {version}, zero_point {zero_point} "
+                          "(supported: 4 bits, GEMM layout, zero points)")
+    return QuantizationConfig("awq", "int4", group_size=int(group))
+
+
+def _gptq(qc: dict) -> QuantizationConfig:
+    bits, fmt = qc.get("bits"), qc.get("checkpoint_format", "gptq")
+    if bits != 4 or fmt not in ("gptq", "gptq_v2"):
+        raise ConfigError(f"unsupported GPTQ checkpoint: bits {bits}, checkpoint_format {fmt} "
+                          "(supported: 4 bits, gptq or gptq_v2)")
+    return QuantizationConfig("gptq", "int4", group_size=int(qc.get("group_size", 128)),
+                              zero_offset=1 if fmt == "gptq" else 0)

@@ -1,0 +1,55 @@
+"""The matmul of each quantized weight kind, `x [T, in] @ w -> [T, *out]` in x's dtype: the seam
+where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
+
+- fp8 W8A8: x is quantized to e4m3 per token (or with the static scale) and the dot takes both
+  e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
+  token and channel scales multiply the result.
+- int8 W8A16: the int8 weight converted to x's dtype feeds the dot (XLA fuses the convert into
+  the GEMM's operand read); the channel scale multiplies the result.
+- int4 W4A16: unpacked and dequantized group by group, then a dot (a GEMM that reads the packed
+  weight directly is future work).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.models.quantization.weights import FP8, FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
+
+_MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
+
+
+def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """x [T, in] -> (e4m3 values, float32 scale [T, 1] or []): per token from each row's largest
+    magnitude, or the static per-tensor `input_scale`."""
+    x32 = x.astype(jnp.float32)
+    if input_scale is None:
+        scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_SCALE) / FP8_MAX
+    else:
+        scale = input_scale.astype(jnp.float32)
+    return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+
+
+def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
+    xq, x_scale = quantize_activations_fp8(x, w.input_scale)
+    y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
+                            preferred_element_type=jnp.float32)  # [T, *out]
+    out_axes = (1,) * w.scale.ndim
+    return (y * jnp.reshape(x_scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
+
+
+def int8_matmul(x: jax.Array, w: Int8Weight) -> jax.Array:
+    y = jnp.tensordot(x, w.qweight.astype(x.dtype), axes=1, preferred_element_type=jnp.float32)
+    return (y * w.scale).astype(x.dtype)
+
+
+def int4_matmul(x: jax.Array, w: Int4Weight) -> jax.Array:
+    return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
+
+
+_MATMULS = {Fp8Weight: fp8_matmul, Int8Weight: int8_matmul, Int4Weight: int4_matmul}
+
+
+def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+    """x [T, in] @ the quantized weight -> [T, *out] in x's dtype, by the weight's kind."""
+    return _MATMULS[type(w)](x, w)

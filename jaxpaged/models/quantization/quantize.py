@@ -1,0 +1,64 @@
+"""Online quantization of a float weight `[in, *out]` at load time (`quantization="fp8"`,
+`"int8"`, `"int4"` on a float checkpoint, or on random weights): round to nearest, scales from
+each output channel's (or group's) range."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxpaged.models.config import ConfigError
+from jaxpaged.models.quantization.weights import FP8, FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, pack_int4
+
+INT4_GROUP_SIZE = 128
+_TINY = 1e-12  # the scale of an all-zero channel
+
+
+def _channel_amax(w: jax.Array) -> jax.Array:
+    return jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0), _TINY)
+
+
+def quantize_fp8(w: jax.Array) -> Fp8Weight:
+    """e4m3 per output channel (dynamic per-token activations at run time)."""
+    scale = _channel_amax(w) / FP8_MAX
+    q = jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8)
+    return Fp8Weight(jnp.moveaxis(q, 0, -1), scale)
+
+
+def quantize_int8(w: jax.Array) -> Int8Weight:
+    """Symmetric int8 per output channel, values -127..127."""
+    scale = _channel_amax(w) / 127.0
+    q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
+    return Int8Weight(q, scale)
+
+
+def int4_group_size(num_inputs: int) -> int:
+    """128, or the largest divisor of `num_inputs` that divides 128 (576 -> 64)."""
+    return math.gcd(num_inputs, INT4_GROUP_SIZE)
+
+
+def quantize_int4(w: jax.Array, group_size: int = 0) -> Int4Weight:
+    """Asymmetric int4 in groups of `group_size` input rows (-1: all of them; 0: `int4_group_size`):
+    per group and output channel, the range [min, max] (widened to hold 0) maps onto 0..15."""
+    n, out = w.shape[0], w.shape[1:]
+    g = n if group_size == -1 else group_size or int4_group_size(n)
+    if n % g:
+        raise ConfigError(f"int4 group size {g} does not divide a weight's {n} input rows")
+    grouped = w.astype(jnp.float32).reshape(n // g, g, *out)
+    lo = jnp.minimum(jnp.min(grouped, axis=1), 0.0)
+    hi = jnp.maximum(jnp.max(grouped, axis=1), 0.0)
+    scale = jnp.maximum(hi - lo, _TINY) / 15.0
+    zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
+    q = jnp.clip(jnp.round(grouped / scale[:, None]) + zero[:, None], 0, 15).reshape(n, *out)
+    return Int4Weight(pack_int4(q), scale, zero.astype(jnp.uint8))
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "group_size"))
+def quantize(w: jax.Array, scheme: str, group_size: int = 0) -> QuantizedWeight:
+    """`w` [in, *out] as a quantized leaf of `scheme` (fp8, int8 or int4 in groups of `group_size`);
+    one compiled program per weight shape."""
+    if scheme == "int4":
+        return quantize_int4(w, group_size)
+    return {"fp8": quantize_fp8, "int8": quantize_int8}[scheme](w)
