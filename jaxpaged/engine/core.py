@@ -170,7 +170,7 @@ class EngineCore:
         their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
         step is processed."""
         outputs = []
-        for seq in self.structured_output.failed():
+        for seq in self.structured_output.failed() if self.structured_output.compiling else ():
             self.abort_requests([seq.request_id])
             outputs.append(EngineCoreOutput(seq.request_id, seq.index, [], [], finish_reason="abort"))
         sched = self.scheduler.schedule()

@@ -102,15 +102,18 @@ class GrammarCompiler:
             self._cache.move_to_end(key)
             return future
 
-    def compile(self, params: StructuredOutputsParams, timeout: float = COMPILE_TIMEOUT_S) -> Any:
-        """The compiled grammar, waiting at most `timeout` s; ValueError if it cannot be had."""
+    def compile(self, params: StructuredOutputsParams, timeout: float | None = None) -> Any:
+        """The compiled grammar, waiting at most `timeout` s (`COMPILE_TIMEOUT_S`); ValueError if
+        it cannot be had."""
+        timeout = COMPILE_TIMEOUT_S if timeout is None else timeout
         try:
             return self.submit(params).result(timeout)
         except concurrent.futures.TimeoutError:
             raise ValueError(_timeout_message(params, timeout)) from None
 
-    async def compile_async(self, params: StructuredOutputsParams, timeout: float = COMPILE_TIMEOUT_S) -> Any:
+    async def compile_async(self, params: StructuredOutputsParams, timeout: float | None = None) -> Any:
         """`compile` for an event loop (which keeps serving while the pool compiles)."""
+        timeout = COMPILE_TIMEOUT_S if timeout is None else timeout
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self.submit(params))), timeout)
         except asyncio.TimeoutError:

@@ -20,7 +20,7 @@ class StructuredOutputManager:
                  wait_for_grammars: bool = False):
         self.compiler = get_grammar_compiler(tokenizer_path, vocab_size, stop_token_ids)
         self.wait_for_grammars = wait_for_grammars
-        self._compiling: list[Request] = []
+        self.compiling: list[Request] = []  # samples whose grammar may still be compiling
 
     def add_request(self, params: StructuredOutputsParams, samples: Sequence[Request]) -> None:
         grammar = self.compiler.submit(params)
@@ -28,20 +28,16 @@ class StructuredOutputManager:
             concurrent.futures.wait([grammar])
         for seq in samples:
             seq.structured_output = StructuredOutputRequest(grammar)
-            self._compiling.append(seq)
-
-    @property
-    def compiling(self) -> bool:
-        return bool(self._compiling)
+            self.compiling.append(seq)
 
     def failed(self) -> list[Request]:
         """Forget the samples whose grammar is done; those whose grammar failed, unfinished
         (the client compiles a spec before sending it, so only a core-side failure is here)."""
-        failed = [s for s in self._compiling if s.structured_output.error is not None and not s.is_finished]
-        self._compiling = [s for s in self._compiling if not s.structured_output.ready]
+        failed = [s for s in self.compiling if s.structured_output.error is not None and not s.is_finished]
+        self.compiling = [s for s in self.compiling if not s.structured_output.ready]
         return failed
 
     def wait(self, timeout: float) -> None:
         """Until a compiling grammar is done or `timeout` s pass (an idle engine, not spinning)."""
-        concurrent.futures.wait([s.structured_output.grammar for s in self._compiling], timeout,
+        concurrent.futures.wait([s.structured_output.grammar for s in self.compiling], timeout,
                                 concurrent.futures.FIRST_COMPLETED)
