@@ -108,6 +108,14 @@ def test_dead_end_and_terminated_grammar_stop(llm):
     assert len(outs[2].token_ids) == len(outs[0].token_ids) + 1  # the EOS the grammar ended on
 
 
+def test_each_of_n_samples_follows_the_grammar(llm):
+    """n samples share the compiled grammar, each with its own matcher."""
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=20,
+                            structured_outputs=StructuredOutputsParams(regex=REGEXES[4]))
+    outs = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs
+    assert len({o.text for o in outs}) > 1 and all(re.fullmatch(REGEXES[4], o.text) for o in outs), outs
+
+
 def test_bitmask_row_of_a_grammar_disallows_padding_ids_and_meets_allowed_token_ids(model_dir):
     """Logits wider than the tokenizer (padding ids): the grammar's row never allows them. A
     JSON object starts with "{": every allowed token's text does, and allowed_token_ids narrows
