@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from typing import Literal
 
 import httpx
@@ -134,6 +135,23 @@ def test_bitmask_row_of_a_grammar_disallows_padding_ids_and_meets_allowed_token_
     assert all(tok.decode([t]).startswith("{") for t in allowed)
     assert np.flatnonzero(bits[1]).tolist() == [brace]
     assert bits[2:].all()
+
+
+def test_compiled_grammars_are_cached_by_spec_and_evicted_past_the_budget(model_dir, monkeypatch):
+    grammars = compiler.GrammarCompiler(str(model_dir), 512, (2,))
+    a, b = StructuredOutputsParams(regex="a+"), StructuredOutputsParams(regex="b+")
+    first = grammars.compile(a)
+    assert grammars.compile(StructuredOutputsParams(regex="a+")) is first  # an equal spec: the cache
+    monkeypatch.setattr(compiler, "CACHE_BYTES", first.memory_size_bytes)  # room for one
+    grammars.compile(b)
+    assert grammars.compile(a) is not first  # a was least recently used: compiled anew
+
+
+def test_without_xgrammar_a_structured_request_is_refused_naming_the_extra(model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # `import xgrammar` raises ImportError
+    grammars = compiler.GrammarCompiler(str(model_dir), 512, (2,))
+    with pytest.raises(ValueError, match=re.escape("structured output needs xgrammar: pip install 'jaxpaged[structured]'")):
+        grammars.compile(StructuredOutputsParams(regex="a"))
 
 
 class Pet(BaseModel):

@@ -96,11 +96,13 @@ class GrammarCompiler:
         key = params.key
         with self._lock:
             future = self._cache.get(key)
-            if future is None:
+            new = future is None
+            if new:
                 future = self._cache[key] = self._pool.submit(self._compile, params)
-                future.add_done_callback(lambda _: self._evict())
             self._cache.move_to_end(key)
-            return future
+        if new:  # outside the lock: a future already done runs its callback here
+            future.add_done_callback(lambda _: self._evict())
+        return future
 
     def compile(self, params: StructuredOutputsParams, timeout: float | None = None) -> Any:
         """The compiled grammar, waiting at most `timeout` s (`COMPILE_TIMEOUT_S`); ValueError if
