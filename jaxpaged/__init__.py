@@ -5,8 +5,10 @@ imported on first use, so `import jaxpaged` and the API server never import JAX.
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.structured_output import StructuredOutputsParams
 
-__all__ = ["AsyncLLM", "LLM", "CompletionOutput", "EngineConfig", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["AsyncLLM", "LLM", "CompletionOutput", "EngineConfig", "Logprob", "RequestOutput", "SamplingParams",
+           "StructuredOutputsParams"]
 __version__ = "0.1.0"
 
 

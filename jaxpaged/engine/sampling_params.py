@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxpaged.engine.structured_output.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (vLLM's default max_logprobs)
 MAX_LOGIT_BIAS = 64  # logit_bias entries per request
 MAX_STOP_TOKEN_IDS = 56
@@ -37,6 +39,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only these
     bad_words: list[str] | None = None  # never generate these words (vLLM's rule: `sample/token_mask.py`)
     truncate_prompt_tokens: int | None = None  # keep the last k prompt tokens (-1: max_model_len)
+    # the output follows a JSON schema, regex, choice or grammar (engine/structured_output/)
+    structured_outputs: StructuredOutputsParams | None = None
     # bad_words as token-id sequences: set by the `Processor` (the client holds the tokenizer)
     bad_words_token_ids: list[list[int]] | None = None
 
@@ -50,6 +54,8 @@ class SamplingParams:
             self.top_k = 0
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+        if isinstance(self.structured_outputs, dict):  # from the wire (messages.py)
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._check()
 
     def _check(self) -> None:

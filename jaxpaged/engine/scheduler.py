@@ -140,9 +140,14 @@ class Scheduler:
         return steps
 
     def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
-        """Move waiting sequences to running, FCFS, while budget, seats and blocks allow."""
+        """Move waiting sequences to running, FCFS, while budget, seats and blocks allow; those
+        whose grammar is still compiling are passed over and keep their place."""
+        compiling: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.structured_output is not None and not seq.structured_output.ready:
+                compiling.append(self.waiting.popleft())
+                continue
             parent = seq.fork_parent
             if parent is not None and not parent.is_finished:
                 if parent.num_computed_tokens < parent.num_prompt_tokens:
@@ -164,6 +169,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(compiling))
 
     def _preempt(self, seq: Request) -> None:
         """Free the sequence's blocks; it goes back to the front of the queue (recompute)."""

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from jaxpaged.engine.generation_config import SAMPLING_KEYS, GenerationDefaults
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.serve.chat_messages import ChatCompletionNamedToolChoiceParam, ChatCompletionToolsParam, ChatMessage
+from jaxpaged.serve.structured_outputs import StructuredOutputFields
 
 INT32_MAX = 2**31 - 1
 MAX_N = 128  # samples per prompt
@@ -20,8 +21,7 @@ MAX_CHOICES = 1024  # prompts x n per HTTP request
 # Fields of the OpenAI / vLLM APIs that jaxpaged does not implement: asking for them is a
 # 400 rather than a silent no-op. Unknown fields are ignored, as in vLLM.
 UNSUPPORTED = ("suffix", "tools", "functions", "function_call", "use_beam_search",
-               "prompt_embeds", "structured_outputs", "guided_json", "guided_regex",
-               "guided_choice", "guided_grammar")
+               "prompt_embeds", "guided_whitespace_pattern")
 
 
 class OpenAIModel(BaseModel):
@@ -33,9 +33,6 @@ class OpenAIModel(BaseModel):
         for name in UNSUPPORTED:
             if extra.get(name) not in (None, [], {}, False):  # unset, empty, false or 0
                 raise ValueError(f"`{name}` is not supported by jaxpaged")
-        fmt = extra.get("response_format")
-        if fmt not in (None, {"type": "text"}):
-            raise ValueError("`response_format` other than {'type': 'text'} is not supported by jaxpaged")
         if extra.get("tool_choice") not in (None, "none"):
             raise ValueError("`tool_choice` is not supported by jaxpaged (no tool calling)")
         return self
@@ -45,8 +42,9 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class SamplingRequest(OpenAIModel):
-    """Fields shared by completions and chat (OpenAI's plus vLLM's sampling extras)."""
+class SamplingRequest(OpenAIModel, StructuredOutputFields):
+    """Fields shared by completions and chat (OpenAI's plus vLLM's sampling extras, structured
+    output's among them)."""
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     best_of: int | None = None
@@ -104,7 +102,7 @@ class SamplingRequest(OpenAIModel):
             include_stop_str_in_output=self.include_stop_str_in_output, logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else prompt_logprobs,
             logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
-            truncate_prompt_tokens=self.truncate_prompt_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens, structured_outputs=self.structured_outputs_params(),
             skip_special_tokens=self.skip_special_tokens, output_kind="delta", **given)
 
     def apply_defaults(self, defaults: GenerationDefaults) -> None:

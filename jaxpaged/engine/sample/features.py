@@ -22,7 +22,7 @@ class SamplingFeatures:
     logit_bias: bool = False  # logit_bias entries, and min_tokens' bans of EOS and stop ids
     logprobs: bool = False  # the top-N logprobs of each sampled token
     prompt_logprobs: bool = False  # logprobs of every prompt position
-    token_bitmask: bool = False  # a per-row allowed-token bitmask [S, ceil(V / 32)]: allowed_token_ids, bad_words
+    token_bitmask: bool = False  # a per-row allowed-token bitmask [S, ceil(V / 32)]: grammars, allowed_token_ids, bad_words
 
     def flags(self) -> tuple[bool, ...]:
         return tuple(getattr(self, name) for name in self.__dataclass_fields__)
@@ -73,7 +73,8 @@ def features_of(params: SamplingParams, vocab_size: int) -> SamplingFeatures:
         logit_bias=bool(params.logit_bias) or params.min_tokens > 0,
         logprobs=(params.logprobs or 0) > 0,
         prompt_logprobs=params.prompt_logprobs is not None,
-        token_bitmask=bool(params.allowed_token_ids) or bool(params.bad_words_token_ids),
+        token_bitmask=(bool(params.allowed_token_ids) or bool(params.bad_words_token_ids)
+                       or params.structured_outputs is not None),
     )
     return _interned.setdefault(features, features)
 

@@ -1,9 +1,9 @@
 """The per-row allowed-token bitmask of the `full` head, built on the host each step.
 
 Layout: `[S, ceil(V / 32)]` int32, bit `v % 32` of word `v // 32` set = token v allowed
-(xgrammar's, read on the device by `sampler.apply_token_bitmask`). A row starts from its
-`allowed_token_ids` (else every token) and loses the tokens its `bad_words` ban at this step;
-a structured-output grammar's mask is one more constraint of the same shape.
+(xgrammar's, read on the device by `sampler.apply_token_bitmask`). A row starts from what its
+structured-output grammar allows next (else every token), keeps only its `allowed_token_ids`
+and loses the tokens its `bad_words` ban at this step.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxpaged.engine.sampling_params import SamplingParams
+from jaxpaged.engine.structured_output.request import StructuredOutputRequest, fill_grammar_bitmask
 
 
 def num_words(vocab_size: int) -> int:
@@ -40,14 +41,15 @@ def bad_word_bans(bad_words_token_ids: Sequence[Sequence[int]], output_ids: Sequ
     return bans
 
 
-def make_token_bitmask(rows: Sequence[tuple[SamplingParams, Sequence[int]]], num_seqs: int,
-                       vocab_size: int) -> np.ndarray:
-    """`[num_seqs, ceil(V / 32)]` int32 from per-row `(params, output token ids)`; padding rows
-    and rows without constraints allow every token."""
+def make_token_bitmask(rows: Sequence[tuple[SamplingParams, Sequence[int]]], num_seqs: int, vocab_size: int,
+                       grammars: Sequence[StructuredOutputRequest | None] = ()) -> np.ndarray:
+    """`[num_seqs, ceil(V / 32)]` int32 from per-row `(params, output token ids)` and grammars
+    (row i's, or None); padding rows and rows without constraints allow every token."""
     mask = np.full((num_seqs, num_words(vocab_size)), -1, np.int32)
+    fill_grammar_bitmask(mask, grammars)
     for i, (p, output_ids) in enumerate(rows):
         if p.allowed_token_ids:
-            mask[i] = _allowed_words(tuple(p.allowed_token_ids), vocab_size)
+            mask[i] &= _allowed_words(tuple(p.allowed_token_ids), vocab_size)
         if p.bad_words_token_ids:
             bans = np.asarray(bad_word_bans(p.bad_words_token_ids, output_ids), np.int64)
             row = mask[i].view(np.uint32)

@@ -1,0 +1,62 @@
+"""One sample's grammar state in the engine core (vLLM's `StructuredOutputRequest`): the
+compiled grammar's future and, once it is compiled, an xgrammar `GrammarMatcher` that
+accepts each sampled token and fills the sample's row of the step's allowed-token bitmask.
+
+A sample whose grammar is compiling stays waiting (the scheduler does not admit it). A
+sampled token the grammar does not accept (a dead end: no token was allowed) and a grammar
+that has terminated both end the sample with finish reason "stop".
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpaged.engine.structured_output.compiler import import_xgrammar
+
+
+class StructuredOutputRequest:
+    def __init__(self, grammar: concurrent.futures.Future):
+        self.grammar = grammar  # -> xgrammar.CompiledGrammar
+        self._matcher: Any = None
+
+    @property
+    def ready(self) -> bool:
+        """The grammar is compiled (or failed: `error` says)."""
+        return self.grammar.done()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.grammar.exception() if self.grammar.done() else None
+
+    @property
+    def matcher(self) -> Any:
+        if self._matcher is None:
+            self._matcher = import_xgrammar().GrammarMatcher(self.grammar.result())
+        return self._matcher
+
+    def accept(self, token_id: int) -> bool:
+        """Advance the grammar by a sampled token; False if the grammar does not allow it."""
+        return self.matcher.accept_token(token_id)
+
+    @property
+    def is_terminated(self) -> bool:
+        return self.matcher.is_terminated()
+
+
+@functools.cache
+def _batch_matcher() -> Any:
+    return import_xgrammar().BatchGrammarMatcher()
+
+
+def fill_grammar_bitmask(mask: np.ndarray, grammars: Sequence[StructuredOutputRequest | None]) -> None:
+    """Write row i's allowed tokens into `mask[i]` (`[S, ceil(V / 32)]` int32, xgrammar's
+    layout) for each row with a grammar; several rows at once on xgrammar's threads."""
+    rows = [i for i, g in enumerate(grammars) if g is not None]
+    if len(rows) == 1:
+        grammars[rows[0]].matcher.fill_next_token_bitmask(mask, rows[0])
+    elif rows:
+        _batch_matcher().batch_fill_next_token_bitmask([grammars[i].matcher for i in rows], mask, rows)
