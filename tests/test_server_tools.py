@@ -205,6 +205,37 @@ def test_llm_chat_passes_tools_and_tool_history_to_the_template(tok):
         llm.chat(HI, tools=[{"type": "function", "function": {"description": "no name"}}], chat_template=TEMPLATE)
 
 
+# bounded arguments, so that a random-weight model's constrained reply ends within max_tokens
+PICK = {"type": "function", "function": {"name": "pick", "parameters": {
+    "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9},
+                                     "s": {"enum": ["a", "b"]}},
+    "required": ["n", "s"], "additionalProperties": False}}}
+FLAG = {"type": "function", "function": {"name": "flag", "parameters": {
+    "type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_and_named_tool_choice_hold_the_model_to_the_tools(client, stream):
+    """`required` and a named function constrain the (random-weight) model's reply with the
+    tools' schemas: the openai SDK reads calls whose arguments validate against their tool."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (PICK, FLAG)}
+    for choice in ("required", {"type": "function", "function": {"name": "flag"}}):
+        calls = []
+        for seed in range(3):
+            kw = dict(model=MODEL, messages=HI, tools=[PICK, FLAG], tool_choice=choice, max_tokens=60,
+                      temperature=1.0, seed=seed, parallel_tool_calls=False)
+            if stream:
+                _, got, _ = streamed(client.chat.completions.create(stream=True, **kw))
+                calls += [(c["name"], c["arguments"]) for c in got]
+            else:
+                r = client.chat.completions.create(**kw)
+                calls += [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
+        assert len(calls) == 3
+        for name, arguments in calls:
+            assert choice == "required" or name == "flag"
+            jsonschema.validate(json.loads(arguments), schemas[name])
+
+
 BAD = [  # (request fields, text in the 400's message)
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
     ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools.0.function.name"),
@@ -217,8 +248,9 @@ BAD = [  # (request fields, text in the 400's message)
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "does not match any"),
     ({"tool_choice": "auto"}, "`tools` must be set"),
     ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": "required"}, "needs structured output"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "w"}}}, "needs structured output"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "w"}}, "guided_regex": "a+"},
+     "cannot be combined"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {
         "name": "w", "arguments": "{not json"}}]}]}, "messages.0.tool_calls.0.function.arguments"),

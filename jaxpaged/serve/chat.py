@@ -1,6 +1,7 @@
 """`POST /v1/chat/completions`: messages through the chat template, assistant messages out."""
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 from jaxpaged.engine.outputs import CompletionOutput, Logprob
 from jaxpaged.engine.async_llm import AsyncLLM, Tokenizing
 from jaxpaged.engine.processor import apply_chat_template
+from jaxpaged.engine.structured_output.params import StructuredOutputsParams
 from jaxpaged.serve.completions import prompt_logprobs_json, safe_logprob
 from jaxpaged.serve.protocol import ChatCompletionRequest, ChatTemplateFields
 from jaxpaged.serve.reasoning.abs_reasoning_parsers import ReasoningParser
@@ -64,10 +66,11 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                for _ in range(req.n)]
     top_n = req.top_logprobs or 0
     params = req.sampling_params(req.max_output_tokens, top_n if req.logprobs else None)
-    if tool_choice_schema(req.tools, req.tool_choice, req.parallel_tool_calls) is not None:
-        # not wired yet: `params` must hold the reply to that schema (vLLM: structured_outputs.json)
-        raise ValueError(f"`tool_choice` {req.tool_choice if isinstance(req.tool_choice, str) else 'naming a function'}"
-                         " needs structured output, which jaxpaged does not have yet")
+    if (schema := tool_choice_schema(req.tools, req.tool_choice, req.parallel_tool_calls)) is not None:
+        if params.structured_outputs is not None:  # vLLM: either guided decoding or tools, not both
+            raise ValueError("`tool_choice` 'required' or naming a function cannot be combined with "
+                             "`response_format`, `structured_outputs` or `guided_*`")
+        params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     group = await engine.add_requests([cid], [prompt], params, time.monotonic())
     head = {"id": cid, "created": int(time.time()), "model": model}
