@@ -10,7 +10,7 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/jaxpaged
 COPY pyproject.toml README.md ./
 COPY jaxpaged ./jaxpaged
-RUN pip install --no-cache-dir ".[cuda12]"
+RUN pip install --no-cache-dir ".[cuda12,structured]"
 # model downloads and compiled programs (and the demo model) on one volume
 ENV HF_HOME=/cache/huggingface JAXPAGED_CACHE=/cache/jaxpaged
 EXPOSE 8000
