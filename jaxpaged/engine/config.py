@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
+from jaxpaged.engine.spec_decode.config import SUPPORTED_METHODS, SpeculativeConfig
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 
@@ -51,6 +52,8 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: dict | None = None
     max_logprobs: int = MAX_LOGPROBS  # top logprobs a request may ask for (a larger ask is refused)
+    # speculative decoding: vLLM's JSON keys (a dict), parsed into a SpeculativeConfig (spec_decode/)
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -72,5 +75,10 @@ class EngineConfig:
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] here (the compiled sampling step "
                              f"returns the top {MAX_LOGPROBS}), got {self.max_logprobs}")
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if self.speculative_config is not None and self.speculative_config.method not in SUPPORTED_METHODS:
+            raise ValueError(f"speculative_config method {self.speculative_config.method!r} is not supported yet "
+                             f"(supported: {', '.join(SUPPORTED_METHODS)})")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
