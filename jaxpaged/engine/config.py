@@ -80,5 +80,8 @@ class EngineConfig:
         if self.speculative_config is not None and self.speculative_config.method not in SUPPORTED_METHODS:
             raise ValueError(f"speculative_config method {self.speculative_config.method!r} is not supported yet "
                              f"(supported: {', '.join(SUPPORTED_METHODS)})")
+        if self.speculative_config is not None and self.num_scheduler_steps > 1:
+            raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine (a step either "
+                             "verifies drafts or runs the multi-step decode loop)")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")

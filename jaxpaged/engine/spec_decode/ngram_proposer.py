@@ -8,6 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from jaxpaged.engine.request import Request
+from jaxpaged.engine.sample.features import SAMPLE
+from jaxpaged.engine.spec_decode.config import SpeculativeConfig
+
+VERIFIABLE = SAMPLE  # the sampling features the verify head serves
+
 
 class NgramProposer:
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int, num_speculative_tokens: int):
@@ -29,3 +35,25 @@ class NgramProposer:
                 start = int(hits[0]) + n
                 return tokens[start:start + k].tolist()
         return []
+
+
+class NgramDrafter:
+    """The scheduler's view of n-gram speculation: whether a step speculates and a decoding
+    row's drafts. A row gets drafts only when the host knows all its tokens (speculation runs
+    synchronously), it decodes one token, and its sampling is one the verify head does
+    (greedy, temperature, min_p: the `sample` variant, `VERIFIABLE`)."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int):
+        self.config, self.max_model_len = config, max_model_len
+        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max,
+                                      config.num_speculative_tokens)
+
+    def speculates(self, num_running: int) -> bool:
+        return self.config.speculates(num_running)
+
+    def propose(self, seq: Request, budget: int) -> list[int]:
+        """Drafts for `seq`'s next step, at most `budget`, none past max_tokens or max_model_len."""
+        if seq.num_pending or seq.num_computed_tokens + 1 != seq.num_tokens or not VERIFIABLE.covers(seq.features):
+            return []
+        limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
+        return self.proposer.propose(seq.all_token_ids, limit)
