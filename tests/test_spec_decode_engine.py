@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from jaxpaged import LLM, SamplingParams
+from jaxpaged.engine.messages import EngineCoreOutputs, decode, outputs_from_message, outputs_message
+from jaxpaged.serve.metrics import Metrics
 
 KW = {"max_model_len": 128, "block_size": 4, "num_kv_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 64}
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
@@ -90,11 +92,20 @@ def test_aborts_after_rejections_free_every_block(model_dir, workload):
     assert bm.num_free_blocks == bm.num_total_blocks
 
 
-def test_synthetic_acceptance_accepts_at_its_rate(model_dir):
-    """Benchmark mode: drafts accepted with the given probability whatever their values."""
+def test_synthetic_acceptance_and_the_metrics_under_vllms_names(model_dir):
+    """Benchmark mode: every draft accepted at rate 1 whatever its value; the counters reach
+    /metrics (through the core's wire message) under vLLM's names."""
     llm = LLM(model_dir, **KW, speculative_config={**SPEC, "synthetic_acceptance_rate": 1.0})
     prompt = list(range(10, 20)) * 3
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     stats = llm.engine.core.stats()
     assert len(out[0].outputs[0].token_ids) == 40
     assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
+    assert stats.spec_decode_num_accepted_tokens_per_pos[0] == stats.spec_decode_num_drafts
+    wire = outputs_from_message(decode(outputs_message(EngineCoreOutputs([], stats)))).stats
+    text = Metrics("tiny", lambda: wire).render().decode()
+    label = 'model_name="tiny"'
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert f"vllm:spec_decode_{name}_total{{{label}}} {float(getattr(stats, 'spec_decode_' + name))}" in text
+    assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{label},position="2"}} ' \
+        f"{float(stats.spec_decode_num_accepted_tokens_per_pos[2])}" in text
