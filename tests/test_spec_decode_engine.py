@@ -31,6 +31,7 @@ def workload(model_dir):
     prompts += [rng.integers(0, 500, int(rng.integers(5, 30))).tolist() for _ in range(4)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)), ignore_eos=True) for _ in prompts]
     params[-1] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, ignore_eos=True)
+    params[2] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)  # the chosen tokens'
     base = LLM(model_dir, **KW)
     outs = base.generate(prompts, params, use_tqdm=False)
     # a stop token and a stop string, each met in the middle of an output
@@ -39,7 +40,11 @@ def workload(model_dir):
     params[1] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[outs[1].outputs[0].text[6:9]])
     outs = base.generate(prompts, params, use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == outs[1].outputs[0].finish_reason == "stop"
-    return prompts, params, [(o.outputs[0].token_ids, o.outputs[0].text) for o in outs]
+    return prompts, params, outs
+
+
+def _logprobs(out) -> list[float]:
+    return [next(iter(entry.values())).logprob for entry in out.outputs[0].logprobs]
 
 
 CONFIGS = {
@@ -52,7 +57,7 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, workload, compile_counter):
-    prompts, params, refs = workload
+    prompts, params, base = workload
     llm = LLM(model_dir, **{**KW, "speculative_config": SPEC, **CONFIGS[name]})
     compiles = compile_counter.count
     verified = []
@@ -60,7 +65,9 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     llm.engine.runner.launch = lambda sched, variant: verified.append(
         (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled))) or launch(sched, variant)
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [(o.outputs[0].token_ids, o.outputs[0].text) for o in outs] == refs
+    assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == \
+        [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in base]
+    assert _logprobs(outs[2]) == pytest.approx(_logprobs(base[2]), abs=1e-4)  # of the verified positions
     stats = llm.engine.core.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # accepted and rejected
     assert stats.spec_decode_num_accepted_tokens == sum(stats.spec_decode_num_accepted_tokens_per_pos)
@@ -93,15 +100,17 @@ def test_aborts_after_rejections_free_every_block(model_dir, workload):
 
 
 def test_synthetic_acceptance_and_the_metrics_under_vllms_names(model_dir):
-    """Benchmark mode: every draft accepted at rate 1 whatever its value; the counters reach
-    /metrics (through the core's wire message) under vLLM's names."""
+    """Benchmark mode: k drafts for every decode (this prompt has no repeated n-gram), each
+    accepted at rate 1 whatever its value; the counters reach /metrics (through the core's
+    wire message) under vLLM's names."""
     llm = LLM(model_dir, **KW, speculative_config={**SPEC, "synthetic_acceptance_rate": 1.0})
-    prompt = list(range(10, 20)) * 3
+    prompt = list(range(10, 40))
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
     stats = llm.engine.core.stats()
     assert len(out[0].outputs[0].token_ids) == 40
-    assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
-    assert stats.spec_decode_num_accepted_tokens_per_pos[0] == stats.spec_decode_num_drafts
+    # 39 tokens after the first: 9 steps of 3 drafts + 1 bonus, then 2 drafts + 1 bonus (max_tokens)
+    assert (stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens) == (10, 29)
+    assert stats.spec_decode_num_accepted_tokens == 29
     wire = outputs_from_message(decode(outputs_message(EngineCoreOutputs([], stats)))).stats
     text = Metrics("tiny", lambda: wire).render().decode()
     label = 'model_name="tiny"'

@@ -14,8 +14,9 @@ class SpeculativeConfig:
     """What to propose and how many tokens. `disable_by_batch_size`: a step with more running
     requests than this does not speculate (vLLM's key; None = always). `synthetic_acceptance_rate`
     (jaxpaged's key, benchmarks only): each draft token is accepted with this probability
-    whatever its value, so speedup against acceptance can be measured on random weights; the
-    outputs then no longer follow the model."""
+    whatever its value, and every decoding row gets k drafts (n-gram matches or not), so
+    speedup against acceptance can be measured on random weights; the outputs then no longer
+    follow the model."""
     method: str
     num_speculative_tokens: int
     prompt_lookup_min: int | None = None

@@ -41,7 +41,8 @@ class NgramDrafter:
     """The scheduler's view of n-gram speculation: whether a step speculates and a decoding
     row's drafts. A row gets drafts only when the host knows all its tokens (speculation runs
     synchronously), it decodes one token, and its sampling is one the verify head does
-    (greedy, temperature, min_p: the `sample` variant, `VERIFIABLE`)."""
+    (greedy, temperature, min_p: the `sample` variant, `VERIFIABLE`). With a synthetic
+    acceptance rate every such row gets k drafts (copies of its last token)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
         self.config, self.max_model_len = config, max_model_len
@@ -56,4 +57,6 @@ class NgramDrafter:
         if seq.num_pending or seq.num_computed_tokens + 1 != seq.num_tokens or not VERIFIABLE.covers(seq.features):
             return []
         limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
+        if self.config.synthetic_acceptance_rate is not None:  # benchmarks: k drafts always, values unread
+            return seq.all_token_ids[-1:] * min(limit, self.config.num_speculative_tokens)
         return self.proposer.propose(seq.all_token_ids, limit)
