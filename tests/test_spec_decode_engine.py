@@ -118,3 +118,18 @@ def test_synthetic_acceptance_and_the_metrics_under_vllms_names(model_dir):
         assert f"vllm:spec_decode_{name}_total{{{label}}} {float(getattr(stats, 'spec_decode_' + name))}" in text
     assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{label},position="2"}} ' \
         f"{float(stats.spec_decode_num_accepted_tokens_per_pos[2])}" in text
+
+
+def test_tensor_parallel_verifies_on_the_mesh(tiny_model_dir):
+    """tp = 2 on fake CPU devices (test_tensor_parallel.py's shapes): greedy outputs with
+    speculation are those of one device without it."""
+    from test_tensor_parallel import ENGINE
+
+    model = tiny_model_dir("llama-tp")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 500, 4).tolist() * 4 for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, **ENGINE).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model, **ENGINE, tensor_parallel_size=2, speculative_config=SPEC)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    assert llm.engine.core.spec_stats.num_accepted_tokens > 0
