@@ -24,14 +24,16 @@ def model_dir(tiny_model_dir):
 def workload(model_dir):
     """Prompts that repeat a pattern (drafts found, often accepted: the tiny model repeats too)
     and random ones; greedy rows of varied lengths, one with a stop token and one with a stop
-    string met mid-output, a seeded top-p row (never speculates: outside the verify head's
-    sampling), and the outputs of the engine without speculation."""
+    string met mid-output, one with logprobs, one with n = 2, a seeded top-p row (never
+    speculates: outside the verify head's sampling), and the outputs of the engine without
+    speculation."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 500, 5).tolist() * 4 + rng.integers(0, 500, 3).tolist() for _ in range(8)]
     prompts += [rng.integers(0, 500, int(rng.integers(5, 30))).tolist() for _ in range(4)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)), ignore_eos=True) for _ in prompts]
     params[-1] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, ignore_eos=True)
     params[2] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)  # the chosen tokens'
+    params[3] = SamplingParams(n=2, temperature=0, max_tokens=25, ignore_eos=True)  # samples fork the prompt
     base = LLM(model_dir, **KW)
     outs = base.generate(prompts, params, use_tqdm=False)
     # a stop token and a stop string, each met in the middle of an output
@@ -65,8 +67,8 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     llm.engine.runner.launch = lambda sched, variant: verified.append(
         (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled))) or launch(sched, variant)
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == \
-        [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in base]
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs] == \
+        [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in base]
     assert _logprobs(outs[2]) == pytest.approx(_logprobs(base[2]), abs=1e-4)  # of the verified positions
     stats = llm.engine.core.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # accepted and rejected
