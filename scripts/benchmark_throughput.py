@@ -129,9 +129,8 @@ def replay(records) -> tuple[float, dict]:
     total = time.perf_counter() - t
     by_bucket: dict[str, list] = {}
     for fn, a in records:
-        layout = a[1] if fn.__name__ == "dispatch_verify" else a[2]  # the step layout
-        tokens = field_shape(layout, "token_ids")[0]
-        keys = field_shape(layout, "keys")  # [K, S, 2] in a decode loop's layout
+        tokens = field_shape(a[2], "token_ids")[0]  # a[2]: the step layout
+        keys = field_shape(a[2], "keys")  # [K, S, 2] in a decode loop's layout
         loop = keys[0] if keys is not None and len(keys) == 3 else None
         by_bucket.setdefault(f"{tokens}" + (f" x{loop}" if loop else ""), []).append((fn, a))
     per_bucket = {}

@@ -145,6 +145,34 @@ def test_numpy_reference_emits_the_target_distribution():
     assert _pvalue(np.bincount(first, minlength=V), p[:, 0].sum(0)) > 1e-3
 
 
+def test_target_probs_are_what_the_sampler_draws_from():
+    """The verify head's target per position: one-hot argmax (greedy), else the softmax of the
+    tokens that min_p, then top_k, then top_p keep (vLLM's order), against numpy."""
+    from jaxpaged.engine.sample.sampler import make_sampling_input
+    from jaxpaged.engine.spec_decode.verify import target_probs
+
+    rng = np.random.default_rng(5)
+    rows = [dict(temperature=0.0), dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.6),
+            dict(temperature=0.9, top_k=8, top_p=0.8, min_p=0.05), dict(temperature=1.0)]
+    logits = rng.normal(size=(len(rows), K + 1, 40)) * 3
+    sp = make_sampling_input(rows, np.zeros((len(rows), 2), np.uint32))
+    got = np.asarray(target_probs(logits.astype(np.float32), sp, True))
+    for i, r in enumerate(rows):
+        for j in range(K + 1):
+            x = logits[i, j]
+            if r["temperature"] == 0:
+                want = np.eye(40)[x.argmax()]
+            else:
+                p = np.exp(x / r["temperature"] - (x / r["temperature"]).max())
+                keep = p >= r.get("min_p", 0) * p.max()
+                keep &= x >= np.sort(x)[-r.get("top_k", 40)]
+                q = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+                better = np.array([q[q > q[t]].sum() for t in range(40)])  # mass of strictly better tokens
+                keep &= better < r.get("top_p", 1.0)
+                want = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+            np.testing.assert_allclose(got[i, j], want, atol=1e-5)
+
+
 def test_synthetic_acceptance_accepts_at_the_given_rate():
     s = 20_000
     target = np.full((s, K + 1, V), 1 / V, np.float32)

@@ -24,14 +24,17 @@ def model_dir(tiny_model_dir):
 def workload(model_dir):
     """Prompts that repeat a pattern (drafts found, often accepted: the tiny model repeats too)
     and random ones; greedy rows of varied lengths, one with a stop token and one with a stop
-    string met mid-output, one with logprobs, one with n = 2, a seeded top-p row (never
-    speculates: outside the verify head's sampling), and the outputs of the engine without
+    string met mid-output, one with logprobs, one with n = 2, a seeded top-k / top-p row (its
+    draws differ with speculation), a seeded row with a penalty (never speculates: outside the
+    verify head's sampling, so its draws are the same), and the outputs of the engine without
     speculation."""
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 500, 5).tolist() * 4 + rng.integers(0, 500, 3).tolist() for _ in range(8)]
     prompts += [rng.integers(0, 500, int(rng.integers(5, 30))).tolist() for _ in range(4)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)), ignore_eos=True) for _ in prompts]
-    params[-1] = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=20, ignore_eos=True)
+    # (a short penalty row: while it runs no step speculates)
+    params[-1] = SamplingParams(temperature=0.8, presence_penalty=0.5, seed=3, max_tokens=4, ignore_eos=True)
+    params[4] = SamplingParams(temperature=0.3, top_p=0.9, top_k=5, seed=4, max_tokens=30, ignore_eos=True)
     params[2] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)  # the chosen tokens'
     params[3] = SamplingParams(n=2, temperature=0, max_tokens=25, ignore_eos=True)  # samples fork the prompt
     base = LLM(model_dir, **KW)
@@ -65,21 +68,25 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     verified = []
     launch = llm.engine.runner.launch
     llm.engine.runner.launch = lambda sched, variant: verified.append(
-        (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled))) or launch(sched, variant)
+        (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled),
+         any(r.draft_token_ids and r.request.params.top_p < 1 for r in sched.scheduled))) or launch(sched, variant)
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in outs] == \
-        [[(c.token_ids, c.text, c.finish_reason) for c in o.outputs] for o in base]
+    same = [i for i in range(len(prompts)) if i != 4]  # all but the sampled row that speculates
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in outs[i].outputs] for i in same] == \
+        [[(c.token_ids, c.text, c.finish_reason) for c in base[i].outputs] for i in same]
+    assert len(outs[4].outputs[0].token_ids) == 30
     assert _logprobs(outs[2]) == pytest.approx(_logprobs(base[2]), abs=1e-4)  # of the verified positions
     stats = llm.engine.core.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # accepted and rejected
     assert stats.spec_decode_num_accepted_tokens == sum(stats.spec_decode_num_accepted_tokens_per_pos)
     assert stats.spec_decode_num_accepted_tokens_per_pos[0] >= stats.spec_decode_num_accepted_tokens_per_pos[-1]
     if name in ("seqs64", "preempt"):  # rows with and without drafts in one step
-        assert any(0 < spec < rows for spec, rows in verified)
+        assert any(0 < spec < rows for spec, rows, _ in verified)
+        assert any(top_p for _, _, top_p in verified)  # the top-k / top-p row was verified too
     if name == "preempt":
         assert llm.engine.scheduler.num_preemptions > 0
     if name.startswith("off-above"):  # more than 3 running: no drafts
-        assert all(spec == 0 for spec, rows in verified if rows > 3) and any(spec for spec, _ in verified)
+        assert all(spec == 0 for spec, rows, _ in verified if rows > 3) and any(spec for spec, _, _ in verified)
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks  # nothing leaked
     assert compile_counter.count == compiles, "the engine compiled after warm-up"

@@ -26,10 +26,10 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, StepInputs
-from jaxpaged.engine.sample.features import GREEDY, LOOP_VARIANTS, VARIANTS, SamplingFeatures, union, variant_for
+from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, union, variant_for
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
-from jaxpaged.engine.spec_decode.verify import jitted_verify
+from jaxpaged.engine.spec_decode.verify import VERIFY_VARIANTS, jitted_verify
 from jaxpaged.engine.step_programs import PromptLogprobsOutput, jitted_step
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
@@ -108,7 +108,7 @@ class ModelRunner:
         self._t0 = time.perf_counter()
         # every start-up program: heads (bucket x variant), forwards, decode loops (progress log)
         self.num_programs = len(self.buckets) * len(VARIANTS) + len(self.buckets) + len(self.short_query_buckets) \
-            + len(self.loop_buckets) * len(LOOP_VARIANTS) + (len(self.buckets) if spec else 0)
+            + len(self.loop_buckets) * len(LOOP_VARIANTS) + (len(self.buckets) * len(VERIFY_VARIANTS) if spec else 0)
 
     def compile_heads(self, threads: int | None = None) -> int:
         """Compile every head (bucket x variant) in `threads` threads. Returns the largest
@@ -116,22 +116,24 @@ class ModelRunner:
         prompt logprobs' f32 [T, V] logits): the engine keeps it free when it sizes the KV
         pool. Before the pool exists, their autotuning has the device's memory to itself."""
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
-        self._padding = {(t, v): self.inputs.build(SchedulerOutput([]), t, v) for t in self.buckets for v in VARIANTS}
-        if self._verify is not None:  # the verify heads, under the variant slot None
-            self._padding |= {(t, None): self.inputs.build(SchedulerOutput([]), t, GREEDY, speculative=True)
-                              for t in self.buckets}
-        return max(_in_parallel(threads, self._compile_head, list(self._padding)))
+        # keys (bucket, variant, speculative): the sampling heads, and the verify heads if speculating
+        heads = [(t, v, False) for t in self.buckets for v in VARIANTS]
+        heads += [(t, v, True) for t in self.buckets for v in VERIFY_VARIANTS] if self._verify is not None else []
+        self._padding = {key: self.inputs.build(SchedulerOutput([]), *key) for key in heads}
+        return max(_in_parallel(threads, self._compile_head, heads))
 
-    def _compile_head(self, key: tuple[int, SamplingFeatures]) -> int:
-        """Compile the head of (bucket, variant); returns its temporary + output bytes per device."""
-        t, variant = key
+    def _compile_head(self, key: tuple[int, SamplingFeatures, bool]) -> int:
+        """Compile the head of (bucket, variant, speculative); returns its temporary + output
+        bytes per device."""
+        t, variant, speculative = key
         inp = self._padding[key]
         hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), self.params["embed"].dtype,
                                       sharding=self._hidden_sharding)
-        if variant is None:
-            with self._logged(f"verify head {t}"):
+        if speculative:
+            with self._logged(f"verify head {t} {variant.name}"):
                 mem = self._verify.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout,
-                                         num_prev=self.max_num_seqs).compile().memory_analysis()
+                                         num_prev=self.max_num_seqs, filters=variant.top_k_top_p
+                                         ).compile().memory_analysis()
             return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
         with self._logged(f"head {t} {variant.name}"):
             mem = self._head.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout, variant=variant,
@@ -160,7 +162,7 @@ class ModelRunner:
         forwards += [(t, DECODE_ONLY_MAX_TOKENS) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
-            inp = inputs[t, VARIANTS[0]]
+            inp = inputs[t, VARIANTS[0], False]
             with self._logged(f"forward {t}" + (f" q<={max_query_len}" if max_query_len else "")):
                 self._forward_program(inp.step_layout).lower(
                     self.params, self.kv, inp.step, self._prev_tokens, layout=inp.step_layout,
@@ -176,11 +178,11 @@ class ModelRunner:
         jobs = [(compile_forward, f) for f in forwards] + [(compile_loop, key) for key in loops]
         _in_parallel(threads, lambda job: job[0](*job[1]), jobs)
         with self._logged("first runs"):
-            for (t, variant), inp in inputs.items():
-                self.fetch(self._submit([], variant or GREEDY, inp, multi_step=False, speculative=variant is None))
+            for (t, variant, speculative), inp in inputs.items():
+                self.fetch(self._submit([], variant, inp, multi_step=False, speculative=speculative))
             for t, q in forwards:
                 if q:
-                    inp = dataclasses.replace(inputs[t, VARIANTS[0]], max_query_len=q)
+                    inp = dataclasses.replace(inputs[t, VARIANTS[0], False], max_query_len=q)
                     self.fetch(self._submit([], VARIANTS[0], inp, multi_step=False))
             for (t, variant), inp in loops.items():
                 self.fetch(self._submit([], variant, inp, multi_step=True))
@@ -200,8 +202,8 @@ class ModelRunner:
                 multi_step: bool, speculative: bool = False) -> Launched:
         """Queue the step's dispatch on the worker thread (one at a time, in order)."""
         if speculative:
-            future = self._dispatcher.submit(self.dispatch_verify, inp.step, inp.step_layout, inp.max_query_len,
-                                             inp.sampling, inp.sampling_layout)
+            future = self._dispatcher.submit(self.dispatch_verify, variant, inp.step, inp.step_layout,
+                                             inp.max_query_len, inp.sampling, inp.sampling_layout)
             return Launched(rows, inp.query_start, future, speculative=True)
         if multi_step:
             future = self._dispatcher.submit(self.dispatch_loop, variant, inp.step, inp.step_layout,
@@ -222,13 +224,15 @@ class ModelRunner:
                                                     variant=variant, num_prev=self.max_num_seqs)
         return out, prompt
 
-    def dispatch_verify(self, step_buf: np.ndarray, step_layout, max_query_len: int | None, sampling_buf: np.ndarray,
-                        sampling_layout):
-        """Dispatch the forward and the verify head (speculative decoding); as `dispatch`."""
+    def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
+                        max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):
+        """Dispatch the forward and the verify head (speculative decoding; top-k / top-p if
+        `variant` has them); as `dispatch`."""
         hidden, self.kv = self._forward_program(step_layout)(self.params, self.kv, step_buf, self._prev_tokens,
                                                              layout=step_layout, max_query_len=max_query_len)
         out, num_emitted, self._prev_tokens = self._verify(self.top_params, hidden, sampling_buf,
-                                                           layout=sampling_layout, num_prev=self.max_num_seqs)
+                                                           layout=sampling_layout, num_prev=self.max_num_seqs,
+                                                           filters=variant.top_k_top_p)
         return out, num_emitted
 
     def _forward_program(self, layout):

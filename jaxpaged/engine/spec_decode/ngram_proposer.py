@@ -9,10 +9,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from jaxpaged.engine.request import Request
-from jaxpaged.engine.sample.features import SAMPLE
+from jaxpaged.engine.sample.features import SAMPLE_FILTERED
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 
-VERIFIABLE = SAMPLE  # the sampling features the verify head serves
+VERIFIABLE = SAMPLE_FILTERED  # the sampling features the verify head serves (`verify.VERIFY_VARIANTS`)
 
 
 class NgramProposer:
@@ -41,7 +41,7 @@ class NgramDrafter:
     """The scheduler's view of n-gram speculation: whether a step speculates and a decoding
     row's drafts. A row gets drafts only when the host knows all its tokens (speculation runs
     synchronously), it decodes one token, and its sampling is one the verify head does
-    (greedy, temperature, min_p: the `sample` variant, `VERIFIABLE`). With a synthetic
+    (greedy, temperature, min_p, top-k, top-p: the `sample_filtered` variant, `VERIFIABLE`). With a synthetic
     acceptance rate every such row gets k drafts (copies of its last token)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
