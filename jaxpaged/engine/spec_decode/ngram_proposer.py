@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SAMPLE_FILTERED
@@ -21,20 +20,24 @@ class NgramProposer:
 
     def propose(self, token_ids: Sequence[int], max_tokens: int | None = None) -> list[int]:
         """Draft tokens after `token_ids` (at most `max_tokens`, default k; empty when no
-        n-gram matches). The longest n wins; among its matches, the first (vLLM's rule)."""
+        n-gram matches). The longest n wins; among its matches, the first (vLLM's rule).
+        One pass over the tokens: the earlier occurrences of the last token, then how far back
+        each one matches (at most `prompt_lookup_max`)."""
         k = self.k if max_tokens is None else min(self.k, max_tokens)
         tokens = np.asarray(token_ids, np.int64)
         total = tokens.shape[0]
         if k <= 0 or total < self.min_n + 1:
             return []
-        for n in range(min(self.max_n, total - 1), self.min_n - 1, -1):
-            # windows starting at 0 .. total - n - 1: every occurrence before the suffix itself
-            windows = sliding_window_view(tokens[:total - 1], n)
-            hits = np.flatnonzero((windows == tokens[total - n:]).all(axis=1))
-            if hits.size:
-                start = int(hits[0]) + n
-                return tokens[start:start + k].tolist()
-        return []
+        ends = np.flatnonzero(tokens[:total - 1] == tokens[-1])  # where earlier occurrences end
+        length = np.ones(ends.shape[0], np.int64)  # each one's match with the suffix so far
+        for j in range(1, self.max_n):
+            grow = (length == j) & (ends >= j)
+            grow[grow] = tokens[ends[grow] - j] == tokens[total - 1 - j]
+            length += grow
+        if not ends.size or length.max() < self.min_n:
+            return []
+        start = int(ends[np.argmax(length == length.max())]) + 1  # the first of the longest
+        return tokens[start:start + k].tolist()
 
 
 class NgramDrafter:
