@@ -11,14 +11,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_throughput import SHAPES, enable_compilation_cache, recorded_dispatches, replay, shape_dir
+from benchmark_throughput import (SHAPES, enable_compilation_cache, recorded_dispatches, replay, shape_dir,
+                                  spec_decode_summary)
 from ceilings import ceilings
 
 
 def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> tuple[float, float]:
     """Median time of one decode step with `batch` sequences running (after their prefill), and
     the device time per step of the same steps replayed back to back (where the ITL is above
-    it, the host's dispatch is the limit)."""
+    it, the host's dispatch is the limit). With speculative decoding a step emits several
+    tokens: both are then per token (the decode's time over its `steps` tokens, mean)."""
     import jax
 
     from jaxpaged import SamplingParams
@@ -38,6 +40,8 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> t
             times.append(time.perf_counter() - t)
     fn, a = records[0]
     jax.block_until_ready(fn(*a))
+    if getattr(core, "drafter", None) is not None:
+        return sum(times) / steps, replay(records)[0] / steps
     return float(np.median(times)), replay(records)[0] / len(records)
 
 
@@ -80,6 +84,9 @@ def main() -> None:
     ap.add_argument("--max-steps-in-flight", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
+    ap.add_argument("--speculative-config", type=json.loads, default=None,
+                    help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                         '"synthetic_acceptance_rate": 0.8}\': the synthetic acceptance mode for random weights')
     ap.add_argument("--json")
     args = ap.parse_args()
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
@@ -101,7 +108,8 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
               async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size,
+              **({"speculative_config": args.speculative_config} if args.speculative_config else {}))
     engine = llm.engine
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / args.tensor_parallel_size / ceil["copy_bytes_per_s"]  # each GPU reads its shard
@@ -117,10 +125,15 @@ def main() -> None:
     print(f"{'measure':28s} {'ms':>8s} {'x floor':>8s}")
     for name, s in rows.items():
         print(f"{name:28s} {s * 1e3:8.2f} {s / floor:8.2f}")
+    spec = spec_decode_summary(engine.core)
+    if spec:
+        print("speculative decoding: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in spec.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                                                "device": jax.devices()[0].device_kind, "args": vars(args),
-                                               "floor_s": floor, "ceilings": ceil, "seconds": rows}, indent=2))
+                                               "floor_s": floor, "ceilings": ceil, "seconds": rows,
+                                               "spec_decode": spec}, indent=2))
 
 
 if __name__ == "__main__":

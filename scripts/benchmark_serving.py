@@ -259,13 +259,18 @@ SERVER_HISTOGRAMS = {"ttft": "vllm:time_to_first_token_seconds", "queue": "vllm:
                      "prefill": "vllm:request_prefill_time_seconds", "itl": "vllm:inter_token_latency_seconds"}
 
 
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                 "vllm:spec_decode_num_accepted_tokens_total")
+
+
 def scrape(client: httpx.Client) -> dict[str, float]:
-    """The `_sum` and `_count` samples of SERVER_HISTOGRAMS from the server's /metrics ({} if none)."""
+    """The `_sum` and `_count` samples of SERVER_HISTOGRAMS and the SPEC_COUNTERS from the
+    server's /metrics ({} if none)."""
     try:
         text = client.get("/metrics").text
     except httpx.HTTPError:
         return {}
-    wanted = {f"{name}_{part}" for name in SERVER_HISTOGRAMS.values() for part in ("sum", "count")}
+    wanted = {f"{name}_{part}" for name in SERVER_HISTOGRAMS.values() for part in ("sum", "count")} | set(SPEC_COUNTERS)
     samples: dict[str, float] = {}
     for line in text.splitlines():
         name, _, rest = line.partition("{")
@@ -282,6 +287,15 @@ def server_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[s
         total = after.get(f"{name}_sum", 0.0) - before.get(f"{name}_sum", 0.0)
         out[key] = total / n * 1e3 if n > 0 else None
     return out
+
+
+def spec_decode_rates(before: dict[str, float], after: dict[str, float]) -> dict[str, float] | None:
+    """Speculative decoding between two scrapes: acceptance rate (accepted / draft tokens) and
+    mean accepted length (1 + accepted / drafts); None where the server verified no drafts."""
+    drafts, tokens, accepted = (after.get(n, 0.0) - before.get(n, 0.0) for n in SPEC_COUNTERS)
+    if not drafts:
+        return None
+    return {"acceptance_rate": accepted / tokens, "mean_accepted_length": 1 + accepted / drafts}
 
 
 def auth_headers(args) -> dict:
@@ -448,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
         results, duration = asyncio.run(run_rate(args, info["model"], ps, outs, offsets, f"rate {rate:g}/s"))
         row = summarize(rate, results, duration, args.detailed)
         row["client_cpu_busy"] = (time.process_time() - cpu0) / duration
-        row["server_mean_ms"] = server_means_ms(before, scrape(metrics))
+        after = scrape(metrics)
+        row["server_mean_ms"], row["spec_decode"] = server_means_ms(before, after), spec_decode_rates(before, after)
         rows.append(row)
         ok = [r for r in results if r.ok and r.output_tokens > 1]
         if ok and all(r.chunks == 1 for r in ok):
@@ -457,7 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
                   "the whole request and ITL is empty", file=sys.stderr)
         print(f"rate {rate:g}/s: {row['completed']}/{len(ps)} completed in {duration:.1f} s, "
               f"{row['output_throughput']:,.0f} output tok/s, median TTFT {fmt(row['ttft_ms']['median'])} ms"
-              + (f"; errors: {row['errors']}" if row["errors"] else ""), flush=True)
+              + (f"; errors: {row['errors']}" if row["errors"] else "")
+              + ("; speculative decoding: acceptance {acceptance_rate:.2f}, mean accepted length "
+                 "{mean_accepted_length:.2f}".format(**row["spec_decode"]) if row["spec_decode"] else ""), flush=True)
     metrics.close()
 
     summary = {

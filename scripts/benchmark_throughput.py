@@ -93,9 +93,9 @@ def time_calls(obj, name: str, totals: dict) -> None:
 
 @contextlib.contextmanager
 def recorded_dispatches(runner):
-    """Inside: every step dispatch (`runner.dispatch`, and `dispatch_loop` for multi-step
-    decode) is appended to the yielded list with its arguments (the packed host inputs of
-    the step) as (function, args); `replay` runs them again."""
+    """Inside: every step dispatch (`runner.dispatch`, `dispatch_loop` for multi-step decode,
+    `dispatch_verify` for speculative steps) is appended to the yielded list with its arguments
+    (the packed host inputs of the step) as (function, args); `replay` runs them again."""
     records = []
 
     def recording(fn):
@@ -104,11 +104,14 @@ def recorded_dispatches(runner):
             return fn(*a)
         return call
 
-    runner.dispatch, runner.dispatch_loop = recording(runner.dispatch), recording(runner.dispatch_loop)
+    names = [n for n in ("dispatch", "dispatch_loop", "dispatch_verify") if hasattr(runner, n)]  # (older revisions)
+    for n in names:
+        setattr(runner, n, recording(getattr(runner, n)))
     try:
         yield records
     finally:
-        del runner.dispatch, runner.dispatch_loop  # the class's methods again
+        for n in names:
+            delattr(runner, n)  # the class's methods again
 
 
 def replay(records) -> tuple[float, dict]:
@@ -165,6 +168,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
               tensor_parallel_size=args.tensor_parallel_size,
               compile_threads=args.compile_threads, block_size=args.block_size,
               token_buckets=args.token_buckets,
+              **({"speculative_config": args.speculative_config} if args.speculative_config else {}),
               **({"long_prefill_token_threshold": t} if (t := args.long_prefill_token_threshold) else {}),
               **({"decoding_token_budget": t} if (t := args.decoding_token_budget) is not None else {}))
     engine = llm.engine
@@ -197,7 +201,19 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
             "host_ms_per_step": breakdown,
             "device_wait": device_wait, "cfg": engine.model_config,
             "device_s": device_s, "device_busy": device_s and min(1.0, device_s / wall), "device_by_bucket": device_by_bucket,
-            "preemptions": engine.scheduler.num_preemptions}
+            "preemptions": engine.scheduler.num_preemptions, "spec_decode": spec_decode_summary(core)}
+
+
+def spec_decode_summary(core) -> dict | None:
+    """Speculative decoding's counters (vLLM's names), acceptance rate and mean accepted length
+    (tokens per verified row: 1 + accepted / drafts); None without speculation."""
+    stats = getattr(core, "spec_stats", None)
+    if stats is None or not stats.num_drafts:
+        return None
+    return {"num_drafts": stats.num_drafts, "num_draft_tokens": stats.num_draft_tokens,
+            "num_accepted_tokens": stats.num_accepted_tokens, "acceptance_rate": stats.num_accepted_tokens / stats.num_draft_tokens,
+            "mean_accepted_length": 1 + stats.num_accepted_tokens / stats.num_drafts,
+            "accepted_per_pos": list(stats.num_accepted_tokens_per_pos)}
 
 
 def run_hf_subprocess() -> dict:
@@ -284,6 +300,9 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--max-steps-in-flight", type=int, default=2)
     ap.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode iterations per step")
+    ap.add_argument("--speculative-config", type=json.loads, default=None,
+                    help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+                         '"synthetic_acceptance_rate": 0.8}\' for the synthetic acceptance mode'),
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--compile-threads", type=int, default=None, help="warm-up compile threads (default: CPUs)")
@@ -338,6 +357,9 @@ def main() -> None:
           f"{res['steps']} steps, {res['preemptions']} preemptions, startup {res['startup_s']:.0f} s")
     if res["device_s"] is not None:
         print(f"device busy {j['device_busy']:.0%} of wall (the steps replayed back to back took {res['device_s']:.2f} s)")
+    if res["spec_decode"]:
+        print("speculative decoding: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in res["spec_decode"].items()))
     print("start-up " + str({k: v for k, v in res["engine"].items() if k != "compiles"}))
     compiles = sorted(res["engine"]["compiles"], key=lambda c: -c[2])
     print(f"start-up programs: {len(compiles)}, {sum(c[2] for c in compiles):.0f} s summed; slowest (program, start s, "

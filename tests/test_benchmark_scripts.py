@@ -120,7 +120,9 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
                        env=env, check=True, capture_output=True, timeout=300)
         lat = subprocess.run([sys.executable, SCRIPTS / "benchmark_latency.py", "--model", model, *ENGINE, *cache,
                               "--prompt-lens", "16,128", "--batches", "1,2", "--decode-steps", "3",
-                              "--decode-prompt-len", "8", "--json", results / "latency.json"],
+                              "--decode-prompt-len", "8", "--json", results / "latency.json",
+                              "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
+                              '"synthetic_acceptance_rate": 1.0}'],
                              env=env, check=True, capture_output=True, text=True, timeout=300)
         assert "skipping TTFT of a 128-token prompt" in lat.stdout  # a prompt of max_model_len tokens
         summary = json.loads((results / "throughput-fixed.json").read_text())
@@ -130,6 +132,8 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         assert 0 < replayed <= run["steps"] and run["device_s"] > 0 and 0 < run["device_busy"] <= 1
         assert run["engine"]["buckets"] == [24, 64]  # --token-buckets, plus the budget
         assert "24 x2" in run["device_by_bucket"]  # multi-step decode steps, replayed too
+        spec = json.loads((results / "latency.json").read_text())["spec_decode"]  # synthetic: all accepted
+        assert spec["num_draft_tokens"] > 0 and spec["acceptance_rate"] == 1.0
         lat = json.loads((results / "latency.json").read_text())["seconds"]
         assert "TTFT, prompt 128" not in lat and lat["  its device time, prompt 16"] > 0 and lat["TTFT, prompt 16"] > 0
 

@@ -47,6 +47,21 @@ def test_allocate_and_free_restore_pool():
     check_invariants(bm)
 
 
+def test_trim_releases_only_blocks_wholly_past_the_tokens():
+    """Rejected speculative tokens: blocks past the kept tokens go back, the rest stay."""
+    bm = BlockManager(num_blocks=9, block_size=BS)
+    assert bm.allocate("a", 14)  # 4 blocks
+    table = list(bm.block_table("a"))
+    bm.trim("a", 9)  # 9 tokens need 3 blocks
+    assert bm.block_table("a") == table[:3] and bm.num_free_blocks == 5
+    bm.trim("a", 12)  # nothing past 3 blocks
+    assert bm.block_table("a") == table[:3]
+    check_invariants(bm)
+    bm.free("a")
+    assert bm.num_free_blocks == 8
+    check_invariants(bm)
+
+
 def test_block_zero_never_handed_out():
     bm = BlockManager(num_blocks=5, block_size=BS)
     assert bm.allocate(0, 4 * BS)

@@ -172,12 +172,22 @@ class BlockManager:
         table = self._tables.pop(seq_id)
         del self._seq_hashes[seq_id]
         for b in reversed(table):
-            self._ref[b] -= 1
-            if self._ref[b] == 0:
-                if b in self._block_hash:
-                    self._evictable[b] = None
-                else:
-                    self._free.append(b)
+            self._release(b)
+
+    def trim(self, seq_id: SeqId, num_tokens: int) -> None:
+        """Release the sequence's blocks wholly past its first `num_tokens` tokens (rejected
+        speculative tokens' blocks)."""
+        table = self._tables[seq_id]
+        while len(table) > _cdiv(num_tokens, self.block_size):
+            self._release(table.pop())
+
+    def _release(self, b: int) -> None:
+        self._ref[b] -= 1
+        if self._ref[b] == 0:
+            if b in self._block_hash:
+                self._evictable[b] = None
+            else:
+                self._free.append(b)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash; only when no sequence holds blocks (returns success)."""

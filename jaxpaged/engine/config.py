@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
+from jaxpaged.engine.spec_decode.config import SUPPORTED_METHODS, SpeculativeConfig
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 # vLLM's `quantization` values served here (models/quantization/config.py's QUANTIZATION_CHOICES, kept
@@ -57,6 +58,8 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: dict | None = None
     max_logprobs: int = MAX_LOGPROBS  # top logprobs a request may ask for (a larger ask is refused)
+    # speculative decoding: vLLM's JSON keys (a dict), parsed into a SpeculativeConfig (spec_decode/)
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -80,5 +83,13 @@ class EngineConfig:
                              f"returns the top {MAX_LOGPROBS}), got {self.max_logprobs}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        if self.speculative_config is not None and self.speculative_config.method not in SUPPORTED_METHODS:
+            raise ValueError(f"speculative_config method {self.speculative_config.method!r} is not supported yet "
+                             f"(supported: {', '.join(SUPPORTED_METHODS)})")
+        if self.speculative_config is not None and self.num_scheduler_steps > 1:
+            raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine (a step either "
+                             "verifies drafts or runs the multi-step decode loop)")
         if self.attention_backend not in ("auto", "reference", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")

@@ -31,6 +31,8 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
+from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
+from jaxpaged.engine.spec_decode.ngram_proposer import NgramDrafter
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
@@ -71,7 +73,7 @@ class EngineCore:
                                   config.token_buckets or tuple(token_buckets(
                                       self.max_num_batched_tokens, config.max_num_seqs,
                                       extra=(config.decoding_token_budget,))),
-                                  config.num_scheduler_steps)
+                                  config.num_scheduler_steps, config.speculative_config)
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
@@ -79,9 +81,12 @@ class EngineCore:
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        spec = config.speculative_config
+        self.drafter = NgramDrafter(spec, self.max_model_len) if spec is not None else None
+        self.spec_stats = SpecDecodingStats(spec.num_speculative_tokens if spec is not None else 0)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.num_scheduler_steps, config.long_prefill_token_threshold,
-                                   config.decoding_token_budget)
+                                   config.decoding_token_budget, self.drafter)
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
@@ -169,9 +174,11 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         bm, sched = self.block_manager, self.scheduler
+        spec = self.spec_stats
         return SchedulerStats(len(sched.running), len(sched.waiting), bm.usage, self.num_prompt_tokens,
                               self.num_generation_tokens, sched.num_preemptions, bm.prefix_cache_queries,
-                              bm.prefix_cache_hits)
+                              bm.prefix_cache_hits, spec.num_drafts, spec.num_draft_tokens,
+                              spec.num_accepted_tokens, list(spec.num_accepted_tokens_per_pos))
 
     # ---- one step ------------------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
@@ -179,11 +186,16 @@ class EngineCore:
         `max_steps_in_flight` (async scheduling: the host works on step n's outputs while the
         device runs the steps after it). Steps are processed first where the new step needs
         their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
-        step is processed."""
+        step is processed. Speculation proposes from every token of a request, so it runs
+        synchronously: launched steps are processed before a step that may speculate, and
+        before any step after one that did."""
         outputs = []
         for seq in self.structured_output.failed() if self.structured_output.compiling else ():
             self.abort_requests([seq.request_id])
             outputs.append(EngineCoreOutput(seq.request_id, seq.index, [], [], finish_reason="abort"))
+        if self._in_flight and self.drafter is not None and (
+                self.drafter.speculates(len(self.scheduler.running)) or any(s.speculative for s in self._in_flight)):
+            outputs += self._process_oldest(len(self._in_flight))
         sched = self.scheduler.schedule()
         variant = self.runner.variant(sched)
         keep = self._steps_kept(sched, variant)
@@ -242,16 +254,23 @@ class EngineCore:
                                                     first_scheduled_time=seq.first_scheduled_time))
                 continue
             k, grammar = 0, seq.structured_output
-            for token in token_ids[i][:row.num_sampled]:  # tokens past a stop are dropped
+            emitted = row.num_sampled if out.num_emitted is None else int(out.num_emitted[i])
+            for token in token_ids[i][:emitted]:  # tokens past a stop are dropped
                 if grammar is not None and not grammar.accept(token):
                     seq.finish("stop")  # a dead end: the grammar allowed no token
                     break
+                if k >= row.num_sampled:
+                    seq.add_pending(i)  # an accepted draft: one more token than launched
                 seq.append_token(token, self.eos_token_ids)
                 k += 1
                 if grammar is not None and not seq.is_finished and grammar.is_terminated:
                     seq.finish("stop")
                 if seq.is_finished:
                     break
+            if row.draft_token_ids:
+                self.spec_stats.observe(len(row.draft_token_ids), emitted - 1)
+                if not seq.is_finished:
+                    self.scheduler.reject_drafts(seq, len(row.draft_token_ids) - (emitted - 1))
             self.num_generation_tokens += k
             o = EngineCoreOutput(seq.request_id, seq.index, token_ids[i][:k], logprobs[i][:k],
                                  prompt_logprobs=prompt, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,

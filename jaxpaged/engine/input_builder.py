@@ -13,6 +13,7 @@ from jaxpaged.engine.sample.sampler import make_history, make_sampling_input, ro
 from jaxpaged.engine.sample.token_mask import make_token_bitmask
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.engine.spec_decode.verify import verify_inputs
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models.step_input import SeqChunk, make_step_input
 
@@ -40,26 +41,29 @@ class InputBuilder:
     hint when every query is short, and `num_steps` > 1 builds multi-step decode inputs."""
 
     def __init__(self, block_size: int, max_num_seqs: int, max_model_len: int, eos_token_ids: tuple[int, ...],
-                 vocab_size: int, short_query_buckets: list[int], num_steps: int = 1):
+                 vocab_size: int, short_query_buckets: list[int], num_steps: int = 1, num_spec: int = 0):
         self.block_size, self.max_num_seqs, self.max_model_len = block_size, max_num_seqs, max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.eos_token_ids, self.vocab_size = eos_token_ids, vocab_size
         self.bias_width = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + len(eos_token_ids)  # min_tokens bans EOS too
         self.short_query_buckets, self.num_steps = short_query_buckets, num_steps
+        self.num_spec = num_spec  # speculative decoding: draft tokens per row (k) of the verify head
 
-    def build(self, sched: SchedulerOutput, t: int, variant: SamplingFeatures) -> StepInputs:
+    def build(self, sched: SchedulerOutput, t: int, variant: SamplingFeatures,
+              speculative: bool = False) -> StepInputs:
         """The step padded to `t` tokens (and min(t, max_num_seqs) rows), with the sampling
-        inputs of head `variant`. A multi-step step packs one buffer for t rows, with the
-        sampling keys of every iteration."""
+        inputs of head `variant` (of the verify head when `speculative`). A multi-step step packs
+        one buffer for t rows, with the sampling keys of every iteration."""
         rows = sched.scheduled
         s = t if sched.multi_step else min(t, self.max_num_seqs)
         feedback = np.full(t, -1, np.int32)  # token -> row of the previous step's sampled ids
         seqs, offset = [], 0
         for r in rows:
-            n = r.num_new_tokens
+            n = r.num_new_tokens - len(r.draft_token_ids)  # the request's own tokens, then its drafts
             feedback[offset + n - 1] = r.request.fed_back_row(r.start + n)
-            seqs.append(SeqChunk(r.request.all_token_ids[r.start:r.start + n], r.start, r.block_table))
-            offset += n
+            seqs.append(SeqChunk(r.request.all_token_ids[r.start:r.start + n] + r.draft_token_ids, r.start,
+                                 r.block_table))
+            offset += r.num_new_tokens
         inp = _fields(make_step_input(seqs, self.block_size, t, s, self.max_blocks))
         # keys [K, rows, 2] (K = 1 unless multi-step): iteration j draws the token after done + j
         k = self.num_steps if sched.multi_step else 1
@@ -69,6 +73,8 @@ class InputBuilder:
         sampling = {"logits_index": inp.pop("logits_index"),
                     **_fields(make_sampling_input([r.request.params for r in rows], keys[0], s))}
         sampling |= self._history_inputs(rows, variant, t, s)
+        if speculative:  # the verify head's positions and drafts (spec_decode/verify.py)
+            sampling |= verify_inputs(rows, inp["query_start"], s, self.num_spec)
         longest = max((r.num_new_tokens for r in rows), default=0)
         short = t in self.short_query_buckets and longest <= DECODE_ONLY_MAX_TOKENS
         max_query_len = DECODE_ONLY_MAX_TOKENS if short else None

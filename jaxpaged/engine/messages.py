@@ -65,6 +65,12 @@ class SchedulerStats:
     preemptions: int = 0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    # speculative decoding (vLLM's spec_decode counters): rows that had drafts, draft tokens,
+    # accepted draft tokens, and accepted ones by position in the draft
+    spec_decode_num_drafts: int = 0
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -28,6 +28,8 @@ from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, StepInputs
 from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, union, variant_for
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.engine.spec_decode.config import SpeculativeConfig
+from jaxpaged.engine.spec_decode.verify import VERIFY_VARIANTS, jitted_verify
 from jaxpaged.engine.step_programs import PromptLogprobsOutput, jitted_step
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
@@ -43,8 +45,9 @@ class Launched:
     dispatch's device outputs; `ModelRunner.fetch` turns it into a `ModelRunnerOutput`."""
     rows: list[ScheduledRequest]
     token_offsets: np.ndarray  # [S + 1]
-    outputs: concurrent.futures.Future  # (device SamplerOutput, PromptLogprobsOutput | None)
+    outputs: concurrent.futures.Future  # (device SamplerOutput, PromptLogprobsOutput | None, or num_emitted)
     multi_step: bool = False
+    speculative: bool = False  # the verify head ran: rows emitted 1..k + 1 tokens (`num_emitted`)
 
 
 @dataclasses.dataclass
@@ -61,6 +64,7 @@ class ModelRunnerOutput:
     top_ids: np.ndarray | None = None  # [K, S, N]
     top_logprobs: np.ndarray | None = None  # [K, S, N]
     prompt_logprobs: PromptLogprobsOutput | None = None
+    num_emitted: np.ndarray | None = None  # [S] a speculative step's tokens per row (else num_sampled)
 
 
 def _in_parallel(threads: int | None, fn, items: list) -> list:
@@ -75,7 +79,7 @@ class ModelRunner:
 
     def __init__(self, cfg: ModelConfig, params: dict, attention, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...], mesh=None,
-                 buckets: tuple[int, ...] | None = None, num_steps: int = 1):
+                 buckets: tuple[int, ...] | None = None, num_steps: int = 1, spec: SpeculativeConfig | None = None):
         self.cfg, self.params, self.kv = cfg, params, None
         self.top_params = {k: v for k, v in params.items() if k != "layers"}  # all the head reads
         self.max_num_seqs = max_num_seqs
@@ -83,13 +87,14 @@ class ModelRunner:
         self.short_query_buckets = short_query_buckets(self.buckets, max_num_seqs)
         self.num_steps = num_steps
         self.inputs = InputBuilder(block_size, max_num_seqs, max_model_len, eos_token_ids, cfg.vocab_size,
-                                   self.short_query_buckets, num_steps)
+                                   self.short_query_buckets, num_steps, spec.num_speculative_tokens if spec else 0)
         self.decode_buckets = decode_buckets(self.buckets, max_num_seqs)
         self.loop_buckets = self.decode_buckets if num_steps > 1 else []
         replicated = NamedSharding(mesh, P()) if mesh is not None else None
         programs = jitted_step(cfg, attention, replicated, NamedSharding(mesh, KV_POOL) if mesh is not None else None)
         self._fwd, self._fwd_prefill = programs.forward, programs.forward_prefill
         self._head, self._loop = programs.head, programs.decode_loop
+        self._verify = jitted_verify(cfg, replicated, spec.synthetic_acceptance_rate) if spec else None
         # where the forward leaves the hidden states (committed, as every step output)
         self._hidden_sharding = replicated or SingleDeviceSharding(jax.devices()[0])
         # the last step's sampled ids; committed like the step's outputs, so no second compile
@@ -103,7 +108,7 @@ class ModelRunner:
         self._t0 = time.perf_counter()
         # every start-up program: heads (bucket x variant), forwards, decode loops (progress log)
         self.num_programs = len(self.buckets) * len(VARIANTS) + len(self.buckets) + len(self.short_query_buckets) \
-            + len(self.loop_buckets) * len(LOOP_VARIANTS)
+            + len(self.loop_buckets) * len(LOOP_VARIANTS) + (len(self.buckets) * len(VERIFY_VARIANTS) if spec else 0)
 
     def compile_heads(self, threads: int | None = None) -> int:
         """Compile every head (bucket x variant) in `threads` threads. Returns the largest
@@ -111,15 +116,25 @@ class ModelRunner:
         prompt logprobs' f32 [T, V] logits): the engine keeps it free when it sizes the KV
         pool. Before the pool exists, their autotuning has the device's memory to itself."""
         # all-padding steps (they write only the scratch block): compiled here, run by `warmup`
-        self._padding = {(t, v): self.inputs.build(SchedulerOutput([]), t, v) for t in self.buckets for v in VARIANTS}
-        return max(_in_parallel(threads, self._compile_head, list(self._padding)))
+        # keys (bucket, variant, speculative): the sampling heads, and the verify heads if speculating
+        heads = [(t, v, False) for t in self.buckets for v in VARIANTS]
+        heads += [(t, v, True) for t in self.buckets for v in VERIFY_VARIANTS] if self._verify is not None else []
+        self._padding = {key: self.inputs.build(SchedulerOutput([]), *key) for key in heads}
+        return max(_in_parallel(threads, self._compile_head, heads))
 
-    def _compile_head(self, key: tuple[int, SamplingFeatures]) -> int:
-        """Compile the head of (bucket, variant); returns its temporary + output bytes per device."""
-        t, variant = key
+    def _compile_head(self, key: tuple[int, SamplingFeatures, bool]) -> int:
+        """Compile the head of (bucket, variant, speculative); returns its temporary + output
+        bytes per device."""
+        t, variant, speculative = key
         inp = self._padding[key]
         hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), self.params["embed"].dtype,
                                       sharding=self._hidden_sharding)
+        if speculative:
+            with self._logged(f"verify head {t} {variant.name}"):
+                mem = self._verify.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout,
+                                         num_prev=self.max_num_seqs, filters=variant.top_k_top_p
+                                         ).compile().memory_analysis()
+            return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
         with self._logged(f"head {t} {variant.name}"):
             mem = self._head.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout, variant=variant,
                                    num_prev=self.max_num_seqs).compile().memory_analysis()
@@ -147,7 +162,7 @@ class ModelRunner:
         forwards += [(t, DECODE_ONLY_MAX_TOKENS) for t in self.short_query_buckets]
 
         def compile_forward(t: int, max_query_len: int | None):
-            inp = inputs[t, VARIANTS[0]]
+            inp = inputs[t, VARIANTS[0], False]
             with self._logged(f"forward {t}" + (f" q<={max_query_len}" if max_query_len else "")):
                 self._forward_program(inp.step_layout).lower(
                     self.params, self.kv, inp.step, self._prev_tokens, layout=inp.step_layout,
@@ -163,11 +178,11 @@ class ModelRunner:
         jobs = [(compile_forward, f) for f in forwards] + [(compile_loop, key) for key in loops]
         _in_parallel(threads, lambda job: job[0](*job[1]), jobs)
         with self._logged("first runs"):
-            for (t, variant), inp in inputs.items():
-                self.fetch(self._submit([], variant, inp, multi_step=False))
+            for (t, variant, speculative), inp in inputs.items():
+                self.fetch(self._submit([], variant, inp, multi_step=False, speculative=speculative))
             for t, q in forwards:
                 if q:
-                    inp = dataclasses.replace(inputs[t, VARIANTS[0]], max_query_len=q)
+                    inp = dataclasses.replace(inputs[t, VARIANTS[0], False], max_query_len=q)
                     self.fetch(self._submit([], VARIANTS[0], inp, multi_step=False))
             for (t, variant), inp in loops.items():
                 self.fetch(self._submit([], variant, inp, multi_step=True))
@@ -180,11 +195,16 @@ class ModelRunner:
         """Build the padded inputs on the host and dispatch the step with sampling `variant`
         (does not wait for it)."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        return self._submit(sched.scheduled, variant, self.inputs.build(sched, t, variant), sched.multi_step)
+        spec = sched.speculative
+        return self._submit(sched.scheduled, variant, self.inputs.build(sched, t, variant, spec), sched.multi_step, spec)
 
     def _submit(self, rows: list[ScheduledRequest], variant: SamplingFeatures, inp: StepInputs,
-                multi_step: bool) -> Launched:
+                multi_step: bool, speculative: bool = False) -> Launched:
         """Queue the step's dispatch on the worker thread (one at a time, in order)."""
+        if speculative:
+            future = self._dispatcher.submit(self.dispatch_verify, variant, inp.step, inp.step_layout,
+                                             inp.max_query_len, inp.sampling, inp.sampling_layout)
+            return Launched(rows, inp.query_start, future, speculative=True)
         if multi_step:
             future = self._dispatcher.submit(self.dispatch_loop, variant, inp.step, inp.step_layout,
                                              inp.max_query_len)
@@ -204,6 +224,17 @@ class ModelRunner:
                                                     variant=variant, num_prev=self.max_num_seqs)
         return out, prompt
 
+    def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
+                        max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):
+        """Dispatch the forward and the verify head (speculative decoding; top-k / top-p if
+        `variant` has them); as `dispatch`."""
+        hidden, self.kv = self._forward_program(step_layout)(self.params, self.kv, step_buf, self._prev_tokens,
+                                                             layout=step_layout, max_query_len=max_query_len)
+        out, num_emitted, self._prev_tokens = self._verify(self.top_params, hidden, sampling_buf,
+                                                           layout=sampling_layout, num_prev=self.max_num_seqs,
+                                                           filters=variant.top_k_top_p)
+        return out, num_emitted
+
     def _forward_program(self, layout):
         """The forward program of a step's packed inputs: `_fwd_prefill` above the decode buckets."""
         return self._fwd if field_shape(layout, "token_ids")[0] <= self.decode_buckets[-1] else self._fwd_prefill
@@ -221,6 +252,9 @@ class ModelRunner:
         t0 = time.perf_counter()
         sampled, prompt = jax.device_get(launched.outputs.result())
         self.device_wait_seconds += time.perf_counter() - t0
+        if launched.speculative:  # [K + 1, S] already; `prompt` holds num_emitted
+            return ModelRunnerOutput(launched.rows, launched.token_offsets, sampled.token_ids, sampled.logprobs,
+                                     sampled.ranks, num_emitted=prompt)
         if not launched.multi_step:
             sampled = jax.tree.map(lambda x: x[None], sampled)
         return ModelRunnerOutput(launched.rows, launched.token_offsets, sampled.token_ids, sampled.logprobs,

@@ -22,6 +22,8 @@ from collections import deque
 
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.request import Request, RequestStatus
+from jaxpaged.engine.sample.features import union
+from jaxpaged.engine.spec_decode.ngram_proposer import VERIFIABLE, NgramDrafter
 
 
 @dataclasses.dataclass(slots=True)
@@ -35,12 +37,14 @@ class ScheduledRequest:
     num_new_tokens: int
     block_table: list[int]
     num_sampled: int = 1
+    draft_token_ids: list[int] = dataclasses.field(default_factory=list)  # speculated tokens after the last
 
     @classmethod
-    def of(cls, request: Request, n: int, block_table: list[int], num_steps: int = 1) -> ScheduledRequest:
-        start = request.num_computed_tokens
-        samples = start + n == request.num_tokens and request.max_tokens > 0  # max_tokens 0: the prompt only
-        return cls(request, start, n, block_table, num_steps if samples else 0)
+    def of(cls, request: Request, n: int, block_table: list[int], num_steps: int = 1,
+           drafts: list[int] | None = None) -> ScheduledRequest:
+        start, drafts = request.num_computed_tokens, drafts or []
+        samples = start + n - len(drafts) == request.num_tokens and request.max_tokens > 0  # max_tokens 0: the prompt only
+        return cls(request, start, n, block_table, num_steps if samples else 0, drafts)
 
 
 @dataclasses.dataclass
@@ -53,6 +57,11 @@ class SchedulerOutput:
     def num_tokens(self) -> int:
         return sum(r.num_new_tokens for r in self.scheduled)
 
+    @property
+    def speculative(self) -> bool:
+        """Some row carries draft tokens (the step runs the verify head)."""
+        return any(r.draft_token_ids for r in self.scheduled)
+
     def without_finished(self) -> SchedulerOutput:
         """The rows of requests still unfinished (others finished after scheduling: their
         blocks are already free)."""
@@ -61,8 +70,10 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 num_steps: int = 1, long_prefill_token_threshold: int = 0, decoding_token_budget: int = 0):
+                 num_steps: int = 1, long_prefill_token_threshold: int = 0, decoding_token_budget: int = 0,
+                 drafter: NgramDrafter | None = None):
         self.bm = block_manager
+        self.drafter = drafter  # speculative decoding: draft tokens for decoding rows
         self.chunk_cap = long_prefill_token_threshold or max_num_batched_tokens  # tokens per prompt per step
         self.decoding_token_budget = decoding_token_budget
         self.num_steps = num_steps
@@ -80,6 +91,8 @@ class Scheduler:
         prefill_budget = self._prefill_budget()
         scheduled: list[tuple[Request, int]] = []
         preempted: list[Request] = []
+        drafter = self.drafter if self.drafter is not None and self.drafter.speculates(len(self.running)) else None
+        drafts: dict[Request, list[int]] = {}
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -91,6 +104,9 @@ class Scheduler:
                 prefill_budget -= n
             if n == 0:
                 continue  # a prompt-only request (max_tokens 0) whose last chunk is launched
+            if drafter is not None and n == 1 and (d := drafter.propose(seq, budget - 1)):
+                drafts[seq] = d
+                n += len(d)
             while not self.bm.allocate(seq.seq_id, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -102,11 +118,14 @@ class Scheduler:
                 budget -= n
         if not preempted:
             self._admit(scheduled, min(budget, prefill_budget))
+        if drafts and not VERIFIABLE.covers(union(seq.features for seq, _ in scheduled)):
+            # a row's sampling is beyond the verify head's: no speculation this step
+            scheduled = [(seq, n - len(drafts.pop(seq, []))) for seq, n in scheduled]
         now = time.monotonic()
         for seq, _ in scheduled:
             seq.first_scheduled_time = seq.first_scheduled_time or now
         steps = self._lookahead(scheduled) if self.num_steps > 1 and not preempted else None
-        rows = [ScheduledRequest.of(seq, n, self.bm.block_table(seq.seq_id), steps[i] if steps else 1)
+        rows = [ScheduledRequest.of(seq, n, self.bm.block_table(seq.seq_id), steps[i] if steps else 1, drafts.get(seq))
                 for i, (seq, n) in enumerate(scheduled)]
         return SchedulerOutput(rows, preempted, steps is not None)
 
@@ -185,6 +204,12 @@ class Scheduler:
         also that of the tokens its iterations sample and feed back, all but the last)."""
         for row in sched.scheduled:
             row.request.num_computed_tokens += row.num_sampled if sched.multi_step else row.num_new_tokens
+
+    def reject_drafts(self, seq: Request, num_rejected: int) -> None:
+        """Speculation: the KV of `num_rejected` draft positions is wrong; move the computed
+        count back (their slots are overwritten later) and free blocks wholly past the tokens."""
+        seq.num_computed_tokens -= num_rejected
+        self.bm.trim(seq.seq_id, seq.num_tokens)
 
     def commit(self, seqs: list[Request]) -> None:
         """A step's tokens are known: cache the full blocks they complete, retire finished ones

@@ -83,6 +83,9 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       help="request defaults from generation_config.json: auto (the model's), vllm (none) or a folder")
     a("--override-generation-config", type=json.loads,
       help='JSON of generation-config keys that win over the file, e.g. \'{"temperature": 0.5}\'')
+    a("--speculative-config", type=json.loads,
+      help='speculative decoding, vLLM\'s JSON keys, e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
+           '"prompt_lookup_max": 4}\' (docs/spec_decode.md)')
     a("--max-logprobs", type=int, default=MAX_LOGPROBS,
       help=f"most top logprobs a request may ask for (at most {MAX_LOGPROBS} here); more is a 400")
     a("--download-dir", help="Hugging Face cache directory to look in and download to")

@@ -87,10 +87,19 @@ class Metrics:
             (counter, "num_preemptions", "Preemptions (recompute).", s.preemptions),
             (counter, "prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries),
             (counter, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
+            (counter, "spec_decode_num_drafts", "Speculative rows verified (with draft tokens).",
+             s.spec_decode_num_drafts),
+            (counter, "spec_decode_num_draft_tokens", "Draft tokens verified.", s.spec_decode_num_draft_tokens),
+            (counter, "spec_decode_num_accepted_tokens", "Draft tokens accepted.", s.spec_decode_num_accepted_tokens),
         ):
             metric = family(f"vllm:{name}", doc, labels=names)
             metric.add_metric(values, value)
             yield metric
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.", labels=[*names, "position"])
+        for position, value in enumerate(s.spec_decode_num_accepted_tokens_per_pos):
+            per_pos.add_metric([*values, str(position)], value)
+        yield per_pos
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -193,14 +193,21 @@ def _top_k_top_p_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     return _key_f32(jnp.where(top_p[:, None] >= 1.0, kth, jnp.maximum(hi, kth)))
 
 
-def _sample_random(x: jax.Array, sp: SamplingInput, filters: bool) -> jax.Array:
-    """Filter temperature-scaled logits x: [S, V] (min_p, then top_k and top_p if `filters`),
-    Gumbel-max -> [S] i32."""
+def filter_logits(x: jax.Array, sp: SamplingInput, filters: bool) -> jax.Array:
+    """Temperature-scaled logits x: [S, V] with the tokens min_p cuts, then (if `filters`)
+    those top_k and top_p cut, at -inf: what a sampled row draws from."""
     v = x.shape[-1]
     x = jnp.where(x >= x.max(-1, keepdims=True) + jnp.log(sp.min_p)[:, None], x, -jnp.inf)
     if filters:
         top_k = jnp.where((sp.top_k <= 0) | (sp.top_k >= v), v, sp.top_k)
         x = jnp.where(x >= _top_k_top_p_threshold(x, top_k, sp.top_p), x, -jnp.inf)
+    return x
+
+
+def _sample_random(x: jax.Array, sp: SamplingInput, filters: bool) -> jax.Array:
+    """Gumbel-max over `filter_logits` of temperature-scaled logits x: [S, V] -> [S] i32."""
+    v = x.shape[-1]
+    x = filter_logits(x, sp, filters)
     keys = jax.random.wrap_key_data(sp.keys, impl="threefry2x32")
     gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (v,), jnp.float32))(keys)
     return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)

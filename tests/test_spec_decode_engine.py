@@ -1,0 +1,144 @@
+"""N-gram speculative decoding in the engine: greedy outputs token-identical to the engine
+without speculation (itself checked against HF in test_engine.py) under batch sizes,
+preemption, stops and the batch-size cut-off; drafts both accepted and rejected (counters);
+every block freed after rejections and aborts; nothing compiled after warm-up."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxpaged import LLM, SamplingParams
+from jaxpaged.engine.messages import EngineCoreOutputs, decode, outputs_from_message, outputs_message
+from jaxpaged.serve.metrics import Metrics
+
+KW = {"max_model_len": 128, "block_size": 4, "num_kv_blocks": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 64}
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2, "prompt_lookup_max": 3}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def workload(model_dir):
+    """Prompts that repeat a pattern (drafts found, often accepted: the tiny model repeats too)
+    and random ones; greedy rows of varied lengths, one with a stop token and one with a stop
+    string met mid-output, one with logprobs, one with n = 2, a seeded top-k / top-p row (its
+    draws differ with speculation), a seeded row with a penalty (never speculates: outside the
+    verify head's sampling, so its draws are the same), and the outputs of the engine without
+    speculation."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 500, 5).tolist() * 4 + rng.integers(0, 500, 3).tolist() for _ in range(8)]
+    prompts += [rng.integers(0, 500, int(rng.integers(5, 30))).tolist() for _ in range(4)]
+    params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)), ignore_eos=True) for _ in prompts]
+    # (a short penalty row: while it runs no step speculates)
+    params[-1] = SamplingParams(temperature=0.8, presence_penalty=0.5, seed=3, max_tokens=4, ignore_eos=True)
+    params[4] = SamplingParams(temperature=0.3, top_p=0.9, top_k=5, seed=4, max_tokens=30, ignore_eos=True)
+    params[2] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)  # the chosen tokens'
+    params[3] = SamplingParams(n=2, temperature=0, max_tokens=25, ignore_eos=True)  # samples fork the prompt
+    base = LLM(model_dir, **KW)
+    outs = base.generate(prompts, params, use_tqdm=False)
+    # a stop token and a stop string, each met in the middle of an output
+    toks = outs[0].outputs[0].token_ids
+    params[0] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[toks[len(toks) // 2]])
+    params[1] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[outs[1].outputs[0].text[6:9]])
+    outs = base.generate(prompts, params, use_tqdm=False)
+    assert outs[0].outputs[0].finish_reason == outs[1].outputs[0].finish_reason == "stop"
+    return prompts, params, outs
+
+
+def _logprobs(out) -> list[float]:
+    return [next(iter(entry.values())).logprob for entry in out.outputs[0].logprobs]
+
+
+CONFIGS = {
+    "seqs64": {},
+    "seqs1": {"max_num_seqs": 1},
+    "preempt": {"num_kv_blocks": 40},
+    "off-above-batch-3": {"speculative_config": {**SPEC, "disable_by_batch_size": 3}},
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, workload, compile_counter):
+    prompts, params, base = workload
+    llm = LLM(model_dir, **{**KW, "speculative_config": SPEC, **CONFIGS[name]})
+    compiles = compile_counter.count
+    verified = []
+    launch = llm.engine.runner.launch
+    llm.engine.runner.launch = lambda sched, variant: verified.append(
+        (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled),
+         any(r.draft_token_ids and r.request.params.top_p < 1 for r in sched.scheduled))) or launch(sched, variant)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    same = [i for i in range(len(prompts)) if i != 4]  # all but the sampled row that speculates
+    assert [[(c.token_ids, c.text, c.finish_reason) for c in outs[i].outputs] for i in same] == \
+        [[(c.token_ids, c.text, c.finish_reason) for c in base[i].outputs] for i in same]
+    assert len(outs[4].outputs[0].token_ids) == 30
+    assert _logprobs(outs[2]) == pytest.approx(_logprobs(base[2]), abs=1e-4)  # of the verified positions
+    stats = llm.engine.core.stats()
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # accepted and rejected
+    assert stats.spec_decode_num_accepted_tokens == sum(stats.spec_decode_num_accepted_tokens_per_pos)
+    assert stats.spec_decode_num_accepted_tokens_per_pos[0] >= stats.spec_decode_num_accepted_tokens_per_pos[-1]
+    if name in ("seqs64", "preempt"):  # rows with and without drafts in one step
+        assert any(0 < spec < rows for spec, rows, _ in verified)
+        assert any(top_p for _, _, top_p in verified)  # the top-k / top-p row was verified too
+    if name == "preempt":
+        assert llm.engine.scheduler.num_preemptions > 0
+    if name.startswith("off-above"):  # more than 3 running: no drafts
+        assert all(spec == 0 for spec, rows, _ in verified if rows > 3) and any(spec for spec, _, _ in verified)
+    bm = llm.engine.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks  # nothing leaked
+    assert compile_counter.count == compiles, "the engine compiled after warm-up"
+
+
+def test_aborts_after_rejections_free_every_block(model_dir, workload):
+    prompts, _, _ = workload
+    llm = LLM(model_dir, **KW, speculative_config=SPEC, enable_prefix_caching=False)
+    engine = llm.engine
+    for i, p in enumerate(prompts[:6]):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    while engine.core.spec_stats.num_draft_tokens - engine.core.spec_stats.num_accepted_tokens < 4:
+        engine.step()
+    for i in range(6):
+        engine.abort_request(str(i))
+    while engine.has_unfinished_requests():
+        engine.step()
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
+
+
+def test_synthetic_acceptance_and_the_metrics_under_vllms_names(model_dir):
+    """Benchmark mode: k drafts for every decode (this prompt has no repeated n-gram), each
+    accepted at rate 1 whatever its value; the counters reach /metrics (through the core's
+    wire message) under vLLM's names."""
+    llm = LLM(model_dir, **KW, speculative_config={**SPEC, "synthetic_acceptance_rate": 1.0})
+    prompt = list(range(10, 40))
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.core.stats()
+    assert len(out[0].outputs[0].token_ids) == 40
+    # 39 tokens after the first: 9 steps of 3 drafts + 1 bonus, then 2 drafts + 1 bonus (max_tokens)
+    assert (stats.spec_decode_num_drafts, stats.spec_decode_num_draft_tokens) == (10, 29)
+    assert stats.spec_decode_num_accepted_tokens == 29
+    wire = outputs_from_message(decode(outputs_message(EngineCoreOutputs([], stats)))).stats
+    text = Metrics("tiny", lambda: wire).render().decode()
+    label = 'model_name="tiny"'
+    for name in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+        assert f"vllm:spec_decode_{name}_total{{{label}}} {float(getattr(stats, 'spec_decode_' + name))}" in text
+    assert f'vllm:spec_decode_num_accepted_tokens_per_pos_total{{{label},position="2"}} ' \
+        f"{float(stats.spec_decode_num_accepted_tokens_per_pos[2])}" in text
+
+
+def test_tensor_parallel_verifies_on_the_mesh(tiny_model_dir):
+    """tp = 2 on fake CPU devices (test_tensor_parallel.py's shapes): greedy outputs with
+    speculation are those of one device without it."""
+    from test_tensor_parallel import ENGINE
+
+    model = tiny_model_dir("llama-tp")
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 500, 4).tolist() * 4 for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, **ENGINE).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model, **ENGINE, tensor_parallel_size=2, speculative_config=SPEC)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    assert llm.engine.core.spec_stats.num_accepted_tokens > 0
