@@ -75,8 +75,8 @@ def test_greedy_matches_hf_under_every_schedule(name, model_dir, workload, compi
         assert engine.scheduler.num_preemptions > 0
     if "buckets" in name:  # steps padded to the given sizes, the budget added
         assert engine.runner.buckets == [24, 40, 64]
-    if name.startswith("multistep"):
-        assert engine.runner.loop_buckets == [16, 32, 64]
+    if name.startswith("multistep"):  # the CPU's buckets up to the budget (platform_defaults)
+        assert engine.runner.loop_buckets == [16, 64]
     if name == "seqs4-budget16":  # prompts longer than the budget were chunked
         assert max(len(p) for p in prompts) > 16
     bm = engine.block_manager

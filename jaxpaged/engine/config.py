@@ -14,12 +14,12 @@ class EngineConfig:
     tokenizer: str | None = None  # defaults to `model`
     dtype: str = "auto"
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights, for benchmarks)
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped on a CPU)
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
     block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # token budget per step; default 2048
+    max_num_seqs: int | None = None  # None: the platform's default (engine/platform_defaults.py)
+    max_num_batched_tokens: int | None = None  # token budget per step; None: the platform's default
     # most tokens of one prompt per step (0: up to the budget); vLLM's name. Bounds the steps that
     # carry decodes (inter-token latency) while several prompts can still fill the budget.
     long_prefill_token_threshold: int = 0
@@ -33,14 +33,14 @@ class EngineConfig:
     # to this many forward + sample iterations in one program (one schedule and one dispatch)
     num_scheduler_steps: int = 1
     seed: int = 0
-    attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
+    attention_backend: str = "auto"  # "auto", "reference" (jnp), "cpu" (jnp, chunked) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1
     compile_threads: int | None = None  # warm-up compiles in parallel; default one per CPU core
     # Multi-process runtime (jax.distributed), e.g. one process per host: all three or none.
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int = 1
     process_id: int = 0
-    cpu_kv_cache_bytes: int = 4 << 30  # default pool cap without a device memory budget
+    cpu_kv_cache_bytes: int = 1 << 30  # pool cap without a device memory budget (a CPU) or num_kv_blocks
     # Request defaults from the model's generation_config.json (engine/generation_config.py):
     # "auto" (the model's folder), "vllm" (ignore it) or a folder; override: HF keys that win.
     generation_config: str = "auto"
@@ -53,7 +53,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("block_size", "max_num_seqs", "tensor_parallel_size", "max_steps_in_flight",
                      "num_scheduler_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be 0 (off) or positive, got "
@@ -67,5 +67,5 @@ class EngineConfig:
         if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
             raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}] here (the compiled sampling step "
                              f"returns the top {MAX_LOGPROBS}), got {self.max_logprobs}")
-        if self.attention_backend not in ("auto", "reference", "pallas"):
-            raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "reference", "cpu", "pallas"):
+            raise ValueError(f"attention_backend must be auto, reference, cpu or pallas, got {self.attention_backend!r}")
