@@ -153,7 +153,7 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
 
     # the table comes last: one block of TTFT/TPOT/ITL/E2E rows and the server's means per rate
     tail = out.stdout.strip().splitlines()
-    assert [line.split()[0] for line in tail[-10::5]] == rates and tail[-2].split()[-5] == "E2E"
+    assert [line.split()[0] for line in tail[-10::5]] == rates and tail[-2].split()[-6] == "E2E"
     assert tail[-1].split()[:3] == ["server", "means:", "TTFT"]
 
     summary = json.loads((results / "serving.json").read_text())

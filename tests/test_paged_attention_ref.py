@@ -1,12 +1,20 @@
-"""The jnp paged-attention reference and KV write against a dense numpy oracle."""
+"""The jnp paged attentions (the reference, and the CPU path that loops over the context) and
+the KV write against a dense numpy oracle."""
 from __future__ import annotations
+
+import importlib
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref, write_kv
+from jaxpaged.kernels.paged_attention_cpu import paged_attention_cpu
 from jaxpaged.models.step_input import make_step_input
+
+ATTENTIONS = {"ref": (paged_attention_ref, None), "cpu": (paged_attention_cpu, None),
+              # 8 positions per loop iteration: contexts of several chunks, windows across them
+              "cpu-chunk8": (paged_attention_cpu, 8)}
 
 
 def dense_attention(q, k, v, q_pos, scale, window):
@@ -25,8 +33,12 @@ def dense_attention(q, k, v, q_pos, scale, window):
     return np.einsum("hnl,lhd->nhd", p, v)
 
 
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
 @pytest.mark.parametrize("hq,hkv,window", [(4, 4, 0), (8, 2, 0), (8, 1, 5)])
-def test_reference_matches_dense(hq, hkv, window):
+def test_paged_attention_matches_dense(hq, hkv, window, attention, monkeypatch):
+    fn, chunk = ATTENTIONS[attention]
+    if chunk:
+        monkeypatch.setattr(importlib.import_module("jaxpaged.kernels.paged_attention_cpu"), "CHUNK_TOKENS", chunk)
     rng = np.random.default_rng(0)
     bs, nb, d, layers = 4, 40, 16, 2
     # (context already cached, new tokens) per sequence: decode, chunk, fresh prefill
@@ -59,8 +71,8 @@ def test_reference_matches_dense(hq, hkv, window):
             np.testing.assert_array_equal(np.asarray(kp)[layer, :, table[p // bs], p % bs], c[p, 0])
     np.testing.assert_array_equal(np.asarray(kp)[0], 0)
     q = rng.standard_normal((32, hq, d)).astype(np.float32)
-    out = paged_attention_ref(jnp.asarray(q), kp, vp, layer, inp.query_start, inp.seq_lens,
-                              inp.block_tables, scale=0.3, sliding_window=window)
+    out = fn(jnp.asarray(q), kp, vp, layer, inp.query_start, inp.seq_lens, inp.block_tables, scale=0.3,
+             sliding_window=window)
     out = np.asarray(out)
     assert np.isfinite(out).all()  # padding tokens included
     i = 0

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import transformers
+from hf_oracle import hf_logits_of
 
 from jaxpaged import LLM, SamplingParams
 
@@ -32,14 +31,9 @@ def llm(model_dir):
 
 @pytest.fixture(scope="module")
 def hf_logits(model_dir):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def logits(ids: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            t = torch.tensor([ids])  # explicit mask: HF would otherwise mask token 0 (= pad)
-            return hf(t, attention_mask=torch.ones_like(t)).logits[0, -1].double().numpy()
-
-    return logits
+    """HF's logits after the last of `ids` ([V])."""
+    logits = hf_logits_of(model_dir)
+    return lambda ids: logits(ids)[-1]
 
 
 def np_process(logits, prompt, output, repetition_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0,

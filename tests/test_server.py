@@ -19,9 +19,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
-import transformers
 import uvicorn
+from hf_oracle import hf_logits_of, log_softmax
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -98,14 +97,8 @@ def oracle(model_dir):
 @pytest.fixture(scope="module")
 def hf_log_softmax(model_dir):
     """HF transformers (float32): `f(ids)[i]` is the log-softmax after `ids[:i + 1]` ([len - 1, V])."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    def f(ids: list[int]) -> np.ndarray:
-        with torch.no_grad():
-            t = torch.tensor([ids])  # explicit mask: HF would otherwise mask token 0 (= pad)
-            return torch.log_softmax(hf(t, attention_mask=torch.ones_like(t)).logits[0, :-1].double(), -1).numpy()
-
-    return f
+    logits = hf_logits_of(model_dir)
+    return lambda ids: log_softmax(logits(ids)[:-1])
 
 
 def metrics(server: Server) -> dict[str, float]:

@@ -21,12 +21,12 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights, for benchmarks)
     # None: the checkpoint's own (config.json quantization_config) or none; QUANTIZATION_METHODS
     quantization: str | None = None
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped on a CPU)
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
     block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # token budget per step; default 2048
+    max_num_seqs: int | None = None  # None: the platform's default (engine/platform_defaults.py)
+    max_num_batched_tokens: int | None = None  # token budget per step; None: the platform's default
     # most tokens of one prompt per step (0: up to the budget); vLLM's name. Bounds the steps that
     # carry decodes (inter-token latency) while several prompts can still fill the budget.
     long_prefill_token_threshold: int = 0
@@ -45,14 +45,14 @@ class EngineConfig:
     # to this many forward + sample iterations in one program (one schedule and one dispatch)
     num_scheduler_steps: int = 1
     seed: int = 0
-    attention_backend: str = "auto"  # "auto", "reference" (jnp) or "pallas" (GPU kernel)
+    attention_backend: str = "auto"  # "auto", "reference" (jnp), "cpu" (jnp, chunked) or "pallas" (GPU kernel)
     tensor_parallel_size: int = 1
     compile_threads: int | None = None  # warm-up compiles in parallel; default one per CPU core
     # Multi-process runtime (jax.distributed), e.g. one process per host: all three or none.
     coordinator_address: str | None = None  # "host:port" of process 0
     num_processes: int = 1
     process_id: int = 0
-    cpu_kv_cache_bytes: int = 4 << 30  # default pool cap without a device memory budget
+    cpu_kv_cache_bytes: int = 1 << 30  # pool cap without a device memory budget (a CPU) or num_kv_blocks
     # Request defaults from the model's generation_config.json (engine/generation_config.py):
     # "auto" (the model's folder), "vllm" (ignore it) or a folder; override: HF keys that win.
     generation_config: str = "auto"
@@ -67,7 +67,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         for name in ("block_size", "max_num_seqs", "tensor_parallel_size", "max_steps_in_flight",
                      "num_scheduler_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("long_prefill_token_threshold", "decoding_token_budget"):
             if getattr(self, name) < 0:
@@ -91,5 +91,5 @@ class EngineConfig:
         if self.speculative_config is not None and self.num_scheduler_steps > 1:
             raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine (a step either "
                              "verifies drafts or runs the multi-step decode loop)")
-        if self.attention_backend not in ("auto", "reference", "pallas"):
-            raise ValueError(f"attention_backend must be auto, reference or pallas, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "reference", "cpu", "pallas"):
+            raise ValueError(f"attention_backend must be auto, reference, cpu or pallas, got {self.attention_backend!r}")

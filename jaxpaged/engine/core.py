@@ -26,6 +26,7 @@ from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
 from jaxpaged.engine.messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                                       PromptLogprobsChunk, SchedulerStats)
 from jaxpaged.engine.model_runner import Launched, ModelRunner, ModelRunnerOutput
+from jaxpaged.engine.platform_defaults import set_default_args
 from jaxpaged.engine.processor import load_tokenizer
 from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
@@ -46,7 +47,6 @@ GRAMMAR_POLL_S = 0.05  # an engine with only compiling grammars to wait for wait
 class EngineCore:
     def __init__(self, config: EngineConfig):
         t0 = time.perf_counter()
-        self.config = config
         enable_compilation_cache()  # restarts reuse the compiled steps
         log_late_compiles(None)  # until this engine's warm-up is done
         if config.num_processes > 1:
@@ -55,11 +55,13 @@ class EngineCore:
         self.model_config, params = load_model(config.model, config.dtype, config.load_format, self.mesh,
                                                config.quantization)
         cfg = self.model_config
-        self.max_model_len = config.max_model_len or cfg.max_position_embeddings
+        # the sizes left unset, for this platform (smaller on a CPU)
+        self.config = config = set_default_args(config, cfg.max_position_embeddings)
+        self.max_model_len = config.max_model_len
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's "
                              f"max_position_embeddings {cfg.max_position_embeddings}")
-        self.max_num_batched_tokens = config.max_num_batched_tokens or 2048
+        self.max_num_batched_tokens = config.max_num_batched_tokens
         attention = get_attention(config.attention_backend)
         if self.mesh is not None:
             attention = shard_attention(attention, self.mesh)
@@ -122,7 +124,7 @@ class EngineCore:
             raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
                              "cache from: set num_kv_blocks (--num-kv-blocks)")
         else:
-            tokens = self.config.max_num_seqs * (self.max_model_len or 0)
+            tokens = self.config.max_num_seqs * self.max_model_len
             free = min(self.config.cpu_kv_cache_bytes, tokens // self.config.block_size * per_block)
         num = int(free // per_block)
         needed = -(-self.max_model_len // self.config.block_size) + 1

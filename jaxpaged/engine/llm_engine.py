@@ -3,6 +3,8 @@ offline engine): prompts -> `Processor` -> `EngineCore` -> `OutputProcessor` -> 
 `LLM` and the benchmarks drive it; the server drives a core in its own process (`AsyncLLM`)."""
 from __future__ import annotations
 
+import concurrent.futures
+
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.core import EngineCore
 from jaxpaged.engine.output_processor import OutputProcessor
@@ -13,9 +15,11 @@ from jaxpaged.engine.sampling_params import SamplingParams
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        self.config = config
-        self.core = EngineCore(config)
-        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the tokenizer loads while the core compiles
+            tokenizer = pool.submit(load_tokenizer, config.tokenizer or config.model)
+            self.core = EngineCore(config)
+            self.tokenizer = tokenizer.result()
+        self.config = self.core.config  # the platform's defaults filled in
         self.processor = Processor(self.tokenizer, self.core.info, config.seed, config.max_logprobs,
                                    config.tokenizer or config.model)
         self.output = OutputProcessor(self.tokenizer)

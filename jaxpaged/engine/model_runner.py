@@ -177,9 +177,14 @@ class ModelRunner:
 
         jobs = [(compile_forward, f) for f in forwards] + [(compile_loop, key) for key in loops]
         _in_parallel(threads, lambda job: job[0](*job[1]), jobs)
-        with self._logged("first runs"):
-            for (t, variant, speculative), inp in inputs.items():
-                self.fetch(self._submit([], variant, inp, multi_step=False, speculative=speculative))
+        with self._logged("first runs"):  # each bucket's forward once, then each of its heads on its output
+            for t in self.buckets:
+                first = inputs[t, VARIANTS[0], False]
+                hidden = self._run_forward(first.step, first.step_layout, first.max_query_len)
+                for (b, variant, speculative), inp in inputs.items():
+                    if b == t:
+                        run = self._run_verify if speculative else self._run_head
+                        jax.block_until_ready(run(variant, hidden, inp.sampling, inp.sampling_layout))
             for t, q in forwards:
                 if q:
                     inp = dataclasses.replace(inputs[t, VARIANTS[0], False], max_query_len=q)
@@ -218,18 +223,31 @@ class ModelRunner:
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
         device outputs (sampled, prompt logprobs or None) without waiting. Owns `kv` and
         `_prev_tokens`: called on the worker thread once the engine runs."""
-        hidden, self.kv = self._forward_program(step_layout)(self.params, self.kv, step_buf, self._prev_tokens,
-                                                     layout=step_layout, max_query_len=max_query_len)
-        out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
-                                                    variant=variant, num_prev=self.max_num_seqs)
-        return out, prompt
+        return self._run_head(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
+                              sampling_layout)
 
     def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
                         max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the forward and the verify head (speculative decoding; top-k / top-p if
         `variant` has them); as `dispatch`."""
+        return self._run_verify(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
+                                sampling_layout)
+
+    def _run_forward(self, step_buf: np.ndarray, step_layout, max_query_len: int | None) -> jax.Array:
+        """Dispatch a step's forward (updates `kv`); returns the hidden states."""
         hidden, self.kv = self._forward_program(step_layout)(self.params, self.kv, step_buf, self._prev_tokens,
                                                              layout=step_layout, max_query_len=max_query_len)
+        return hidden
+
+    def _run_head(self, variant: SamplingFeatures, hidden: jax.Array, sampling_buf: np.ndarray, sampling_layout):
+        """Dispatch the head + sampler with `variant` on the forward's hidden states (updates
+        `_prev_tokens`); returns (sampled, prompt logprobs or None)."""
+        out, prompt, self._prev_tokens = self._head(self.top_params, hidden, sampling_buf, layout=sampling_layout,
+                                                    variant=variant, num_prev=self.max_num_seqs)
+        return out, prompt
+
+    def _run_verify(self, variant: SamplingFeatures, hidden: jax.Array, sampling_buf: np.ndarray, sampling_layout):
+        """Dispatch the verify head (as `_run_head`); returns (sampled [K + 1, S], num_emitted)."""
         out, num_emitted, self._prev_tokens = self._verify(self.top_params, hidden, sampling_buf,
                                                            layout=sampling_layout, num_prev=self.max_num_seqs,
                                                            filters=variant.top_k_top_p)

@@ -9,12 +9,17 @@ from jaxpaged.kernels.paged_attention import paged_attention_ref
 
 
 def get_attention(backend: str = "auto") -> Callable:
-    """`reference` (jnp) or `pallas` (the Pallas GPU kernel; Pallas interpret mode off-GPU,
-    slow, for tests); `auto` is the kernel on a GPU and the reference elsewhere."""
+    """`reference` (jnp), `cpu` (jnp, its cost following the real context) or `pallas` (the
+    Pallas GPU kernel; Pallas interpret mode off-GPU, slow, for tests); `auto` is the Pallas
+    kernel on a GPU and `cpu` elsewhere."""
     if backend == "auto":
-        backend = "pallas" if jax.default_backend() == "gpu" else "reference"
+        backend = "pallas" if jax.default_backend() == "gpu" else "cpu"
     if backend == "reference":
         return paged_attention_ref
+    if backend == "cpu":
+        from jaxpaged.kernels.paged_attention_cpu import paged_attention_cpu
+
+        return paged_attention_cpu
     from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 
     return paged_attention_gpu

@@ -100,11 +100,11 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       help="async scheduling: launched steps whose outputs may wait unprocessed (1: one step ahead)")
     a("--num-scheduler-steps", type=int, default=1,
       help="multi-step decode: forward + sample iterations per all-decode step (one dispatch)")
-    a("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit)")
+    a("--max-model-len", type=int, help="prompt + output tokens (default: the model's limit; at most 4096 on a CPU)")
     a("--gpu-memory-utilization", type=float, default=0.9, help="fraction of device memory to use")
     a("--num-kv-blocks", type=int, help="KV pool size in blocks (overrides the memory budget)")
-    a("--max-num-seqs", type=int, help="most requests in one batch (default 256)")
-    a("--max-num-batched-tokens", type=int, help="token budget per engine step (default 2048)")
+    a("--max-num-seqs", type=int, help="most requests in one batch (default 256; 16 on a CPU)")
+    a("--max-num-batched-tokens", type=int, help="token budget per engine step (default 2048; 256 on a CPU)")
     a("--long-prefill-token-threshold", type=int,
       help="most tokens of one prompt per step (0: up to the budget): shorter steps for running streams")
     a("--decoding-token-budget", type=int,
@@ -112,7 +112,7 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       "(default 384, 0: off): inter-token latency near a decode step's; a backlog gets the whole budget")
     a("--block-size", type=int, default=16, help="tokens per KV block")
     a("--token-buckets", type=int_list, help="comma-separated padded step sizes to compile (default: powers of "
-      "two and 192-style steps; vLLM's --cuda-graph-sizes)")
+      "two and 192-style steps; on a CPU 16, 64, 256, ...; vLLM's --cuda-graph-sizes)")
     a("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     a("--tensor-parallel-size", "-tp", type=int, default=1)
     a("--num-processes", type=int, default=1,
