@@ -253,13 +253,13 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
     the command-buffer update mode SKIP_TEMP), the pool is sized from the CUDA driver's free
     and total memory of that device; where the driver does not answer either, the engine asks
     for num_kv_blocks instead of silently using the CPU default."""
+    import functools
     import types
 
     import jax
 
     from jaxpaged.engine import device_memory
     from jaxpaged.engine.config import EngineConfig
-    from jaxpaged.engine.core import EngineCore
     from jaxpaged.models.config import ModelConfig
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
@@ -267,10 +267,10 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
                       dtype="float32")
     config = EngineConfig(model="x", max_num_batched_tokens=16, max_num_seqs=256, gpu_memory_utilization=0.5)
-    fake = types.SimpleNamespace(model_config=cfg, config=config, max_model_len=128, max_num_batched_tokens=16)
+    blocks = functools.partial(device_memory.kv_pool_blocks, config, cfg, 128, 16, np.float32)
     dev = types.SimpleNamespace(memory_stats=lambda: None, platform="cpu", local_hardware_id=3)
     monkeypatch.setattr(jax, "local_devices", lambda *a: [dev])
-    assert EngineCore._num_blocks_from_memory(fake, np.float32, 0) > 0  # CPU: the default cap
+    assert blocks(0) > 0  # CPU: the default cap
     dev.platform = "gpu"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     asked = []
@@ -284,7 +284,7 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
     reserve = head_bytes + 16 * (8 * 32 + 4 * 64) * 4
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.8")  # XLA's cap on the allocators
     expected = ((100 << 20) * 0.8 * 0.5 - (20 << 20) - reserve) // kv_bytes_per_block(cfg, config.block_size, np.float32)
-    assert EngineCore._num_blocks_from_memory(fake, np.float32, head_bytes) == expected
+    assert blocks(head_bytes) == expected
     assert asked == [3]  # the device's own CUDA ordinal
 
     def no_driver(ordinal):
@@ -292,7 +292,7 @@ def test_kv_sizing_reads_the_driver_where_the_allocator_keeps_no_stats(monkeypat
 
     monkeypatch.setattr(device_memory, "cuda_mem_get_info", no_driver)
     with pytest.raises(ValueError, match="num_kv_blocks"):
-        EngineCore._num_blocks_from_memory(fake, np.float32, 0)
+        blocks(0)
 
 
 def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
@@ -307,19 +307,19 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     seen = {}
-    sizing = core.EngineCore._num_blocks_from_memory
+    sizing = core.kv_pool_blocks
 
-    def fake_budget(self, dtype, head_bytes):
-        seen["head_bytes"] = head_bytes
+    def fake_budget(*args):
+        seen["head_bytes"] = args[-1]
         dev = jax.devices()[0]
         stats = {"bytes_limit": 64 << 20, "bytes_in_use": 0}
         monkeypatch.setattr(dev.__class__, "memory_stats", lambda d: stats, raising=False)
         try:
-            return sizing(self, dtype, head_bytes)
+            return sizing(*args)
         finally:
             monkeypatch.undo()
 
-    monkeypatch.setattr(core.EngineCore, "_num_blocks_from_memory", fake_budget)
+    monkeypatch.setattr(core, "kv_pool_blocks", fake_budget)
     traces = step_programs.num_step_compiles()
     llm = LLM(model_dir, max_model_len=MAX_LEN, block_size=4, max_num_seqs=3, max_num_batched_tokens=24,
               gpu_memory_utilization=0.5)

@@ -14,14 +14,13 @@ import logging
 import time
 from collections import deque
 
-import jax
 from jax.sharding import NamedSharding
 
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.buckets import token_buckets
 from jaxpaged.engine.compile_cache import enable_compilation_cache, log_late_compiles
 from jaxpaged.engine.config import EngineConfig
-from jaxpaged.engine.device_memory import memory_budget
+from jaxpaged.engine.device_memory import kv_pool_blocks
 from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
 from jaxpaged.engine.messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                                       PromptLogprobsChunk, SchedulerStats)
@@ -36,7 +35,7 @@ from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.engine.spec_decode.ngram_proposer import NgramDrafter
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
-from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
+from jaxpaged.models.kv_cache import init_kv_cache
 from jaxpaged.models.quantization import load_quantization_config
 from jaxpaged.models.sharding import KV_POOL
 
@@ -79,7 +78,8 @@ class EngineCore:
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
-        num_blocks = config.num_kv_blocks or self._num_blocks_from_memory(dtype, head_bytes)
+        num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
+                                                            self.max_num_batched_tokens, dtype, head_bytes)
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
@@ -107,31 +107,6 @@ class EngineCore:
                         "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
         log_late_compiles(logger)
-
-    def _num_blocks_from_memory(self, dtype, head_bytes: int) -> int:
-        """Pool size from `gpu_memory_utilization` of device memory, or a CPU default.
-        `head_bytes`: the head programs' measured need beyond their arguments (per device)."""
-        # bytes per block on each device (tensor parallelism splits the KV heads)
-        per_block = kv_bytes_per_block(self.model_config, self.config.block_size, dtype) // self.config.tensor_parallel_size
-        budget = memory_budget(jax.local_devices()[0])
-        if budget is not None:
-            # Keep room for the step's temporaries: the heads' as measured, the forward's
-            # activations (f32 upper bound of hidden and MLP widths per token) estimated.
-            cfg, t = self.model_config, self.max_num_batched_tokens
-            reserve = head_bytes + t * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
-            free = budget.limit * self.config.gpu_memory_utilization - budget.in_use - reserve
-        elif jax.default_backend() != "cpu":
-            raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
-                             "cache from: set num_kv_blocks (--num-kv-blocks)")
-        else:
-            tokens = self.config.max_num_seqs * self.max_model_len
-            free = min(self.config.cpu_kv_cache_bytes, tokens // self.config.block_size * per_block)
-        num = int(free // per_block)
-        needed = -(-self.max_model_len // self.config.block_size) + 1
-        if num < needed:
-            raise ValueError(f"KV cache of {num} blocks cannot hold one sequence of max_model_len "
-                             f"{self.max_model_len} ({needed} blocks); lower max_model_len or raise memory")
-        return num
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -255,20 +230,8 @@ class EngineCore:
                                                     num_cached_tokens=seq.num_cached_tokens,
                                                     first_scheduled_time=seq.first_scheduled_time))
                 continue
-            k, grammar = 0, seq.structured_output
             emitted = row.num_sampled if out.num_emitted is None else int(out.num_emitted[i])
-            for token in token_ids[i][:emitted]:  # tokens past a stop are dropped
-                if grammar is not None and not grammar.accept(token):
-                    seq.finish("stop")  # a dead end: the grammar allowed no token
-                    break
-                if k >= row.num_sampled:
-                    seq.add_pending(i)  # an accepted draft: one more token than launched
-                seq.append_token(token, self.eos_token_ids)
-                k += 1
-                if grammar is not None and not seq.is_finished and grammar.is_terminated:
-                    seq.finish("stop")
-                if seq.is_finished:
-                    break
+            k = seq.append_sampled(token_ids[i][:emitted], row.num_sampled, i, self.eos_token_ids)
             if row.draft_token_ids:
                 self.spec_stats.observe(len(row.draft_token_ids), emitted - 1)
                 if not seq.is_finished:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from jaxpaged.engine.config import EngineConfig
+    from jaxpaged.models.config import ModelConfig
 
 
 class MemoryBudget(NamedTuple):
@@ -54,3 +58,34 @@ def cuda_mem_get_info(ordinal: int) -> tuple[int, int]:
     finally:
         cuda.cuDevicePrimaryCtxRelease_v2(dev)
     return free.value, total.value
+
+
+def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig, max_model_len: int, max_num_batched_tokens: int,
+                   dtype, head_bytes: int) -> int:
+    """KV pool size in blocks from `gpu_memory_utilization` of device memory, or on a CPU the
+    seats' full contexts capped at `cpu_kv_cache_bytes`. `head_bytes`: the head programs'
+    measured need beyond their arguments (per device)."""
+    import jax
+
+    from jaxpaged.models.kv_cache import kv_bytes_per_block
+
+    # bytes per block on each device (tensor parallelism splits the KV heads)
+    per_block = kv_bytes_per_block(cfg, config.block_size, dtype) // config.tensor_parallel_size
+    budget = memory_budget(jax.local_devices()[0])
+    if budget is not None:
+        # Keep room for the step's temporaries: the heads' as measured, the forward's
+        # activations (f32 upper bound of hidden and MLP widths per token) estimated.
+        reserve = head_bytes + max_num_batched_tokens * (8 * cfg.hidden_size + 4 * cfg.intermediate_size) * 4
+        free = budget.limit * config.gpu_memory_utilization - budget.in_use - reserve
+    elif jax.default_backend() != "cpu":
+        raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
+                         "cache from: set num_kv_blocks (--num-kv-blocks)")
+    else:
+        tokens = config.max_num_seqs * max_model_len
+        free = min(config.cpu_kv_cache_bytes, tokens // config.block_size * per_block)
+    num = int(free // per_block)
+    needed = -(-max_model_len // config.block_size) + 1
+    if num < needed:
+        raise ValueError(f"KV cache of {num} blocks cannot hold one sequence of max_model_len "
+                         f"{max_model_len} ({needed} blocks); lower max_model_len or raise memory")
+    return num

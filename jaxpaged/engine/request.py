@@ -107,6 +107,26 @@ class Request:
         self.sample_row = row
         self.final_token_scheduled = self.num_output_tokens >= self.max_tokens
 
+    def append_sampled(self, token_ids: list[int], num_launched: int, row: int,
+                       eos_token_ids: tuple[int, ...]) -> int:
+        """Append a step's sampled tokens under the stop rules and the grammar; returns how many
+        were taken (those after a stop are dropped). Tokens beyond `num_launched` are accepted
+        drafts: each gets its pending slot first."""
+        k, grammar = 0, self.structured_output
+        for token in token_ids:
+            if grammar is not None and not grammar.accept(token):
+                self.finish("stop")  # a dead end: the grammar allowed no token
+                break
+            if k >= num_launched:
+                self.add_pending(row)
+            self.append_token(token, eos_token_ids)
+            k += 1
+            if grammar is not None and not self.is_finished and grammar.is_terminated:
+                self.finish("stop")
+            if self.is_finished:
+                break
+        return k
+
     def append_token(self, token_id: int, eos_token_ids: tuple[int, ...]) -> None:
         """Fill the oldest pending token and apply the token-id stop rules (EOS, stop_token_ids,
         max_tokens; none before min_tokens). Stop strings are the output side's."""
