@@ -6,10 +6,10 @@ from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.structured_output import StructuredOutputsParams
+from jaxpaged.version import __version__ as __version__
 
 __all__ = ["AsyncLLM", "LLM", "CompletionOutput", "EngineConfig", "Logprob", "RequestOutput", "SamplingParams",
            "StructuredOutputsParams"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str):

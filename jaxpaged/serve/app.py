@@ -18,7 +18,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-import jaxpaged
 from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
 from jaxpaged.engine.generation_config import GenerationDefaults
 from jaxpaged.serve.chat import create_chat_completion, render_chat
@@ -37,6 +36,7 @@ from jaxpaged.serve.reasoning import get_reasoning_parser
 from jaxpaged.serve.reasoning.abs_reasoning_parsers import ReasoningParser
 from jaxpaged.serve.tool_parsers import get_tool_parser
 from jaxpaged.serve.tool_parsers.abstract_tool_parser import ToolParser
+from jaxpaged.version import __version__
 
 logger = logging.getLogger("jaxpaged.serve")
 Handler = Callable[[Request], Awaitable[Response]]
@@ -158,7 +158,7 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         return Response(status_code=200 if engine.alive else 503)
 
     async def version(request: Request) -> Response:
-        return JSONResponse({"version": jaxpaged.__version__})
+        return JSONResponse({"version": __version__})
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -175,7 +175,7 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         Route("/metrics", prometheus, methods=["GET"]),
     ]
     if docs:
-        spec = openapi_spec(jaxpaged.__version__, api_key=bool(api_key))
+        spec = openapi_spec(__version__, api_key=bool(api_key))
         routes += [Route("/openapi.json", lambda request: JSONResponse(spec), methods=["GET"]),
                    Route("/docs", lambda request: HTMLResponse(SWAGGER_UI), methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
