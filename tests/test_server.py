@@ -571,7 +571,9 @@ def test_errors_raw_http(server):
     _error(httpx.get(url + "/v1/completions", headers=auth), 405)
     _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "suffix": "x"}, headers=auth), 400)
     tools = [{"type": "function", "function": {"name": "f"}}]
-    _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "tools": tools}, headers=auth), 400)
+    for field, value in (("tools", tools), ("tool_choice", "required")):  # chat's fields
+        err = _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", field: value}, headers=auth), 400)
+        assert f"`{field}` is a field of /v1/chat/completions" in err["message"]
     # tools without --enable-auto-tool-choice: tool_choice defaults to "auto", which needs it (vLLM's 400)
     err = _error(httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                 "tools": tools}, headers=auth), 400)

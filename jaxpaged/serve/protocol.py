@@ -20,8 +20,9 @@ MAX_CHOICES = 1024  # prompts x n per HTTP request
 
 # Fields of the OpenAI / vLLM APIs that jaxpaged does not implement: asking for them is a
 # 400 rather than a silent no-op. Unknown fields are ignored, as in vLLM.
-UNSUPPORTED = ("suffix", "tools", "functions", "function_call", "use_beam_search",
-               "prompt_embeds", "guided_whitespace_pattern")
+UNSUPPORTED = ("suffix", "functions", "function_call", "use_beam_search", "prompt_embeds",
+               "guided_whitespace_pattern")
+CHAT_ONLY = ("tools", "tool_choice")  # tool calling is /v1/chat/completions's
 
 
 class OpenAIModel(BaseModel):
@@ -33,8 +34,9 @@ class OpenAIModel(BaseModel):
         for name in UNSUPPORTED:
             if extra.get(name) not in (None, [], {}, False):  # unset, empty, false or 0
                 raise ValueError(f"`{name}` is not supported by jaxpaged")
-        if extra.get("tool_choice") not in (None, "none"):
-            raise ValueError("`tool_choice` is not supported by jaxpaged (no tool calling)")
+        for name in CHAT_ONLY:
+            if extra.get(name) not in (None, [], "none"):
+                raise ValueError(f"`{name}` is a field of /v1/chat/completions; tool calling needs a chat request")
         return self
 
 
