@@ -129,15 +129,11 @@ class ModelRunner:
         inp = self._padding[key]
         hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), self.params["embed"].dtype,
                                       sharding=self._hidden_sharding)
-        if speculative:
-            with self._logged(f"verify head {t} {variant.name}"):
-                mem = self._verify.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout,
-                                         num_prev=self.max_num_seqs, filters=variant.top_k_top_p
-                                         ).compile().memory_analysis()
-            return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
-        with self._logged(f"head {t} {variant.name}"):
-            mem = self._head.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout, variant=variant,
-                                   num_prev=self.max_num_seqs).compile().memory_analysis()
+        program, kw = ((self._verify, {"filters": variant.top_k_top_p}) if speculative
+                       else (self._head, {"variant": variant}))
+        with self._logged(f"{'verify head' if speculative else 'head'} {t} {variant.name}"):
+            mem = program.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout,
+                                num_prev=self.max_num_seqs, **kw).compile().memory_analysis()
         return 0 if mem is None else mem.temp_size_in_bytes + mem.output_size_in_bytes
 
     @contextlib.contextmanager

@@ -5,10 +5,10 @@ continuing prefills, in admission order), then waiting ones FCFS; prompts longer
 budget are chunked, and with `long_prefill_token_threshold` no prompt takes more than that
 many tokens of one step (so a step that carries decodes stays short, while several waiting
 prompts still fill the budget together). With `decoding_token_budget`, a step that carries
-decodes takes at most that many tokens in all (prompts at least a quarter of it) while the prompt
-tokens still to compute fit in one budget (inter-token latency near a decode step's); a longer
-backlog gets the whole budget (throughput). When blocks run out, the newest running sequence is preempted and will be
-recomputed. There is no prefill/decode distinction: each step a sequence computes the
+decodes takes at most that many tokens in all (prompts at least a quarter of it) while the
+prompt tokens still to compute fit in one budget (inter-token latency near a decode step's);
+a longer backlog gets the whole budget (throughput). When blocks run out, the newest running
+sequence is preempted and will be recomputed. There is no prefill/decode distinction: each step a sequence computes the
 tokens it has but whose KV is not yet cached. With `num_steps` > 1 (multi-step decode), a
 step whose rows are all decodes reserves blocks for up to `num_steps` tokens per sequence
 and runs that many iterations (`SchedulerOutput.multi_step`, `ScheduledRequest.num_sampled`).
@@ -43,7 +43,8 @@ class ScheduledRequest:
     def of(cls, request: Request, n: int, block_table: list[int], num_steps: int = 1,
            drafts: list[int] | None = None) -> ScheduledRequest:
         start, drafts = request.num_computed_tokens, drafts or []
-        samples = start + n - len(drafts) == request.num_tokens and request.max_tokens > 0  # max_tokens 0: the prompt only
+        # max_tokens 0: the prompt only
+        samples = start + n - len(drafts) == request.num_tokens and request.max_tokens > 0
         return cls(request, start, n, block_table, num_steps if samples else 0, drafts)
 
 
