@@ -7,20 +7,21 @@ from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 
 
 def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[int, ...] | None = None,
-                  smallest: int = 16, extra: tuple[int, ...] = ()) -> list[int]:
-    """The padded step sizes (one compiled forward each). Default: powers of two from
-    `smallest` up to the budget, the budget itself, and 1.5x steps between 128 and
-    `max_num_seqs` (e.g. 192): decode steps of more than ~128 rows make the GEMMs
-    compute-bound on a GPU, so padding them to the next power of two costs time.
+                  smallest: int = 16, extra: tuple[int, ...] = (), factor: int = 2) -> list[int]:
+    """The padded step sizes (one compiled forward each). Default: powers of `factor` from
+    `smallest` up to the budget, the budget itself, and with factor 2 the 1.5x steps between
+    128 and `max_num_seqs` (e.g. 192): decode steps of more than ~128 rows make the GEMMs
+    compute-bound on a GPU, so padding them to the next power of two costs time (a CPU's
+    defaults take factor 4: fewer programs to compile).
     `extra` sizes join the rule (the decoding token budget: its steps are not padded).
     `sizes` replaces the rule (vLLM's cudagraph capture sizes); the budget is always added."""
     if sizes is None:
         out, b = [], min(smallest, max_num_batched_tokens)
         while b < max_num_batched_tokens:
             out.append(b)
-            if b >= 128 and 3 * b // 2 <= max_num_seqs:  # (sizes past the budget are dropped below)
+            if factor == 2 and b >= 128 and 3 * b // 2 <= max_num_seqs:  # (sizes past the budget dropped below)
                 out.append(3 * b // 2)
-            b *= 2
+            b *= factor
         sizes = out + [t for t in extra if t > 0]
     return sorted({t for t in sizes if t < max_num_batched_tokens} | {max_num_batched_tokens})
 

@@ -10,6 +10,7 @@ import logging
 
 import jax
 
+from jaxpaged.engine.buckets import token_buckets
 from jaxpaged.engine.config import EngineConfig
 
 logger = logging.getLogger("jaxpaged")
@@ -20,8 +21,8 @@ class PlatformDefaults:
     max_model_len: int | None  # cap on the model's max_position_embeddings (None: the model's)
     max_num_seqs: int
     max_num_batched_tokens: int
-    # token buckets: powers of `bucket_factor` from 16 below the budget (the budget is always
-    # added); None: `buckets.token_buckets`' rule
+    # token buckets: `buckets.token_buckets`' rule with powers of `bucket_factor` (None: the
+    # engine applies the rule itself, powers of two)
     bucket_factor: int | None
 
 
@@ -44,11 +45,8 @@ def set_default_args(config: EngineConfig, max_position_embeddings: int) -> Engi
         filled["max_num_batched_tokens"] = d.max_num_batched_tokens
     if config.token_buckets is None and d.bucket_factor is not None:
         budget = filled.get("max_num_batched_tokens", config.max_num_batched_tokens)
-        sizes, b = [], 16
-        while b < budget:
-            sizes.append(b)
-            b *= d.bucket_factor
-        filled["token_buckets"] = (*sizes, budget)
+        seats = filled.get("max_num_seqs", config.max_num_seqs)
+        filled["token_buckets"] = tuple(token_buckets(budget, seats, factor=d.bucket_factor))
     if d is CPU_DEFAULTS and filled:
         kv = "" if config.num_kv_blocks else f", KV cache at most cpu_kv_cache_bytes={config.cpu_kv_cache_bytes}"
         logger.info("CPU defaults: %s%s (the model allows max_model_len %d; set any of them to override)",
