@@ -14,6 +14,9 @@
 #   serving  `python -m jaxpaged.serve` on the shape + scripts/benchmark_serving.py at 4, 16, inf req/s
 #            (~2.5 min). Needs starlette, uvicorn, pydantic, httpx and aiohttp: installed from the wheels in .whl/
 #            when that folder exists, else skipped with a message where they are not importable.
+#   longctx  (name it in PARTS) scripts/benchmark_long_context.py: TTFT and ITL at 8k / 32k / 128k contexts,
+#            batch 1 and 8, against the weights + KV floor; RAG 128 x 16k prompts with and without a
+#            shared 8k prefix (~6 min; LONGCTX_ARGS="--parts latency" or "--parts rag" runs half)
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
 #   ab       (name it in PARTS) this tree against another revision's package, side by side: mixed (each
@@ -23,7 +26,7 @@
 #            machine: it travels only if named in carry). Prints the comparison table last.
 # Workloads and settings: docs/benchmarks.md, "Method". Every command's full log is $OUT/<part>*.log,
 # its JSON $OUT/<part>*.json. Extra flags (e.g. for a quick CPU check with MODEL=a small model
-# directory): THROUGHPUT_ARGS, LATENCY_ARGS, SERVER_ARGS, SERVING_ARGS; CACHE: the compilation cache.
+# directory): THROUGHPUT_ARGS, LATENCY_ARGS, LONGCTX_ARGS, SERVER_ARGS, SERVING_ARGS; CACHE: the compilation cache.
 set -uo pipefail
 case "${1:-}" in -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0;; esac
 cd "$(dirname "$0")/.."
@@ -49,7 +52,7 @@ run() {
     echo "== $name: $*"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|TTFT|speedup|checks|copy bandwidth)|skipping" \
+    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|TTFT|ITL,|RAG|speedup|checks|copy bandwidth)|skipp(ing|ed)" \
         "$OUT/$name.log" | cut -c1-200
     [ $rc = 0 ] || { echo "   $name failed (rc $rc; 124: over its ${limit} s), its log ends:"; tail -n 5 "$OUT/$name.log"; }
     TIMES+=("$name $((SECONDS - start)) s")
@@ -119,6 +122,10 @@ except Exception:
         kill $SERVER 2> /dev/null; wait $SERVER 2> /dev/null
         TIMES+=("serving $((SECONDS - start)) s")
     fi
+fi
+if want longctx; then
+    run longctx 570 $PY scripts/benchmark_long_context.py "${SRC[@]}" --compilation-cache "$CACHE" \
+        --json "$OUT/longctx.json" ${LONGCTX_ARGS:-}
 fi
 if want tp2; then  # the x2 machine
     TP=(--workload mixed --num-kv-blocks 24000 --max-num-batched-tokens 8192 --num-scheduler-steps 8)
