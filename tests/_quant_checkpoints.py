@@ -37,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 E4M3_MAX = 448.0
-BLOCKS = {"fp8-block": [48, 48], "ct-fp8-block": [32, 32]}  # [bn, bk]: 48 leaves partial blocks of 64 and 128
+BLOCKS = {"fp8-block": [48, 32], "ct-fp8-block": [32, 48]}  # [bn, bk]; 48 leaves partial blocks of 64 and 128
 
 
 def _fp8(w: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -137,15 +137,18 @@ def test_two_devices_shard_each_field_and_serve_the_same_tokens(checkpoints):
     np.testing.assert_array_equal([o.outputs[0].token_ids for o in outs], transformers_greedy(dequantized)[1])
 
 
-def test_static_fp8_on_four_devices_matches_one(checkpoints):
-    """ModelOpt FP8 (static activation scales) on a 4-device mesh, each of the 2 KV heads
-    replicated twice (their scales with them): the same logits as on one device."""
+@pytest.mark.parametrize("fmt", ["modelopt-fp8", "fp8-block"])
+def test_fp8_on_four_devices_matches_one(fmt, checkpoints):
+    """ModelOpt FP8 (static activation scales) and block fp8 on a 4-device mesh, each of the 2 KV
+    heads replicated twice (their scales with them): the same logits as on one device. Block
+    scales split with their weight where the mesh divides them (q/k/v's output channels), else
+    stay whole (o's 2 input blocks on 4 devices)."""
     from jax.sharding import NamedSharding
 
     from jaxpaged.engine.mesh import make_mesh, shard_attention
     from jaxpaged.models.sharding import KV_POOL
 
-    quantized, _ = checkpoints("modelopt-fp8")
+    quantized, _ = checkpoints(fmt)
     cfg, params = load_model(quantized, dtype="float32")
     want, _ = jaxpaged_greedy(cfg, params)
     mesh = make_mesh(4)
@@ -153,7 +156,13 @@ def test_static_fp8_on_four_devices_matches_one(checkpoints):
     wqkv = sharded["layers"][0]["wqkv"]
     assert cfg2.kv_head_replicas == 2 and wqkv.qweight.addressable_shards[0].data.shape == (1, 3, 16, 64)
     assert wqkv.qweight.sharding.spec == jax.sharding.PartitionSpec("tp", None, None, None)
-    assert wqkv.input_scale.sharding.is_fully_replicated
+    if fmt == "modelopt-fp8":
+        assert wqkv.input_scale.sharding.is_fully_replicated
+    else:
+        assert wqkv.scale.sharding.spec == wqkv.qweight.sharding.spec
+        assert wqkv.scale.addressable_shards[0].data.shape == (1, 3, 16, 2)
+        wo = sharded["layers"][0]["wo"]
+        assert wo.qweight.addressable_shards[0].data.shape == (64, 16) and wo.scale.sharding.is_fully_replicated
     forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
     kv = init_kv_cache(cfg2, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
     step = make_step_input([(p, 0, [1 + 2 * i, 2 + 2 * i]) for i, p in enumerate(PROMPTS)], 16, num_tokens=128,
