@@ -20,7 +20,7 @@ Layouts (HF linear weights are [out, in]):
 - compressed-tensors pack-quantized (W4A16, W8A16): signed q + 2^(bits-1) packed 32 / bits to an
   int32 along the input axis (column (32 / bits) c + j in bits `bits * j`) as `weight_packed`,
   `weight_shape` [out, in], `weight_scale` [out, in / g] float16, asymmetric `weight_zero_point`
-  (signed, offset alike) packed along the output axis [out / 8, in / g];
+  (signed, offset alike) packed along the output axis [out / 8, in / g], act-order `weight_g_idx` [in];
 - compressed-tensors int-quantized W8A8: `weight` int8 [out, in], `weight_scale` [out, 1].
 """
 from __future__ import annotations
@@ -96,11 +96,14 @@ def _fp8_blocks(w: np.ndarray, bn: int, bk: int) -> tuple[np.ndarray, np.ndarray
     return q, scale, deq
 
 
-def _ct_int(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[dict, np.ndarray]:
-    """compressed-tensors int weights in groups of `group` input columns (0: per channel):
-    signed q, scale (float16), signed zero point; (tensors, dequantized)."""
+def _ct_int(w: np.ndarray, bits: int, group: int, sym: bool, act_order: bool) -> tuple[dict, np.ndarray]:
+    """compressed-tensors int weights in groups of `group` input columns (0: per channel), with
+    act-order the groups of columns in a random order (`weight_g_idx`): signed q, scale
+    (float16), signed zero point; (tensors, dequantized)."""
     g = group or w.shape[1]
-    wg = w.reshape(w.shape[0], -1, g)
+    perm = np.random.default_rng(w.shape[1]).permutation(w.shape[1]) if act_order else np.arange(w.shape[1])
+    inv = np.argsort(perm)
+    wg = w[:, perm].reshape(w.shape[0], -1, g)
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if sym:
         scale, zero = np.abs(wg).max(-1) * 2 / (qmax - qmin), np.zeros(wg.shape[:2], np.int64)
@@ -111,18 +114,20 @@ def _ct_int(w: np.ndarray, bits: int, group: int, sym: bool) -> tuple[dict, np.n
     scale = scale.astype(np.float16)
     s32 = scale.astype(np.float32)[..., None]
     q = np.clip(np.round(wg / s32) + zero[..., None], qmin, qmax).astype(np.int64)
-    deq = ((q - zero[..., None]) * s32).reshape(w.shape)
-    tensors = {"weight_packed": _pack_int(q.reshape(w.shape), bits), "weight_scale": scale,
+    deq = ((q - zero[..., None]) * s32).reshape(w.shape)[:, inv]
+    tensors = {"weight_packed": _pack_int(q.reshape(w.shape)[:, inv], bits), "weight_scale": scale,
                "weight_shape": np.array(w.shape, np.int64)}
     if not sym:
         tensors["weight_zero_point"] = np.ascontiguousarray(_pack_int(zero.T, bits).T)
+    if act_order:
+        tensors["weight_g_idx"] = (inv // g).astype(np.int32)
     return tensors, deq
 
 
 def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> tuple[dict, np.ndarray]:
     """One HF linear `weight` [out, in] in `fmt` (ct-fp8-dynamic, ct-fp8-static, modelopt-fp8, awq,
-    gptq, gptq-sym, gptq-act-order, fp8-block, ct-fp8-block, ct-w4a16 (per channel), ct-w4a16-asym,
-    ct-w8a16, ct-w8a8-int8) -> (its tensors by suffix, the dequantized weight)."""
+    gptq, gptq-sym, gptq-act-order, fp8-block, ct-fp8-block, ct-w4a16 (per channel), ct-w4a16-asym
+    (act-order too), ct-w8a16, ct-w8a8-int8) -> (its tensors by suffix, the dequantized weight)."""
     amax = np.abs(w).max(1, keepdims=True)
     if fmt in ("fp8-block", "ct-fp8-block"):
         q, scale, deq = _fp8_blocks(w, *BLOCKS[fmt])
@@ -132,7 +137,8 @@ def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> 
             scale = (amax / 127).astype(np.float16)
             q = np.clip(np.round(w / scale.astype(np.float32)), -127, 127).astype(np.int8)
             return {"weight": q, "weight_scale": scale}, q * scale.astype(np.float32)
-        return _ct_int(w, 8 if "w8" in fmt else 4, 0 if fmt == "ct-w4a16" else group, not fmt.endswith("-asym"))
+        asym = fmt == "ct-w4a16-asym"  # with act-order (llm-compressor's GPTQ actorder="group")
+        return _ct_int(w, 8 if "w8" in fmt else 4, 0 if fmt == "ct-w4a16" else group, not asym, asym)
     if fmt == "ct-fp8-dynamic":  # llm-compressor keeps scales in the model dtype (bf16 here)
         scale = (amax / E4M3_MAX).astype(ml_dtypes.bfloat16).astype(np.float32)
         q, deq = _fp8(w, scale)
@@ -169,7 +175,7 @@ def quantization_config(fmt: str, group: int) -> dict:
         channel = fmt in ("ct-w4a16", "ct-w8a8-int8")  # the others in groups
         weights = {"num_bits": 8 if "w8" in fmt else 4, "type": "int", "symmetric": not fmt.endswith("-asym"),
                    "dynamic": False, "strategy": "channel" if channel else "group",
-                   "group_size": None if channel else group, "actorder": None}
+                   "group_size": None if channel else group, "actorder": "group" if fmt == "ct-w4a16-asym" else None}
         if fmt == "ct-w8a8-int8":
             return _ct_config("int-quantized", weights, int8_acts)
         return _ct_config("pack-quantized", weights, None)

@@ -96,7 +96,7 @@ def test_checkpoint_matches_transformers_on_its_dequantized_weights(fmt, checkpo
     if kind is Fp8Weight:
         assert (params["layers"][0]["wqkv"].input_scale is not None) == (fmt in ("ct-fp8-static", "modelopt-fp8"))
     if kind is Int4Weight:  # act-order keeps each row's group; consecutive groups need none
-        assert (params["layers"][0]["w_down"].g_idx is not None) == (fmt == "gptq-act-order")
+        assert (params["layers"][0]["w_down"].g_idx is not None) == (fmt in ("gptq-act-order", "ct-w4a16-asym"))
     logits, tokens = jaxpaged_greedy(cfg, params)
     ref_logits, ref_tokens, margins = transformers_greedy(dequantized)
     if kind in WEIGHT_ONLY:  # the dequantized weights exactly, float32 arithmetic
