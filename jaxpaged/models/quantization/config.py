@@ -105,7 +105,7 @@ def _ct_group(fmt: str | None, w: dict, a: dict | None) -> QuantizationConfig:
         if strategy in ("channel", "tensor") and a_kind in (("float", 8, "token", True), ("float", 8, "tensor", False)):
             config = QuantizationConfig("compressed-tensors", "fp8", static_input_scale=not dynamic)  # W8A8Fp8
         block = w.get("block_structure") or []
-        if strategy == "block" and len(block) == 2 and (a is None or dynamic is True):
+        if strategy == "block" and len(block) == 2 and (a is None or (a_kind[:2] == ("float", 8) and dynamic is True)):
             config = QuantizationConfig("compressed-tensors", "fp8_block", group_size=int(block[1]),
                                         block_n=int(block[0]))  # W8A8Fp8 with block scales
     elif fmt == "pack-quantized" and wtype == "int" and a is None and strategy in ("group", "channel"):
