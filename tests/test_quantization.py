@@ -1,7 +1,8 @@
-"""Quantized weights in `linear()`: fp8 W8A8, int8 W8A16 and int4 W4A16 against numpy references
-that dequantize the stored values exactly (and, for fp8, quantize the activations exactly as
-the kernel should); the fp8 GEMM's operands are e4m3 in the lowered StableHLO; online
-quantization at load, its flags and its one-line errors."""
+"""Quantized weights in `linear()`: fp8 W8A8, block fp8, int8 W8A16 (per channel, in groups), int8
+W8A8 and int4 W4A16 (with act-order groups) against numpy references that dequantize the stored
+values exactly (and, for W8A8, quantize the activations exactly as the kernel should); the fp8
+and int8 W8A8 GEMMs' operands are 8-bit in the lowered StableHLO; online quantization at load,
+its flags and its one-line errors."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ import pytest
 
 from jaxpaged.models import ConfigError, load_model
 from jaxpaged.models.layers import linear
-from jaxpaged.models.quantization import Fp8Weight, Int4Weight, Int8Weight, load_quantization_config, quantize
+from jaxpaged.models.quantization import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight, Int8Weight,
+                                         fuse_out, load_quantization_config, quantize)
 from jaxpaged.models.quantization.weights import pack_int4, unpack_int4
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -98,6 +100,55 @@ def test_int4_linear_against_numpy(data):
                                                                   ref_int4_weight(grouped), axes=1)) <= 1e-3
 
 
+def test_fp8_block_linear_against_numpy(data):
+    """Blocks of 48 x 48 over the flattened [128 out, 64 in] weight: partial blocks on both axes;
+    the GEMM is weight-only (x unquantized), so float32 rounding apart it is x @ w."""
+    x, w = data
+    leaf = quantize(jnp.asarray(w), "fp8_block", group_size=48)
+    assert isinstance(leaf, Fp8BlockWeight) and leaf.shape == SHAPE and leaf.scale.shape == (*SHAPE[1:], 2)
+    flat = w.reshape(64, 128).T  # [out, in]
+    block_scale = np.array([[np.abs(flat[i:i + 48, j:j + 48]).max() / 448 for j in (0, 48)] for i in (0, 48, 96)])
+    scale = np.asarray(leaf.scale).reshape(128, 2)
+    np.testing.assert_allclose(scale, np.repeat(block_scale, 48, axis=0)[:128], rtol=1e-6)
+    q = np.asarray(leaf.qweight).reshape(128, 64).astype(np.float64)
+    wq = (q * np.repeat(scale, 48, axis=1)[:, :64]).T.reshape(SHAPE)
+    assert rel_err(wq, w) <= 0.04  # e4m3 rounding
+    np.testing.assert_allclose(leaf.dequantize(), wq, rtol=1e-6)
+    assert rel_err(linear(jnp.asarray(x), leaf), np.tensordot(x.astype(np.float64), wq, axes=1)) <= 1e-5
+
+
+def test_int8_w8a8_linear_against_numpy(data):
+    """Tokens rounded to int8 at (row amax / 127), int32 products, times both scales."""
+    x, w = data
+    leaf = quantize(jnp.asarray(w), "int8_w8a8")
+    assert type(leaf) is Int8W8A8Weight
+    wq = np.asarray(leaf.qweight) * np.asarray(leaf.scale, np.float64)
+    sx = np.abs(x).max(1, keepdims=True) / 127
+    xq = np.round(x / sx) * sx
+    got = linear(jnp.asarray(x), leaf)
+    assert rel_err(got, np.tensordot(xq, wq, axes=1)) <= 1e-5
+    assert rel_err(got, np.tensordot(x.astype(np.float64), wq, axes=1)) <= 0.01
+
+
+def test_int8_groups_and_int4_act_order_against_numpy(data):
+    x, w = data
+    grouped = quantize(jnp.asarray(w), "int8", group_size=16)
+    assert grouped.scale.shape == (4, *SHAPE[1:])
+    wq = np.asarray(grouped.qweight) * np.repeat(np.asarray(grouped.scale, np.float64), 16, axis=0)
+    assert np.all(np.abs(wq - w) <= np.repeat(np.asarray(grouped.scale), 16, axis=0) / 2 + 1e-9)
+    assert rel_err(linear(jnp.asarray(x), grouped), np.tensordot(x.astype(np.float64), wq, axes=1)) <= 1e-5
+    # act-order: input row i takes group g_idx[i]'s scale and zero point
+    leaf = quantize(jnp.asarray(w), "int4", group_size=16)
+    g_idx = np.random.default_rng(2).permutation(64) // 16
+    reordered = Int4Weight(leaf.qweight, leaf.scales, leaf.zeros, jnp.asarray(g_idx, jnp.int32))
+    words = np.asarray(leaf.qweight).astype(np.int64) & 0xFFFFFFFF
+    q = np.stack([(words >> (4 * j)) & 0xF for j in range(8)], axis=1).reshape(64, *SHAPE[1:])
+    want = (q - np.asarray(leaf.zeros, np.int64)[g_idx]) * np.asarray(leaf.scales, np.float64)[g_idx]
+    assert rel_err(linear(jnp.asarray(x), reordered), np.tensordot(x.astype(np.float64), want, axes=1)) <= 1e-5
+    with pytest.raises(ConfigError, match="g_idx differ"):  # q/k/v (gate/up) share one input, so one g_idx
+        fuse_out([reordered, leaf], lambda ps: jnp.concatenate(ps, -1))
+
+
 def test_int4_packing_round_trip():
     v = np.random.default_rng(1).integers(0, 16, (32, 3, 5))
     packed = pack_int4(v)
@@ -122,6 +173,11 @@ def test_fp8_gemm_takes_e4m3_operands_in_stablehlo(data):
     assert result == "tensor<5x2x4x16xf32>", dot
     (int8_dot,) = _dots(jax.jit(linear).lower(jnp.asarray(x, jnp.bfloat16), quantize(jnp.asarray(w), "int8")).as_text())
     assert "tensor<64x2x4x16xbf16>" in int8_dot  # W8A16: the int8 weight converted to the activations' dtype
+    (w8a8_dot,) = _dots(jax.jit(linear).lower(jnp.asarray(x, jnp.bfloat16), quantize(jnp.asarray(w), "int8_w8a8")).as_text())
+    assert "(tensor<5x64xi8>, tensor<64x2x4x16xi8>) -> tensor<5x2x4x16xi32>" in w8a8_dot, w8a8_dot
+    # block fp8 (docs/decisions.md): the dequantized weight in the activations' dtype, float32 accumulation
+    (block_dot,) = _dots(jax.jit(linear).lower(jnp.asarray(x, jnp.bfloat16), quantize(jnp.asarray(w), "fp8_block", 32)).as_text())
+    assert "(tensor<5x64xbf16>, tensor<2x4x16x64xbf16>) -> tensor<5x2x4x16xf32>" in block_dot, block_dot
 
 
 def test_leaf_specs_follow_the_dense_spec():
@@ -131,6 +187,10 @@ def test_leaf_specs_follow_the_dense_spec():
     assert quantize(w, "fp8").partition_specs(P(None, "tp")) == Fp8Weight(P("tp", None, None, None), P("tp", None, None))
     assert quantize(w, "int8").partition_specs(P("tp")) == Int8Weight(P("tp"), P(None, None, None))
     assert quantize(w, "int4").partition_specs(P("tp")) == Int4Weight(P("tp"), P("tp"), P("tp"))
+    # block scales [*out, in / block_k] shard with their weight [*out, in]
+    assert quantize(w, "fp8_block", 32).partition_specs(P("tp")) == Fp8BlockWeight(P(None, None, None, "tp"),
+                                                                                    P(None, None, None, "tp"), 32)
+    assert quantize(w, "int8", 16).partition_specs(P(None, "tp")) == Int8Weight(P(None, "tp"), P(None, "tp"))
 
 
 @pytest.mark.parametrize("scheme,kind", [("fp8", Fp8Weight), ("int8", Int8Weight), ("int4", Int4Weight)])
@@ -158,10 +218,20 @@ def _with_quantization_config(tiny_model_dir, tmp_path, qc: dict):
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, None,
      "unsupported AWQ checkpoint: bits 4, version gemv"),
     ({"quant_method": "gptq", "bits": 8, "group_size": 128}, None, "unsupported GPTQ checkpoint: bits 8"),
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, None, r"block-wise weight scales \(weight_block_size"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, None,
+     "unsupported fp8 activation_scheme 'static'"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {  # W4A8: int4 weights, int8 activations
+        "format": "pack-quantized", "weights": {"type": "int", "num_bits": 4, "strategy": "group"},
+        "input_activations": {"type": "int", "num_bits": 8, "strategy": "token", "dynamic": True}}}}, None,
+     r"unsupported compressed-tensors scheme: format pack-quantized, weights int4 per group \(static\), "
+     r"activations int8 per token \(dynamic\)"),
+    ({"quant_method": "compressed-tensors", "config_groups": {"g": {  # W8A8 int8 with static activation scales
+        "format": "int-quantized", "weights": {"type": "int", "num_bits": 8, "strategy": "channel"},
+        "input_activations": {"type": "int", "num_bits": 8, "strategy": "tensor", "dynamic": False}}}}, None,
+     "format int-quantized, weights int8 per channel .static., activations int8 per tensor .static."),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {
-        "format": "pack-quantized", "weights": {"type": "int", "num_bits": 4, "strategy": "group"}}}}, None,
-     "unsupported compressed-tensors scheme: format pack-quantized, weights int4 per group"),
+        "format": "pack-quantized", "weights": {"type": "int", "num_bits": 8, "strategy": "group", "symmetric": False}}}},
+     None, "weights int8 per group .static, asymmetric."),
     ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, None, "unsupported ModelOpt quant_algo 'NVFP4'"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128}, "gptq",
      "quantization 'gptq' does not match the checkpoint's quantization method 'awq'"),

@@ -1,9 +1,10 @@
-"""Quantized checkpoints of a tiny Llama (its LM head made decisive) written as compressed-tensors (FP8-dynamic and static
-FP8), NVIDIA ModelOpt FP8, AutoAWQ GEMM and GPTQ (asymmetric and symmetric) lay them out
+"""Quantized checkpoints of a tiny Llama (its LM head made decisive) written as compressed-tensors (FP8-dynamic, static
+FP8, FP8_BLOCK, pack-quantized W4A16 / W8A16, int-quantized W8A8), NVIDIA ModelOpt FP8, block fp8
+(`weight_block_size`), AutoAWQ GEMM and GPTQ (asymmetric, symmetric, act-order) lay them out
 (tests/_quant_checkpoints.py), loaded by jaxpaged and run against HF transformers on the
-dequantized weights: int4 to float32 rounding, fp8 W8A8 within its activation rounding, with
-the same greedy tokens up to a step where the oracle's margin is within that; then served through `LLM` on
-two devices with the weights sharded field by field."""
+dequantized weights: weight-only schemes to float32 rounding, W8A8 (fp8, int8) within its
+activation rounding, with the same greedy tokens up to a step where the oracle's margin is
+within that; then served through `LLM` on two devices with the weights sharded field by field."""
 from __future__ import annotations
 
 import sys
@@ -17,13 +18,17 @@ import pytest
 from jaxpaged.kernels.paged_attention import paged_attention_ref
 from jaxpaged.models import load_model, make_forward, param_specs
 from jaxpaged.models.kv_cache import init_kv_cache
-from jaxpaged.models.quantization import Fp8Weight, Int4Weight
+from jaxpaged.models.quantization import Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight, Int8Weight
 from jaxpaged.models.step_input import make_step_input
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _quant_checkpoints import decisive_copy, write_quantized  # noqa: E402
 
-FORMATS = ["ct-fp8-dynamic", "ct-fp8-static", "modelopt-fp8", "awq", "gptq", "gptq-sym"]
+KINDS = {"ct-fp8-dynamic": Fp8Weight, "ct-fp8-static": Fp8Weight, "modelopt-fp8": Fp8Weight, "awq": Int4Weight,
+         "gptq": Int4Weight, "gptq-sym": Int4Weight, "gptq-act-order": Int4Weight, "fp8-block": Fp8BlockWeight,
+         "ct-fp8-block": Fp8BlockWeight, "ct-w4a16": Int4Weight, "ct-w4a16-asym": Int4Weight, "ct-w8a16": Int8Weight,
+         "ct-w8a8-int8": Int8W8A8Weight}
+WEIGHT_ONLY = (Int4Weight, Int8Weight, Fp8BlockWeight)  # float activations: the oracle's arithmetic
 PROMPTS = np.random.default_rng(3).integers(3, 500, (8, 12)).tolist()  # equal lengths: no padding for HF
 STEPS = 4
 FP8_ERROR = 0.25  # most fp8 W8A8 logit error here (logits up to ~10): activations rounded to e4m3
@@ -77,26 +82,28 @@ def jaxpaged_greedy(cfg, params) -> tuple[np.ndarray, np.ndarray]:
     return logits, np.stack(tokens, 1)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", list(KINDS))
 def test_checkpoint_matches_transformers_on_its_dequantized_weights(fmt, checkpoints):
     quantized, dequantized = checkpoints(fmt)
     cfg, params = load_model(quantized, dtype="float32")
     _, dense = load_model(dequantized, dtype="float32")
-    kind = Int4Weight if fmt in ("awq", "gptq", "gptq-sym") else Fp8Weight
+    kind = KINDS[fmt]
     for layer, want in zip(params["layers"], dense["layers"]):  # each leaf holds the dequantized weights
         for key in ("wqkv", "wo", "w_gate_up", "w_down"):
-            assert isinstance(layer[key], kind), key
+            assert type(layer[key]) is kind, key
             np.testing.assert_allclose(layer[key].dequantize(), want[key], rtol=1e-6, atol=1e-9, err_msg=key)
     assert isinstance(params["lm_head"], Int4Weight) == (fmt == "gptq-sym")
     if kind is Fp8Weight:
         assert (params["layers"][0]["wqkv"].input_scale is not None) == (fmt in ("ct-fp8-static", "modelopt-fp8"))
+    if kind is Int4Weight:  # act-order keeps each row's group; consecutive groups need none
+        assert (params["layers"][0]["w_down"].g_idx is not None) == (fmt in ("gptq-act-order", "ct-w4a16-asym"))
     logits, tokens = jaxpaged_greedy(cfg, params)
     ref_logits, ref_tokens, margins = transformers_greedy(dequantized)
-    if kind is Int4Weight:  # W4A16: the dequantized weights exactly, float32 arithmetic
+    if kind in WEIGHT_ONLY:  # the dequantized weights exactly, float32 arithmetic
         np.testing.assert_allclose(logits, ref_logits, atol=1e-4)
         np.testing.assert_array_equal(tokens, ref_tokens)
         return
-    # fp8 W8A8: the activations are rounded to e4m3 per token (or at the static scale)
+    # W8A8 (fp8, int8): the activations are rounded per token (or at the static scale)
     err = np.abs(logits - ref_logits)
     assert np.linalg.norm(logits - ref_logits) / np.linalg.norm(ref_logits) < 0.08 and err.max() < FP8_ERROR
     decisive = 0  # greedy steps equal so far whose oracle margin exceeds fp8's error
@@ -130,15 +137,18 @@ def test_two_devices_shard_each_field_and_serve_the_same_tokens(checkpoints):
     np.testing.assert_array_equal([o.outputs[0].token_ids for o in outs], transformers_greedy(dequantized)[1])
 
 
-def test_static_fp8_on_four_devices_matches_one(checkpoints):
-    """ModelOpt FP8 (static activation scales) on a 4-device mesh, each of the 2 KV heads
-    replicated twice (their scales with them): the same logits as on one device."""
+@pytest.mark.parametrize("fmt", ["modelopt-fp8", "fp8-block"])
+def test_fp8_on_four_devices_matches_one(fmt, checkpoints):
+    """ModelOpt FP8 (static activation scales) and block fp8 on a 4-device mesh, each of the 2 KV
+    heads replicated twice (their scales with them): the same logits as on one device. Block
+    scales split with their weight where the mesh divides them (q/k/v's output channels), else
+    stay whole (o's 2 input blocks on 4 devices)."""
     from jax.sharding import NamedSharding
 
     from jaxpaged.engine.mesh import make_mesh, shard_attention
     from jaxpaged.models.sharding import KV_POOL
 
-    quantized, _ = checkpoints("modelopt-fp8")
+    quantized, _ = checkpoints(fmt)
     cfg, params = load_model(quantized, dtype="float32")
     want, _ = jaxpaged_greedy(cfg, params)
     mesh = make_mesh(4)
@@ -146,7 +156,13 @@ def test_static_fp8_on_four_devices_matches_one(checkpoints):
     wqkv = sharded["layers"][0]["wqkv"]
     assert cfg2.kv_head_replicas == 2 and wqkv.qweight.addressable_shards[0].data.shape == (1, 3, 16, 64)
     assert wqkv.qweight.sharding.spec == jax.sharding.PartitionSpec("tp", None, None, None)
-    assert wqkv.input_scale.sharding.is_fully_replicated
+    if fmt == "modelopt-fp8":
+        assert wqkv.input_scale.sharding.is_fully_replicated
+    else:
+        assert wqkv.scale.sharding.spec == wqkv.qweight.sharding.spec
+        assert wqkv.scale.addressable_shards[0].data.shape == (1, 3, 16, 2)
+        wo = sharded["layers"][0]["wo"]
+        assert wo.qweight.addressable_shards[0].data.shape == (64, 16) and wo.scale.sharding.is_fully_replicated
     forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
     kv = init_kv_cache(cfg2, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
     step = make_step_input([(p, 0, [1 + 2 * i, 2 + 2 * i]) for i, p in enumerate(PROMPTS)], 16, num_tokens=128,

@@ -6,8 +6,9 @@ from jaxpaged.models.quantization.config import (QUANTIZATION_CHOICES, Quantizat
                                                  load_quantization_config)
 from jaxpaged.models.quantization.kernels import quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
-from jaxpaged.models.quantization.weights import (Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, fuse_out,
-                                                  leaf_specs)
+from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight, Int8Weight,
+                                                  QuantizedWeight, fuse_out, leaf_specs)
 
-__all__ = ["QUANTIZATION_CHOICES", "Fp8Weight", "Int4Weight", "Int8Weight", "QuantizationConfig", "QuantizedWeight",
-           "fuse_out", "leaf_specs", "load_quantization_config", "quantize", "quantized_matmul"]
+__all__ = ["QUANTIZATION_CHOICES", "Fp8BlockWeight", "Fp8Weight", "Int4Weight", "Int8W8A8Weight", "Int8Weight",
+           "QuantizationConfig", "QuantizedWeight", "fuse_out", "leaf_specs", "load_quantization_config", "quantize",
+           "quantized_matmul"]

@@ -12,19 +12,25 @@ from jaxpaged.models.config import ConfigError
 ONLINE_SCHEMES = ("fp8", "int8", "int4")  # quantized at load from float weights
 CHECKPOINT_METHODS = ("compressed-tensors", "modelopt", "fp8", "awq", "gptq")  # vLLM's quant_method names
 QUANTIZATION_CHOICES = tuple(dict.fromkeys(ONLINE_SCHEMES + CHECKPOINT_METHODS))
-_FP8_CT = ("float-quantized fp8 weights per channel or per tensor, with fp8 activations per token (dynamic) or "
-           "per tensor (static)")
+_CT_SUPPORTED = ("float-quantized fp8 weights per channel or tensor with fp8 activations per token (dynamic) or "
+                 "tensor (static), or per block with dynamic activations; pack-quantized int4 / int8 weights per "
+                 "group or channel without activation quantization (int8 symmetric); int-quantized int8 weights per "
+                 "channel with dynamic int8 activations per token")
 _MODELOPT_ALGOS = {"FP8": True, "FP8_PER_CHANNEL_PER_TOKEN": False}  # quant_algo -> static activation scales
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationConfig:
     method: str  # vLLM's name: the checkpoint's quant_method, or the online scheme
-    scheme: str  # the weight leaf: "fp8" (W8A8), "int8" (W8A16) or "int4" (W4A16)
+    # the weight leaf: "fp8" (W8A8), "fp8_block" (block scales), "int8" (W8A16), "int8_w8a8", "int4" (W4A16)
+    scheme: str
     online: bool = False  # quantized at load from a float checkpoint (or random weights)
     static_input_scale: bool = False  # fp8: each layer's per-tensor activation scale from the checkpoint
-    group_size: int = 0  # int4: input rows per scale (-1: all; 0: online's choice)
+    # input rows per scale: int4 (-1: all; 0: online's choice), int8 (0: per channel), fp8_block (block_k)
+    group_size: int = 0
+    block_n: int = 0  # fp8_block: output channels per scale
     zero_offset: int = 0  # int4: added to the stored zero points (GPTQ's v1 format stores them minus one)
+    symmetric: bool = True  # compressed-tensors int: no weight_zero_point
 
 
 def load_quantization_config(model_dir: str | Path, requested: str | None = None) -> QuantizationConfig | None:
@@ -74,28 +80,48 @@ def _describe(args: dict | None) -> str:
     if not args:
         return "none"
     dynamic = "dynamic" if args.get("dynamic") else "static"
-    return f"{args.get('type')}{args.get('num_bits')} per {args.get('strategy')} ({dynamic})"
+    symmetric = "" if args.get("symmetric", True) else ", asymmetric"
+    return f"{args.get('type')}{args.get('num_bits')} per {args.get('strategy')} ({dynamic}{symmetric})"
 
 
 def _compressed_tensors(qc: dict) -> QuantizationConfig:
     groups = list((qc.get("config_groups") or {}).values())
     if not groups:
         raise ConfigError("compressed-tensors quantization_config has no config_groups")
-    static = set()
-    for group in groups:
-        fmt, w, a = group.get("format") or qc.get("format"), group.get("weights") or {}, group.get("input_activations")
-        weights_ok = (fmt == "float-quantized" and w.get("type") == "float" and w.get("num_bits") == 8
-                      and w.get("strategy") in ("channel", "tensor"))
-        acts_ok = bool(a) and a.get("type") == "float" and a.get("num_bits") == 8 and (
-            (a.get("dynamic") is True and a.get("strategy") == "token")
-            or (a.get("dynamic") is False and a.get("strategy") == "tensor"))
-        if not (weights_ok and acts_ok):
-            raise ConfigError(f"unsupported compressed-tensors scheme: format {fmt}, weights {_describe(w)}, "
-                              f"activations {_describe(a)} (supported: {_FP8_CT})")
-        static.add(a["dynamic"] is False)
-    if len(static) > 1:
-        raise ConfigError("compressed-tensors groups mixing static and dynamic activation scales are not supported")
-    return QuantizationConfig("compressed-tensors", "fp8", static_input_scale=static.pop())
+    configs = {_ct_group(group.get("format") or qc.get("format"), group.get("weights") or {},
+                         group.get("input_activations")) for group in groups}
+    if len(configs) > 1:
+        raise ConfigError("compressed-tensors config_groups with different schemes in one model are not supported")
+    return configs.pop()
+
+
+def _ct_group(fmt: str | None, w: dict, a: dict | None) -> QuantizationConfig:
+    """One config group's scheme (vLLM's CompressedTensors* scheme names in the comments)."""
+    a = a or None
+    wtype, bits, strategy, dynamic = w.get("type"), w.get("num_bits"), w.get("strategy"), a and a.get("dynamic")
+    a_kind = a and (a.get("type"), a.get("num_bits"), a.get("strategy"), dynamic)
+    config = None
+    if fmt == "float-quantized" and (wtype, bits) == ("float", 8):
+        if strategy in ("channel", "tensor") and a_kind in (("float", 8, "token", True), ("float", 8, "tensor", False)):
+            config = QuantizationConfig("compressed-tensors", "fp8", static_input_scale=not dynamic)  # W8A8Fp8
+        block = w.get("block_structure") or []
+        if strategy == "block" and len(block) == 2 and (a is None or (a_kind[:2] == ("float", 8) and dynamic is True)):
+            config = QuantizationConfig("compressed-tensors", "fp8_block", group_size=int(block[1]),
+                                        block_n=int(block[0]))  # W8A8Fp8 with block scales
+    elif fmt == "pack-quantized" and wtype == "int" and a is None and strategy in ("group", "channel"):
+        group = int(w.get("group_size") or 0) if strategy == "group" else 0
+        symmetric = w.get("symmetric", True) is not False
+        if bits == 4:  # WNA16
+            config = QuantizationConfig("compressed-tensors", "int4", group_size=group or -1, symmetric=symmetric)
+        elif bits == 8 and symmetric:
+            config = QuantizationConfig("compressed-tensors", "int8", group_size=group)
+    elif (fmt == "int-quantized" and (wtype, bits, strategy) == ("int", 8, "channel") and w.get("symmetric", True)
+          and a_kind == ("int", 8, "token", True) and a.get("symmetric", True)):
+        config = QuantizationConfig("compressed-tensors", "int8_w8a8")  # W8A8Int8, dynamic per token
+    if config is None:
+        raise ConfigError(f"unsupported compressed-tensors scheme: format {fmt}, weights {_describe(w)}, "
+                          f"activations {_describe(a)} (supported: {_CT_SUPPORTED})")
+    return config
 
 
 def _modelopt(qc: dict) -> QuantizationConfig:
@@ -106,12 +132,14 @@ def _modelopt(qc: dict) -> QuantizationConfig:
 
 
 def _fp8(qc: dict) -> QuantizationConfig:
-    if qc.get("weight_block_size"):
-        raise ConfigError(f"unsupported fp8 checkpoint: block-wise weight scales (weight_block_size "
-                          f"{qc['weight_block_size']}); per-tensor and per-channel scales are supported")
-    scheme = qc.get("activation_scheme", "dynamic")
-    if scheme not in ("dynamic", "static"):
-        raise ConfigError(f"unsupported fp8 activation_scheme {scheme!r} (dynamic or static)")
+    scheme, block = qc.get("activation_scheme", "dynamic"), qc.get("weight_block_size")
+    if scheme not in ("dynamic", "static") or (block and scheme != "dynamic"):
+        raise ConfigError(f"unsupported fp8 activation_scheme {scheme!r} (dynamic or static; dynamic with "
+                          "weight_block_size)")
+    if block:
+        if len(block) != 2:
+            raise ConfigError(f"unsupported fp8 weight_block_size {block} (two sizes: output channels, input rows)")
+        return QuantizationConfig("fp8", "fp8_block", group_size=int(block[1]), block_n=int(block[0]))
     return QuantizationConfig("fp8", "fp8", static_input_scale=scheme == "static")
 
 

@@ -4,8 +4,14 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 - fp8 W8A8: x is quantized to e4m3 per token (or with the static scale) and the dot takes both
   e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
   token and channel scales multiply the result.
+- block fp8 (weight-only in the GEMM): the e4m3 weight times its block scales, in x's dtype,
+  feeds a dot with x unquantized (an elementwise operand prologue XLA fuses into the GEMM read;
+  docs/decisions.md says why not fp8 x fp8 per K-group).
 - int8 W8A16: the int8 weight converted to x's dtype feeds the dot (XLA fuses the convert into
-  the GEMM's operand read); the channel scale multiplies the result.
+  the GEMM's operand read); the channel scale multiplies the result (group scales: the weight
+  is dequantized first).
+- int8 W8A8: x is quantized to int8 per token and the dot takes both int8 operands with an
+  int32 result; the token and channel scales multiply it.
 - int4 W4A16: unpacked and dequantized group by group, then a dot (a GEMM that reads the packed
   weight directly is future work).
 """
@@ -14,7 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.models.quantization.weights import FP8, FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight
+from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
+                                                  Int8Weight, QuantizedWeight)
 
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
@@ -38,16 +45,35 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
     return (y * jnp.reshape(x_scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
 
 
+def fp8_block_matmul(x: jax.Array, w: Fp8BlockWeight) -> jax.Array:
+    wq = w.dequantize_out_in(x.dtype)  # [*out, in]
+    y = jax.lax.dot_general(x, wq, (((1,), (wq.ndim - 1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
+
+
 def int8_matmul(x: jax.Array, w: Int8Weight) -> jax.Array:
+    if w.grouped:
+        return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
     y = jnp.tensordot(x, w.qweight.astype(x.dtype), axes=1, preferred_element_type=jnp.float32)
     return (y * w.scale).astype(x.dtype)
+
+
+def int8_w8a8_matmul(x: jax.Array, w: Int8W8A8Weight) -> jax.Array:
+    """x rounded to int8 per token (scale: the row's largest magnitude / 127), an int8 x int8 dot
+    into int32, times the token and channel scales."""
+    x32 = x.astype(jnp.float32)
+    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_SCALE) / 127.0
+    xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)
+    y = jnp.tensordot(xq, w.qweight, axes=1, preferred_element_type=jnp.int32).astype(jnp.float32)
+    return (y * jnp.reshape(x_scale, (-1, *(1,) * w.scale.ndim)) * w.scale).astype(x.dtype)
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight) -> jax.Array:
     return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
 
 
-_MATMULS = {Fp8Weight: fp8_matmul, Int8Weight: int8_matmul, Int4Weight: int4_matmul}
+_MATMULS = {Fp8Weight: fp8_matmul, Fp8BlockWeight: fp8_block_matmul, Int8Weight: int8_matmul,
+            Int8W8A8Weight: int8_w8a8_matmul, Int4Weight: int4_matmul}
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:

@@ -1,6 +1,7 @@
 """Online quantization of a float weight `[in, *out]` at load time (`quantization="fp8"`,
-`"int8"`, `"int4"` on a float checkpoint, or on random weights): round to nearest, scales from
-each output channel's (or group's) range."""
+`"int8"`, `"int4"` on a float checkpoint), and random weights (`load_format=dummy`) quantized
+in a checkpoint's scheme: round to nearest, scales from each output channel's (group's, block's)
+range."""
 from __future__ import annotations
 
 import functools
@@ -10,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.models.config import ConfigError
-from jaxpaged.models.quantization.weights import FP8, FP8_MAX, Fp8Weight, Int4Weight, Int8Weight, QuantizedWeight, pack_int4
+from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
+                                                  Int8Weight, QuantizedWeight, pack_int4)
 
 INT4_GROUP_SIZE = 128
 _TINY = 1e-12  # the scale of an all-zero channel
@@ -27,11 +29,27 @@ def quantize_fp8(w: jax.Array) -> Fp8Weight:
     return Fp8Weight(jnp.moveaxis(q, 0, -1), scale)
 
 
-def quantize_int8(w: jax.Array) -> Int8Weight:
-    """Symmetric int8 per output channel, values -127..127."""
-    scale = _channel_amax(w) / 127.0
-    q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
-    return Int8Weight(q, scale)
+def quantize_fp8_block(w: jax.Array, block: int) -> Fp8BlockWeight:
+    """e4m3 in blocks of `block` x `block` (output channels x input rows), one scale per block."""
+    n, out = w.shape[0], w.shape[1:]
+    flat = w.astype(jnp.float32).reshape(n, -1).T  # [O, in]
+    o = flat.shape[0]
+    padded = jnp.pad(flat, ((0, -o % block), (0, -n % block)))
+    blocks = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
+    scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(1, 3)), _TINY) / FP8_MAX  # [O / block, G]
+    rows = jnp.repeat(scale, block, axis=0)[:o]  # [O, G]: each output channel its block's
+    q = jnp.clip(flat / jnp.repeat(rows, block, axis=1)[:, :n], -FP8_MAX, FP8_MAX).astype(FP8)
+    return Fp8BlockWeight(q.reshape(*out, n), rows.reshape(*out, -1), block)
+
+
+def quantize_int8(w: jax.Array, group_size: int = 0) -> Int8Weight:
+    """Symmetric int8, values -127..127, per output channel (or per group of `group_size` input rows)."""
+    n, out = w.shape[0], w.shape[1:]
+    g = group_size or n
+    grouped = w.astype(jnp.float32).reshape(n // g, g, *out)
+    scale = jnp.maximum(jnp.max(jnp.abs(grouped), axis=1), _TINY) / 127.0  # [n / g, *out]
+    q = jnp.clip(jnp.round(grouped / scale[:, None]), -127, 127).astype(jnp.int8).reshape(n, *out)
+    return Int8Weight(q, scale if group_size else scale[0])
 
 
 def int4_group_size(num_inputs: int) -> int:
@@ -57,8 +75,14 @@ def quantize_int4(w: jax.Array, group_size: int = 0) -> Int4Weight:
 
 @functools.partial(jax.jit, static_argnames=("scheme", "group_size"))
 def quantize(w: jax.Array, scheme: str, group_size: int = 0) -> QuantizedWeight:
-    """`w` [in, *out] as a quantized leaf of `scheme` (fp8, int8 or int4 in groups of `group_size`);
-    one compiled program per weight shape."""
+    """`w` [in, *out] as a quantized leaf of `scheme` (`QuantizationConfig.scheme`: fp8, fp8_block
+    in blocks of `group_size`, int8 per channel or in groups of `group_size`, int8_w8a8, int4 in
+    groups of `group_size`); one compiled program per weight shape."""
     if scheme == "int4":
         return quantize_int4(w, group_size)
-    return {"fp8": quantize_fp8, "int8": quantize_int8}[scheme](w)
+    if scheme == "fp8_block":
+        return quantize_fp8_block(w, group_size)
+    if scheme == "int8_w8a8":
+        leaf = quantize_int8(w)
+        return Int8W8A8Weight(leaf.qweight, leaf.scale)
+    return {"fp8": quantize_fp8, "int8": functools.partial(quantize_int8, group_size=group_size)}[scheme](w)

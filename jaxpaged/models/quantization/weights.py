@@ -68,39 +68,92 @@ class Fp8Weight(QuantizedWeight):
     @classmethod
     def fuse(cls, parts: list[Fp8Weight], combine) -> Fp8Weight:
         """The fused activation scale is the largest (the one input then fits all the parts)."""
-        q = combine([jnp.moveaxis(p.qweight, -1, 0) for p in parts])
         scales = [p.input_scale for p in parts]
         input_scale = None if scales[0] is None else jnp.max(jnp.stack(scales))
-        return cls(jnp.moveaxis(q, 0, -1), combine([p.scale for p in parts]), input_scale)
+        return cls(_fuse_in_minor(parts, "qweight", combine), combine([p.scale for p in parts]), input_scale)
+
+
+def _fuse_in_minor(parts: list, name: str, combine) -> jax.Array:
+    """`combine` of field `name` `[*out, x]` of each part along the output axes."""
+    return jnp.moveaxis(combine([jnp.moveaxis(getattr(p, name), -1, 0) for p in parts]), 0, -1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8BlockWeight(QuantizedWeight):
+    """Block-scaled fp8 (DeepSeek-V3, Qwen3-FP8: `weight_block_size`): e4m3 weights with one
+    scale per block of `block_k` input rows and block_n output channels, the block scale stored
+    for each output channel (block_n rows repeat it, 4 / block_k bytes per weight) so that
+    fusing and sharding follow the output axes as `Fp8Weight`'s do."""
+    qweight: jax.Array  # float8_e4m3fn [*out, in]
+    scale: jax.Array  # float32 [*out, ceil(in / block_k)]
+    block_k: int = dataclasses.field(default=128, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.qweight.shape[-1], *self.qweight.shape[:-1])
+
+    def dequantize(self) -> jax.Array:
+        return jnp.moveaxis(self.dequantize_out_in(jnp.float32), -1, 0)
+
+    def dequantize_out_in(self, dtype) -> jax.Array:
+        """The weight `[*out, in]` in `dtype` (each input row times its block's scale)."""
+        scale = jnp.repeat(self.scale, self.block_k, axis=-1)[..., :self.qweight.shape[-1]]
+        return (self.qweight.astype(jnp.float32) * scale).astype(dtype)
+
+    def partition_specs(self, spec: P) -> Fp8BlockWeight:
+        s = _padded(spec, len(self.shape))
+        return Fp8BlockWeight(P(*s[1:], s[0]), P(*s[1:], s[0]), self.block_k)
+
+    @classmethod
+    def fuse(cls, parts: list[Fp8BlockWeight], combine) -> Fp8BlockWeight:
+        return cls(_fuse_in_minor(parts, "qweight", combine), _fuse_in_minor(parts, "scale", combine), parts[0].block_k)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int8Weight(QuantizedWeight):
-    """W8A16: symmetric int8 weights with one scale per output channel."""
+    """W8A16: symmetric int8 weights with one scale per output channel, or per group of input
+    rows and output channel (compressed-tensors' W8A16 groups)."""
     qweight: jax.Array  # int8 [in, *out]
-    scale: jax.Array  # float32 [*out]
+    scale: jax.Array  # float32 [*out] (per channel) or [in / group, *out]
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.qweight.shape
 
+    @property
+    def grouped(self) -> bool:
+        return self.scale.ndim == self.qweight.ndim
+
     def dequantize(self) -> jax.Array:
-        return self.qweight.astype(jnp.float32) * self.scale
+        q = self.qweight.astype(jnp.float32)
+        if not self.grouped:
+            return q * self.scale
+        return (q.reshape(self.scale.shape[0], -1, *q.shape[1:]) * self.scale[:, None]).reshape(q.shape)
 
     def partition_specs(self, spec: P) -> Int8Weight:
-        return Int8Weight(spec, P(*_padded(spec, len(self.shape))[1:]))
+        return type(self)(spec, spec if self.grouped else P(*_padded(spec, len(self.shape))[1:]))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8W8A8Weight(Int8Weight):
+    """W8A8 int8 (compressed-tensors `int-quantized`): `Int8Weight` per output channel, the
+    activations quantized to int8 per token at run time and multiplied in int32."""
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Int4Weight(QuantizedWeight):
-    """W4A16 (AWQ, GPTQ): 4-bit weights packed 8 to an int32 along the input axis (row 8i + j in
-    bits 4j..4j+3 of word i, GPTQ's order); each group of `in / scales.shape[0]` input rows has a
-    scale and a zero point per output channel: w = (q - zero) * scale."""
+    """W4A16 (AWQ, GPTQ, compressed-tensors): 4-bit weights packed 8 to an int32 along the input
+    axis (row 8i + j in bits 4j..4j+3 of word i, GPTQ's order); each group of `in /
+    scales.shape[0]` input rows has a scale and a zero point per output channel: w = (q - zero)
+    * scale. With `g_idx` (GPTQ act-order) input row i is in group g_idx[i] instead."""
     qweight: jax.Array  # int32 [in / 8, *out]
     scales: jax.Array  # float16 / bfloat16 / float32 [in / group, *out]
     zeros: jax.Array  # uint8 [in / group, *out]
+    g_idx: jax.Array | None = None  # int32 [in]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -112,12 +165,25 @@ class Int4Weight(QuantizedWeight):
 
     def dequantize(self) -> jax.Array:
         q = unpack_int4(self.qweight)
+        if self.g_idx is not None:  # each row's own group's scale and zero point
+            zeros, scales = jnp.take(self.zeros, self.g_idx, axis=0), jnp.take(self.scales, self.g_idx, axis=0)
+            return (q - zeros.astype(jnp.int32)).astype(jnp.float32) * scales.astype(jnp.float32)
         grouped = q.reshape(self.scales.shape[0], self.group_size, *q.shape[1:])
         w = (grouped - self.zeros[:, None].astype(jnp.int32)).astype(jnp.float32) * self.scales[:, None].astype(jnp.float32)
         return w.reshape(q.shape)
 
     def partition_specs(self, spec: P) -> Int4Weight:
-        return Int4Weight(spec, spec, spec)  # the packed and grouped input rows split as the dense ones
+        g_idx = None if self.g_idx is None else P(_padded(spec, 1)[0])
+        return Int4Weight(spec, spec, spec, g_idx)  # the packed and grouped input rows split as the dense ones
+
+    @classmethod
+    def fuse(cls, parts: list[Int4Weight], combine) -> Int4Weight:
+        """Fused modules share their input, so act-order gives them one `g_idx` (as vLLM assumes)."""
+        g_idx = parts[0].g_idx
+        if any((p.g_idx is None) != (g_idx is None) or (g_idx is not None and not jnp.array_equal(p.g_idx, g_idx))
+               for p in parts):
+            raise ConfigError("cannot fuse act-order weights whose g_idx differ (modules sharing an input)")
+        return cls(*(combine([getattr(p, n) for p in parts]) for n in ("qweight", "scales", "zeros")), g_idx)
 
 
 def unpack_int4(packed: jax.Array) -> jax.Array:
