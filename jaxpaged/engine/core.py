@@ -31,6 +31,7 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
+from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer, load_draft_model
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.engine.spec_decode.ngram_proposer import NgramDrafter
 from jaxpaged.kernels import get_attention
@@ -78,18 +79,26 @@ class EngineCore:
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
+        spec = config.speculative_config
+        draft = None
+        if spec is not None and spec.method == "draft_model":  # loaded before the KV pool is sized
+            draft = DraftModelProposer(spec, self.max_model_len, *load_draft_model(
+                spec, cfg, dtype, config.load_format, self.max_model_len), attention, config.block_size,
+                config.max_num_seqs, self.runner.buckets)
+        self.drafter = draft or (NgramDrafter(spec, self.max_model_len) if spec is not None else None)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
-                                                            self.max_num_batched_tokens, dtype, head_bytes)
+                                                            self.max_num_batched_tokens, dtype, head_bytes,
+                                                            draft.model_config if draft else None)
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        spec = config.speculative_config
-        self.drafter = NgramDrafter(spec, self.max_model_len) if spec is not None else None
         self.spec_stats = SpecDecodingStats(spec.num_speculative_tokens if spec is not None else 0)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.num_scheduler_steps, config.long_prefill_token_threshold,
                                    config.decoding_token_budget, self.drafter)
         self.runner.warmup(kv, config.compile_threads)
+        if draft is not None:
+            draft.warmup(num_blocks, dtype)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
@@ -180,6 +189,8 @@ class EngineCore:
             outputs += self._process_oldest(len(self._in_flight) - keep)
             sched = sched.without_finished()
         if sched.scheduled:
+            if sched.speculative:
+                self.drafter.fill(sched.scheduled)  # the draft model's drafts (n-gram: already there)
             launched = self.runner.launch(sched, variant)
             self.scheduler.advance(sched)
             for i, row in enumerate(sched.scheduled):
