@@ -76,8 +76,6 @@ class EngineCore:
                                       self.max_num_batched_tokens, config.max_num_seqs,
                                       extra=(config.decoding_token_budget,))),
                                   config.num_scheduler_steps, config.speculative_config)
-        t1 = time.perf_counter()
-        head_bytes = self.runner.compile_heads(config.compile_threads)
         dtype = params["embed"].dtype
         spec = config.speculative_config
         draft = None
@@ -86,6 +84,8 @@ class EngineCore:
                 spec, cfg, dtype, config.load_format, self.max_model_len), attention, config.block_size,
                 config.max_num_seqs, self.runner.buckets)
         self.drafter = draft or (NgramDrafter(spec, self.max_model_len) if spec is not None else None)
+        t1 = time.perf_counter()
+        head_bytes = self.runner.compile_heads(config.compile_threads)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
                                                             self.max_num_batched_tokens, dtype, head_bytes,
                                                             draft.model_config if draft else None)
