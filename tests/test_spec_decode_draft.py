@@ -81,6 +81,65 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, dr
     assert compile_counter.count == compiles, "the engine compiled after warm-up"
 
 
+def test_drafts_are_the_draft_models_greedy_continuation(model_dir, drafts, workload):  # noqa: F811
+    """Every row's drafts (sampled rows: rejections, then a catch-up over the accepted tokens and
+    the one drawn) are HF's greedy continuation of the draft model from the row's tokens."""
+    prompts, _, _ = workload
+    llm = LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"]))
+    proposed, fill = [], llm.engine.core.drafter.fill
+
+    def recording_fill(rows):
+        fill(rows)
+        proposed.extend((list(r.request.all_token_ids), r.draft_token_ids) for r in rows if r.draft_token_ids)
+
+    llm.engine.core.drafter.fill = recording_fill
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=25, ignore_eos=True, seed=0)
+    llm.generate(prompts[:6], params, use_tqdm=False)
+    stats = llm.engine.core.stats()
+    assert 0.1 < stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens < 0.9
+    draft = hf_logits_of(drafts["noisy"])
+    for context, tokens in proposed:
+        greedy = list(context)
+        for _ in tokens:
+            greedy.append(int(np.argmax(draft(greedy)[-1])))
+        assert tokens == greedy[len(context):]
+    assert len(proposed) > 50
+
+
+def test_another_architecture_accepts_its_own_drafts(tiny_model_dir):
+    """Mistral (a sliding window of 8, shorter than the prompts) drafting for itself in a
+    one-bucket engine: outputs as without speculation, every greedy draft accepted."""
+    model = tiny_model_dir("mistral")
+    kw = {"max_model_len": 64, "block_size": 4, "num_kv_blocks": 256, "max_num_seqs": 8,
+          "max_num_batched_tokens": 16}
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 500, int(rng.integers(10, 30))).tolist() for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, **kw).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model, **kw, speculative_config=_spec(model))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    stats = llm.engine.core.stats()
+    assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 50
+
+
+def test_the_pool_sizing_counts_the_draft_kv(monkeypatch):
+    """On a CPU the pool takes `cpu_kv_cache_bytes`: with a draft model each block costs its KV too."""
+    from jaxpaged.engine.device_memory import kv_pool_blocks
+    from jaxpaged.models.config import ModelConfig
+    from jaxpaged.models.kv_cache import kv_bytes_per_block
+
+    cfg = ModelConfig("LlamaForCausalLM", "llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+                      dtype="float32")
+    draft = ModelConfig("LlamaForCausalLM", "llama", vocab_size=64, hidden_size=16, intermediate_size=32,
+                        num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=128,
+                        dtype="float32")
+    config = EngineConfig(model="x", max_num_seqs=256, block_size=4, cpu_kv_cache_bytes=1 << 20)
+    target_bytes, draft_bytes = (kv_bytes_per_block(c, 4, np.float32) for c in (cfg, draft))
+    assert kv_pool_blocks(config, cfg, 128, 16, np.float32, 0) == (1 << 20) // target_bytes
+    assert kv_pool_blocks(config, cfg, 128, 16, np.float32, 0, draft) == (1 << 20) // (target_bytes + draft_bytes)
+
+
 def test_aborts_after_rejections_free_every_block(model_dir, drafts, workload):  # noqa: F811
     prompts, _, _ = workload
     llm = LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"]), enable_prefix_caching=False)
