@@ -86,7 +86,9 @@ def main() -> None:
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-                         '"synthetic_acceptance_rate": 0.8}\': the synthetic acceptance mode for random weights')
+                         '"synthetic_acceptance_rate": 0.8}\': the synthetic acceptance mode for random weights; '
+                         '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\': a draft model '
+                         '(its time is in the ITL, not in the replayed device time)')
     ap.add_argument("--json")
     args = ap.parse_args()
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]

@@ -302,7 +302,9 @@ def main() -> None:
     ap.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode iterations per step")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-                         '"synthetic_acceptance_rate": 0.8}\' for the synthetic acceptance mode'),
+                         '"synthetic_acceptance_rate": 0.8}\' for the synthetic acceptance mode; '
+                         '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\' for a draft model '
+                         '(its time is in the wall clock, not in the replayed device time)'),
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--compile-threads", type=int, default=None, help="warm-up compile threads (default: CPUs)")
