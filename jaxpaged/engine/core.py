@@ -31,9 +31,9 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
-from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer, load_draft_model
+from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer
+from jaxpaged.engine.spec_decode.drafter import make_drafter
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
-from jaxpaged.engine.spec_decode.ngram_proposer import NgramDrafter
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache
@@ -78,12 +78,8 @@ class EngineCore:
                                   config.num_scheduler_steps, config.speculative_config)
         dtype = params["embed"].dtype
         spec = config.speculative_config
-        draft = None
-        if spec is not None and spec.method == "draft_model":  # loaded before the KV pool is sized
-            draft = DraftModelProposer(spec, self.max_model_len, *load_draft_model(
-                spec, cfg, dtype, config.load_format, self.max_model_len), attention, config.block_size,
-                config.max_num_seqs, self.runner.buckets)
-        self.drafter = draft or (NgramDrafter(spec, self.max_model_len) if spec is not None else None)
+        self.drafter = make_drafter(config, cfg, dtype, attention, self.runner.buckets)  # before the KV pool
+        draft = self.drafter if isinstance(self.drafter, DraftModelProposer) else None
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
