@@ -21,6 +21,8 @@ acceptance rate, never change the outputs (verification is exact).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import TYPE_CHECKING
 
 import jax
@@ -37,6 +39,8 @@ from jaxpaged.models.step_input import SeqChunk, make_step_input
 
 if TYPE_CHECKING:
     from jaxpaged.engine.scheduler import ScheduledRequest
+
+logger = logging.getLogger("jaxpaged")
 
 
 def load_draft_model(spec: SpeculativeConfig, target: ModelConfig, dtype, load_format: str,
@@ -88,9 +92,12 @@ class DraftModelProposer:
     def warmup(self, num_blocks: int, dtype) -> None:
         """Allocate the draft KV pool and run the program of every token bucket once on
         all-padding inputs (its compile), so that no step compiles later."""
+        t0 = time.perf_counter()
         self.kv = init_kv_cache(self.model_config, num_blocks, self.block_size, dtype)
         for t in self.buckets:
             jax.block_until_ready(self._run([], t))
+        logger.info("warm-up: compiled the draft model's program for %d token buckets (%.1f s)", len(self.buckets),
+                    time.perf_counter() - t0)
 
     def fill(self, rows: list[ScheduledRequest]) -> None:
         """Set the drafts of the rows that carry placeholders (the catch-up in chunks of at

@@ -4,12 +4,16 @@ earlier in them, and propose the (up to) k tokens that followed its first occurr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SAMPLE_FILTERED
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from jaxpaged.engine.scheduler import ScheduledRequest
 
 VERIFIABLE = SAMPLE_FILTERED  # the sampling features the verify head serves (`verify.VERIFY_VARIANTS`)
 
@@ -73,5 +77,5 @@ class NgramDrafter:
             return seq.all_token_ids[-1:] * min(limit, self.config.num_speculative_tokens)
         return self.proposer.propose(seq.all_token_ids, limit)
 
-    def fill(self, rows: list) -> None:
+    def fill(self, rows: list[ScheduledRequest]) -> None:
         """N-gram drafts are proposed while scheduling (`propose`): nothing left to do."""
