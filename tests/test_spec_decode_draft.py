@@ -98,12 +98,12 @@ def test_drafts_are_the_draft_models_greedy_continuation(model_dir, drafts, work
     stats = llm.engine.core.stats()
     assert 0.1 < stats.spec_decode_num_accepted_tokens / stats.spec_decode_num_draft_tokens < 0.9
     draft = hf_logits_of(drafts["noisy"])
-    for context, tokens in proposed:
+    assert len(proposed) > 60
+    for context, tokens in proposed[::3]:  # a third of them, spread over the run (HF's time)
         greedy = list(context)
         for _ in tokens:
             greedy.append(int(np.argmax(draft(greedy)[-1])))
         assert tokens == greedy[len(context):]
-    assert len(proposed) > 50
 
 
 def test_another_architecture_accepts_its_own_drafts(tiny_model_dir):
