@@ -84,7 +84,7 @@ class EngineCore:
         head_bytes = self.runner.compile_heads(config.compile_threads)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
                                                             self.max_num_batched_tokens, dtype, head_bytes,
-                                                            draft.model_config if draft else None)
+                                                            draft=draft.model_config if draft else None)
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
