@@ -22,8 +22,8 @@ from jaxpaged.engine.config import EngineConfig
 from jaxpaged.models.tiny import make_tiny_model
 
 
-def _spec(draft, k: int = 3) -> dict:
-    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}
+def _spec(draft) -> dict:
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +162,9 @@ PROMPT = [337, 113, 181, 324, 164]  # its top-3 cuts (and those after each of it
 
 def test_sampled_tokens_follow_the_targets_softmax(model_dir, drafts):  # noqa: F811
     """temperature 1, top_k 3, max_tokens 3: the first token comes from the prompt's step, the
-    second from verifying the draft's greedy token (k = 2, one draft left by max_tokens):
+    second from verifying the draft's greedy token (max_tokens leaves one draft of the k = 3):
     the joint of the two against HF's top-3 softmax after the prompt and after each first token."""
-    llm = LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"], k=2))
+    llm = LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"]))
     params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, ignore_eos=True, detokenize=False)
     outs = llm.generate([PROMPT] * N, params, use_tqdm=False)
     firsts = np.array([o.outputs[0].token_ids[:2] for o in outs])
