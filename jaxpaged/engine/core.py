@@ -94,7 +94,7 @@ class EngineCore:
                                    config.decoding_token_budget, self.drafter)
         self.runner.warmup(kv, config.compile_threads)
         if draft is not None:
-            draft.warmup(num_blocks, dtype)
+            draft.warmup(num_blocks, dtype, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,

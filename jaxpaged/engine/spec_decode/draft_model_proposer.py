@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
-from jaxpaged.engine.host_buffer import pack
+from jaxpaged.engine.host_buffer import Layout, pack
+from jaxpaged.engine.model_runner import _in_parallel
 from jaxpaged.engine.request import PENDING, Request
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 from jaxpaged.engine.spec_decode.draft_programs import STEP_FIELDS, jitted_propose
@@ -89,11 +90,14 @@ class DraftModelProposer:
         their values once the step is scheduled."""
         return [PENDING] * max(0, min(self.k, max_drafts(seq, budget, self.max_model_len)))
 
-    def warmup(self, num_blocks: int, dtype) -> None:
-        """Allocate the draft KV pool and run the program of every token bucket once on
-        all-padding inputs (its compile), so that no step compiles later."""
+    def warmup(self, num_blocks: int, dtype, threads: int | None = None) -> None:
+        """Allocate the draft KV pool, compile the program of every token bucket (in `threads`
+        threads) and run each once on all-padding inputs, so that no step compiles later."""
         t0 = time.perf_counter()
         self.kv = init_kv_cache(self.model_config, num_blocks, self.block_size, dtype)
+        padding = {t: self._inputs([], t) for t in self.buckets}
+        _in_parallel(threads, lambda t: self._program.lower(self.params, self.kv, padding[t][0], layout=padding[t][1],
+                                                            num_spec=self.k).compile(), self.buckets)
         for t in self.buckets:
             jax.block_until_ready(self._run([], t))
         logger.info("warm-up: compiled the draft model's program for %d token buckets (%.1f s)", len(self.buckets),
@@ -128,14 +132,18 @@ class DraftModelProposer:
                     # the last token's KV and that of the drafts fed back (all but the last)
                     p.row.request.num_draft_computed_tokens = p.start + p.n + d - 1
 
-    def _run(self, chunk: list[_Piece], t: int):
-        """Dispatch the draft program on `chunk` padded to `t` tokens; returns drafts [S, k]."""
+    def _inputs(self, chunk: list[_Piece], t: int) -> tuple[np.ndarray, Layout]:
+        """The draft program's packed inputs for `chunk` padded to `t` tokens."""
         seqs = [SeqChunk(p.row.request.all_token_ids[p.start:p.start + p.n], p.start, p.row.block_table)
                 for p in chunk]
         s = min(t, self.max_num_seqs)
         inp = make_step_input(seqs, self.block_size, t, s, self.max_blocks)
         steps = np.zeros(s, np.int32)
         steps[:len(chunk)] = [len(p.row.draft_token_ids) if p.last else 0 for p in chunk]
-        buf, layout = pack({f: getattr(inp, f) for f in STEP_FIELDS} | {"steps": steps})
+        return pack({f: getattr(inp, f) for f in STEP_FIELDS} | {"steps": steps})
+
+    def _run(self, chunk: list[_Piece], t: int) -> jax.Array:
+        """Dispatch the draft program on `chunk` padded to `t` tokens; returns drafts [S, k]."""
+        buf, layout = self._inputs(chunk, t)
         drafts, self.kv = self._program(self.params, self.kv, buf, layout=layout, num_spec=self.k)
         return drafts
