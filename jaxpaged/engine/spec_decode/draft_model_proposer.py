@@ -144,6 +144,10 @@ class DraftModelProposer:
 
     def _run(self, chunk: list[_Piece], t: int) -> jax.Array:
         """Dispatch the draft program on `chunk` padded to `t` tokens; returns drafts [S, k]."""
-        buf, layout = self._inputs(chunk, t)
+        return self.dispatch(*self._inputs(chunk, t))
+
+    def dispatch(self, buf: np.ndarray, layout: Layout) -> jax.Array:
+        """Dispatch the draft program on packed inputs (updates `kv`); the drafts [S, k] on the
+        device, not waited for (the benchmarks record and replay these calls)."""
         drafts, self.kv = self._program(self.params, self.kv, buf, layout=layout, num_spec=self.k)
         return drafts
