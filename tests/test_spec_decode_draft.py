@@ -1,10 +1,11 @@
 """Draft-model speculative decoding in the engine: greedy outputs token-identical to the engine
 without speculation (test_spec_decode_engine.py's workload) with a different random draft, a
-noisy copy of the target (drafts accepted and rejected) and the target itself (every draft
-accepted: the draft's KV catch-up is exact), under batch sizes and preemption and with a draft
-of another family; sampled rows whose first two tokens follow the target's exact softmax (HF
-as the oracle, chi-square over 20,000 requests); no block leaked, nothing compiled after
-warm-up; the config errors."""
+noisy copy of the target (drafts accepted and rejected), an OPT draft and the target itself
+(every draft accepted: the draft's KV catch-up is exact), with preemption and at batch 1, and
+Mistral (sliding window) drafting for itself; the drafts are HF's greedy continuation of the
+draft model after rejections; sampled rows whose first two tokens follow the target's exact
+softmax (HF as the oracle, chi-square over 20,000 requests); no block leaked, nothing compiled
+after warm-up; the config errors and the pool sizing."""
 from __future__ import annotations
 
 import json
