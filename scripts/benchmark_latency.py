@@ -33,7 +33,7 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> t
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
     times = []
-    with recorded_dispatches(engine.runner) as records:
+    with recorded_dispatches(engine.runner, getattr(core, "drafter", None)) as records:
         while engine.has_unfinished_requests():
             t = time.perf_counter()
             engine.step()
@@ -53,7 +53,7 @@ def ttft(engine, prompt_len: int, vocab: int, reps: int = 3) -> tuple[float, flo
     rng = np.random.default_rng(prompt_len)
     times, device = [], []
     for r in range(reps):
-        with recorded_dispatches(engine.runner) as records:
+        with recorded_dispatches(engine.runner) as records:  # (one token: no speculation)
             t = time.perf_counter()
             engine.add_request(f"ttft-{prompt_len}-{r}", rng.integers(0, vocab, prompt_len).tolist(),
                                SamplingParams(temperature=0, max_tokens=1, detokenize=False))
@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-                         '"synthetic_acceptance_rate": 0.8}\': the synthetic acceptance mode for random weights')
+                         '"synthetic_acceptance_rate": 0.8}\': the synthetic acceptance mode for random weights; '
+                         '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\': a draft model')
     ap.add_argument("--json")
     args = ap.parse_args()
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]

@@ -92,10 +92,11 @@ def time_calls(obj, name: str, totals: dict) -> None:
 
 
 @contextlib.contextmanager
-def recorded_dispatches(runner):
+def recorded_dispatches(runner, drafter=None):
     """Inside: every step dispatch (`runner.dispatch`, `dispatch_loop` for multi-step decode,
-    `dispatch_verify` for speculative steps) is appended to the yielded list with its arguments
-    (the packed host inputs of the step) as (function, args); `replay` runs them again."""
+    `dispatch_verify` for speculative steps, and a draft model's `drafter.dispatch`) is appended
+    to the yielded list with its arguments (the packed host inputs of the step) as (function,
+    args); `replay` runs them again."""
     records = []
 
     def recording(fn):
@@ -104,14 +105,15 @@ def recorded_dispatches(runner):
             return fn(*a)
         return call
 
-    names = [n for n in ("dispatch", "dispatch_loop", "dispatch_verify") if hasattr(runner, n)]  # (older revisions)
-    for n in names:
-        setattr(runner, n, recording(getattr(runner, n)))
+    names = [(runner, n) for n in ("dispatch", "dispatch_loop", "dispatch_verify") if hasattr(runner, n)]  # (older revisions)
+    names += [(drafter, "dispatch")] if hasattr(drafter, "dispatch") else []
+    for obj, n in names:
+        setattr(obj, n, recording(getattr(obj, n)))
     try:
         yield records
     finally:
-        for n in names:
-            delattr(runner, n)  # the class's methods again
+        for obj, n in names:
+            delattr(obj, n)  # the class's methods again
 
 
 def replay(records) -> tuple[float, dict]:
@@ -119,7 +121,8 @@ def replay(records) -> tuple[float, dict]:
     of the workload without the host's gaps; dispatch counts where it is slower than the
     device), then each token bucket's steps back to back for its ms per step (the same: the
     dispatch is hidden unless slower than the device, except the first step's; a multi-step
-    decode bucket is keyed "T xK"). Feeds back the replay's own tokens, which does not change the work."""
+    decode bucket is keyed "T xK", a draft model's program "T draft"). Feeds back the replay's own
+    tokens, which does not change the work."""
     import jax
 
     from jaxpaged.engine.host_buffer import field_shape
@@ -129,10 +132,13 @@ def replay(records) -> tuple[float, dict]:
     total = time.perf_counter() - t
     by_bucket: dict[str, list] = {}
     for fn, a in records:
-        tokens = field_shape(a[2], "token_ids")[0]  # a[2]: the step layout
-        keys = field_shape(a[2], "keys")  # [K, S, 2] in a decode loop's layout
+        draft = len(a) == 2  # a draft model's (buf, layout); the runner's a[2] is the step layout
+        layout = a[1] if draft else a[2]
+        tokens = field_shape(layout, "token_ids")[0]
+        keys = field_shape(layout, "keys")  # [K, S, 2] in a decode loop's layout
         loop = keys[0] if keys is not None and len(keys) == 3 else None
-        by_bucket.setdefault(f"{tokens}" + (f" x{loop}" if loop else ""), []).append((fn, a))
+        by_bucket.setdefault(f"{tokens}" + (f" x{loop}" if loop else "") + (" draft" if draft else ""),
+                             []).append((fn, a))
     per_bucket = {}
     for b, recs in sorted(by_bucket.items(), key=lambda kv: (int(kv[0].split()[0]), kv[0])):
         t = time.perf_counter()
@@ -184,7 +190,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
                       (engine.output, "process_outputs")]:
         time_calls(obj, name, breakdown)
     t = time.perf_counter()
-    with recorded_dispatches(engine.runner) as records, \
+    with recorded_dispatches(engine.runner, getattr(core, "drafter", None)) as records, \
             tqdm(total=len(prompts), desc="jaxpaged", disable=args.no_progress) as bar:
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -302,7 +308,8 @@ def main() -> None:
     ap.add_argument("--num-scheduler-steps", type=int, default=1, help="multi-step decode iterations per step")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
-                         '"synthetic_acceptance_rate": 0.8}\' for the synthetic acceptance mode'),
+                         '"synthetic_acceptance_rate": 0.8}\' for the synthetic acceptance mode; '
+                         '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\' for a draft model'),
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--compile-threads", type=int, default=None, help="warm-up compile threads (default: CPUs)")

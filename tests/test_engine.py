@@ -309,13 +309,13 @@ def test_kv_pool_leaves_the_heads_measured_memory(model_dir, monkeypatch):
     seen = {}
     sizing = core.kv_pool_blocks
 
-    def fake_budget(*args):
+    def fake_budget(*args, **kwargs):
         seen["head_bytes"] = args[-1]
         dev = jax.devices()[0]
         stats = {"bytes_limit": 64 << 20, "bytes_in_use": 0}
         monkeypatch.setattr(dev.__class__, "memory_stats", lambda d: stats, raising=False)
         try:
-            return sizing(*args)
+            return sizing(*args, **kwargs)
         finally:
             monkeypatch.undo()
 

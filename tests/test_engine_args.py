@@ -60,7 +60,7 @@ FLAGS = [  # (flags, WARN: the warning / ERROR: the usage error / a callable: th
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3, "lookahead": 2}'], ERROR,
      "speculative_config key(s) not supported: lookahead"),
     (["--speculative-config", '{"method": "draft_model", "model": "m", "num_speculative_tokens": 3}'], ERROR,
-     "speculative_config method 'draft_model' is not supported yet"),
+     "model 'm' is not a local directory and not in the Hugging Face cache"),  # the draft model is resolved
     (["--generation-config", "vllm"], lambda c, a: c.generation_config == "vllm", None),
     (["--dtype", "half"], lambda c, a: c.dtype == "float16", None),
     (["--uvicorn-log-level", "debug", "--enable-log-requests", "--max-log-len", "9", "--disable-fastapi-docs"],

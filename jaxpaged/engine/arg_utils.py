@@ -66,7 +66,7 @@ def check_extra_args(values: dict[str, Any], flag: Callable[[str], str] = str) -
 def create_engine_config(model: str, kwargs: dict[str, Any], flag: Callable[[str], str] = str,
                          resolve: bool = True) -> EngineConfig:
     """`EngineConfig` from vLLM's argument names: an unknown name is a TypeError naming it, an
-    unsupported value a ValueError naming it; the model and tokenizer may be hub ids (`resolve`:
+    unsupported value a ValueError naming it; the model, tokenizer and draft model may be hub ids (`resolve`:
     find or download them; off for the demo model, which the engine core builds)."""
     unknown = sorted(set(kwargs) - ENGINE_ARGS)
     if unknown:
@@ -77,7 +77,14 @@ def create_engine_config(model: str, kwargs: dict[str, Any], flag: Callable[[str
     if resolve:
         download_dir = kwargs.get("download_dir")
         model = resolve_model(model, kwargs.get("revision"), download_dir)
+
+        def resolve_other(name: str, revision: str | None) -> str:
+            """A second model folder (tokenizer, draft model): a local one takes no download_dir."""
+            return resolve_model(name, revision, None if Path(name).expanduser().is_dir() else download_dir)
+
         if (tok := fields.get("tokenizer")) is not None:
-            local = Path(tok).expanduser().is_dir()
-            fields["tokenizer"] = resolve_model(tok, kwargs.get("tokenizer_revision"), None if local else download_dir)
+            fields["tokenizer"] = resolve_other(tok, kwargs.get("tokenizer_revision"))
+        spec = fields.get("speculative_config")
+        if isinstance(spec, dict) and isinstance(spec.get("model"), str):  # the draft model: a folder or hub id
+            fields["speculative_config"] = spec | {"model": resolve_other(spec["model"], None)}
     return EngineConfig(model=model, **fields)

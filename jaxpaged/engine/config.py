@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
-from jaxpaged.engine.spec_decode.config import SUPPORTED_METHODS, SpeculativeConfig
+from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 # vLLM's `quantization` values served here (models/quantization/config.py's QUANTIZATION_CHOICES, kept
@@ -85,9 +85,10 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
-        if self.speculative_config is not None and self.speculative_config.method not in SUPPORTED_METHODS:
-            raise ValueError(f"speculative_config method {self.speculative_config.method!r} is not supported yet "
-                             f"(supported: {', '.join(SUPPORTED_METHODS)})")
+        if self.speculative_config is not None and self.speculative_config.method == "draft_model" and (
+                self.tensor_parallel_size > 1 or self.num_processes > 1):
+            raise ValueError("speculative_config method draft_model runs on one device: not with "
+                             "tensor_parallel_size > 1 or num_processes > 1 yet")
         if self.speculative_config is not None and self.num_scheduler_steps > 1:
             raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine (a step either "
                              "verifies drafts or runs the multi-step decode loop)")

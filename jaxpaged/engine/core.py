@@ -31,8 +31,9 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
+from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer
+from jaxpaged.engine.spec_decode.drafter import make_drafter
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
-from jaxpaged.engine.spec_decode.ngram_proposer import NgramDrafter
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache
@@ -75,21 +76,25 @@ class EngineCore:
                                       self.max_num_batched_tokens, config.max_num_seqs,
                                       extra=(config.decoding_token_budget,))),
                                   config.num_scheduler_steps, config.speculative_config)
+        dtype = params["embed"].dtype
+        spec = config.speculative_config
+        self.drafter = make_drafter(config, cfg, dtype, attention, self.runner.buckets)  # before the KV pool
+        draft = self.drafter if isinstance(self.drafter, DraftModelProposer) else None
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
-        dtype = params["embed"].dtype
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
-                                                            self.max_num_batched_tokens, dtype, head_bytes)
+                                                            self.max_num_batched_tokens, dtype, head_bytes,
+                                                            draft=draft.model_config if draft else None)
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        spec = config.speculative_config
-        self.drafter = NgramDrafter(spec, self.max_model_len) if spec is not None else None
         self.spec_stats = SpecDecodingStats(spec.num_speculative_tokens if spec is not None else 0)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.num_scheduler_steps, config.long_prefill_token_threshold,
                                    config.decoding_token_budget, self.drafter)
         self.runner.warmup(kv, config.compile_threads)
+        if draft is not None:
+            draft.warmup(num_blocks, dtype, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
@@ -180,6 +185,8 @@ class EngineCore:
             outputs += self._process_oldest(len(self._in_flight) - keep)
             sched = sched.without_finished()
         if sched.scheduled:
+            if sched.speculative:
+                self.drafter.fill(sched.scheduled)  # the draft model's drafts (n-gram: already there)
             launched = self.runner.launch(sched, variant)
             self.scheduler.advance(sched)
             for i, row in enumerate(sched.scheduled):

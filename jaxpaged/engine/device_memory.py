@@ -61,16 +61,19 @@ def cuda_mem_get_info(ordinal: int) -> tuple[int, int]:
 
 
 def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig, max_model_len: int, max_num_batched_tokens: int,
-                   dtype, head_bytes: int) -> int:
+                   dtype, head_bytes: int, draft: ModelConfig | None = None) -> int:
     """KV pool size in blocks from `gpu_memory_utilization` of device memory, or on a CPU the
     seats' full contexts capped at `cpu_kv_cache_bytes`. `head_bytes`: the head programs'
-    measured need beyond their arguments (per device)."""
+    measured need beyond their arguments (per device). `draft`: a draft model whose KV pool
+    has as many blocks (speculative decoding), counted in each block's bytes."""
     import jax
 
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     # bytes per block on each device (tensor parallelism splits the KV heads)
     per_block = kv_bytes_per_block(cfg, config.block_size, dtype) // config.tensor_parallel_size
+    if draft is not None:  # (on one device: the draft model is not sharded)
+        per_block += kv_bytes_per_block(draft, config.block_size, dtype)
     budget = memory_budget(jax.local_devices()[0])
     if budget is not None:
         # Keep room for the step's temporaries: the heads' as measured, the forward's

@@ -19,11 +19,15 @@ import dataclasses
 import itertools
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from jaxpaged.engine.block_manager import BlockManager
 from jaxpaged.engine.request import Request, RequestStatus
 from jaxpaged.engine.sample.features import union
-from jaxpaged.engine.spec_decode.ngram_proposer import VERIFIABLE, NgramDrafter
+from jaxpaged.engine.spec_decode.ngram_proposer import VERIFIABLE
+
+if TYPE_CHECKING:
+    from jaxpaged.engine.spec_decode.drafter import Drafter
 
 
 @dataclasses.dataclass(slots=True)
@@ -72,7 +76,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  num_steps: int = 1, long_prefill_token_threshold: int = 0, decoding_token_budget: int = 0,
-                 drafter: NgramDrafter | None = None):
+                 drafter: Drafter | None = None):
         self.bm = block_manager
         self.drafter = drafter  # speculative decoding: draft tokens for decoding rows
         self.chunk_cap = long_prefill_token_threshold or max_num_batched_tokens  # tokens per prompt per step
@@ -185,7 +189,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.status = RequestStatus.RUNNING
-            seq.num_computed_tokens = seq.num_cached_tokens = computed
+            seq.num_computed_tokens = seq.num_cached_tokens = seq.num_draft_computed_tokens = computed
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n

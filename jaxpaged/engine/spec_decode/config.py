@@ -5,7 +5,6 @@ import dataclasses
 from typing import Any
 
 METHODS = ("ngram", "draft_model")
-SUPPORTED_METHODS = ("ngram",)  # draft_model is parsed but not served yet
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's default n-gram size when neither bound is given
 
 

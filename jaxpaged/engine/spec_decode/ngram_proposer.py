@@ -4,6 +4,7 @@ earlier in them, and propose the (up to) k tokens that followed its first occurr
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,7 +12,19 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SAMPLE_FILTERED
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 
+if TYPE_CHECKING:
+    from jaxpaged.engine.scheduler import ScheduledRequest
+
 VERIFIABLE = SAMPLE_FILTERED  # the sampling features the verify head serves (`verify.VERIFY_VARIANTS`)
+
+
+def max_drafts(seq: Request, budget: int, max_model_len: int) -> int:
+    """How many drafts `seq`'s next step may carry (<= 0: none): a decoding row whose tokens
+    are all on the host and whose sampling the verify head does, at most `budget`, none past
+    max_tokens or max_model_len."""
+    if seq.num_pending or seq.num_computed_tokens + 1 != seq.num_tokens or not VERIFIABLE.covers(seq.features):
+        return 0
+    return min(budget, seq.max_tokens - seq.num_output_tokens - 1, max_model_len - seq.num_tokens)
 
 
 class NgramProposer:
@@ -57,9 +70,12 @@ class NgramDrafter:
 
     def propose(self, seq: Request, budget: int) -> list[int]:
         """Drafts for `seq`'s next step, at most `budget`, none past max_tokens or max_model_len."""
-        if seq.num_pending or seq.num_computed_tokens + 1 != seq.num_tokens or not VERIFIABLE.covers(seq.features):
+        limit = max_drafts(seq, budget, self.max_model_len)
+        if limit <= 0:
             return []
-        limit = min(budget, seq.max_tokens - seq.num_output_tokens - 1, self.max_model_len - seq.num_tokens)
         if self.config.synthetic_acceptance_rate is not None:  # benchmarks: k drafts always, values unread
             return seq.all_token_ids[-1:] * min(limit, self.config.num_speculative_tokens)
         return self.proposer.propose(seq.all_token_ids, limit)
+
+    def fill(self, rows: list[ScheduledRequest]) -> None:
+        """N-gram drafts are proposed while scheduling (`propose`): nothing left to do."""
