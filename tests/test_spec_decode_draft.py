@@ -139,6 +139,8 @@ def test_the_pool_sizing_counts_the_draft_kv(monkeypatch):
     target_bytes, draft_bytes = (kv_bytes_per_block(c, 4, np.float32) for c in (cfg, draft))
     assert kv_pool_blocks(config, cfg, 128, 16, np.float32, 0) == (1 << 20) // target_bytes
     assert kv_pool_blocks(config, cfg, 128, 16, np.float32, 0, draft=draft) == (1 << 20) // (target_bytes + draft_bytes)
+    one_seat = EngineConfig(model="x", max_num_seqs=1, block_size=4, cpu_kv_cache_bytes=1 << 20)
+    assert kv_pool_blocks(one_seat, cfg, 126, 16, np.float32, 0) == 32 + 1  # a whole context and the scratch block
 
 
 def test_aborts_after_rejections_free_every_block(model_dir, drafts, workload):  # noqa: F811

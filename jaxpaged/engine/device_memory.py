@@ -84,8 +84,8 @@ def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig, max_model_len: int, m
         raise ValueError(f"the {jax.default_backend()} device reports no memory budget to size the KV "
                          "cache from: set num_kv_blocks (--num-kv-blocks)")
     else:
-        tokens = config.max_num_seqs * max_model_len
-        free = min(config.cpu_kv_cache_bytes, tokens // config.block_size * per_block)
+        seats = config.max_num_seqs * -(-max_model_len // config.block_size) + 1  # + the scratch block
+        free = min(config.cpu_kv_cache_bytes, seats * per_block)
     num = int(free // per_block)
     needed = -(-max_model_len // config.block_size) + 1
     if num < needed:
