@@ -18,7 +18,7 @@ import torch
 import transformers
 from _quant_checkpoints import decisive_copy, write_quantized
 from safetensors.numpy import save_file
-from test_paged_attention_kernel import make_case
+from test_paged_attention_kernel import F32_TOL, make_case
 from test_paged_attention_ref import dense_attention
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref, write_kv
@@ -71,7 +71,7 @@ CASES = {"ref": ([(37, 1), (6, 20), (0, 9)], 8, 2, 12, 40, 4), "cpu": ([(37, 1),
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
 def test_attention_on_fp8_pages_matches_numpy(attention):
     """Each attention on an e4m3 pool with per-(layer, head) scales equals numpy's dense
-    attention over the pool's values times their scales."""
+    attention over the pool's values times their scales (to 2e-5 on CPU; TF32 dots on a GPU)."""
     plan, hq, hkv, window, t, s = CASES[attention]
     d, bs, layer = 64, 16, 1
     rng = np.random.default_rng(1)
@@ -87,7 +87,7 @@ def test_attention_on_fp8_pages_matches_numpy(attention):
     for j, (c, n) in enumerate(plan):
         ctx = [x[:, bt[j]].reshape(hkv, -1, d)[:, :c + n].transpose(1, 0, 2) for x in deq]  # [ctx, Hkv, D]
         want = dense_attention(q[qs[j]:qs[j + 1]], *ctx, np.arange(c, c + n), 0.125, window)
-        np.testing.assert_allclose(np.asarray(out)[qs[j]:qs[j + 1]], want, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(np.asarray(out)[qs[j]:qs[j + 1]], want, atol=F32_TOL, rtol=F32_TOL)
 
 
 @functools.cache
