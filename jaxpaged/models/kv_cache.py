@@ -55,7 +55,10 @@ def init_kv_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype, sha
     kv = KVCache(jnp.zeros(shape, dtype, device=where), jnp.zeros(shape, dtype, device=where))
     if jnp.dtype(dtype).itemsize != 1:
         return kv
-    ones = np.ones(shape[:2], np.float32)
-    k_scale, v_scale = (jax.device_put(np.asarray(ones if s is None else s, np.float32), where)
-                        for s in (k_scale, v_scale))
-    return kv.replace(k_scale=k_scale, v_scale=v_scale)
+    def put(scale: np.ndarray | None) -> jax.Array:
+        scale = np.ones(shape[:2], np.float32) if scale is None else np.asarray(scale, np.float32)
+        if sharding is None:
+            return jax.device_put(scale, where)
+        return jax.make_array_from_callback(scale.shape, sharding, scale.__getitem__)  # any process's devices
+
+    return kv.replace(k_scale=put(k_scale), v_scale=put(v_scale))
