@@ -241,7 +241,7 @@ def test_engine_fp8_kv_greedy_and_pool_size(tiny_model_dir, tmp_path):
     llm = LLM(model, kv_cache_dtype="fp8", max_model_len=64, block_size=4, max_num_seqs=8,
               max_num_batched_tokens=32, token_buckets=(32,), cpu_kv_cache_bytes=budget)
     cfg = llm.engine.core.model_config
-    assert llm.engine.core.info.kv_cache_dtype == "float8_e4m3fn"
+    assert llm.engine.core.info.kv_cache_dtype == llm.engine.startup["kv_cache_dtype"] == "float8_e4m3fn"
     blocks = llm.engine.startup["num_kv_blocks"]
     assert blocks == budget // kv_bytes_per_block(cfg, 4, jnp.float8_e4m3fn) == 4 * (
         budget // kv_bytes_per_block(cfg, 4, jnp.float32))
