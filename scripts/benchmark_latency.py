@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--quantization", "-q", default=None,
                     help="fp8 / int8 / int4: the weights quantized at load (random ones too); docs/quantization.md")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (e4m3), fp8_e5m2: the KV pool's dtype")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the largest batch")
     ap.add_argument("--attention-backend", default="auto")
@@ -104,7 +105,7 @@ def main() -> None:
     model = args.model or str(shape_dir(args.model_shape))
     ceil = ceilings()
     llm = LLM(model, load_format="dummy" if args.model_shape else "auto", quantization=args.quantization,
-              max_model_len=args.max_model_len,
+              kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,

@@ -58,13 +58,14 @@ def enable_compilation_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int = 2) -> float:
-    """Lower bound on the workload's time: weight and KV reads at the copy bandwidth vs FLOPs."""
+def roofline(cfg, prompts, outs, max_num_seqs: int, ceil: dict, dtype_bytes: int = 2, kv_bytes: int = 2) -> float:
+    """Lower bound on the workload's time: weight and KV reads at the copy bandwidth vs FLOPs
+    (`kv_bytes` per K/V value: 1 for an fp8 KV cache)."""
     d, l = cfg.head_dim, cfg.num_layers
     n_params = (cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
                 + l * (cfg.hidden_size * d * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
                        + 3 * cfg.hidden_size * cfg.intermediate_size))
-    kv_per_token = 2 * l * cfg.num_kv_heads * d * dtype_bytes
+    kv_per_token = 2 * l * cfg.num_kv_heads * d * kv_bytes
     steps = max(max(outs), -(-sum(outs) // max_num_seqs))  # decode steps at the least
     kv_read = sum(kv_per_token * (p * o + o * (o + 1) // 2) for p, o in zip(map(len, prompts), outs))
     tokens = sum(map(len, prompts)) + sum(outs)
@@ -165,7 +166,7 @@ def run_jaxpaged(args, model: str, prompts, outs) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(model, load_format=args.load_format, dtype=args.dtype, quantization=args.quantization,
-              max_model_len=args.max_model_len,
+              kv_cache_dtype=args.kv_cache_dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
@@ -291,6 +292,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", "-q", default=None,
                     help="fp8 / int8 / int4: the weights quantized at load (random ones too); docs/quantization.md")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (e4m3), fp8_e5m2: the KV pool's dtype")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -338,7 +340,8 @@ def main() -> None:
     events = compile_events()
     res = run_jaxpaged(args, model, prompts, outs)
     res["compile_events"] = {k: v for k, v in events.items() if "compil" in k}
-    floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil) / args.tensor_parallel_size  # N GPUs' ceilings
+    floor = roofline(cfg, prompts, outs, args.max_num_seqs, ceil,  # N GPUs' ceilings
+                     kv_bytes=1 if args.kv_cache_dtype.startswith("fp8") else 2) / args.tensor_parallel_size
     n_in, n_out = sum(map(len, prompts)), sum(outs)
     rows = [("jaxpaged", res["wall_s"])]
     if hf:

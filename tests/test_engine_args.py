@@ -32,7 +32,8 @@ FLAGS = [  # (flags, WARN: the warning / ERROR: the usage error / a callable: th
     (["--disable-log-stats"], WARN, "--disable-log-stats changes nothing here"),
     (["--quantization", "bitsandbytes"], ERROR, "argument --quantization/-q: invalid choice: 'bitsandbytes'"),
     (["-q", "fp8"], lambda c, a: c.quantization == "fp8", None),
-    (["--kv-cache-dtype", "fp8"], ERROR, "--kv-cache-dtype='fp8' is not supported"),
+    (["--kv-cache-dtype", "fp8"], lambda c, a: c.kv_cache_dtype == "fp8", None),
+    (["--kv-cache-dtype", "fp8_inc"], ERROR, "argument --kv-cache-dtype: invalid choice: 'fp8_inc'"),
     (["--no-enable-chunked-prefill"], ERROR, "--enable-chunked-prefill=False is not supported"),
     (["--scheduling-policy", "priority"], ERROR, "--scheduling-policy='priority' is not supported"),
     (["-pp", "2"], ERROR, "--pipeline-parallel-size=2 is not supported"),
@@ -135,8 +136,10 @@ def test_every_cli_flag_is_classified_and_llm_takes_the_engine_ones(tiny_model_d
     assert len(built) == 1
     with pytest.raises(TypeError, match="unexpected engine argument.*bogus_arg"):
         LLM(str(tiny_model_dir("llama")), bogus_arg=1)
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8' is not supported"):
-        LLM(str(tiny_model_dir("llama")), kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is not supported"):
+        LLM(str(tiny_model_dir("llama")), kv_cache_dtype="int8")
+    LLM(str(tiny_model_dir("llama")), kv_cache_dtype="fp8_e5m2")
+    assert built[-1].kv_cache_dtype == "fp8_e5m2"
     with pytest.raises(ValueError, match="quantization must be one of fp8, int8, int4, .* got 'bitsandbytes'"):
         LLM(str(tiny_model_dir("llama")), quantization="bitsandbytes")
     LLM(str(tiny_model_dir("llama")), quantization="int8")

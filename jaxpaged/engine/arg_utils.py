@@ -38,7 +38,6 @@ EXTRA_ARGS: dict[str, NoEffect | OnlyValues] = {
     "distributed_executor_backend": NoEffect("one JAX process per host drives all its devices; no workers to launch"),
     "disable_log_stats": NoEffect("no periodic stats are logged here; /metrics is always served"),
     "tokenizer_mode": OnlyValues(("auto", "hf"), "jaxpaged uses the HF (fast) tokenizer"),
-    "kv_cache_dtype": OnlyValues(("auto",), "the KV cache is stored in the model's dtype"),
     "enable_chunked_prefill": OnlyValues((None, True), "prompts are always prefilled in chunks here"),
     "pipeline_parallel_size": OnlyValues((1,), "no pipeline parallelism here; use tensor_parallel_size"),
     "data_parallel_size": OnlyValues((1,), "no data parallelism here; run one server per replica"),

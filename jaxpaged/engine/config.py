@@ -11,6 +11,9 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 # apart so that the API server, which builds an EngineConfig, does not import JAX): fp8 / int8 / int4
 # quantize a float checkpoint at load; the others name a quantized checkpoint's format.
 QUANTIZATION_METHODS = ("fp8", "int8", "int4", "compressed-tensors", "modelopt", "awq", "gptq")
+# vLLM's `kv_cache_dtype` values served here (models/kv_cache.py's, kept apart as above): auto is the
+# model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in one byte, with per-layer scales
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclasses.dataclass
@@ -21,6 +24,7 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights, for benchmarks)
     # None: the checkpoint's own (config.json quantization_config) or none; QUANTIZATION_METHODS
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES; an fp8 pool reads the checkpoint's k/v scales (else 1.0)
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped on a CPU)
     gpu_memory_utilization: float = 0.9
     num_kv_blocks: int | None = None  # explicit pool size (any backend), scratch block included
@@ -83,6 +87,9 @@ class EngineConfig:
                              f"returns the top {MAX_LOGPROBS}), got {self.max_logprobs}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported (supported: "
+                             f"{', '.join(KV_CACHE_DTYPES)})")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if self.speculative_config is not None and self.speculative_config.method == "draft_model" and (

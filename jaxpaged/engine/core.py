@@ -36,8 +36,9 @@ from jaxpaged.engine.spec_decode.drafter import make_drafter
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
-from jaxpaged.models.kv_cache import init_kv_cache
+from jaxpaged.models.kv_cache import init_kv_cache, kv_cache_dtype
 from jaxpaged.models.quantization import load_quantization_config
+from jaxpaged.models.quantization.kv_scales import load_kv_scales
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
@@ -82,11 +83,12 @@ class EngineCore:
         draft = self.drafter if isinstance(self.drafter, DraftModelProposer) else None
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
+        dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)  # the pools' (the draft's too)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
                                                             self.max_num_batched_tokens, dtype, head_bytes,
                                                             draft=draft.model_config if draft else None)
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
-                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None)
+                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None, *self._kv_scales(dtype))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.spec_stats = SpecDecodingStats(spec.num_speculative_tokens if spec is not None else 0)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
@@ -108,10 +110,21 @@ class EngineCore:
                              self.block_manager.num_total_blocks, list(self.eos_token_ids),
                              quant.method if quant else None, dtype.name)
         self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
-                        "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
+                        "kv_cache_dtype": dtype.name, "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
                         "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
         log_late_compiles(logger)
+
+    def _kv_scales(self, dtype) -> tuple:
+        """(k_scale, v_scale) [L, Hkv] of an fp8 pool, from the checkpoint (vLLM's default 1.0
+        where it has none, warned for e4m3 as vLLM does); (None, None) for other pools."""
+        if dtype.itemsize != 1:
+            return None, None
+        scales = load_kv_scales(None if self.config.load_format == "dummy" else self.config.model, self.model_config)
+        if not scales.from_checkpoint and dtype.name == "float8_e4m3fn":
+            logger.warning("fp8 KV cache with scaling factor 1.0: the checkpoint has no k_scale / v_scale tensors "
+                           "(accuracy may suffer)")
+        return scales.k, scales.v
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

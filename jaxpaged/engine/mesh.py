@@ -35,13 +35,15 @@ def shard_attention(attention: Callable, mesh: Mesh) -> Callable:
     """Run a paged-attention kernel per device on its KV heads (same signature)."""
 
     def sharded(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables, *, scale, sliding_window=0,
-                max_query_len=None):
-        def local(q, k_pool, v_pool, query_start, seq_lens, block_tables):
-            return attention(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables,
-                             scale=scale, sliding_window=sliding_window, max_query_len=max_query_len)
+                max_query_len=None, k_scale=None, v_scale=None):
+        def local(q, k_pool, v_pool, query_start, seq_lens, block_tables, k_scale, v_scale):
+            return attention(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables, scale=scale,
+                             sliding_window=sliding_window, max_query_len=max_query_len, k_scale=k_scale,
+                             v_scale=v_scale)
 
-        return jax.shard_map(local, mesh=mesh, in_specs=(HEADS, KV_POOL, KV_POOL, P(), P(), P()),
+        # an fp8 pool's scales [L, Hkv] split over the KV heads as the pool
+        return jax.shard_map(local, mesh=mesh, in_specs=(HEADS, KV_POOL, KV_POOL, P(), P(), P(), KV_POOL, KV_POOL),
                              out_specs=HEADS, check_vma=False)(q, k_pool, v_pool, query_start, seq_lens,
-                                                               block_tables)
+                                                               block_tables, k_scale, v_scale)
 
     return sharded

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels.paged_attention import MASK_VALUE, token_sequence_ids
+from jaxpaged.kernels.paged_attention import MASK_VALUE, dequantize_kv, token_sequence_ids
 
 CHUNK_TOKENS = 128  # context positions per loop iteration
 
@@ -30,6 +30,8 @@ def paged_attention_cpu(
     scale: float,
     sliding_window: int | jax.Array = 0,
     max_query_len: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
 ) -> jax.Array:
     """`paged_attention_ref`'s signature and result (the new tokens' K/V already written);
     `max_query_len` is a kernel launch hint, not needed here."""
@@ -49,17 +51,19 @@ def paged_attention_cpu(
         m, l, acc = carry  # running max, sum of weights, weighted values: [T, Hkv, G(, D)]
         blocks = jax.lax.dynamic_slice_in_dim(tables, i * c, c, axis=1)  # [T, c]
 
-        def gather(pool):  # [T, c, Hkv, bs, D] -> [T, Hkv, c * bs, D]
-            return pool[layer, :, blocks].transpose(0, 2, 1, 3, 4).reshape(t, hkv, chunk, d).astype(jnp.float32)
+        def gather(pool, pool_scale):  # [T, c, Hkv, bs, D] -> [T, Hkv, c * bs, D], float32
+            x = pool[layer, :, blocks].transpose(0, 2, 1, 3, 4).reshape(t, hkv, chunk, d)
+            return dequantize_kv(x, None if pool_scale is None else pool_scale[layer], 1)
 
         k_pos = i * chunk + jnp.arange(chunk)[None, :]
         mask = (k_pos <= q_pos[:, None]) & valid[:, None]  # causal (so within the context)
         mask = (mask & ((window <= 0) | (k_pos > q_pos[:, None] - window)))[:, None, None, :]
-        scores = jnp.where(mask, jnp.einsum("thgd,thkd->thgk", qg, gather(k_pool)), MASK_VALUE)
+        scores = jnp.where(mask, jnp.einsum("thgd,thkd->thgk", qg, gather(k_pool, k_scale)), MASK_VALUE)
         m_new = jnp.maximum(m, scores.max(-1))
         p = jnp.where(mask, jnp.exp(scores - m_new[..., None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + jnp.einsum("thgk,thkd->thgd", p, gather(v_pool))
+        pv = jnp.einsum("thgk,thkd->thgd", p, gather(v_pool, v_scale))
+        return m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv
 
     init = (jnp.full((t, hkv, g), MASK_VALUE, jnp.float32), jnp.zeros((t, hkv, g), jnp.float32),
             jnp.zeros((t, hkv, g, d), jnp.float32))

@@ -27,7 +27,9 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
   about its decode part plus its prefill part.
 
 The pool layout is the reference's `[L, Hkv, num_blocks, block_size, D]`; the layer index is
-read in the kernel, so no layer slice is ever copied.
+read in the kernel, so no layer slice is ever copied. An fp8 pool's K/V tiles are converted to
+q's dtype after the load; the program's KV head's K scale is folded into the score scale and
+its V scale multiplies the output accumulator (one scalar each per program).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
     return dec, pre
 
 
-def _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
+def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
                   tok0, n_tok, num_tokens, hq, group, group_p, block_q, block_n, block_size, max_blocks,
                   num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=1024):
     """Attention of `n_tok` (<= block_q) new tokens from `tok0` of one sequence, one KV head."""
@@ -120,6 +122,9 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, *, h, sp, s_c, layer, w
     head_c = jnp.minimum(head, hq - 1)
     q = q_ref[tok_c, head_c, :]  # [block_m, D]
     d = q.shape[-1]
+    nl, hkv = k_ref.shape[:2]
+    k_scale, v_scale = sc_ref[layer * hkv + h], sc_ref[(nl + layer) * hkv + h]  # fp8 pool's (else 1)
+    score_scale = scale_log2 * k_scale
 
     p_first = ctx - q_len + tok0
     p_last = p_first + n_tok - 1
@@ -150,10 +155,10 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, *, h, sp, s_c, layer, w
         k_pos = j * block_n + cols
         pages = bt_ref[s_c, jnp.minimum(k_pos // block_size, max_blocks - 1)]
         off = k_pos % block_size
-        k = k_ref[layer, h, pages, off, :]  # [block_n, D]
-        v = v_ref[layer, h, pages, off, :]
+        k = k_ref[layer, h, pages, off, :].astype(q.dtype)  # [block_n, D]; an fp8 pool's converted
+        v = v_ref[layer, h, pages, off, :].astype(q.dtype)
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        sc = sc * scale_log2
+        sc = sc * score_scale
         if masked:
             mask = k_pos[None, :] <= q_pos[:, None]
             mask &= (win <= 0) | (k_pos[None, :] > q_pos[:, None] - win)
@@ -171,6 +176,7 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, *, h, sp, s_c, layer, w
     carry = lax.fori_loop(b0, u0, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
     m_i, l_i, acc = lax.fori_loop(u1, b1, functools.partial(body, masked=True), carry)
+    acc = acc * v_scale
 
     if padded_out:
         # Interpret mode discharges a masked store as read-modify-write of every row, so
@@ -204,7 +210,7 @@ def _seq_info(qs_ref, lens_ref, s, num_seqs, num_tokens):
     return q_start, q_end - q_start, ctx, jnp.minimum(s, num_seqs - 1)
 
 
-def _seq_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, s, h, sp, layer, win, num_seqs,
+def _seq_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, out_refs, *, s, h, sp, layer, win, num_seqs,
               max_q_len, **kw):
     """Every q-block of sequence s (s == num_seqs: the padding tokens), one KV head, one split."""
     q_start, q_len, ctx, s_c = _seq_info(qs_ref, lens_ref, s, num_seqs, kw["num_tokens"])
@@ -215,7 +221,7 @@ def _seq_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, s, h, 
 
     def qblock(i, c):
         tok0 = i * block_q
-        _attend_block(q_ref, k_ref, v_ref, bt_ref, out_refs, h=h, sp=sp, s_c=s_c, layer=layer, win=win,
+        _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, h=h, sp=sp, s_c=s_c, layer=layer, win=win,
                       q_start=q_start, q_len=q_len, ctx=ctx, tok0=tok0,
                       n_tok=jnp.minimum(q_len - tok0, block_q), **kw)
         return c
@@ -223,7 +229,7 @@ def _seq_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, s, h, 
     lax.fori_loop(0, n_qb, qblock, 0)
 
 
-def _qblock_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, qb, h, layer, win, num_seqs,
+def _qblock_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, out_refs, *, qb, h, layer, win, num_seqs,
                  min_q_len, **kw):
     """q-block `qb` (vLLM-style numbering, see module doc) of whichever sequence owns it."""
     block_q = kw["block_q"]
@@ -250,7 +256,7 @@ def _qblock_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, out_refs, *, qb,
     # Most programs of a step with few sequences in a large bucket own no tokens (the grid's
     # slack for the padding sequences): they exit before loading their q tile.
     pl.when(n_tok > 0)(lambda: _attend_block(
-        q_ref, k_ref, v_ref, bt_ref, out_refs, h=h, sp=0, s_c=s_c, layer=layer, win=win, q_start=q_start,
+        q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, h=h, sp=0, s_c=s_c, layer=layer, win=win, q_start=q_start,
         q_len=q_len, ctx=ctx, tok0=tok0, n_tok=n_tok, **kw))
 
 
@@ -258,28 +264,28 @@ def _split_refs(rest, has_prev):
     return rest[1:] if has_prev else rest
 
 
-def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *rest, has_prev, **kw):
+def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev, **kw):
     """Grid (S + 1, Hkv, splits): program (s, h, split) does every q-block of sequence s."""
-    _seq_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), s=pl.program_id(0),
+    _seq_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), s=pl.program_id(0),
               h=pl.program_id(1), sp=pl.program_id(2), layer=layer_ref[0], win=win_ref[0], **kw)
 
 
-def _qblock_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, *rest, has_prev,
+def _qblock_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev,
                    num_q_blocks, heavy_first, **kw):
     """Grid (q-blocks, Hkv): program (qb, h) does one q-block of one sequence."""
     pid = pl.program_id(0)
     qb = num_q_blocks - 1 - pid if heavy_first else pid
-    _qblock_body(qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), qb=qb,
+    _qblock_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), qb=qb,
                  h=pl.program_id(1), layer=layer_ref[0], win=win_ref[0], **kw)
 
 
-def _fused_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks,
+def _fused_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks,
                   heavy_first, seq_kw, qblock_kw):
     """Grid (q-blocks + S, Hkv): the per-q-block programs (long queries, padding), then one
     per-sequence program for each sequence with few new tokens; one launch for a mixed batch."""
     pid, h = pl.program_id(0), pl.program_id(1)  # (outside the branches: interpret mode)
     layer, win = layer_ref[0], win_ref[0]
-    refs = (qs_ref, lens_ref, bt_ref, q_ref, k_ref, v_ref, (o_ref,))
+    refs = (qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, (o_ref,))
 
     def qblock():
         qb = num_q_blocks - 1 - pid if heavy_first else pid
@@ -303,6 +309,8 @@ def paged_attention_gpu(
     scale: float,
     sliding_window: int | jax.Array = 0,
     max_query_len: int | None = None,
+    k_scale: jax.Array | None = None,
+    v_scale: jax.Array | None = None,
     mode: str = "auto",
     decode_config: TileConfig | None = None,
     prefill_config: TileConfig | None = None,
@@ -322,6 +330,7 @@ def paged_attention_gpu(
     (both in one launch; the per-sequence part without split-KV).
     Configs default to `choose_config(...)`; `block_m`, `block_n`, `num_splits`,
     `num_warps`, `num_stages` override fields of both. `interpret` defaults to True off-GPU.
+    `k_scale`, `v_scale` [L, Hkv]: an fp8 pool's dequantization scales.
     """
     t, hq, d = q.shape
     nl, hkv, nb, bs, d2 = k_pool.shape
@@ -352,8 +361,12 @@ def paged_attention_gpu(
     h_out = hkv * group_p if padded_out else hq
 
     i32 = jnp.int32
+    # an fp8 pool's scales, flat: K's [L * Hkv] then V's (ones for other pools)
+    kv_scales = jnp.concatenate([jnp.ones(nl * hkv, jnp.float32) if x is None else x.astype(jnp.float32).reshape(-1)
+                                 for x in (k_scale, v_scale)])
     scalars = (query_start.astype(i32), seq_lens.astype(i32), block_tables.astype(i32),
-               jnp.reshape(jnp.asarray(layer, i32), (1,)), jnp.reshape(jnp.asarray(sliding_window, i32), (1,)))
+               jnp.reshape(jnp.asarray(layer, i32), (1,)), jnp.reshape(jnp.asarray(sliding_window, i32), (1,)),
+               kv_scales)
     common = dict(num_seqs=s, num_tokens=t, hq=hq, group=group, group_p=group_p, block_size=bs,
                   max_blocks=mb, scale_log2=float(scale) * LOG2E, padded_out=padded_out)
 
@@ -407,7 +420,7 @@ def paged_attention_gpu(
         args = (*scalars, q, k_pool, v_pool) + ((out,) if has_prev else ())
         out = pl.pallas_call(kern, out_shape=[jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)],
                              grid=(grid_q, hkv), compiler_params=params(c), interpret=interpret,
-                             input_output_aliases={8: 0} if has_prev else {}, name="paged_attention_qblock",
+                             input_output_aliases={9: 0} if has_prev else {}, name="paged_attention_qblock",
                              )(*args)[0]
     if padded_out:
         out = out[:t].reshape(t, hkv, group_p, d)[:, :, :group].reshape(t, hq, d)

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.kernels.paged_attention import write_kv
+from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.quantization import QuantizedWeight, quantized_matmul
 from jaxpaged.models.step_input import StepInput
 
@@ -59,15 +60,17 @@ def lm_head(h: jax.Array, params: dict, scaling: float = 1.0) -> jax.Array:
     return logits if scaling == 1.0 else logits / scaling
 
 
-def paged_attend(q, k, v, k_all, v_all, layer, inp: StepInput, attention, scale: float, window=0):
-    """Write this layer's new K/V into the pool, then attend over the paged context.
+def paged_attend(q, k, v, kv: KVCache, layer, inp: StepInput, attention, scale: float,
+                 window=0) -> tuple[jax.Array, KVCache]:
+    """Write this layer's new K/V into the pool (an fp8 pool: quantized with its scales), then
+    attend over the paged context.
 
-    q: [T, Hq, D]; k, v: [T, Hkv, D]; k_all, v_all: [L, Hkv, NB, bs, D].
-    Returns (out [T, Hq * D], k_all, v_all).
+    q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns (out [T, Hq * D], kv).
     """
-    k_all, v_all = write_kv(k_all, v_all, layer, k, v, inp.slot_mapping)
+    k_all, v_all = write_kv(kv.k, kv.v, layer, k, v, inp.slot_mapping, kv.k_scale, kv.v_scale)
+    scales = {} if kv.k_scale is None else {"k_scale": kv.k_scale, "v_scale": kv.v_scale}
     out = attention(
         q, k_all, v_all, layer, inp.query_start, inp.seq_lens, inp.block_tables,
-        scale=scale, sliding_window=window,
+        scale=scale, sliding_window=window, **scales,
     )
-    return out.reshape(q.shape[0], -1), k_all, v_all
+    return out.reshape(q.shape[0], -1), kv.replace(k=k_all, v=v_all)

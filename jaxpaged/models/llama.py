@@ -138,16 +138,14 @@ def forward(
     kernel with the same one); the new K/V are written to the pool before it is called.
     """
     x = embed(params["embed"], inp.token_ids, cfg.embedding_multiplier)
-    k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
-        x, k_all, v_all = _layer(lp, x, k_all, v_all, jnp.int32(i), inp, cfg=cfg, attention=attention,
-                                 window=cfg.sliding_windows[i])
-    return x, KVCache(k_all, v_all)
+        x, kv = _layer(lp, x, kv, jnp.int32(i), inp, cfg=cfg, attention=attention, window=cfg.sliding_windows[i])
+    return x, kv
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention", "window"))
-def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array, inp: StepInput, *,
-           cfg: ModelConfig, attention, window: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _layer(lp: dict, x: jax.Array, kv: KVCache, layer: jax.Array, inp: StepInput, *,
+           cfg: ModelConfig, attention, window: int) -> tuple[jax.Array, KVCache]:
     """One decoder layer; x: [T, H]. A nested jit: traced and lowered once per step shape
     instead of once per layer (start-up time); XLA inlines it, so the step stays unrolled."""
     t = inp.token_ids.shape[0]
@@ -160,13 +158,13 @@ def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: ja
         q, k = rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps)
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
     q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
-    o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, layer, inp, attention, cfg.attn_scale, window)
+    o, kv = paged_attend(q, k, v, kv, layer, inp, attention, cfg.attn_scale, window)
     x = x + linear(o, lp["wo"], lp.get("bo")) * cfg.residual_multiplier
     h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
     gate_up = linear(h, lp["w_gate_up"], lp.get("b_gate_up"))  # [T, 2, I]
     mlp = linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp["w_down"], lp.get("b_down"))
     x = x + mlp * cfg.residual_multiplier
-    return x, k_all, v_all
+    return x, kv
 
 
 def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

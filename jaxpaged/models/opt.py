@@ -93,15 +93,14 @@ def forward(
     if "project_in" in params:
         x = linear(x, params["project_in"])
     x = x + embed(params["pos_embed"], inp.positions + POSITION_OFFSET)
-    k_all, v_all = kv.k, kv.v
     for i, lp in enumerate(params["layers"]):
-        x, k_all, v_all = _layer(lp, x, k_all, v_all, jnp.int32(i), inp, cfg=cfg, attention=attention)
-    return x, KVCache(k_all, v_all)
+        x, kv = _layer(lp, x, kv, jnp.int32(i), inp, cfg=cfg, attention=attention)
+    return x, kv
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
-def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array, inp: StepInput, *,
-           cfg: ModelConfig, attention) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _layer(lp: dict, x: jax.Array, kv: KVCache, layer: jax.Array, inp: StepInput, *,
+           cfg: ModelConfig, attention) -> tuple[jax.Array, KVCache]:
     """One decoder layer (pre- or post-LayerNorm); a nested jit as in `llama._layer`."""
     t = inp.token_ids.shape[0]
     nh, d, eps = cfg.num_heads, cfg.head_dim, cfg.norm_eps
@@ -110,7 +109,7 @@ def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: ja
     q = linear(h, lp["wq"], lp.get("bq")).reshape(t, nh, d)
     k = linear(h, lp["wk"], lp.get("bk")).reshape(t, nh, d)
     v = linear(h, lp["wv"], lp.get("bv")).reshape(t, nh, d)
-    o, k_all, v_all = paged_attend(q, k, v, k_all, v_all, layer, inp, attention, cfg.attn_scale)
+    o, kv = paged_attend(q, k, v, kv, layer, inp, attention, cfg.attn_scale)
     x = x + linear(o, lp["wo"], lp.get("bo"))
     if not pre:
         x = layer_norm(x, lp["attn_norm_w"], lp["attn_norm_b"], eps)
@@ -118,7 +117,7 @@ def _layer(lp: dict, x: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: ja
     x = x + linear(jax.nn.relu(linear(h, lp["w_fc1"], lp.get("b_fc1"))), lp["w_fc2"], lp.get("b_fc2"))
     if not pre:
         x = layer_norm(x, lp["mlp_norm_w"], lp["mlp_norm_b"], eps)
-    return x, k_all, v_all
+    return x, kv
 
 
 def compute_logits(params: dict, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:

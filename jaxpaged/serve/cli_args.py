@@ -8,7 +8,7 @@ import json
 import os
 
 from jaxpaged.engine.arg_utils import EXTRA_ARGS
-from jaxpaged.engine.config import QUANTIZATION_METHODS
+from jaxpaged.engine.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.serve.reasoning import REASONING_PARSERS
 from jaxpaged.serve.tool_parsers import TOOL_PARSERS
@@ -64,7 +64,9 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
     a("--quantization", "-q", choices=QUANTIZATION_METHODS,
       help="fp8 (W8A8), int8 (W8A16) or int4 (W4A16): quantize a float checkpoint's layer weights at load; "
       "compressed-tensors, modelopt, awq, gptq: the quantized checkpoint's format (default: the checkpoint's own)")
-    a("--kv-cache-dtype", default="auto", help=_effect("kv_cache_dtype"))
+    a("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+      help="auto: the model's dtype; fp8 (= fp8_e4m3), fp8_e5m2: one byte per K/V value (twice the tokens per GB), "
+      "with the checkpoint's k_scale / v_scale (default 1.0)")
     a("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, help=_effect("enable_chunked_prefill"))
     a("--pipeline-parallel-size", "-pp", type=int, default=1, help=_effect("pipeline_parallel_size"))
     a("--data-parallel-size", "-dp", type=int, default=1, help=_effect("data_parallel_size"))
