@@ -201,6 +201,35 @@ def test_server_forms_regex_choice_and_streamed_json(client):
     Draft202012Validator(schema).validate(json.loads(text))
 
 
+TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                              "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
+
+
+def test_structural_tags_hold_their_schema(server, model_dir):
+    """vLLM's structural_tag forms: free text until a trigger, then `begin`, JSON of the tag's
+    schema, `end`. `<` (the trigger) is pushed far above every other token, so the free text
+    keeps opening tags; each closed tag's content validates. xgrammar's `format` form is a tag
+    and nothing else. A tag's JSON allows any whitespace (xgrammar's rule): whitespace tokens
+    are banned, so that the random model closes its tags."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    bias = {i: -100 for i in range(len(tok)) if tok.decode([i]) and not tok.decode([i]).strip()}
+    tag = {"type": "structural_tag", "structures": [{"begin": "<", "schema": TAG_SCHEMA, "end": ">"}], "triggers": ["<"]}
+    fmt = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>",
+                                                "content": {"type": "json_schema", "json_schema": TAG_SCHEMA}}}
+    base = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 40}
+    for body in ({"response_format": tag}, {"structured_outputs": {"structural_tag": json.dumps(tag)}}):
+        r = httpx.post(server.url + "/v1/completions",
+                       json={**base, **body, "logit_bias": bias | {tok.convert_tokens_to_ids("<"): 100}})
+        text = r.json()["choices"][0]["text"]
+        assert re.fullmatch(r"(<[^<>]*>)+(<[^<>]*)?", text), text
+        for content in re.findall(r"<([^<>]*)>", text):
+            Draft202012Validator(TAG_SCHEMA).validate(json.loads(content))
+    r = httpx.post(server.url + "/v1/completions", json={**base, "response_format": fmt, "logit_bias": bias})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and re.fullmatch(r"<f>(.*)</f>", choice["text"]), choice
+    Draft202012Validator(TAG_SCHEMA).validate(json.loads(choice["text"][3:-4]))
+
+
 ENDPOINTS = (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "?"}]}))
 BIG_SCHEMA = {"type": "object", "properties": {f"k{i}": {"type": "array", "items": {"type": "object", "properties": {
     "a": {"type": "string", "pattern": "[a-z]{3,9}"}, "b": {"type": "number", "minimum": -5, "maximum": 5}}}}
@@ -218,7 +247,12 @@ BIG_SCHEMA = {"type": "object", "properties": {f"k{i}": {"type": "array", "items
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "at most one structured output form"),
     ({"response_format": {"type": "json_schema"}}, "`json_schema` must be given exactly when"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
-    ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
+    ({"response_format": {"type": "structural_tag"}}, "needs `structures` and `triggers`, or `format`"),
+    ({"response_format": {"type": "structural_tag", "structures": [{"begin": "<", "end": ">"}], "triggers": ["<"]}},
+     "response_format.structures.0.schema"),
+    ({"structured_outputs": {"structural_tag": {"type": "structural_tag", "format": {"type": "x"}}}},
+     "invalid structural tag for structured outputs: Invalid structural tag error: Format type not recognized: x"),
+    ({"response_format": {"type": "json_object", "triggers": ["<"]}}, "belong to the structural_tag type"),
     ({"guided_whitespace_pattern": " "}, "`guided_whitespace_pattern` is not supported"),
 ])
 def test_bad_structured_output_requests_are_a_400_naming_the_problem(server, body, message):

@@ -31,6 +31,7 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
+from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.engine.spec_decode.ngram_proposer import NgramDrafter
 from jaxpaged.kernels import get_attention
@@ -92,8 +93,10 @@ class EngineCore:
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
+        reasoning = config.reasoning_parser and ReasoningTokens.of(
+            config.reasoning_parser, load_tokenizer(config.tokenizer or config.model).get_vocab())
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
-                                                         self.eos_token_ids, config.num_processes > 1)
+                                                         self.eos_token_ids, config.num_processes > 1, reasoning or None)
         self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
         self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
