@@ -64,16 +64,20 @@ def test_a_prompt_that_closed_its_think_block_is_constrained_from_the_first_toke
 
 
 def test_reasoning_end_is_the_last_tag_and_the_tags_are_the_servers():
-    r = ReasoningTokens(start_id=7, end_id=8)
-    assert [r.ended(ids) for ids in ([], [7, 5], [7, 5, 8, 3], [7, 8, 7], [8])] == [False, False, True, False, True]
+    r = ReasoningTokens(start_ids=(7,), end_ids=(8, 9))
+    cases = ([], [7, 5], [7, 5, 8, 9, 3], [7, 8, 9, 7], [8, 9], [7, 8, 3, 9])
+    assert [r.ended(ids) for ids in cases] == [False, False, True, False, True, False]
     assert set(REASONING_TAGS) == set(REASONING_PARSERS)
     for name, tags in REASONING_TAGS.items():
         parser = get_reasoning_parser(name)
         assert (parser.start_token, parser.end_token) == tags
 
 
-def test_bad_reasoning_parser_and_a_tokenizer_without_the_tags_are_errors(tiny_model_dir):
+def test_tags_are_their_token_ids_or_their_encoding_and_a_bad_parser_is_an_error():
+    """A tokenizer without `<think>` tokens (the demo's, the tiny model's): the tags' encodings."""
+    tok = make_tokenizer()
+    r = ReasoningTokens.of("qwen3", tok)
+    assert len(r.end_ids) > 1 and tok.decode(list(r.end_ids)) == "</think>"
+    assert ReasoningTokens.of("qwen3", make_tokenizer(extra_special_tokens=THINK_TAGS)) == ReasoningTokens((3,), (4,))
     with pytest.raises(ValueError, match="reasoning_parser must be one of deepseek_r1, qwen3, got 'r2'"):
         EngineConfig(model="m", reasoning_parser="r2")
-    with pytest.raises(ValueError, match="reasoning parser 'qwen3': the tokenizer has no <think> or </think> token"):
-        ReasoningTokens.of("qwen3", make_tokenizer().get_vocab())

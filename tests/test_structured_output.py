@@ -96,6 +96,20 @@ def test_free_rows_beside_grammar_rows_are_unchanged_and_nothing_compiles(batch,
     assert batch[1] == 0, "the engine compiled after warm-up"
 
 
+LARK = """?start: "(" num ("+" num)? ")"  // a sum, in Lark
+num: digit
+   | nonzero digit
+digit: "0" | nonzero
+nonzero: '1' | '2' | '3' | '4' | '5' | '6' | '7' | '8' | '9'"""
+
+
+def test_a_lark_grammar_is_read_as_its_ebnf(llm):
+    """vLLM's xgrammar backend converts Lark grammars (no `::=`) to EBNF; so does the compiler."""
+    params = [structured(seed, grammar=LARK) for seed in range(3)]
+    for out in llm.generate([PROMPT] * 3, params, use_tqdm=False):
+        assert re.fullmatch(r"\((\d|[1-9]\d)(\+(\d|[1-9]\d))?\)", out.outputs[0].text), out.outputs[0].text
+
+
 def test_dead_end_and_terminated_grammar_stop(llm):
     """After "yes" the grammar allows only EOS, which min_tokens bans: no token is allowed, and
     the request stops (greedy and sampled) with what the grammar accepted. With ignore_eos the
@@ -242,6 +256,8 @@ BIG_SCHEMA = {"type": "object", "properties": {f"k{i}": {"type": "array", "items
     ({"structured_outputs": {"regex": "(ab"}}, "invalid regex for structured outputs"),
     ({"structured_outputs": {"grammar": "root ::= foo"}}, "invalid grammar (EBNF) for structured outputs"),
     ({"structured_outputs": {"choice": []}}, "choice must be a non-empty list of strings"),
+    ({"structured_outputs": {"grammar": "start: foo"}}, "invalid grammar (Lark) for structured outputs: rules used but not defined: foo"),
+    ({"guided_grammar": "%import common.WS\nstart: WS"}, "Lark directives (%import) are not supported"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one of json, regex, choice"),
     ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "unsupported field(s) ['whitespace_pattern']"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "at most one structured output form"),

@@ -93,10 +93,10 @@ class EngineCore:
         self.runner.warmup(kv, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
-        reasoning = config.reasoning_parser and ReasoningTokens.of(
-            config.reasoning_parser, load_tokenizer(config.tokenizer or config.model).get_vocab())
+        reasoning = (ReasoningTokens.of(config.reasoning_parser, load_tokenizer(config.tokenizer or config.model))
+                     if config.reasoning_parser else None)  # its tags, whose end the grammars wait for
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
-                                                         self.eos_token_ids, config.num_processes > 1, reasoning or None)
+                                                         self.eos_token_ids, config.num_processes > 1, reasoning)
         self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
         self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)

@@ -20,6 +20,7 @@ import re
 import threading
 from typing import Any
 
+from jaxpaged.engine.structured_output.lark import is_lark, lark_to_ebnf
 from jaxpaged.engine.structured_output.params import StructuredOutputsParams
 
 COMPILE_TIMEOUT_S = 30.0  # a grammar not compiled in this time is refused (the request's 400)
@@ -51,11 +52,21 @@ def build_grammar(params: StructuredOutputsParams) -> Any:
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_literal(c) for c in params.choice))
         if kind == "structural_tag":
             return _structural_tag(xgr, params.structural_tag)
-        return xgr.Grammar.from_ebnf(spec)
+        return xgr.Grammar.from_ebnf(_ebnf(spec))
     except RuntimeError as e:
         what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar (EBNF)", "choice": "choice",
                 "structural_tag": "structural tag"}[kind]
         raise ValueError(f"invalid {what} for structured outputs: {_XGRAMMAR_PREFIX.sub('', str(e)).strip()}") from None
+
+
+def _ebnf(grammar: str) -> str:
+    """A `grammar` spec as EBNF: Lark's converted (vLLM's xgrammar backend does the same)."""
+    if not is_lark(grammar):
+        return grammar
+    try:
+        return lark_to_ebnf(grammar)
+    except ValueError as e:
+        raise ValueError(f"invalid grammar (Lark) for structured outputs: {e}") from None
 
 
 def _structural_tag(xgr: Any, tag: dict[str, Any]) -> Any:

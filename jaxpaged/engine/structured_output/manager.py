@@ -32,7 +32,7 @@ class StructuredOutputManager:
             concurrent.futures.wait([grammar])
         r = self.reasoning
         for seq in samples:
-            seq.structured_output = StructuredOutputRequest(grammar, r and r.end_id,
+            seq.structured_output = StructuredOutputRequest(grammar, r.end_ids if r else (),
                                                             r is None or r.ended(seq.prompt_token_ids))
             self.compiling.append(seq)
 

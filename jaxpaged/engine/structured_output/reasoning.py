@@ -1,7 +1,7 @@
 """Reasoning before structured output (vLLM's `reasoning_ended`): with a reasoning parser
 (`EngineConfig.reasoning_parser`) a constrained sample may think first. Its grammar neither
-masks nor advances until the sample emits the reasoning end token; the end token itself is not
-the grammar's. A prompt whose last reasoning tag is the end (Qwen3's template closes an empty
+masks nor advances until the sample emits the reasoning end tag; the tag itself is not the
+grammar's. A prompt whose last reasoning tag is the end (Qwen3's template closes an empty
 block when `enable_thinking` is false) starts constrained."""
 from __future__ import annotations
 
@@ -15,25 +15,28 @@ REASONING_TAGS = {"deepseek_r1": THINK_TAGS, "qwen3": THINK_TAGS}
 
 @dataclasses.dataclass(frozen=True)
 class ReasoningTokens:
-    """The token ids of a reasoning parser's tags in one tokenizer."""
-    start_id: int
-    end_id: int
+    """A reasoning parser's tags in one tokenizer: each tag's id, or its token ids where the
+    tokenizer has no such token (then a model that spells the tag otherwise is not seen)."""
+    start_ids: tuple[int, ...]
+    end_ids: tuple[int, ...]
 
     @classmethod
-    def of(cls, parser: str, vocab: dict[str, int]) -> ReasoningTokens:
-        """The ids of `parser`'s tags in `vocab` (a tokenizer's `get_vocab()`); ValueError naming
-        a tag that is not one token."""
-        ids = [vocab.get(tag) for tag in REASONING_TAGS[parser]]
-        if None in ids:
-            missing = [tag for tag, i in zip(REASONING_TAGS[parser], ids) if i is None]
-            raise ValueError(f"reasoning parser {parser!r}: the tokenizer has no {' or '.join(missing)} token")
-        return cls(*ids)
+    def of(cls, parser: str, tokenizer) -> ReasoningTokens:
+        """`parser`'s tags as `tokenizer` encodes them (ValueError without a tokenizer)."""
+        if tokenizer is None:
+            raise ValueError(f"reasoning parser {parser!r} needs the model's tokenizer")
+        return cls(*(tuple(tokenizer.encode(tag, add_special_tokens=False)) for tag in REASONING_TAGS[parser]))
 
     def ended(self, token_ids: Sequence[int]) -> bool:
         """Whether the last reasoning tag in `token_ids` is the end (vLLM's `is_reasoning_end`)."""
-        for token in reversed(token_ids):
-            if token == self.start_id:
+        ids = list(token_ids)
+        for i in range(len(ids), 0, -1):
+            if _ends_with(ids, i, self.start_ids):
                 return False
-            if token == self.end_id:
+            if _ends_with(ids, i, self.end_ids):
                 return True
         return False
+
+
+def _ends_with(ids: list[int], i: int, tag: tuple[int, ...]) -> bool:
+    return i >= len(tag) and tuple(ids[i - len(tag):i]) == tag

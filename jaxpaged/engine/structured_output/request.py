@@ -20,12 +20,13 @@ from jaxpaged.engine.structured_output.compiler import import_xgrammar
 
 
 class StructuredOutputRequest:
-    def __init__(self, grammar: concurrent.futures.Future, reasoning_end_id: int | None = None,
+    def __init__(self, grammar: concurrent.futures.Future, reasoning_end: tuple[int, ...] = (),
                  reasoning_ended: bool = True):
         self.grammar = grammar  # -> xgrammar.CompiledGrammar
         self._matcher: Any = None
-        self.reasoning_end_id = reasoning_end_id  # the token that ends reasoning (a reasoning parser's)
-        self.reasoning_ended = reasoning_ended  # False: the grammar waits for `reasoning_end_id`
+        self.reasoning_end = reasoning_end  # the token ids that end reasoning (a reasoning parser's tag)
+        self.reasoning_ended = reasoning_ended  # False: the grammar waits for `reasoning_end`
+        self._reasoning_tail: tuple[int, ...] = ()  # the last sampled ids while reasoning
 
     @property
     def ready(self) -> bool:
@@ -44,9 +45,10 @@ class StructuredOutputRequest:
 
     def accept(self, token_id: int) -> bool:
         """Advance the grammar by a sampled token; False if the grammar does not allow it. A
-        reasoning token only ends the reasoning (the end token) or not."""
+        reasoning token only ends the reasoning (the end tag's last token) or not."""
         if not self.reasoning_ended:
-            self.reasoning_ended = token_id == self.reasoning_end_id
+            self._reasoning_tail = (self._reasoning_tail + (token_id,))[-len(self.reasoning_end):]
+            self.reasoning_ended = self._reasoning_tail == self.reasoning_end
             return True
         return self.matcher.accept_token(token_id)
 
