@@ -15,6 +15,9 @@ from test_structured_output import PROMPT, REGEXES, llm, model_dir  # noqa: F401
 from jaxpaged import SamplingParams, StructuredOutputsParams
 
 
+EOS, MIN_TOKENS = 2, 6  # the tiny model's EOS id; the last row samples it as soon as min_tokens allows
+
+
 def _params() -> list[SamplingParams]:
     """Grammar rows (seeded and greedy, with logprobs), and free rows with penalties, min_tokens,
     logit_bias: every history feature of the `full` head in one batch."""
@@ -24,7 +27,8 @@ def _params() -> list[SamplingParams]:
                 for r in REGEXES[:3]]
     free = [SamplingParams(temperature=0.8, seed=3, max_tokens=24, presence_penalty=0.5, frequency_penalty=0.3),
             SamplingParams(temperature=0, max_tokens=24, repetition_penalty=1.3, min_tokens=20, logprobs=1),
-            SamplingParams(temperature=0.9, seed=5, max_tokens=24, logit_bias={5: 3.0, 9: -100.0})]
+            SamplingParams(temperature=0.9, seed=5, max_tokens=24, logit_bias={5: 3.0, 9: -100.0}),
+            SamplingParams(temperature=0, max_tokens=24, min_tokens=MIN_TOKENS, logit_bias={EOS: 100.0})]
     return grammar + free
 
 
@@ -85,4 +89,5 @@ def test_outputs_equal_the_synchronous_engine_and_follow_their_schemas(runs):
         if p.structured_outputs is not None and p.structured_outputs.json is not None:
             assert a.finish_reason == "stop", a.text
             Draft202012Validator(p.structured_outputs.json).validate(json.loads(a.text))
+    assert async_outs[-1].outputs[0].token_ids[MIN_TOKENS:] == [EOS], "min_tokens' ban not lifted at its count"
     assert compiles == 0, "late sampling inputs compiled a program"
