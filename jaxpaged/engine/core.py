@@ -209,9 +209,8 @@ class EngineCore:
     def _steps_kept(self, sched: SchedulerOutput, variant: SamplingFeatures, late: bool) -> int:
         """How many launched steps may stay unprocessed while `sched` launches: all of them when
         every row's unseen tokens are fed back on the device (`Request.feeds_back`), else 1
-        (the newest, whose sampled ids the device holds); none for a speculative step whose
-        variant reads the requests' token histories on the host (a `late` step reads them
-        after its forward is launched)."""
+        (the newest, whose sampled ids the device holds); none for a step whose head reads the
+        requests' histories before it launches (not `late`: those read them after)."""
         if (variant.needs_history and not late) or not self._in_flight:
             return 0
         newest = {row.request for row in self._in_flight[-1].rows if row.num_sampled}
