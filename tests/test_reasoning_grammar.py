@@ -14,6 +14,7 @@ from test_server import ENGINE
 from jaxpaged import LLM, SamplingParams, StructuredOutputsParams
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.structured_output.reasoning import REASONING_TAGS, THINK_TAGS, ReasoningTokens
+from jaxpaged.engine.structured_output.request import StructuredOutputRequest
 from jaxpaged.models.tiny import SPECIAL_TOKENS, make_tokenizer
 from jaxpaged.serve.reasoning import REASONING_PARSERS, get_reasoning_parser
 
@@ -79,5 +80,11 @@ def test_tags_are_their_token_ids_or_their_encoding_and_a_bad_parser_is_an_error
     r = ReasoningTokens.of("qwen3", tok)
     assert len(r.end_ids) > 1 and tok.decode(list(r.end_ids)) == "</think>"
     assert ReasoningTokens.of("qwen3", make_tokenizer(extra_special_tokens=THINK_TAGS)) == ReasoningTokens((3,), (4,))
+    grammar = StructuredOutputRequest(None, reasoning_end=(8, 9), reasoning_ended=False)
+    ended = []
+    for token in (8, 3, 9, 8, 9):  # reasoning tokens are accepted without a grammar
+        assert grammar.accept(token)
+        ended.append(grammar.reasoning_ended)
+    assert ended == [False, False, False, False, True]
     with pytest.raises(ValueError, match="reasoning_parser must be one of deepseek_r1, qwen3, got 'r2'"):
         EngineConfig(model="m", reasoning_parser="r2")
