@@ -72,8 +72,9 @@ def test_no_compile_after_warmup_whatever_variant_runs(tiny_model_dir, compile_c
               max_num_batched_tokens=64, num_scheduler_steps=num_scheduler_steps)
     runner = llm.engine.runner
     compiles = compile_counter.count
-    used, dispatch, dispatch_loop = [], runner.dispatch, runner.dispatch_loop
+    used, dispatch, dispatch_loop, dispatch_late = [], runner.dispatch, runner.dispatch_loop, runner.dispatch_late
     runner.dispatch = lambda variant, *a: used.append((variant, False)) or dispatch(variant, *a)
+    runner.dispatch_late = lambda variant, *a: used.append((variant, False)) or dispatch_late(variant, *a)
     runner.dispatch_loop = lambda variant, *a: used.append((variant, True)) or dispatch_loop(variant, *a)
     kw = dict(max_tokens=7, ignore_eos=True)
     batches = [[SamplingParams(temperature=0, **kw)],

@@ -96,6 +96,20 @@ def test_free_rows_beside_grammar_rows_are_unchanged_and_nothing_compiles(batch,
     assert batch[1] == 0, "the engine compiled after warm-up"
 
 
+LARK = """?start: "(" num ("+" num)? ")"  // a sum, in Lark
+num: digit
+   | nonzero digit
+digit: "0" | nonzero
+nonzero: '1' | '2' | '3' | '4' | '5' | '6' | '7' | '8' | '9'"""
+
+
+def test_a_lark_grammar_is_read_as_its_ebnf(llm):
+    """vLLM's xgrammar backend converts Lark grammars (no `::=`) to EBNF; so does the compiler."""
+    params = [structured(seed, grammar=LARK) for seed in range(3)]
+    for out in llm.generate([PROMPT] * 3, params, use_tqdm=False):
+        assert re.fullmatch(r"\((\d|[1-9]\d)(\+(\d|[1-9]\d))?\)", out.outputs[0].text), out.outputs[0].text
+
+
 def test_dead_end_and_terminated_grammar_stop(llm):
     """After "yes" the grammar allows only EOS, which min_tokens bans: no token is allowed, and
     the request stops (greedy and sampled) with what the grammar accepted. With ignore_eos the
@@ -201,6 +215,35 @@ def test_server_forms_regex_choice_and_streamed_json(client):
     Draft202012Validator(schema).validate(json.loads(text))
 
 
+TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                              "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
+
+
+def test_structural_tags_hold_their_schema(server, model_dir):
+    """vLLM's structural_tag forms: free text until a trigger, then `begin`, JSON of the tag's
+    schema, `end`. `<` (the trigger) is pushed far above every other token, so the free text
+    keeps opening tags; each closed tag's content validates. xgrammar's `format` form is a tag
+    and nothing else. A tag's JSON allows any whitespace (xgrammar's rule): whitespace tokens
+    are banned, so that the random model closes its tags."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    bias = {i: -100 for i in range(len(tok)) if tok.decode([i]) and not tok.decode([i]).strip()}
+    tag = {"type": "structural_tag", "structures": [{"begin": "<", "schema": TAG_SCHEMA, "end": ">"}], "triggers": ["<"]}
+    fmt = {"type": "structural_tag", "format": {"type": "tag", "begin": "<f>", "end": "</f>",
+                                                "content": {"type": "json_schema", "json_schema": TAG_SCHEMA}}}
+    base = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "max_tokens": 40}
+    for body in ({"response_format": tag}, {"structured_outputs": {"structural_tag": json.dumps(tag)}}):
+        r = httpx.post(server.url + "/v1/completions",
+                       json={**base, **body, "logit_bias": bias | {tok.convert_tokens_to_ids("<"): 100}})
+        text = r.json()["choices"][0]["text"]
+        assert re.fullmatch(r"(<[^<>]*>)+(<[^<>]*)?", text), text
+        for content in re.findall(r"<([^<>]*)>", text):
+            Draft202012Validator(TAG_SCHEMA).validate(json.loads(content))
+    r = httpx.post(server.url + "/v1/completions", json={**base, "response_format": fmt, "logit_bias": bias})
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and re.fullmatch(r"<f>(.*)</f>", choice["text"]), choice
+    Draft202012Validator(TAG_SCHEMA).validate(json.loads(choice["text"][3:-4]))
+
+
 ENDPOINTS = (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "?"}]}))
 BIG_SCHEMA = {"type": "object", "properties": {f"k{i}": {"type": "array", "items": {"type": "object", "properties": {
     "a": {"type": "string", "pattern": "[a-z]{3,9}"}, "b": {"type": "number", "minimum": -5, "maximum": 5}}}}
@@ -213,12 +256,19 @@ BIG_SCHEMA = {"type": "object", "properties": {f"k{i}": {"type": "array", "items
     ({"structured_outputs": {"regex": "(ab"}}, "invalid regex for structured outputs"),
     ({"structured_outputs": {"grammar": "root ::= foo"}}, "invalid grammar (EBNF) for structured outputs"),
     ({"structured_outputs": {"choice": []}}, "choice must be a non-empty list of strings"),
+    ({"structured_outputs": {"grammar": "start: foo"}}, "invalid grammar (Lark) for structured outputs: rules used but not defined: foo"),
+    ({"guided_grammar": "%import common.WS\nstart: WS"}, "Lark directives (%import) are not supported"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one of json, regex, choice"),
     ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "unsupported field(s) ['whitespace_pattern']"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "at most one structured output form"),
     ({"response_format": {"type": "json_schema"}}, "`json_schema` must be given exactly when"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema.schema"),
-    ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
+    ({"response_format": {"type": "structural_tag"}}, "needs `structures` and `triggers`, or `format`"),
+    ({"response_format": {"type": "structural_tag", "structures": [{"begin": "<", "end": ">"}], "triggers": ["<"]}},
+     "response_format.structures.0.schema"),
+    ({"structured_outputs": {"structural_tag": {"type": "structural_tag", "format": {"type": "x"}}}},
+     "invalid structural tag for structured outputs: Invalid structural tag error: Format type not recognized: x"),
+    ({"response_format": {"type": "json_object", "triggers": ["<"]}}, "belong to the structural_tag type"),
     ({"guided_whitespace_pattern": " "}, "`guided_whitespace_pattern` is not supported"),
 ])
 def test_bad_structured_output_requests_are_a_400_naming_the_problem(server, body, message):

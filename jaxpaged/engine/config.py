@@ -5,6 +5,7 @@ import dataclasses
 
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
+from jaxpaged.engine.structured_output.reasoning import REASONING_TAGS
 
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 # vLLM's `quantization` values served here (models/quantization/config.py's QUANTIZATION_CHOICES, kept
@@ -64,6 +65,9 @@ class EngineConfig:
     max_logprobs: int = MAX_LOGPROBS  # top logprobs a request may ask for (a larger ask is refused)
     # speculative decoding: vLLM's JSON keys (a dict), parsed into a SpeculativeConfig (spec_decode/)
     speculative_config: SpeculativeConfig | dict | None = None
+    # a reasoning model's parser (vLLM's --reasoning-parser): structured output holds after its
+    # reasoning block (engine/structured_output/reasoning.py); the server also splits the reply
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -99,5 +103,8 @@ class EngineConfig:
         if self.speculative_config is not None and self.num_scheduler_steps > 1:
             raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine (a step either "
                              "verifies drafts or runs the multi-step decode loop)")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_TAGS:
+            raise ValueError(f"reasoning_parser must be one of {', '.join(sorted(REASONING_TAGS))}, "
+                             f"got {self.reasoning_parser!r}")
         if self.attention_backend not in ("auto", "reference", "cpu", "pallas"):
             raise ValueError(f"attention_backend must be auto, reference, cpu or pallas, got {self.attention_backend!r}")

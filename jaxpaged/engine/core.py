@@ -33,6 +33,7 @@ from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer
 from jaxpaged.engine.spec_decode.drafter import make_drafter
+from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
@@ -99,8 +100,10 @@ class EngineCore:
             draft.warmup(num_blocks, dtype, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
+        reasoning = (ReasoningTokens.of(config.reasoning_parser, load_tokenizer(config.tokenizer or config.model))
+                     if config.reasoning_parser else None)  # its tags, whose end the grammars wait for
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
-                                                         self.eos_token_ids, config.num_processes > 1)
+                                                         self.eos_token_ids, config.num_processes > 1, reasoning)
         self._in_flight: deque[Launched] = deque()  # launched steps whose outputs are not processed yet
         self._depth = config.max_steps_in_flight if config.async_scheduling else 0
         self.num_prompt_tokens = 0  # computed prompt tokens (prefix-cache hits excluded)
@@ -181,9 +184,12 @@ class EngineCore:
         `max_steps_in_flight` (async scheduling: the host works on step n's outputs while the
         device runs the steps after it). Steps are processed first where the new step needs
         their sampled tokens on the host (`_steps_kept`); with nothing to launch, the oldest
-        step is processed. Speculation proposes from every token of a request, so it runs
-        synchronously: launched steps are processed before a step that may speculate, and
-        before any step after one that did."""
+        step is processed. A step whose head reads the requests' histories (grammar bitmask,
+        penalties, bans, logprobs) launches late: its forward is dispatched, every step before
+        it is processed (grammars advanced), then its head gets its inputs (`hand_over`): the
+        device runs the forward meanwhile. Speculation proposes from every token of a request,
+        so it runs synchronously: launched steps are processed before a step that may
+        speculate, and before any step after one that did."""
         outputs = []
         for seq in self.structured_output.failed() if self.structured_output.compiling else ():
             self.abort_requests([seq.request_id])
@@ -193,7 +199,7 @@ class EngineCore:
             outputs += self._process_oldest(len(self._in_flight))
         sched = self.scheduler.schedule()
         variant = self.runner.variant(sched)
-        keep = self._steps_kept(sched, variant)
+        keep = self._steps_kept(sched, variant, self.runner.launches_late(sched, variant))
         if len(self._in_flight) > keep:
             outputs += self._process_oldest(len(self._in_flight) - keep)
             sched = sched.without_finished()
@@ -206,6 +212,11 @@ class EngineCore:
                 for _ in range(row.num_sampled):
                     row.request.add_pending(i)
             self._in_flight.append(launched)
+            if launched.late is not None:  # processed while the forward runs; then the head's inputs
+                try:
+                    outputs += self._process_oldest(len(self._in_flight) - 1)
+                finally:
+                    self.runner.hand_over(launched)
         elif not self._in_flight and self.structured_output.compiling:
             self.structured_output.wait(GRAMMAR_POLL_S)  # idle but for compiling grammars: no spinning
         done = len(self._in_flight) - self._depth if sched.scheduled else min(len(self._in_flight), 1)
@@ -215,12 +226,12 @@ class EngineCore:
         """Process the `n` oldest launched steps (none if n <= 0)."""
         return [out for _ in range(n) for out in self._process(self.runner.fetch(self._in_flight.popleft()))]
 
-    def _steps_kept(self, sched: SchedulerOutput, variant: SamplingFeatures) -> int:
+    def _steps_kept(self, sched: SchedulerOutput, variant: SamplingFeatures, late: bool) -> int:
         """How many launched steps may stay unprocessed while `sched` launches: all of them when
         every row's unseen tokens are fed back on the device (`Request.feeds_back`), else 1
-        (the newest, whose sampled ids the device holds); none for a variant that reads every
-        request's token history on the host."""
-        if variant.needs_history or not self._in_flight:
+        (the newest, whose sampled ids the device holds); none for a step whose head reads the
+        requests' histories before it launches (not `late`: those read them after)."""
+        if (variant.needs_history and not late) or not self._in_flight:
             return 0
         newest = {row.request for row in self._in_flight[-1].rows if row.num_sampled}
         if all(row.request.feeds_back(row.start, row.num_new_tokens, row.request in newest) for row in sched.scheduled):

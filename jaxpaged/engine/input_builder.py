@@ -30,6 +30,18 @@ class StepInputs:
     sampling: np.ndarray | None
     sampling_layout: Layout | None
     query_start: np.ndarray
+    late: LateSampling | None = None  # `build(late=True)`: the sampling inputs, finished later
+
+
+@dataclasses.dataclass
+class LateSampling:
+    """A step's sampling inputs without those read from the requests' histories: the engine
+    finishes them (`InputBuilder.finish_sampling`) once the steps before it are processed."""
+    sampling: dict[str, np.ndarray]
+    rows: list[ScheduledRequest]
+    variant: SamplingFeatures
+    num_tokens: int  # t
+    num_seqs: int  # s
 
 
 def _fields(x) -> dict:
@@ -50,10 +62,11 @@ class InputBuilder:
         self.num_spec = num_spec  # speculative decoding: draft tokens per row (k) of the verify head
 
     def build(self, sched: SchedulerOutput, t: int, variant: SamplingFeatures,
-              speculative: bool = False) -> StepInputs:
+              speculative: bool = False, late: bool = False) -> StepInputs:
         """The step padded to `t` tokens (and min(t, max_num_seqs) rows), with the sampling
         inputs of head `variant` (of the verify head when `speculative`). A multi-step step packs
-        one buffer for t rows, with the sampling keys of every iteration."""
+        one buffer for t rows, with the sampling keys of every iteration. `late`: the sampling
+        inputs are left to `finish_sampling` (`StepInputs.late`)."""
         rows = sched.scheduled
         s = t if sched.multi_step else min(t, self.max_num_seqs)
         feedback = np.full(t, -1, np.int32)  # token -> row of the previous step's sampled ids
@@ -72,12 +85,15 @@ class InputBuilder:
         keys = keys.reshape(k, len(rows), 2)
         sampling = {"logits_index": inp.pop("logits_index"),
                     **_fields(make_sampling_input([r.request.params for r in rows], keys[0], s))}
-        sampling |= self._history_inputs(rows, variant, t, s)
-        if speculative:  # the verify head's positions and drafts (spec_decode/verify.py)
-            sampling |= verify_inputs(rows, inp["query_start"], s, self.num_spec)
         longest = max((r.num_new_tokens for r in rows), default=0)
         short = t in self.short_query_buckets and longest <= DECODE_ONLY_MAX_TOKENS
         max_query_len = DECODE_ONLY_MAX_TOKENS if short else None
+        if late:
+            return StepInputs(*pack(inp | {"feedback": feedback}), max_query_len, None, None, inp["query_start"],
+                              LateSampling(sampling, rows, variant, t, s))
+        sampling |= self._history_inputs(rows, variant, t, s)
+        if speculative:  # the verify head's positions and drafts (spec_decode/verify.py)
+            sampling |= verify_inputs(rows, inp["query_start"], s, self.num_spec)
         if sched.multi_step:
             sampling["keys"] = np.zeros((k, s, 2), np.uint32)
             sampling["keys"][:, :len(rows)] = keys
@@ -87,15 +103,22 @@ class InputBuilder:
             return StepInputs(buf, layout, max_query_len, None, None, inp["query_start"])
         return StepInputs(*pack(inp | {"feedback": feedback}), max_query_len, *pack(sampling), inp["query_start"])
 
+    def finish_sampling(self, late: LateSampling) -> tuple[np.ndarray, Layout]:
+        """The packed sampling inputs of a `build(late=True)` step, its history inputs read now:
+        from each request's known tokens (all but the one this step samples; a request finished
+        meanwhile is a wasted row, its grammar no longer asked)."""
+        return pack(late.sampling | self._history_inputs(late.rows, late.variant, late.num_tokens, late.num_seqs))
+
     def _history_inputs(self, rows: list[ScheduledRequest], variant: SamplingFeatures, t: int,
                         s: int) -> dict[str, np.ndarray]:
         """The head inputs built from the requests' histories, per feature of `variant`:
         token history (penalties), logit bias and bans (-inf: EOS and stop ids before
         min_tokens), next prompt token per token (prompt logprobs, -1 = none), allowed-token
-        bitmask (grammar, allowed_token_ids, bad_words); each padded to `s` rows (`t` tokens)."""
+        bitmask (grammar, allowed_token_ids, bad_words); each padded to `s` rows (`t` tokens).
+        They read the known tokens only: built late, the token this step samples is pending."""
         out = {}
         if variant.penalties:
-            hist = make_history([(r.request.prompt_token_ids, r.request.output_token_ids) for r in rows], s,
+            hist = make_history([(r.request.prompt_token_ids, r.request.known_output_ids) for r in rows], s,
                                 self.max_model_len)
             out["history"], out["history_is_output"] = hist.token_ids, hist.is_output
         if variant.prompt_logprobs:
@@ -114,14 +137,15 @@ class InputBuilder:
             for i, r in enumerate(rows):
                 p = r.request.params
                 entries = list(p.logit_bias.items())
-                if r.request.num_output_tokens < p.min_tokens:
+                if len(r.request.known_output_ids) < p.min_tokens:
                     entries += [(tok, -np.inf) for tok in (*self.eos_token_ids, *p.stop_token_ids)]
                 if entries:
                     bias_ids[i, :len(entries)], bias_vals[i, :len(entries)] = zip(*entries)
             out["bias_ids"], out["bias_vals"] = bias_ids, bias_vals
         if variant.token_bitmask:
             out["token_bitmask"] = make_token_bitmask(
-                [(r.request.params, r.request.output_token_ids if r.request.params.bad_words_token_ids else ())
+                [(r.request.params, r.request.known_output_ids if r.request.params.bad_words_token_ids else ())
                  for r in rows], s, self.vocab_size,
-                [r.request.structured_output if r.num_sampled else None for r in rows])
+                [r.request.structured_output if r.num_sampled and not r.request.is_finished else None for r in rows])
         return out
+

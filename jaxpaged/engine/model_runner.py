@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
-from jaxpaged.engine.input_builder import InputBuilder, StepInputs
+from jaxpaged.engine.input_builder import InputBuilder, LateSampling, StepInputs
 from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, union, variant_for
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
@@ -48,6 +48,8 @@ class Launched:
     outputs: concurrent.futures.Future  # (device SamplerOutput, PromptLogprobsOutput | None, or num_emitted)
     multi_step: bool = False
     speculative: bool = False  # the verify head ran: rows emitted 1..k + 1 tokens (`num_emitted`)
+    late: LateSampling | None = None  # launched late (`launches_late`): its sampling inputs, for `hand_over`
+    sampling: concurrent.futures.Future | None = None  # -> (packed sampling inputs, layout): the head waits
 
 
 @dataclasses.dataclass
@@ -192,12 +194,36 @@ class ModelRunner:
         """The cheapest compiled sampling variant that serves every scheduled request."""
         return variant_for(union(r.request.features for r in sched.scheduled))
 
+    @staticmethod
+    def launches_late(sched: SchedulerOutput, variant: SamplingFeatures) -> bool:
+        """Whether `launch` dispatches the step's forward before its sampling inputs exist: a
+        single step whose head reads the requests' histories (not the verify head, whose
+        steps run synchronously; the decode loop never has history features)."""
+        return variant.needs_history and not sched.speculative and not sched.multi_step
+
     def launch(self, sched: SchedulerOutput, variant: SamplingFeatures) -> Launched:
         """Build the padded inputs on the host and dispatch the step with sampling `variant`
-        (does not wait for it)."""
+        (does not wait for it). A step that `launches_late` dispatches only its forward now;
+        its head waits on the worker thread until `hand_over` gives it the sampling inputs
+        read from the requests' histories."""
         t = next(b for b in self.buckets if b >= sched.num_tokens)
-        spec = sched.speculative
-        return self._submit(sched.scheduled, variant, self.inputs.build(sched, t, variant, spec), sched.multi_step, spec)
+        spec, late = sched.speculative, self.launches_late(sched, variant)
+        inp = self.inputs.build(sched, t, variant, spec, late)
+        if late:
+            sampling = concurrent.futures.Future()
+            future = self._dispatcher.submit(self.dispatch_late, variant, inp.step, inp.step_layout,
+                                             inp.max_query_len, sampling)
+            return Launched(sched.scheduled, inp.query_start, future, late=inp.late, sampling=sampling)
+        return self._submit(sched.scheduled, variant, inp, sched.multi_step, spec)
+
+    def hand_over(self, launched: Launched) -> None:
+        """Build a late step's sampling inputs from the requests' histories now and let the worker
+        dispatch its head (on failure the head fails too, raised by `fetch`: it never hangs)."""
+        try:
+            launched.sampling.set_result(self.inputs.finish_sampling(launched.late))
+        except BaseException as e:
+            launched.sampling.set_exception(e)
+            raise
 
     def _submit(self, rows: list[ScheduledRequest], variant: SamplingFeatures, inp: StepInputs,
                 multi_step: bool, speculative: bool = False) -> Launched:
@@ -221,6 +247,13 @@ class ModelRunner:
         `_prev_tokens`: called on the worker thread once the engine runs."""
         return self._run_head(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
                               sampling_layout)
+
+    def dispatch_late(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout, max_query_len: int | None,
+                      sampling: concurrent.futures.Future):
+        """`dispatch`, the head's inputs awaited after the forward is dispatched: the device runs
+        the forward while the engine processes the steps before it and builds them."""
+        hidden = self._run_forward(step_buf, step_layout, max_query_len)
+        return self._run_head(variant, hidden, *sampling.result())
 
     def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
                         max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):

@@ -59,12 +59,13 @@ In the face of ambiguity, refuse the temptation to guess. Now is better than nev
 """
 
 
-def make_tokenizer(vocab_size: int = 512) -> transformers.PreTrainedTokenizerFast:
-    """Byte-level BPE trained on a built-in corpus (deterministic, offline)."""
+def make_tokenizer(vocab_size: int = 512, extra_special_tokens: tuple[str, ...] = ()) -> transformers.PreTrainedTokenizerFast:
+    """Byte-level BPE trained on a built-in corpus (deterministic, offline); `extra_special_tokens`
+    (e.g. `<think>`) get the ids after SPECIAL_TOKENS', within the same `vocab_size`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     return transformers.PreTrainedTokenizerFast(

@@ -21,7 +21,7 @@ FRONTEND_ARGS = frozenset({
     "shutdown_timeout", "max_request_body_size", "allowed_origins", "allowed_methods", "allowed_headers",
     "allow_credentials", "log_level", "uvicorn_log_level", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "ssl_cert_reqs", "enable_log_requests", "disable_log_requests", "max_log_len", "disable_fastapi_docs",
-    "response_role", "return_tokens_as_token_ids", "enable_auto_tool_choice", "tool_call_parser", "reasoning_parser"})
+    "response_role", "return_tokens_as_token_ids", "enable_auto_tool_choice", "tool_call_parser"})
 # The server's flags whose effect would silently differ: only their default passes (why not)
 UNSUPPORTED_FRONTEND = {
     "response_role": "replies carry the role `assistant`",
@@ -77,7 +77,7 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       help='tool_choice "auto" (the default with tools): tool calls read from replies by --tool-call-parser')
     a("--tool-call-parser", choices=sorted(TOOL_PARSERS), help="the model family's tool-call format")
     a("--reasoning-parser", choices=sorted(REASONING_PARSERS),
-      help="split the model's <think> block into `reasoning_content`")
+      help="split the model's <think> block into `reasoning_content`; structured output holds after it")
     a("--response-role", default="assistant", help="only assistant: " + UNSUPPORTED_FRONTEND["response_role"])
     a("--return-tokens-as-token-ids", action="store_true",
       help="unsupported: " + UNSUPPORTED_FRONTEND["return_tokens_as_token_ids"])

@@ -2,9 +2,11 @@
 mapping to the engine's `StructuredOutputsParams`:
 
 - `response_format`: `{"type": "json_object"}` or `{"type": "json_schema", "json_schema":
-  {"name", "schema", "strict"}}` (OpenAI's; `{"type": "text"}` asks for nothing);
-- `structured_outputs`: vLLM's object `{json | regex | choice | grammar | json_object,
-  disable_any_whitespace}`;
+  {"name", "schema", "strict"}}` (OpenAI's; `{"type": "text"}` asks for nothing), or vLLM's
+  `{"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers"}` /
+  `{"type": "structural_tag", "format"}`;
+- `structured_outputs`: vLLM's object `{json | regex | choice | grammar | json_object |
+  structural_tag, disable_any_whitespace}`;
 - `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`: vLLM's older names.
 
 At most one of them per request; the spec itself is checked when it compiles (a 400 naming it).
@@ -31,15 +33,31 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
+class StructuralTag(BaseModel):
+    """vLLM's structural tag structure: text from `begin` to `end` whose content follows `schema`."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    begin: str
+    tag_schema: dict[str, Any] = Field(alias="schema")
+    end: str
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    structures: list[StructuralTag] | None = None  # structural_tag: vLLM's form, with `triggers`
+    triggers: list[str] | None = None
+    format: dict[str, Any] | None = None  # structural_tag: xgrammar's form
 
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise ValueError("`json_schema` must be given exactly when the type is json_schema")
+        tag_forms = (self.structures is not None and self.triggers is not None, self.format is not None)
+        if self.type == "structural_tag" and sum(tag_forms) != 1:
+            raise ValueError("a structural_tag response_format needs `structures` and `triggers`, or `format`")
+        if self.type != "structural_tag" and (self.structures, self.triggers, self.format) != (None, None, None):
+            raise ValueError("`structures`, `triggers` and `format` belong to the structural_tag type")
         return self
 
 
@@ -76,6 +94,8 @@ class StructuredOutputFields(BaseModel):
             return StructuredOutputsParams(json_object=True)
         if rf is not None and rf.type == "json_schema":
             return StructuredOutputsParams(json=rf.json_schema.json_schema)
+        if rf is not None and rf.type == "structural_tag":
+            return StructuredOutputsParams(structural_tag=rf.model_dump(by_alias=True, exclude_none=True))
         if self.structured_outputs is not None:
             return StructuredOutputsParams(**self.structured_outputs)
         for name, kind in GUIDED.items():

@@ -20,6 +20,7 @@ import re
 import threading
 from typing import Any
 
+from jaxpaged.engine.structured_output.lark import is_lark, lark_to_ebnf
 from jaxpaged.engine.structured_output.params import StructuredOutputsParams
 
 COMPILE_TIMEOUT_S = 30.0  # a grammar not compiled in this time is refused (the request's 400)
@@ -49,10 +50,42 @@ def build_grammar(params: StructuredOutputsParams) -> Any:
             return xgr.Grammar.from_regex(spec)
         if kind == "choice":
             return xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_literal(c) for c in params.choice))
-        return xgr.Grammar.from_ebnf(spec)
+        if kind == "structural_tag":
+            return _structural_tag(xgr, params.structural_tag)
+        return xgr.Grammar.from_ebnf(_ebnf(spec))
     except RuntimeError as e:
-        what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar (EBNF)", "choice": "choice"}[kind]
+        what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar (EBNF)", "choice": "choice",
+                "structural_tag": "structural tag"}[kind]
         raise ValueError(f"invalid {what} for structured outputs: {_XGRAMMAR_PREFIX.sub('', str(e)).strip()}") from None
+
+
+def _ebnf(grammar: str) -> str:
+    """A `grammar` spec as EBNF: Lark's converted (vLLM's xgrammar backend does the same)."""
+    if not is_lark(grammar):
+        return grammar
+    try:
+        return lark_to_ebnf(grammar)
+    except ValueError as e:
+        raise ValueError(f"invalid grammar (Lark) for structured outputs: {e}") from None
+
+
+def _structural_tag(xgr: Any, tag: dict[str, Any]) -> Any:
+    """vLLM's two forms: `{"structures": [{"begin", "schema", "end"}], "triggers"}` (free text
+    until a trigger, then a tag whose content follows its schema), else xgrammar's
+    `{"type": "structural_tag", "format"}`. ValueError naming a malformed field."""
+    if "structures" not in tag:
+        return xgr.Grammar.from_structural_tag(json.dumps(tag))
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(structures, list) or not isinstance(triggers, list) or not all(isinstance(t, str) for t in triggers):
+        raise ValueError("a structural tag needs `structures` (a list) and `triggers` (a list of strings)")
+    items = []
+    for s in structures:
+        if not isinstance(s, dict) or not isinstance(s.get("begin"), str) or not isinstance(s.get("end"), str) \
+                or not isinstance(s.get("schema"), dict):
+            raise ValueError("each structural tag structure needs `begin` and `end` strings and a `schema` object")
+        items.append(xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(_lengths_as_patterns(s["schema"])),
+                                           end=s["end"]))
+    return xgr.Grammar.from_structural_tag(items, triggers)
 
 
 def _lengths_as_patterns(schema: Any) -> Any:

@@ -4,7 +4,8 @@ accepts each sampled token and fills the sample's row of the step's allowed-toke
 
 A sample whose grammar is compiling stays waiting (the scheduler does not admit it). A
 sampled token the grammar does not accept (a dead end: no token was allowed) and a grammar
-that has terminated both end the sample with finish reason "stop".
+that has terminated both end the sample with finish reason "stop". With a reasoning parser the
+grammar holds only once the reasoning has ended (`reasoning.py`).
 """
 from __future__ import annotations
 
@@ -19,9 +20,13 @@ from jaxpaged.engine.structured_output.compiler import import_xgrammar
 
 
 class StructuredOutputRequest:
-    def __init__(self, grammar: concurrent.futures.Future):
+    def __init__(self, grammar: concurrent.futures.Future, reasoning_end: tuple[int, ...] = (),
+                 reasoning_ended: bool = True):
         self.grammar = grammar  # -> xgrammar.CompiledGrammar
         self._matcher: Any = None
+        self.reasoning_end = reasoning_end  # the token ids that end reasoning (a reasoning parser's tag)
+        self.reasoning_ended = reasoning_ended  # False: the grammar waits for `reasoning_end`
+        self._reasoning_tail: tuple[int, ...] = ()  # the last sampled ids while reasoning
 
     @property
     def ready(self) -> bool:
@@ -39,12 +44,17 @@ class StructuredOutputRequest:
         return self._matcher
 
     def accept(self, token_id: int) -> bool:
-        """Advance the grammar by a sampled token; False if the grammar does not allow it."""
+        """Advance the grammar by a sampled token; False if the grammar does not allow it. A
+        reasoning token only ends the reasoning (the end tag's last token) or not."""
+        if not self.reasoning_ended:
+            self._reasoning_tail = (self._reasoning_tail + (token_id,))[-len(self.reasoning_end):]
+            self.reasoning_ended = self._reasoning_tail == self.reasoning_end
+            return True
         return self.matcher.accept_token(token_id)
 
     @property
     def is_terminated(self) -> bool:
-        return self.matcher.is_terminated()
+        return self.reasoning_ended and self.matcher.is_terminated()
 
 
 @functools.cache
@@ -54,8 +64,9 @@ def _batch_matcher() -> Any:
 
 def fill_grammar_bitmask(mask: np.ndarray, grammars: Sequence[StructuredOutputRequest | None]) -> None:
     """Write row i's allowed tokens into `mask[i]` (`[S, ceil(V / 32)]` int32, xgrammar's
-    layout) for each row with a grammar; several rows at once on xgrammar's threads."""
-    rows = [i for i, g in enumerate(grammars) if g is not None]
+    layout) for each row with a grammar past its reasoning; several rows at once on xgrammar's
+    threads."""
+    rows = [i for i, g in enumerate(grammars) if g is not None and g.reasoning_ended]
     if len(rows) == 1:
         grammars[rows[0]].matcher.fill_next_token_bitmask(mask, rows[0])
     elif rows:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxpaged.engine.structured_output.reasoning import THINK_TAGS
 from jaxpaged.serve.chat_outputs import DeltaMessage
 from jaxpaged.serve.tool_parsers.utils import partial_suffix
 
@@ -22,7 +23,7 @@ class ReasoningParser:
     template put the start tag in the prompt, as Qwen3's thinking models' do) or when the model
     always reasons first (`reasons_first`); else it may open the block with the start tag. A
     block never closed is all reasoning."""
-    start_token, end_token = "<think>", "</think>"
+    start_token, end_token = THINK_TAGS  # the engine core's grammars wait for the same end
     reasons_first = False
 
     def __init__(self, prompt_opened: bool = False):

@@ -1,0 +1,123 @@
+"""Structured output's cost in decode: TPOT at batch 64 with every row under a JSON schema, against
+the same batch unconstrained (greedy head) and unconstrained on the `full` head (the grammar
+rows' head, without masks), in one run; random weights.
+
+    python scripts/benchmark_structured.py --model-shape llama3-8b
+
+The model directory (`make_shape_model.py --bpe-tokenizer`, cached under --model-dir) has a
+byte-level BPE of Llama 3's vocabulary size, which spells JSON (the mask cost grows with the
+vocabulary). The timed schema is an array of short strings with `minItems` beyond the decode
+steps, so no row can finish: the batch stays full (the table says how many rows still run at
+the end). TPOT is the wall time of `--decode-steps` engine steps after every row's first token,
+per step (one token per row). A second run of the batch under a bounded schema finishes every
+row; its outputs are checked in plain Python (all must be valid; the GPU machine may lack
+jsonschema).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from benchmark_throughput import SHAPES, enable_compilation_cache
+from make_shape_model import make_shape_model
+
+ITEM = {"type": "string", "maxLength": 12}
+
+
+def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
+    """Add `batch` random prompts under `params`, step until each has a token, then time `steps`
+    steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
+    the finished outputs' texts by request); the rest is aborted."""
+    rng = np.random.default_rng(batch)
+    for i in range(batch):
+        engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
+    core = engine.core
+    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
+        engine.step()
+    texts, n = {}, 0
+    t = time.perf_counter()
+    while engine.has_unfinished_requests() and (steps is None or n < steps):
+        for out in engine.step():
+            if out.finished:
+                texts[out.request_id] = out.outputs[0].text
+        n += 1
+    elapsed = time.perf_counter() - t
+    running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
+    for request_id in list(core.requests):
+        engine.abort_request(request_id)
+    return elapsed / max(n, 1), running, texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-shape", choices=[*SHAPES, "tiny"], default="llama3-8b")
+    ap.add_argument("--model-dir", default=None, help="default /tmp/jaxpaged-<shape>-bpe (made once)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=128)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    model = Path(args.model_dir or f"/tmp/jaxpaged-{args.model_shape}-bpe")
+    if not (model / "config.json").is_file():
+        t = time.perf_counter()
+        make_shape_model(model, args.model_shape, bpe_tokenizer=True)
+        print(f"made {model} (BPE tokenizer trained in {time.perf_counter() - t:.0f} s)")
+    import jax
+
+    from jaxpaged import LLM, SamplingParams, StructuredOutputsParams
+
+    enable_compilation_cache(args.compilation_cache)
+    llm = LLM(str(model), load_format="dummy", max_model_len=args.max_model_len, max_num_seqs=args.batch,
+              max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
+              enable_prefix_caching=False)
+    engine, vocab = llm.engine, llm.engine.model_config.vocab_size
+    steps = args.decode_steps
+    tokens = args.max_model_len - args.prompt_len - 1
+    timed = {"type": "array", "items": ITEM, "minItems": tokens}  # an item is at least 2 tokens: no row ends
+    free = dict(temperature=0, max_tokens=tokens, ignore_eos=True, detokenize=False)
+    runs = {"unconstrained (greedy head)": SamplingParams(**free),
+            "unconstrained (full head)": SamplingParams(**free, logprobs=1),
+            "JSON schema, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
+                                                     structured_outputs=StructuredOutputsParams(json=timed))}
+    run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:2]
+            for i, (name, p) in enumerate(runs.items())}
+    bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
+    _, _, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
+                                                   structured_outputs=StructuredOutputsParams(json=bounded)),
+                            args.batch, args.prompt_len, None, vocab, "valid")
+    valid = sum(_valid(text, 1, 4) for text in texts.values())
+    base = rows["unconstrained (greedy head)"][0]
+    print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.model_shape}, vocab {vocab}, "
+          f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
+    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s}")
+    for name, (tpot, running) in rows.items():
+        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%}")
+    print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+                                               "device": jax.devices()[0].device_kind, "args": vars(args),
+                                               "tpot_s": {k: v[0] for k, v in rows.items()},
+                                               "running": {k: v[1] for k, v in rows.items()},
+                                               "valid": valid, "finished": len(texts)}, indent=2))
+
+
+def _valid(text: str, min_items: int, max_items: int) -> bool:
+    """Whether `text` is a JSON array of `min_items` .. `max_items` strings of at most ITEM's length."""
+    try:
+        items = json.loads(text)
+    except ValueError:
+        return False
+    return (isinstance(items, list) and min_items <= len(items) <= max_items
+            and all(isinstance(x, str) and len(x) <= ITEM["maxLength"] for x in items))
+
+
+if __name__ == "__main__":
+    main()
