@@ -39,7 +39,7 @@ from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_cache_dtype
 from jaxpaged.models.quantization import load_quantization_config
-from jaxpaged.models.quantization.kv_scales import load_kv_scales
+from jaxpaged.models.quantization.kv_scales import pool_scales
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
@@ -89,7 +89,8 @@ class EngineCore:
                                                             self.max_num_batched_tokens, dtype, head_bytes,
                                                             draft=draft.model_config if draft else None)
         kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
-                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None, *self._kv_scales(dtype))
+                           NamedSharding(self.mesh, KV_POOL) if self.mesh else None,
+                           *pool_scales(None if config.load_format == "dummy" else config.model, cfg, dtype))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.spec_stats = SpecDecodingStats(spec.num_speculative_tokens if spec is not None else 0)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
@@ -117,17 +118,6 @@ class EngineCore:
                         "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
         log_late_compiles(logger)
-
-    def _kv_scales(self, dtype) -> tuple:
-        """(k_scale, v_scale) [L, Hkv] of an fp8 pool, from the checkpoint (vLLM's default 1.0
-        where it has none, warned for e4m3 as vLLM does); (None, None) for other pools."""
-        if dtype.itemsize != 1:
-            return None, None
-        scales = load_kv_scales(None if self.config.load_format == "dummy" else self.config.model, self.model_config)
-        if not scales.from_checkpoint and dtype.name == "float8_e4m3fn":
-            logger.warning("fp8 KV cache with scaling factor 1.0: the checkpoint has no k_scale / v_scale tensors "
-                           "(accuracy may suffer)")
-        return scales.k, scales.v
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

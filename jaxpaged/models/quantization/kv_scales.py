@@ -7,6 +7,7 @@ layer with one of the two uses the larger for both, and `kv_cache_dtype="auto"` 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from jaxpaged.models.config import ConfigError, ModelConfig
 from jaxpaged.models.loader import _tensor_files
 
+logger = logging.getLogger("jaxpaged")
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:(?:k_proj|v_proj|qkv_proj)\.)?(k|v|kv)_scale$")
 
 
@@ -44,6 +46,18 @@ def load_kv_scales(model_dir: str | Path | None, cfg: ModelConfig) -> KVCacheSca
         k.append(ones if ks is None else ks)
         v.append(ones if vs is None else vs)
     return KVCacheScales(np.stack(k), np.stack(v), bool(found))
+
+
+def pool_scales(model_dir: str | Path | None, cfg: ModelConfig, dtype) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(k_scale, v_scale) [L, Hkv] of a pool of `dtype`: an fp8 pool's from the checkpoint
+    (1.0 where it has none, warned for e4m3 as vLLM does); (None, None) for other pools."""
+    if np.dtype(dtype).itemsize != 1:
+        return None, None
+    scales = load_kv_scales(model_dir, cfg)
+    if not scales.from_checkpoint and np.dtype(dtype).name == "float8_e4m3fn":
+        logger.warning("fp8 KV cache with scaling factor 1.0: the checkpoint has no k_scale / v_scale tensors "
+                       "(accuracy may suffer)")
+    return scales.k, scales.v
 
 
 def _per_head(name: str, scale: np.ndarray, cfg: ModelConfig) -> np.ndarray:
