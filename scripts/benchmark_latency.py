@@ -16,11 +16,13 @@ from benchmark_throughput import (SHAPES, enable_compilation_cache, recorded_dis
 from ceilings import ceilings
 
 
-def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> tuple[float, float]:
+def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int,
+               prompt: list[int] | None = None) -> tuple[float, float]:
     """Median time of one decode step with `batch` sequences running (after their prefill), and
     the device time per step of the same steps replayed back to back (where the ITL is above
     it, the host's dispatch is the limit). With speculative decoding a step emits several
-    tokens: both are then per token (the decode's time over its `steps` tokens, mean)."""
+    tokens: both are then per token (the decode's time over its `steps` tokens, mean).
+    `prompt`: every row's prompt (a text task), else random ids of `prompt_len`."""
     import jax
 
     from jaxpaged import SamplingParams
@@ -28,7 +30,7 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int) -> t
     rng = np.random.default_rng(batch)
     p = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True, detokenize=False)
     for i in range(batch):
-        engine.add_request(f"itl-{batch}-{i}", rng.integers(0, vocab, prompt_len).tolist(), p)
+        engine.add_request(f"itl-{batch}-{i}", prompt or rng.integers(0, vocab, prompt_len).tolist(), p)
     core = getattr(engine, "core", engine)  # an older revision's engine (A/B runs) has no separate core
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
@@ -89,6 +91,9 @@ def main() -> None:
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
                          '"synthetic_acceptance_rate": 0.8}\': the synthetic acceptance mode for random weights; '
                          '\'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\': a draft model')
+    ap.add_argument("--prompt-file", help="decode on a text task instead of random ids: every row's prompt is "
+                    "--prompt-template with {text} the file's text, through the model's chat template")
+    ap.add_argument("--prompt-template", default="Repeat the following text exactly, word for word:\n\n{text}")
     ap.add_argument("--json")
     args = ap.parse_args()
     prompt_lens = [int(n) for n in args.prompt_lens.split(",")]
@@ -116,10 +121,17 @@ def main() -> None:
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))
     floor = weight_bytes / args.tensor_parallel_size / ceil["copy_bytes_per_s"]  # each GPU reads its shard
     vocab = engine.model_config.vocab_size
-    rows = {}
+    rows, prompt = {}, None
+    if args.prompt_file:
+        text = args.prompt_template.format(text=Path(args.prompt_file).read_text())
+        prompt = llm.get_tokenizer().apply_chat_template([{"role": "user", "content": text}],
+                                                         add_generation_prompt=True, tokenize=True)
+        prompt = list(getattr(prompt, "input_ids", prompt))
+        if len(prompt) + args.decode_steps + 1 > args.max_model_len:
+            ap.error(f"the {len(prompt)}-token prompt + --decode-steps exceeds --max-model-len {args.max_model_len}")
     for b in args.batches.split(","):
         rows[f"decode ITL, batch {b}"], rows[f"  its device time, batch {b}"] = decode_itl(
-            engine, int(b), args.decode_prompt_len, args.decode_steps, vocab)
+            engine, int(b), args.decode_prompt_len, args.decode_steps, vocab, prompt)
     for n in [n for n in prompt_lens if n < args.max_model_len]:
         rows[f"TTFT, prompt {n}"], rows[f"  its device time, prompt {n}"] = ttft(engine, n, vocab)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; weights {weight_bytes / 1e9:.2f} GB, "

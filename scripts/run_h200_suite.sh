@@ -17,6 +17,13 @@
 #   longctx  (name it in PARTS) scripts/benchmark_long_context.py: TTFT and ITL at 8k / 32k / 128k contexts,
 #            batch 1 and 8, against the weights + KV floor; RAG 128 x 16k prompts with and without a
 #            shared 8k prefix (~6 min; LONGCTX_ARGS="--parts latency" or "--parts rag" runs half)
+#   quant    (name it in PARTS) fixed and mixed: bf16, then fp8 W8A8 + fp8 KV cache, side by side    ~6 min
+#   quantlat (name it in PARTS) batch-1 / batch-8 ITL and TTFT: bf16, fp8 W8A8 + fp8 KV, int4 W4A16 ~3 min
+#   spec     (name it in PARTS) batch-1 ITL without and with synthetic speculation (k = 4, 80%), then the
+#            fixed workload (256 rows) without and with n-gram speculation                      ~5 min
+#   structured (name it in PARTS) scripts/benchmark_structured.py: batch-64 TPOT with every row under a
+#            JSON schema against unconstrained; BPE_MODEL: its model folder (default .cache/llama3-8b-bpe,
+#            carried; made there in ~2 min when missing)                                         ~3 min
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
 #   ab       (name it in PARTS) this tree against another revision's package, side by side: mixed (each
@@ -52,7 +59,7 @@ run() {
     echo "== $name: $*"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|TTFT|ITL,|RAG|speedup|checks|copy bandwidth)|skipp(ing|ed)" \
+    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|TTFT|ITL,|RAG|speedup|speculative|unconstrained|JSON schema|bounded|checks|copy bandwidth)|skipp(ing|ed)" \
         "$OUT/$name.log" | cut -c1-200
     [ $rc = 0 ] || { echo "   $name failed (rc $rc; 124: over its ${limit} s), its log ends:"; tail -n 5 "$OUT/$name.log"; }
     TIMES+=("$name $((SECONDS - start)) s")
@@ -126,6 +133,34 @@ fi
 if want longctx; then
     run longctx 570 $PY scripts/benchmark_long_context.py "${SRC[@]}" --compilation-cache "$CACHE" \
         --json "$OUT/longctx.json" ${LONGCTX_ARGS:-}
+fi
+if want quant; then
+    for q in bf16 fp8; do
+        QA=(); [ $q = fp8 ] && QA=(-q fp8 --kv-cache-dtype fp8)
+        throughput quant-fixed-$q 300 --workload fixed "${QA[@]}"
+        throughput quant-mixed-$q 300 --workload mixed "${QA[@]}"
+    done
+fi
+if want quantlat; then
+    for q in bf16 fp8 int4; do
+        QA=(); [ $q = fp8 ] && QA=(-q fp8 --kv-cache-dtype fp8); [ $q = int4 ] && QA=(-q int4)
+        run quantlat-$q 200 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 --prompt-lens 512 \
+            --batches 1,8 --compilation-cache "$CACHE" --json "$OUT/quantlat-$q.json" "${QA[@]}" ${LATENCY_ARGS:-}
+    done
+fi
+if want spec; then
+    SYNTH='{"method": "ngram", "num_speculative_tokens": 4, "synthetic_acceptance_rate": 0.8}'
+    for v in off synthetic; do
+        SA=(); [ $v = synthetic ] && SA=(--speculative-config "$SYNTH")
+        run spec-latency-$v 200 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 --prompt-lens 128 \
+            --batches 1 --compilation-cache "$CACHE" --json "$OUT/spec-latency-$v.json" "${SA[@]}" ${LATENCY_ARGS:-}
+    done
+    throughput spec-fixed-off 300 --workload fixed
+    throughput spec-fixed-ngram 300 --workload fixed --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
+fi
+if want structured; then
+    run structured 500 $PY scripts/benchmark_structured.py --model-dir "${BPE_MODEL:-.cache/llama3-8b-bpe}" \
+        --compilation-cache "$CACHE" --json "$OUT/structured.json"
 fi
 if want tp2; then  # the x2 machine
     TP=(--workload mixed --num-kv-blocks 24000 --max-num-batched-tokens 8192 --num-scheduler-steps 8)
