@@ -33,6 +33,7 @@ def workload(model_dir):
     prompts = [rng.integers(0, 500, 5).tolist() * 4 + rng.integers(0, 500, 3).tolist() for _ in range(8)]
     prompts += [rng.integers(0, 500, int(rng.integers(5, 30))).tolist() for _ in range(4)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)), ignore_eos=True) for _ in prompts]
+    params[5] = params[6] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)  # changed below
     # (a short penalty row: while it runs no step speculates)
     params[-1] = SamplingParams(temperature=0.8, presence_penalty=0.5, seed=3, max_tokens=4, ignore_eos=True)
     params[4] = SamplingParams(temperature=0.3, top_p=0.9, top_k=5, seed=4, max_tokens=30, ignore_eos=True)
@@ -44,8 +45,13 @@ def workload(model_dir):
     toks = outs[0].outputs[0].token_ids
     params[0] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[toks[len(toks) // 2]])
     params[1] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[outs[1].outputs[0].text[6:9]])
+    # a logit bias against a token of the output, and a stop token that min_tokens bans for 8 tokens
+    unbiased, unbanned = outs[5].outputs[0].token_ids, outs[6].outputs[0].token_ids
+    params[5] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias={unbiased[5]: -5.0})
+    params[6] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, min_tokens=8, stop_token_ids=[unbanned[1]])
     outs = base.generate(prompts, params, use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == outs[1].outputs[0].finish_reason == "stop"
+    assert outs[5].outputs[0].token_ids != unbiased and outs[6].outputs[0].token_ids[:8] != unbanned[:8]
     return prompts, params, outs
 
 
@@ -64,7 +70,7 @@ CONFIGS = {
     "seqs64": {},
     "seqs1": {"max_num_seqs": 1},
     "preempt": {"num_kv_blocks": 40},
-    "off-above-batch-3": {"speculative_config": {**SPEC, "disable_by_batch_size": 3}},
+    "off-above-batch-4": {"speculative_config": {**SPEC, "disable_by_batch_size": 4}},
 }
 
 
@@ -73,18 +79,21 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     prompts, params, base = workload
     llm = LLM(model_dir, **{**KW, "speculative_config": SPEC, **CONFIGS[name]})
     compiles = compile_counter.count
-    verified, top_n = [], []  # per step: (rows with drafts, rows, a top-k / top-p row had drafts)
+    verified = []  # per step: (rows with drafts, rows, a top-k / top-p row had drafts)
+    top_n, biased = [], []  # (drafts, accepted) of each verified row with top-N logprobs, with a logit bias
     launch, fetch = llm.engine.runner.launch, llm.engine.runner.fetch
     llm.engine.runner.launch = lambda sched, variant: verified.append(
         (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled),
          any(r.draft_token_ids and r.request.params.top_p < 1 for r in sched.scheduled))) or launch(sched, variant)
 
-    def fetch_top_n(launched):  # (drafts, accepted) of each verified top-N logprobs row
+    def fetch_drafted(launched):
         out = fetch(launched)
-        top_n.extend((len(r.draft_token_ids), int(out.num_emitted[i]) - 1) for i, r in enumerate(out.rows)
-                     if r.draft_token_ids and r.request.params.logprobs)
+        for i, r in enumerate(out.rows):
+            if r.draft_token_ids:
+                p, result = r.request.params, (len(r.draft_token_ids), int(out.num_emitted[i]) - 1)
+                (top_n if p.logprobs else biased if p.logit_bias else []).append(result)
         return out
-    llm.engine.runner.fetch = fetch_top_n
+    llm.engine.runner.fetch = fetch_drafted
     outs = llm.generate(prompts, params, use_tqdm=False)
     same = [i for i in range(len(prompts)) if i != 4]  # all but the sampled row that speculates
     assert [[(c.token_ids, c.text, c.finish_reason) for c in outs[i].outputs] for i in same] == \
@@ -92,7 +101,7 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     assert len(outs[4].outputs[0].token_ids) == 30
     _same_logprobs(_logprobs(outs[2]), _logprobs(base[2]))  # of the verified positions
     assert len(_logprobs(outs[2])[0]) >= 5
-    assert top_n or name.startswith("off-above")  # the top-N logprobs row was verified with drafts
+    assert (top_n and biased) or name.startswith("off-above")  # the top-N and the biased rows had drafts
     stats = llm.engine.core.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # accepted and rejected
     assert stats.spec_decode_num_accepted_tokens == sum(stats.spec_decode_num_accepted_tokens_per_pos)
@@ -104,8 +113,8 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
         assert any(0 < a for _, a in top_n) and any(a < d for d, a in top_n)
     if name == "preempt":
         assert llm.engine.scheduler.num_preemptions > 0
-    if name.startswith("off-above"):  # more than 3 running: no drafts
-        assert all(spec == 0 for spec, rows, _ in verified if rows > 3) and any(spec for spec, _, _ in verified)
+    if name.startswith("off-above"):  # more than 4 running: no drafts
+        assert all(spec == 0 for spec, rows, _ in verified if rows > 4) and any(spec for spec, _, _ in verified)
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks  # nothing leaked
     assert compile_counter.count == compiles, "the engine compiled after warm-up"

@@ -57,10 +57,11 @@ VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, FULL)
 _VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered", FULL: "full"}
 LOOP_VARIANTS = tuple(v for v in VARIANTS if not v.needs_history)  # the decode loop's
 # The verify head's compiled variants (speculative decoding, spec_decode/verify.py), cheapest
-# first: greedy rows run in any; the top-N logprobs are a variant of their own (a top-k over
-# every position's vocabulary and a [K + 1, S, N] copy to the host, which other rows skip).
-VERIFY_LOGPROBS = SamplingFeatures(random=True, top_k_top_p=True, logprobs=True)
-VERIFY_VARIANTS = (SAMPLE, SAMPLE_FILTERED, VERIFY_LOGPROBS)
+# first: greedy rows run in any; logit bias and top-N logprobs are a variant of their own (a
+# scatter, a top-k over every position's vocabulary and a [K + 1, S, N] copy to the host,
+# which the common steps skip).
+VERIFY_FULL = SamplingFeatures(random=True, top_k_top_p=True, logit_bias=True, logprobs=True)
+VERIFY_VARIANTS = (SAMPLE, SAMPLE_FILTERED, VERIFY_FULL)
 
 
 _interned: dict[SamplingFeatures, SamplingFeatures] = {}

@@ -1,8 +1,9 @@
 """The step head of a speculating step (in place of the sampling head): target logits at each
 row's k + 1 positions (its last known token and its drafts), the target distribution per row
 (greedy: one-hot argmax; else temperature, min_p and, in the `filters` variant, top-k /
-top-p), and `rejection_sample` over them; the `num_logprobs` variant adds the top-N raw
-logprobs at each position (as the sampling head's `logprobs` feature). Rows
+top-p), and `rejection_sample` over them; the fullest variant adds each row's logit bias to
+its logits at every position (the raw logprobs are taken before, as in the sampler) and the
+top-N raw logprobs at each position (as the sampling head's `logprobs` feature). Rows
 without drafts get one token, as from the plain head. The host side (`verify_inputs`) packs
 the positions and drafts; every shape is fixed by the token bucket and k (no recompile)."""
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged.engine.host_buffer import unpack
-from jaxpaged.engine.sample.sampler import GREEDY_EPS, SamplerOutput, SamplingInput, filter_logits
+from jaxpaged.engine.sample.sampler import GREEDY_EPS, SamplerOutput, SamplingInput, apply_logit_bias, filter_logits
 from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
 from jaxpaged.engine.scheduler import ScheduledRequest
@@ -67,10 +68,12 @@ def _verify_head(top_params, hidden, buf, *, layout, num_prev: int, filters: boo
     sp = SamplingInput(**{f: a[f] for f in _SAMPLING_FIELDS})
     s, k = a["draft_ids"].shape
     logits = family_module(cfg).compute_logits(top_params, hidden[a["logits_index"]], cfg=cfg)
-    logits = logits.astype(jnp.float32).reshape(s, k + 1, -1)
-    out = rejection_sample(target_probs(logits, sp, filters), a["draft_ids"], a["num_drafts"], sp.keys,
-                           synthetic_acceptance_rate=synthetic_acceptance_rate)
-    raw = jax.nn.log_softmax(logits, axis=-1)
+    logits = logits.astype(jnp.float32)
+    raw = jax.nn.log_softmax(logits, axis=-1).reshape(s, k + 1, -1)
+    if "bias_ids" in a:  # the logit_bias variant (its layout has the bias): each row's at all its positions
+        logits = apply_logit_bias(logits, jnp.repeat(a["bias_ids"], k + 1, 0), jnp.repeat(a["bias_vals"], k + 1, 0))
+    out = rejection_sample(target_probs(logits.reshape(s, k + 1, -1), sp, filters), a["draft_ids"], a["num_drafts"],
+                           sp.keys, synthetic_acceptance_rate=synthetic_acceptance_rate)
     logprobs = jnp.take_along_axis(raw, jnp.maximum(out.token_ids, 0)[..., None], axis=-1)
     ranks = jnp.sum(raw >= logprobs, axis=-1, dtype=jnp.int32)
     last = out.token_ids[jnp.arange(s), out.num_emitted - 1]
