@@ -1,14 +1,18 @@
 """Speculative decoding's parts: the config's keys, the n-gram proposer against a plain-python
 prompt lookup (and vLLM's cases), and the rejection sampler against the exact target
-distribution (chi-square over 40,000 draws in one jitted call) and a numpy reference."""
+distribution (chi-square over 40,000 draws in one jitted call) and a numpy reference; which
+rows get drafts."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from jaxpaged.engine.request import Request
+from jaxpaged.engine.sample.features import features_of
+from jaxpaged.engine.sampling_params import SamplingParams
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
-from jaxpaged.engine.spec_decode.ngram_proposer import NgramProposer
+from jaxpaged.engine.spec_decode.ngram_proposer import NgramProposer, max_drafts
 from jaxpaged.engine.spec_decode.rejection_sampler import rejection_sample_jit, rejection_sample_reference
 
 
@@ -182,3 +186,23 @@ def test_synthetic_acceptance_accepts_at_the_given_rate():
     accepted = np.asarray(out.num_accepted)
     # P(accepted = 0, 1, 2) = 0.2, 0.8 * 0.2, 0.8^2
     assert _pvalue(np.bincount(accepted, minlength=3), np.array([0.2, 0.16, 0.64]) * s) > 1e-3
+
+
+@pytest.mark.parametrize(("kw", "speculates"), [
+    ({}, True), ({"logprobs": 5}, True), ({"logit_bias": {3: -2.0}}, True), ({"top_k": 3, "temperature": 1.0}, True),
+    ({"presence_penalty": 0.5}, False), ({"allowed_token_ids": [1, 2]}, False), ({"prompt_logprobs": 1}, False)])
+def test_which_rows_get_drafts(kw, speculates):
+    """Rows whose sampling the verify head does get drafts; min_tokens' bans (EOS, stop ids)
+    end at a position, so a row gets none until min_tokens is met."""
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": 20} | kw)
+    seq = Request("0", 0, [1, 2, 3], params, features_of(params, 512), 20, 0)
+    seq.all_token_ids += [4, 5]
+    seq.num_computed_tokens = seq.num_tokens - 1
+    assert (max_drafts(seq, 3, 128) == 3) == speculates
+    if speculates:
+        banned = SamplingParams(**{"temperature": 0.0, "max_tokens": 20, "min_tokens": 3} | kw)
+        seq.params, seq.features = banned, features_of(banned, 512)
+        assert max_drafts(seq, 3, 128) == 0  # 2 tokens out of 3
+        seq.all_token_ids.append(6)
+        seq.num_computed_tokens += 1
+        assert max_drafts(seq, 3, 128) == 3

@@ -1,5 +1,6 @@
 """N-gram speculative decoding in the engine: greedy outputs token-identical to the engine
-without speculation (itself checked against HF in test_engine.py) under batch sizes,
+without speculation (itself checked against HF in test_engine.py), with the same top-N
+logprobs, under batch sizes,
 preemption, stops and the batch-size cut-off; drafts both accepted and rejected (counters);
 every block freed after rejections and aborts; nothing compiled after warm-up."""
 from __future__ import annotations
@@ -24,7 +25,7 @@ def model_dir(tiny_model_dir):
 def workload(model_dir):
     """Prompts that repeat a pattern (drafts found, often accepted: the tiny model repeats too)
     and random ones; greedy rows of varied lengths, one with a stop token and one with a stop
-    string met mid-output, one with logprobs, one with n = 2, a seeded top-k / top-p row (its
+    string met mid-output, one with top-5 logprobs, one with n = 2, a seeded top-k / top-p row (its
     draws differ with speculation), a seeded row with a penalty (never speculates: outside the
     verify head's sampling, so its draws are the same), and the outputs of the engine without
     speculation."""
@@ -32,10 +33,11 @@ def workload(model_dir):
     prompts = [rng.integers(0, 500, 5).tolist() * 4 + rng.integers(0, 500, 3).tolist() for _ in range(8)]
     prompts += [rng.integers(0, 500, int(rng.integers(5, 30))).tolist() for _ in range(4)]
     params = [SamplingParams(temperature=0, max_tokens=int(rng.integers(1, 40)), ignore_eos=True) for _ in prompts]
+    params[5] = params[6] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)  # changed below
     # (a short penalty row: while it runs no step speculates)
     params[-1] = SamplingParams(temperature=0.8, presence_penalty=0.5, seed=3, max_tokens=4, ignore_eos=True)
     params[4] = SamplingParams(temperature=0.3, top_p=0.9, top_k=5, seed=4, max_tokens=30, ignore_eos=True)
-    params[2] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0)  # the chosen tokens'
+    params[2] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=5)  # the top 5 and the chosen
     params[3] = SamplingParams(n=2, temperature=0, max_tokens=25, ignore_eos=True)  # samples fork the prompt
     base = LLM(model_dir, **KW)
     outs = base.generate(prompts, params, use_tqdm=False)
@@ -43,20 +45,32 @@ def workload(model_dir):
     toks = outs[0].outputs[0].token_ids
     params[0] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[toks[len(toks) // 2]])
     params[1] = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[outs[1].outputs[0].text[6:9]])
+    # a logit bias against a token of the output, and a stop token that min_tokens bans for 8 tokens
+    unbiased, unbanned = outs[5].outputs[0].token_ids, outs[6].outputs[0].token_ids
+    params[5] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logit_bias={unbiased[5]: -5.0})
+    params[6] = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, min_tokens=8, stop_token_ids=[unbanned[1]])
     outs = base.generate(prompts, params, use_tqdm=False)
     assert outs[0].outputs[0].finish_reason == outs[1].outputs[0].finish_reason == "stop"
+    assert outs[5].outputs[0].token_ids != unbiased and outs[6].outputs[0].token_ids[:8] != unbanned[:8]
     return prompts, params, outs
 
 
-def _logprobs(out) -> list[float]:
-    return [next(iter(entry.values())).logprob for entry in out.outputs[0].logprobs]
+def _logprobs(out) -> list[list[tuple[int, float, int]]]:
+    """Each position's (token id, logprob, rank): the chosen token's, then the top N."""
+    return [[(t, lp.logprob, lp.rank) for t, lp in entry.items()] for entry in out.outputs[0].logprobs]
+
+
+def _same_logprobs(got, want) -> None:
+    assert [[(t, r) for t, _, r in pos] for pos in got] == [[(t, r) for t, _, r in pos] for pos in want]
+    assert [lp for pos in got for _, lp, _ in pos] == pytest.approx([lp for pos in want for _, lp, _ in pos],
+                                                                    abs=1e-4)
 
 
 CONFIGS = {
     "seqs64": {},
     "seqs1": {"max_num_seqs": 1},
     "preempt": {"num_kv_blocks": 40},
-    "off-above-batch-3": {"speculative_config": {**SPEC, "disable_by_batch_size": 3}},
+    "off-above-batch-4": {"speculative_config": {**SPEC, "disable_by_batch_size": 4}},
 }
 
 
@@ -65,17 +79,29 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     prompts, params, base = workload
     llm = LLM(model_dir, **{**KW, "speculative_config": SPEC, **CONFIGS[name]})
     compiles = compile_counter.count
-    verified = []
-    launch = llm.engine.runner.launch
+    verified = []  # per step: (rows with drafts, rows, a top-k / top-p row had drafts)
+    top_n, biased = [], []  # (drafts, accepted) of each verified row with top-N logprobs, with a logit bias
+    launch, fetch = llm.engine.runner.launch, llm.engine.runner.fetch
     llm.engine.runner.launch = lambda sched, variant: verified.append(
         (sum(bool(r.draft_token_ids) for r in sched.scheduled), len(sched.scheduled),
          any(r.draft_token_ids and r.request.params.top_p < 1 for r in sched.scheduled))) or launch(sched, variant)
+
+    def fetch_drafted(launched):
+        out = fetch(launched)
+        for i, r in enumerate(out.rows):
+            if r.draft_token_ids:
+                p, result = r.request.params, (len(r.draft_token_ids), int(out.num_emitted[i]) - 1)
+                (top_n if p.logprobs else biased if p.logit_bias else []).append(result)
+        return out
+    llm.engine.runner.fetch = fetch_drafted
     outs = llm.generate(prompts, params, use_tqdm=False)
     same = [i for i in range(len(prompts)) if i != 4]  # all but the sampled row that speculates
     assert [[(c.token_ids, c.text, c.finish_reason) for c in outs[i].outputs] for i in same] == \
         [[(c.token_ids, c.text, c.finish_reason) for c in base[i].outputs] for i in same]
     assert len(outs[4].outputs[0].token_ids) == 30
-    assert _logprobs(outs[2]) == pytest.approx(_logprobs(base[2]), abs=1e-4)  # of the verified positions
+    _same_logprobs(_logprobs(outs[2]), _logprobs(base[2]))  # of the verified positions
+    assert len(_logprobs(outs[2])[0]) >= 5
+    assert (top_n and biased) or name.startswith("off-above")  # the top-N and the biased rows had drafts
     stats = llm.engine.core.stats()
     assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens  # accepted and rejected
     assert stats.spec_decode_num_accepted_tokens == sum(stats.spec_decode_num_accepted_tokens_per_pos)
@@ -83,10 +109,12 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
     if name in ("seqs64", "preempt"):  # rows with and without drafts in one step
         assert any(0 < spec < rows for spec, rows, _ in verified)
         assert any(top_p for _, _, top_p in verified)  # the top-k / top-p row was verified too
+    if name == "seqs64":  # the top-N logprobs row's drafts both accepted and rejected
+        assert any(0 < a for _, a in top_n) and any(a < d for d, a in top_n)
     if name == "preempt":
         assert llm.engine.scheduler.num_preemptions > 0
-    if name.startswith("off-above"):  # more than 3 running: no drafts
-        assert all(spec == 0 for spec, rows, _ in verified if rows > 3) and any(spec for spec, _, _ in verified)
+    if name.startswith("off-above"):  # more than 4 running: no drafts
+        assert all(spec == 0 for spec, rows, _ in verified if rows > 4) and any(spec for spec, _, _ in verified)
     bm = llm.engine.block_manager
     assert bm.num_free_blocks == bm.num_total_blocks  # nothing leaked
     assert compile_counter.count == compiles, "the engine compiled after warm-up"

@@ -26,10 +26,11 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, LateSampling, StepInputs
-from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, SamplingFeatures, union, variant_for
+from jaxpaged.engine.sample.features import (LOOP_VARIANTS, VARIANTS, VERIFY_VARIANTS, SamplingFeatures, union,
+                                             variant_for)
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
-from jaxpaged.engine.spec_decode.verify import VERIFY_VARIANTS, jitted_verify
+from jaxpaged.engine.spec_decode.verify import jitted_verify, verify_kwargs
 from jaxpaged.engine.step_programs import PromptLogprobsOutput, jitted_step
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
@@ -131,7 +132,7 @@ class ModelRunner:
         inp = self._padding[key]
         hidden = jax.ShapeDtypeStruct((t, self.cfg.hidden_size), self.params["embed"].dtype,
                                       sharding=self._hidden_sharding)
-        program, kw = ((self._verify, {"filters": variant.top_k_top_p}) if speculative
+        program, kw = ((self._verify, verify_kwargs(variant)) if speculative
                        else (self._head, {"variant": variant}))
         with self._logged(f"{'verify head' if speculative else 'head'} {t} {variant.name}"):
             mem = program.lower(self.top_params, hidden, inp.sampling, layout=inp.sampling_layout,
@@ -191,8 +192,9 @@ class ModelRunner:
                 self.fetch(self._submit([], variant, inp, multi_step=True))
 
     def variant(self, sched: SchedulerOutput) -> SamplingFeatures:
-        """The cheapest compiled sampling variant that serves every scheduled request."""
-        return variant_for(union(r.request.features for r in sched.scheduled))
+        """The cheapest compiled sampling variant (verify variant if speculative) that serves
+        every scheduled request."""
+        return variant_for(union(r.request.features for r in sched.scheduled), sched.speculative)
 
     @staticmethod
     def launches_late(sched: SchedulerOutput, variant: SamplingFeatures) -> bool:
@@ -257,8 +259,8 @@ class ModelRunner:
 
     def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
                         max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):
-        """Dispatch the forward and the verify head (speculative decoding; top-k / top-p if
-        `variant` has them); as `dispatch`."""
+        """Dispatch the forward and the verify head (speculative decoding; top-k / top-p and
+        top-N logprobs if `variant` has them); as `dispatch`."""
         return self._run_verify(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
                                 sampling_layout)
 
@@ -279,7 +281,7 @@ class ModelRunner:
         """Dispatch the verify head (as `_run_head`); returns (sampled [K + 1, S], num_emitted)."""
         out, num_emitted, self._prev_tokens = self._verify(self.top_params, hidden, sampling_buf,
                                                            layout=sampling_layout, num_prev=self.max_num_seqs,
-                                                           filters=variant.top_k_top_p)
+                                                           **verify_kwargs(variant))
         return out, num_emitted
 
     def _forward_program(self, layout):
@@ -301,7 +303,7 @@ class ModelRunner:
         self.device_wait_seconds += time.perf_counter() - t0
         if launched.speculative:  # [K + 1, S] already; `prompt` holds num_emitted
             return ModelRunnerOutput(launched.rows, launched.token_offsets, sampled.token_ids, sampled.logprobs,
-                                     sampled.ranks, num_emitted=prompt)
+                                     sampled.ranks, sampled.top_ids, sampled.top_logprobs, num_emitted=prompt)
         if not launched.multi_step:
             sampled = jax.tree.map(lambda x: x[None], sampled)
         return ModelRunnerOutput(launched.rows, launched.token_offsets, sampled.token_ids, sampled.logprobs,

@@ -56,6 +56,12 @@ FULL = SamplingFeatures(random=True, top_k_top_p=True, penalties=True, logit_bia
 VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, FULL)
 _VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered", FULL: "full"}
 LOOP_VARIANTS = tuple(v for v in VARIANTS if not v.needs_history)  # the decode loop's
+# The verify head's compiled variants (speculative decoding, spec_decode/verify.py), cheapest
+# first: greedy rows run in any; logit bias and top-N logprobs are a variant of their own (a
+# scatter, a top-k over every position's vocabulary and a [K + 1, S, N] copy to the host,
+# which the common steps skip).
+VERIFY_FULL = SamplingFeatures(random=True, top_k_top_p=True, logit_bias=True, logprobs=True)
+VERIFY_VARIANTS = (SAMPLE, SAMPLE_FILTERED, VERIFY_FULL)
 
 
 _interned: dict[SamplingFeatures, SamplingFeatures] = {}
@@ -88,9 +94,10 @@ def union(features: Iterable[SamplingFeatures]) -> SamplingFeatures:
 
 
 @functools.cache
-def variant_for(needed: SamplingFeatures) -> SamplingFeatures:
-    """The cheapest compiled variant that serves a step needing `needed`."""
-    for v in VARIANTS:
+def variant_for(needed: SamplingFeatures, speculative: bool = False) -> SamplingFeatures:
+    """The cheapest compiled variant (of the verify head's if `speculative`) that serves a
+    step needing `needed`."""
+    for v in VERIFY_VARIANTS if speculative else VARIANTS:
         if v.covers(needed):
             return v
-    raise ValueError(f"no compiled sampling variant has the features {needed.name}")
+    raise ValueError(f"no compiled {'verify' if speculative else 'sampling'} variant has the features {needed.name}")

@@ -213,6 +213,12 @@ def _sample_random(x: jax.Array, sp: SamplingInput, filters: bool) -> jax.Array:
     return jnp.argmax(x + gumbel, axis=-1).astype(jnp.int32)
 
 
+def apply_logit_bias(logits: jax.Array, ids: jax.Array, vals: jax.Array) -> jax.Array:
+    """logits [S, V] + the bias entries: ids [S, B] i32 (padded with -1), vals [S, B] f32."""
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return logits.at[rows, jnp.where(ids < 0, logits.shape[1], ids)].add(vals, mode="drop")
+
+
 def apply_token_bitmask(logits: jax.Array, bitmask: jax.Array) -> jax.Array:
     """Ban the tokens whose bit is 0. logits: [S, V]; bitmask: [S, ceil(V / 32)] int32, bit
     `v % 32` of word `v // 32` set = token v allowed (xgrammar's layout)."""
@@ -249,9 +255,7 @@ def sample(
     logits = logits.astype(jnp.float32)
     raw = jax.nn.log_softmax(logits, axis=-1)
     if bias is not None:
-        ids, vals = bias
-        rows = jnp.arange(logits.shape[0])[:, None]
-        logits = logits.at[rows, jnp.where(ids < 0, logits.shape[1], ids)].add(vals, mode="drop")
+        logits = apply_logit_bias(logits, *bias)
     if history is not None:
         logits = apply_penalties(logits, sp, history, history_is_output)
     if token_bitmask is not None:

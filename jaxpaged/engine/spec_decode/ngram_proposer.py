@@ -9,20 +9,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jaxpaged.engine.request import Request
-from jaxpaged.engine.sample.features import SAMPLE_FILTERED
+from jaxpaged.engine.sample.features import VERIFY_VARIANTS
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from jaxpaged.engine.scheduler import ScheduledRequest
 
-VERIFIABLE = SAMPLE_FILTERED  # the sampling features the verify head serves (`verify.VERIFY_VARIANTS`)
+VERIFIABLE = VERIFY_VARIANTS[-1]  # the sampling features the verify head serves (its largest variant)
 
 
 def max_drafts(seq: Request, budget: int, max_model_len: int) -> int:
     """How many drafts `seq`'s next step may carry (<= 0: none): a decoding row whose tokens
     are all on the host and whose sampling the verify head does, at most `budget`, none past
-    max_tokens or max_model_len."""
-    if seq.num_pending or seq.num_computed_tokens + 1 != seq.num_tokens or not VERIFIABLE.covers(seq.features):
+    max_tokens or max_model_len, none before min_tokens (its bans of EOS and the stop ids end
+    at a position; the verify head's bias is the same at every position)."""
+    if seq.num_pending or seq.num_computed_tokens + 1 != seq.num_tokens or not VERIFIABLE.covers(seq.features) \
+            or seq.num_output_tokens < seq.params.min_tokens:
         return 0
     return min(budget, seq.max_tokens - seq.num_output_tokens - 1, max_model_len - seq.num_tokens)
 
@@ -57,7 +59,7 @@ class NgramDrafter:
     """The scheduler's view of n-gram speculation: whether a step speculates and a decoding
     row's drafts. A row gets drafts only when the host knows all its tokens (speculation runs
     synchronously), it decodes one token, and its sampling is one the verify head does
-    (greedy, temperature, min_p, top-k, top-p: the `sample_filtered` variant, `VERIFIABLE`). With a synthetic
+    (greedy, temperature, min_p, top-k, top-p, logit bias, top-N logprobs: `VERIFIABLE`). With a synthetic
     acceptance rate every such row gets k drafts (copies of its last token)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int):
