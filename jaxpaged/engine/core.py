@@ -24,7 +24,8 @@ from jaxpaged.engine.device_memory import kv_pool_blocks
 from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
 from jaxpaged.engine.messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                                       PromptLogprobsChunk, SchedulerStats)
-from jaxpaged.engine.model_runner import Launched, ModelRunner, ModelRunnerOutput
+from jaxpaged.engine.model_runner import ModelRunner
+from jaxpaged.engine.runner_output import Launched, ModelRunnerOutput
 from jaxpaged.engine.platform_defaults import set_default_args
 from jaxpaged.engine.processor import load_tokenizer
 from jaxpaged.engine.request import Request

@@ -25,49 +25,20 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
-from jaxpaged.engine.input_builder import InputBuilder, LateSampling, StepInputs
+from jaxpaged.engine.input_builder import InputBuilder, StepInputs
 from jaxpaged.engine.sample.features import (LOOP_VARIANTS, VARIANTS, VERIFY_VARIANTS, SamplingFeatures, union,
                                              variant_for)
+from jaxpaged.engine.runner_output import Launched, ModelRunnerOutput
 from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 from jaxpaged.engine.spec_decode.verify import jitted_verify, verify_kwargs
-from jaxpaged.engine.step_programs import PromptLogprobsOutput, jitted_step
+from jaxpaged.engine.step_programs import jitted_step
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
-
-
-@dataclasses.dataclass
-class Launched:
-    """A launched step: its rows, where their tokens start in the batch, and the future of the
-    dispatch's device outputs; `ModelRunner.fetch` turns it into a `ModelRunnerOutput`."""
-    rows: list[ScheduledRequest]
-    token_offsets: np.ndarray  # [S + 1]
-    outputs: concurrent.futures.Future  # (device SamplerOutput, PromptLogprobsOutput | None, or num_emitted)
-    multi_step: bool = False
-    speculative: bool = False  # the verify head ran: rows emitted 1..k + 1 tokens (`num_emitted`)
-    late: LateSampling | None = None  # launched late (`launches_late`): its sampling inputs, for `hand_over`
-    sampling: concurrent.futures.Future | None = None  # -> (packed sampling inputs, layout): the head waits
-
-
-@dataclasses.dataclass
-class ModelRunnerOutput:
-    """A step's results on the host, per row i of `rows`: its `rows[i].num_sampled` (0..K)
-    sampled token ids `token_ids[:num_sampled, i]` with their raw logprobs and ranks, the top-N
-    logprobs when the variant computes them, and the prompt logprobs of the step's tokens
-    (rows `token_offsets[i] ..` of `prompt_logprobs`)."""
-    rows: list[ScheduledRequest]
-    token_offsets: np.ndarray  # [S + 1]
-    token_ids: np.ndarray  # [K, S] i32
-    logprobs: np.ndarray  # [K, S] f32
-    ranks: np.ndarray  # [K, S] i32
-    top_ids: np.ndarray | None = None  # [K, S, N]
-    top_logprobs: np.ndarray | None = None  # [K, S, N]
-    prompt_logprobs: PromptLogprobsOutput | None = None
-    num_emitted: np.ndarray | None = None  # [S] a speculative step's tokens per row (else num_sampled)
 
 
 def _in_parallel(threads: int | None, fn, items: list) -> list:
