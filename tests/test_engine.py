@@ -112,7 +112,7 @@ def test_prefill_buckets_run_the_forward_compiled_with_cublas_gemms(model_dir, c
 
     from jaxpaged.engine import step_programs
     from jaxpaged.engine.sample.features import GREEDY
-    from jaxpaged.engine.scheduler import SchedulerOutput
+    from jaxpaged.engine.scheduler_output import SchedulerOutput
 
     f = jax.jit(lambda x: x @ x + 1, compiler_options=step_programs.PREFILL_COMPILER_OPTIONS)
     np.testing.assert_allclose(f(jnp.eye(4)), np.eye(4) + 1)

@@ -2,6 +2,7 @@
 restart, of the server or of `LLM()`, reuses the compiled steps) and the demo checkpoint."""
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from pathlib import Path
@@ -46,3 +47,9 @@ def log_late_compiles(logger: logging.Logger | None, min_secs: float = 0.05) -> 
         monitoring.register_event_duration_secs_listener(listen)
         _late_compiles["listening"] = True
     _late_compiles.update(logger=logger, min_secs=min_secs)
+
+
+def in_parallel(threads: int | None, fn, items: list) -> list:
+    """`fn` over `items` in `threads` threads (default: one per core; XLA compiles outside the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
+        return list(pool.map(fn, items))

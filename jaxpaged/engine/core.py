@@ -30,7 +30,8 @@ from jaxpaged.engine.platform_defaults import set_default_args
 from jaxpaged.engine.processor import load_tokenizer
 from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
-from jaxpaged.engine.scheduler import Scheduler, SchedulerOutput
+from jaxpaged.engine.scheduler import Scheduler
+from jaxpaged.engine.scheduler_output import SchedulerOutput
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer
 from jaxpaged.engine.spec_decode.drafter import make_drafter

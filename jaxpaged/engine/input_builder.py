@@ -12,7 +12,7 @@ from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sample.sampler import make_history, make_sampling_input, row_keys
 from jaxpaged.engine.sample.token_mask import make_token_bitmask
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
-from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.verify import verify_inputs
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models.step_input import SeqChunk, make_step_input

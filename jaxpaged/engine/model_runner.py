@@ -15,7 +15,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 
 import jax
@@ -23,13 +22,14 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxpaged.engine.compile_cache import in_parallel
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
 from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, StepInputs
 from jaxpaged.engine.sample.features import (LOOP_VARIANTS, VARIANTS, VERIFY_VARIANTS, SamplingFeatures, union,
                                              variant_for)
 from jaxpaged.engine.runner_output import Launched, ModelRunnerOutput
-from jaxpaged.engine.scheduler import ScheduledRequest, SchedulerOutput
+from jaxpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 from jaxpaged.engine.spec_decode.verify import jitted_verify, verify_kwargs
 from jaxpaged.engine.step_programs import jitted_step
@@ -39,12 +39,6 @@ from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
-
-
-def _in_parallel(threads: int | None, fn, items: list) -> list:
-    """`fn` over `items` in `threads` threads (default: one per core; XLA compiles outside the GIL)."""
-    with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count()) as pool:
-        return list(pool.map(fn, items))
 
 
 class ModelRunner:
@@ -94,7 +88,7 @@ class ModelRunner:
         heads = [(t, v, False) for t in self.buckets for v in VARIANTS]
         heads += [(t, v, True) for t in self.buckets for v in VERIFY_VARIANTS] if self._verify is not None else []
         self._padding = {key: self.inputs.build(SchedulerOutput([]), *key) for key in heads}
-        return max(_in_parallel(threads, self._compile_head, heads))
+        return max(in_parallel(threads, self._compile_head, heads))
 
     def _compile_head(self, key: tuple[int, SamplingFeatures, bool]) -> int:
         """Compile the head of (bucket, variant, speculative); returns its temporary + output
@@ -146,7 +140,7 @@ class ModelRunner:
                                  num_prev=self.max_num_seqs).compile()
 
         jobs = [(compile_forward, f) for f in forwards] + [(compile_loop, key) for key in loops]
-        _in_parallel(threads, lambda job: job[0](*job[1]), jobs)
+        in_parallel(threads, lambda job: job[0](*job[1]), jobs)
         with self._logged("first runs"):  # each bucket's forward once, then each of its heads on its output
             for t in self.buckets:
                 first = inputs[t, VARIANTS[0], False]

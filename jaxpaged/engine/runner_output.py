@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from jaxpaged.engine.input_builder import LateSampling
-from jaxpaged.engine.scheduler import ScheduledRequest
+from jaxpaged.engine.scheduler_output import ScheduledRequest
 from jaxpaged.engine.step_programs import PromptLogprobsOutput
 
 

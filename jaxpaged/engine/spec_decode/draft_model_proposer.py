@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import jax
 import numpy as np
 
+from jaxpaged.engine.compile_cache import in_parallel
 from jaxpaged.engine.host_buffer import Layout, pack
-from jaxpaged.engine.model_runner import _in_parallel
 from jaxpaged.engine.request import PENDING, Request
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 from jaxpaged.engine.spec_decode.draft_programs import STEP_FIELDS, jitted_propose
@@ -39,7 +39,7 @@ from jaxpaged.models.kv_cache import KVCache, init_kv_cache
 from jaxpaged.models.step_input import SeqChunk, make_step_input
 
 if TYPE_CHECKING:
-    from jaxpaged.engine.scheduler import ScheduledRequest
+    from jaxpaged.engine.scheduler_output import ScheduledRequest
 
 logger = logging.getLogger("jaxpaged")
 
@@ -96,7 +96,7 @@ class DraftModelProposer:
         t0 = time.perf_counter()
         self.kv = init_kv_cache(self.model_config, num_blocks, self.block_size, dtype)
         padding = {t: self._inputs([], t) for t in self.buckets}
-        _in_parallel(threads, lambda t: self._program.lower(self.params, self.kv, padding[t][0], layout=padding[t][1],
+        in_parallel(threads, lambda t: self._program.lower(self.params, self.kv, padding[t][0], layout=padding[t][1],
                                                             num_spec=self.k).compile(), self.buckets)
         for t in self.buckets:
             jax.block_until_ready(self._run([], t))

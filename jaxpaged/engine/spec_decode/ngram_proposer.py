@@ -13,7 +13,7 @@ from jaxpaged.engine.sample.features import VERIFY_VARIANTS
 from jaxpaged.engine.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
-    from jaxpaged.engine.scheduler import ScheduledRequest
+    from jaxpaged.engine.scheduler_output import ScheduledRequest
 
 VERIFIABLE = VERIFY_VARIANTS[-1]  # the sampling features the verify head serves (its largest variant)
 

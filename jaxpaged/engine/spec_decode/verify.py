@@ -19,7 +19,7 @@ from jaxpaged.engine.host_buffer import unpack
 from jaxpaged.engine.sample.sampler import GREEDY_EPS, SamplerOutput, SamplingInput, apply_logit_bias, filter_logits
 from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
-from jaxpaged.engine.scheduler import ScheduledRequest
+from jaxpaged.engine.scheduler_output import ScheduledRequest
 from jaxpaged.engine.spec_decode.rejection_sampler import rejection_sample
 from jaxpaged.models import ModelConfig, family_module
 
