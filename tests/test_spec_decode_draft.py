@@ -16,7 +16,7 @@ import pytest
 from hf_oracle import hf_logits_of
 from safetensors.numpy import load_file, save_file
 from test_spec_decode import _pvalue
-from test_spec_decode_engine import KW, _logprobs, _same_logprobs, model_dir, workload  # noqa: F401 - fixtures
+from test_spec_decode_engine import KW, _logprobs, aborts_after_rejections_free_every_block, _same_logprobs, model_dir, workload  # noqa: F401 - fixtures
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.engine.config import EngineConfig
@@ -145,18 +145,8 @@ def test_the_pool_sizing_counts_the_draft_kv(monkeypatch):
 
 def test_aborts_after_rejections_free_every_block(model_dir, drafts, workload):  # noqa: F811
     prompts, _, _ = workload
-    llm = LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"]), enable_prefix_caching=False)
-    engine = llm.engine
-    for i, p in enumerate(prompts[:6]):
-        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
-    while engine.core.spec_stats.num_draft_tokens - engine.core.spec_stats.num_accepted_tokens < 4:
-        engine.step()
-    for i in range(6):
-        engine.abort_request(str(i))
-    while engine.has_unfinished_requests():
-        engine.step()
-    bm = engine.block_manager
-    assert bm.num_free_blocks == bm.num_total_blocks
+    aborts_after_rejections_free_every_block(
+        LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"]), enable_prefix_caching=False), prompts)
 
 
 N = 20_000

@@ -122,7 +122,12 @@ def test_greedy_outputs_match_the_engine_without_speculation(name, model_dir, wo
 
 def test_aborts_after_rejections_free_every_block(model_dir, workload):
     prompts, _, _ = workload
-    llm = LLM(model_dir, **KW, speculative_config=SPEC, enable_prefix_caching=False)
+    aborts_after_rejections_free_every_block(LLM(model_dir, **KW, speculative_config=SPEC, enable_prefix_caching=False),
+                                             prompts)
+
+
+def aborts_after_rejections_free_every_block(llm, prompts) -> None:
+    """Abort 6 speculating requests once drafts were rejected: every block is free after."""
     engine = llm.engine
     for i, p in enumerate(prompts[:6]):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
