@@ -10,6 +10,7 @@ in the engine-core process (`core_proc`) or inside the offline `LLMEngine`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -32,11 +33,11 @@ from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import SamplingFeatures, features_of
 from jaxpaged.engine.scheduler import Scheduler
 from jaxpaged.engine.scheduler_output import SchedulerOutput
-from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.engine.spec_decode.draft_model_proposer import DraftModelProposer
 from jaxpaged.engine.spec_decode.drafter import make_drafter
-from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
+from jaxpaged.engine.structured_output.manager import StructuredOutputManager
+from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_cache_dtype
@@ -69,8 +70,9 @@ class EngineCore:
         attention = get_attention(config.attention_backend)
         if self.mesh is not None:
             attention = shard_attention(attention, self.mesh)
+        tokenizer = functools.cache(lambda: load_tokenizer(config.tokenizer or config.model))  # loaded once, if needed
         eos = set(cfg.eos_token_ids)
-        if not eos and (tok := load_tokenizer(config.tokenizer or config.model)) is not None \
+        if not eos and (tok := tokenizer()) is not None \
                 and tok.eos_token_id is not None:
             eos = {tok.eos_token_id}
         self.eos_token_ids = tuple(sorted(eos))
@@ -80,19 +82,19 @@ class EngineCore:
                                       self.max_num_batched_tokens, config.max_num_seqs,
                                       extra=(config.decoding_token_budget,))),
                                   config.num_scheduler_steps, config.speculative_config)
-        dtype = params["embed"].dtype
         spec = config.speculative_config
-        self.drafter = make_drafter(config, cfg, dtype, attention, self.runner.buckets)  # before the KV pool
+        # before the KV pool: a draft model's KV is counted in its sizing
+        self.drafter = make_drafter(config, cfg, params["embed"].dtype, attention, self.runner.buckets)
         draft = self.drafter if isinstance(self.drafter, DraftModelProposer) else None
         t1 = time.perf_counter()
         head_bytes = self.runner.compile_heads(config.compile_threads)
-        dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)  # the pools' (the draft's too)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, params["embed"].dtype)  # the pools' (the draft's too)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
-                                                            self.max_num_batched_tokens, dtype, head_bytes,
+                                                            self.max_num_batched_tokens, kv_dtype, head_bytes,
                                                             draft=draft.model_config if draft else None)
-        kv = init_kv_cache(cfg, num_blocks, config.block_size, dtype,
+        kv = init_kv_cache(cfg, num_blocks, config.block_size, kv_dtype,
                            NamedSharding(self.mesh, KV_POOL) if self.mesh else None,
-                           *pool_scales(None if config.load_format == "dummy" else config.model, cfg, dtype))
+                           *pool_scales(None if config.load_format == "dummy" else config.model, cfg, kv_dtype))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.spec_stats = SpecDecodingStats(spec.num_speculative_tokens if spec is not None else 0)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
@@ -100,10 +102,10 @@ class EngineCore:
                                    config.decoding_token_budget, self.drafter)
         self.runner.warmup(kv, config.compile_threads)
         if draft is not None:
-            draft.warmup(num_blocks, dtype, config.compile_threads)
+            draft.warmup(num_blocks, kv_dtype, config.compile_threads)
         t2 = time.perf_counter()
         self.requests: dict[str, list[Request]] = {}  # each request's samples
-        reasoning = (ReasoningTokens.of(config.reasoning_parser, load_tokenizer(config.tokenizer or config.model))
+        reasoning = (ReasoningTokens.of(config.reasoning_parser, tokenizer())
                      if config.reasoning_parser else None)  # its tags, whose end the grammars wait for
         self.structured_output = StructuredOutputManager(config.tokenizer or config.model, cfg.vocab_size,
                                                          self.eos_token_ids, config.num_processes > 1, reasoning)
@@ -114,9 +116,9 @@ class EngineCore:
         quant = load_quantization_config(config.model, config.quantization)
         self.info = CoreInfo(config.model, self.max_model_len, cfg.vocab_size, config.block_size,
                              self.block_manager.num_total_blocks, list(self.eos_token_ids),
-                             quant.method if quant else None, dtype.name)
+                             quant.method if quant else None, kv_dtype.name)
         self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
-                        "kv_cache_dtype": dtype.name, "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
+                        "kv_cache_dtype": kv_dtype.name, "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
                         "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
         log_late_compiles(logger)

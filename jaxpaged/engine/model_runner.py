@@ -22,8 +22,8 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxpaged.engine.compile_cache import in_parallel
 from jaxpaged.engine.buckets import decode_buckets, short_query_buckets, token_buckets
+from jaxpaged.engine.compile_cache import in_parallel
 from jaxpaged.engine.host_buffer import field_shape
 from jaxpaged.engine.input_builder import InputBuilder, StepInputs
 from jaxpaged.engine.sample.features import (LOOP_VARIANTS, VARIANTS, VERIFY_VARIANTS, SamplingFeatures, union,
