@@ -19,8 +19,8 @@
 #            shared 8k prefix (~6 min; LONGCTX_ARGS="--parts latency" or "--parts rag" runs half)
 #   quant    (name it in PARTS) fixed and mixed: bf16, then fp8 W8A8 + fp8 KV cache, side by side    ~6 min
 #   quantlat (name it in PARTS) batch-1 / batch-8 ITL and TTFT: bf16, fp8 W8A8 + fp8 KV, int4 W4A16 ~3 min
-#   spec     (name it in PARTS) batch-1 ITL without and with synthetic speculation (k = 4, 80%), then the
-#            fixed workload (256 rows) without and with n-gram speculation                      ~5 min
+#   spec     (name it in PARTS) batch-1 ITL without and with synthetic speculation (k = 4, 80%)   ~1.5 min
+#   specfixed (name it in PARTS) the fixed workload (256 rows) without and with n-gram speculation ~3.5 min
 #   structured (name it in PARTS) scripts/benchmark_structured.py: batch-64 TPOT with every row under a
 #            JSON schema against unconstrained; BPE_MODEL: its model folder (default .cache/llama3-8b-bpe,
 #            carried; made there in ~2 min when missing)                                         ~3 min
@@ -155,6 +155,8 @@ if want spec; then
         run spec-latency-$v 200 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 --prompt-lens 128 \
             --batches 1 --compilation-cache "$CACHE" --json "$OUT/spec-latency-$v.json" "${SA[@]}" ${LATENCY_ARGS:-}
     done
+fi
+if want specfixed; then
     throughput spec-fixed-off 300 --workload fixed
     throughput spec-fixed-ngram 300 --workload fixed --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
 fi

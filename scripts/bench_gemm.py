@@ -1,0 +1,96 @@
+"""The quantized `linear()` of each weight kind against bf16, on one GPU: Llama-3-8B's four
+linears per layer (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096) chained
+over a stack of layers (so the weights stream from HBM, not L2), at decode and prefill token
+counts. Prints, per kind and token count, the time per layer, the weight-read bandwidth and the
+TFLOP/s, and which GEMM the compiled program calls (the HLO custom-call targets: fp8 W8A8 must
+reach cuBLASLt's fp8 GEMM, `__cublas$lt$matmul$f8`, not a dequantize and a bf16 GEMM).
+
+    python scripts/bench_gemm.py [--tokens 1,8,64,256,2048] [--layers 8] [--kinds bf16,fp8,int8,int8_w8a8,int4]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpaged.models.quantization.kernels import quantized_matmul
+from jaxpaged.models.quantization.quantize import quantize
+
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+
+
+def make_layers(kind: str, layers: int, key) -> dict:
+    """{name: weight [layers, in, out] (bf16) or a stacked quantized leaf}."""
+    out = {}
+    for i, (name, (n, m)) in enumerate(SHAPES.items()):
+        w = (jax.random.normal(jax.random.fold_in(key, i), (layers, n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+        out[name] = w if kind == "bf16" else jax.vmap(lambda x: quantize(x, kind, 0))(w)
+    return out
+
+
+def linear(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype) if isinstance(w, jax.Array) \
+        else quantized_matmul(x, w)
+
+
+@jax.jit
+def forward(x, stacked):
+    def layer(h, w):
+        a = linear(h, w["qkv"])[:, :4096]
+        h = h + linear(a, w["o"])
+        g = linear(h, w["gate_up"])
+        h = h + linear(jax.nn.silu(g[:, :14336]) * g[:, 14336:], w["down"])
+        return h * jax.lax.rsqrt(jnp.mean(jnp.square(h.astype(jnp.float32)), -1, keepdims=True)).astype(h.dtype), None
+    return jax.lax.scan(layer, x, stacked)[0]
+
+
+def gemm_targets(compiled_text: str) -> str:
+    targets = sorted(set(re.findall(r'custom_call_target="([^"]+)"', compiled_text)))
+    gemms = [t for t in targets if "cublas" in t or "gemm" in t or "matmul" in t]
+    triton = "triton_gemm" in compiled_text or '"kind":"__triton_gemm"' in compiled_text
+    return ",".join(gemms) + (",triton_gemm" if triton else "") or "none"
+
+
+def weight_bytes(stacked) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(stacked))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", default="1,8,64,256,2048")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--kinds", default="bf16,fp8,int8,int8_w8a8,int4")
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.layers} layers of Llama-3-8B's linears")
+    rows = []
+    for kind in args.kinds.split(","):
+        stacked = make_layers(kind, args.layers, jax.random.key(0))
+        wb = weight_bytes(stacked) / args.layers
+        flops = 2 * sum(n * m for n, m in SHAPES.values())
+        for t in tokens:
+            x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
+            compiled = forward.lower(x, stacked).compile()
+            gemm = gemm_targets(compiled.as_text())
+            compiled(x, stacked).block_until_ready()
+            times = []
+            for _ in range(args.iters):
+                start = time.perf_counter()
+                compiled(x, stacked).block_until_ready()
+                times.append(time.perf_counter() - start)
+            per_layer = float(np.median(times)) / args.layers
+            rows.append((kind, t, per_layer * 1e6, wb / per_layer / 1e12, flops * t / per_layer / 1e12, wb / 2**20, gemm))
+            print(f"  {kind:10s} T={t:5d} {per_layer * 1e6:8.1f} us/layer", flush=True)
+        del stacked
+    print(f"\n{'kind':10s} {'tokens':>6s} {'us/layer':>9s} {'weights TB/s':>12s} {'TFLOP/s':>8s} {'MiB/layer':>9s}  GEMM calls")
+    for kind, t, us, tbs, tf, mib, gemm in rows:
+        print(f"{kind:10s} {t:6d} {us:9.1f} {tbs:12.2f} {tf:8.1f} {mib:9.1f}  {gemm}")
+
+
+if __name__ == "__main__":
+    main()
