@@ -19,6 +19,7 @@ from jaxpaged.models import ConfigError, load_model
 from jaxpaged.models.layers import linear
 from jaxpaged.models.quantization import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight, Int8Weight,
                                          fuse_out, load_quantization_config, quantize)
+from jaxpaged.models.quantization.kernels import int4_matmul
 from jaxpaged.models.quantization.weights import pack_int4, unpack_int4
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -98,6 +99,23 @@ def test_int4_linear_against_numpy(data):
     assert grouped.scales.shape == (4, *SHAPE[1:])
     assert rel_err(linear(jnp.asarray(x2), grouped), np.tensordot(x2.astype(np.float64),
                                                                   ref_int4_weight(grouped), axes=1)) <= 1e-3
+
+
+@pytest.mark.parametrize("tokens,group", [(5, 32), (37, 128)])
+def test_int4_pallas_kernel_against_numpy(data, tokens, group):
+    """The GPU kernel (interpret mode here) on the fused [in, H, Hkv, D] weight: packed words
+    unpacked in registers, one scale / zero row per K step, split-K parts summed; x in bf16 as in
+    a model, so the bound is bf16's rounding of x and of the dequantized tile."""
+    _, w = data
+    w = np.concatenate([w, w + 0.03], axis=0)
+    x = np.random.default_rng(1).standard_normal((tokens, 128)).astype(np.float32)
+    leaf = quantize(jnp.asarray(w), "int4", group_size=group)
+    want = np.tensordot(x.astype(np.float64), ref_int4_weight(leaf), axes=1)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = int4_matmul(xb, leaf, kernel=True)
+    assert got.shape == (tokens, *SHAPE[1:]) and got.dtype == jnp.bfloat16
+    assert rel_err(got.astype(jnp.float32), want) <= 1e-2
+    assert rel_err(got.astype(jnp.float32), int4_matmul(xb, leaf, kernel=False).astype(jnp.float32)) <= 1e-2
 
 
 def test_fp8_block_linear_against_numpy(data):

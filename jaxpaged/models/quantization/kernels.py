@@ -12,10 +12,14 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
   is dequantized first).
 - int8 W8A8: x is quantized to int8 per token and the dot takes both int8 operands with an
   int32 result; the token and channel scales multiply it.
-- int4 W4A16: unpacked and dequantized group by group, then a dot (a GEMM that reads the packed
-  weight directly is future work).
+- int4 W4A16: on one GPU, up to `INT4_KERNEL_MAX_TOKENS` tokens, a Pallas kernel that reads the
+  packed weight and dequantizes it in registers (kernels/int4_matmul_gpu.py); else (longer,
+  compute-bound steps, act-order `g_idx`, CPU, several devices, where GSPMD would gather the
+  weight for the Pallas call) unpacked and dequantized group by group, then a dot.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,7 @@ import jax.numpy as jnp
 from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
+INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GEMM on the dequantized weight
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
 
@@ -68,8 +73,25 @@ def int8_w8a8_matmul(x: jax.Array, w: Int8W8A8Weight) -> jax.Array:
     return (y * jnp.reshape(x_scale, (-1, *(1,) * w.scale.ndim)) * w.scale).astype(x.dtype)
 
 
-def int4_matmul(x: jax.Array, w: Int4Weight) -> jax.Array:
-    return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
+def int4_kernel_applies(x: jax.Array, w: Int4Weight) -> bool:
+    if jax.default_backend() != "gpu" or jax.device_count() != 1 or w.g_idx is not None \
+            or x.shape[0] > INT4_KERNEL_MAX_TOKENS:
+        return False
+    from jaxpaged.kernels.int4_matmul_gpu import supported  # Pallas imported only where it runs
+
+    return supported(w.shape[0], math.prod(w.shape[1:]), w.group_size)
+
+
+def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.Array:
+    """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret mode)."""
+    if not (int4_kernel_applies(x, w) if kernel is None else kernel):
+        return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
+    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
+
+    out = w.shape[1:]
+    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+    y = int4_matmul_gpu(x, flat(w.qweight), flat(w.scales), flat(w.zeros))
+    return y.reshape(x.shape[0], *out)
 
 
 _MATMULS = {Fp8Weight: fp8_matmul, Fp8BlockWeight: fp8_block_matmul, Int8Weight: int8_matmul,
