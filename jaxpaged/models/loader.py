@@ -61,7 +61,7 @@ def _unreadable(f: Path, e: Exception) -> ConfigError:
     return ConfigError(f"cannot read weights file {f}: {reason} (corrupt or truncated?)")
 
 
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
+def tensor_files(model_dir: Path) -> dict[str, Path]:
     """HF tensor name -> safetensors file, from the sharded index or by listing the files."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -104,7 +104,7 @@ def load_params(model_dir: str | Path, cfg: ModelConfig, dtype: str = "auto", pl
     model_dir = Path(model_dir)
     target = resolve_dtype(cfg, dtype)
     mod = family_module(cfg)
-    files = _tensor_files(model_dir)
+    files = tensor_files(model_dir)
     handles: dict[Path, object] = {}
 
     def raw(name: str):

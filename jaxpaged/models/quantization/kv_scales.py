@@ -15,7 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jaxpaged.models.config import ConfigError, ModelConfig
-from jaxpaged.models.loader import _tensor_files
+from jaxpaged.models.loader import tensor_files
 
 logger = logging.getLogger("jaxpaged")
 _NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(?:(?:k_proj|v_proj|qkv_proj)\.)?(k|v|kv)_scale$")
@@ -33,7 +33,7 @@ def load_kv_scales(model_dir: str | Path | None, cfg: ModelConfig) -> KVCacheSca
     """The scales of `cfg`'s layers and KV heads (after tensor-parallel head replication,
     `cfg.kv_head_replicas`) in the checkpoint in `model_dir` (None: random weights, ones)."""
     found: dict[tuple[int, str], np.ndarray] = {}
-    for name, f in (_tensor_files(Path(model_dir)) if model_dir is not None else {}).items():
+    for name, f in (tensor_files(Path(model_dir)) if model_dir is not None else {}).items():
         if (m := _NAME.search(name)) is not None:
             with safe_open(f, framework="flax") as st:
                 found[int(m[1]), m[2]] = _per_head(name, np.asarray(st.get_tensor(name), np.float32), cfg)
