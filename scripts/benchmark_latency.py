@@ -32,7 +32,7 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int,
     for i in range(batch):
         engine.add_request(f"itl-{batch}-{i}", prompt or rng.integers(0, vocab, prompt_len).tolist(), p)
     core = getattr(engine, "core", engine)  # an older revision's engine (A/B runs) has no separate core
-    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
+    while any(not s.known_output_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
     times = []
     with recorded_dispatches(engine.runner, getattr(core, "drafter", None)) as records:

@@ -42,7 +42,7 @@ def decode_itl(engine, context: int, batch: int, steps: int, vocab: int) -> tupl
 
     _run(engine, _prompts([context, batch], batch, context, vocab), steps + 1, f"itl-{context}-{batch}")
     core = engine.core
-    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
+    while any(not s.known_output_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
     times = []
     with recorded_dispatches(engine.runner) as records:

@@ -35,7 +35,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
     core = engine.core
-    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
+    while any(not s.known_output_ids for seqs in core.requests.values() for s in seqs):
         engine.step()
     texts, n = {}, 0
     t = time.perf_counter()
