@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from benchmark_throughput import (SHAPES, enable_compilation_cache, recorded_dispatches, replay, shape_dir,
-                                  spec_decode_summary)
+                                  spec_decode_summary, wait_for_device)
 from ceilings import ceilings
 
 
@@ -32,8 +32,9 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int,
     for i in range(batch):
         engine.add_request(f"itl-{batch}-{i}", prompt or rng.integers(0, vocab, prompt_len).tolist(), p)
     core = getattr(engine, "core", engine)  # an older revision's engine (A/B runs) has no separate core
-    while any(not s.known_output_ids for seqs in core.requests.values() for s in seqs):
+    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
+    wait_for_device(engine)  # the prefill's device work done before the timed steps
     times = []
     with recorded_dispatches(engine.runner, getattr(core, "drafter", None)) as records:
         while engine.has_unfinished_requests():

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_throughput import SHAPES, enable_compilation_cache, recorded_dispatches, replay, shape_dir
+from benchmark_throughput import (SHAPES, enable_compilation_cache, recorded_dispatches, replay, shape_dir,
+                                  wait_for_device)
 from ceilings import ceilings
 
 
@@ -42,8 +43,9 @@ def decode_itl(engine, context: int, batch: int, steps: int, vocab: int) -> tupl
 
     _run(engine, _prompts([context, batch], batch, context, vocab), steps + 1, f"itl-{context}-{batch}")
     core = engine.core
-    while any(not s.known_output_ids for seqs in core.requests.values() for s in seqs):
+    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         engine.step()  # prefill
+    wait_for_device(engine)  # the prefill's device work done before the timed steps
     times = []
     with recorded_dispatches(engine.runner) as records:
         while engine.has_unfinished_requests():

@@ -21,22 +21,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchmark_throughput import SHAPES, enable_compilation_cache
+from benchmark_throughput import SHAPES, enable_compilation_cache, wait_for_device
 from make_shape_model import make_shape_model
 
 ITEM = {"type": "string", "maxLength": 12}
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
-    """Add `batch` random prompts under `params`, step until each has a token, then time `steps`
+    """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
     steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
     the finished outputs' texts by request); the rest is aborted."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
     core = engine.core
-    while any(not s.known_output_ids for seqs in core.requests.values() for s in seqs):
+    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         engine.step()
+    wait_for_device(engine)  # the prefill's device work done before the timed steps
     texts, n = {}, 0
     t = time.perf_counter()
     while engine.has_unfinished_requests() and (steps is None or n < steps):

@@ -117,6 +117,16 @@ def recorded_dispatches(runner, drafter=None):
             delattr(obj, n)  # the class's methods again
 
 
+def wait_for_device(engine) -> None:
+    """Block until the device work of every launched step is done: a benchmark's prefill before
+    its timed steps (launched, not processed: a request's pending tokens count in
+    `output_token_ids`)."""
+    import jax
+
+    for launched in getattr(getattr(engine, "core", engine), "_in_flight", ()):
+        jax.block_until_ready(launched.outputs.result())
+
+
 def replay(records) -> tuple[float, dict]:
     """Run the recorded steps again: all back to back, waiting only at the end (the device time
     of the workload without the host's gaps; dispatch counts where it is slower than the
