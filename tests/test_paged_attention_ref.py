@@ -35,7 +35,8 @@ def dense_attention(q, k, v, q_pos, scale, window):
 
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
 @pytest.mark.parametrize("hq,hkv,window", [(4, 4, 0), (8, 2, 0), (8, 1, 5)])
-def test_paged_attention_matches_dense(hq, hkv, window, attention, monkeypatch):
+@pytest.mark.parametrize("num_seqs", [5, 20])  # the CPU path's query blocks: 4 tokens (straddled), 1
+def test_paged_attention_matches_dense(hq, hkv, window, attention, num_seqs, monkeypatch):
     fn, chunk = ATTENTIONS[attention]
     if chunk:
         monkeypatch.setattr(importlib.import_module("jaxpaged.kernels.paged_attention_cpu"), "CHUNK_TOKENS", chunk)
@@ -58,7 +59,7 @@ def test_paged_attention_matches_dense(hq, hkv, window, attention, monkeypatch):
             b, o = table[p // bs], p % bs
             k_pool[layer, :, b, o], v_pool[layer, :, b, o] = c[p, 0], c[p, 1]
     inp = make_step_input([([0] * new, done, t) for (done, new), t in zip(plan, tables)], bs,
-                          num_tokens=32, num_seqs=5, max_blocks=8)
+                          num_tokens=32, num_seqs=num_seqs, max_blocks=8)
     k_new = np.concatenate([c[done:, 0] for (done, _), c in zip(plan, ctx)])
     v_new = np.concatenate([c[done:, 1] for (done, _), c in zip(plan, ctx)])
     pad = 32 - k_new.shape[0]
