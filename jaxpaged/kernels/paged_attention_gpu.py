@@ -29,7 +29,8 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
 The pool layout is the reference's `[L, Hkv, num_blocks, block_size, D]`; the layer index is
 read in the kernel, so no layer slice is ever copied. An fp8 pool's K/V tiles are converted to
 q's dtype after the load; the program's KV head's K scale is folded into the score scale and
-its V scale multiplies the output accumulator (one scalar each per program).
+its V scale multiplies the output accumulator (one scalar each per program); other pools load
+no scales (static).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
 
 def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
                   tok0, n_tok, num_tokens, hq, group, group_p, block_q, block_n, block_size, max_blocks,
-                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=1024):
+                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=1024, scaled=False):
     """Attention of `n_tok` (<= block_q) new tokens from `tok0` of one sequence, one KV head."""
     block_m = block_q * group_p
     rows = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -123,7 +124,10 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, 
     q = q_ref[tok_c, head_c, :]  # [block_m, D]
     d = q.shape[-1]
     nl, hkv = k_ref.shape[:2]
-    k_scale, v_scale = sc_ref[layer * hkv + h], sc_ref[(nl + layer) * hkv + h]  # fp8 pool's (else 1)
+    if scaled:  # an fp8 pool's scales of this KV head
+        k_scale, v_scale = sc_ref[layer * hkv + h], sc_ref[(nl + layer) * hkv + h]
+    else:
+        k_scale, v_scale = 1.0, None
     score_scale = scale_log2 * k_scale
 
     p_first = ctx - q_len + tok0
@@ -176,7 +180,8 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, 
     carry = lax.fori_loop(b0, u0, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
     m_i, l_i, acc = lax.fori_loop(u1, b1, functools.partial(body, masked=True), carry)
-    acc = acc * v_scale
+    if v_scale is not None:
+        acc = acc * v_scale
 
     if padded_out:
         # Interpret mode discharges a masked store as read-modify-write of every row, so
@@ -368,7 +373,8 @@ def paged_attention_gpu(
                jnp.reshape(jnp.asarray(layer, i32), (1,)), jnp.reshape(jnp.asarray(sliding_window, i32), (1,)),
                kv_scales)
     common = dict(num_seqs=s, num_tokens=t, hq=hq, group=group, group_p=group_p, block_size=bs,
-                  max_blocks=mb, scale_log2=float(scale) * LOG2E, padded_out=padded_out)
+                  max_blocks=mb, scale_log2=float(scale) * LOG2E, padded_out=padded_out,
+                  scaled=k_scale is not None or v_scale is not None)
 
     def params(c):
         return pltriton.CompilerParams(num_warps=c.num_warps, num_stages=c.num_stages)
