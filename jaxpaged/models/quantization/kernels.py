@@ -83,8 +83,9 @@ def int4_kernel_applies(x: jax.Array, w: Int4Weight) -> bool:
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.Array:
-    """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret mode)."""
-    if not (int4_kernel_applies(x, w) if kernel is None else kernel):
+    """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret mode;
+    never for act-order weights, which the kernel's contiguous groups cannot express)."""
+    if w.g_idx is not None or not (int4_kernel_applies(x, w) if kernel is None else kernel):
         return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
 
