@@ -30,26 +30,32 @@ ITEM = {"type": "string", "maxLength": 12}
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
     """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
     steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
-    the finished outputs' texts by request); the rest is aborted."""
+    seconds per step the host waited for the device, the finished outputs' texts by request); the
+    rest is aborted."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
-    core = engine.core
-    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
-        engine.step()
-    wait_for_device(engine)  # the prefill's device work done before the timed steps
-    texts, n = {}, 0
-    t = time.perf_counter()
-    while engine.has_unfinished_requests() and (steps is None or n < steps):
+    core, texts = engine.core, {}
+
+    def step() -> None:
         for out in engine.step():
             if out.finished:
                 texts[out.request_id] = out.outputs[0].text
+
+    while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
+        step()  # a short row may finish while others are still prefilling
+    wait_for_device(engine)  # the prefill's device work done before the timed steps
+    n, wait = 0, core.runner.device_wait_seconds
+    t = time.perf_counter()
+    while engine.has_unfinished_requests() and (steps is None or n < steps):
+        step()
         n += 1
     elapsed = time.perf_counter() - t
+    wait = core.runner.device_wait_seconds - wait
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
     for request_id in list(core.requests):
         engine.abort_request(request_id)
-    return elapsed / max(n, 1), running, texts
+    return elapsed / max(n, 1), running, wait / max(n, 1), texts
 
 
 def main() -> None:
@@ -88,25 +94,26 @@ def main() -> None:
             "JSON schema, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
                                                      structured_outputs=StructuredOutputsParams(json=timed))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
-    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:2]
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:3]
             for i, (name, p) in enumerate(runs.items())}
     bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
-    _, _, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
+    *_, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
                                                    structured_outputs=StructuredOutputsParams(json=bounded)),
                             args.batch, args.prompt_len, None, vocab, "valid")
     valid = sum(_valid(text, 1, 4) for text in texts.values())
     base = rows["unconstrained (greedy head)"][0]
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.model_shape}, vocab {vocab}, "
           f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
-    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s}")
-    for name, (tpot, running) in rows.items():
-        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%}")
+    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s}")
+    for name, (tpot, running, wait) in rows.items():
+        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f}")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                                                "device": jax.devices()[0].device_kind, "args": vars(args),
                                                "tpot_s": {k: v[0] for k, v in rows.items()},
                                                "running": {k: v[1] for k, v in rows.items()},
+                                               "device_wait_s": {k: v[2] for k, v in rows.items()},
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 

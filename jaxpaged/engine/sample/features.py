@@ -49,12 +49,18 @@ class SamplingFeatures:
 GREEDY = SamplingFeatures()
 SAMPLE = SamplingFeatures(random=True)
 SAMPLE_FILTERED = SamplingFeatures(random=True, top_k_top_p=True)
+# structured output (and allowed_token_ids / bad_words) alone: the bitmask without penalties,
+# bias or logprobs, greedy or sampled
+GREEDY_MASKED = SamplingFeatures(token_bitmask=True)
+SAMPLE_MASKED = SamplingFeatures(random=True, top_k_top_p=True, token_bitmask=True)
 FULL = SamplingFeatures(random=True, top_k_top_p=True, penalties=True, logit_bias=True, logprobs=True,
                         prompt_logprobs=True, token_bitmask=True)
 # The compiled head variants per token bucket, cheapest first: top-k / top-p cost ~2.7 ms of a
-# 256-row step on an H200, the history inputs more; most batches need one of the first three.
-VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, FULL)
-_VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered", FULL: "full"}
+# 256-row step on an H200, the history inputs more; most batches need one of the first three,
+# structured output one of the two masked ones.
+VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, GREEDY_MASKED, SAMPLE_MASKED, FULL)
+_VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered",
+                  GREEDY_MASKED: "greedy_masked", SAMPLE_MASKED: "sample_masked", FULL: "full"}
 LOOP_VARIANTS = tuple(v for v in VARIANTS if not v.needs_history)  # the decode loop's
 # The verify head's compiled variants (speculative decoding, spec_decode/verify.py), cheapest
 # first: greedy rows run in any; logit bias and top-N logprobs are a variant of their own (a
