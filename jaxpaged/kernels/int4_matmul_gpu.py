@@ -12,8 +12,10 @@ GEMM does not happen: it writes the bf16 weight first).
 Reference: `Int4Weight.dequantize()` then a dot (`models/quantization/kernels.py`).
 
 Grid `(N / block_n, T / block_t, splits)`: a program owns `block_n` output columns and
-`block_t` tokens and walks `K / splits` input rows in steps of `block_k` (inside one group, so
-one scale and zero row per step). Split-K only when the column tiles alone give too few programs
+`block_t` tokens and walks `K / splits` input rows, 128 at a time: one contiguous [16, block_n]
+load of packed words, whose 8 nibble planes (rows 8w + j for plane j) each take one bf16 MMA
+against the matching 16 columns of x. x is permuted outside the kernel so that those columns are
+contiguous (`_plane_order`). Split-K only when the column tiles alone give too few programs
 (decode of a narrow weight); the parts' float32 sums add in a small XLA reduction.
 """
 from __future__ import annotations
@@ -32,29 +34,44 @@ from jaxpaged.kernels.paged_attention_gpu import num_sms
 INT4_PER_WORD = 8
 
 
+BLOCK_K = 128  # input rows per step: 16 packed words per column
+WORDS = BLOCK_K // INT4_PER_WORD
+
+
 def supported(k: int, n: int, group: int) -> bool:
-    """Shapes the kernel tiles: 16+ columns and input rows per step, in whole words."""
-    return math.gcd(n, 128) >= 16 and math.gcd(group, 128) >= 16 and k % group == 0
+    """Shapes the kernel tiles: 16+ columns, whole 128-row steps, groups of whole words that
+    divide a step or are whole steps."""
+    return (math.gcd(n, 128) >= 16 and k % BLOCK_K == 0 and k % group == 0 and group % INT4_PER_WORD == 0
+            and (BLOCK_K % group == 0 or group % BLOCK_K == 0))
 
 
-def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, block_k, group, k_per_split):
+def _plane_order(x: jax.Array) -> jax.Array:
+    """x [T, K] with each 128-column block reordered from row 8w + j to 16j + w: plane j's 16
+    inputs contiguous."""
+    t, k = x.shape
+    return x.reshape(t, k // BLOCK_K, WORDS, INT4_PER_WORD).swapaxes(2, 3).reshape(t, k)
+
+
+def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
     j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n0, t0 = j * block_n, i * block_t
-    r = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-    word, shift = r // INT4_PER_WORD, (r % INT4_PER_WORD) * 4
+    # the group of each packed word row in a step (all equal when a group spans the step)
+    word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
 
     def step(kb, acc):
-        k0 = sp * k_per_split + kb * block_k
-        x = x_ref[pl.ds(t0, block_t), pl.ds(k0, block_k)]  # [block_t, block_k]
-        packed = w_ref[k0 // INT4_PER_WORD + word, pl.ds(n0, block_n)]  # [block_k, block_n]: each word 8x, from cache
-        q = (packed >> shift[:, None]) & 0xF
-        g = k0 // group
-        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
+        k0 = sp * k_per_split + kb * BLOCK_K
+        packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)]  # [16, block_n]
+        g = k0 // group + word_group
+        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [16, block_n]
         zero = z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32)
-        w = ((q - zero[None, :]).astype(jnp.float32) * scale[None, :]).astype(x.dtype)
-        return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
+            x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
+            q = (packed >> (4 * plane)) & 0xF
+            w = ((q - zero).astype(jnp.float32) * scale).astype(x.dtype)
+            acc += lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc
 
-    acc = lax.fori_loop(0, k_per_split // block_k, step, jnp.zeros((block_t, block_n), jnp.float32))
+    acc = lax.fori_loop(0, k_per_split // BLOCK_K, step, jnp.zeros((block_t, block_n), jnp.float32))
     o_ref[sp, pl.ds(t0, block_t), pl.ds(n0, block_n)] = acc
 
 
@@ -68,20 +85,18 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
     if not supported(k, n, group):
         raise ValueError(f"int4 kernel: unsupported shape K={k} N={n} group={group}")
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
-    block_k = math.gcd(group, 128)
     block_n = block_n or math.gcd(n, 128)
     tp = -(-t // block_t) * block_t
     programs = (n // block_n) * (tp // block_t)
     if splits is None:  # split K while the programs fill fewer than two waves of the SMs
         splits = 1
-        while programs * splits * 2 <= 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
+        while programs * splits * 2 <= 2 * num_sms() and (k // BLOCK_K) % (splits * 2) == 0:
             splits *= 2
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    kern = functools.partial(_kernel, block_t=block_t, block_n=block_n, block_k=block_k, group=group,
-                             k_per_split=k // splits)
+    kern = functools.partial(_kernel, block_t=block_t, block_n=block_n, group=group, k_per_split=k // splits)
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, tp, n), jnp.float32),
                          grid=(n // block_n, tp // block_t, splits), interpret=interpret, name="int4_matmul",
                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-                         )(jnp.pad(x, ((0, tp - t), (0, 0))), qweight, scales, zeros)
+                         )(jnp.pad(_plane_order(x), ((0, tp - t), (0, 0))), qweight, scales, zeros)
     return jnp.sum(out, axis=0)[:t].astype(x.dtype)
