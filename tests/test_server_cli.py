@@ -76,8 +76,8 @@ def test_hub_id_resolves_from_the_local_cache_offline(tiny_model_dir, tmp_path, 
 def test_vllm_cpu_tutorial_line_with_a_hub_id_offline(tiny_model_dir, tmp_path):
     """vLLM's CPU tutorial line (`--model M --trust-remote-code --device cpu --dtype bfloat16
     --tokenizer-mode auto`, no engine sizes) with M a hub id in an offline HF cache, and its
-    request; the engine core takes the CPU's small defaults (the tiny model's 15 programs, as
-    with small sizes given) and says so; the flags that change nothing here are logged as such."""
+    request; the engine core takes the CPU's small defaults (the tiny model's
+    3 buckets x (head variants + 1) programs, as with small sizes given) and says so; the flags that change nothing here are logged as such."""
     import httpx
 
     cache = tmp_path / "hub"
@@ -104,10 +104,13 @@ def test_vllm_cpu_tutorial_line_with_a_hub_id_offline(tiny_model_dir, tmp_path):
             proc.wait(timeout=30)
     logs = log_path.read_text()
     assert "--trust-remote-code changes nothing here" in logs and "non-default args" in logs
-    # the tiny model's context is 256: the CPU's sizes below it, its 15 programs compiled
+    # the tiny model's context is 256: the CPU's sizes below it; per bucket one forward and a head
+    # per sampling variant compiled
+    from jaxpaged.engine.sample.features import VARIANTS
+    n = 3 * (len(VARIANTS) + 1)
     assert ("CPU defaults: max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256, "
             "token_buckets=(16, 64, 256)") in logs
-    assert "'buckets': [16, 64, 256]" in logs and "warm-up: compiled 15/15 programs" in logs
+    assert "'buckets': [16, 64, 256]" in logs and f"warm-up: compiled {n}/{n} programs" in logs
 
 
 def test_jaxpaged_serve_command_and_positional_model(capsys):
