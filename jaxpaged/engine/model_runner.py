@@ -41,6 +41,15 @@ from jaxpaged.models.sharding import KV_POOL
 logger = logging.getLogger("jaxpaged")
 
 
+def _copy_to_host_early(outputs):
+    """Start the device-to-host copies of a dispatched step's outputs (small: sampled ids and
+    logprobs) as soon as they are computed, so that `fetch` finds them on the host instead of
+    asking for them behind the next step's forward."""
+    for leaf in jax.tree.leaves(outputs):
+        leaf.copy_to_host_async()
+    return outputs
+
+
 class ModelRunner:
     """Start-up: `compile_heads` (before the KV pool exists: their memory sizes it), then
     `warmup(kv)`; then `launch` / `fetch` per step."""
@@ -212,22 +221,22 @@ class ModelRunner:
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
         device outputs (sampled, prompt logprobs or None) without waiting. Owns `kv` and
         `_prev_tokens`: called on the worker thread once the engine runs."""
-        return self._run_head(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
-                              sampling_layout)
+        return _copy_to_host_early(self._run_head(variant, self._run_forward(step_buf, step_layout, max_query_len),
+                                                  sampling_buf, sampling_layout))
 
     def dispatch_late(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout, max_query_len: int | None,
                       sampling: concurrent.futures.Future):
         """`dispatch`, the head's inputs awaited after the forward is dispatched: the device runs
         the forward while the engine processes the steps before it and builds them."""
         hidden = self._run_forward(step_buf, step_layout, max_query_len)
-        return self._run_head(variant, hidden, *sampling.result())
+        return _copy_to_host_early(self._run_head(variant, hidden, *sampling.result()))
 
     def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
                         max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the forward and the verify head (speculative decoding; top-k / top-p and
         top-N logprobs if `variant` has them); as `dispatch`."""
-        return self._run_verify(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
-                                sampling_layout)
+        return _copy_to_host_early(self._run_verify(
+            variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf, sampling_layout))
 
     def _run_forward(self, step_buf: np.ndarray, step_layout, max_query_len: int | None) -> jax.Array:
         """Dispatch a step's forward (updates `kv`); returns the hidden states."""
@@ -258,7 +267,7 @@ class ModelRunner:
         out, self.kv, self._prev_tokens = self._loop(
             self.params, self.kv, buf, self._prev_tokens, layout=layout, max_query_len=max_query_len,
             variant=variant, num_steps=self.num_steps, num_prev=self.max_num_seqs)
-        return out, None
+        return _copy_to_host_early((out, None))
 
     def fetch(self, launched: Launched) -> ModelRunnerOutput:
         """Wait for a launched step and copy its outputs to the host ([K, S], K = 1 for a
