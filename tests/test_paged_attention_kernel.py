@@ -139,6 +139,24 @@ def test_in_model_forward(tiny_model_dir):
                                rtol=MODEL_TOL)
 
 
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e4m3fn"])
+@pytest.mark.parametrize("mode,tokens", [("decode", 1), ("decode", 64), ("prefill", 256), ("split", 256),
+                                         ("fused", 2048)])
+def test_triton_lowering_for_the_gpu(mode, tokens, kv_dtype):
+    """Every mode's Triton lowering for a CUDA target, done here without a GPU, at Llama-3-8B's
+    heads (32 q, 8 KV, D 128) with a bf16 and an fp8 pool: an op or block shape Triton refuses
+    fails here. One Triton call per kernel launch ("split" launches two)."""
+    sd = jax.ShapeDtypeStruct
+    s = min(tokens, 64)
+    pool = sd((2, 8, 512, 16, 128), jnp.dtype(kv_dtype))
+    scales = {} if kv_dtype == "bfloat16" else dict(k_scale=sd((2, 8), jnp.float32), v_scale=sd((2, 8), jnp.float32))
+    args = (sd((tokens, 32, 128), jnp.bfloat16), pool, pool, sd((), jnp.int32), sd((s + 1,), jnp.int32),
+            sd((s,), jnp.int32), sd((s, 256), jnp.int32))
+    f = functools.partial(paged_attention_gpu, scale=0.088, mode=mode, interpret=False)
+    hlo = jax.jit(f).trace(*args, **scales).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == (2 if mode == "split" else 1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU (interpret mode is too slow for these sizes)")
 @pytest.mark.parametrize("d,hq,hkv,bs,block_n", [(128, 32, 8, 16, None), (64, 16, 2, 32, None), (128, 8, 8, 16, None),

@@ -5,6 +5,8 @@ and int8 W8A8 GEMMs' operands are 8-bit in the lowered StableHLO; online quantiz
 its flags and its one-line errors."""
 from __future__ import annotations
 
+import functools
+
 import json
 import re
 import shutil
@@ -116,6 +118,22 @@ def test_int4_pallas_kernel_against_numpy(data, tokens, group):
     assert got.shape == (tokens, *SHAPE[1:]) and got.dtype == jnp.bfloat16
     assert rel_err(got.astype(jnp.float32), want) <= 1e-2
     assert rel_err(got.astype(jnp.float32), int4_matmul(xb, leaf, kernel=False).astype(jnp.float32)) <= 1e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 256])
+def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens):
+    """The kernel's Triton lowering, done here for a CUDA target (no GPU needed) at Llama-3-8B's
+    qkv shape with group 128: an op or block shape Triton refuses fails here, not on the first
+    GPU run. The program holds one Triton call and no dequantized [K, N] weight."""
+    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
+    k, n, g = 4096, 6144, 128
+    sd = jax.ShapeDtypeStruct
+    args = (sd((tokens, k), jnp.bfloat16), sd((k // 8, n), jnp.int32), sd((k // g, n), jnp.bfloat16),
+            sd((k // g, n), jnp.uint8))
+    hlo = jax.jit(functools.partial(int4_matmul_gpu, interpret=False)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == 1
+    assert f"{k}x{n}x" not in hlo
 
 
 def test_fp8_block_linear_against_numpy(data):
