@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxpaged.models.quantization.kernels import int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
+from jaxpaged.models.quantization.weights import Fp8Weight
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
@@ -29,7 +30,7 @@ def make_layers(kind: str, layers: int, key) -> dict:
     out = {}
     for i, (name, (n, m)) in enumerate(SHAPES.items()):
         w = (jax.random.normal(jax.random.fold_in(key, i), (layers, n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
-        scheme = kind.removesuffix("_dequant")
+        scheme = kind.removesuffix("_dequant").removesuffix("_w8a16")
         out[name] = w if kind == "bf16" else jax.vmap(lambda x: quantize(x, scheme, 0))(w)
     return out
 
@@ -37,6 +38,10 @@ def make_layers(kind: str, layers: int, key) -> dict:
 def _linear(x, w, dequant):
     if isinstance(w, jax.Array):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    if isinstance(w, Fp8Weight) and dequant:  # weight-only: the e4m3 -> bf16 convert left to XLA's GEMM fusion
+        y = jax.lax.dot_general(x, w.qweight.astype(x.dtype), (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return (y * w.scale).astype(x.dtype)
     return int4_matmul(x, w, kernel=False) if dequant else quantized_matmul(x, w)
 
 
@@ -71,7 +76,7 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tu
     rows = []
     for t in tokens:
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
-        compiled = forward.lower(x, stacked, dequant=kind.endswith("_dequant")).compile()
+        compiled = forward.lower(x, stacked, dequant=kind.endswith(("_dequant", "_w8a16"))).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, stacked).block_until_ready()
         times = []
@@ -89,8 +94,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1,8,64,256,2048")
     ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--kinds", default="bf16,fp8,int8,int8_w8a8,int4,int4_dequant",
-                    help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's GEMM")
+    ap.add_argument("--kinds", default="bf16,fp8,fp8_w8a16,int8,int8_w8a8,int4,int4_dequant",
+                    help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's "
+                         "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
