@@ -220,16 +220,19 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
             log(f"check {case:<38} ERROR {type(e).__name__}: {str(e)[:300]}")
     try_bench(case, f"pallas (default n{cfg.block_n} sp{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages})",
               decode(), args, kvb, copy_bw)
-    if sweep:
+    if sweep and b > 16:
         for bn, ns, nw, st in [(64, 1, 4, 3), (32, 1, 4, 4), (128, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 3),
                                (64, 1, 4, 4), (32, 1, 4, 3), (32, 1, 2, 4), (64, 1, 8, 3), (128, 1, 4, 3),
                                (64, 1, 4, 2), (32, 1, 4, 6)]:
             try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
                       decode(decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
-    if sweep and b <= 16:  # split-KV for small batches: parts and the least keys per part
-        for ns, mk in [(1, 128), (2, 1024), (4, 1024), (4, 128), (8, 128), (16, 128), (16, 64), (8, 256)]:
-            try_bench(case, f"pallas n64 sp{ns} min{mk}",
-                      decode(decode_config=TileConfig(16, 64, ns, min_split_keys=mk)), args, kvb, copy_bw)
+    if sweep and b <= 16:  # split-KV for small batches: parts, the least keys per part, tiles
+        for bn, ns, mk, nw, st in [(128, 16, 1024, 8, 3), (64, 16, 256, 4, 3), (64, 32, 256, 4, 3),
+                                   (64, 64, 128, 4, 3), (128, 32, 256, 8, 3), (128, 32, 512, 4, 3),
+                                   (128, 64, 256, 4, 3), (64, 32, 512, 4, 4), (128, 32, 256, 4, 2),
+                                   (128, 32, 256, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 4, 3)]:
+            try_bench(case, f"pallas n{bn} sp{ns} min{mk} w{nw} st{st}",
+                      decode(decode_config=TileConfig(16, bn, ns, nw, st, min_split_keys=mk)), args, kvb, copy_bw)
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
         q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
     # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].

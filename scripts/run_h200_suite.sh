@@ -24,6 +24,10 @@
 #   structured (name it in PARTS) scripts/benchmark_structured.py: batch-64 TPOT with every row under a
 #            JSON schema against unconstrained; BPE_MODEL: its model folder (default .cache/llama3-8b-bpe,
 #            carried; made there in ~2 min when missing)                                         ~3 min
+#   gemm     (name it in PARTS) scripts/bench_gemm.py: each quantized linear() against bf16 at 1-2048 tokens,
+#            the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM), the int4 kernel against dequantize-then-GEMM ~2 min
+#   splitkv  (name it in PARTS) scripts/bench_kernels.py decode sweep at batch 1 and 4, contexts 8k and 32k:
+#            split-KV parts, least keys per part and tiles against the default (#29's small batches)    ~4 min
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
 #   ab       (name it in PARTS) this tree against another revision's package, side by side: mixed (each
@@ -80,6 +84,15 @@ if want latency; then
 fi
 if want mixed; then
     throughput mixed 240 --workload mixed
+fi
+if want gemm; then
+    run gemm 200 $PY scripts/bench_gemm.py
+fi
+if want splitkv; then
+    for B in 1 4; do
+        run splitkv-b$B 200 $PY scripts/bench_kernels.py --only decode --decode-batch $B --decode-ctx 8192,32768 \
+            --decode-table 131072 --sweep --log "$OUT/splitkv-b$B-table.log"
+    done
 fi
 if want kernels; then
     run kernels 240 $PY scripts/bench_kernels.py --log "$OUT/kernels-table.log"
