@@ -61,13 +61,14 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per
     def step(kb, acc):
         k0 = sp * k_per_split + kb * BLOCK_K
         packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)]  # [16, block_n]
-        g = k0 // group + word_group
-        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [16, block_n]
-        zero = z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32)
+        # one group for the whole step: its [1, block_n] row, else each word row's group
+        g = pl.ds(k0 // group, 1) if group >= BLOCK_K else k0 // group + word_group
+        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1 or 16, block_n]
+        zero_scaled = z_ref[g, pl.ds(n0, block_n)].astype(jnp.float32) * scale
         for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
             x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
-            q = (packed >> (4 * plane)) & 0xF
-            w = ((q - zero).astype(jnp.float32) * scale).astype(x.dtype)
+            q = ((packed >> (4 * plane)) & 0xF).astype(jnp.float32)
+            w = (q * scale - zero_scaled).astype(x.dtype)  # (q - zero) * scale
             acc += lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
         return acc
 
