@@ -227,3 +227,8 @@ for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
     grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn)" "$f" \
         | cut -d'|' -f2-5,7 | sed 's/ *| */ | /g'
 done
+if [ -f "$OUT/gemm.log" ]; then sed -n '/^kind /,$p' "$OUT/gemm.log"; fi
+for f in "$OUT"/splitkv-b*-table.log; do
+    [ -f "$f" ] || continue
+    grep -E "^\| decode" "$f" | cut -d'|' -f2-5 | sed 's/ *| */ | /g'
+done
