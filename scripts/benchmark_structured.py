@@ -12,6 +12,8 @@ the end). TPOT is the wall time of `--decode-steps` engine steps after every row
 per step (one token per row). A second run of the batch under a bounded schema finishes every
 row; its outputs are checked in plain Python (all must be valid; the GPU machine may lack
 jsonschema).
+`wait ms`: per step, the host's wait for the device's outputs; `masks ms`: the host's time building
+the late heads' inputs, grammar bitmasks included (TPOT - wait is the host's own time).
 """
 from __future__ import annotations
 
@@ -25,6 +27,21 @@ from benchmark_throughput import SHAPES, enable_compilation_cache, wait_for_devi
 from make_shape_model import make_shape_model
 
 ITEM = {"type": "string", "maxLength": 12}
+HEAD_INPUTS_SECONDS = [0.0]  # host time building late heads' inputs (grammar bitmasks included)
+
+
+def time_head_inputs(runner) -> None:
+    """Count the host time of the runner's late head inputs (`InputBuilder.finish_sampling`:
+    for grammar rows, the bitmask fill) into HEAD_INPUTS_SECONDS."""
+    finish = runner.inputs.finish_sampling
+
+    def timed(late):
+        t = time.perf_counter()
+        try:
+            return finish(late)
+        finally:
+            HEAD_INPUTS_SECONDS[0] += time.perf_counter() - t
+    runner.inputs.finish_sampling = timed
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
@@ -45,17 +62,18 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         step()  # a short row may finish while others are still prefilling
     wait_for_device(engine)  # the prefill's device work done before the timed steps
-    n, wait = 0, core.runner.device_wait_seconds
+    n, wait, masks = 0, core.runner.device_wait_seconds, HEAD_INPUTS_SECONDS[0]
     t = time.perf_counter()
     while engine.has_unfinished_requests() and (steps is None or n < steps):
         step()
         n += 1
     elapsed = time.perf_counter() - t
     wait = core.runner.device_wait_seconds - wait
+    masks = HEAD_INPUTS_SECONDS[0] - masks
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
     for request_id in list(core.requests):
         engine.abort_request(request_id)
-    return elapsed / max(n, 1), running, wait / max(n, 1), texts
+    return elapsed / max(n, 1), running, wait / max(n, 1), masks / max(n, 1), texts
 
 
 def main() -> None:
@@ -85,6 +103,7 @@ def main() -> None:
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               enable_prefix_caching=False)
     engine, vocab = llm.engine, llm.engine.model_config.vocab_size
+    time_head_inputs(engine.core.runner)
     steps = args.decode_steps
     tokens = args.max_model_len - args.prompt_len - 1
     timed = {"type": "array", "items": ITEM, "minItems": tokens}  # an item is at least 2 tokens: no row ends
@@ -94,7 +113,7 @@ def main() -> None:
             "JSON schema, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
                                                      structured_outputs=StructuredOutputsParams(json=timed))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
-    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:3]
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:4]
             for i, (name, p) in enumerate(runs.items())}
     bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
     *_, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
@@ -104,9 +123,9 @@ def main() -> None:
     base = rows["unconstrained (greedy head)"][0]
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.model_shape}, vocab {vocab}, "
           f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
-    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s}")
-    for name, (tpot, running, wait) in rows.items():
-        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f}")
+    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s} {'masks ms':>8s}")
+    for name, (tpot, running, wait, masks) in rows.items():
+        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {masks * 1e3:8.2f}")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
@@ -114,6 +133,7 @@ def main() -> None:
                                                "tpot_s": {k: v[0] for k, v in rows.items()},
                                                "running": {k: v[1] for k, v in rows.items()},
                                                "device_wait_s": {k: v[2] for k, v in rows.items()},
+                                               "head_inputs_s": {k: v[3] for k, v in rows.items()},
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 
