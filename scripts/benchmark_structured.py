@@ -1,6 +1,6 @@
 """Structured output's cost in decode: TPOT at batch 64 with every row under a JSON schema, against
-the same batch unconstrained (greedy head) and unconstrained on the `full` head (the grammar
-rows' head, without masks), in one run; random weights.
+the same batch unconstrained (greedy head), with top-1 logprobs (the logprobs head) and
+unconstrained on the `full` head (forced by a zero logit bias), in one run; random weights.
 
     python scripts/benchmark_structured.py --model-shape llama3-8b
 
@@ -109,7 +109,8 @@ def main() -> None:
     timed = {"type": "array", "items": ITEM, "minItems": tokens}  # an item is at least 2 tokens: no row ends
     free = dict(temperature=0, max_tokens=tokens, ignore_eos=True, detokenize=False)
     runs = {"unconstrained (greedy head)": SamplingParams(**free),
-            "unconstrained (full head)": SamplingParams(**free, logprobs=1),
+            "logprobs=1 (logprobs head)": SamplingParams(**free, logprobs=1),
+            "unconstrained (full head)": SamplingParams(**free, logit_bias={0: 0.0}),  # only `full` has bias
             "JSON schema, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
                                                      structured_outputs=StructuredOutputsParams(json=timed))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled

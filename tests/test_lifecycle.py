@@ -171,6 +171,31 @@ def test_logprobs_match_hf(llm, model_dir):
         assert set(top2) <= set(entry)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_top_logprobs_alone_match_hf(llm, model_dir, monkeypatch, sampled):
+    """Top-N logprobs without other history features run the logprobs heads (greedy_logprobs,
+    sample_logprobs), not the full one: the raw log-softmax of each step's logits and the ranks,
+    against HF on the generated sequence."""
+    from jaxpaged.engine.sample.features import GREEDY_LOGPROBS, SAMPLE_LOGPROBS
+    runner, used = llm.engine.runner, []
+    dispatch_late = runner.dispatch_late
+    monkeypatch.setattr(runner, "dispatch_late", lambda variant, *a: used.append(variant) or dispatch_late(variant, *a))
+    prompt = list(range(30, 45))
+    kw = dict(temperature=0.9, seed=7, ignore_eos=True) if sampled else GREEDY
+    comp = gen(llm, prompt, max_tokens=6, logprobs=4, **kw).outputs[0]
+    assert set(used) == {SAMPLE_LOGPROBS if sampled else GREEDY_LOGPROBS}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt + comp.token_ids])).logits[0], -1).numpy()
+    for j, (tid, lp) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        row = ref[len(prompt) - 1 + j]
+        assert tid in lp and len(lp) in (4, 5)  # the top 4, and the sampled token if not among them
+        for t, v in lp.items():
+            np.testing.assert_allclose(v.logprob, row[t], atol=1e-4)
+            assert v.rank == 1 + int((row > row[t] + 1e-6).sum())
+        assert set(np.argsort(-row)[:4]) <= set(lp)
+
+
 def test_streaming_deltas_concatenate_to_final_text(llm):
     engine = llm.engine
     tok = llm.get_tokenizer()

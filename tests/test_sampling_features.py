@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from jaxpaged import LLM, SamplingParams
-from jaxpaged.engine.sample.features import (FULL, GREEDY, GREEDY_MASKED, LOOP_VARIANTS, SAMPLE, SAMPLE_FILTERED,
-                                             SAMPLE_MASKED, VARIANTS, SamplingFeatures, features_of, variant_for)
+from jaxpaged.engine.sample.features import (FULL, GREEDY, GREEDY_LOGPROBS, GREEDY_MASKED, LOOP_VARIANTS, SAMPLE,
+                                             SAMPLE_FILTERED, SAMPLE_LOGPROBS, SAMPLE_MASKED, VARIANTS, SamplingFeatures,
+                                             features_of, variant_for)
 from jaxpaged.engine.sample.sampler import apply_token_bitmask, make_sampling_input, row_keys, sample
 
 V = 50
@@ -43,7 +44,10 @@ def test_variant_is_the_cheapest_that_covers_the_batch():
     assert all(not v.needs_history for v in LOOP_VARIANTS) and FULL not in LOOP_VARIANTS
     assert variant_for(SamplingFeatures(token_bitmask=True)) == GREEDY_MASKED  # structured output, greedy
     assert variant_for(SamplingFeatures(random=True, token_bitmask=True)) == SAMPLE_MASKED
+    assert variant_for(SamplingFeatures(logprobs=True)) == GREEDY_LOGPROBS  # top-N logprobs, greedy
+    assert variant_for(SamplingFeatures(random=True, logprobs=True)) == SAMPLE_LOGPROBS
     assert variant_for(SamplingFeatures(token_bitmask=True, logprobs=True)) == FULL
+    assert variant_for(SamplingFeatures(logprobs=True, prompt_logprobs=True)) == FULL
 
 
 def test_token_bitmask_allows_only_its_tokens():
@@ -84,6 +88,8 @@ def test_no_compile_after_warmup_whatever_variant_runs(tiny_model_dir, compile_c
                [SamplingParams(temperature=0.8, top_p=0.7, seed=2, **kw)],
                [SamplingParams(temperature=0, allowed_token_ids=[5, 9], **kw)],
                [SamplingParams(temperature=0.8, seed=4, allowed_token_ids=[5, 9], **kw)],
+               [SamplingParams(temperature=0, logprobs=2, **kw)],
+               [SamplingParams(temperature=0.8, seed=5, logprobs=1, **kw)],
                [SamplingParams(temperature=0, presence_penalty=0.5, **kw),
                 SamplingParams(temperature=0, logprobs=2, prompt_logprobs=1, logit_bias={5: 2.0}, min_tokens=2, **kw),
                 SamplingParams(temperature=0.8, seed=3, allowed_token_ids=[5, 9], bad_words=["a"], **kw)]]

@@ -28,7 +28,7 @@ class PlatformDefaults:
 
 GPU_DEFAULTS = PlatformDefaults(max_model_len=None, max_num_seqs=256, max_num_batched_tokens=2048,
                                 bucket_factor=None)
-# As the demo server's sizes (16, 64 and 256-token steps): 3 forwards and 3 x 6 heads to compile.
+# As the demo server's sizes (16, 64 and 256-token steps): 3 forwards and 3 x 8 heads to compile.
 CPU_DEFAULTS = PlatformDefaults(max_model_len=4096, max_num_seqs=16, max_num_batched_tokens=256, bucket_factor=4)
 
 

@@ -53,14 +53,19 @@ SAMPLE_FILTERED = SamplingFeatures(random=True, top_k_top_p=True)
 # bias or logprobs, greedy or sampled
 GREEDY_MASKED = SamplingFeatures(token_bitmask=True)
 SAMPLE_MASKED = SamplingFeatures(random=True, top_k_top_p=True, token_bitmask=True)
+# top-N logprobs alone (what most clients that ask for logprobs ask for), greedy or sampled
+GREEDY_LOGPROBS = SamplingFeatures(logprobs=True)
+SAMPLE_LOGPROBS = SamplingFeatures(random=True, top_k_top_p=True, logprobs=True)
 FULL = SamplingFeatures(random=True, top_k_top_p=True, penalties=True, logit_bias=True, logprobs=True,
                         prompt_logprobs=True, token_bitmask=True)
 # The compiled head variants per token bucket, cheapest first: top-k / top-p cost ~2.7 ms of a
-# 256-row step on an H200, the history inputs more; most batches need one of the first three,
-# structured output one of the two masked ones.
-VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, GREEDY_MASKED, SAMPLE_MASKED, FULL)
+# 256-row step on an H200, the history inputs more (the full head doubles a batch-64 step on an
+# H100); most batches need one of the first three, structured output one of the masked ones,
+# top-N logprobs one of the logprobs ones.
+VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, GREEDY_MASKED, SAMPLE_MASKED, GREEDY_LOGPROBS, SAMPLE_LOGPROBS, FULL)
 _VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered",
-                  GREEDY_MASKED: "greedy_masked", SAMPLE_MASKED: "sample_masked", FULL: "full"}
+                  GREEDY_MASKED: "greedy_masked", SAMPLE_MASKED: "sample_masked",
+                  GREEDY_LOGPROBS: "greedy_logprobs", SAMPLE_LOGPROBS: "sample_logprobs", FULL: "full"}
 LOOP_VARIANTS = tuple(v for v in VARIANTS if not v.needs_history)  # the decode loop's
 # The verify head's compiled variants (speculative decoding, spec_decode/verify.py), cheapest
 # first: greedy rows run in any; logit bias and top-N logprobs are a variant of their own (a
