@@ -1,6 +1,7 @@
 """Shared fixtures: tiny HF checkpoints made offline, once per test session."""
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +18,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_enable_compilation_cache", False)
 
 from jaxpaged.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """After each test module, drop the compiled programs nothing holds any more (the engines
+    of its fixtures, jit caches): XLA's CPU code lives in memory maps, and one pytest process
+    holding every module's programs reaches the kernel's vm.max_map_count (65530), where a
+    compile fails and the process aborts or hangs."""
+    yield
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
