@@ -47,8 +47,8 @@ def time_head_inputs(runner) -> None:
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
     """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
     steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
-    seconds per step the host waited for the device, the finished outputs' texts by request); the
-    rest is aborted."""
+    seconds per step the host waited for the device, seconds per step building late heads' inputs,
+    the finished outputs' texts by request); the rest is aborted."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
