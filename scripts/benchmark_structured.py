@@ -12,8 +12,9 @@ the end). TPOT is the wall time of `--decode-steps` engine steps after every row
 per step (one token per row). A second run of the batch under a bounded schema finishes every
 row; its outputs are checked in plain Python (all must be valid; the GPU machine may lack
 jsonschema).
-`wait ms`: per step, the host's wait for the device's outputs; `masks ms`: the host's time building
-the late heads' inputs, grammar bitmasks included (TPOT - wait is the host's own time).
+`wait ms`: per step, the engine thread's wait for the device's outputs (TPOT - wait is its own
+time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the runner's worker
+thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
 """
 from __future__ import annotations
 
@@ -27,28 +28,32 @@ from benchmark_throughput import SHAPES, enable_compilation_cache, wait_for_devi
 from make_shape_model import make_shape_model
 
 ITEM = {"type": "string", "maxLength": 12}
-HEAD_INPUTS_SECONDS = [0.0]  # host time building late heads' inputs (grammar bitmasks included)
+HOST_SECONDS = {"inputs": 0.0, "fill": 0.0}  # host time in late heads' inputs, in bitmask fills
 
 
 def time_head_inputs(runner) -> None:
-    """Count the host time of the runner's late head inputs (`InputBuilder.finish_sampling`:
-    for grammar rows, the bitmask fill) into HEAD_INPUTS_SECONDS."""
-    finish = runner.inputs.finish_sampling
+    """Count the host time of the runner's late head inputs into HOST_SECONDS: "inputs" on the
+    engine thread (`InputBuilder.finish_sampling`), "fill" on the runner's worker
+    (`LateHeadInputs.fill`: for grammar rows, xgrammar's bitmask fill)."""
+    from jaxpaged.engine.input_builder import LateHeadInputs
 
-    def timed(late):
-        t = time.perf_counter()
-        try:
-            return finish(late)
-        finally:
-            HEAD_INPUTS_SECONDS[0] += time.perf_counter() - t
-    runner.inputs.finish_sampling = timed
+    def timed(fn, key):
+        def wrapper(*args):
+            t = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                HOST_SECONDS[key] += time.perf_counter() - t
+        return wrapper
+    runner.inputs.finish_sampling = timed(runner.inputs.finish_sampling, "inputs")
+    LateHeadInputs.fill = timed(LateHeadInputs.fill, "fill")
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
     """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
     steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
-    seconds per step the host waited for the device, seconds per step building late heads' inputs,
-    the finished outputs' texts by request); the rest is aborted."""
+    seconds per step the host waited for the device, seconds per step building late heads' inputs
+    and filling their bitmasks, the finished outputs' texts by request); the rest is aborted."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
@@ -62,18 +67,18 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         step()  # a short row may finish while others are still prefilling
     wait_for_device(engine)  # the prefill's device work done before the timed steps
-    n, wait, masks = 0, core.runner.device_wait_seconds, HEAD_INPUTS_SECONDS[0]
+    n, wait, host = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS)
     t = time.perf_counter()
     while engine.has_unfinished_requests() and (steps is None or n < steps):
         step()
         n += 1
     elapsed = time.perf_counter() - t
     wait = core.runner.device_wait_seconds - wait
-    masks = HEAD_INPUTS_SECONDS[0] - masks
+    host = {k: (HOST_SECONDS[k] - host[k]) / max(n, 1) for k in host}
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
     for request_id in list(core.requests):
         engine.abort_request(request_id)
-    return elapsed / max(n, 1), running, wait / max(n, 1), masks / max(n, 1), texts
+    return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], texts
 
 
 def main() -> None:
@@ -114,7 +119,7 @@ def main() -> None:
             "JSON schema, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
                                                      structured_outputs=StructuredOutputsParams(json=timed))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
-    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:4]
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:5]
             for i, (name, p) in enumerate(runs.items())}
     bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
     *_, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
@@ -124,9 +129,11 @@ def main() -> None:
     base = rows["unconstrained (greedy head)"][0]
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.model_shape}, vocab {vocab}, "
           f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
-    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s} {'masks ms':>8s}")
-    for name, (tpot, running, wait, masks) in rows.items():
-        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {masks * 1e3:8.2f}")
+    print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s} {'inputs ms':>9s} "
+          f"{'fill ms':>8s}")
+    for name, (tpot, running, wait, inputs, fill) in rows.items():
+        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {inputs * 1e3:9.2f} "
+              f"{fill * 1e3:8.2f}")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
@@ -135,6 +142,7 @@ def main() -> None:
                                                "running": {k: v[1] for k, v in rows.items()},
                                                "device_wait_s": {k: v[2] for k, v in rows.items()},
                                                "head_inputs_s": {k: v[3] for k, v in rows.items()},
+                                               "bitmask_fill_s": {k: v[4] for k, v in rows.items()},
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 

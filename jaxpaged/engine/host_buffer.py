@@ -31,6 +31,18 @@ def field_shape(layout: Layout, name: str) -> tuple[int, ...] | None:
     return next((shape for field, shape, _ in layout if field == name), None)
 
 
+def field_view(buf: np.ndarray, layout: Layout, name: str) -> np.ndarray:
+    """Field `name` of a packed host buffer as a writable numpy view (4-byte fields)."""
+    offset = 0
+    for field, shape, dtype in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        if field == name:
+            assert dtype != "bool", f"{name}: a bool field is stored as int32"
+            return buf[offset:offset + n].view(np.dtype(dtype)).reshape(shape)
+        offset += n
+    raise KeyError(name)
+
+
 def unpack(buf: jax.Array, layout: Layout) -> dict[str, jax.Array]:
     """The fields of a `pack`ed buffer (inside jit: static slices and bitcasts, no copies)."""
     out, offset = {}, 0

@@ -7,10 +7,10 @@ import dataclasses
 
 import numpy as np
 
-from jaxpaged.engine.host_buffer import Layout, pack
+from jaxpaged.engine.host_buffer import Layout, field_view, pack
 from jaxpaged.engine.sample.features import SamplingFeatures
 from jaxpaged.engine.sample.sampler import make_history, make_sampling_input, row_keys
-from jaxpaged.engine.sample.token_mask import make_token_bitmask
+from jaxpaged.engine.sample.token_mask import TokenBitmaskJob, num_words
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.verify import verify_inputs
@@ -42,6 +42,22 @@ class LateSampling:
     variant: SamplingFeatures
     num_tokens: int  # t
     num_seqs: int  # s
+
+
+@dataclasses.dataclass
+class LateHeadInputs:
+    """A late step's packed sampling inputs (`InputBuilder.finish_sampling`) whose allowed-token
+    bitmask is still to fill: `fill` writes it into the buffer, on the runner's worker just
+    before the head's dispatch, while the engine thread goes on (grammar fills are the slow
+    part of a structured-output step's host work)."""
+    buf: np.ndarray
+    layout: Layout
+    bitmask: TokenBitmaskJob | None
+
+    def fill(self) -> tuple[np.ndarray, Layout]:
+        if self.bitmask is not None:
+            self.bitmask.run(field_view(self.buf, self.layout, "token_bitmask"))
+        return self.buf, self.layout
 
 
 def _fields(x) -> dict:
@@ -91,7 +107,8 @@ class InputBuilder:
         if late:
             return StepInputs(*pack(inp | {"feedback": feedback}), max_query_len, None, None, inp["query_start"],
                               LateSampling(sampling, rows, variant, t, s))
-        sampling |= self._history_inputs(rows, variant, t, s)
+        history, bitmask = self._history_inputs(rows, variant, t, s)
+        sampling |= history | ({"token_bitmask": bitmask.run()} if bitmask else {})
         if speculative:  # the verify head's positions and drafts (spec_decode/verify.py)
             sampling |= verify_inputs(rows, inp["query_start"], s, self.num_spec)
         if sched.multi_step:
@@ -103,19 +120,24 @@ class InputBuilder:
             return StepInputs(buf, layout, max_query_len, None, None, inp["query_start"])
         return StepInputs(*pack(inp | {"feedback": feedback}), max_query_len, *pack(sampling), inp["query_start"])
 
-    def finish_sampling(self, late: LateSampling) -> tuple[np.ndarray, Layout]:
+    def finish_sampling(self, late: LateSampling) -> LateHeadInputs:
         """The packed sampling inputs of a `build(late=True)` step, its history inputs read now:
         from each request's known tokens (all but the one this step samples; a request finished
-        meanwhile is a wasted row, its grammar no longer asked)."""
-        return pack(late.sampling | self._history_inputs(late.rows, late.variant, late.num_tokens, late.num_seqs))
+        meanwhile is a wasted row, its grammar no longer asked); the bitmask is left to
+        `LateHeadInputs.fill`."""
+        history, bitmask = self._history_inputs(late.rows, late.variant, late.num_tokens, late.num_seqs)
+        if bitmask is not None:
+            history["token_bitmask"] = np.empty((late.num_seqs, num_words(self.vocab_size)), np.int32)
+        return LateHeadInputs(*pack(late.sampling | history), bitmask)
 
     def _history_inputs(self, rows: list[ScheduledRequest], variant: SamplingFeatures, t: int,
-                        s: int) -> dict[str, np.ndarray]:
+                        s: int) -> tuple[dict[str, np.ndarray], TokenBitmaskJob | None]:
         """The head inputs built from the requests' histories, per feature of `variant`:
         token history (penalties), logit bias and bans (-inf: EOS and stop ids before
-        min_tokens), next prompt token per token (prompt logprobs, -1 = none), allowed-token
-        bitmask (grammar, allowed_token_ids, bad_words); each padded to `s` rows (`t` tokens).
-        They read the known tokens only: built late, the token this step samples is pending."""
+        min_tokens), next prompt token per token (prompt logprobs, -1 = none); each padded to `s`
+        rows (`t` tokens); and the allowed-token bitmask's job (grammar, allowed_token_ids,
+        bad_words; None if `variant` has none). They read the known tokens only: built late, the
+        token this step samples is pending."""
         out = {}
         if variant.penalties:
             hist = make_history([(r.request.prompt_token_ids, r.request.known_output_ids) for r in rows], s,
@@ -142,10 +164,11 @@ class InputBuilder:
                 if entries:
                     bias_ids[i, :len(entries)], bias_vals[i, :len(entries)] = zip(*entries)
             out["bias_ids"], out["bias_vals"] = bias_ids, bias_vals
-        if variant.token_bitmask:
-            out["token_bitmask"] = make_token_bitmask(
-                [(r.request.params, r.request.known_output_ids if r.request.params.bad_words_token_ids else ())
-                 for r in rows], s, self.vocab_size,
-                [r.request.structured_output if r.num_sampled and not r.request.is_finished else None for r in rows])
-        return out
+        if not variant.token_bitmask:
+            return out, None
+        return out, TokenBitmaskJob(
+            [(r.request.params, r.request.known_output_ids if r.request.params.bad_words_token_ids else ())
+             for r in rows],
+            [r.request.structured_output if r.num_sampled and not r.request.is_finished else None for r in rows],
+            s, self.vocab_size)
 

@@ -194,7 +194,8 @@ class ModelRunner:
 
     def hand_over(self, launched: Launched) -> None:
         """Build a late step's sampling inputs from the requests' histories now and let the worker
-        dispatch its head (on failure the head fails too, raised by `fetch`: it never hangs)."""
+        fill its bitmask and dispatch its head (on failure the head fails too, raised by `fetch`:
+        it never hangs)."""
         try:
             launched.sampling.set_result(self.inputs.finish_sampling(launched.late))
         except BaseException as e:
@@ -227,9 +228,10 @@ class ModelRunner:
     def dispatch_late(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout, max_query_len: int | None,
                       sampling: concurrent.futures.Future):
         """`dispatch`, the head's inputs awaited after the forward is dispatched: the device runs
-        the forward while the engine processes the steps before it and builds them."""
+        the forward while the engine processes the steps before it and builds them; their
+        bitmask is filled here, while the engine thread goes on to the next step."""
         hidden = self._run_forward(step_buf, step_layout, max_query_len)
-        return _copy_to_host_early(self._run_head(variant, hidden, *sampling.result()))
+        return _copy_to_host_early(self._run_head(variant, hidden, *sampling.result().fill()))
 
     def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
                         max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):

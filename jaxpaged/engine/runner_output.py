@@ -22,7 +22,7 @@ class Launched:
     multi_step: bool = False
     speculative: bool = False  # the verify head ran: rows emitted 1..k + 1 tokens (`num_emitted`)
     late: LateSampling | None = None  # launched late (`launches_late`): its sampling inputs, for `hand_over`
-    sampling: concurrent.futures.Future | None = None  # -> (packed sampling inputs, layout): the head waits
+    sampling: concurrent.futures.Future | None = None  # -> LateHeadInputs: the head waits for them
 
 
 @dataclasses.dataclass

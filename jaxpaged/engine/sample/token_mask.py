@@ -7,6 +7,7 @@ and loses the tokens its `bad_words` ban at this step.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -42,10 +43,13 @@ def bad_word_bans(bad_words_token_ids: Sequence[Sequence[int]], output_ids: Sequ
 
 
 def make_token_bitmask(rows: Sequence[tuple[SamplingParams, Sequence[int]]], num_seqs: int, vocab_size: int,
-                       grammars: Sequence[StructuredOutputRequest | None] = ()) -> np.ndarray:
+                       grammars: Sequence[StructuredOutputRequest | None] = (),
+                       out: np.ndarray | None = None) -> np.ndarray:
     """`[num_seqs, ceil(V / 32)]` int32 from per-row `(params, output token ids)` and grammars
-    (row i's, or None); padding rows and rows without constraints allow every token."""
-    mask = np.full((num_seqs, num_words(vocab_size)), -1, np.int32)
+    (row i's, or None); padding rows and rows without constraints allow every token. Written
+    into `out` when given (e.g. a view of a packed step buffer)."""
+    mask = np.empty((num_seqs, num_words(vocab_size)), np.int32) if out is None else out
+    mask.fill(-1)
     fill_grammar_bitmask(mask, grammars)
     for i, (p, output_ids) in enumerate(rows):
         if p.allowed_token_ids:
@@ -55,3 +59,18 @@ def make_token_bitmask(rows: Sequence[tuple[SamplingParams, Sequence[int]]], num
             row = mask[i].view(np.uint32)
             np.bitwise_and.at(row, bans >> 5, ~np.left_shift(np.uint32(1), (bans & 31).astype(np.uint32)))
     return mask
+
+
+@dataclasses.dataclass
+class TokenBitmaskJob:
+    """A step's bitmask, to fill later (`run`): the rows' params with the output ids their bad
+    words read (copied when the job is made) and their grammars. Only the processing of the
+    step's own sampled tokens advances those grammars, so the fill may run on another thread
+    until then."""
+    rows: list[tuple[SamplingParams, Sequence[int]]]
+    grammars: list[StructuredOutputRequest | None]
+    num_seqs: int
+    vocab_size: int
+
+    def run(self, out: np.ndarray | None = None) -> np.ndarray:
+        return make_token_bitmask(self.rows, self.num_seqs, self.vocab_size, self.grammars, out)
