@@ -1,6 +1,6 @@
 """The quantized `linear()` of each weight kind against bf16, on one GPU: Llama-3-8B's four
 linears per layer (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096) chained
-over a stack of layers (so the weights stream from HBM, not L2), at decode and prefill token
+over several layers (so the weights stream from HBM, not L2; unrolled as in the model), at decode and prefill token
 counts. Prints, per kind and token count, the time per layer, the weight-read bandwidth and the
 TFLOP/s, and which GEMM the compiled program calls (the HLO custom-call targets: fp8 W8A8 must
 reach cuBLASLt's fp8 GEMM, `__cublas$lt$matmul$f8`, not a dequantize and a bf16 GEMM).
@@ -25,13 +25,17 @@ from jaxpaged.models.quantization.weights import Fp8Weight
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
 
-def make_layers(kind: str, layers: int, key) -> dict:
-    """{name: weight [layers, in, out] (bf16) or a stacked quantized leaf}."""
-    out = {}
-    for i, (name, (n, m)) in enumerate(SHAPES.items()):
-        w = (jax.random.normal(jax.random.fold_in(key, i), (layers, n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
-        scheme = kind.removesuffix("_dequant").removesuffix("_w8a16")
-        out[name] = w if kind == "bf16" else jax.vmap(lambda x: quantize(x, scheme, 0))(w)
+def make_layers(kind: str, layers: int, key) -> list[dict]:
+    """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
+    scheme = kind.removesuffix("_dequant").removesuffix("_w8a16")
+    out = []
+    for layer in range(layers):
+        ws = {}
+        for i, (name, (n, m)) in enumerate(SHAPES.items()):
+            k = jax.random.fold_in(jax.random.fold_in(key, layer), i)
+            w = (jax.random.normal(k, (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+            ws[name] = w if kind == "bf16" else quantize(w, scheme, 0)
+        out.append(ws)
     return out
 
 
@@ -46,16 +50,16 @@ def _linear(x, w, dequant):
 
 
 @functools.partial(jax.jit, static_argnames="dequant")
-def forward(x, stacked, dequant=False):
+def forward(x, layers, dequant=False):
     linear = functools.partial(_linear, dequant=dequant)
 
-    def layer(h, w):
-        a = linear(h, w["qkv"])[:, :4096]
-        h = h + linear(a, w["o"])
-        g = linear(h, w["gate_up"])
-        h = h + linear(jax.nn.silu(g[:, :14336]) * g[:, 14336:], w["down"])
-        return h * jax.lax.rsqrt(jnp.mean(jnp.square(h.astype(jnp.float32)), -1, keepdims=True)).astype(h.dtype), None
-    return jax.lax.scan(layer, x, stacked)[0]
+    for w in layers:  # unrolled, as the model's layers: `lax.scan` would copy each layer's weights
+        a = linear(x, w["qkv"])[:, :4096]
+        x = x + linear(a, w["o"])
+        g = linear(x, w["gate_up"])
+        x = x + linear(jax.nn.silu(g[:, :14336]) * g[:, 14336:], w["down"])
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)).astype(x.dtype)
+    return x
 
 
 def gemm_targets(compiled_text: str) -> str:
@@ -65,24 +69,24 @@ def gemm_targets(compiled_text: str) -> str:
     return ",".join(gemms) + (",triton_gemm" if triton else "") or "none"
 
 
-def weight_bytes(stacked) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(stacked))
+def weight_bytes(layers) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(layers))
 
 
 def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tuple]:
-    stacked = make_layers(kind, layers, jax.random.key(0))
-    wb = weight_bytes(stacked) / layers
+    weights = make_layers(kind, layers, jax.random.key(0))
+    wb = weight_bytes(weights) / layers
     flops = 2 * sum(n * m for n, m in SHAPES.values())
     rows = []
     for t in tokens:
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
-        compiled = forward.lower(x, stacked, dequant=kind.endswith(("_dequant", "_w8a16"))).compile()
+        compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16"))).compile()
         gemm = gemm_targets(compiled.as_text())
-        compiled(x, stacked).block_until_ready()
+        compiled(x, weights).block_until_ready()
         times = []
         for _ in range(iters):
             start = time.perf_counter()
-            compiled(x, stacked).block_until_ready()
+            compiled(x, weights).block_until_ready()
             times.append(time.perf_counter() - start)
         per_layer = float(np.median(times)) / layers
         rows.append((kind, t, per_layer * 1e6, wb / per_layer / 1e12, flops * t / per_layer / 1e12, wb / 2**20, gemm))
