@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 
 import jax
@@ -39,6 +40,10 @@ from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.sharding import KV_POOL
 
 logger = logging.getLogger("jaxpaged")
+# The engine thread and the dispatch worker share the GIL: a thread back from a C call that let
+# it go (XLA's dispatch, xgrammar's bitmask fill) waits for it up to the interpreter's switch
+# interval while the other runs Python: 5 ms by default, a step's length (docs/decisions.md).
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def _copy_to_host_early(outputs):
@@ -79,6 +84,7 @@ class ModelRunner:
         self._prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
                              else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
         self._padding = None  # start-up's all-padding step inputs per (bucket, variant): `compile_heads`
         self.compile_log: list[tuple[str, float, float]] = []  # start-up: (program, start s, seconds)
