@@ -99,6 +99,7 @@ class RequestState:
 class OutputProcessor:
     def __init__(self, tokenizer: transformers.PreTrainedTokenizerBase | None):
         self.tokenizer = tokenizer
+        self._token_text: dict[int, str] = {}  # a token's text alone, for logprobs (decoded once)
         self.states: dict[str, list[RequestState]] = {}  # each request's samples, index for index
 
     def add_request(self, req: EngineCoreRequest, prompt: str | None) -> None:
@@ -187,7 +188,12 @@ class OutputProcessor:
         return None
 
     def _decode(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+        if self.tokenizer is None:
+            return None
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     @staticmethod
     def make_output(states: list[RequestState], stepped: list[RequestState], finished: bool) -> RequestOutput:
