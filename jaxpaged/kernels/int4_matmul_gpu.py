@@ -15,7 +15,9 @@ Grid `(N / block_n, T / block_t, splits)`: a program owns `block_n` output colum
 `block_t` tokens and walks `K / splits` input rows, 128 at a time: one contiguous [16, block_n]
 load of packed words, whose 8 nibble planes (rows 8w + j for plane j) each take one bf16 MMA
 against the matching 16 columns of x. x is permuted outside the kernel so that those columns are
-contiguous (`_plane_order`). Split-K only when the column tiles alone give too few programs
+contiguous (`_plane_order`). With groups of 128+ rows, a step's weights are `q - zero` (exact
+small integers, made from the bits without int-to-float conversions) and its scale multiplies
+the step's MMA sums; smaller groups scale each element before the MMA. Split-K only when the column tiles alone give too few programs
 (decode of a narrow weight); the parts' float32 sums add in a small XLA reduction.
 """
 from __future__ import annotations
@@ -52,24 +54,44 @@ def _plane_order(x: jax.Array) -> jax.Array:
     return x.reshape(t, k // BLOCK_K, WORDS, INT4_PER_WORD).swapaxes(2, 3).reshape(t, k)
 
 
+# bits that make a nibble n (0..15) the float base + n when OR'd in: its mantissa's low bits
+_MAGIC = {"bfloat16": (0x4300, jnp.int16), "float16": (0x6400, jnp.int16), "float32": (0x4B000000, jnp.int32)}
+
+
+def _biased(nibbles: jax.Array, dtype) -> jax.Array:
+    """int32 values 0..15 as `dtype` floats base + n (128 in bf16, 1024 in f16, 2^23 in f32) by
+    bits alone: the GPU's int-to-float conversions run at a quarter of its float rate or less."""
+    bits, int_type = _MAGIC[jnp.dtype(dtype).name]
+    return lax.bitcast_convert_type((nibbles | bits).astype(int_type), dtype)
+
+
 def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
     j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n0, t0 = j * block_n, i * block_t
     # the group of each packed word row in a step (all equal when a group spans the step)
     word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
+    dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
 
     def step(kb, acc):
         k0 = sp * k_per_split + kb * BLOCK_K
         packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)]  # [16, block_n]
-        # one group for the whole step: its [1, block_n] row, else each word row's group
-        g = pl.ds(k0 // group, 1) if group >= BLOCK_K else k0 // group + word_group
-        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1 or 16, block_n]
+        if group >= BLOCK_K:  # one scale and zero per column for the step: applied after the MMAs
+            g = pl.ds(k0 // group, 1)
+            scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1, block_n]
+            zero = _biased(z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32), x_ref.dtype)
+            part = jnp.zeros((block_t, block_n), jnp.float32)
+            for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
+                x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
+                part += dot(x, _biased((packed >> (4 * plane)) & 0xF, x.dtype) - zero)  # q - zero: exact
+            return acc + part * scale
+        g = k0 // group + word_group  # each word row's group: [16, block_n] scales and zeros
+        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
         zero_scaled = z_ref[g, pl.ds(n0, block_n)].astype(jnp.float32) * scale
-        for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
-            x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
+        for plane in range(INT4_PER_WORD):
+            x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]
             q = ((packed >> (4 * plane)) & 0xF).astype(jnp.float32)
-            w = (q * scale - zero_scaled).astype(x.dtype)  # (q - zero) * scale
-            acc += lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            acc += dot(x, (q * scale - zero_scaled).astype(x.dtype))  # (q - zero) * scale
         return acc
 
     acc = lax.fori_loop(0, k_per_split // BLOCK_K, step, jnp.zeros((block_t, block_n), jnp.float32))
