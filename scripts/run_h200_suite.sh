@@ -34,7 +34,9 @@
 #            version's first run into an empty compilation cache: its cold start), fixed and latency, the
 #            versions alternating, $ROUNDS rounds (default 1, ~6 min). AB_TREE: a folder holding the other
 #            revision's jaxpaged/, e.g. `git archive REV jaxpaged | tar -x -C .ab/old` (carried to the GPU
-#            machine: it travels only if named in carry). Prints the comparison table last.
+#            machine: it travels only if named in carry). Prints the comparison table last. AB_RUNS picks
+#            the runs (default "mixed fixed latency"; also "structured": benchmark_structured.py, and
+#            "gemm": bench_gemm.py's bf16 / int4 / int4_dequant / fp8 rows, ~1.5 min each per version)
 # Workloads and settings: docs/benchmarks.md, "Method". Every command's full log is $OUT/<part>*.log,
 # its JSON $OUT/<part>*.json. Extra flags (e.g. for a quick CPU check with MODEL=a small model
 # directory): THROUGHPUT_ARGS, LATENCY_ARGS, LONGCTX_ARGS, SERVER_ARGS, SERVING_ARGS; CACHE: the compilation cache.
@@ -202,16 +204,22 @@ if want ab; then
             order="base this"; [ $((round % 2)) = 0 ] && order="this base"
             for v in $order; do
                 tree=$([ $v = base ] && echo "$AB_TREE" || echo "$PWD")
-                ab=(env PYTHONPATH=$tree $PY)
-                run ab-mixed-$v-$round 300 "${ab[@]}" scripts/benchmark_throughput.py "${SRC[@]}" --workload mixed \
-                    --no-progress --no-replay --compilation-cache "$CACHE-ab-$v" --json "$OUT/ab-mixed-$v-$round.json" \
-                    ${THROUGHPUT_ARGS:-}
-                run ab-fixed-$v-$round 200 "${ab[@]}" scripts/benchmark_throughput.py "${SRC[@]}" --workload fixed \
-                    --no-progress --compilation-cache "$CACHE-ab-$v" --json "$OUT/ab-fixed-$v-$round.json" \
-                    ${THROUGHPUT_ARGS:-}
-                run ab-latency-$v-$round 200 "${ab[@]}" scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 \
-                    --prompt-lens 512 --batches 1 --compilation-cache "$CACHE-ab-$v" \
+                ab=(env PYTHONPATH=$tree${PYTHONPATH:+:$PYTHONPATH} $PY)
+                runs=" ${AB_RUNS:-mixed fixed latency} "
+                [[ $runs == *" mixed "* ]] && run ab-mixed-$v-$round 300 "${ab[@]}" scripts/benchmark_throughput.py \
+                    "${SRC[@]}" --workload mixed --no-progress --no-replay --compilation-cache "$CACHE-ab-$v" \
+                    --json "$OUT/ab-mixed-$v-$round.json" ${THROUGHPUT_ARGS:-}
+                [[ $runs == *" fixed "* ]] && run ab-fixed-$v-$round 200 "${ab[@]}" scripts/benchmark_throughput.py \
+                    "${SRC[@]}" --workload fixed --no-progress --compilation-cache "$CACHE-ab-$v" \
+                    --json "$OUT/ab-fixed-$v-$round.json" ${THROUGHPUT_ARGS:-}
+                [[ $runs == *" latency "* ]] && run ab-latency-$v-$round 200 "${ab[@]}" scripts/benchmark_latency.py \
+                    "${SRC[@]}" --max-model-len 2048 --prompt-lens 512 --batches 1 --compilation-cache "$CACHE-ab-$v" \
                     --json "$OUT/ab-latency-$v-$round.json" ${LATENCY_ARGS:-}
+                [[ $runs == *" structured "* ]] && run ab-structured-$v-$round 300 "${ab[@]}" \
+                    scripts/benchmark_structured.py --model-dir "${BPE_MODEL:-.cache/llama3-8b-bpe}" \
+                    --compilation-cache "$CACHE-ab-$v" --json "$OUT/ab-structured-$v-$round.json"
+                [[ $runs == *" gemm "* ]] && run ab-gemm-$v-$round 200 "${ab[@]}" scripts/bench_gemm.py \
+                    --kinds bf16,fp8,int4,int4_dequant
             done
         done
     fi
@@ -220,7 +228,12 @@ fi
 echo
 echo "######## summary ($((SECONDS - SUITE_START)) s in all: ${TIMES[*]/%/,})"
 $PY scripts/run_summary.py "$OUT"
-if want ab; then $PY scripts/run_summary.py --ab "$OUT"; fi
+if want ab; then
+    $PY scripts/run_summary.py --ab "$OUT"
+    for f in "$OUT"/ab-structured-*.log "$OUT"/ab-gemm-*.log; do
+        [ -f "$f" ] && echo "$(basename "$f" .log):" && sed -n '/^run \|^kind /,$p' "$f"
+    done
+fi
 for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
     [ -f "$f" ] || continue
     grep -E "^copy bandwidth" "$f"
