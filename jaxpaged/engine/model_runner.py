@@ -193,7 +193,7 @@ class ModelRunner:
         inp = self.inputs.build(sched, t, variant, spec, late)
         if late:
             sampling = concurrent.futures.Future()
-            future = self._dispatcher.submit(self.dispatch_late, variant, inp.step, inp.step_layout,
+            future = self._dispatch_async(self.dispatch_late, variant, inp.step, inp.step_layout,
                                              inp.max_query_len, sampling)
             return Launched(sched.scheduled, inp.query_start, future, late=inp.late, sampling=sampling)
         return self._submit(sched.scheduled, variant, inp, sched.multi_step, spec)
@@ -208,18 +208,23 @@ class ModelRunner:
             launched.sampling.set_exception(e)
             raise
 
+    def _dispatch_async(self, dispatch, *args) -> concurrent.futures.Future:
+        """Run `dispatch(*args)` on the worker thread (one at a time, in order); its outputs start
+        their copies to the host as soon as they are computed."""
+        return self._dispatcher.submit(lambda: _copy_to_host_early(dispatch(*args)))
+
     def _submit(self, rows: list[ScheduledRequest], variant: SamplingFeatures, inp: StepInputs,
                 multi_step: bool, speculative: bool = False) -> Launched:
         """Queue the step's dispatch on the worker thread (one at a time, in order)."""
         if speculative:
-            future = self._dispatcher.submit(self.dispatch_verify, variant, inp.step, inp.step_layout,
+            future = self._dispatch_async(self.dispatch_verify, variant, inp.step, inp.step_layout,
                                              inp.max_query_len, inp.sampling, inp.sampling_layout)
             return Launched(rows, inp.query_start, future, speculative=True)
         if multi_step:
-            future = self._dispatcher.submit(self.dispatch_loop, variant, inp.step, inp.step_layout,
+            future = self._dispatch_async(self.dispatch_loop, variant, inp.step, inp.step_layout,
                                              inp.max_query_len)
         else:
-            future = self._dispatcher.submit(self.dispatch, variant, inp.step, inp.step_layout, inp.max_query_len,
+            future = self._dispatch_async(self.dispatch, variant, inp.step, inp.step_layout, inp.max_query_len,
                                              inp.sampling, inp.sampling_layout)
         return Launched(rows, inp.query_start, future, multi_step)
 
@@ -228,8 +233,8 @@ class ModelRunner:
         """Dispatch the forward and the head on packed inputs (one transfer each); returns the
         device outputs (sampled, prompt logprobs or None) without waiting. Owns `kv` and
         `_prev_tokens`: called on the worker thread once the engine runs."""
-        return _copy_to_host_early(self._run_head(variant, self._run_forward(step_buf, step_layout, max_query_len),
-                                                  sampling_buf, sampling_layout))
+        return self._run_head(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
+                              sampling_layout)
 
     def dispatch_late(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout, max_query_len: int | None,
                       sampling: concurrent.futures.Future):
@@ -237,14 +242,14 @@ class ModelRunner:
         the forward while the engine processes the steps before it and builds them; their
         bitmask is filled here, while the engine thread goes on to the next step."""
         hidden = self._run_forward(step_buf, step_layout, max_query_len)
-        return _copy_to_host_early(self._run_head(variant, hidden, *sampling.result().fill()))
+        return self._run_head(variant, hidden, *sampling.result().fill())
 
     def dispatch_verify(self, variant: SamplingFeatures, step_buf: np.ndarray, step_layout,
                         max_query_len: int | None, sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the forward and the verify head (speculative decoding; top-k / top-p and
         top-N logprobs if `variant` has them); as `dispatch`."""
-        return _copy_to_host_early(self._run_verify(
-            variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf, sampling_layout))
+        return self._run_verify(variant, self._run_forward(step_buf, step_layout, max_query_len), sampling_buf,
+                                sampling_layout)
 
     def _run_forward(self, step_buf: np.ndarray, step_layout, max_query_len: int | None) -> jax.Array:
         """Dispatch a step's forward (updates `kv`); returns the hidden states."""
@@ -275,7 +280,7 @@ class ModelRunner:
         out, self.kv, self._prev_tokens = self._loop(
             self.params, self.kv, buf, self._prev_tokens, layout=layout, max_query_len=max_query_len,
             variant=variant, num_steps=self.num_steps, num_prev=self.max_num_seqs)
-        return _copy_to_host_early((out, None))
+        return out, None
 
     def fetch(self, launched: Launched) -> ModelRunnerOutput:
         """Wait for a launched step and copy its outputs to the host ([K, S], K = 1 for a
