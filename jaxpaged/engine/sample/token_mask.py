@@ -1,4 +1,5 @@
-"""The per-row allowed-token bitmask of the masked and `full` heads, built on the host each step (late steps: on the runner's dispatch worker, `TokenBitmaskJob`).
+"""The per-row allowed-token bitmask of the masked and `full` heads, built on the host each
+step (for a late step on the runner's dispatch worker: `TokenBitmaskJob`).
 
 Layout: `[S, ceil(V / 32)]` int32, bit `v % 32` of word `v // 32` set = token v allowed
 (xgrammar's, read on the device by `sampler.apply_token_bitmask`). A row starts from what its
