@@ -7,6 +7,7 @@ have `seq_lens == 0` and an empty query range.
 """
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -47,32 +48,35 @@ def make_step_input(
     follow them. Logits are returned for the last new token of each sequence, or for every
     real token when `all_logits` (tests, prompt logprobs).
     """
-    real_t = sum(len(toks) for toks, _, _ in seqs)
+    n = len(seqs)
+    lens = np.fromiter((len(c[0]) for c in seqs), np.int32, n)
+    computed = np.fromiter((c[1] for c in seqs), np.int32, n)
+    table_lens = np.fromiter((len(c[2]) for c in seqs), np.int32, n)
+    real_t = int(lens.sum())
     t = num_tokens or real_t
-    s = num_seqs or len(seqs)
-    longest = max((len(bt) for _, _, bt in seqs), default=1)
+    s = num_seqs or n
+    longest = int(table_lens.max()) if n else 1
     mb = max_blocks or longest
-    assert t >= real_t and s >= len(seqs) and mb >= longest
-    token_ids = np.zeros(t, np.int32)
-    positions = np.zeros(t, np.int32)
-    slots = np.arange(t, dtype=np.int32) % block_size  # padding -> scratch block 0
-    query_start = np.zeros(s + 1, np.int32)
+    assert t >= real_t and s >= n and mb >= longest
+    # whole-batch array ops (a few per step, not per row: the host builds a step per device step)
+    ends = np.cumsum(lens, dtype=np.int32)
+    query_start = np.full(s + 1, real_t, np.int32)
+    query_start[0], query_start[1:n + 1] = 0, ends
     seq_lens = np.zeros(s, np.int32)
+    seq_lens[:n] = computed + lens
     tables = np.zeros((s, mb), np.int32)
+    rows = np.repeat(np.arange(n), table_lens)
+    cols = np.arange(rows.size) - np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+    tables[rows, cols] = np.fromiter(itertools.chain.from_iterable(c[2] for c in seqs), np.int32, rows.size)
+    owner = np.repeat(np.arange(n), lens)  # each real token's sequence
+    token_ids = np.zeros(t, np.int32)
+    token_ids[:real_t] = np.fromiter(itertools.chain.from_iterable(c[0] for c in seqs), np.int32, real_t)
+    positions = np.zeros(t, np.int32)
+    positions[:real_t] = np.arange(real_t) - (ends - lens)[owner] + computed[owner]
+    slots = np.arange(t, dtype=np.int32) % block_size  # padding -> scratch block 0
+    pos = positions[:real_t]
+    slots[:real_t] = tables[owner, pos // block_size] * block_size + pos % block_size
     last = np.zeros(s, np.int32)
-    i = 0
-    for j, (toks, computed, table) in enumerate(seqs):
-        n = len(toks)
-        pos = np.arange(computed, computed + n, dtype=np.int32)
-        token_ids[i : i + n] = toks
-        positions[i : i + n] = pos
-        row = tables[j]
-        row[: len(table)] = table
-        slots[i : i + n] = row[pos // block_size] * block_size + pos % block_size
-        seq_lens[j] = computed + n
-        i += n
-        query_start[j + 1] = i
-        last[j] = i - 1
-    query_start[len(seqs) + 1 :] = i
+    last[:n] = ends - 1
     logits_index = np.arange(real_t, dtype=np.int32) if all_logits else last
     return StepInput(token_ids, positions, slots, query_start, seq_lens, tables, logits_index)
