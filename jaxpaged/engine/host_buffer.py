@@ -31,25 +31,29 @@ def field_shape(layout: Layout, name: str) -> tuple[int, ...] | None:
     return next((shape for field, shape, _ in layout if field == name), None)
 
 
+def _spans(layout: Layout):
+    """(name, shape, dtype, start, stop) of each field in a packed buffer."""
+    offset = 0
+    for name, shape, dtype in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        yield name, shape, dtype, offset, offset + n
+        offset += n
+
+
 def field_view(buf: np.ndarray, layout: Layout, name: str) -> np.ndarray:
     """Field `name` of a packed host buffer as a writable numpy view (4-byte fields)."""
-    offset = 0
-    for field, shape, dtype in layout:
-        n = int(np.prod(shape, dtype=np.int64))
+    for field, shape, dtype, start, stop in _spans(layout):
         if field == name:
             assert dtype != "bool", f"{name}: a bool field is stored as int32"
-            return buf[offset:offset + n].view(np.dtype(dtype)).reshape(shape)
-        offset += n
+            return buf[start:stop].view(np.dtype(dtype)).reshape(shape)
     raise KeyError(name)
 
 
 def unpack(buf: jax.Array, layout: Layout) -> dict[str, jax.Array]:
     """The fields of a `pack`ed buffer (inside jit: static slices and bitcasts, no copies)."""
-    out, offset = {}, 0
-    for name, shape, dtype in layout:
-        n = int(np.prod(shape, dtype=np.int64))
-        flat = buf[offset:offset + n]
-        offset += n
+    out = {}
+    for name, shape, dtype, start, stop in _spans(layout):
+        flat = buf[start:stop]
         if dtype == "bool":
             flat = flat != 0
         elif dtype != "int32":

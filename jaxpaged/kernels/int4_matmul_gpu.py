@@ -17,8 +17,9 @@ load of packed words, whose 8 nibble planes (rows 8w + j for plane j) each take 
 against the matching 16 columns of x. x is permuted outside the kernel so that those columns are
 contiguous (`_plane_order`). With groups of 128+ rows, a step's weights are `q - zero` (exact
 small integers, made from the bits without int-to-float conversions) and its scale multiplies
-the step's MMA sums; smaller groups scale each element before the MMA. Split-K only when the column tiles alone give too few programs
-(decode of a narrow weight); the parts' float32 sums add in a small XLA reduction.
+the step's MMA sums; smaller groups scale each element before the MMA. Split-K only when the
+column tiles alone give too few programs (decode of a narrow weight); the parts' float32 sums
+add in a small XLA reduction.
 """
 from __future__ import annotations
 
