@@ -200,6 +200,10 @@ if want ab; then
         echo "== ab: skipped: set AB_TREE to a folder holding another revision's jaxpaged/ package"
     else
         AB_TREE=$(cd "$AB_TREE" && pwd)
+        for r in ${AB_RUNS:-}; do
+            case $r in mixed|fixed|latency|structured|gemm) ;;
+                *) echo "AB_RUNS: unknown run '$r' (mixed, fixed, latency, structured, gemm)"; exit 2;; esac
+        done
         for round in $(seq "${ROUNDS:-1}"); do
             order="base this"; [ $((round % 2)) = 0 ] && order="this base"
             for v in $order; do
