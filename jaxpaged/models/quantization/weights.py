@@ -37,8 +37,10 @@ class QuantizedWeight:
 
     @classmethod
     def fuse(cls, parts: list, combine: Callable[[list[jax.Array]], jax.Array]) -> QuantizedWeight:
-        """`combine` (an op on the trailing output axes) applied field by field."""
-        return cls(*(combine([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
+        """`combine` (an op on the trailing output axes) applied to each array field (static
+        fields keep their defaults)."""
+        return cls(**{f.name: combine([getattr(p, f.name) for p in parts])
+                      for f in dataclasses.fields(cls) if not f.metadata.get("static")})
 
 
 def _padded(spec: P, ndim: int) -> tuple:
@@ -140,7 +142,12 @@ class Int8Weight(QuantizedWeight):
 @dataclasses.dataclass(frozen=True)
 class Int8W8A8Weight(Int8Weight):
     """W8A8 int8 (compressed-tensors `int-quantized`): `Int8Weight` per output channel, the
-    activations quantized to int8 per token at run time and multiplied in int32."""
+    activations quantized to int8 per token at run time and multiplied in int32.
+
+    `activations` is static pytree data: jax's tree structures of dataclasses compare field
+    names, not types, so without it a jit cache could take this weight for an `Int8Weight` of
+    the same shapes and run the W8A16 program."""
+    activations: str = dataclasses.field(default="int8", metadata={"static": True})
 
 
 @jax.tree_util.register_dataclass
