@@ -5,6 +5,8 @@ preemption, stops and the batch-size cut-off; drafts both accepted and rejected 
 every block freed after rejections and aborts; nothing compiled after warm-up."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -146,8 +148,13 @@ def test_synthetic_acceptance_and_the_metrics_under_vllms_names(model_dir):
     accepted at rate 1 whatever its value; the counters reach /metrics (through the core's
     wire message) under vLLM's names."""
     llm = LLM(model_dir, **KW, speculative_config={**SPEC, "synthetic_acceptance_rate": 1.0})
+    runner, threads = llm.engine.runner, []
+    verify = runner.dispatch_verify
+    runner.dispatch_verify = lambda *a: threads.append(threading.current_thread()) or verify(*a)
     prompt = list(range(10, 40))
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    # the engine waits for a speculative step: dispatched on its own thread, no hand-over to the worker
+    assert len(threads) == 10 and set(threads) == {threading.main_thread()}
     stats = llm.engine.core.stats()
     assert len(out[0].outputs[0].token_ids) == 40
     # 39 tokens after the first: 9 steps of 3 drafts + 1 bonus, then 2 drafts + 1 bonus (max_tokens)

@@ -84,6 +84,8 @@ class ModelRunner:
         self._prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
                              else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
+        self._last_dispatch = concurrent.futures.Future()  # the worker's newest job (none yet: done)
+        self._last_dispatch.set_result(None)
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self.device_wait_seconds = 0.0  # the engine blocked in `fetch` (dispatch or device not done)
         self._padding = None  # start-up's all-padding step inputs per (bucket, variant): `compile_heads`
@@ -211,14 +213,31 @@ class ModelRunner:
     def _dispatch_async(self, dispatch, *args) -> concurrent.futures.Future:
         """Run `dispatch(*args)` on the worker thread (one at a time, in order); its outputs start
         their copies to the host as soon as they are computed."""
-        return self._dispatcher.submit(lambda: _copy_to_host_early(dispatch(*args)))
+        self._last_dispatch = self._dispatcher.submit(lambda: _copy_to_host_early(dispatch(*args)))
+        return self._last_dispatch
+
+    def _dispatch_now(self, dispatch, *args) -> concurrent.futures.Future:
+        """`_dispatch_async` on the engine thread, for a step the engine waits for before it goes
+        on (speculative steps run synchronously): no hand-over to the worker, whose return from
+        each XLA call would wait for the GIL while the engine runs Python (up to the switch
+        interval each time). Only once the worker's last dispatch is done: the dispatches own
+        `kv` and `_prev_tokens` in order."""
+        if not self._last_dispatch.done():
+            return self._dispatch_async(dispatch, *args)
+        future = concurrent.futures.Future()
+        try:
+            future.set_result(_copy_to_host_early(dispatch(*args)))
+        except BaseException as e:  # raised by `fetch`, as from the worker
+            future.set_exception(e)
+        return future
 
     def _submit(self, rows: list[ScheduledRequest], variant: SamplingFeatures, inp: StepInputs,
                 multi_step: bool, speculative: bool = False) -> Launched:
-        """Queue the step's dispatch on the worker thread (one at a time, in order)."""
+        """Queue the step's dispatch on the worker thread (one at a time, in order); a speculative
+        step's runs now, on this thread (`_dispatch_now`)."""
         if speculative:
-            future = self._dispatch_async(self.dispatch_verify, variant, inp.step, inp.step_layout,
-                                             inp.max_query_len, inp.sampling, inp.sampling_layout)
+            future = self._dispatch_now(self.dispatch_verify, variant, inp.step, inp.step_layout,
+                                           inp.max_query_len, inp.sampling, inp.sampling_layout)
             return Launched(rows, inp.query_start, future, speculative=True)
         if multi_step:
             future = self._dispatch_async(self.dispatch_loop, variant, inp.step, inp.step_layout,
