@@ -106,6 +106,25 @@ def test_long_context_decode_split():
           num_splits=4, block_n=64)
 
 
+@pytest.mark.parametrize("window", [0, 3000])
+def test_split_kv_at_128k_contexts(window):
+    """Decode at contexts of 131,072, 70,002 and 6 tokens in one batch (and a padding row):
+    the default config splits the KV 128 ways for 4 rows, each row's parts sized in the kernel
+    from its own visible range (whole for the short one), then merged; with a sliding window
+    only the window's keys count. Small heads keep interpret mode to seconds."""
+    from jaxpaged.kernels.paged_attention_gpu import choose_config
+
+    assert choose_config(4, 4, 2, 1, 16, 131072)[0].num_splits == 128
+    check([(131071, 1), (70001, 1), (5, 1)], hq=2, hkv=1, d=16, bs=256, window=window, num_tokens=4,
+          num_seqs=4)
+
+
+def test_prompt_chunk_at_a_100k_context():
+    """A 40-token chunk after 100,000 computed tokens (the per-q-block path) beside a decode row
+    at 131,001 and a short prompt."""
+    check([(100000, 40), (131000, 1), (7, 3)], hq=2, hkv=1, d=16, bs=256, num_tokens=48, num_seqs=4)
+
+
 def test_all_padding_is_finite():
     """A batch whose sequences are all padding (seq_len 0) gives finite output."""
     q, k, v, qs, lens, bt = make_case(np.random.default_rng(3), [(5, 1)], hq=4, hkv=2, d=64, bs=16,
