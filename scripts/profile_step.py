@@ -151,7 +151,7 @@ def cmdbuf_check(runner, rec, out: Path) -> None:
     dev_buf = jax.device_put(step_buf)
     for label, buf in (("fresh host inputs", step_buf), ("device inputs reused", dev_buf)):
         def call():
-            hidden, runner.kv = runner._fwd(runner.params, runner.kv, buf, runner._prev_tokens, layout=layout,
+            hidden, runner.kv = runner._fwd(runner.params, runner.kv, buf, runner.prev_tokens, layout=layout,
                                             max_query_len=mql)
             return hidden
 
@@ -236,7 +236,7 @@ def main() -> None:
     last = records[-1]
     if args.hlo:
         mode, step_buf, layout, mql = last[:4]
-        compiled = runner._fwd.lower(runner.params, runner.kv, step_buf, runner._prev_tokens, layout=layout,
+        compiled = runner._fwd.lower(runner.params, runner.kv, step_buf, runner.prev_tokens, layout=layout,
                                      max_query_len=mql).compile()
         hlo_report(compiled.as_text(), out)
     if args.cmdbuf:

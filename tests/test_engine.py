@@ -123,7 +123,7 @@ def test_prefill_buckets_run_the_forward_compiled_with_cublas_gemms(model_dir, c
               token_buckets=(8, 16))
     runner = llm.engine.runner
     assert runner.buckets == [8, 16, 40] and runner.decode_buckets == [8]
-    program = {t: runner._forward_program(runner.inputs.build(SchedulerOutput([]), t, GREEDY).step_layout)
+    program = {t: runner.forward_program(runner.inputs.build(SchedulerOutput([]), t, GREEDY).step_layout)
                for t in runner.buckets}
     assert program == {8: runner._fwd, 16: runner._fwd_prefill, 40: runner._fwd_prefill}
     compiles = compile_counter.count

@@ -38,6 +38,7 @@ from jaxpaged.engine.spec_decode.drafter import make_drafter
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
+from jaxpaged.engine.warmup import Warmup
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_cache_dtype
@@ -87,7 +88,8 @@ class EngineCore:
         self.drafter = make_drafter(config, cfg, params["embed"].dtype, attention, self.runner.buckets)
         draft = self.drafter if isinstance(self.drafter, DraftModelProposer) else None
         t1 = time.perf_counter()
-        head_bytes = self.runner.compile_heads(config.compile_threads)
+        warmup = Warmup(self.runner)
+        head_bytes = warmup.compile_heads(config.compile_threads)
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, params["embed"].dtype)  # the pools' (the draft's too)
         num_blocks = config.num_kv_blocks or kv_pool_blocks(self.config, cfg, self.max_model_len,
                                                             self.max_num_batched_tokens, kv_dtype, head_bytes,
@@ -100,7 +102,7 @@ class EngineCore:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    config.num_scheduler_steps, config.long_prefill_token_threshold,
                                    config.decoding_token_budget, self.drafter)
-        self.runner.warmup(kv, config.compile_threads)
+        warmup.run(kv, config.compile_threads)
         if draft is not None:
             draft.warmup(num_blocks, kv_dtype, config.compile_threads)
         t2 = time.perf_counter()
@@ -119,7 +121,7 @@ class EngineCore:
                              quant.method if quant else None, kv_dtype.name)
         self.startup = {"load_s": t1 - t0, "warmup_s": t2 - t1, "num_kv_blocks": num_blocks,
                         "kv_cache_dtype": kv_dtype.name, "kv_capacity_tokens": (num_blocks - 1) * config.block_size,
-                        "buckets": self.runner.buckets, "compiles": self.runner.compile_log}
+                        "buckets": self.runner.buckets, "compiles": warmup.log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
         log_late_compiles(logger)
 

@@ -176,7 +176,7 @@ def jitted_step(cfg: ModelConfig, attention, replicated, kv_sharding) -> StepPro
     with `PREFILL_COMPILER_OPTIONS`), the head + sampler, and the decode loop (KV pool
     donated). `replicated` (a sharding over the mesh, or None) pins the forward's hidden
     states and the fed-back token ids, so the heads can be compiled before the forward
-    (`ModelRunner.compile_heads`)."""
+    (`Warmup.compile_heads`)."""
     forward = dict(donate_argnums=1, static_argnames=("layout", "max_query_len"),
                    out_shardings=None if replicated is None else (replicated, kv_sharding))
     fwd = jax.jit(functools.partial(_forward, cfg=cfg, attention=attention), **forward)
