@@ -3,11 +3,13 @@ jitted programs on packed host inputs, and hands the sampled ids back as a `Mode
 
 The programs (a forward per token bucket, a head per bucket and sampling variant) are in
 `step_programs.py`; each step uses the cheapest variant its requests allow. `launch` builds
-the inputs (`input_builder.py`) and hands the dispatch to one worker thread: the engine
+the inputs (`input_builder.py`) and hands the dispatch to one worker thread (a speculative
+step, which the engine waits for, is dispatched on the engine thread): the engine
 launches step n+1 while step n still runs, feeding back the tokens step n samples on the
 device, and processes step n's outputs while the worker dispatches (XLA releases the GIL while
 it launches the step's kernels). With multi-step decode (`num_steps` > 1) an all-decode step
 runs the decode loop program: K iterations per dispatch, the sampled ids fed back on the device.
+Start-up (compiling and first runs of every program) is `warmup.py`'s.
 """
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ class ModelRunner:
         # the last step's sampled ids; committed like the step's outputs, so no second compile
         zeros = np.zeros(max_num_seqs, np.int32)
         self.prev_tokens = (jax.device_put(zeros, jax.devices()[0]) if replicated is None
-                             else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
+                            else jax.make_array_from_callback(zeros.shape, replicated, lambda i: zeros[i]))
         self._dispatcher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxpaged-dispatch")
         self._last_dispatch = concurrent.futures.Future()  # the worker's newest job (none yet: done)
         self._last_dispatch.set_result(None)
@@ -184,21 +186,21 @@ class ModelRunner:
     def run_forward(self, step_buf: np.ndarray, step_layout, max_query_len: int | None) -> jax.Array:
         """Dispatch a step's forward (updates `kv`); returns the hidden states."""
         hidden, self.kv = self.forward_program(step_layout)(self.params, self.kv, step_buf, self.prev_tokens,
-                                                             layout=step_layout, max_query_len=max_query_len)
+                                                            layout=step_layout, max_query_len=max_query_len)
         return hidden
 
     def run_head(self, variant: SamplingFeatures, hidden: jax.Array, sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the head + sampler with `variant` on the forward's hidden states (updates
         `prev_tokens`); returns (sampled, prompt logprobs or None)."""
         out, prompt, self.prev_tokens = self.head_program(self.top_params, hidden, sampling_buf, layout=sampling_layout,
-                                                    variant=variant, num_prev=self.max_num_seqs)
+                                                          variant=variant, num_prev=self.max_num_seqs)
         return out, prompt
 
     def run_verify(self, variant: SamplingFeatures, hidden: jax.Array, sampling_buf: np.ndarray, sampling_layout):
         """Dispatch the verify head (as `run_head`); returns (sampled [K + 1, S], num_emitted)."""
         out, num_emitted, self.prev_tokens = self.verify_program(self.top_params, hidden, sampling_buf,
-                                                           layout=sampling_layout, num_prev=self.max_num_seqs,
-                                                           **verify_kwargs(variant))
+                                                                 layout=sampling_layout, num_prev=self.max_num_seqs,
+                                                                 **verify_kwargs(variant))
         return out, num_emitted
 
     def forward_program(self, layout):
