@@ -14,7 +14,6 @@ Start-up (compiling and first runs of every program) is `warmup.py`'s.
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import sys
 import time
 
@@ -35,7 +34,6 @@ from jaxpaged.engine.step_programs import jitted_step
 from jaxpaged.models import ModelConfig
 from jaxpaged.models.sharding import KV_POOL
 
-logger = logging.getLogger("jaxpaged")
 # The engine thread and the dispatch worker share the GIL: a thread back from a C call that let
 # it go (XLA's dispatch, xgrammar's bitmask fill) waits for it up to the interpreter's switch
 # interval while the other runs Python: 5 ms by default, a step's length (docs/decisions.md).
