@@ -17,12 +17,13 @@ from ceilings import ceilings
 
 
 def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int,
-               prompt: list[int] | None = None) -> tuple[float, float]:
+               prompt: list[int] | None = None) -> dict[str, float]:
     """Median time of one decode step with `batch` sequences running (after their prefill), and
     the device time per step of the same steps replayed back to back (where the ITL is above
     it, the host's dispatch is the limit). With speculative decoding a step emits several
-    tokens: both are then per token (the decode's time over its `steps` tokens, mean).
-    `prompt`: every row's prompt (a text task), else random ids of `prompt_len`."""
+    tokens: both are then per token (the decode's time over its `steps` tokens, mean), and the
+    target forwards' share of the device time is replayed too (the rest: verify heads and the
+    draft model). `prompt`: every row's prompt (a text task), else random ids of `prompt_len`."""
     import jax
 
     from jaxpaged import SamplingParams
@@ -43,9 +44,16 @@ def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int,
             times.append(time.perf_counter() - t)
     fn, a = records[0]
     jax.block_until_ready(fn(*a))
-    if getattr(core, "drafter", None) is not None:
-        return sum(times) / steps, replay(records)[0] / steps
-    return float(np.median(times)), replay(records)[0] / len(records)
+    device = replay(records)[0]
+    if getattr(core, "drafter", None) is None:
+        return {f"decode ITL, batch {batch}": float(np.median(times)),
+                f"  its device time, batch {batch}": device / len(records)}
+    run_forward = getattr(engine.runner, "run_forward", None) or engine.runner._run_forward  # (older revisions)
+    forwards = [a[1:4] for _, a in records if len(a) > 2]  # the runner's (variant, buf, layout, max_query_len, ..)
+    t = time.perf_counter()
+    jax.block_until_ready([run_forward(*f) for f in forwards])
+    return {f"decode ITL, batch {batch}": sum(times) / steps, f"  its device time, batch {batch}": device / steps,
+            f"  its forwards, batch {batch}": (time.perf_counter() - t) / steps}
 
 
 def ttft(engine, prompt_len: int, vocab: int, reps: int = 3) -> tuple[float, float]:
@@ -131,8 +139,7 @@ def main() -> None:
         if len(prompt) + args.decode_steps + 1 > args.max_model_len:
             ap.error(f"the {len(prompt)}-token prompt + --decode-steps exceeds --max-model-len {args.max_model_len}")
     for b in args.batches.split(","):
-        rows[f"decode ITL, batch {b}"], rows[f"  its device time, batch {b}"] = decode_itl(
-            engine, int(b), args.decode_prompt_len, args.decode_steps, vocab, prompt)
+        rows |= decode_itl(engine, int(b), args.decode_prompt_len, args.decode_steps, vocab, prompt)
     for n in [n for n in prompt_lens if n < args.max_model_len]:
         rows[f"TTFT, prompt {n}"], rows[f"  its device time, prompt {n}"] = ttft(engine, n, vocab)
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; weights {weight_bytes / 1e9:.2f} GB, "

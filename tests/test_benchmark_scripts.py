@@ -136,6 +136,7 @@ def test_serving_benchmark_then_notebook(tiny_model_dir, tmp_path, monkeypatch):
         assert spec["num_draft_tokens"] > 0 and spec["acceptance_rate"] == 1.0
         lat = json.loads((results / "latency.json").read_text())["seconds"]
         assert "TTFT, prompt 128" not in lat and lat["  its device time, prompt 16"] > 0 and lat["TTFT, prompt 16"] > 0
+        assert 0 < lat["  its forwards, batch 2"] < lat["  its device time, batch 2"]  # the verify heads' share
 
         wait_healthy(port, [server], (tmp_path / "server.log").read_text)
 
