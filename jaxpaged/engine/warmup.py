@@ -55,7 +55,8 @@ class Warmup:
         r, (t, variant, speculative) = self.runner, key
         inp = self._padding[key]
         hidden = jax.ShapeDtypeStruct((t, r.cfg.hidden_size), r.params["embed"].dtype, sharding=r.hidden_sharding)
-        program, kw = (r.verify_program, verify_kwargs(variant)) if speculative else (r.head_program, {"variant": variant})
+        program, kw = ((r.verify_program, verify_kwargs(variant)) if speculative
+                       else (r.head_program, {"variant": variant}))
         with self._logged(f"{'verify head' if speculative else 'head'} {t} {variant.name}"):
             mem = program.lower(r.top_params, hidden, inp.sampling, layout=inp.sampling_layout,
                                 num_prev=r.max_num_seqs, **kw).compile().memory_analysis()
@@ -85,8 +86,8 @@ class Warmup:
         def compile_forward(t: int, max_query_len: int | None):
             inp = inputs[t, VARIANTS[0], False]
             with self._logged(f"forward {t}" + (f" q<={max_query_len}" if max_query_len else "")):
-                r.forward_program(inp.step_layout).lower(r.params, r.kv, inp.step, r.prev_tokens, layout=inp.step_layout,
-                                                         max_query_len=max_query_len).compile()
+                r.forward_program(inp.step_layout).lower(r.params, r.kv, inp.step, r.prev_tokens,
+                                                         layout=inp.step_layout, max_query_len=max_query_len).compile()
 
         def compile_loop(t: int, variant: SamplingFeatures):
             inp = loops[t, variant]
