@@ -222,7 +222,8 @@ def test_too_long_request_is_rejected_with_numbers(llm):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("n", 0), ("max_tokens", -1),
+    ("temperature", -1), ("temperature", float("nan")), ("temperature", 1e39), ("repetition_penalty", 1e39),
+    ("top_p", 0), ("top_k", -2), ("min_p", 1.5), ("n", 0), ("max_tokens", -1),
     ("presence_penalty", 3), ("repetition_penalty", 0), ("logprobs", 21), ("min_tokens", -1),
     ("allowed_token_ids", []), ("bad_words", [" "]), ("truncate_prompt_tokens", 0), ("truncate_prompt_tokens", -2),
 ])

@@ -9,6 +9,7 @@ MAX_LOGPROBS = 20  # top-N logprobs a request may ask for (vLLM's default max_lo
 MAX_LOGIT_BIAS = 64  # logit_bias entries per request
 MAX_STOP_TOKEN_IDS = 56
 MAX_BAD_WORDS = 128  # bad_words per request (vLLM's VLLM_MAX_NUM_BAD_WORDS)
+_F32_MAX = 3.4028234663852886e38  # the sampler's inputs are float32: a larger value would become inf
 
 
 @dataclasses.dataclass
@@ -64,8 +65,8 @@ class SamplingParams:
 
         if self.n < 1:
             bad("n", "must be at least 1")
-        if self.temperature < 0:
-            bad("temperature", "must be non-negative")
+        if not 0 <= self.temperature <= _F32_MAX:  # NaN fails too; the device holds it in float32
+            bad("temperature", "must be a non-negative float32 number")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not 0 <= self.top_k < 2**31:
@@ -75,8 +76,8 @@ class SamplingParams:
         for f in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, f) <= 2:
                 bad(f, "must be in [-2, 2]")
-        if self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be greater than zero")
+        if not 0 < self.repetition_penalty <= _F32_MAX:
+            bad("repetition_penalty", "must be a float32 number greater than zero")
         if self.max_tokens is not None and self.max_tokens < 0:
             bad("max_tokens", "must be non-negative (0: the prompt only)")
         if self.min_tokens < 0:
