@@ -58,7 +58,12 @@ def start_server(model_dir, llm_kwargs: dict | None = None, **app_kwargs) -> Ser
     core = EngineCore(EngineConfig(model=str(model_dir), **ENGINE))
     address, core_thread = start_core_thread(core)
     llm = AsyncLLM(address, core.info, **(llm_kwargs or {}))
-    app = build_app(llm, [MODEL, "tiny-alias"], str(model_dir), **app_kwargs)
+    url, server, thread = serve(build_app(llm, [MODEL, "tiny-alias"], str(model_dir), **app_kwargs))
+    return Server(url, core, llm, server, thread, address, core_thread)
+
+
+def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """`app` served by uvicorn on a free local port, in a thread: (its URL, the server, the thread)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
@@ -68,7 +73,7 @@ def start_server(model_dir, llm_kwargs: dict | None = None, **app_kwargs) -> Ser
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    return Server(f"http://127.0.0.1:{sock.getsockname()[1]}", core, llm, server, thread, address, core_thread)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
 
 
 @pytest.fixture(scope="module")
@@ -560,6 +565,17 @@ def test_chat_echo(client, oracle):
     assert user.choices[0].message.content.startswith(MESSAGES[-1]["content"])
 
 
+def test_request_id_names_the_response(server, client):
+    """vLLM's `request_id` field, and the X-Request-Id header before it, give the response's id."""
+    kw = dict(model=MODEL, max_tokens=2, extra_body={"request_id": "field-1"})
+    assert client.completions.create(prompt="hi", **kw).id == "cmpl-field-1"
+    assert client.chat.completions.create(messages=MESSAGES, **kw).id == "chatcmpl-field-1"
+    chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True, **kw,
+                                                 extra_headers={"X-Request-Id": "header-1"}))
+    assert {c.id for c in chunks} == {"chatcmpl-header-1"}
+    assert client.completions.create(prompt="hi", model=MODEL, max_tokens=2).id.startswith("cmpl-")
+
+
 def test_errors_raw_http(server):
     url, auth = server.url, {"Authorization": f"Bearer {KEY}"}
     assert _error(httpx.post(url + "/v1/completions", content=b"{not json", headers=auth), 400)["type"] == "BadRequestError"
@@ -570,6 +586,14 @@ def test_errors_raw_http(server):
     _error(httpx.get(url + "/v1/nothing", headers=auth), 404)
     _error(httpx.get(url + "/v1/completions", headers=auth), 405)
     _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", "suffix": "x"}, headers=auth), 400)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    for field, value in (("length_penalty", 0.5), ("modalities", ["text", "audio"]), ("prediction", {
+            "type": "content", "content": "x"}), ("reasoning_effort", "low"), ("store", True),
+            ("cache_salt", "s"), ("return_tokens_as_token_ids", True), ("documents", [{"text": "d"}])):
+        err = _error(httpx.post(url + "/v1/chat/completions", json=chat | {field: value}, headers=auth), 400)
+        assert err["message"].endswith(f"`{field}` is not supported by jaxpaged"), err
+    for field, value in (("length_penalty", 1.0), ("modalities", ["text"]), ("store", False)):  # ask for nothing
+        assert httpx.post(url + "/v1/chat/completions", json=chat | {field: value}, headers=auth).status_code == 200
     tools = [{"type": "function", "function": {"name": "f"}}]
     for field, value in (("tools", tools), ("tool_choice", "required")):  # chat's fields
         err = _error(httpx.post(url + "/v1/completions", json={"prompt": "hi", field: value}, headers=auth), 400)
@@ -858,3 +882,48 @@ def test_dead_engine_gives_503(default_server):
     with pytest.raises(openai.APIStatusError) as e:
         c.completions.create(model=MODEL, prompt="hi", max_tokens=2)
     assert e.value.status_code == 503
+
+
+def test_add_special_tokens_and_spaces_between_special_tokens_are_honoured(server, model_dir, tmp_path):
+    """vLLM's defaults, through a second API server on the same core whose tokenizer adds a BOS:
+    a completion's prompt gets the tokenizer's special tokens, a chat's rendered template does
+    not (it spells them), /tokenize as its kind; either way when asked.
+    `spaces_between_special_tokens` reaches the detokenizer's parameters."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from jaxpaged.serve.protocol import CompletionRequest
+
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model_dir / f).is_file():
+            (tmp_path / f).write_bytes((model_dir / f).read_bytes())
+    fast = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    bos = fast.token_to_id("<|endoftext|>")
+    fast.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    fast.save(str(tmp_path / "tokenizer.json"))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    plain = tok.encode("Hello world", add_special_tokens=False)
+    rendered = tok.encode(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)
+    llm = AsyncLLM(server.core_address, server.core.info, tokenizer=str(tmp_path))
+    url, front, thread = serve(build_app(llm, [MODEL], str(model_dir)))
+    try:
+        def prompt_tokens(route: str, body: dict) -> int:
+            r = httpx.post(url + route, json=body | {"model": MODEL, "max_tokens": 1}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens"]
+
+        assert prompt_tokens("/v1/completions", {"prompt": "Hello world"}) == len(plain) + 1
+        assert prompt_tokens("/v1/completions", {"prompt": "Hello world", "add_special_tokens": False}) == len(plain)
+        assert prompt_tokens("/v1/chat/completions", {"messages": MESSAGES}) == len(rendered)
+        assert prompt_tokens("/v1/chat/completions", {"messages": MESSAGES, "add_special_tokens": True}) == \
+            len(rendered) + 1
+        assert httpx.post(url + "/tokenize", json={"prompt": "Hello world"}).json()["tokens"] == [bos] + plain
+        assert httpx.post(url + "/tokenize", json={"messages": MESSAGES}).json()["tokens"] == rendered
+    finally:
+        front.should_exit = True
+        thread.join(timeout=30)
+    for value in (True, False):
+        req = CompletionRequest(prompt="x", spaces_between_special_tokens=value, skip_special_tokens=False)
+        assert req.sampling_params(4, None).spaces_between_special_tokens is value

@@ -49,8 +49,8 @@ class Tokenizing:
     def max_model_len(self) -> int:
         return self.info.max_model_len
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        return encode(self.tokenizer, prompt)
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        return encode(self.tokenizer, prompt, add_special_tokens)
 
 
 class Observer(Protocol):

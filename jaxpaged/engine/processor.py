@@ -26,12 +26,14 @@ def load_tokenizer(path: str | Path) -> transformers.PreTrainedTokenizerBase | N
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def encode(tokenizer: transformers.PreTrainedTokenizerBase | None, prompt: str | list[int]) -> list[int]:
-    """A prompt's token ids (text through the tokenizer)."""
+def encode(tokenizer: transformers.PreTrainedTokenizerBase | None, prompt: str | list[int],
+           add_special_tokens: bool = True) -> list[int]:
+    """A prompt's token ids (text through the tokenizer, with its special tokens, e.g. BOS,
+    unless `add_special_tokens` is False)."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("this model has no tokenizer: pass prompts as token ids")
-        return tokenizer.encode(prompt)
+        return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
     return [int(t) for t in prompt]
 
 
@@ -47,11 +49,12 @@ def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, 
                         chat_template: str | None = None, add_generation_prompt: bool = True,
                         continue_final_message: bool = False,
                         chat_template_kwargs: dict[str, Any] | None = None,
-                        tools: list[dict[str, Any]] | None = None) -> list[int]:
+                        tools: list[dict[str, Any]] | None = None, add_special_tokens: bool = False) -> list[int]:
     """Token ids of a conversation through `chat_template` (else the tokenizer's).
     `continue_final_message`: the last message stays open for the model to continue;
     `chat_template_kwargs` reach the template as variables (e.g. `enable_thinking`); `tools`:
-    OpenAI function tools, the template's `tools` (as in transformers)."""
+    OpenAI function tools, the template's `tools` (as in transformers); `add_special_tokens`:
+    the tokenizer's own (e.g. BOS) added to the rendered text (off: templates spell them)."""
     if tokenizer is None:
         raise ValueError("this model has no tokenizer, so chat is not available")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -65,7 +68,7 @@ def apply_chat_template(tokenizer: transformers.PreTrainedTokenizerBase | None, 
                                              continue_final_message=continue_final_message, tools=tools, **kwargs)
     except jinja2.TemplateError as e:
         raise ValueError(f"chat template error: {e}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 class Processor:

@@ -96,6 +96,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
     def generation_request(request: Request, req: CompletionRequest | ChatCompletionRequest) -> None:
         parse_model(req.model)
         req.apply_defaults(defaults)
+        if (header := request.headers.get("X-Request-Id")) is not None:  # vLLM: the header before the field
+            req.request_id = header
         if log_requests:
             fields = {k: _cut(v, max_log_len) for k, v in req.model_dump(exclude_unset=True).items()}
             logger.info("request %s from %s: %s", request.url.path, request.client and request.client.host, fields)

@@ -34,7 +34,7 @@ def render_chat(engine: Tokenizing, messages: list[dict], req: ChatTemplateField
         raise ValueError(UNTRUSTED_TEMPLATE)
     return apply_chat_template(engine.tokenizer, messages, req.chat_template or server_template,
                                req.add_generation_prompt, req.continue_final_message, req.chat_template_kwargs,
-                               req.template_tools())
+                               req.template_tools(), req.add_special_tokens)
 
 
 def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
@@ -71,7 +71,7 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
             raise ValueError("`tool_choice` 'required' or naming a function cannot be combined with "
                              "`response_format`, `structured_outputs` or `guided_*`")
         params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
-    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    cid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
     group = await engine.add_requests([cid], [prompt], params, time.monotonic())
     head = {"id": cid, "created": int(time.time()), "model": model}
     role = req.role

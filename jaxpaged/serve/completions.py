@@ -62,9 +62,9 @@ async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str
     want_logprobs = req.logprobs is not None
     # echo + logprobs: the echoed prompt's logprobs (vLLM); max_tokens 0 with echo: the prompt only
     params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
-    cid = f"cmpl-{uuid.uuid4().hex}"
+    cid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
     arrival = time.monotonic()
-    ids = await engine.tokenize(lambda e: [e.encode(p) for p in prompts], sum(len(p) for p in prompts))
+    ids = await engine.tokenize(lambda e: [e.encode(p, req.add_special_tokens) for p in prompts], sum(len(p) for p in prompts))
     group = await engine.add_requests([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival)
     try:
         echoes = await _echoes(engine, req, prompts, group) if req.echo else None

@@ -18,10 +18,16 @@ INT32_MAX = 2**31 - 1
 MAX_N = 128  # samples per prompt
 MAX_CHOICES = 1024  # prompts x n per HTTP request
 
-# Fields of the OpenAI / vLLM APIs that jaxpaged does not implement: asking for them is a
-# 400 rather than a silent no-op. Unknown fields are ignored, as in vLLM.
-UNSUPPORTED = ("suffix", "functions", "function_call", "use_beam_search", "prompt_embeds",
-               "guided_whitespace_pattern")
+# Fields of the OpenAI / vLLM APIs that jaxpaged does not implement, with the values that ask
+# for nothing (besides unset, empty, false or 0): any other value is a 400 naming the field,
+# never a silent no-op. Unknown fields are ignored, as in vLLM.
+UNSUPPORTED: dict[str, tuple] = {
+    "suffix": (), "functions": (), "function_call": (), "use_beam_search": (), "length_penalty": (1, 1.0),
+    "prompt_embeds": (), "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"),
+    "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
+    "verbosity": (), "store": (), "documents": (), "mm_processor_kwargs": (), "logits_processors": (),
+    "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (), "return_tokens_as_token_ids": (),
+}
 CHAT_ONLY = ("tools", "tool_choice")  # tool calling is /v1/chat/completions's
 
 
@@ -31,8 +37,8 @@ class OpenAIModel(BaseModel):
     @model_validator(mode="after")
     def _reject_unsupported(self) -> OpenAIModel:
         extra = self.model_extra or {}
-        for name in UNSUPPORTED:
-            if extra.get(name) not in (None, [], {}, False):  # unset, empty, false or 0
+        for name, neutral in UNSUPPORTED.items():
+            if extra.get(name) not in (None, "", [], {}, False, *neutral):  # unset, empty, false or 0
                 raise ValueError(f"`{name}` is not supported by jaxpaged")
         for name in CHAT_ONLY:
             if extra.get(name) not in (None, [], "none"):
@@ -64,6 +70,7 @@ class SamplingRequest(OpenAIModel, StructuredOutputFields):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
@@ -73,6 +80,7 @@ class SamplingRequest(OpenAIModel, StructuredOutputFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    request_id: str | None = None  # the response's id after its prefix (vLLM); the X-Request-Id header wins
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingRequest:
@@ -105,7 +113,8 @@ class SamplingRequest(OpenAIModel, StructuredOutputFields):
             prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else prompt_logprobs,
             logit_bias=bias, allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words,
             truncate_prompt_tokens=self.truncate_prompt_tokens, structured_outputs=self.structured_outputs_params(),
-            skip_special_tokens=self.skip_special_tokens, output_kind="delta", **given)
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens, output_kind="delta", **given)
 
     def apply_defaults(self, defaults: GenerationDefaults) -> None:
         """The model's generation config (vLLM's --generation-config) for the sampling fields
@@ -130,6 +139,7 @@ class CompletionRequest(SamplingRequest):
     prompt: Prompt
     max_tokens: int | None = 16
     echo: bool = False
+    add_special_tokens: bool = True  # the tokenizer's BOS etc. before the prompt's text (vLLM)
     logprobs: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
@@ -157,6 +167,7 @@ class ChatTemplateFields(OpenAIModel):
     chat_template: str | None = None  # this request's template (needs --trust-request-chat-template)
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables (e.g. enable_thinking)
     tools: list[ChatCompletionToolsParam] | None = None  # the functions the template shows the model
+    add_special_tokens: bool = False  # the tokenizer's BOS etc. on top of the template's (vLLM)
 
     @model_validator(mode="after")
     def _check_template_fields(self) -> ChatTemplateFields:
@@ -221,13 +232,15 @@ class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None  # unset: True for a prompt, False for messages (vLLM)
     return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.add_special_tokens is None:
+            self.add_special_tokens = self.messages is None
         return self
 
 
