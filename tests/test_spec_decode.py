@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 from jaxpaged.engine.request import Request
 from jaxpaged.engine.sample.features import features_of
 from jaxpaged.engine.sampling_params import SamplingParams
-from jaxpaged.engine.spec_decode.config import SpeculativeConfig
+from jaxpaged.engine.spec_decode.config import DISABLE_BY_BATCH_SIZE, SpeculativeConfig
 from jaxpaged.engine.spec_decode.ngram_proposer import NgramProposer, max_drafts
 from jaxpaged.engine.spec_decode.rejection_sampler import rejection_sample_jit, rejection_sample_reference
 
@@ -31,6 +31,11 @@ def test_config_parses_vllm_keys_and_names_what_it_refuses():
             SpeculativeConfig.from_dict(bad)
     c = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 4})
     assert c.speculates(4) and not c.speculates(5)
+    default = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2})
+    assert default.speculates(DISABLE_BY_BATCH_SIZE) and not default.speculates(DISABLE_BY_BATCH_SIZE + 1)
+    always = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2,
+                                         "disable_by_batch_size": None})
+    assert always.speculates(10**6)  # vLLM's null: at any batch size
 
 
 def lookup(tokens: list[int], lo: int, hi: int, k: int) -> list[int]:

@@ -24,7 +24,7 @@ from jaxpaged.models.tiny import make_tiny_model
 
 
 def _spec(draft) -> dict:
-    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3, "disable_by_batch_size": None}
 
 
 @pytest.fixture(scope="module")

@@ -6,12 +6,19 @@ from typing import Any
 
 METHODS = ("ngram", "draft_model")
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's default n-gram size when neither bound is given
+# Above this many running requests a step does not speculate, unless the config says otherwise
+# (vLLM's key; its default, null, speculates at any batch size). From the H200's measured step
+# times (docs/spec_decode.md, "When speculation pays"): with k = 4 at 80% acceptance it pays up
+# to ~56 rows, at a mean accepted length of ~2.4 up to ~32; at 256 rows n-gram speculation
+# halved the fixed workload's throughput.
+DISABLE_BY_BATCH_SIZE = 32
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
     """What to propose and how many tokens. `disable_by_batch_size`: a step with more running
-    requests than this does not speculate (vLLM's key; None = always). `synthetic_acceptance_rate`
+    requests than this does not speculate (vLLM's key; None, JSON null, = at any batch size;
+    default `DISABLE_BY_BATCH_SIZE`). `synthetic_acceptance_rate`
     (jaxpaged's key, benchmarks only): each draft token is accepted with this probability
     whatever its value, and every decoding row gets k drafts (n-gram matches or not), so
     speedup against acceptance can be measured on random weights; the outputs then no longer
@@ -21,7 +28,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int | None = None
     prompt_lookup_max: int | None = None
     model: str | None = None
-    disable_by_batch_size: int | None = None
+    disable_by_batch_size: int | None = DISABLE_BY_BATCH_SIZE
     synthetic_acceptance_rate: float | None = None
 
     def __post_init__(self) -> None:
