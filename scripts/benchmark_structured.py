@@ -15,6 +15,8 @@ jsonschema).
 `wait ms`: per step, the engine thread's wait for the device's outputs (TPOT - wait is its own
 time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the runner's worker
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
+The last line times that fill alone (the same grammars, nothing else running): the gap to
+`fill ms` is what the engine's other threads cost it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from make_shape_model import make_shape_model
 
 ITEM = {"type": "string", "maxLength": 12}
 HOST_SECONDS = {"inputs": 0.0, "fill": 0.0}  # host time in late heads' inputs, in bitmask fills
+FILL_ALONE: dict[str, float] = {}  # the bitmask fill of the timed grammars alone: seconds, rows, threads
 
 
 def time_head_inputs(runner) -> None:
@@ -47,6 +50,22 @@ def time_head_inputs(runner) -> None:
         return wrapper
     runner.inputs.finish_sampling = timed(runner.inputs.finish_sampling, "inputs")
     LateHeadInputs.fill = timed(LateHeadInputs.fill, "fill")
+
+
+def time_fill_alone(engine, vocab: int, reps: int = 20) -> None:
+    """Time xgrammar's bitmask fill of the running rows' grammars alone, once the device is done
+    (so no step's own fill runs beside it), into FILL_ALONE."""
+    from jaxpaged.engine.sample.token_mask import num_words
+    from jaxpaged.engine.structured_output.request import fill_grammar_bitmask, fill_threads
+
+    wait_for_device(engine)
+    grammars = [s.structured_output for seqs in engine.core.requests.values() for s in seqs if not s.is_finished]
+    mask = np.full((len(grammars), num_words(vocab)), -1, np.int32)
+    fill_grammar_bitmask(mask, grammars)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fill_grammar_bitmask(mask, grammars)
+    FILL_ALONE.update(seconds=(time.perf_counter() - t) / reps, rows=len(grammars), threads=fill_threads())
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
@@ -76,6 +95,8 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     wait = core.runner.device_wait_seconds - wait
     host = {k: (HOST_SECONDS[k] - host[k]) / max(n, 1) for k in host}
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
+    if params.structured_outputs is not None and steps is not None:
+        time_fill_alone(engine, vocab)
     for request_id in list(core.requests):
         engine.abort_request(request_id)
     return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], texts
@@ -134,6 +155,8 @@ def main() -> None:
     for name, (tpot, running, wait, inputs, fill) in rows.items():
         print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {inputs * 1e3:9.2f} "
               f"{fill * 1e3:8.2f}")
+    print(f"bitmask fill alone: {FILL_ALONE['seconds'] * 1e3:.2f} ms for {FILL_ALONE['rows']} rows on "
+          f"{FILL_ALONE['threads']} xgrammar threads (in the engine: {rows['JSON schema, every row'][4] * 1e3:.2f} ms)")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
@@ -143,6 +166,7 @@ def main() -> None:
                                                "device_wait_s": {k: v[2] for k, v in rows.items()},
                                                "head_inputs_s": {k: v[3] for k, v in rows.items()},
                                                "bitmask_fill_s": {k: v[4] for k, v in rows.items()},
+                                               "bitmask_fill_alone": FILL_ALONE,
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 

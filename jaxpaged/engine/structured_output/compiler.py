@@ -36,6 +36,20 @@ def import_xgrammar() -> Any:
     return xgrammar
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota
+    (`cpu.max`). xgrammar's "auto" thread counts read the machine's cores, which a container
+    may have many more of than its quota allows (its threads would then wait on each other)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def build_grammar(params: StructuredOutputsParams) -> Any:
     """The spec as an `xgrammar.Grammar` (no tokenizer needed); ValueError naming what is wrong."""
     xgr = import_xgrammar()
@@ -168,7 +182,7 @@ class GrammarCompiler:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(self.tokenizer_path)
                 info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
                                                           stop_token_ids=list(self.stop_token_ids) or None)
-                self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=min(8, os.cpu_count() or 1),
+                self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=min(8, usable_cpus()),
                                                          cache_enabled=False)  # the cache is ours
             return self._xgr_compiler
 

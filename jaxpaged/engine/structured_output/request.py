@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxpaged.engine.structured_output.compiler import import_xgrammar
+from jaxpaged.engine.structured_output.compiler import import_xgrammar, usable_cpus
 
 
 class StructuredOutputRequest:
@@ -57,9 +57,15 @@ class StructuredOutputRequest:
         return self.reasoning_ended and self.matcher.is_terminated()
 
 
+def fill_threads() -> int:
+    """xgrammar's threads for a step's bitmask fill: half the usable CPUs (the engine thread,
+    the dispatch worker and XLA's threads run beside them), at most 8."""
+    return max(1, min(8, usable_cpus() // 2))
+
+
 @functools.cache
 def _batch_matcher() -> Any:
-    return import_xgrammar().BatchGrammarMatcher()
+    return import_xgrammar().BatchGrammarMatcher(max_threads=fill_threads())
 
 
 def fill_grammar_bitmask(mask: np.ndarray, grammars: Sequence[StructuredOutputRequest | None]) -> None:
