@@ -46,7 +46,7 @@ FLAGS = [  # (flags, WARN: the warning / ERROR: the usage error / a callable: th
     (["--enable-auto-tool-choice", "--tool-call-parser", "xml"], ERROR, "invalid choice: 'xml'"),
     (["--reasoning-parser", "o1"], ERROR, "invalid choice: 'o1'"),
     (["--response-role", "bot"], ERROR, "--response-role='bot' is not supported"),
-    (["--return-tokens-as-token-ids"], ERROR, "--return-tokens-as-token-ids=True is not supported"),
+    (["--return-tokens-as-token-ids"], lambda c, a: _settings(c, a).return_tokens_as_token_ids, None),
     (["--enable-log-requests", "--disable-log-requests"], ERROR, "contradict each other"),
     (["--ssl-keyfile", "key.pem"], ERROR, "--ssl-keyfile needs --ssl-certfile"),
     (["--max-logprobs", "50"], ERROR, "max_logprobs must be in [0, 20]"),

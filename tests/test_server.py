@@ -23,6 +23,7 @@ import uvicorn
 from hf_oracle import hf_logits_of, log_softmax
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
 from jaxpaged import LLM, SamplingParams
 from jaxpaged.engine.async_llm import AsyncLLM
@@ -589,7 +590,7 @@ def test_errors_raw_http(server):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     for field, value in (("length_penalty", 0.5), ("modalities", ["text", "audio"]), ("prediction", {
             "type": "content", "content": "x"}), ("reasoning_effort", "low"), ("store", True),
-            ("cache_salt", "s"), ("return_tokens_as_token_ids", True), ("documents", [{"text": "d"}])):
+            ("cache_salt", "s"), ("documents", [{"text": "d"}])):
         err = _error(httpx.post(url + "/v1/chat/completions", json=chat | {field: value}, headers=auth), 400)
         assert err["message"].endswith(f"`{field}` is not supported by jaxpaged"), err
     for field, value in (("length_penalty", 1.0), ("modalities", ["text"]), ("store", False)):  # ask for nothing
@@ -891,8 +892,6 @@ def test_add_special_tokens_and_spaces_between_special_tokens_are_honoured(serve
     `spaces_between_special_tokens` reaches the detokenizer's parameters."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
     from jaxpaged.serve.protocol import CompletionRequest
 
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
@@ -927,3 +926,44 @@ def test_add_special_tokens_and_spaces_between_special_tokens_are_honoured(serve
     for value in (True, False):
         req = CompletionRequest(prompt="x", spaces_between_special_tokens=value, skip_special_tokens=False)
         assert req.sampling_params(4, None).spaces_between_special_tokens is value
+
+
+def test_return_tokens_as_token_ids(server, client, model_dir):
+    """vLLM's `token_id:N` logprob tokens (chat and completions, chosen and top, echoed prompt
+    too): the request's field, else the server's --return-tokens-as-token-ids. The ids decode
+    to the tokens the same request names in text."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    kw = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+
+    def ids(tokens: list[str]) -> list[int]:
+        assert all(t.startswith("token_id:") for t in tokens), tokens
+        return [int(t.removeprefix("token_id:")) for t in tokens]
+
+    def completion(base_client, as_ids: bool | None):
+        extra = {} if as_ids is None else {"return_tokens_as_token_ids": as_ids}
+        body = kw | {"extra_body": kw["extra_body"] | extra}
+        return base_client.completions.create(prompt="Hello world", logprobs=2, echo=True, **body).choices[0].logprobs
+
+    text, as_id = completion(client, None), completion(client, True)
+    assert [tok.decode([i]) for i in ids(as_id.tokens)] == text.tokens and len(text.tokens) > 4  # echo + 4
+    # text keys collapse tokens that decode alike (e.g. partial characters); ids keep each one
+    assert [{tok.decode([i]) for i in ids(list(top))} for top in as_id.top_logprobs[1:]] == \
+        [set(top) for top in text.top_logprobs[1:]]
+    assert as_id.token_logprobs == text.token_logprobs
+    chat = [client.chat.completions.create(messages=MESSAGES, logprobs=True, top_logprobs=2, **(kw | {
+        "extra_body": kw["extra_body"] | {"return_tokens_as_token_ids": v}})).choices[0].logprobs.content
+        for v in (False, True)]
+    assert [tok.decode([i]) for i in ids([c.token for c in chat[1]])] == [c.token for c in chat[0]]
+    assert [bytes(c.bytes).decode() for c in chat[1]] == [c.token for c in chat[1]]
+    assert [tok.decode([i]) for c in chat[1] for i in ids([t.token for t in c.top_logprobs])] == \
+        [t.token for c in chat[0] for t in c.top_logprobs]
+    # the server's flag: the default of a request that does not say
+    llm = AsyncLLM(server.core_address, server.core.info)
+    url, front, thread = serve(build_app(llm, [MODEL], str(model_dir), return_tokens_as_token_ids=True))
+    try:
+        flagged = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        assert ids(completion(flagged, None).tokens) == ids(as_id.tokens)
+        assert completion(flagged, False).tokens == text.tokens
+    finally:
+        front.should_exit = True
+        thread.join(timeout=30)

@@ -63,6 +63,7 @@ class ServerSettings:
     trust_request_chat_template: bool = False
     tool_parser: str | None = None  # --tool-call-parser, given with --enable-auto-tool-choice
     reasoning_parser: str | None = None
+    return_tokens_as_token_ids: bool = False
 
 
 class _Server(uvicorn.Server):
@@ -85,7 +86,7 @@ def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = 
     app = build_app(llm, settings.served_names, settings.model_path, settings.chat_template, settings.api_key,
                     settings.max_request_body_size, settings.cors, settings.generation_defaults,
                     settings.log_requests, settings.max_log_len, settings.docs, settings.trust_request_chat_template,
-                    settings.tool_parser, settings.reasoning_parser)
+                    settings.tool_parser, settings.reasoning_parser, settings.return_tokens_as_token_ids)
     server = _Server(uvicorn_config(app, settings), llm, settings.shutdown_timeout)
 
     def core_died() -> None:

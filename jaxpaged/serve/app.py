@@ -63,7 +63,7 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
               generation_defaults: GenerationDefaults | None = None, log_requests: bool = False,
               max_log_len: int | None = None, docs: bool = True,
               trust_request_chat_template: bool = False, tool_parser: str | None = None,
-              reasoning_parser: str | None = None) -> Starlette:
+              reasoning_parser: str | None = None, return_tokens_as_token_ids: bool = False) -> Starlette:
     """The OpenAI-compatible app over an engine client; on shutdown it closes the client (which
     stops the engine core if the client started it). Bodies over `max_request_body_size`
     bytes get 413 (None: no limit); `cors`: vLLM's CORS settings (its defaults allow all);
@@ -71,7 +71,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
     each generation request (its fields, each cut to `max_log_len` characters) at INFO;
     `docs`: serve /openapi.json and /docs; `trust_request_chat_template`: a request's own
     `chat_template` is used, not refused; `tool_parser`: the --tool-call-parser of tool_choice
-    "auto" (vLLM's --enable-auto-tool-choice); `reasoning_parser`: --reasoning-parser's name."""
+    "auto" (vLLM's --enable-auto-tool-choice); `reasoning_parser`: --reasoning-parser's name;
+    `return_tokens_as_token_ids`: logprob tokens as `token_id:N` where a request does not say."""
     state = ServerState(engine, served_names[0], tuple(served_names), model_path, chat_template, api_key,
                         trust_request_chat_template, tool_parser and get_tool_parser(tool_parser),
                         reasoning_parser and get_reasoning_parser(reasoning_parser))
@@ -98,6 +99,8 @@ def build_app(engine: AsyncLLM, served_names: list[str] | tuple[str, ...], model
         req.apply_defaults(defaults)
         if (header := request.headers.get("X-Request-Id")) is not None:  # vLLM: the header before the field
             req.request_id = header
+        if req.return_tokens_as_token_ids is None:
+            req.return_tokens_as_token_ids = return_tokens_as_token_ids
         if log_requests:
             fields = {k: _cut(v, max_log_len) for k, v in req.model_dump(exclude_unset=True).items()}
             logger.info("request %s from %s: %s", request.url.path, request.client and request.client.host, fields)

@@ -12,7 +12,7 @@ from jaxpaged.engine.outputs import CompletionOutput, Logprob
 from jaxpaged.engine.async_llm import AsyncLLM, Tokenizing
 from jaxpaged.engine.processor import apply_chat_template
 from jaxpaged.engine.structured_output.params import StructuredOutputsParams
-from jaxpaged.serve.completions import prompt_logprobs_json, safe_logprob
+from jaxpaged.serve.completions import prompt_logprobs_json, safe_logprob, token_text
 from jaxpaged.serve.protocol import ChatCompletionRequest, ChatTemplateFields
 from jaxpaged.serve.reasoning.abs_reasoning_parsers import ReasoningParser
 from jaxpaged.serve.reply_parser import ReplyParser, request_tool_parser
@@ -37,16 +37,16 @@ def render_chat(engine: Tokenizing, messages: list[dict], req: ChatTemplateField
                                req.template_tools(), req.add_special_tokens)
 
 
-def _chat_logprobs(out: CompletionOutput, top_n: int) -> dict:
-    def item(lp: Logprob) -> dict:
-        token = lp.decoded_token or ""
+def _chat_logprobs(out: CompletionOutput, top_n: int, as_ids: bool = False) -> dict:
+    def item(token_id: int, lp: Logprob) -> dict:
+        token = token_text(token_id, lp.decoded_token, as_ids)
         return {"token": token, "logprob": safe_logprob(lp.logprob), "bytes": list(token.encode())}
 
     content = []
     for tid, entry in zip(out.token_ids, out.logprobs or []):
-        top = sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= top_n),
-                     key=lambda lp: lp.rank)
-        content.append({**item(entry[tid]), "top_logprobs": [item(lp) for lp in top]})
+        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top_n),
+                     key=lambda t_lp: t_lp[1].rank)
+        content.append({**item(tid, entry[tid]), "top_logprobs": [item(t, lp) for t, lp in top]})
     return {"content": content}
 
 
@@ -99,7 +99,7 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
             async for out in group:
                 for o in out.outputs:
                     num_tokens[o.index] += len(o.token_ids)
-                    lp = _chat_logprobs(o, top_n) if req.logprobs else None
+                    lp = _chat_logprobs(o, top_n, req.return_tokens_as_token_ids) if req.logprobs else None
                     delta = parsers[o.index].stream(o.text, o.finish_reason is not None)
                     if delta or o.finish_reason or (lp and lp["content"]):
                         reason = "tool_calls" if o.finish_reason and parsers[o.index].tools_called else o.finish_reason
@@ -118,7 +118,7 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                 num_tokens[o.index] += len(o.token_ids)
                 finish[o.index] = (o.finish_reason, o.stop_reason)
                 if req.logprobs:
-                    logprobs[o.index] += _chat_logprobs(o, top_n)["content"]
+                    logprobs[o.index] += _chat_logprobs(o, top_n, req.return_tokens_as_token_ids)["content"]
     finally:
         group.abort()
     choices = []

@@ -65,7 +65,7 @@ def server_settings(args: argparse.Namespace, config: EngineConfig, generation_d
         not args.disable_fastapi_docs, args.uvicorn_log_level,
         SSL(args.ssl_keyfile, args.ssl_certfile, args.ssl_ca_certs, args.ssl_cert_reqs),
         trust_request_chat_template=args.trust_request_chat_template, tool_parser=args.tool_call_parser,
-        reasoning_parser=args.reasoning_parser)
+        reasoning_parser=args.reasoning_parser, return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 def read_chat_template(value: str | None) -> str | None:

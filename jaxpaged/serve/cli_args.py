@@ -24,8 +24,7 @@ FRONTEND_ARGS = frozenset({
     "response_role", "return_tokens_as_token_ids", "enable_auto_tool_choice", "tool_call_parser"})
 # The server's flags whose effect would silently differ: only their default passes (why not)
 UNSUPPORTED_FRONTEND = {
-    "response_role": "replies carry the role `assistant`",
-    "return_tokens_as_token_ids": "logprob tokens are returned as text"}
+    "response_role": "replies carry the role `assistant`"}
 
 
 def flag(name: str) -> str:
@@ -80,7 +79,7 @@ def make_parser(prog: str = "python -m jaxpaged.serve") -> argparse.ArgumentPars
       help="split the model's <think> block into `reasoning_content`; structured output holds after it")
     a("--response-role", default="assistant", help="only assistant: " + UNSUPPORTED_FRONTEND["response_role"])
     a("--return-tokens-as-token-ids", action="store_true",
-      help="unsupported: " + UNSUPPORTED_FRONTEND["return_tokens_as_token_ids"])
+      help="logprob tokens as 'token_id:N' (a request's return_tokens_as_token_ids overrides it)")
     a("--generation-config", default="auto",
       help="request defaults from generation_config.json: auto (the model's), vllm (none) or a folder")
     a("--override-generation-config", type=json.loads,

@@ -18,6 +18,11 @@ def safe_logprob(x: float) -> float:
     return x if x > -9999.0 else -9999.0
 
 
+def token_text(token_id: int, decoded: str | None, as_id: bool) -> str:
+    """A logprob entry's token: its text, or vLLM's `token_id:N` with return_tokens_as_token_ids."""
+    return f"token_id:{token_id}" if as_id else decoded or ""
+
+
 class _Choice:
     """One choice's accumulated text, tokens and legacy logprobs."""
 
@@ -30,8 +35,9 @@ class _Choice:
         self.prompt_logprobs: PromptLogprobs | None = None
 
     def add_logprobs(self, token_ids: list[int], entries: list[dict[int, Logprob] | None],
-                     token_strs: list[str], into: dict) -> None:
+                     token_strs: list[str], into: dict, as_ids: bool = False) -> None:
         for tid, entry, s in zip(token_ids, entries, token_strs):
+            s = token_text(tid, s, as_ids)
             into["tokens"].append(s)
             into["text_offset"].append(self.offset)
             self.offset += len(s)
@@ -40,7 +46,8 @@ class _Choice:
                 into["top_logprobs"].append(None)
             else:
                 into["token_logprobs"].append(safe_logprob(entry[tid].logprob))
-                into["top_logprobs"].append({lp.decoded_token: safe_logprob(lp.logprob) for lp in entry.values()})
+                into["top_logprobs"].append({token_text(t, lp.decoded_token, as_ids): safe_logprob(lp.logprob)
+                                             for t, lp in entry.items()})
 
 
 def prompt_logprobs_json(entries: PromptLogprobs | None) -> list | None:
@@ -85,10 +92,11 @@ async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str
             text = echo_text + text
             if into is not None:
                 entries = list(prompt_logprobs or [])[:len(echo_ids)]
-                c.add_logprobs(echo_ids, entries + [None] * (len(echo_ids) - len(entries)), echo_strs, into)
+                c.add_logprobs(echo_ids, entries + [None] * (len(echo_ids) - len(entries)), echo_strs, into,
+                               req.return_tokens_as_token_ids)
         if into is not None and out.logprobs:
             strs = [e[t].decoded_token or "" for t, e in zip(out.token_ids, out.logprobs)]
-            c.add_logprobs(out.token_ids, out.logprobs, strs, into)
+            c.add_logprobs(out.token_ids, out.logprobs, strs, into, req.return_tokens_as_token_ids)
         c.text += text
         c.started = True
         c.prompt_logprobs = prompt_logprobs

@@ -26,9 +26,10 @@ UNSUPPORTED: dict[str, tuple] = {
     "prompt_embeds": (), "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"),
     "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
     "verbosity": (), "store": (), "documents": (), "mm_processor_kwargs": (), "logits_processors": (),
-    "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (), "return_tokens_as_token_ids": (),
+    "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (),
 }
-CHAT_ONLY = ("tools", "tool_choice")  # tool calling is /v1/chat/completions's
+CHAT_ONLY = ("tools", "tool_choice")
+  # tool calling is /v1/chat/completions's
 
 
 class OpenAIModel(BaseModel):
@@ -81,6 +82,7 @@ class SamplingRequest(OpenAIModel, StructuredOutputFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
     request_id: str | None = None  # the response's id after its prefix (vLLM); the X-Request-Id header wins
+    return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N" (unset: the server's flag)
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingRequest:
