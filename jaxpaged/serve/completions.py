@@ -71,7 +71,8 @@ async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str
     params = req.sampling_params(req.max_tokens, req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
     cid = f"cmpl-{req.request_id or uuid.uuid4().hex}"
     arrival = time.monotonic()
-    ids = await engine.tokenize(lambda e: [e.encode(p, req.add_special_tokens) for p in prompts], sum(len(p) for p in prompts))
+    ids = await engine.tokenize(lambda e: [e.encode(p, req.add_special_tokens) for p in prompts],
+                                sum(len(p) for p in prompts))
     group = await engine.add_requests([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival)
     try:
         echoes = await _echoes(engine, req, prompts, group) if req.echo else None

@@ -28,8 +28,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "verbosity": (), "store": (), "documents": (), "mm_processor_kwargs": (), "logits_processors": (),
     "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (),
 }
-CHAT_ONLY = ("tools", "tool_choice")
-  # tool calling is /v1/chat/completions's
+CHAT_ONLY = ("tools", "tool_choice")  # tool calling is /v1/chat/completions's
 
 
 class OpenAIModel(BaseModel):
