@@ -296,3 +296,19 @@ def test_random_ops_against_model(seed):
         bm.free(s)
     assert bm.num_free_blocks == bm.num_total_blocks
     check_invariants(bm)
+
+
+def test_cache_salt_shares_blocks_only_under_the_same_salt():
+    """vLLM's cache_salt: the same prompt reuses cached blocks only with the same salt (or none
+    with none); a salted prefix is invisible to other salts and to unsalted requests."""
+    bm = BlockManager(num_blocks=20, block_size=BS)
+    prompt = list(range(3 * BS + 1))
+    for seq, salt in (("salted", "tenant-a"), ("plain", None)):
+        bm.allocate(seq, len(prompt))
+        bm.cache_blocks(seq, prompt, len(prompt), salt)
+    salted, plain = bm.block_table("salted")[:3], bm.block_table("plain")[:3]
+    assert not set(salted) & set(plain)  # the same tokens, two chains
+    assert bm.get_computed_blocks(prompt, "tenant-a") == salted
+    assert bm.get_computed_blocks(prompt) == plain
+    assert bm.get_computed_blocks(prompt, "tenant-b") == []
+    check_invariants(bm)

@@ -590,7 +590,7 @@ def test_errors_raw_http(server):
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     for field, value in (("length_penalty", 0.5), ("modalities", ["text", "audio"]), ("prediction", {
             "type": "content", "content": "x"}), ("reasoning_effort", "low"), ("store", True),
-            ("cache_salt", "s"), ("documents", [{"text": "d"}])):
+            ("documents", [{"text": "d"}])):
         err = _error(httpx.post(url + "/v1/chat/completions", json=chat | {field: value}, headers=auth), 400)
         assert err["message"].endswith(f"`{field}` is not supported by jaxpaged"), err
     for field, value in (("length_penalty", 1.0), ("modalities", ["text"]), ("store", False)):  # ask for nothing
@@ -967,3 +967,21 @@ def test_return_tokens_as_token_ids(server, client, model_dir):
     finally:
         front.should_exit = True
         thread.join(timeout=30)
+
+
+def test_cache_salt_shares_the_prefix_cache_only_under_the_same_salt(server, client):
+    """vLLM's `cache_salt`: a prompt cached under one salt is a miss under another and without
+    one, a hit under the same; an empty salt is a 400."""
+    kw = dict(model=MODEL, prompt="Salted prompts keep to their own tenant's cache blocks " * 2, max_tokens=1)
+
+    def hits(**extra) -> float:
+        before = metrics(server)["vllm:prefix_cache_hits_total"]
+        client.completions.create(**kw, extra_body=extra)
+        return metrics(server)["vllm:prefix_cache_hits_total"] - before
+
+    assert hits() == 0  # now cached without a salt
+    assert hits(cache_salt="tenant-a") == 0  # now under tenant-a's too
+    assert hits(cache_salt="tenant-b") == 0
+    assert hits(cache_salt="tenant-a") > 0 and hits() > 0
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        client.completions.create(**kw, extra_body={"cache_salt": ""})

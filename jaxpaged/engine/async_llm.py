@@ -119,14 +119,16 @@ class AsyncLLM:
         self.abort_request(request_id)
 
     async def add_requests(self, request_ids: list[str], prompts: list[str | list[int]], params: SamplingParams,
-                           arrival_time: float | None = None) -> RequestGroup:
+                           arrival_time: float | None = None, cache_salt: str | None = None) -> RequestGroup:
         """Send one core request per prompt, all feeding one queue; raises ValueError (nothing
-        sent) if any prompt can never run."""
+        sent) if any prompt can never run. `cache_salt`: prefix-cache blocks are shared only
+        with requests of the same salt (vLLM's, against prompts guessed from cache timing)."""
         await self.start()
         self._check_alive()
         if params.structured_outputs is not None:  # compiled off the event loop; `process` finds it cached
             await self.processor.structured_output_grammars().compile_async(params.structured_outputs)
-        reqs = [self.processor.process(rid, p, params, arrival_time) for rid, p in zip(request_ids, prompts)]
+        reqs = [self.processor.process(rid, p, params, arrival_time, cache_salt)
+                for rid, p in zip(request_ids, prompts)]
         for rid in request_ids:
             if rid in self._sinks:
                 raise ValueError(f"request id {rid!r} is already running")

@@ -7,7 +7,8 @@ Every usable block is in exactly one state:
 - referenced: ref count > 0, held by the block tables of one or more sequences.
 
 A full block is identified by a chained hash of (previous block's hash, its token ids), so
-equal hashes mean equal prefixes. Block `SCRATCH_BLOCK` is never handed out.
+equal hashes mean equal prefixes; a request's `cache_salt` (vLLM's) seeds the chain, so only
+requests with the same salt share blocks. Block `SCRATCH_BLOCK` is never handed out.
 """
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ def _cdiv(a: int, b: int) -> int:
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     """Chained hash of one full block."""
     return hash((parent_hash, tuple(token_ids)))
+
+
+def chain_root(cache_salt: str | None) -> int | None:
+    """The parent hash of a sequence's first block: none, or its salt's."""
+    return None if cache_salt is None else hash(("cache_salt", cache_salt))
 
 
 class BlockManager:
@@ -78,15 +84,16 @@ class BlockManager:
             used += min(n, slots)
         return (allocated - used) / allocated if allocated else 0.0
 
-    def get_computed_blocks(self, token_ids: Sequence[int]) -> list[int]:
-        """Longest chain of cached full blocks prefixing `token_ids`, leaving >= 1 token to compute.
+    def get_computed_blocks(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[int]:
+        """Longest chain of cached full blocks prefixing `token_ids` (under `cache_salt`), leaving
+        >= 1 token to compute.
 
         Changes no state except the prefix-cache stats.
         """
         if not self.enable_prefix_caching:
             return []
         blocks: list[int] = []
-        parent: int | None = None
+        parent = chain_root(cache_salt)
         bs = self.block_size
         for i in range((len(token_ids) - 1) // bs):
             parent = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
@@ -134,8 +141,10 @@ class BlockManager:
         self._ref[block] = 1
         return block
 
-    def cache_blocks(self, seq_id: SeqId, token_ids: Sequence[int], num_computed_tokens: int) -> None:
-        """Register the sequence's full blocks within its first `num_computed_tokens` tokens.
+    def cache_blocks(self, seq_id: SeqId, token_ids: Sequence[int], num_computed_tokens: int,
+                     cache_salt: str | None = None) -> None:
+        """Register the sequence's full blocks within its first `num_computed_tokens` tokens
+        (under its `cache_salt`).
 
         Idempotent. A hash already cached by another block keeps its existing mapping.
         """
@@ -144,7 +153,7 @@ class BlockManager:
         table, hashes = self._tables[seq_id], self._seq_hashes[seq_id]
         bs = self.block_size
         for i in range(len(hashes), min(num_computed_tokens // bs, len(table))):
-            h = hash_block(hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(hashes[-1] if hashes else chain_root(cache_salt), token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = table[i]
             if h not in self._hash_to_block and block not in self._block_hash:

@@ -135,7 +135,7 @@ class EngineCore:
         seqs = []
         for i in range(p.n):
             seq = Request(req.request_id, i, req.prompt_token_ids, p, features, req.max_tokens, p.seed + i,
-                          req.arrival_time)
+                          req.arrival_time, req.cache_salt)
             seq.fork_parent = seqs[0] if seqs else None
             seqs.append(seq)
             self.scheduler.add(seq)

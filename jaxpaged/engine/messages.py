@@ -22,6 +22,7 @@ class EngineCoreRequest:
     params: SamplingParams
     max_tokens: int
     arrival_time: float
+    cache_salt: str | None = None  # vLLM's: prefix-cache blocks shared only under the same salt
 
 
 @dataclasses.dataclass
@@ -115,12 +116,13 @@ def request_to_wire(r: EngineCoreRequest) -> list:
     params = _row(r.params, _PARAM_FIELDS)
     if r.params.structured_outputs is not None:  # a dict on the wire; SamplingParams rebuilds it
         params[_STRUCTURED_AT] = dataclasses.asdict(r.params.structured_outputs)
-    return [r.request_id, r.prompt_token_ids, params, r.max_tokens, r.arrival_time]
+    return [r.request_id, r.prompt_token_ids, params, r.max_tokens, r.arrival_time, r.cache_salt]
 
 
 def request_from_wire(data: list) -> EngineCoreRequest:
-    request_id, ids, params, max_tokens, arrival = data
-    return EngineCoreRequest(request_id, ids, SamplingParams(**dict(zip(_PARAM_FIELDS, params))), max_tokens, arrival)
+    request_id, ids, params, max_tokens, arrival, salt = data
+    return EngineCoreRequest(request_id, ids, SamplingParams(**dict(zip(_PARAM_FIELDS, params))), max_tokens, arrival,
+                             salt)
 
 
 def output_to_wire(o: EngineCoreOutput) -> list:

@@ -85,7 +85,7 @@ class Processor:
         self._rng = np.random.default_rng(seed)
 
     def process(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                arrival_time: float | None = None) -> EngineCoreRequest:
+                arrival_time: float | None = None, cache_salt: str | None = None) -> EngineCoreRequest:
         """The request as the core takes it; raises ValueError (with the numbers) if it can never run.
         The prompt is cut to `truncate_prompt_tokens`, `bad_words` are tokenized, and a request
         without a seed gets one here, so its samples are reproducible from it."""
@@ -122,7 +122,7 @@ class Processor:
         variant_for(features_of(params, vocab))  # a request no compiled variant serves is rejected here
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(self._rng.integers(2**63)))
-        return EngineCoreRequest(request_id, ids, params, max_tokens, arrival_time or time.monotonic())
+        return EngineCoreRequest(request_id, ids, params, max_tokens, arrival_time or time.monotonic(), cache_salt)
 
     def structured_output_grammars(self) -> GrammarCompiler:
         if self.grammars is None:

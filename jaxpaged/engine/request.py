@@ -33,7 +33,8 @@ class RequestStatus(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 features: SamplingFeatures, max_tokens: int, seed: int, arrival_time: float | None = None):
+                 features: SamplingFeatures, max_tokens: int, seed: int, arrival_time: float | None = None,
+                 cache_salt: str | None = None):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index
@@ -42,6 +43,7 @@ class Request:
         self.features = features  # what its sampling needs (`sample.features`)
         self.max_tokens = max_tokens
         self.seed = seed
+        self.cache_salt = cache_salt  # prefix-cache blocks are shared only under the same salt
         # prompt + output ids, one list (the input builder slices it every step); the last
         # `num_pending` are PENDING
         self.all_token_ids = list(prompt_token_ids)

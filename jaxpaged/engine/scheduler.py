@@ -137,7 +137,7 @@ class Scheduler:
                 blocks = None
             else:  # prompt logprobs need every prompt position computed (as vLLM)
                 want = seq.params.prompt_logprobs is None
-                blocks = self.bm.get_computed_blocks(seq.all_token_ids) if want else []
+                blocks = self.bm.get_computed_blocks(seq.all_token_ids, seq.cache_salt) if want else []
                 computed = len(blocks) * self.bm.block_size
             n = min(seq.num_tokens - computed, budget, self.chunk_cap)
             if not self.bm.allocate(seq.seq_id, computed + n, blocks):
@@ -179,7 +179,7 @@ class Scheduler:
         for seq in seqs:
             if self.bm.holds(seq.seq_id):
                 known = min(seq.num_computed_tokens, seq.num_known_tokens)
-                self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, known)
+                self.bm.cache_blocks(seq.seq_id, seq.all_token_ids, known, seq.cache_salt)
             if seq.is_finished:
                 self.finish(seq)
 

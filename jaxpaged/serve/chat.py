@@ -72,7 +72,7 @@ async def create_chat_completion(engine: AsyncLLM, req: ChatCompletionRequest, m
                              "`response_format`, `structured_outputs` or `guided_*`")
         params = dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
     cid = f"chatcmpl-{req.request_id or uuid.uuid4().hex}"
-    group = await engine.add_requests([cid], [prompt], params, time.monotonic())
+    group = await engine.add_requests([cid], [prompt], params, time.monotonic(), req.cache_salt)
     head = {"id": cid, "created": int(time.time()), "model": model}
     role = req.role
     # echo (vLLM): the reply starts with the last message when that message has the reply's role

@@ -73,7 +73,8 @@ async def create_completion(engine: AsyncLLM, req: CompletionRequest, model: str
     arrival = time.monotonic()
     ids = await engine.tokenize(lambda e: [e.encode(p, req.add_special_tokens) for p in prompts],
                                 sum(len(p) for p in prompts))
-    group = await engine.add_requests([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival)
+    group = await engine.add_requests([f"{cid}-{i}" for i in range(len(prompts))], ids, params, arrival,
+                                      req.cache_salt)
     try:
         echoes = await _echoes(engine, req, prompts, group) if req.echo else None
     except BaseException:

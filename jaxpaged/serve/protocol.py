@@ -26,7 +26,7 @@ UNSUPPORTED: dict[str, tuple] = {
     "prompt_embeds": (), "guided_whitespace_pattern": (), "guided_decoding_backend": ("auto", "xgrammar"),
     "modalities": (["text"],), "audio": (), "prediction": (), "web_search_options": (), "reasoning_effort": (),
     "verbosity": (), "store": (), "documents": (), "mm_processor_kwargs": (), "logits_processors": (),
-    "vllm_xargs": (), "kv_transfer_params": (), "cache_salt": (),
+    "vllm_xargs": (), "kv_transfer_params": (),
 }
 CHAT_ONLY = ("tools", "tool_choice")  # tool calling is /v1/chat/completions's
 
@@ -82,6 +82,7 @@ class SamplingRequest(OpenAIModel, StructuredOutputFields):
     user: str | None = None
     request_id: str | None = None  # the response's id after its prefix (vLLM); the X-Request-Id header wins
     return_tokens_as_token_ids: bool | None = None  # logprob tokens as "token_id:N" (unset: the server's flag)
+    cache_salt: str | None = Field(None, min_length=1)  # prefix-cache blocks shared only under the same salt
 
     @model_validator(mode="after")
     def _check_common(self) -> SamplingRequest:
