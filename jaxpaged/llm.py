@@ -20,16 +20,22 @@ from jaxpaged.serve.protocol import ChatTemplateFields
 Prompt = str | list[int] | dict  # text, token ids, or vLLM's TextPrompt / TokensPrompt dict
 
 
-def _prompt(p: Prompt) -> str | list[int]:
-    """vLLM's prompt forms as text or token ids: `{"prompt": text}` (TextPrompt) and
-    `{"prompt_token_ids": ids}` (TokensPrompt); other keys (multi-modal data, ...) are refused."""
+def _prompt(p: Prompt) -> tuple[str | list[int], str | None]:
+    """vLLM's prompt forms as (text or token ids, cache salt): `{"prompt": text}` (TextPrompt)
+    and `{"prompt_token_ids": ids}` (TokensPrompt), each with an optional `cache_salt` (prefix-
+    cache blocks shared only under the same salt); other keys (multi-modal data, ...) are refused."""
     if not isinstance(p, dict):
-        return p
-    if set(p) == {"prompt"} and isinstance(p["prompt"], str):
-        return p["prompt"]
-    if set(p) == {"prompt_token_ids"}:
-        return list(p["prompt_token_ids"])
-    raise ValueError(f"a prompt dict must be {{'prompt': text}} or {{'prompt_token_ids': ids}}; got keys {sorted(p)}")
+        return p, None
+    salt = p.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise ValueError("a prompt's cache_salt must be a non-empty string")
+    keys = set(p) - {"cache_salt"}
+    if keys == {"prompt"} and isinstance(p["prompt"], str):
+        return p["prompt"], salt
+    if keys == {"prompt_token_ids"}:
+        return list(p["prompt_token_ids"]), salt
+    raise ValueError("a prompt dict must be {'prompt': text} or {'prompt_token_ids': ids} (and optionally "
+                     f"'cache_salt'); got keys {sorted(p)}")
 
 
 class LLM:
@@ -62,8 +68,8 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for each prompt (text, token ids, or a TextPrompt / TokensPrompt dict);
-        results come back in input order."""
+        """Generate for each prompt (text, token ids, or a TextPrompt / TokensPrompt dict, which
+        may carry a `cache_salt`); results come back in input order."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         prompts = [_prompt(p) for p in prompts]
@@ -75,9 +81,10 @@ class LLM:
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         try:
-            for prompt, p in zip(prompts, params):
+            for (prompt, salt), p in zip(prompts, params):
                 ids.append(str(next(self._ids)))
-                self.engine.add_request(ids[-1], prompt, dataclasses.replace(p, output_kind="final_only"))
+                self.engine.add_request(ids[-1], prompt, dataclasses.replace(p, output_kind="final_only"),
+                                        cache_salt=salt)
             with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm) as bar:
                 while self.engine.has_unfinished_requests():
                     for out in self.engine.step():

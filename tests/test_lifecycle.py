@@ -367,7 +367,7 @@ def test_step_variant_skips_unused_top_k_top_p(llm, monkeypatch):
 
 def test_text_and_tokens_prompt_dicts_as_in_vllm(llm):
     """vLLM's TextPrompt and TokensPrompt dicts give the outputs of the plain text and ids;
-    a dict with other keys is refused, naming them."""
+    a dict with other keys is refused, naming them; a `cache_salt` keeps its prefix apart."""
     params = SamplingParams(max_tokens=6, **GREEDY)
     ids = llm.get_tokenizer().encode("Hello world")
     plain = [o.outputs[0].token_ids for o in llm.generate(["Hello world", ids], params, use_tqdm=False)]
@@ -378,3 +378,15 @@ def test_text_and_tokens_prompt_dicts_as_in_vllm(llm):
     assert single[0].outputs[0].token_ids == plain[1]
     with pytest.raises(ValueError, match="multi_modal_data"):
         llm.generate({"prompt": "Hi", "multi_modal_data": {}}, params, use_tqdm=False)
+    # cache_salt: the prefix cache serves a prompt only under the salt it was cached with
+    long = [7] + ids * 12  # a first block no earlier prompt had
+
+    def cached(**salt) -> int:
+        out = llm.generate({"prompt_token_ids": long, **salt}, params, use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == first.outputs[0].token_ids
+        return out.num_cached_tokens
+
+    first = llm.generate({"prompt_token_ids": long, "cache_salt": "a"}, params, use_tqdm=False)[0]
+    assert cached(cache_salt="b") == 0 and cached() == 0 and cached(cache_salt="a") > 0
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        llm.generate({"prompt": "Hi", "cache_salt": ""}, params, use_tqdm=False)

@@ -29,12 +29,12 @@ class LLMEngine:
                                                                 self.core.startup)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> list[int]:
+                    arrival_time: float | None = None, cache_salt: str | None = None) -> list[int]:
         """Queue a request; raises ValueError (with the numbers) if it can never run. Returns
-        its prompt token ids."""
+        its prompt token ids. `cache_salt`: prefix-cache blocks shared only under the same salt."""
         if request_id in self.output.states:
             raise ValueError(f"request id {request_id!r} is already running")
-        req = self.processor.process(request_id, prompt, params, arrival_time)
+        req = self.processor.process(request_id, prompt, params, arrival_time, cache_salt)
         self.core.add_request(req)
         self.output.add_request(req, prompt if isinstance(prompt, str) else None)
         return req.prompt_token_ids
