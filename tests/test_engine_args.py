@@ -207,7 +207,7 @@ def test_llm_default_sampling_params(gen_model, monkeypatch):
         def __init__(self, config):
             pass
 
-        def add_request(self, request_id, prompt, params):
+        def add_request(self, request_id, prompt, params, cache_salt=None):
             sent.append(params)
             raise KeyboardInterrupt  # stop generate() here
 
