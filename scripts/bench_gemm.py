@@ -20,14 +20,14 @@ import numpy as np
 
 from jaxpaged.models.quantization.kernels import int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
-from jaxpaged.models.quantization.weights import Fp8Weight
+from jaxpaged.models.quantization.weights import Fp8Weight, unpack_int4
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
 
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
-    scheme = kind.removesuffix("_dequant").removesuffix("_w8a16")
+    scheme = kind.removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
     out = []
     for layer in range(layers):
         ws = {}
@@ -35,11 +35,31 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
             k = jax.random.fold_in(jax.random.fold_in(key, layer), i)
             w = (jax.random.normal(k, (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
             ws[name] = w if kind == "bf16" else quantize(w, scheme, 0)
+            if kind.startswith("int4_xla"):  # XLA's own packed uint4 array: the convert left to its fusions
+                g = ws[name].group_size
+                q = unpack_int4(ws[name].qweight).reshape(n // g, g, m).astype(jnp.uint4)
+                ws[name] = {"q": q, "s": ws[name].scales.astype(jnp.bfloat16),
+                            "z": ws[name].zeros.astype(jnp.bfloat16)}
         out.append(ws)
     return out
 
 
+def _int4_xla(x, w, grouped):
+    """x @ ((q - zero) * scale) on XLA's uint4 arrays: dequantized then one dot, or (grouped) a
+    dot per group of input rows whose sums are scaled and added."""
+    q, s, z = w["q"], w["s"], w["z"]
+    if not grouped:
+        dense = ((q.astype(x.dtype) - z[:, None]) * s[:, None]).reshape(-1, q.shape[-1])
+        return jnp.dot(x, dense, preferred_element_type=jnp.float32).astype(x.dtype)
+    xg = x.reshape(x.shape[0], q.shape[0], q.shape[1])
+    part = jnp.einsum("tgk,gkn->tgn", xg, q.astype(x.dtype), preferred_element_type=jnp.float32)
+    part = part - jnp.sum(xg, -1, dtype=jnp.float32)[..., None] * z.astype(jnp.float32)
+    return jnp.einsum("tgn,gn->tn", part, s.astype(jnp.float32)).astype(x.dtype)
+
+
 def _linear(x, w, dequant):
+    if isinstance(w, dict):
+        return _int4_xla(x, w, dequant)
     if isinstance(w, jax.Array):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     if isinstance(w, Fp8Weight) and dequant:  # weight-only: the e4m3 -> bf16 convert left to XLA's GEMM fusion
@@ -70,7 +90,7 @@ def gemm_targets(compiled_text: str) -> str:
 
 
 def weight_bytes(layers) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(layers))
+    return sum(leaf.size // 2 if leaf.dtype == jnp.uint4 else leaf.nbytes for leaf in jax.tree.leaves(layers))
 
 
 def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tuple]:
@@ -80,7 +100,7 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tu
     rows = []
     for t in tokens:
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
-        compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16"))).compile()
+        compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped"))).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, weights).block_until_ready()
         times = []
@@ -100,7 +120,9 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--kinds", default="bf16,fp8,fp8_w8a16,int8,int8_w8a8,int4,int4_dequant",
                     help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's "
-                         "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized")
+                         "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized; "
+                         "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
+                         "or a dot per group)")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -54,8 +55,10 @@ def time_head_inputs(runner) -> None:
 
 def time_fill_alone(engine, vocab: int, reps: int = 20) -> None:
     """Time xgrammar's bitmask fill of the running rows' grammars alone, once the device is done
-    (so no step's own fill runs beside it), into FILL_ALONE."""
+    (so no step's own fill runs beside it), into FILL_ALONE: as the engine fills them (on
+    `fill_threads()` threads) and row by row on this thread (how well the threads scale)."""
     from jaxpaged.engine.sample.token_mask import num_words
+    from jaxpaged.engine.structured_output.compiler import usable_cpus
     from jaxpaged.engine.structured_output.request import fill_grammar_bitmask, fill_threads
 
     wait_for_device(engine)
@@ -65,7 +68,13 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> None:
     t = time.perf_counter()
     for _ in range(reps):
         fill_grammar_bitmask(mask, grammars)
-    FILL_ALONE.update(seconds=(time.perf_counter() - t) / reps, rows=len(grammars), threads=fill_threads())
+    seconds = (time.perf_counter() - t) / reps
+    t = time.perf_counter()
+    for _ in range(reps):
+        for i, g in enumerate(grammars):
+            g.matcher.fill_next_token_bitmask(mask, i)
+    FILL_ALONE.update(seconds=seconds, one_thread_seconds=(time.perf_counter() - t) / reps, rows=len(grammars),
+                      threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
@@ -155,8 +164,10 @@ def main() -> None:
     for name, (tpot, running, wait, inputs, fill) in rows.items():
         print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {inputs * 1e3:9.2f} "
               f"{fill * 1e3:8.2f}")
-    print(f"bitmask fill alone: {FILL_ALONE['seconds'] * 1e3:.2f} ms for {FILL_ALONE['rows']} rows on "
-          f"{FILL_ALONE['threads']} xgrammar threads (in the engine: {rows['JSON schema, every row'][4] * 1e3:.2f} ms)")
+    fa = FILL_ALONE
+    print(f"bitmask fill alone: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows on {fa['threads']} xgrammar "
+          f"threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: "
+          f"{rows['JSON schema, every row'][4] * 1e3:.2f} ms; {fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from hf_oracle import hf_logits_of
@@ -32,13 +33,7 @@ def drafts(model_dir, tiny_model_dir, tmp_path_factory):  # noqa: F811 - the imp
     """Draft folders, all with the target's tokenizer: `self` the target; `other` a llama with
     other random weights (its greedy tokens rarely agree); `noisy` the target's weights plus
     noise (agrees often, not always); `opt` another family."""
-    noisy = tmp_path_factory.mktemp("noisy")
-    shutil.copytree(model_dir, noisy, dirs_exist_ok=True)
-    rng = np.random.default_rng(0)
-    weights = load_file(model_dir / "model.safetensors")
-    save_file({k: w + 0.1 * w.std() * rng.standard_normal(w.shape).astype(w.dtype) for k, w in weights.items()},
-              noisy / "model.safetensors", metadata={"format": "pt"})
-    return {"self": model_dir, "noisy": noisy, "other": make_tiny_model(tmp_path_factory.mktemp("other"), seed=1),
+    return {"self": model_dir, "noisy": _noisy_copy(model_dir, tmp_path_factory.mktemp("noisy")), "other": make_tiny_model(tmp_path_factory.mktemp("other"), seed=1),
             "opt": tiny_model_dir("opt")}
 
 
@@ -123,6 +118,35 @@ def test_another_architecture_accepts_its_own_drafts(tiny_model_dir):
     assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 50
 
 
+def _noisy_copy(model_dir, dest, scale: float = 0.1):
+    """The checkpoint in `model_dir` with its weights plus noise: its drafts agree often, not always."""
+    shutil.copytree(model_dir, dest, dirs_exist_ok=True)
+    rng = np.random.default_rng(0)
+    weights = load_file(model_dir / "model.safetensors")
+    save_file({k: w + scale * w.std() * rng.standard_normal(w.shape).astype(w.dtype) for k, w in weights.items()},
+              dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_tensor_parallel_drafts_on_the_mesh(tiny_model_dir, tmp_path):
+    """tp = 2 on fake CPU devices: the draft model and its KV pool sharded as the target's; greedy
+    outputs with speculation (drafts accepted and rejected) are those of one device without it."""
+    from test_tensor_parallel import ENGINE
+
+    model = tiny_model_dir("llama-tp")
+    draft = _noisy_copy(model, tmp_path / "noisy", 0.3)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 500, 4).tolist() * 4 for _ in range(6)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in LLM(model, **ENGINE).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model, **ENGINE, tensor_parallel_size=2, speculative_config=_spec(draft))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    stats, drafter = llm.engine.core.stats(), llm.engine.core.drafter
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    assert len(drafter.kv.k.sharding.device_set) == 2 and drafter.kv.k.sharding.spec == drafter.kv_sharding.spec
+    assert len(jax.tree.leaves(drafter.params)[0].sharding.device_set) == 2
+
+
 def test_the_pool_sizing_counts_the_draft_kv(monkeypatch):
     """On a CPU the pool takes `cpu_kv_cache_bytes`: with a draft model each block costs its KV too."""
     from jaxpaged.engine.device_memory import kv_pool_blocks
@@ -189,8 +213,9 @@ def test_sampled_tokens_follow_the_targets_softmax(model_dir, drafts):  # noqa: 
 
 
 def test_config_errors_name_the_mismatch(model_dir, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="draft_model runs on one device"):
-        EngineConfig(model=str(model_dir), tensor_parallel_size=2, speculative_config=_spec(model_dir))
+    with pytest.raises(ValueError, match="draft_model runs in one process"):
+        EngineConfig(model=str(model_dir), num_processes=2, coordinator_address="localhost:1",
+                     speculative_config=_spec(model_dir))
     other = tmp_path / "vocab"  # the target with 8 more (zero) embeddings and LM head rows
     shutil.copytree(model_dir, other)
     weights = load_file(model_dir / "model.safetensors")

@@ -96,10 +96,10 @@ class EngineConfig:
                              f"{', '.join(KV_CACHE_DTYPES)})")
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
-        if self.speculative_config is not None and self.speculative_config.method == "draft_model" and (
-                self.tensor_parallel_size > 1 or self.num_processes > 1):
-            raise ValueError("speculative_config method draft_model runs on one device: not with "
-                             "tensor_parallel_size > 1 or num_processes > 1 yet")
+        if self.speculative_config is not None and self.speculative_config.method == "draft_model" \
+                and self.num_processes > 1:
+            raise ValueError("speculative_config method draft_model runs in one process: not with "
+                             "num_processes > 1 yet")
         if self.speculative_config is not None and self.num_scheduler_steps > 1:
             raise ValueError("speculative_config and num_scheduler_steps > 1 do not combine (a step either "
                              "verifies drafts or runs the multi-step decode loop)")

@@ -85,7 +85,7 @@ class EngineCore:
                                   config.num_scheduler_steps, config.speculative_config)
         spec = config.speculative_config
         # before the KV pool: a draft model's KV is counted in its sizing
-        self.drafter = make_drafter(config, cfg, params["embed"].dtype, attention, self.runner.buckets)
+        self.drafter = make_drafter(config, cfg, params["embed"].dtype, attention, self.runner.buckets, self.mesh)
         draft = self.drafter if isinstance(self.drafter, DraftModelProposer) else None
         t1 = time.perf_counter()
         warmup = Warmup(self.runner)

@@ -71,9 +71,10 @@ def kv_pool_blocks(config: EngineConfig, cfg: ModelConfig, max_model_len: int, m
     from jaxpaged.models.kv_cache import kv_bytes_per_block
 
     # bytes per block on each device (tensor parallelism splits the KV heads)
-    per_block = kv_bytes_per_block(cfg, config.block_size, dtype) // config.tensor_parallel_size
-    if draft is not None:  # (on one device: the draft model is not sharded)
+    per_block = kv_bytes_per_block(cfg, config.block_size, dtype)
+    if draft is not None:  # sharded as the target's
         per_block += kv_bytes_per_block(draft, config.block_size, dtype)
+    per_block //= config.tensor_parallel_size
     budget = memory_budget(jax.local_devices()[0])
     if budget is not None:
         # Keep room for the step's temporaries: the heads' as measured, the forward's

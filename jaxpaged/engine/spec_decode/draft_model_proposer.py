@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from jaxpaged.engine.compile_cache import in_parallel
 from jaxpaged.engine.host_buffer import Layout, pack
@@ -36,6 +37,7 @@ from jaxpaged.engine.spec_decode.draft_programs import STEP_FIELDS, jitted_propo
 from jaxpaged.engine.spec_decode.ngram_proposer import max_drafts
 from jaxpaged.models import ModelConfig, load_model
 from jaxpaged.models.kv_cache import KVCache, init_kv_cache
+from jaxpaged.models.sharding import KV_POOL
 from jaxpaged.models.step_input import SeqChunk, make_step_input
 
 if TYPE_CHECKING:
@@ -45,11 +47,11 @@ logger = logging.getLogger("jaxpaged")
 
 
 def load_draft_model(spec: SpeculativeConfig, target: ModelConfig, dtype, load_format: str,
-                     max_model_len: int) -> tuple[ModelConfig, dict]:
+                     max_model_len: int, mesh: Mesh | None = None) -> tuple[ModelConfig, dict]:
     """The draft model's config and params, in the target's dtype (vLLM's rule) and its
-    checkpoint's own quantization; a ValueError naming the mismatch if its vocabulary or
-    context cannot serve the target's."""
-    cfg, params = load_model(spec.model, np.dtype(dtype).name, load_format)
+    checkpoint's own quantization, sharded on `mesh` (tensor parallelism) as a target is; a
+    ValueError naming the mismatch if its vocabulary or context cannot serve the target's."""
+    cfg, params = load_model(spec.model, np.dtype(dtype).name, load_format, mesh)
     if cfg.vocab_size != target.vocab_size:
         raise ValueError(f"speculative_config model {spec.model} has vocab_size {cfg.vocab_size}, the target "
                          f"{target.vocab_size}: the draft model must share the target's tokenizer")
@@ -73,14 +75,15 @@ class DraftModelProposer:
     """The scheduler's view (`speculates`, `propose`) and the draft model's step (`fill`)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int, model_config: ModelConfig, params: dict,
-                 attention, block_size: int, max_num_seqs: int, buckets: list[int]):
+                 attention, block_size: int, max_num_seqs: int, buckets: list[int], mesh: Mesh | None = None):
         self.config, self.max_model_len = config, max_model_len
         self.model_config, self.params = model_config, params
         self.k = config.num_speculative_tokens
         self.block_size, self.max_num_seqs, self.buckets = block_size, max_num_seqs, buckets
         self.max_blocks = -(-max_model_len // block_size)
         self.kv: KVCache | None = None
-        self._program = jitted_propose(model_config, attention)
+        self.kv_sharding = NamedSharding(mesh, KV_POOL) if mesh is not None else None
+        self._program = jitted_propose(model_config, attention, self.kv_sharding)
 
     def speculates(self, num_running: int) -> bool:
         return self.config.speculates(num_running)
@@ -94,7 +97,7 @@ class DraftModelProposer:
         """Allocate the draft KV pool, compile the program of every token bucket (in `threads`
         threads) and run each once on all-padding inputs, so that no step compiles later."""
         t0 = time.perf_counter()
-        self.kv = init_kv_cache(self.model_config, num_blocks, self.block_size, dtype)
+        self.kv = init_kv_cache(self.model_config, num_blocks, self.block_size, dtype, self.kv_sharding)
         padding = {t: self._inputs([], t) for t in self.buckets}
         in_parallel(threads, lambda t: self._program.lower(self.params, self.kv, padding[t][0], layout=padding[t][1],
                                                             num_spec=self.k).compile(), self.buckets)

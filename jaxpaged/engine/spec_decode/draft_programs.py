@@ -8,6 +8,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.host_buffer import unpack
 from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
@@ -58,8 +60,10 @@ def _propose(params, kv: KVCache, buf, *, layout, num_spec: int, cfg: ModelConfi
 
 
 @functools.cache
-def jitted_propose(cfg: ModelConfig, attention):
-    """The draft program per (draft model config, kernel), shared by engines (no recompile);
-    the draft KV pool donated."""
+def jitted_propose(cfg: ModelConfig, attention, kv_sharding: NamedSharding | None = None):
+    """The draft program per (draft model config, kernel, mesh), shared by engines (no
+    recompile); the draft KV pool donated, and under a mesh kept in `kv_sharding` (the drafts
+    replicated)."""
+    out = None if kv_sharding is None else (NamedSharding(kv_sharding.mesh, P()), kv_sharding)
     return jax.jit(functools.partial(_propose, cfg=cfg, attention=attention), donate_argnums=1,
-                   static_argnames=("layout", "num_spec"))
+                   out_shardings=out, static_argnames=("layout", "num_spec"))
