@@ -19,7 +19,8 @@
 #            shared 8k prefix (~6 min; LONGCTX_ARGS="--parts latency" or "--parts rag" runs half)
 #   quant    (name it in PARTS) fixed and mixed: bf16, then fp8 W8A8 + fp8 KV cache, side by side    ~6 min
 #   quantlat (name it in PARTS) batch-1 / batch-8 ITL and TTFT: bf16, fp8 W8A8 + fp8 KV, int4 W4A16 ~3 min
-#   spec     (name it in PARTS) batch-1 ITL without and with synthetic speculation (k = 4, 80%)   ~1.5 min
+#   spec     (name it in PARTS) batch-1 ITL without and with synthetic speculation (k = 4, 80%, at any
+#            batch size: LATENCY_ARGS="--batches 1,16,32,64" measures the crossover)   ~1.5 min
 #   specfixed (name it in PARTS) the fixed workload (256 rows) without and with n-gram speculation ~3.5 min
 #   structured (name it in PARTS) scripts/benchmark_structured.py: batch-64 TPOT with every row under a
 #            JSON schema against unconstrained; BPE_MODEL: its model folder (default .cache/llama3-8b-bpe,
@@ -164,10 +165,11 @@ if want quantlat; then
     done
 fi
 if want spec; then
-    SYNTH='{"method": "ngram", "num_speculative_tokens": 4, "synthetic_acceptance_rate": 0.8}'
+    # speculation at any batch (LATENCY_ARGS="--batches 1,16,32,64" measures the crossover)
+    SYNTH='{"method": "ngram", "num_speculative_tokens": 4, "synthetic_acceptance_rate": 0.8, "disable_by_batch_size": null}'
     for v in off synthetic; do
         SA=(); [ $v = synthetic ] && SA=(--speculative-config "$SYNTH")
-        run spec-latency-$v 200 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 --prompt-lens 128 \
+        run spec-latency-$v 300 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 2048 --prompt-lens 128 \
             --batches 1 --compilation-cache "$CACHE" --json "$OUT/spec-latency-$v.json" "${SA[@]}" ${LATENCY_ARGS:-}
     done
 fi
