@@ -307,3 +307,9 @@ def test_fill_threads_follow_the_cpu_quota_not_the_machine(monkeypatch, tmp_path
         assert (compiler.usable_cpus(), fill_threads()) == (cpus, threads)
     quota.unlink()  # no cgroup v2 quota: the affinity
     assert compiler.usable_cpus() == 64
+    v1 = {"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": tmp_path / "quota", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": tmp_path / "period"}
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(v1.get(path, path), *a, **k))
+    v1["/sys/fs/cgroup/cpu/cpu.cfs_period_us"].write_text("100000\n")
+    for text, cpus in (("600000\n", 6), ("-1\n", 64)):  # cgroup v1: its quota, or -1 for none
+        v1["/sys/fs/cgroup/cpu/cpu.cfs_quota_us"].write_text(text)
+        assert compiler.usable_cpus() == cpus

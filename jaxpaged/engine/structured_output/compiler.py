@@ -36,17 +36,24 @@ def import_xgrammar() -> Any:
     return xgrammar
 
 
+# a CPU quota: cgroup v2's "quota period" file, or cgroup v1's two files (quota -1: none)
+_CGROUP_QUOTAS = (("/sys/fs/cgroup/cpu.max",),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
+
+
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity, capped by a cgroup v2 CPU quota
-    (`cpu.max`). xgrammar's "auto" thread counts read the machine's cores, which a container
-    may have many more of than its quota allows (its threads would then wait on each other)."""
+    """The CPUs this process may run on: its affinity, capped by a cgroup CPU quota (v2
+    `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`). xgrammar's "auto" thread counts
+    read the machine's cores, which a container may have many more of than its quota allows
+    (its threads would then wait on each other)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
+    for files in _CGROUP_QUOTAS:
+        try:
+            quota, period = " ".join(open(f).read() for f in files).split()[:2]
+            if quota not in ("max", "-1"):
+                return min(cpus, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError):
+            pass
     return cpus
 
 
