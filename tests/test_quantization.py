@@ -136,6 +136,34 @@ def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens):
     assert f"{k}x{n}x" not in hlo
 
 
+@pytest.mark.parametrize("tokens,splits", [(3, None), (37, 2)])
+def test_fp8_pallas_kernel_against_numpy(tokens, splits):
+    """The fp8 weight-only GPU kernel (interpret mode here): e4m3 tiles converted to bf16 and
+    multiplied by x unquantized, split-K parts summed, then the channel scales; against the
+    dequantized weight in float64 (bound: bf16's rounding of x and of the converted tiles)."""
+    from jaxpaged.kernels.fp8_matmul_gpu import fp8_matmul_gpu
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((512, 96)).astype(np.float32) * np.linspace(0.1, 2, 96, dtype=np.float32)
+    leaf = quantize(jnp.asarray(w), "fp8")
+    x = rng.standard_normal((tokens, 512)).astype(np.float32)
+    want = x.astype(np.float64) @ np.asarray(leaf.dequantize(), np.float64)
+    got = fp8_matmul_gpu(jnp.asarray(x, jnp.bfloat16), leaf.qweight, leaf.scale, splits=splits)
+    assert got.shape == (tokens, 96) and got.dtype == jnp.bfloat16
+    assert rel_err(got.astype(jnp.float32), want) <= 1e-2
+
+
+def test_fp8_pallas_kernel_lowers_to_triton_for_the_gpu():
+    """Its Triton lowering for a CUDA target (no GPU needed) at Llama-3-8B's qkv shape: one
+    Triton call, no converted [N, K] weight in the program."""
+    from jaxpaged.kernels.fp8_matmul_gpu import fp8_matmul_gpu
+    sd = jax.ShapeDtypeStruct
+    args = (sd((16, 4096), jnp.bfloat16), sd((6144, 4096), jnp.float8_e4m3fn), sd((6144,), jnp.float32))
+    hlo = jax.jit(functools.partial(fp8_matmul_gpu, interpret=False)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == 1
+    assert "6144x4096xbf16" not in hlo
+
+
 def test_fp8_block_linear_against_numpy(data):
     """Blocks of 48 x 48 over the flattened [128 out, 64 in] weight: partial blocks on both axes;
     the GEMM is weight-only (x unquantized), so float32 rounding apart it is x @ w."""
