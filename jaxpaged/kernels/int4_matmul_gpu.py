@@ -66,6 +66,36 @@ def _biased(nibbles: jax.Array, dtype) -> jax.Array:
     return lax.bitcast_convert_type((nibbles | bits).astype(int_type), dtype)
 
 
+def _joined(planes: list[jax.Array]) -> jax.Array:
+    """8 planes [n, 16] (plane j: rows 8w + j) -> [n, 128] in row order (column 8w + j), by
+    Triton's joins (a stack on a new minor axis of 2, in registers; its only concatenation)."""
+    a = {(b1, b0): jnp.stack([planes[2 * b1 + b0], planes[4 + 2 * b1 + b0]], axis=-1) for b1 in (0, 1) for b0 in (0, 1)}
+    b = {b0: jnp.stack([a[0, b0], a[1, b0]], axis=-1) for b0 in (0, 1)}
+    c = jnp.stack([b[0], b[1]], axis=-1)  # [n, 16, 2, 2, 2]: w, then j's bits high to low
+    return c.reshape(c.shape[0], BLOCK_K)
+
+
+def _joined_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
+    """Groups of 128+ rows: a step's 8 planes joined into one [block_n, 128] tile of `q - zero`
+    in row order, one MMA against x's 128 columns (x not permuted), the scale on its sums."""
+    j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    n0, t0 = j * block_n, i * block_t
+
+    def step(kb, acc):
+        k0 = sp * k_per_split + kb * BLOCK_K
+        packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)].T  # [block_n, 16]
+        g = pl.ds(k0 // group, 1)
+        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1, block_n]
+        zero = _biased(z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32), x_ref.dtype).T  # [block_n, 1]
+        w = _joined([_biased((packed >> (4 * plane)) & 0xF, x_ref.dtype) for plane in range(INT4_PER_WORD)])
+        x = x_ref[pl.ds(t0, block_t), pl.ds(k0, BLOCK_K)]
+        part = lax.dot_general(x, w - zero, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        return acc + part * scale
+
+    acc = lax.fori_loop(0, k_per_split // BLOCK_K, step, jnp.zeros((block_t, block_n), jnp.float32))
+    o_ref[sp, pl.ds(t0, block_t), pl.ds(n0, block_n)] = acc
+
+
 def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
     j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n0, t0 = j * block_n, i * block_t
@@ -101,8 +131,9 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per
 
 def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                     block_n: int | None = None, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
-    """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype."""
+                    num_stages: int = 3, joined: bool | None = None, interpret: bool | None = None) -> jax.Array:
+    """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. `joined`
+    (groups of 128+ only; default: off): `_joined_kernel`'s one MMA per step."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
@@ -118,9 +149,11 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
             splits *= 2
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    kern = functools.partial(_kernel, block_t=block_t, block_n=block_n, group=group, k_per_split=k // splits)
+    joined = bool(joined) and group >= BLOCK_K
+    kern = functools.partial(_joined_kernel if joined else _kernel, block_t=block_t, block_n=block_n, group=group,
+                             k_per_split=k // splits)
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, tp, n), jnp.float32),
                          grid=(n // block_n, tp // block_t, splits), interpret=interpret, name="int4_matmul",
                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-                         )(jnp.pad(_plane_order(x), ((0, tp - t), (0, 0))), qweight, scales, zeros)
+                         )(jnp.pad(x if joined else _plane_order(x), ((0, tp - t), (0, 0))), qweight, scales, zeros)
     return jnp.sum(out, axis=0)[:t].astype(x.dtype)
