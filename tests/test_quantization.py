@@ -120,6 +120,23 @@ def test_int4_pallas_kernel_against_numpy(data, tokens, group):
     assert rel_err(got.astype(jnp.float32), int4_matmul(xb, leaf, kernel=False).astype(jnp.float32)) <= 1e-2
 
 
+@pytest.mark.parametrize("tokens,splits", [(5, 2), (37, 1)])
+def test_int4_joined_kernel_against_numpy(tokens, splits):
+    """The joined variant (groups of 128+: the 8 nibble planes joined into one tile in row
+    order, one MMA per step, x unpermuted), interpret mode: against the dequantized weight in
+    float64 and the plane kernel."""
+    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
+    rng = np.random.default_rng(4)
+    leaf = quantize(jnp.asarray(rng.standard_normal((512, 96)).astype(np.float32)), "int4", group_size=128)
+    x = rng.standard_normal((tokens, 512)).astype(np.float32)
+    want = x.astype(np.float64) @ ref_int4_weight(leaf)
+    xb = jnp.asarray(x, jnp.bfloat16)
+    got = int4_matmul_gpu(xb, leaf.qweight, leaf.scales, leaf.zeros, joined=True, splits=splits)
+    assert rel_err(got.astype(jnp.float32), want) <= 1e-2
+    planes = int4_matmul_gpu(xb, leaf.qweight, leaf.scales, leaf.zeros, joined=False, splits=splits)
+    assert rel_err(got.astype(jnp.float32), planes.astype(jnp.float32)) <= 1e-2
+
+
 @pytest.mark.parametrize("tokens", [1, 64, 256])
 def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens):
     """The kernel's Triton lowering, done here for a CUDA target (no GPU needed) at Llama-3-8B's
@@ -130,10 +147,11 @@ def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens):
     sd = jax.ShapeDtypeStruct
     args = (sd((tokens, k), jnp.bfloat16), sd((k // 8, n), jnp.int32), sd((k // g, n), jnp.bfloat16),
             sd((k // g, n), jnp.uint8))
-    hlo = jax.jit(functools.partial(int4_matmul_gpu, interpret=False)).trace(*args).lower(
-        lowering_platforms=("cuda",)).as_text()
-    assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == 1
-    assert f"{k}x{n}x" not in hlo
+    for joined in (False, True):
+        hlo = jax.jit(functools.partial(int4_matmul_gpu, interpret=False, joined=joined)).trace(*args).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == 1
+        assert f"{k}x{n}x" not in hlo
 
 
 @pytest.mark.parametrize("tokens,splits", [(3, None), (37, 2)])
