@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.kernels.fp8_matmul_gpu import fp8_matmul_gpu
 from jaxpaged.models.quantization.kernels import int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
 from jaxpaged.models.quantization.weights import Fp8Weight, unpack_int4
@@ -28,7 +27,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
-    scheme = kind.removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_pallas")
+    scheme = kind.removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
     out = []
     for layer in range(layers):
         ws = {}
@@ -58,12 +57,9 @@ def _int4_xla(x, w, grouped):
     return jnp.einsum("tgn,gn->tn", part, s.astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(x, w, mode):
-    dequant = mode == "dequant"
+def _linear(x, w, dequant):
     if isinstance(w, dict):
         return _int4_xla(x, w, dequant)
-    if isinstance(w, Fp8Weight) and mode == "pallas":  # weight-only through the Pallas kernel
-        return fp8_matmul_gpu(x, w.qweight, w.scale)
     if isinstance(w, jax.Array):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
     if isinstance(w, Fp8Weight) and dequant:  # weight-only: the e4m3 -> bf16 convert left to XLA's GEMM fusion
@@ -73,9 +69,9 @@ def _linear(x, w, mode):
     return int4_matmul(x, w, kernel=False) if dequant else quantized_matmul(x, w)
 
 
-@functools.partial(jax.jit, static_argnames="mode")
-def forward(x, layers, mode=""):
-    linear = functools.partial(_linear, mode=mode)
+@functools.partial(jax.jit, static_argnames="dequant")
+def forward(x, layers, dequant=False):
+    linear = functools.partial(_linear, dequant=dequant)
 
     for w in layers:  # unrolled, as the model's layers: `lax.scan` would copy each layer's weights
         a = linear(x, w["qkv"])[:, :4096]
@@ -84,12 +80,6 @@ def forward(x, layers, mode=""):
         x = x + linear(jax.nn.silu(g[:, :14336]) * g[:, 14336:], w["down"])
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x.astype(jnp.float32)), -1, keepdims=True)).astype(x.dtype)
     return x
-
-
-def mode_of(kind: str) -> str:
-    """The forward's matmul mode of a kind: "dequant" (dequantize-then-dot, fp8 weight-only in
-    XLA's GEMM, the per-group uint4 dots), "pallas" (fp8 weight-only through the Pallas kernel)."""
-    return "pallas" if kind.endswith("_pallas") else "dequant" if kind.endswith(("_dequant", "_w8a16", "_grouped")) else ""
 
 
 def gemm_targets(compiled_text: str) -> str:
@@ -110,7 +100,7 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tu
     rows = []
     for t in tokens:
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
-        compiled = forward.lower(x, weights, mode=mode_of(kind)).compile()
+        compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped"))).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, weights).block_until_ready()
         times = []
@@ -132,7 +122,7 @@ def main():
                     help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's "
                          "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized; "
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
-                         "or a dot per group); fp8_pallas: fp8 weight-only through the Pallas kernel (kernels/fp8_matmul_gpu.py)")
+                         "or a dot per group)")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]

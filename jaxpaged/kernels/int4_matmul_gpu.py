@@ -12,14 +12,15 @@ GEMM does not happen: it writes the bf16 weight first).
 Reference: `Int4Weight.dequantize()` then a dot (`models/quantization/kernels.py`).
 
 Grid `(N / block_n, T / block_t, splits)`: a program owns `block_n` output columns and
-`block_t` tokens and walks `K / splits` input rows, 128 at a time: one contiguous [16, block_n]
-load of packed words, whose 8 nibble planes (rows 8w + j for plane j) each take one bf16 MMA
-against the matching 16 columns of x. x is permuted outside the kernel so that those columns are
-contiguous (`_plane_order`). With groups of 128+ rows, a step's weights are `q - zero` (exact
-small integers, made from the bits without int-to-float conversions) and its scale multiplies
-the step's MMA sums; smaller groups scale each element before the MMA. Split-K only when the
-column tiles alone give too few programs (decode of a narrow weight); the parts' float32 sums
-add in a small XLA reduction.
+`block_t` tokens and walks `K / splits` input rows, 128 at a time, with one contiguous
+[16, block_n] load of packed words per step. Its 8 nibble planes (rows 8w + j for plane j) are
+made from the bits without int-to-float conversions (`_biased`). With groups of 128+ rows
+(`_joined_kernel`) the planes, as `q - zero` (exact small integers), are joined into one
+[block_n, 128] tile in row order and take one bf16 MMA; the step's scale multiplies its sums.
+Smaller groups (`_plane_kernel`) scale each element, and each plane takes its own MMA against
+the matching 16 columns of x, permuted outside the kernel (`_plane_order`). Split-K only when
+the column tiles alone give too few programs (decode of a narrow weight); the parts' float32
+sums add in a small XLA reduction.
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ INT4_PER_WORD = 8
 
 BLOCK_K = 128  # input rows per step: 16 packed words per column
 WORDS = BLOCK_K // INT4_PER_WORD
+# (columns, warps) per program at 16 tokens: 1.32x the (128, 4) default's speed there on an H100
+# (docs/decisions.md); larger steps keep (gcd(N, 128), 4)
+DECODE_TILE = (64, 2)
 
 
 def supported(k: int, n: int, group: int) -> bool:
@@ -96,10 +100,12 @@ def _joined_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group
     o_ref[sp, pl.ds(t0, block_t), pl.ds(n0, block_n)] = acc
 
 
-def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
+def _plane_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
+    """Groups smaller than a step: each word row's scale and zero applied to its elements, one
+    MMA per nibble plane against x's matching 16 columns (x permuted: `_plane_order`)."""
     j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n0, t0 = j * block_n, i * block_t
-    # the group of each packed word row in a step (all equal when a group spans the step)
+    # the group of each packed word row in a step
     word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
     dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
@@ -107,20 +113,11 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per
     def step(kb, acc):
         k0 = sp * k_per_split + kb * BLOCK_K
         packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)]  # [16, block_n]
-        if group >= BLOCK_K:  # one scale and zero per column for the step: applied after the MMAs
-            g = pl.ds(k0 // group, 1)
-            scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1, block_n]
-            zero = _biased(z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32), x_ref.dtype)
-            part = jnp.zeros((block_t, block_n), jnp.float32)
-            for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
-                x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
-                part += dot(x, _biased((packed >> (4 * plane)) & 0xF, x.dtype) - zero)  # q - zero: exact
-            return acc + part * scale
         g = k0 // group + word_group  # each word row's group: [16, block_n] scales and zeros
         scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
         zero_scaled = z_ref[g, pl.ds(n0, block_n)].astype(jnp.float32) * scale
-        for plane in range(INT4_PER_WORD):
-            x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]
+        for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
+            x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
             q = ((packed >> (4 * plane)) & 0xF).astype(jnp.float32)
             acc += dot(x, (q * scale - zero_scaled).astype(x.dtype))  # (q - zero) * scale
         return acc
@@ -130,17 +127,19 @@ def _kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per
 
 
 def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
-                    block_n: int | None = None, splits: int | None = None, num_warps: int = 4,
-                    num_stages: int = 3, joined: bool | None = None, interpret: bool | None = None) -> jax.Array:
-    """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. `joined`
-    (groups of 128+ only; default: off): `_joined_kernel`'s one MMA per step."""
+                    block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
+                    num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+    """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
+    steps (16 tokens) default to 64 columns on 2 warps per program (`DECODE_TILE`)."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
     if not supported(k, n, group):
         raise ValueError(f"int4 kernel: unsupported shape K={k} N={n} group={group}")
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
-    block_n = block_n or math.gcd(n, 128)
+    decode = block_t == 16 and n % DECODE_TILE[0] == 0
+    block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
+    num_warps = num_warps or (DECODE_TILE[1] if decode else 4)
     tp = -(-t // block_t) * block_t
     programs = (n // block_n) * (tp // block_t)
     if splits is None:  # split K while the programs fill fewer than two waves of the SMs
@@ -149,8 +148,8 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
             splits *= 2
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    joined = bool(joined) and group >= BLOCK_K
-    kern = functools.partial(_joined_kernel if joined else _kernel, block_t=block_t, block_n=block_n, group=group,
+    joined = group >= BLOCK_K
+    kern = functools.partial(_joined_kernel if joined else _plane_kernel, block_t=block_t, block_n=block_n, group=group,
                              k_per_split=k // splits)
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, tp, n), jnp.float32),
                          grid=(n // block_n, tp // block_t, splits), interpret=interpret, name="int4_matmul",
