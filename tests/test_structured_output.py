@@ -294,7 +294,7 @@ def test_a_schema_that_does_not_compile_in_time_is_a_400_naming_it(server, monke
 
 def test_fill_threads_follow_the_cpu_quota_not_the_machine(monkeypatch, tmp_path):
     """xgrammar's "auto" threads count the machine's cores; a container's quota may allow far
-    fewer. Half the usable CPUs fill the bitmask, at most 8."""
+    fewer. The usable CPUs but two fill the bitmask, at most 16."""
     from jaxpaged.engine.structured_output.request import fill_threads
 
     monkeypatch.setattr(compiler.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
@@ -302,7 +302,7 @@ def test_fill_threads_follow_the_cpu_quota_not_the_machine(monkeypatch, tmp_path
     quota = tmp_path / "cpu.max"
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
         quota if path == "/sys/fs/cgroup/cpu.max" else path, *a, **k))
-    for text, cpus, threads in (("400000 100000\n", 4, 2), ("250000 100000\n", 3, 1), ("max 100000\n", 64, 8)):
+    for text, cpus, threads in (("400000 100000\n", 4, 2), ("250000 100000\n", 3, 1), ("150000 100000\n", 2, 1), ("max 100000\n", 64, 16)):
         quota.write_text(text)
         assert (compiler.usable_cpus(), fill_threads()) == (cpus, threads)
     quota.unlink()  # no cgroup v2 quota: the affinity
