@@ -13,9 +13,9 @@ Reference: `Int4Weight.dequantize()` then a dot (`models/quantization/kernels.py
 
 Grid `(N / block_n, T / block_t, splits)`: a program owns `block_n` output columns and
 `block_t` tokens and walks `K / splits` input rows, 128 at a time, with one contiguous
-[16, block_n] load of packed words per step. Its 8 nibble planes (rows 8w + j for plane j) are
-made from the bits without int-to-float conversions (`_biased`). With groups of 128+ rows
-(`_joined_kernel`) the planes, as `q - zero` (exact small integers), are joined into one
+[16, block_n] load of packed words per step, whose 8 nibble planes are rows 8w + j for plane
+j. With groups of 128+ rows (`_joined_kernel`) the planes, as `q - zero` (exact small
+integers made from the bits without int-to-float conversions, `_biased`), are joined into one
 [block_n, 128] tile in row order and take one bf16 MMA; the step's scale multiplies its sums.
 Smaller groups (`_plane_kernel`) scale each element, and each plane takes its own MMA against
 the matching 16 columns of x, permuted outside the kernel (`_plane_order`). Split-K only when
