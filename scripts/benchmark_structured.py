@@ -6,8 +6,9 @@ unconstrained on the `full` head (forced by a zero logit bias), in one run; rand
 
 The model directory (`make_shape_model.py --bpe-tokenizer`, cached under --model-dir) has a
 byte-level BPE of Llama 3's vocabulary size, which spells JSON (the mask cost grows with the
-vocabulary). The timed schema is an array of short strings with `minItems` beyond the decode
-steps, so no row can finish: the batch stays full (the table says how many rows still run at
+vocabulary). The timed schemas are arrays, with `minItems` beyond the decode steps, of short
+strings (`maxLength` 12: costly to fill, near the bound most tokens need checking) and of
+objects with an integer, an unbounded string and an enum array, so no row can finish: the batch stays full (the table says how many rows still run at
 the end). TPOT is the wall time of `--decode-steps` engine steps after every row's first token,
 per step (one token per row). A second run of the batch under a bounded schema finishes every
 row; its outputs are checked in plain Python (all must be valid; the GPU machine may lack
@@ -15,8 +16,8 @@ jsonschema).
 `wait ms`: per step, the engine thread's wait for the device's outputs (TPOT - wait is its own
 time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the runner's worker
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
-The last line times that fill alone (the same grammars, nothing else running): the gap to
-`fill ms` is what the engine's other threads cost it.
+The `bitmask fill alone` lines time each run's fill alone at its last step (the same
+grammars, nothing else running), on xgrammar's threads and on one.
 """
 from __future__ import annotations
 
@@ -31,8 +32,10 @@ from benchmark_throughput import SHAPES, enable_compilation_cache, wait_for_devi
 from make_shape_model import make_shape_model
 
 ITEM = {"type": "string", "maxLength": 12}
+OBJECT = {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}},
+          "required": ["id", "name", "tags"]}
 HOST_SECONDS = {"inputs": 0.0, "fill": 0.0}  # host time in late heads' inputs, in bitmask fills
-FILL_ALONE: dict[str, float] = {}  # the bitmask fill of the timed grammars alone: seconds, rows, threads
 
 
 def time_head_inputs(runner) -> None:
@@ -53,10 +56,10 @@ def time_head_inputs(runner) -> None:
     LateHeadInputs.fill = timed(LateHeadInputs.fill, "fill")
 
 
-def time_fill_alone(engine, vocab: int, reps: int = 20) -> None:
+def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     """Time xgrammar's bitmask fill of the running rows' grammars alone, once the device is done
-    (so no step's own fill runs beside it), into FILL_ALONE: as the engine fills them (on
-    `fill_threads()` threads) and row by row on this thread (how well the threads scale)."""
+    (so no step's own fill runs beside it): as the engine fills them (on `fill_threads()`
+    threads) and row by row on this thread (how well the threads scale)."""
     from jaxpaged.engine.sample.token_mask import num_words
     from jaxpaged.engine.structured_output.compiler import usable_cpus
     from jaxpaged.engine.structured_output.request import fill_grammar_bitmask, fill_threads
@@ -73,15 +76,16 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> None:
     for _ in range(reps):
         for i, g in enumerate(grammars):
             g.matcher.fill_next_token_bitmask(mask, i)
-    FILL_ALONE.update(seconds=seconds, one_thread_seconds=(time.perf_counter() - t) / reps, rows=len(grammars),
-                      threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
+    return dict(seconds=seconds, one_thread_seconds=(time.perf_counter() - t) / reps, rows=len(grammars),
+                threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
     """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
     steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
     seconds per step the host waited for the device, seconds per step building late heads' inputs
-    and filling their bitmasks, the finished outputs' texts by request); the rest is aborted."""
+    and filling their bitmasks, the fill alone (`time_fill_alone`; structured runs), the finished
+    outputs' texts by request); the rest is aborted."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
@@ -104,11 +108,10 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     wait = core.runner.device_wait_seconds - wait
     host = {k: (HOST_SECONDS[k] - host[k]) / max(n, 1) for k in host}
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
-    if params.structured_outputs is not None and steps is not None:
-        time_fill_alone(engine, vocab)
+    alone = time_fill_alone(engine, vocab) if params.structured_outputs is not None and steps is not None else None
     for request_id in list(core.requests):
         engine.abort_request(request_id)
-    return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], texts
+    return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], alone, texts
 
 
 def main() -> None:
@@ -142,14 +145,17 @@ def main() -> None:
     steps = args.decode_steps
     tokens = args.max_model_len - args.prompt_len - 1
     timed = {"type": "array", "items": ITEM, "minItems": tokens}  # an item is at least 2 tokens: no row ends
+    objects = {"type": "array", "items": OBJECT, "minItems": tokens}  # a more usual schema
     free = dict(temperature=0, max_tokens=tokens, ignore_eos=True, detokenize=False)
     runs = {"unconstrained (greedy head)": SamplingParams(**free),
             "logprobs=1 (logprobs head)": SamplingParams(**free, logprobs=1),
             "unconstrained (full head)": SamplingParams(**free, logit_bias={0: 0.0}),  # only `full` has bias
             "JSON schema, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
-                                                     structured_outputs=StructuredOutputsParams(json=timed))}
+                                                     structured_outputs=StructuredOutputsParams(json=timed)),
+            "JSON objects, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
+                                                      structured_outputs=StructuredOutputsParams(json=objects))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
-    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:5]
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:6]
             for i, (name, p) in enumerate(runs.items())}
     bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
     *_, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
@@ -161,13 +167,14 @@ def main() -> None:
           f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
     print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s} {'inputs ms':>9s} "
           f"{'fill ms':>8s}")
-    for name, (tpot, running, wait, inputs, fill) in rows.items():
+    for name, (tpot, running, wait, inputs, fill, _) in rows.items():
         print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {inputs * 1e3:9.2f} "
               f"{fill * 1e3:8.2f}")
-    fa = FILL_ALONE
-    print(f"bitmask fill alone: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows on {fa['threads']} xgrammar "
-          f"threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: "
-          f"{rows['JSON schema, every row'][4] * 1e3:.2f} ms; {fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
+    for name, (*_, fill, fa) in rows.items():
+        if fa is not None:
+            print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows on {fa['threads']} "
+                  f"xgrammar threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: {fill * 1e3:.2f} ms; "
+                  f"{fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
@@ -177,7 +184,7 @@ def main() -> None:
                                                "device_wait_s": {k: v[2] for k, v in rows.items()},
                                                "head_inputs_s": {k: v[3] for k, v in rows.items()},
                                                "bitmask_fill_s": {k: v[4] for k, v in rows.items()},
-                                               "bitmask_fill_alone": FILL_ALONE,
+                                               "bitmask_fill_alone": {k: v[5] for k, v in rows.items() if v[5]},
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 

@@ -66,7 +66,7 @@ run() {
     echo "== $name: $*"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
-    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|  its device time|  its forwards|TTFT|ITL,|RAG|speedup|speculative|unconstrained|logprobs=1|JSON schema|bitmask fill|bounded|checks|copy bandwidth)|skipp(ing|ed)" \
+    grep -E "^(engine |jaxpaged|HF generate|ceilings|device busy|decode ITL|  its device time|  its forwards|TTFT|ITL,|RAG|speedup|speculative|unconstrained|logprobs=1|JSON schema|JSON objects|bitmask fill|bounded|checks|copy bandwidth)|skipp(ing|ed)" \
         "$OUT/$name.log" | cut -c1-200
     [ $rc = 0 ] || { echo "   $name failed (rc $rc; 124: over its ${limit} s), its log ends:"; tail -n 5 "$OUT/$name.log"; }
     TIMES+=("$name $((SECONDS - start)) s")
