@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from hf_oracle import hf_logits_of
@@ -126,25 +125,6 @@ def _noisy_copy(model_dir, dest, scale: float = 0.1):
     save_file({k: w + scale * w.std() * rng.standard_normal(w.shape).astype(w.dtype) for k, w in weights.items()},
               dest / "model.safetensors", metadata={"format": "pt"})
     return dest
-
-
-def test_tensor_parallel_drafts_on_the_mesh(tiny_model_dir, tmp_path):
-    """tp = 2 on fake CPU devices: the draft model and its KV pool sharded as the target's; greedy
-    outputs with speculation (drafts accepted and rejected) are those of one device without it."""
-    from test_tensor_parallel import ENGINE
-
-    model = tiny_model_dir("llama-tp")
-    draft = _noisy_copy(model, tmp_path / "noisy", 0.3)
-    rng = np.random.default_rng(2)
-    prompts = [rng.integers(0, 500, 4).tolist() * 4 for _ in range(6)]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    want = [o.outputs[0].token_ids for o in LLM(model, **ENGINE).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(model, **ENGINE, tensor_parallel_size=2, speculative_config=_spec(draft))
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
-    stats, drafter = llm.engine.core.stats(), llm.engine.core.drafter
-    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
-    assert len(drafter.kv.k.sharding.device_set) == 2 and drafter.kv.k.sharding.spec == drafter.kv_sharding.spec
-    assert len(jax.tree.leaves(drafter.params)[0].sharding.device_set) == 2
 
 
 def test_the_pool_sizing_counts_the_draft_kv(monkeypatch):

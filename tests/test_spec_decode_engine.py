@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -169,9 +170,10 @@ def test_synthetic_acceptance_and_the_metrics_under_vllms_names(model_dir):
         f"{float(stats.spec_decode_num_accepted_tokens_per_pos[2])}" in text
 
 
-def test_tensor_parallel_verifies_on_the_mesh(tiny_model_dir):
-    """tp = 2 on fake CPU devices (test_tensor_parallel.py's shapes): greedy outputs with
-    speculation are those of one device without it."""
+@pytest.fixture(scope="module")
+def tp_workload(tiny_model_dir):
+    """test_tensor_parallel.py's model and engine shapes, prompts that repeat (n-gram matches)
+    and their greedy outputs on one device without speculation."""
     from test_tensor_parallel import ENGINE
 
     model = tiny_model_dir("llama-tp")
@@ -179,6 +181,27 @@ def test_tensor_parallel_verifies_on_the_mesh(tiny_model_dir):
     prompts = [rng.integers(0, 500, 4).tolist() * 4 for _ in range(6)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in LLM(model, **ENGINE).generate(prompts, params, use_tqdm=False)]
-    llm = LLM(model, **ENGINE, tensor_parallel_size=2, speculative_config=SPEC)
+    return model, ENGINE, prompts, params, want
+
+
+def test_tensor_parallel_verifies_on_the_mesh(tp_workload):
+    """tp = 2 on fake CPU devices: greedy outputs with n-gram speculation are those of one
+    device without it."""
+    model, engine, prompts, params, want = tp_workload
+    llm = LLM(model, **engine, tensor_parallel_size=2, speculative_config=SPEC)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
     assert llm.engine.core.spec_stats.num_accepted_tokens > 0
+
+
+def test_tensor_parallel_drafts_on_the_mesh(tp_workload, tmp_path):
+    """tp = 2: the draft model and its KV pool sharded as the target's; greedy outputs with its
+    drafts (a noisy copy of the target: accepted and rejected) are one device's without."""
+    from test_spec_decode_draft import _noisy_copy, _spec
+
+    model, engine, prompts, params, want = tp_workload
+    llm = LLM(model, **engine, tensor_parallel_size=2, speculative_config=_spec(_noisy_copy(model, tmp_path, 0.3)))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+    stats, drafter = llm.engine.core.stats(), llm.engine.core.drafter
+    assert 0 < stats.spec_decode_num_accepted_tokens < stats.spec_decode_num_draft_tokens
+    assert len(drafter.kv.k.sharding.device_set) == 2 and drafter.kv.k.sharding.spec == drafter.kv_sharding.spec
+    assert len(jax.tree.leaves(drafter.params)[0].sharding.device_set) == 2
