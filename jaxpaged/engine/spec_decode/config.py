@@ -7,10 +7,10 @@ from typing import Any
 METHODS = ("ngram", "draft_model")
 DEFAULT_PROMPT_LOOKUP = 5  # vLLM's default n-gram size when neither bound is given
 # Above this many running requests a step does not speculate, unless the config says otherwise
-# (vLLM's key; its default, null, speculates at any batch size). From the H200's measured step
-# times (docs/spec_decode.md, "When speculation pays"): with k = 4 at 80% acceptance it pays up
-# to ~56 rows, at a mean accepted length of ~2.4 up to ~32; at 256 rows n-gram speculation
-# halved the fixed workload's throughput.
+# (vLLM's key; its default, null, speculates at any batch size). Measured (docs/spec_decode.md,
+# "When speculation pays"): with k = 4 at 80% acceptance it still pays at 64 rows (H100), at a
+# mean accepted length of ~2.4 the H200's step times put the break-even near 32, and at 256
+# rows n-gram speculation halved the fixed workload's throughput (H200).
 DISABLE_BY_BATCH_SIZE = 32
 
 
