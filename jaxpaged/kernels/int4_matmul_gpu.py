@@ -40,8 +40,8 @@ INT4_PER_WORD = 8
 
 BLOCK_K = 128  # input rows per step: 16 packed words per column
 WORDS = BLOCK_K // INT4_PER_WORD
-# (columns, warps) per program at 16 tokens: 1.32x the (128, 4) default's speed there on an H100
-# (docs/decisions.md); larger steps keep (gcd(N, 128), 4)
+# (columns, warps) per program of the joined kernel at 16 tokens: 1.32x the (128, 4) default's
+# speed there on an H100 (docs/decisions.md); larger steps and the plane kernel keep (gcd(N, 128), 4)
 DECODE_TILE = (64, 2)
 
 
@@ -130,14 +130,16 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
                     block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
                     num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
-    steps (16 tokens) default to 64 columns on 2 warps per program (`DECODE_TILE`)."""
+    steps (16 tokens) of the joined kernel default to 64 columns on 2 warps per program
+    (`DECODE_TILE`)."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
     if not supported(k, n, group):
         raise ValueError(f"int4 kernel: unsupported shape K={k} N={n} group={group}")
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
-    decode = block_t == 16 and n % DECODE_TILE[0] == 0
+    joined = group >= BLOCK_K
+    decode = joined and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured for the joined kernel)
     block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
     num_warps = num_warps or (DECODE_TILE[1] if decode else 4)
     tp = -(-t // block_t) * block_t
@@ -148,7 +150,6 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
             splits *= 2
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    joined = group >= BLOCK_K
     kern = functools.partial(_joined_kernel if joined else _plane_kernel, block_t=block_t, block_n=block_n, group=group,
                              k_per_split=k // splits)
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, tp, n), jnp.float32),
