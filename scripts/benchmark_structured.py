@@ -22,6 +22,7 @@ grammars, nothing else running), on xgrammar's threads and on one.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -36,12 +37,18 @@ OBJECT = {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"
                                            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}}},
           "required": ["id", "name", "tags"]}
 HOST_SECONDS = {"inputs": 0.0, "fill": 0.0}  # host time in late heads' inputs, in bitmask fills
+LATE_STEPS: list[dict] = []  # per late step, when each part of its head's path ended (`time_head_inputs`)
+# a late step's head path, in order: (name, event that ends it); the first starts at the previous
+# late step's outputs on the host
+PATH = (("outputs -> hand-over", "hand_over"), ("-> fill starts", "fill_start"), ("fill", "fill_end"),
+        ("-> head dispatched", "dispatched"), ("-> outputs on host", "fetched"))
 
 
 def time_head_inputs(runner) -> None:
     """Count the host time of the runner's late head inputs into HOST_SECONDS: "inputs" on the
     engine thread (`InputBuilder.finish_sampling`), "fill" on the runner's worker
-    (`LateHeadInputs.fill`: for grammar rows, xgrammar's bitmask fill)."""
+    (`LateHeadInputs.fill`: for grammar rows, xgrammar's bitmask fill); and record each late
+    step's path from the engine's hand-over to its outputs on the host in LATE_STEPS."""
     from jaxpaged.engine.input_builder import LateHeadInputs
 
     def timed(fn, key):
@@ -53,7 +60,52 @@ def time_head_inputs(runner) -> None:
                 HOST_SECONDS[key] += time.perf_counter() - t
         return wrapper
     runner.inputs.finish_sampling = timed(runner.inputs.finish_sampling, "inputs")
-    LateHeadInputs.fill = timed(LateHeadInputs.fill, "fill")
+    fill = timed(LateHeadInputs.fill, "fill")
+
+    def timed_fill(self):
+        events = getattr(self, "events", {})
+        events["fill_start"] = time.perf_counter()
+        try:
+            return fill(self)
+        finally:
+            events["fill_end"] = time.perf_counter()
+    LateHeadInputs.fill = timed_fill
+    hand_over, dispatch_late, fetch = runner.hand_over, runner.dispatch_late, runner.fetch
+
+    def timed_hand_over(launched):
+        events = launched.events = {"hand_over": time.perf_counter()}
+        set_result = launched.sampling.set_result
+
+        def with_events(inputs):  # before the worker can see them: its fill records in `events`
+            inputs.events = events
+            set_result(inputs)
+        launched.sampling.set_result = with_events
+        hand_over(launched)
+
+    def timed_dispatch_late(*args):
+        out = dispatch_late(*args)
+        args[-1].result().events["dispatched"] = time.perf_counter()
+        return out
+
+    def timed_fetch(launched):
+        out = fetch(launched)
+        if getattr(launched, "events", None):
+            LATE_STEPS.append(launched.events | {"fetched": time.perf_counter()})
+        return out
+    runner.hand_over, runner.dispatch_late, runner.fetch = timed_hand_over, timed_dispatch_late, timed_fetch
+
+
+def late_path(steps: list[dict]) -> dict[str, float] | None:
+    """Median seconds of each part of `PATH` over consecutive late steps (None: fewer than 2)."""
+    if len(steps) < 2:
+        return None
+    parts = {name: [] for name, _ in PATH}
+    for prev, cur in itertools.pairwise(steps):
+        start = prev["fetched"]
+        for name, event in PATH:
+            parts[name].append(cur[event] - start)
+            start = cur[event]
+    return {name: float(np.median(v)) for name, v in parts.items()}
 
 
 def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
@@ -99,7 +151,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         step()  # a short row may finish while others are still prefilling
     wait_for_device(engine)  # the prefill's device work done before the timed steps
-    n, wait, host = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS)
+    n, wait, host, first_late = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS), len(LATE_STEPS)
     t = time.perf_counter()
     while engine.has_unfinished_requests() and (steps is None or n < steps):
         step()
@@ -108,10 +160,11 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     wait = core.runner.device_wait_seconds - wait
     host = {k: (HOST_SECONDS[k] - host[k]) / max(n, 1) for k in host}
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
+    path = late_path(LATE_STEPS[first_late:])
     alone = time_fill_alone(engine, vocab) if params.structured_outputs is not None and steps is not None else None
     for request_id in list(core.requests):
         engine.abort_request(request_id)
-    return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], alone, texts
+    return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], alone, path, texts
 
 
 def main() -> None:
@@ -155,7 +208,7 @@ def main() -> None:
             "JSON objects, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
                                                       structured_outputs=StructuredOutputsParams(json=objects))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
-    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:6]
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:7]
             for i, (name, p) in enumerate(runs.items())}
     bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
     *_, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
@@ -167,10 +220,14 @@ def main() -> None:
           f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
     print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s} {'inputs ms':>9s} "
           f"{'fill ms':>8s}")
-    for name, (tpot, running, wait, inputs, fill, _) in rows.items():
+    for name, (tpot, running, wait, inputs, fill, *_) in rows.items():
         print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {inputs * 1e3:9.2f} "
               f"{fill * 1e3:8.2f}")
-    for name, (*_, fill, fa) in rows.items():
+    for name, (*_, path) in rows.items():
+        if path is not None:
+            print(f"late head path, {name} (median ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in path.items())
+                  + f"; sum {sum(path.values()) * 1e3:.2f}")
+    for name, (*_, fill, fa, _) in rows.items():
         if fa is not None:
             print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows on {fa['threads']} "
                   f"xgrammar threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: {fill * 1e3:.2f} ms; "
@@ -185,6 +242,7 @@ def main() -> None:
                                                "head_inputs_s": {k: v[3] for k, v in rows.items()},
                                                "bitmask_fill_s": {k: v[4] for k, v in rows.items()},
                                                "bitmask_fill_alone": {k: v[5] for k, v in rows.items() if v[5]},
+                                               "late_head_path_s": {k: v[6] for k, v in rows.items() if v[6]},
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 
