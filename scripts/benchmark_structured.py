@@ -25,6 +25,7 @@ import argparse
 import itertools
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -46,10 +47,14 @@ PATH = (("outputs -> hand-over", "hand_over"), ("-> fill starts", "fill_start"),
 
 def time_head_inputs(runner) -> None:
     """Count the host time of the runner's late head inputs into HOST_SECONDS: "inputs" on the
-    engine thread (`InputBuilder.finish_sampling`), "fill" on the runner's worker
+    engine thread (`InputBuilder.finish_sampling`), "fill" where the bitmask is filled
     (`LateHeadInputs.fill`: for grammar rows, xgrammar's bitmask fill); and record each late
-    step's path from the engine's hand-over to its outputs on the host in LATE_STEPS."""
+    step's path from the engine's hand-over to its outputs on the host in LATE_STEPS (the
+    events of a step travel with its inputs, on whichever thread fills them and then
+    dispatches the head)."""
     from jaxpaged.engine.input_builder import LateHeadInputs
+
+    local = threading.local()  # `pending`: the hand-over's events; `filled`: the filled inputs'
 
     def timed(fn, key):
         def wrapper(*args):
@@ -59,32 +64,30 @@ def time_head_inputs(runner) -> None:
             finally:
                 HOST_SECONDS[key] += time.perf_counter() - t
         return wrapper
-    runner.inputs.finish_sampling = timed(runner.inputs.finish_sampling, "inputs")
-    fill = timed(LateHeadInputs.fill, "fill")
+    finish_sampling, fill = timed(runner.inputs.finish_sampling, "inputs"), timed(LateHeadInputs.fill, "fill")
+    hand_over, run_head, fetch = runner.hand_over, runner.run_head, runner.fetch
+
+    def timed_hand_over(launched):
+        local.pending = launched.events = {"hand_over": time.perf_counter()}
+        hand_over(launched)
+
+    def timed_finish_sampling(late):  # in the hand-over, before any other thread sees the inputs
+        inputs = finish_sampling(late)
+        inputs.events = local.pending
+        return inputs
 
     def timed_fill(self):
-        events = getattr(self, "events", {})
-        events["fill_start"] = time.perf_counter()
+        self.events["fill_start"] = time.perf_counter()
         try:
             return fill(self)
         finally:
-            events["fill_end"] = time.perf_counter()
-    LateHeadInputs.fill = timed_fill
-    hand_over, dispatch_late, fetch = runner.hand_over, runner.dispatch_late, runner.fetch
+            self.events["fill_end"] = time.perf_counter()
+            local.filled = self.events  # this thread dispatches the head next
 
-    def timed_hand_over(launched):
-        events = launched.events = {"hand_over": time.perf_counter()}
-        set_result = launched.sampling.set_result
-
-        def with_events(inputs):  # before the worker can see them: its fill records in `events`
-            inputs.events = events
-            set_result(inputs)
-        launched.sampling.set_result = with_events
-        hand_over(launched)
-
-    def timed_dispatch_late(*args):
-        out = dispatch_late(*args)
-        args[-1].result().events["dispatched"] = time.perf_counter()
+    def timed_run_head(*args, **kwargs):
+        out = run_head(*args, **kwargs)
+        if getattr(local, "filled", None) is not None:
+            local.filled["dispatched"], local.filled = time.perf_counter(), None
         return out
 
     def timed_fetch(launched):
@@ -92,7 +95,8 @@ def time_head_inputs(runner) -> None:
         if getattr(launched, "events", None):
             LATE_STEPS.append(launched.events | {"fetched": time.perf_counter()})
         return out
-    runner.hand_over, runner.dispatch_late, runner.fetch = timed_hand_over, timed_dispatch_late, timed_fetch
+    runner.inputs.finish_sampling, LateHeadInputs.fill = timed_finish_sampling, timed_fill
+    runner.hand_over, runner.run_head, runner.fetch = timed_hand_over, timed_run_head, timed_fetch
 
 
 def late_path(steps: list[dict]) -> dict[str, float] | None:
