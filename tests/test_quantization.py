@@ -121,10 +121,9 @@ def test_int4_pallas_kernel_against_numpy(data, tokens, group):
 
 
 @pytest.mark.parametrize("tokens,splits", [(5, 2), (16, 1), (37, 1)])
-def test_int4_joined_kernel_against_numpy(tokens, splits):
-    """Groups of 128 (the joined kernel: the 8 nibble planes joined into one tile in row order,
-    one MMA per step, x unpermuted; 16 tokens: the decode tile), interpret mode: against the
-    dequantized weight in float64."""
+def test_int4_kernel_groups_of_128_against_numpy(tokens, splits):
+    """Groups of 128 (planes of `q - zero` made from the bits, the step's scale on the sums; 16
+    tokens: the decode tile), interpret mode: against the dequantized weight in float64."""
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
     rng = np.random.default_rng(4)
     leaf = quantize(jnp.asarray(rng.standard_normal((512, 192)).astype(np.float32)), "int4", group_size=128)
@@ -137,8 +136,8 @@ def test_int4_joined_kernel_against_numpy(tokens, splits):
 @pytest.mark.parametrize("tokens,g", [(1, 128), (64, 128), (256, 128), (16, 32)])
 def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens, g):
     """The kernel's Triton lowering, done here for a CUDA target (no GPU needed) at Llama-3-8B's
-    qkv shape with groups of 128 (joined) and 32 (planes): an op or block shape Triton refuses fails here, not on the first
-    GPU run. The program holds one Triton call and no dequantized [K, N] weight."""
+    qkv shape with groups of 128 (biased planes) and 32 (scaled planes): an op or block shape
+    Triton refuses fails here, not on the first GPU run. The program holds one Triton call and no dequantized [K, N] weight."""
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
     k, n = 4096, 6144
     sd = jax.ShapeDtypeStruct

@@ -14,13 +14,12 @@ Reference: `Int4Weight.dequantize()` then a dot (`models/quantization/kernels.py
 Grid `(N / block_n, T / block_t, splits)`: a program owns `block_n` output columns and
 `block_t` tokens and walks `K / splits` input rows, 128 at a time, with one contiguous
 [16, block_n] load of packed words per step, whose 8 nibble planes are rows 8w + j for plane
-j. With groups of 128+ rows (`_joined_kernel`) the planes, as `q - zero` (exact small
-integers made from the bits without int-to-float conversions, `_biased`), are joined into one
-[block_n, 128] tile in row order and take one bf16 MMA; the step's scale multiplies its sums.
-Smaller groups (`_plane_kernel`) scale each element, and each plane takes its own MMA against
-the matching 16 columns of x, permuted outside the kernel (`_plane_order`). Split-K only when
-the column tiles alone give too few programs (decode of a narrow weight); the parts' float32
-sums add in a small XLA reduction.
+j. Each plane takes its own MMA against the matching 16 columns of x, permuted outside the
+kernel (`_plane_order`), so the words need no transpose or join. With groups of 128+ rows a
+plane is `q - zero` (exact small integers made from the bits without int-to-float
+conversions, `_biased`) and the step's scale multiplies its sums; smaller groups scale each
+element. Split-K only when the column tiles alone give too few programs (decode of a narrow
+weight); the parts' float32 sums add in a small XLA reduction.
 """
 from __future__ import annotations
 
@@ -36,13 +35,12 @@ from jax.experimental.pallas import triton as pltriton
 from jaxpaged.kernels.paged_attention_gpu import num_sms
 
 INT4_PER_WORD = 8
-
-
 BLOCK_K = 128  # input rows per step: 16 packed words per column
 WORDS = BLOCK_K // INT4_PER_WORD
-# (columns, warps) per program of the joined kernel at 16 tokens: 1.32x the (128, 4) default's
-# speed there on an H100 (docs/decisions.md); larger steps and the plane kernel keep (gcd(N, 128), 4)
-DECODE_TILE = (64, 2)
+# (columns, warps) per program at 16 tokens with groups of 128+: 1.22x the earlier joined-planes
+# kernel's best tile there on an H100 (docs/decisions.md); larger steps and smaller groups keep
+# (gcd(N, 128), 4)
+DECODE_TILE = (64, 4)
 
 
 def supported(k: int, n: int, group: int) -> bool:
@@ -70,57 +68,38 @@ def _biased(nibbles: jax.Array, dtype) -> jax.Array:
     return lax.bitcast_convert_type((nibbles | bits).astype(int_type), dtype)
 
 
-def _joined(planes: list[jax.Array]) -> jax.Array:
-    """8 planes [n, 16] (plane j: rows 8w + j) -> [n, 128] in row order (column 8w + j), by
-    Triton's joins (a stack on a new minor axis of 2, in registers; its only concatenation)."""
-    a = {(b1, b0): jnp.stack([planes[2 * b1 + b0], planes[4 + 2 * b1 + b0]], axis=-1) for b1 in (0, 1) for b0 in (0, 1)}
-    b = {b0: jnp.stack([a[0, b0], a[1, b0]], axis=-1) for b0 in (0, 1)}
-    c = jnp.stack([b[0], b[1]], axis=-1)  # [n, 16, 2, 2, 2]: w, then j's bits high to low
-    return c.reshape(c.shape[0], BLOCK_K)
-
-
-def _joined_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
-    """Groups of 128+ rows: a step's 8 planes joined into one [block_n, 128] tile of `q - zero`
-    in row order, one MMA against x's 128 columns (x not permuted), the scale on its sums."""
-    j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    n0, t0 = j * block_n, i * block_t
-
-    def step(kb, acc):
-        k0 = sp * k_per_split + kb * BLOCK_K
-        packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)].T  # [block_n, 16]
-        g = pl.ds(k0 // group, 1)
-        scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)  # [1, block_n]
-        zero = _biased(z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32), x_ref.dtype).T  # [block_n, 1]
-        w = _joined([_biased((packed >> (4 * plane)) & 0xF, x_ref.dtype) for plane in range(INT4_PER_WORD)])
-        x = x_ref[pl.ds(t0, block_t), pl.ds(k0, BLOCK_K)]
-        part = lax.dot_general(x, w - zero, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        return acc + part * scale
-
-    acc = lax.fori_loop(0, k_per_split // BLOCK_K, step, jnp.zeros((block_t, block_n), jnp.float32))
-    o_ref[sp, pl.ds(t0, block_t), pl.ds(n0, block_n)] = acc
-
-
 def _plane_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group, k_per_split):
-    """Groups smaller than a step: each word row's scale and zero applied to its elements, one
-    MMA per nibble plane against x's matching 16 columns (x permuted: `_plane_order`)."""
+    """One MMA per nibble plane against x's matching 16 columns (x permuted: `_plane_order`).
+    Groups of 128+ rows: planes of `q - zero` in x's dtype, the step's scale on its sums;
+    smaller groups: each word row's scale and zero applied to its elements."""
     j, i, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     n0, t0 = j * block_n, i * block_t
-    # the group of each packed word row in a step
-    word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
     dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
+    # the group of each packed word row in a step
+    word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
+
+    def planes(k0: int, plane_weights) -> jax.Array:
+        """sum over the step's planes of x's 16 columns @ plane_weights(plane) [16, block_n]."""
+        part = jnp.zeros((block_t, block_n), jnp.float32)
+        for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
+            part += dot(x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)], plane_weights(plane))
+        return part
 
     def step(kb, acc):
         k0 = sp * k_per_split + kb * BLOCK_K
         packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), pl.ds(n0, block_n)]  # [16, block_n]
+        nibbles = lambda plane: (packed >> (4 * plane)) & 0xF  # noqa: E731
+        if group >= BLOCK_K:  # one group per step: its scale on the step's sums
+            g = pl.ds(k0 // group, 1)
+            zero = _biased(z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32), x_ref.dtype)  # [1, block_n]
+            scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
+            return acc + planes(k0, lambda plane: _biased(nibbles(plane), x_ref.dtype) - zero) * scale
         g = k0 // group + word_group  # each word row's group: [16, block_n] scales and zeros
         scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
         zero_scaled = z_ref[g, pl.ds(n0, block_n)].astype(jnp.float32) * scale
-        for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
-            x = x_ref[pl.ds(t0, block_t), pl.ds(k0 + plane * WORDS, WORDS)]  # [block_t, 16]
-            q = ((packed >> (4 * plane)) & 0xF).astype(jnp.float32)
-            acc += dot(x, (q * scale - zero_scaled).astype(x.dtype))  # (q - zero) * scale
-        return acc
+        return acc + planes(k0, lambda plane: (nibbles(plane).astype(jnp.float32) * scale - zero_scaled
+                                               ).astype(x_ref.dtype))  # (q - zero) * scale
 
     acc = lax.fori_loop(0, k_per_split // BLOCK_K, step, jnp.zeros((block_t, block_n), jnp.float32))
     o_ref[sp, pl.ds(t0, block_t), pl.ds(n0, block_n)] = acc
@@ -130,16 +109,14 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
                     block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
                     num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
     """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
-    steps (16 tokens) of the joined kernel default to 64 columns on 2 warps per program
-    (`DECODE_TILE`)."""
+    steps (16 tokens) with groups of 128+ default to `DECODE_TILE` per program."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
     if not supported(k, n, group):
         raise ValueError(f"int4 kernel: unsupported shape K={k} N={n} group={group}")
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
-    joined = group >= BLOCK_K
-    decode = joined and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured for the joined kernel)
+    decode = group >= BLOCK_K and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured there)
     block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
     num_warps = num_warps or (DECODE_TILE[1] if decode else 4)
     tp = -(-t // block_t) * block_t
@@ -150,10 +127,9 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
             splits *= 2
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    kern = functools.partial(_joined_kernel if joined else _plane_kernel, block_t=block_t, block_n=block_n, group=group,
-                             k_per_split=k // splits)
+    kern = functools.partial(_plane_kernel, block_t=block_t, block_n=block_n, group=group, k_per_split=k // splits)
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, tp, n), jnp.float32),
                          grid=(n // block_n, tp // block_t, splits), interpret=interpret, name="int4_matmul",
                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-                         )(jnp.pad(x if joined else _plane_order(x), ((0, tp - t), (0, 0))), qweight, scales, zeros)
+                         )(jnp.pad(_plane_order(x), ((0, tp - t), (0, 0))), qweight, scales, zeros)
     return jnp.sum(out, axis=0)[:t].astype(x.dtype)
