@@ -22,6 +22,7 @@ grammars, nothing else running), on xgrammar's threads and on one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -136,12 +137,14 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
                 threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
-def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str):
+def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str,
+              trace: str | None = None):
     """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
     steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
     seconds per step the host waited for the device, seconds per step building late heads' inputs
-    and filling their bitmasks, the fill alone (`time_fill_alone`; structured runs), the finished
-    outputs' texts by request); the rest is aborted."""
+    and filling their bitmasks, the fill alone (`time_fill_alone`; structured runs), the late
+    steps' path (`late_path`), the finished outputs' texts by request); the rest is aborted.
+    `trace`: a directory for a profile of the timed steps (`device_timeline.py` reads it)."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
@@ -156,11 +159,15 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         step()  # a short row may finish while others are still prefilling
     wait_for_device(engine)  # the prefill's device work done before the timed steps
     n, wait, host, first_late = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS), len(LATE_STEPS)
-    t = time.perf_counter()
-    while engine.has_unfinished_requests() and (steps is None or n < steps):
-        step()
-        n += 1
-    elapsed = time.perf_counter() - t
+    import jax
+    with jax.profiler.trace(trace, create_perfetto_trace=True) if trace else contextlib.nullcontext():
+        t = time.perf_counter()
+        while engine.has_unfinished_requests() and (steps is None or n < steps):
+            step()
+            n += 1
+        if trace:
+            wait_for_device(engine)
+        elapsed = time.perf_counter() - t
     wait = core.runner.device_wait_seconds - wait
     host = {k: (HOST_SECONDS[k] - host[k]) / max(n, 1) for k in host}
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
@@ -183,6 +190,9 @@ def main() -> None:
     ap.add_argument("--attention-backend", default="auto")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--json")
+    ap.add_argument("--trace", help="also profile --trace-steps steps of the greedy and JSON-objects runs into "
+                                    "this directory and print their device timelines (scripts/device_timeline.py)")
+    ap.add_argument("--trace-steps", type=int, default=16)
     args = ap.parse_args()
     model = Path(args.model_dir or f"/tmp/jaxpaged-{args.model_shape}-bpe")
     if not (model / "config.json").is_file():
@@ -237,6 +247,13 @@ def main() -> None:
                   f"xgrammar threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: {fill * 1e3:.2f} ms; "
                   f"{fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
+    traced = {"unconstrained (greedy head)": "greedy", "JSON objects, every row": "json-objects"}
+    for i, (name, sub) in enumerate(traced.items() if args.trace else ()):
+        from device_timeline import main as timeline
+        folder = str(Path(args.trace) / sub)
+        tpot = run_batch(engine, runs[name], args.batch, args.prompt_len, args.trace_steps, vocab, f"t{i}", folder)[0]
+        print(f"\ntraced {name}: {args.trace_steps} steps, {tpot * 1e3:.2f} ms a step (profiled)")
+        timeline([folder])
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                                                "device": jax.devices()[0].device_kind, "args": vars(args),

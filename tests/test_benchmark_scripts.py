@@ -220,3 +220,32 @@ def test_run_summary_compares_the_suites_ab_runs(tmp_path):
     assert rows["cold start s (round 1)"][1:] == ["50.00", "55.00", "-10.0% (worse)"]  # round 1 only
     assert rows["fixed tok/s"][3] == "+5.0% (better)" and rows["fixed device s"][3] == "+5.0% (better)"
     assert rows["batch-1 ITL ms"][3] == "+2.0% (better)" and "TTFT 512 ms" not in rows
+
+
+def test_device_timeline_gaps_from_a_perfetto_capture(tmp_path, capsys):
+    """`device_timeline.py` on a hand-made capture: kernels on two streams of one device,
+    overlapping or nested (one busy interval) and apart (gaps of 30 and 50 us); host events
+    do not count."""
+    import gzip
+
+    import device_timeline
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "python"}}]
+    kernels = [(1, 10, 0, 100, "fwd_a"), (1, 11, 50, 100, "copy"), (1, 10, 110, 10, "inside"),
+               (1, 10, 180, 20, "head"), (1, 11, 250, 10, "fwd_b")]  # busy 0-150, 180-200, 250-260
+    events = meta + [{"ph": "X", "pid": pid, "tid": tid, "ts": ts, "dur": dur, "name": name}
+                     for pid, tid, ts, dur, name in kernels]
+    events.append({"ph": "X", "pid": 2, "tid": 7, "ts": 150, "dur": 90, "name": "PjitFunction(_head)"})
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    loaded, procs, threads = device_timeline.load_events(str(tmp_path))
+    busy, window, gaps = device_timeline.device_gaps(loaded, procs)
+    assert (busy, window) == (180, 260)
+    assert gaps == [(150, 30, "copy", "head"), (200, 50, "head", "fwd_b")]
+    assert dict(device_timeline.host_dispatches(loaded, procs, threads)) == {("python", "PjitFunction(_head)"): [90]}
+    device_timeline.main([str(tmp_path)])
+    assert "device busy 0.18 of 0.26 ms (69.2%); 2 gaps, 0.08 ms idle" in capsys.readouterr().out
