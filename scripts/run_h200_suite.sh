@@ -23,8 +23,9 @@
 #            batch size: LATENCY_ARGS="--batches 1,16,32,64" measures the crossover)   ~1.5 min
 #   specfixed (name it in PARTS) the fixed workload (256 rows) without and with n-gram speculation ~3.5 min
 #   structured (name it in PARTS) scripts/benchmark_structured.py: batch-64 TPOT with every row under a
-#            JSON schema against unconstrained; BPE_MODEL: its model folder (default .cache/llama3-8b-bpe,
-#            carried; made there in ~2 min when missing)                                         ~3 min
+#            JSON schema against unconstrained, then 16 profiled steps of the greedy and JSON-objects runs
+#            ($OUT/structured-trace, device timelines in the log); BPE_MODEL: its model folder (default
+#            .cache/llama3-8b-bpe, carried; made there in ~2 min when missing)                   ~3.5 min
 #   gemm     (name it in PARTS) scripts/bench_gemm.py: each quantized linear() against bf16 at 1-2048 tokens,
 #            the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM), the int4 kernel against dequantize-then-GEMM ~2 min
 #   splitkv  (name it in PARTS) scripts/bench_kernels.py decode sweep at batch 1 and 4, contexts 8k and 32k:
@@ -179,7 +180,7 @@ if want specfixed; then
 fi
 if want structured; then
     run structured 500 $PY scripts/benchmark_structured.py --model-dir "${BPE_MODEL:-.cache/llama3-8b-bpe}" \
-        --compilation-cache "$CACHE" --json "$OUT/structured.json"
+        --compilation-cache "$CACHE" --json "$OUT/structured.json" --trace "$OUT/structured-trace"
 fi
 if want tp2; then  # the x2 machine
     TP=(--workload mixed --num-kv-blocks 24000 --max-num-batched-tokens 8192 --num-scheduler-steps 8)
