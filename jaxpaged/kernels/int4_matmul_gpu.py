@@ -79,7 +79,7 @@ def _plane_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group,
     # the group of each packed word row in a step
     word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
 
-    def planes(k0: int, plane_weights) -> jax.Array:
+    def planes(k0: jax.Array, plane_weights) -> jax.Array:
         """sum over the step's planes of x's 16 columns @ plane_weights(plane) [16, block_n]."""
         part = jnp.zeros((block_t, block_n), jnp.float32)
         for plane in range(INT4_PER_WORD):  # rows 8w + plane of the step
