@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -141,14 +142,28 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
                 threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
+@dataclasses.dataclass
+class BatchRun:
+    """One `run_batch`: per timed step, its wall time, the host's wait for the device, the engine
+    thread's time building late heads' inputs and the bitmask fill; the share of rows still
+    running at the end; the fill alone (`time_fill_alone`), the late steps' path (`late_path`)
+    and the finished outputs' texts by request."""
+    tpot: float
+    running: float
+    wait: float
+    inputs: float
+    fill: float
+    fill_alone: dict | None
+    path: dict[str, float] | None
+    texts: dict[str, str]
+
+
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str,
-              trace: str | None = None):
+              trace: str | None = None, fill_alone: bool = False) -> BatchRun:
     """Add `batch` random prompts under `params`, launch their prefill and wait for it, then time `steps`
-    steps (None: run to the end). Returns (seconds per step, fraction of rows running at the end,
-    seconds per step the host waited for the device, seconds per step building late heads' inputs
-    and filling their bitmasks, the fill alone (`time_fill_alone`; structured runs), the late
-    steps' path (`late_path`), the finished outputs' texts by request); the rest is aborted.
-    `trace`: a directory for a profile of the timed steps (`device_timeline.py` reads it)."""
+    steps (None: run to the end); the rest is aborted. `trace`: a directory for a profile of the
+    timed steps (`device_timeline.py` reads it); `fill_alone`: then time the structured rows'
+    bitmask fill alone."""
     rng = np.random.default_rng(batch)
     for i in range(batch):
         engine.add_request(f"{tag}-{i}", rng.integers(0, vocab, prompt_len).tolist(), params)
@@ -172,14 +187,14 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         if trace:
             wait_for_device(engine)
         elapsed = time.perf_counter() - t
+    n = max(n, 1)
     wait = core.runner.device_wait_seconds - wait
-    host = {k: (HOST_SECONDS[k] - host[k]) / max(n, 1) for k in host}
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
-    path = late_path(LATE_STEPS[first_late:])
-    alone = time_fill_alone(engine, vocab) if params.structured_outputs is not None and steps is not None else None
+    alone = time_fill_alone(engine, vocab) if fill_alone and params.structured_outputs is not None else None
     for request_id in list(core.requests):
         engine.abort_request(request_id)
-    return elapsed / max(n, 1), running, wait / max(n, 1), host["inputs"], host["fill"], alone, path, texts
+    return BatchRun(elapsed / n, running, wait / n, (HOST_SECONDS["inputs"] - host["inputs"]) / n,
+                    (HOST_SECONDS["fill"] - host["fill"]) / n, alone, late_path(LATE_STEPS[first_late:]), texts)
 
 
 def main() -> None:
@@ -226,48 +241,49 @@ def main() -> None:
             "JSON objects, every row": SamplingParams(temperature=0, max_tokens=tokens, detokenize=False,
                                                       structured_outputs=StructuredOutputsParams(json=objects))}
     run_batch(engine, runs["JSON schema, every row"], args.batch, args.prompt_len, 4, vocab, "warm")  # grammar compiled
-    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}")[:7]
+    rows = {name: run_batch(engine, p, args.batch, args.prompt_len, steps, vocab, f"r{i}", fill_alone=True)
             for i, (name, p) in enumerate(runs.items())}
     bounded = {"type": "array", "items": ITEM, "minItems": 1, "maxItems": 4}  # `_valid`'s bounds
-    *_, texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
-                                                   structured_outputs=StructuredOutputsParams(json=bounded)),
-                            args.batch, args.prompt_len, None, vocab, "valid")
+    texts = run_batch(engine, SamplingParams(temperature=0, max_tokens=tokens,
+                                             structured_outputs=StructuredOutputsParams(json=bounded)),
+                      args.batch, args.prompt_len, None, vocab, "valid").texts
     valid = sum(_valid(text, 1, 4) for text in texts.values())
-    base = rows["unconstrained (greedy head)"][0]
+    base = rows["unconstrained (greedy head)"].tpot
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.model_shape}, vocab {vocab}, "
           f"batch {args.batch}, {steps} decode steps after a {args.prompt_len}-token prompt")
     print(f"{'run':30s} {'TPOT ms':>8s} {'x greedy':>8s} {'running':>8s} {'wait ms':>8s} {'inputs ms':>9s} "
           f"{'fill ms':>8s}")
-    for name, (tpot, running, wait, inputs, fill, *_) in rows.items():
-        print(f"{name:30s} {tpot * 1e3:8.2f} {tpot / base:8.3f} {running:8.0%} {wait * 1e3:8.2f} {inputs * 1e3:9.2f} "
-              f"{fill * 1e3:8.2f}")
-    for name, (*_, path) in rows.items():
-        if path is not None:
-            print(f"late head path, {name} (median ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in path.items())
-                  + f"; sum {sum(path.values()) * 1e3:.2f}")
-    for name, (*_, fill, fa, _) in rows.items():
-        if fa is not None:
+    for name, r in rows.items():
+        print(f"{name:30s} {r.tpot * 1e3:8.2f} {r.tpot / base:8.3f} {r.running:8.0%} {r.wait * 1e3:8.2f} "
+              f"{r.inputs * 1e3:9.2f} {r.fill * 1e3:8.2f}")
+    for name, r in rows.items():
+        if r.path is not None:
+            print(f"late head path, {name} (median ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r.path.items())
+                  + f"; sum {sum(r.path.values()) * 1e3:.2f}")
+    for name, r in rows.items():
+        if (fa := r.fill_alone) is not None:
             print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows on {fa['threads']} "
-                  f"xgrammar threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: {fill * 1e3:.2f} ms; "
-                  f"{fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
+                  f"xgrammar threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: "
+                  f"{r.fill * 1e3:.2f} ms; {fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     traced = {"unconstrained (greedy head)": "greedy", "JSON objects, every row": "json-objects"}
     for i, (name, sub) in enumerate(traced.items() if args.trace else ()):
         from device_timeline import main as timeline
         folder = str(Path(args.trace) / sub)
-        tpot = run_batch(engine, runs[name], args.batch, args.prompt_len, args.trace_steps, vocab, f"t{i}", folder)[0]
+        tpot = run_batch(engine, runs[name], args.batch, args.prompt_len, args.trace_steps, vocab, f"t{i}", folder).tpot
         print(f"\ntraced {name}: {args.trace_steps} steps, {tpot * 1e3:.2f} ms a step (profiled)")
         timeline([folder])
     if args.json:
         Path(args.json).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
                                                "device": jax.devices()[0].device_kind, "args": vars(args),
-                                               "tpot_s": {k: v[0] for k, v in rows.items()},
-                                               "running": {k: v[1] for k, v in rows.items()},
-                                               "device_wait_s": {k: v[2] for k, v in rows.items()},
-                                               "head_inputs_s": {k: v[3] for k, v in rows.items()},
-                                               "bitmask_fill_s": {k: v[4] for k, v in rows.items()},
-                                               "bitmask_fill_alone": {k: v[5] for k, v in rows.items() if v[5]},
-                                               "late_head_path_s": {k: v[6] for k, v in rows.items() if v[6]},
+                                               "tpot_s": {k: r.tpot for k, r in rows.items()},
+                                               "running": {k: r.running for k, r in rows.items()},
+                                               "device_wait_s": {k: r.wait for k, r in rows.items()},
+                                               "head_inputs_s": {k: r.inputs for k, r in rows.items()},
+                                               "bitmask_fill_s": {k: r.fill for k, r in rows.items()},
+                                               "bitmask_fill_alone": {k: r.fill_alone for k, r in rows.items()
+                                                                      if r.fill_alone},
+                                               "late_head_path_s": {k: r.path for k, r in rows.items() if r.path},
                                                "valid": valid, "finished": len(texts)}, indent=2))
 
 
