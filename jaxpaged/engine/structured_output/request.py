@@ -60,8 +60,9 @@ class StructuredOutputRequest:
 def fill_threads() -> int:
     """xgrammar's threads for a step's bitmask fill: the usable CPUs but two (the engine thread
     and the dispatch worker run beside them), at most 16. The fill is the structured step's
-    critical path and scales: 15.5 / 3.4 / 2.2 ms for 64 rows on 1 / 8 / 16 threads of a
-    16-core H100 host (docs/structured_output.md)."""
+    critical path and scales for costly states: 15.5 / 3.4 / 2.2 ms for 64 rows on 1 / 8 / 16
+    threads of a 16-core H100 host; for cheap grammars (under ~1 ms on one thread) the threads
+    cost more than they save (docs/structured_output.md)."""
     return max(1, min(16, usable_cpus() - 2))
 
 
