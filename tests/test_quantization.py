@@ -137,7 +137,8 @@ def test_int4_kernel_groups_of_128_against_numpy(tokens, splits):
 def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens, g):
     """The kernel's Triton lowering, done here for a CUDA target (no GPU needed) at Llama-3-8B's
     qkv shape with groups of 128 (biased planes) and 32 (scaled planes): an op or block shape
-    Triton refuses fails here, not on the first GPU run. The program holds one Triton call and no dequantized [K, N] weight."""
+    Triton refuses fails here, not on the first GPU run. The program holds one Triton call and
+    no dequantized [K, N] weight."""
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
     k, n = 4096, 6144
     sd = jax.ShapeDtypeStruct
