@@ -179,22 +179,6 @@ def ours(scale, **kw):
         q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
 
 
-def triton_available() -> bool:
-    try:
-        import jax_triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        log(f"triton kernel: not run ({type(e).__name__}: {e})")
-        return False
-    return True
-
-
-def triton_prefill(scale, **kw):
-    from jaxpaged.kernels.paged_attention_triton import paged_prefill_triton
-
-    return jax.jit(lambda q, k, v, qs, lens, bt: paged_prefill_triton(
-        q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, **kw))
-
-
 def check_vs_ref(case, fn, q, k_pool, v_pool, qs, lens, bt, n, scale):
     """Log `fn`'s error against the jnp reference on the same bf16 inputs over the first n tokens."""
     out = fn(q, k_pool, v_pool, qs, lens, bt)
@@ -303,17 +287,6 @@ def bench_prefill(copy_bw, sweep):
                       ours(scale, prefill_config=TileConfig(bm, bn, 1, nw, st, sm, hf)), args, kvb, copy_bw, flops)
         try_bench(case, "pallas mode=prefill (q-block kernel only)", ours(scale, mode="prefill"), args, kvb,
                   copy_bw, flops)
-    if triton_available():
-        out = triton_prefill(scale)(q, k_pool, v_pool, qs, lens, bt)
-        ref = jax.jit(dense)(q.astype(jnp.float32), k_pool.astype(jnp.float32), v_pool.astype(jnp.float32), bt)
-        log(f"check {case + ' triton':<38} rel_err={rel_err(out.astype(jnp.float32), ref, 8 * n):.2e} (vs f32 dense)")
-        del ref, out
-        tiles = [(128, 64, 4, 2)] + ([(128, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3),
-                                      (64, 64, 4, 3), (256, 64, 8, 2)] if sweep else [])
-        for bm, bn, nw, st in tiles:
-            try_bench(case, f"triton m{bm} n{bn} w{nw} st{st}",
-                      triton_prefill(scale, block_m=bm, block_n=bn, num_warps=nw, num_stages=st), args, kvb,
-                      copy_bw, flops)
     dargs = [(q, k_pool, v_pool, bt) for q, qs, lens, bt in sets]
     for impl in ("cudnn", "xla"):
         try_bench(case, f"dense dot_product_attention {impl}", jax.jit(functools.partial(dense, impl=impl)),
