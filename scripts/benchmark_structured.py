@@ -17,7 +17,7 @@ jsonschema).
 time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the runner's worker
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
 The `bitmask fill alone` lines time each run's fill alone at its last step (the same
-grammars, nothing else running), on xgrammar's threads and on one. The `late head path` lines
+grammars, nothing else running): as the engine fills them, on xgrammar's threads and on one. The `late head path` lines
 split a late step's time, from the previous step's outputs on the host to its own, into the
 engine's processing, the hand-over to the fill, the fill, the head's dispatch and the wait for
 the device (medians). `--trace DIR` then profiles 16 steps of the greedy and JSON-objects runs
@@ -120,8 +120,9 @@ def late_path(steps: list[dict]) -> dict[str, float] | None:
 
 def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     """Time xgrammar's bitmask fill of the running rows' grammars alone, once the device is done
-    (so no step's own fill runs beside it): as the engine fills them (on `fill_threads()`
-    threads) and row by row on this thread (how well the threads scale)."""
+    (so no step's own fill runs beside it): as the engine fills them (`fill_grammar_bitmask`:
+    one thread, then xgrammar's threads past its budget), on xgrammar's `fill_threads()`
+    threads, and row by row on this thread."""
     from jaxpaged.engine.sample.token_mask import num_words
     from jaxpaged.engine.structured_output.compiler import usable_cpus
     from jaxpaged.engine.structured_output.request import fill_grammar_bitmask, fill_threads
@@ -129,17 +130,23 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     wait_for_device(engine)
     grammars = [s.structured_output for seqs in engine.core.requests.values() for s in seqs if not s.is_finished]
     mask = np.full((len(grammars), num_words(vocab)), -1, np.int32)
-    fill_grammar_bitmask(mask, grammars)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fill_grammar_bitmask(mask, grammars)
-    seconds = (time.perf_counter() - t) / reps
-    t = time.perf_counter()
-    for _ in range(reps):
+    rows = list(range(len(grammars)))
+
+    def timed(fill) -> float:
+        fill()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fill()
+        return (time.perf_counter() - t) / reps
+
+    def one_thread():
         for i, g in enumerate(grammars):
             g.matcher.fill_next_token_bitmask(mask, i)
-    return dict(seconds=seconds, one_thread_seconds=(time.perf_counter() - t) / reps, rows=len(grammars),
-                threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
+
+    return dict(seconds=timed(lambda: fill_grammar_bitmask(mask, grammars)),
+                threads_seconds=timed(lambda: fill_grammar_bitmask.batch_fill([g.matcher for g in grammars], mask, rows)),
+                one_thread_seconds=timed(one_thread), rows=len(grammars), threads=fill_threads(),
+                usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
 @dataclasses.dataclass
@@ -262,8 +269,9 @@ def main() -> None:
                   + f"; sum {sum(r.path.values()) * 1e3:.2f}")
     for name, r in rows.items():
         if (fa := r.fill_alone) is not None:
-            print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows on {fa['threads']} "
-                  f"xgrammar threads, {fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: "
+            print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows as the engine "
+                  f"fills them, {fa['threads_seconds'] * 1e3:.2f} ms on {fa['threads']} xgrammar threads, "
+                  f"{fa['one_thread_seconds'] * 1e3:.2f} ms on one (in the engine: "
                   f"{r.fill * 1e3:.2f} ms; {fa['usable_cpus']} of {fa['cpu_count']} CPUs usable)")
     print(f"bounded schema run to the end: {valid}/{args.batch} outputs valid ({len(texts)} finished)")
     traced = {"unconstrained (greedy head)": "greedy", "JSON objects, every row": "json-objects"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from typing import Literal
 
 import httpx
@@ -313,3 +314,44 @@ def test_fill_threads_follow_the_cpu_quota_not_the_machine(monkeypatch, tmp_path
     for text, cpus in (("600000\n", 6), ("-1\n", 64)):  # cgroup v1: its quota, or -1 for none
         v1["/sys/fs/cgroup/cpu/cpu.cfs_quota_us"].write_text(text)
         assert compiler.usable_cpus() == cpus
+
+
+class _TimedGrammar:
+    """A grammar whose bitmask row takes `seconds` to fill and writes its row index."""
+    reasoning_ended = True
+
+    def __init__(self, seconds: float):
+        self.matcher = self
+        self.seconds = seconds
+
+    def fill_next_token_bitmask(self, mask, i):
+        time.sleep(self.seconds)
+        mask[i] = i + 1
+
+
+def test_bitmask_filler_keeps_cheap_rows_on_one_thread_and_hands_costly_ones_to_the_threads():
+    """Rows are filled on the calling thread until the budget is spent; the rest go to
+    xgrammar's threads, and so does every row of the next `recheck_every` fills."""
+    from jaxpaged.engine.structured_output.request import BitmaskFiller
+
+    handed = []
+
+    def threads(matchers, mask, rows):
+        handed.append(list(rows))
+        for m, i in zip(matchers, rows):
+            m.fill_next_token_bitmask(mask, i)
+
+    filler = BitmaskFiller(serial_budget_s=0.2, recheck_every=2, batch_fill=threads)
+    mask = np.zeros((9, 1), np.int32)
+    filler(mask, [_TimedGrammar(0.0)] * 8 + [None])
+    assert handed == [] and mask[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0]
+    costly = [_TimedGrammar(0.12)] * 6
+    mask = np.zeros((6, 1), np.int32)
+    filler(mask, costly)  # rows 0 and 1 here (0.24 s > 0.2 s), the rest on the threads
+    assert handed == [[2, 3, 4, 5]] and mask[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    cheap = [_TimedGrammar(0.0)] * 3
+    filler(mask, cheap)
+    filler(mask, cheap)
+    assert handed[1:] == [[0, 1, 2], [0, 1, 2]]  # straight to the threads twice
+    filler(mask, cheap)
+    assert len(handed) == 3  # then one thread again
