@@ -120,6 +120,45 @@ def test_int4_pallas_kernel_against_numpy(data, tokens, group):
     assert rel_err(got.astype(jnp.float32), int4_matmul(xb, leaf, kernel=False).astype(jnp.float32)) <= 1e-2
 
 
+@pytest.mark.parametrize("shape,spec,group", [((256, 2, 4, 16), (None, "tp"), 64), ((512, 64), ("tp", None), 128)])
+def test_int4_kernel_per_device_on_two_devices(shape, spec, group):
+    """With a tensor-parallel `layout` the kernel (interpret mode here) runs on each device's
+    part inside shard_map: a column-parallel weight (the fused q/k/v, split over KV heads) gives
+    each device its columns; a row-parallel one gives partial sums added across devices."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2], axis_types=(jax.sharding.AxisType.Auto,))
+    rng = np.random.default_rng(2)
+    w = (0.05 * rng.standard_normal(shape)).astype(np.float32)
+    x = rng.standard_normal((5, shape[0])).astype(np.float32)
+    leaf = quantize(jnp.asarray(w), "int4", group_size=group)
+    layout = NamedSharding(mesh, P(*spec))
+    placed = Int4Weight(*(jax.device_put(getattr(leaf, f), layout) for f in ("qweight", "scales", "zeros")),
+                        layout=layout)
+    matmul = jax.jit(functools.partial(int4_matmul, kernel=True))
+    xb = jnp.asarray(x, jnp.bfloat16)
+    jaxpr = str(jax.make_jaxpr(matmul)(xb, placed))
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    got = matmul(xb, placed)
+    assert got.shape == (5, *shape[1:]) and got.dtype == jnp.bfloat16
+    assert rel_err(got.astype(jnp.float32), np.tensordot(x.astype(np.float64), ref_int4_weight(leaf), axes=1)) <= 1e-2
+
+
+def test_int4_layouts_on_a_mesh(tiny_model_dir):
+    """Loaded on a 2-device mesh, an int4 leaf whose fields the mesh splits alike carries its
+    dense weight's layout (q/k/v split over KV heads); o's 64 input rows make one group of
+    scales, which stays whole, so o has none and XLA partitions its dequantized dot."""
+    from jax.sharding import PartitionSpec as P
+
+    from jaxpaged.engine.mesh import make_mesh
+
+    cfg, params = load_model(tiny_model_dir("llama"), "float32", mesh=make_mesh(2), quantization="int4")
+    layer = params["layers"][0]
+    assert layer["wqkv"].layout.spec == P(None, "tp") and layer["w_gate_up"].layout.spec == P(None, None, "tp")
+    assert layer["wo"].scales.shape[0] == 1 and layer["wo"].layout is None
+
+
 @pytest.mark.parametrize("tokens,splits", [(5, 2), (16, 1), (37, 1)])
 def test_int4_kernel_groups_of_128_against_numpy(tokens, splits):
     """Groups of 128 (planes of `q - zero` made from the bits, the step's scale on the sums; 16

@@ -21,7 +21,7 @@ from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig, load_config
 from jaxpaged.models.family import build_params, family_module
 from jaxpaged.models.quantization import QuantizationConfig, load_quantization_config, quantize
 from jaxpaged.models.quantization.checkpoint import read_quantized
-from jaxpaged.models.sharding import placement, split_config
+from jaxpaged.models.sharding import placement, split_config, with_kernel_layouts
 
 FLOAT8 = {"F8_E4M3": jnp.float8_e4m3fn, "F8_E5M2": jnp.float8_e5m2}  # safetensors dtype -> numpy (ml_dtypes)
 
@@ -43,8 +43,10 @@ def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=N
         cfg = split_config(cfg, mesh.shape["tp"])
         place = placement(cfg, mesh)
     if load_format == "dummy":
-        return cfg, random_params(cfg, dtype, place=place, quant=quant)
-    return cfg, load_params(model_dir, cfg, dtype, place, quant)
+        params = random_params(cfg, dtype, place=place, quant=quant)
+    else:
+        params = load_params(model_dir, cfg, dtype, place, quant)
+    return cfg, params if mesh is None else with_kernel_layouts(params, cfg, mesh)
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:

@@ -1,6 +1,7 @@
 """Tensor-parallel layout of the model's arrays over one mesh axis `tp`: each weight as its
 family's `partition_specs` say (q/k/v and gate/up column-parallel, o/down row-parallel), the KV
-pool over KV heads, and the config of a model split `tp` ways."""
+pool over KV heads, the config of a model split `tp` ways, and the layouts the int4 kernel
+reads."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.config import ConfigError, ModelConfig
-from jaxpaged.models.family import family_module
-from jaxpaged.models.quantization import leaf_specs
+from jaxpaged.models.family import family_module, param_specs
+from jaxpaged.models.quantization import Int4Weight, QuantizedWeight, leaf_specs
 
 KV_POOL = P(None, "tp")  # [L, Hkv, num_blocks, block_size, D]
 
@@ -54,3 +55,20 @@ def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, Any, int | None], 
         return jax.tree.map(named, leaf_specs(value, specs[key]), value)
 
     return sharding
+
+
+def with_kernel_layouts(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
+    """`params` with each int4 leaf's `layout` set to its dense weight's NamedSharding where the
+    mesh splits every field alike (the int4 GPU kernel then runs per device inside shard_map);
+    elsewhere (a field kept whole, act-order) XLA dequantizes and partitions the dot."""
+    tp = mesh.shape["tp"]
+
+    def attach(value, spec: P):
+        if not isinstance(value, Int4Weight) or value.g_idx is not None:
+            return value
+        fields = (value.qweight, value.scales, value.zeros)
+        if any(ax == "tp" and f.shape[i] % tp for f in fields for i, ax in enumerate(spec)):
+            return value
+        return dataclasses.replace(value, layout=NamedSharding(mesh, spec))
+
+    return jax.tree.map(attach, params, param_specs(cfg), is_leaf=lambda v: isinstance(v, QuantizedWeight))

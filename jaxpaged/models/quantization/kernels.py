@@ -12,10 +12,11 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
   is dequantized first).
 - int8 W8A8: x is quantized to int8 per token and the dot takes both int8 operands with an
   int32 result; the token and channel scales multiply it.
-- int4 W4A16: on one GPU, up to `INT4_KERNEL_MAX_TOKENS` tokens, a Pallas kernel that reads the
-  packed weight and dequantizes it in registers (kernels/int4_matmul_gpu.py); else (longer,
-  compute-bound steps, act-order `g_idx`, CPU, several devices, where GSPMD would gather the
-  weight for the Pallas call) unpacked and dequantized group by group, then a dot.
+- int4 W4A16: on the GPU, up to `INT4_KERNEL_MAX_TOKENS` tokens, a Pallas kernel that reads the
+  packed weight and dequantizes it in registers (kernels/int4_matmul_gpu.py), per device inside
+  shard_map on a tensor-parallel mesh (the weight's `layout`); else (longer, compute-bound
+  steps, act-order `g_idx`, CPU, a weight without a layout among several devices, where GSPMD
+  would gather it for the Pallas call) unpacked and dequantized group by group, then a dot.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
@@ -73,26 +75,54 @@ def int8_w8a8_matmul(x: jax.Array, w: Int8W8A8Weight) -> jax.Array:
     return (y * jnp.reshape(x_scale, (-1, *(1,) * w.scale.ndim)) * w.scale).astype(x.dtype)
 
 
+def _local_shape(w: Int4Weight) -> tuple[int, int]:
+    """(in, prod(out)) of one device's part of `w`."""
+    shape = w.shape if w.layout is None else w.layout.shard_shape(w.shape)
+    return shape[0], math.prod(shape[1:])
+
+
 def int4_kernel_applies(x: jax.Array, w: Int4Weight) -> bool:
-    if jax.default_backend() != "gpu" or jax.device_count() != 1 or w.g_idx is not None \
-            or x.shape[0] > INT4_KERNEL_MAX_TOKENS:
+    if jax.default_backend() != "gpu" or w.g_idx is not None or x.shape[0] > INT4_KERNEL_MAX_TOKENS:
+        return False
+    if w.layout is None and jax.device_count() != 1:  # GSPMD would gather the weight for the Pallas call
         return False
     from jaxpaged.kernels.int4_matmul_gpu import supported  # Pallas imported only where it runs
 
-    return supported(w.shape[0], math.prod(w.shape[1:]), w.group_size)
+    return supported(*_local_shape(w), w.group_size)
+
+
+def _int4_kernel(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array) -> jax.Array:
+    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
+
+    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
+    return int4_matmul_gpu(x, flat(qweight), flat(scales), flat(zeros)).reshape(x.shape[0], *qweight.shape[1:])
+
+
+def _int4_kernel_per_device(x: jax.Array, w: Int4Weight) -> jax.Array:
+    """The kernel on each device's part of `w` (its `layout`), inside shard_map: a
+    column-parallel part gives its output columns, a row-parallel part partial sums that add
+    across the mesh axis."""
+    spec = (*w.layout.spec, *(None,) * (len(w.shape) - len(w.layout.spec)))
+    rows = spec[0]  # the axis splitting the input rows (row-parallel), or None
+
+    def local(x, qweight, scales, zeros):
+        y = _int4_kernel(x, qweight, scales, zeros)
+        return y if rows is None else jax.lax.psum(y, rows)
+
+    field = P(*spec)
+    return jax.shard_map(local, mesh=w.layout.mesh, in_specs=(P(None, rows), field, field, field),
+                         out_specs=P(None, *spec[1:]), check_vma=False)(x, w.qweight, w.scales, w.zeros)
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.Array:
     """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret mode;
-    never for act-order weights, which the kernel's contiguous groups cannot express)."""
+    never for act-order weights, which the kernel's contiguous groups cannot express), per
+    device where the weight has a tensor-parallel `layout`."""
     if w.g_idx is not None or not (int4_kernel_applies(x, w) if kernel is None else kernel):
         return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
-    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
-
-    out = w.shape[1:]
-    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
-    y = int4_matmul_gpu(x, flat(w.qweight), flat(w.scales), flat(w.zeros))
-    return y.reshape(x.shape[0], *out)
+    if w.layout is not None:
+        return _int4_kernel_per_device(x, w)
+    return _int4_kernel(x, w.qweight, w.scales, w.zeros)
 
 
 _MATMULS = {Fp8Weight: fp8_matmul, Fp8BlockWeight: fp8_block_matmul, Int8Weight: int8_matmul,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.config import ConfigError
@@ -161,6 +162,9 @@ class Int4Weight(QuantizedWeight):
     scales: jax.Array  # float16 / bfloat16 / float32 [in / group, *out]
     zeros: jax.Array  # uint8 [in / group, *out]
     g_idx: jax.Array | None = None  # int32 [in]
+    # On a tensor-parallel mesh, the dense weight's layout there (`models/sharding.with_kernel_layouts`),
+    # every field split alike: the GPU kernel then runs per device inside shard_map.
+    layout: NamedSharding | None = dataclasses.field(default=None, metadata={"static": True})
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -181,7 +185,7 @@ class Int4Weight(QuantizedWeight):
 
     def partition_specs(self, spec: P) -> Int4Weight:
         g_idx = None if self.g_idx is None else P(_padded(spec, 1)[0])
-        return Int4Weight(spec, spec, spec, g_idx)  # the packed and grouped input rows split as the dense ones
+        return Int4Weight(spec, spec, spec, g_idx, self.layout)  # the packed and grouped input rows split as the dense ones
 
     @classmethod
     def fuse(cls, parts: list[Int4Weight], combine) -> Int4Weight:
