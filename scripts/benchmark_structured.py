@@ -121,8 +121,7 @@ def late_path(steps: list[dict]) -> dict[str, float] | None:
 def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     """Time xgrammar's bitmask fill of the running rows' grammars alone, once the device is done
     (so no step's own fill runs beside it): as the engine fills them (`fill_grammar_bitmask`:
-    one thread, then xgrammar's threads past its budget), on xgrammar's `fill_threads()`
-    threads, and row by row on this thread."""
+    on one thread while that is cheap), on xgrammar's `fill_threads()` threads, and on one."""
     from jaxpaged.engine.sample.token_mask import num_words
     from jaxpaged.engine.structured_output.compiler import usable_cpus
     from jaxpaged.engine.structured_output.request import fill_grammar_bitmask, fill_threads
@@ -130,7 +129,7 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     wait_for_device(engine)
     grammars = [s.structured_output for seqs in engine.core.requests.values() for s in seqs if not s.is_finished]
     mask = np.full((len(grammars), num_words(vocab)), -1, np.int32)
-    rows = list(range(len(grammars)))
+    rows, matchers = list(range(len(grammars))), [g.matcher for g in grammars]
 
     def timed(fill) -> float:
         fill()
@@ -139,14 +138,10 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
             fill()
         return (time.perf_counter() - t) / reps
 
-    def one_thread():
-        for i, g in enumerate(grammars):
-            g.matcher.fill_next_token_bitmask(mask, i)
-
     return dict(seconds=timed(lambda: fill_grammar_bitmask(mask, grammars)),
-                threads_seconds=timed(lambda: fill_grammar_bitmask.batch_fill([g.matcher for g in grammars], mask, rows)),
-                one_thread_seconds=timed(one_thread), rows=len(grammars), threads=fill_threads(),
-                usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
+                threads_seconds=timed(lambda: fill_grammar_bitmask.fill(matchers, mask, rows, fill_threads())),
+                one_thread_seconds=timed(lambda: fill_grammar_bitmask.fill(matchers, mask, rows, 1)),
+                rows=len(grammars), threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
 @dataclasses.dataclass

@@ -316,42 +316,47 @@ def test_fill_threads_follow_the_cpu_quota_not_the_machine(monkeypatch, tmp_path
         assert compiler.usable_cpus() == cpus
 
 
-class _TimedGrammar:
-    """A grammar whose bitmask row takes `seconds` to fill and writes its row index."""
+class _Row:
+    """A grammar whose bitmask row takes `seconds` to fill on one thread."""
     reasoning_ended = True
 
     def __init__(self, seconds: float):
         self.matcher = self
         self.seconds = seconds
 
-    def fill_next_token_bitmask(self, mask, i):
-        time.sleep(self.seconds)
-        mask[i] = i + 1
 
+def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_budget(monkeypatch):
+    """One thread while a fill fits the budget; past it, the threads for the next
+    `recheck_every` fills, then a probe of `probe_rows` rows on one thread decides again."""
+    from jaxpaged.engine.structured_output import request
 
-def test_bitmask_filler_keeps_cheap_rows_on_one_thread_and_hands_costly_ones_to_the_threads():
-    """Rows are filled on the calling thread until the budget is spent; the rest go to
-    xgrammar's threads, and so does every row of the next `recheck_every` fills."""
-    from jaxpaged.engine.structured_output.request import BitmaskFiller
+    monkeypatch.setattr(request, "fill_threads", lambda: 8)
+    calls = []
 
-    handed = []
+    def fill(matchers, mask, rows, threads):
+        calls.append((list(rows), threads))
+        if threads == 1:
+            time.sleep(sum(m.seconds for m in matchers))
+        mask[rows] = np.asarray(rows)[:, None] + 1
 
-    def threads(matchers, mask, rows):
-        handed.append(list(rows))
-        for m, i in zip(matchers, rows):
-            m.fill_next_token_bitmask(mask, i)
-
-    filler = BitmaskFiller(serial_budget_s=0.2, recheck_every=2, batch_fill=threads)
-    mask = np.zeros((9, 1), np.int32)
-    filler(mask, [_TimedGrammar(0.0)] * 8 + [None])
-    assert handed == [] and mask[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 0]
-    costly = [_TimedGrammar(0.12)] * 6
-    mask = np.zeros((6, 1), np.int32)
-    filler(mask, costly)  # rows 0 and 1 here (0.24 s > 0.2 s), the rest on the threads
-    assert handed == [[2, 3, 4, 5]] and mask[:, 0].tolist() == [1, 2, 3, 4, 5, 6]
-    cheap = [_TimedGrammar(0.0)] * 3
-    filler(mask, cheap)
-    filler(mask, cheap)
-    assert handed[1:] == [[0, 1, 2], [0, 1, 2]]  # straight to the threads twice
-    filler(mask, cheap)
-    assert len(handed) == 3  # then one thread again
+    filler = request.BitmaskFiller(budget_s=0.1, recheck_every=2, probe_rows=2, fill=fill)
+    mask = np.zeros((5, 1), np.int32)
+    filler(mask, [_Row(0.0)] * 4 + [None])  # first fill: a probe of 2 rows, then the rest
+    assert calls == [([0, 1], 1), ([2, 3], 1)] and mask[:, 0].tolist() == [1, 2, 3, 4, 0]
+    calls.clear()
+    filler(mask, [_Row(0.0)] * 5)  # one thread, all at once
+    assert calls == [([0, 1, 2, 3, 4], 1)]
+    calls.clear()
+    filler(mask, [_Row(0.03)] * 5)  # 0.15 s > 0.1 s: the next two fills go to the threads
+    filler(mask, [_Row(0.0)] * 5)
+    filler(mask, [_Row(0.0)] * 5)
+    many = 8
+    assert calls == [([0, 1, 2, 3, 4], 1), ([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many)]
+    calls.clear()
+    filler(mask, [_Row(0.03)] * 5)  # probe: 2 rows in 0.06 s predict 0.15 s for 5: the rest on the threads
+    assert calls == [([0, 1], 1), ([2, 3, 4], many)]
+    calls.clear()
+    filler(mask, [_Row(0.0)] * 5)
+    filler(mask, [_Row(0.0)] * 5)
+    filler(mask, [_Row(0.0)] * 5)  # after two threaded fills the probe finds them cheap again
+    assert calls == [([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many), ([0, 1], 1), ([2, 3, 4], 1)]
