@@ -120,6 +120,7 @@ class ModelRunner:
         except BaseException as e:
             launched.sampling.set_exception(e)
             raise
+        time.sleep(0)  # lets the GIL go: the woken worker starts the fill now, not a switch interval later
 
     def _dispatch_async(self, dispatch, *args) -> concurrent.futures.Future:
         """Run `dispatch(*args)` on the worker thread (one at a time, in order); its outputs start
