@@ -291,8 +291,41 @@ def bench_prefill(copy_bw, sweep):
     for impl in ("cudnn", "xla"):
         try_bench(case, f"dense dot_product_attention {impl}", jax.jit(functools.partial(dense, impl=impl)),
                   dargs, kvb, copy_bw, flops, note="contiguous KV, +gather")
+    bench_mosaic_dense(case, q, k_pool, v_pool, bt, hkv, d, scale, kvb, copy_bw, flops, dense, sweep)
     log(f"  {case:<22} jnp reference: not run (needs [Hkv,T,ctx,D] f32 = 137 GB)")
     del k_pool, v_pool, sets, args, dargs
+
+
+def bench_mosaic_dense(case, q, k_pool, v_pool, bt, hkv, d, scale, kvb, copy_bw, flops, dense, sweep):
+    """JAX's FA3-style Mosaic GPU kernel (`pallas/ops/gpu/attention_mgpu`: wgmma, TMA, warp
+    specialisation) on the same batch made contiguous: dense [B, S, H, D], q and K/V from
+    position 0 (no pages), q pre-scaled. What a Hopper kernel reaches here (#29)."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
+    except Exception as e:  # noqa: BLE001
+        log(f"  {case:<22} attention_mgpu: not importable ({type(e).__name__}: {e})")
+        return
+    b, hq = 8, q.shape[1]
+    kc = k_pool[1][:, bt].reshape(hkv, b, -1, d).transpose(1, 2, 0, 3)  # [B, S, Hkv, D]
+    vc = v_pool[1][:, bt].reshape(hkv, b, -1, d).transpose(1, 2, 0, 3)
+    qd = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, -1, hq, d)
+
+    def mosaic(block_kv):
+        cfg = mg.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
+        return jax.jit(lambda qd, kc, vc: mg.attention(qd, kc, vc, cfg))
+
+    try:
+        out = mosaic(128)(qd, kc, vc).reshape(-1, hq, d)
+        ref = jax.jit(dense)(q.astype(jnp.float32), k_pool.astype(jnp.float32), v_pool.astype(jnp.float32), bt)
+        log(f"check {case + ' attention_mgpu':<38} rel_err={rel_err(out.astype(jnp.float32), ref, out.shape[0]):.2e} "
+            "(vs f32 dense)")
+        del out, ref
+    except Exception as e:  # noqa: BLE001
+        log(f"  {case:<22} attention_mgpu: ERROR {type(e).__name__}: {str(e)[:300]}")
+        return
+    for block_kv in (64, 128, 256) if sweep else (128,):
+        try_bench(case, f"dense attention_mgpu bq64 bkv{block_kv}", mosaic(block_kv), [(qd, kc, vc)], kvb, copy_bw,
+                  flops, note="Mosaic GPU, contiguous KV")
 
 
 def bench_mixed(copy_bw):
