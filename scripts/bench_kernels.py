@@ -298,17 +298,18 @@ def bench_prefill(copy_bw, sweep):
 
 def bench_mosaic_dense(case, q, k_pool, v_pool, bt, hkv, d, scale, kvb, copy_bw, flops, dense, sweep):
     """JAX's FA3-style Mosaic GPU kernel (`pallas/ops/gpu/attention_mgpu`: wgmma, TMA, warp
-    specialisation) on the same batch made contiguous: dense [B, S, H, D], q and K/V from
-    position 0 (no pages), q pre-scaled. What a Hopper kernel reaches here (#29)."""
+    specialisation) on the same batch made contiguous: dense [B, S, H, D] in float16, q and K/V
+    from position 0 (no pages), q pre-scaled. What a Hopper kernel reaches here (#29)."""
     try:
         from jax.experimental.pallas.ops.gpu import attention_mgpu as mg
     except Exception as e:  # noqa: BLE001
         log(f"  {case:<22} attention_mgpu: not importable ({type(e).__name__}: {e})")
         return
     b, hq = 8, q.shape[1]
-    kc = k_pool[1][:, bt].reshape(hkv, b, -1, d).transpose(1, 2, 0, 3)  # [B, S, Hkv, D]
-    vc = v_pool[1][:, bt].reshape(hkv, b, -1, d).transpose(1, 2, 0, 3)
-    qd = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, -1, hq, d)
+    f16 = jnp.float16  # jax 0.11.2's kernel: bf16 inputs fail its float16 smem copies
+    kc = k_pool[1][:, bt].reshape(hkv, b, -1, d).transpose(1, 2, 0, 3).astype(f16)  # [B, S, Hkv, D]
+    vc = v_pool[1][:, bt].reshape(hkv, b, -1, d).transpose(1, 2, 0, 3).astype(f16)
+    qd = (q.astype(jnp.float32) * scale).astype(f16).reshape(b, -1, hq, d)
 
     def mosaic(block_kv):
         cfg = mg.TuningConfig(block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=True)
