@@ -37,7 +37,7 @@ from jaxpaged.models.sharding import KV_POOL
 # The engine thread and the dispatch worker share the GIL: a thread back from a C call that let
 # it go (XLA's dispatch, xgrammar's bitmask fill) waits for it up to the interpreter's switch
 # interval while the other runs Python: 5 ms by default, a step's length (docs/decisions.md).
-GIL_SWITCH_INTERVAL_S = 0.0005
+GIL_SWITCH_INTERVAL_S = 0.0001
 
 
 def _copy_to_host_early(outputs):
