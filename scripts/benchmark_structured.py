@@ -121,7 +121,11 @@ def late_path(steps: list[dict]) -> dict[str, float] | None:
 def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     """Time xgrammar's bitmask fill of the running rows' grammars alone, once the device is done
     (so no step's own fill runs beside it): as the engine fills them (`fill_grammar_bitmask`:
-    on one thread while that is cheap), on xgrammar's `fill_threads()` threads, and on one."""
+    on one thread while that is cheap), on xgrammar's `fill_threads()` threads, and on one
+    (xgrammar called here, so that the A/B against an older jaxpaged, `ab` in
+    scripts/run_h200_suite.sh, runs too)."""
+    import xgrammar
+
     from jaxpaged.engine.sample.token_mask import num_words
     from jaxpaged.engine.structured_output.compiler import usable_cpus
     from jaxpaged.engine.structured_output.request import fill_grammar_bitmask, fill_threads
@@ -130,6 +134,7 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
     grammars = [s.structured_output for seqs in engine.core.requests.values() for s in seqs if not s.is_finished]
     mask = np.full((len(grammars), num_words(vocab)), -1, np.int32)
     rows, matchers = list(range(len(grammars))), [g.matcher for g in grammars]
+    on = {n: xgrammar.BatchGrammarMatcher(max_threads=n) for n in (1, fill_threads())}
 
     def timed(fill) -> float:
         fill()
@@ -139,8 +144,8 @@ def time_fill_alone(engine, vocab: int, reps: int = 20) -> dict:
         return (time.perf_counter() - t) / reps
 
     return dict(seconds=timed(lambda: fill_grammar_bitmask(mask, grammars)),
-                threads_seconds=timed(lambda: fill_grammar_bitmask.fill(matchers, mask, rows, fill_threads())),
-                one_thread_seconds=timed(lambda: fill_grammar_bitmask.fill(matchers, mask, rows, 1)),
+                threads_seconds=timed(lambda: on[fill_threads()].batch_fill_next_token_bitmask(matchers, mask, rows)),
+                one_thread_seconds=timed(lambda: on[1].batch_fill_next_token_bitmask(matchers, mask, rows)),
                 rows=len(grammars), threads=fill_threads(), usable_cpus=usable_cpus(), cpu_count=os.cpu_count())
 
 
