@@ -81,9 +81,9 @@ class BitmaskFiller:
     A fill over the budget sends the next `recheck_every` fills to the threads; the fill after
     them first times `probe_rows` rows on one thread and fills the rest as that predicts.
 
-    Each part is one xgrammar batch call, which lets the GIL go: a call per row would wait for
-    the GIL at every row beside the engine thread's Python (16 cheap rows: 0.02 ms alone, 1.46
-    ms beside a busy Python thread)."""
+    Each part is one xgrammar batch call: a call per row may wait for the GIL at every row
+    beside the engine thread's Python (16 cheap rows: 0.02 ms alone; beside a busy Python
+    thread 0.47-1.46 ms a call per row, 0.02-0.66 ms as one batch call; CPU, docs/decisions.md)."""
 
     def __init__(self, budget_s: float = 1e-3, recheck_every: int = 16, probe_rows: int = 2,
                  fill: Callable[[list, np.ndarray, list[int], int], None] = _xgrammar_fill):
