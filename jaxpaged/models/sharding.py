@@ -37,6 +37,11 @@ def split_config(cfg: ModelConfig, tp: int) -> ModelConfig:
     return dataclasses.replace(cfg, num_kv_heads=tp, kv_head_replicas=tp // hkv)
 
 
+def _divides(spec: P, shape: tuple[int, ...], tp: int) -> bool:
+    """Whether `tp` devices split every axis of `shape` that `spec` shards."""
+    return not any(ax == "tp" and shape[i] % tp for i, ax in enumerate(spec))
+
+
 def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, Any, int | None], Any]:
     """`(key, value, layer) -> sharding` of one weight on `mesh`: for an array (or its
     ShapeDtypeStruct) the NamedSharding of its spec in `partition_specs`, for a quantized leaf a
@@ -47,7 +52,7 @@ def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, Any, int | None], 
     tp = mesh.shape["tp"]
 
     def named(spec: P, array) -> NamedSharding:
-        if any(ax == "tp" and array.shape[i] % tp for i, ax in enumerate(spec)):
+        if not _divides(spec, array.shape, tp):
             spec = P()  # e.g. a vocabulary the mesh does not divide: keep it whole
         return NamedSharding(mesh, spec)
 
@@ -66,8 +71,7 @@ def with_kernel_layouts(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
     def attach(value, spec: P):
         if not isinstance(value, Int4Weight) or value.g_idx is not None:
             return value
-        fields = (value.qweight, value.scales, value.zeros)
-        if any(ax == "tp" and f.shape[i] % tp for f in fields for i, ax in enumerate(spec)):
+        if not all(_divides(spec, f.shape, tp) for f in (value.qweight, value.scales, value.zeros)):
             return value
         return dataclasses.replace(value, layout=NamedSharding(mesh, spec))
 
