@@ -325,12 +325,11 @@ class _Row:
         self.seconds = seconds
 
 
-def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_budget(monkeypatch):
+def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_budget():
     """One thread while a fill fits the budget; past it, the threads for the next
     `recheck_every` fills, then a probe of `probe_rows` rows on one thread decides again."""
     from jaxpaged.engine.structured_output import request
 
-    monkeypatch.setattr(request, "fill_threads", lambda: 8)
     calls = []
 
     def fill(matchers, mask, rows, threads):
@@ -339,7 +338,7 @@ def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_bud
             time.sleep(sum(m.seconds for m in matchers))
         mask[rows] = np.asarray(rows)[:, None] + 1
 
-    filler = request.BitmaskFiller(budget_s=0.1, recheck_every=2, probe_rows=2, fill=fill)
+    filler = request.BitmaskFiller(budget_s=0.1, recheck_every=2, probe_rows=2, fill=fill, threads=8)
     mask = np.zeros((5, 1), np.int32)
     filler(mask, [_Row(0.0)] * 4 + [None])  # first fill: a probe of 2 rows, then the rest
     assert calls == [([0, 1], 1), ([2, 3], 1)] and mask[:, 0].tolist() == [1, 2, 3, 4, 0]

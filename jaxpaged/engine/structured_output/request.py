@@ -86,9 +86,10 @@ class BitmaskFiller:
     thread 0.47-1.46 ms a call per row, 0.02-0.66 ms as one batch call; CPU, docs/decisions.md)."""
 
     def __init__(self, budget_s: float = 1e-3, recheck_every: int = 16, probe_rows: int = 2,
-                 fill: Callable[[list, np.ndarray, list[int], int], None] = _xgrammar_fill):
+                 fill: Callable[[list, np.ndarray, list[int], int], None] = _xgrammar_fill, threads: int | None = None):
         self.budget_s, self.recheck_every, self.probe_rows = budget_s, recheck_every, probe_rows
         self.fill = fill  # (matchers, mask, rows, threads)
+        self.threads = threads or fill_threads()  # read once: the CPU quota is files in /sys
         self._one_thread = False  # the last fill fit the budget on one thread
         self._threaded_fills_left = 0
 
@@ -101,14 +102,14 @@ class BitmaskFiller:
 
         if self._threaded_fills_left > 0:
             self._threaded_fills_left -= 1
-            return part(rows, fill_threads())
+            return part(rows, self.threads)
         first = rows if self._one_thread else rows[:self.probe_rows]
         t0 = time.perf_counter()
         part(first, 1)
         self._one_thread = (time.perf_counter() - t0) * len(rows) <= self.budget_s * max(len(first), 1)
         if not self._one_thread:
             self._threaded_fills_left = self.recheck_every
-        part(rows[len(first):], 1 if self._one_thread else fill_threads())
+        part(rows[len(first):], 1 if self._one_thread else self.threads)
 
 
 # fill_grammar_bitmask(mask, grammars): row i's allowed tokens into `mask[i]` (`[S, ceil(V / 32)]`
