@@ -76,8 +76,6 @@ def _plane_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group,
     n0, t0 = j * block_n, i * block_t
     dot = functools.partial(lax.dot_general, dimension_numbers=(((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
-    # the group of each packed word row in a step
-    word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
 
     def planes(k0: jax.Array, plane_weights) -> jax.Array:
         """sum over the step's planes of x's 16 columns @ plane_weights(plane) [16, block_n]."""
@@ -95,6 +93,7 @@ def _plane_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group,
             zero = _biased(z_ref[g, pl.ds(n0, block_n)].astype(jnp.int32), x_ref.dtype)  # [1, block_n]
             scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
             return acc + planes(k0, lambda plane: _biased(nibbles(plane), x_ref.dtype) - zero) * scale
+        word_group = lax.broadcasted_iota(jnp.int32, (WORDS,), 0) * INT4_PER_WORD // group
         g = k0 // group + word_group  # each word row's group: [16, block_n] scales and zeros
         scale = s_ref[g, pl.ds(n0, block_n)].astype(jnp.float32)
         zero_scaled = z_ref[g, pl.ds(n0, block_n)].astype(jnp.float32) * scale
