@@ -18,9 +18,9 @@ time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the run
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
 The `bitmask fill alone` lines time each run's fill alone at its last step (the same
 grammars, nothing else running): as the engine fills them, on xgrammar's threads and on one.
-The `late head path` lines split a late step's time, from the previous step's outputs on the host to its own, into the
-engine's processing, the hand-over to the fill, the fill, the head's dispatch and the wait for
-the device (medians). `--trace DIR` then profiles 16 steps of the greedy and JSON-objects runs
+The `late head path` lines split a late step's time, from the previous step's outputs on the
+host to its own, into the engine's processing, the hand-over to the fill, the fill, the head's
+dispatch and the wait for the device (medians). `--trace DIR` then profiles 16 steps of the greedy and JSON-objects runs
 and prints their device timelines (`device_timeline.py`).
 """
 from __future__ import annotations
