@@ -25,6 +25,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -251,6 +252,40 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
     del k_pool, v_pool, sets, args, jargs, k1, v1
 
 
+def bench_decode_loop(ctx, b, copy_bw, sweep, layers=4, bs=16, hkv=8):
+    """Decode at batch `b`, context `ctx`, timed on the device: `4 * layers` kernel calls chained
+    in one jit (each call's output is the next one's q, the layer cycles so the L2 holds none of
+    it), as a forward's layers run. Host dispatch, which floors a lone call near 45 us, is out."""
+    hq, d = 4 * hkv, 128
+    plan = [(ctx - 1, 1)] * b
+    k_pool, v_pool, sets = make_batch(jax.random.key(ctx + b), plan, hq=hq, hkv=hkv, d=d, bs=bs, layers=layers)
+    q, qs, lens, bt = sets[0]
+    scale, n = d ** -0.5, 4 * layers
+    case = f"loop b{b} ctx{ctx}"
+    kvb = kv_bytes(plan, hkv, d)
+
+    def looped(cfg):
+        def f(q, k, v, qs, lens, bt):
+            body = lambda i, x: paged_attention_gpu(x, k, v, i % layers, qs, lens, bt, scale=scale,  # noqa: E731
+                                                    max_query_len=1, decode_config=cfg)
+            return lax.fori_loop(0, n, body, q)
+        return jax.jit(f)
+
+    cfg, _ = choose_config(b, b, hq, hkv, d, bt.shape[1] * bs)
+    configs = [(f"pallas (default n{cfg.block_n} sp{cfg.num_splits} min{cfg.min_split_keys} w{cfg.num_warps} "
+                f"st{cfg.num_stages})", None)]
+    if sweep:
+        configs += [(f"pallas n{bn} sp{ns} min{mk} w{nw} st{st}", TileConfig(16, bn, ns, nw, st, min_split_keys=mk))
+                    for bn, ns, mk, nw, st in [(128, 1, 1024, 8, 3), (128, 32, 1024, 8, 3), (128, 64, 512, 8, 3), (128, 128, 256, 8, 3),
+                                               (128, 64, 256, 4, 3), (64, 64, 256, 4, 3), (64, 128, 128, 4, 3),
+                                               (128, 128, 512, 4, 3), (128, 256, 256, 4, 3), (64, 32, 1024, 4, 4),
+                                               (32, 128, 128, 4, 4)]]
+    for impl, c in configs:
+        sec = bench(looped(c), [(q, k_pool, v_pool, qs, lens, bt)], reps=5)
+        row(case, impl, sec / n, kvb, copy_bw)
+    del k_pool, v_pool, sets
+
+
 def bench_prefill(copy_bw, sweep):
     n, hq, hkv, d, bs = 2048, 32, 8, 128, 16
     plan = [(0, n)] * 8
@@ -386,6 +421,8 @@ def main():
     ap.add_argument("--decode-bucket", type=int, default=None, help="sequences of the padded step (>= batch)")
     ap.add_argument("--decode-table", type=int, default=None, help="block-table width in keys (max_model_len)")
     ap.add_argument("--decode-block-size", default="16", help="comma-separated tokens per KV block")
+    ap.add_argument("--loop-batch", default="1,4,8", help="--only loop: batches")
+    ap.add_argument("--loop-ctx", default="8192,32768,131072", help="--only loop: contexts")
     ap.add_argument("--decode-layers", type=int, default=2, help="pool layers (32: engine-sized, 64-bit offsets)")
     a = ap.parse_args()
     only = a.only.split(",")
@@ -409,6 +446,10 @@ def main():
                              table_keys=a.decode_table, bs=bs, layers=a.decode_layers)
         if not a.quick and not a.decode_ctx:
             bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
+    if "loop" in only:  # small-batch decode (split-KV) timed on the device
+        for b in (int(x) for x in a.loop_batch.split(",")):
+            for ctx in (int(x) for x in a.loop_ctx.split(",")):
+                bench_decode_loop(ctx, b, copy_bw, a.sweep)
     if "prefill" in only and not a.quick:
         bench_prefill(copy_bw, a.sweep)
     if "mixed" in only and not a.quick:
