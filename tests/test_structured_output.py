@@ -334,8 +334,10 @@ def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_bud
 
     def fill(matchers, mask, rows, threads):
         calls.append((list(rows), threads))
-        if threads == 1:
-            time.sleep(sum(m.seconds for m in matchers))
+        if threads == 1:  # busy: CPU time, as xgrammar's fill spends it
+            t0 = time.thread_time()
+            while time.thread_time() - t0 < sum(m.seconds for m in matchers):
+                pass
         mask[rows] = np.asarray(rows)[:, None] + 1
 
     filler = request.BitmaskFiller(budget_s=0.1, recheck_every=2, probe_rows=2, fill=fill, threads=8)
@@ -359,3 +361,19 @@ def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_bud
     filler(mask, [_Row(0.0)] * 5)
     filler(mask, [_Row(0.0)] * 5)  # after two threaded fills the probe finds them cheap again
     assert calls == [([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many), ([0, 1], 1), ([2, 3, 4], 1)]
+
+
+def test_bitmask_filler_does_not_count_waits_as_fill_cost():
+    """A cheap fill that waits (for the GIL, beside the engine thread) stays on one thread:
+    the probe is timed in CPU time, not wall time."""
+    from jaxpaged.engine.structured_output import request
+
+    calls = []
+
+    def fill(matchers, mask, rows, threads):
+        calls.append((list(rows), threads))
+        time.sleep(0.05)  # waiting, not filling
+
+    filler = request.BitmaskFiller(budget_s=0.01, recheck_every=2, probe_rows=2, fill=fill, threads=8)
+    filler(np.zeros((64, 1), np.int32), [_Row(0.0)] * 64)
+    assert calls == [(list(range(2)), 1), (list(range(2, 64)), 1)]
