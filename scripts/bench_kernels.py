@@ -252,16 +252,19 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
     del k_pool, v_pool, sets, args, jargs, k1, v1
 
 
-def bench_decode_loop(ctx, b, copy_bw, sweep, layers=4, bs=16, hkv=8):
-    """Decode at batch `b`, context `ctx`, timed on the device: `4 * layers` kernel calls chained
-    in one jit (each call's output is the next one's q, the layer cycles so the L2 holds none of
-    it), as a forward's layers run. Host dispatch, which floors a lone call near 45 us, is out."""
+def bench_decode_loop(ctx, b, copy_bw, sweep, bucket=16, layers=4, bs=16, hkv=8):
+    """Decode at batch `b`, context `ctx`, in a step padded to `bucket` rows (the engine's
+    smallest), timed on the device: `4 * layers` kernel calls chained in one jit (each call's
+    output is the next one's q, the layer cycles so the L2 holds none of it), as a forward's
+    layers run. Host dispatch, which floors a lone call near 45 us, is out."""
     hq, d = 4 * hkv, 128
     plan = [(ctx - 1, 1)] * b
-    k_pool, v_pool, sets = make_batch(jax.random.key(ctx + b), plan, hq=hq, hkv=hkv, d=d, bs=bs, layers=layers)
+    t = max(b, bucket)
+    k_pool, v_pool, sets = make_batch(jax.random.key(ctx + b), plan, hq=hq, hkv=hkv, d=d, bs=bs, layers=layers,
+                                      num_tokens=t, num_seqs=t)
     q, qs, lens, bt = sets[0]
     scale, n = d ** -0.5, 4 * layers
-    case = f"loop b{b} ctx{ctx}"
+    case = f"loop b{b} ctx{ctx} S{t}"
     kvb = kv_bytes(plan, hkv, d)
 
     def looped(cfg):
@@ -271,15 +274,14 @@ def bench_decode_loop(ctx, b, copy_bw, sweep, layers=4, bs=16, hkv=8):
             return lax.fori_loop(0, n, body, q)
         return jax.jit(f)
 
-    cfg, _ = choose_config(b, b, hq, hkv, d, bt.shape[1] * bs)
+    cfg, _ = choose_config(t, t, hq, hkv, d, bt.shape[1] * bs)
     configs = [(f"pallas (default n{cfg.block_n} sp{cfg.num_splits} min{cfg.min_split_keys} w{cfg.num_warps} "
                 f"st{cfg.num_stages})", None)]
     if sweep:
         configs += [(f"pallas n{bn} sp{ns} min{mk} w{nw} st{st}", TileConfig(16, bn, ns, nw, st, min_split_keys=mk))
-                    for bn, ns, mk, nw, st in [(128, 1, 1024, 8, 3), (128, 32, 1024, 8, 3), (128, 64, 512, 8, 3), (128, 128, 256, 8, 3),
-                                               (128, 64, 256, 4, 3), (64, 64, 256, 4, 3), (64, 128, 128, 4, 3),
-                                               (128, 128, 512, 4, 3), (128, 256, 256, 4, 3), (64, 32, 1024, 4, 4),
-                                               (32, 128, 128, 4, 4)]]
+                    for bn, ns, mk, nw, st in [(128, 1, 1024, 8, 3), (128, 32, 256, 4, 3), (64, 32, 256, 4, 3),
+                                               (128, 32, 512, 8, 3), (64, 32, 128, 4, 3), (128, 16, 256, 4, 3),
+                                               (64, 32, 256, 4, 4), (32, 32, 128, 4, 4)]]
     for impl, c in configs:
         sec = bench(looped(c), [(q, k_pool, v_pool, qs, lens, bt)], reps=5)
         row(case, impl, sec / n, kvb, copy_bw)
@@ -423,6 +425,7 @@ def main():
     ap.add_argument("--decode-block-size", default="16", help="comma-separated tokens per KV block")
     ap.add_argument("--loop-batch", default="1,4,8", help="--only loop: batches")
     ap.add_argument("--loop-ctx", default="8192,32768,131072", help="--only loop: contexts")
+    ap.add_argument("--loop-bucket", type=int, default=16, help="--only loop: rows of the padded step")
     ap.add_argument("--decode-layers", type=int, default=2, help="pool layers (32: engine-sized, 64-bit offsets)")
     a = ap.parse_args()
     only = a.only.split(",")
@@ -449,7 +452,7 @@ def main():
     if "loop" in only:  # small-batch decode (split-KV) timed on the device
         for b in (int(x) for x in a.loop_batch.split(",")):
             for ctx in (int(x) for x in a.loop_ctx.split(",")):
-                bench_decode_loop(ctx, b, copy_bw, a.sweep)
+                bench_decode_loop(ctx, b, copy_bw, a.sweep, bucket=a.loop_bucket)
     if "prefill" in only and not a.quick:
         bench_prefill(copy_bw, a.sweep)
     if "mixed" in only and not a.quick:

@@ -109,14 +109,33 @@ def test_long_context_decode_split():
 @pytest.mark.parametrize("window", [0, 3000])
 def test_split_kv_at_128k_contexts(window):
     """Decode at contexts of 131,072, 70,002 and 6 tokens in one batch (and a padding row):
-    the default config splits the KV 128 ways for 4 rows, each row's parts sized in the kernel
-    from its own visible range (whole for the short one), then merged; with a sliding window
-    only the window's keys count. Small heads keep interpret mode to seconds."""
+    the default config allows 128 parts for 4 rows; the kernel gives each of the 3 live rows
+    88 (264 programs over 3 rows of one KV head), each at least 256 keys (the short one whole),
+    then merges them; with a sliding window only the window's keys count. Small heads keep
+    interpret mode to seconds."""
     from jaxpaged.kernels.paged_attention_gpu import choose_config
 
     assert choose_config(4, 4, 2, 1, 16, 131072)[0].num_splits == 128
     check([(131071, 1), (70001, 1), (5, 1)], hq=2, hkv=1, d=16, bs=256, window=window, num_tokens=4,
           num_seqs=4)
+
+
+def test_kv_parts_follow_the_live_sequences():
+    """Split-KV parts from the step's live sequences: a lone row at 8k (128 blocks of 64
+    keys, 8 KV heads, 264 programs) gets 32 parts (the cap), 4 rows get 9 each, 40 rows one;
+    a 1k context stops at 4 parts of the 256-key minimum. The parts tile the range."""
+    from jaxpaged.kernels.paged_attention_gpu import kv_part
+
+    def parts(live, lo, hi, cap=32):
+        got = [tuple(int(x) for x in kv_part(lo, hi, sp, num_splits=cap, programs=264, live=live, hkv=8,
+                                             min_blocks=4)) for sp in range(cap)]
+        spans = [(b0, b1) for b0, b1 in got if b1 > b0]
+        assert [b for span in spans for b in range(*span)] == list(range(lo, hi))  # a tiling, in order
+        return len(spans)
+
+    assert [parts(1, 0, 128), parts(4, 0, 128), parts(40, 0, 128), parts(1, 0, 16), parts(1, 5, 5)] == \
+        [32, 9, 1, 4, 0]
+    assert parts(2, 3, 131) == 16  # 17 parts (264 / 16) of ceil(128 / 17) = 8 blocks: 16 hold the range
 
 
 def test_prompt_chunk_at_a_100k_context():

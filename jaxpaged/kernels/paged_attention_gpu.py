@@ -14,8 +14,11 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
 * Two kernels share that body:
   - per-sequence ("decode") kernel, grid `(S + 1, Hkv, num_splits)`: program `s` handles
     every q-block of sequence `s` (program `S` the padding tokens past `query_start[-1]`),
-    with small tiles (`block_m` 16) and the visible KV range cut into `num_splits`
-    contiguous parts (flash-decoding) merged by a small XLA fusion.
+    with small tiles (`block_m` 16) and the visible KV range cut into contiguous parts
+    (flash-decoding) merged by a small XLA fusion. A sequence's part count is set in the
+    kernel from the step's live sequences (about `programs` programs in all, at most
+    `num_splits`) and its own visible keys (at least `min_split_keys` a part), so a lone
+    long sequence in a padded bucket streams its KV on every SM.
   - per-q-block ("prefill") kernel, grid `(cdiv(T, block_q) + S + 1, Hkv)`: q-blocks are
     assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
     q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
@@ -54,6 +57,9 @@ _NEG = -1e30  # finite initial running max: fully masked rows stay NaN-free
 DECODE_ONLY_MAX_TOKENS = 32
 # Off-GPU (interpret mode) no device reports its SMs: tile as on an H200.
 _DEFAULT_NUM_SMS = 132
+# Split-KV's partial results are [num_splits, T, Hq, D] f32 and the merge reads them all: the
+# static part count keeps num_splits * T at most this.
+_MAX_SPLIT_ROWS = 512
 
 # Every Triton lowering warns in JAX >= 0.11 ("The Pallas Triton backend is deprecated").
 warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecated.*")
@@ -78,12 +84,13 @@ def num_sms() -> int:
 class TileConfig:
     block_m: int  # (token, head) rows per program; power of two >= Gp
     block_n: int  # keys per inner step; power of two
-    num_splits: int = 1  # split-KV parts (per-sequence kernel only)
+    num_splits: int = 1  # split-KV: at most this many parts a sequence (per-sequence kernel only)
     num_warps: int = 4
     num_stages: int = 3
     split_mask: bool = True  # unmasked loop over fully visible KV blocks, masked edges only
     heavy_first: bool = True  # per-q-block kernel: last (longest causal) q-blocks first
-    min_split_keys: int = 1024  # split-KV: keys per part at least this (short contexts use fewer parts)
+    min_split_keys: int = 256  # split-KV: keys per part at least this (short contexts use fewer parts)
+    programs: int = 0  # split-KV: programs a step aims for over its live sequences (0: two per SM)
 
 
 def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tuple[TileConfig, TileConfig]:
@@ -94,22 +101,34 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
     # programs. `max_ctx` is the static block-table width, so a long table picks the long-context tiles.
     long_ctx = max_ctx >= 4096
     dec_n = (128 if long_ctx or s * hkv >= 1024 else 64) * 128 // max(d, 128)
-    # Split-KV only to give a small batch two programs per SM; each part gets at least
-    # `min_split_keys` keys (applied in the kernel from the real context), so short contexts stay whole.
-    min_keys = TileConfig.min_split_keys
-    progs = max(1, s * hkv)
+    # Split-KV where the bucket's sequences give fewer than two programs per SM: up to the parts
+    # one live sequence needs for that. The kernel sizes each step's parts from its live
+    # sequences and their contexts (buckets are padded: a lone decode row sits in one of 16).
+    target, min_keys = 2 * num_sms(), TileConfig.min_split_keys
     splits = 1
-    while progs * splits < 2 * num_sms() and max_ctx >= splits * min_keys:
-        splits *= 2
+    if s * hkv < target:
+        splits = max(1, min(-(-target // hkv), _MAX_SPLIT_ROWS // max(t, 1), -(-max_ctx // min_keys)))
     dec = TileConfig(block_m=max(16, gp), block_n=dec_n, num_splits=splits, num_warps=8 if long_ctx else 4,
                      num_stages=3)
     pre = TileConfig(block_m=max(128 if d <= 128 else 64, gp), block_n=64, num_warps=4, num_stages=2)
     return dec, pre
 
 
+def kv_part(blk_lo, blk_hi, sp, *, num_splits: int, programs: int, live, hkv: int, min_blocks: int):
+    """Split-KV part `sp` of a sequence's visible KV blocks [blk_lo, blk_hi): `[b0, b1)` (empty
+    past the last part). The parts come from the step's `live` sequences, about `programs`
+    programs over their `hkv` heads each, at most `num_splits`, each at least `min_blocks`
+    blocks (a short context gets fewer parts). Scalars in, scalars out (ints or traced)."""
+    parts = jnp.clip((programs + live * hkv - 1) // (live * hkv), 1, num_splits)
+    per = jnp.maximum((blk_hi - blk_lo + parts - 1) // parts, min_blocks)
+    b0 = jnp.minimum(blk_lo + sp * per, blk_hi)
+    return b0, jnp.minimum(b0 + per, blk_hi)
+
+
 def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
                   tok0, n_tok, num_tokens, hq, group, group_p, block_q, block_n, block_size, max_blocks,
-                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=1024, scaled=False):
+                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=256, programs=1, live=1,
+                  scaled=False):
     """Attention of `n_tok` (<= block_q) new tokens from `tok0` of one sequence, one KV head."""
     block_m = block_q * group_p
     rows = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -137,10 +156,8 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, 
     blk_lo = kv_lo // block_n
     blk_hi = jnp.maximum((kv_hi + block_n - 1) // block_n, blk_lo)
     if num_splits > 1:
-        # at least `min_split_keys` keys per part: short contexts use fewer parts
-        per = jnp.maximum((blk_hi - blk_lo + num_splits - 1) // num_splits, -(-min_split_keys // block_n))
-        b0 = jnp.minimum(blk_lo + sp * per, blk_hi)
-        b1 = jnp.minimum(b0 + per, blk_hi)
+        b0, b1 = kv_part(blk_lo, blk_hi, sp, num_splits=num_splits, programs=programs, live=live, hkv=hkv,
+                         min_blocks=-(-min_split_keys // block_n))
     else:
         b0, b1 = blk_lo, blk_hi
     # Blocks in [u0, u1) are visible to every valid row: no mask there.
@@ -219,6 +236,10 @@ def _seq_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, out_refs, *
               max_q_len, **kw):
     """Every q-block of sequence s (s == num_seqs: the padding tokens), one KV head, one split."""
     q_start, q_len, ctx, s_c = _seq_info(qs_ref, lens_ref, s, num_seqs, kw["num_tokens"])
+    if kw["num_splits"] > 1:  # the step's live sequences (one vector load) size the KV parts
+        idx = lax.broadcasted_iota(jnp.int32, (_next_pow2(num_seqs),), 0)
+        lens = lens_ref[jnp.minimum(idx, num_seqs - 1)]
+        kw["live"] = jnp.maximum(jnp.sum(((lens > 0) & (idx < num_seqs)).astype(jnp.int32)), 1)
     if max_q_len is not None:  # the per-q-block kernel takes longer sequences and the padding
         q_len = jnp.where((q_len > max_q_len) | (s == num_seqs), 0, q_len)
     block_q = kw["block_q"]
@@ -396,7 +417,8 @@ def paged_attention_gpu(
         c = dec
         kern = functools.partial(_seq_kernel, max_q_len=bq_dec if mode == "split" else None, has_prev=False,
                                  block_q=bq_dec, block_n=c.block_n, num_splits=c.num_splits,
-                                 split_mask=c.split_mask, min_split_keys=c.min_split_keys, **common)
+                                 split_mask=c.split_mask, min_split_keys=c.min_split_keys,
+                                 programs=c.programs or 2 * num_sms(), **common)
         if c.num_splits == 1:
             shapes = [jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)]
         else:
