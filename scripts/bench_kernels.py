@@ -277,11 +277,11 @@ def bench_decode_loop(ctx, b, copy_bw, sweep, bucket=16, layers=4, bs=16, hkv=8)
     cfg, _ = choose_config(t, t, hq, hkv, d, bt.shape[1] * bs)
     configs = [(f"pallas (default n{cfg.block_n} sp{cfg.num_splits} min{cfg.min_split_keys} w{cfg.num_warps} "
                 f"st{cfg.num_stages})", None)]
-    if sweep:
-        configs += [(f"pallas n{bn} sp{ns} min{mk} w{nw} st{st}", TileConfig(16, bn, ns, nw, st, min_split_keys=mk))
-                    for bn, ns, mk, nw, st in [(128, 1, 1024, 8, 3), (128, 32, 256, 4, 3), (64, 32, 256, 4, 3),
-                                               (128, 32, 512, 8, 3), (64, 32, 128, 4, 3), (128, 16, 256, 4, 3),
-                                               (64, 32, 256, 4, 4), (32, 32, 128, 4, 4)]]
+    if sweep:  # programs: split-KV's target over the live rows (0: two per SM)
+        configs += [(f"pallas n{bn} sp{ns} min{mk} w{nw} st{st} programs{pr}",
+                     TileConfig(16, bn, ns, nw, st, min_split_keys=mk, programs=pr))
+                    for bn, ns, mk, nw, st, pr in [(128, 32, 256, 8, 3, 132), (128, 32, 256, 8, 3, 528),
+                                                   (64, 32, 256, 4, 3, 0), (64, 64, 256, 4, 3, 528)]]
     for impl, c in configs:
         sec = bench(looped(c), [(q, k_pool, v_pool, qs, lens, bt)], reps=5)
         row(case, impl, sec / n, kvb, copy_bw)

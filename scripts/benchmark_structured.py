@@ -45,6 +45,7 @@ OBJECT = {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"
           "required": ["id", "name", "tags"]}
 HOST_SECONDS = {"inputs": 0.0, "fill": 0.0}  # host time in late heads' inputs, in bitmask fills
 LATE_STEPS: list[dict] = []  # per late step, when each part of its head's path ended (`time_head_inputs`)
+FILLS: list[tuple[bool, float, float]] = []  # per grammar fill: (all on one thread, wall s, its thread's CPU s)
 # a late step's head path, in order: (name, event that ends it); the first starts at the previous
 # late step's outputs on the host
 PATH = (("outputs -> hand-over", "hand_over"), ("-> fill starts", "fill_start"), ("fill", "fill_end"),
@@ -59,6 +60,17 @@ def time_head_inputs(runner) -> None:
     events of a step travel with its inputs, on whichever thread fills them and then
     dispatches the head)."""
     from jaxpaged.engine.input_builder import LateHeadInputs
+    from jaxpaged.engine.structured_output import request
+
+    filler = getattr(request, "BitmaskFiller", None)  # (older trees of an A/B run lack it)
+    if filler is not None:
+        call = filler.__call__
+
+        def timed_call(self, mask, grammars):
+            threaded, c, t = self._threaded_fills_left > 0, time.thread_time(), time.perf_counter()
+            call(self, mask, grammars)
+            FILLS.append((not threaded and self._one_thread, time.perf_counter() - t, time.thread_time() - c))
+        filler.__call__ = timed_call
 
     local = threading.local()  # `pending`: the hand-over's events; `filled`: the filled inputs'
 
@@ -162,6 +174,7 @@ class BatchRun:
     fill: float
     fill_alone: dict | None
     path: dict[str, float] | None
+    fills: list[tuple[bool, float, float]]
     texts: dict[str, str]
 
 
@@ -184,7 +197,8 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         step()  # a short row may finish while others are still prefilling
     wait_for_device(engine)  # the prefill's device work done before the timed steps
-    n, wait, host, first_late = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS), len(LATE_STEPS)
+    n, wait, host, first_late, first_fill = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS), len(LATE_STEPS), \
+        len(FILLS)
     import jax
     with jax.profiler.trace(trace, create_perfetto_trace=True) if trace else contextlib.nullcontext():
         t = time.perf_counter()
@@ -201,7 +215,8 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     for request_id in list(core.requests):
         engine.abort_request(request_id)
     return BatchRun(elapsed / n, running, wait / n, (HOST_SECONDS["inputs"] - host["inputs"]) / n,
-                    (HOST_SECONDS["fill"] - host["fill"]) / n, alone, late_path(LATE_STEPS[first_late:]), texts)
+                    (HOST_SECONDS["fill"] - host["fill"]) / n, alone, late_path(LATE_STEPS[first_late:]),
+                    FILLS[first_fill:], texts)
 
 
 def main() -> None:
@@ -267,6 +282,14 @@ def main() -> None:
         if r.path is not None:
             print(f"late head path, {name} (median ms): " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in r.path.items())
                   + f"; sum {sum(r.path.values()) * 1e3:.2f}")
+    for name, r in rows.items():
+        ones = [f for f in r.fills if f[0]]
+        many = [f for f in r.fills if not f[0]]
+        if r.fills and r.fill_alone is not None:
+            med = lambda fs, i: np.median([f[i] for f in fs]) * 1e3 if fs else float("nan")  # noqa: E731
+            print(f"grammar fills, {name}: {len(ones)} of {len(r.fills)} on one thread (median wall "
+                  f"{med(ones, 1):.2f} ms, CPU {med(ones, 2):.2f} ms), {len(many)} with the threads (median wall "
+                  f"{med(many, 1):.2f} ms, CPU {med(many, 2):.2f} ms)")
     for name, r in rows.items():
         if (fa := r.fill_alone) is not None:
             print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows as the engine "

@@ -124,11 +124,11 @@ def test_kv_parts_follow_the_live_sequences():
     """Split-KV parts from the step's live sequences: a lone row at 8k (128 blocks of 64
     keys, 8 KV heads, 264 programs) gets 32 parts (the cap), 4 rows get 9 each, 40 rows one;
     a 1k context stops at 4 parts of the 256-key minimum. The parts tile the range."""
-    from jaxpaged.kernels.paged_attention_gpu import kv_part
+    from jaxpaged.kernels.paged_attention_gpu import kv_part, split_parts, work_slots
 
     def parts(live, lo, hi, cap=32):
-        got = [tuple(int(x) for x in kv_part(lo, hi, sp, num_splits=cap, programs=264, live=live, hkv=8,
-                                             min_blocks=4)) for sp in range(cap)]
+        n = int(split_parts(live, 8, 264, cap))
+        got = [tuple(int(x) for x in kv_part(lo, hi, sp, parts=n, min_blocks=4)) for sp in range(n)]
         spans = [(b0, b1) for b0, b1 in got if b1 > b0]
         assert [b for span in spans for b in range(*span)] == list(range(lo, hi))  # a tiling, in order
         return len(spans)
@@ -136,6 +136,8 @@ def test_kv_parts_follow_the_live_sequences():
     assert [parts(1, 0, 128), parts(4, 0, 128), parts(40, 0, 128), parts(1, 0, 16), parts(1, 5, 5)] == \
         [32, 9, 1, 4, 0]
     assert parts(2, 3, 131) == 16  # 17 parts (264 / 16) of ceil(128 / 17) = 8 blocks: 16 hold the range
+    # the kernel's slots hold every live count's parts: 16 rows in a bucket of 16 take 2 each
+    assert work_slots(16, 8, 264, 32) == max(n * int(split_parts(n, 8, 264, 32)) for n in range(1, 17)) == 48
 
 
 def test_prompt_chunk_at_a_100k_context():

@@ -12,13 +12,14 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
   in f32 (exp2). Blocks fully visible to every row run without the mask; only the causal
   diagonal and the window edge are masked.
 * Two kernels share that body:
-  - per-sequence ("decode") kernel, grid `(S + 1, Hkv, num_splits)`: program `s` handles
-    every q-block of sequence `s` (program `S` the padding tokens past `query_start[-1]`),
-    with small tiles (`block_m` 16) and the visible KV range cut into contiguous parts
-    (flash-decoding) merged by a small XLA fusion. A sequence's part count is set in the
+  - per-sequence ("decode") kernel, grid `(slots + 1, Hkv)`: a program handles every q-block
+    of one sequence (the last slot: the padding tokens past `query_start[-1]`), with small
+    tiles (`block_m` 16), or with split-KV one contiguous part of its visible KV range
+    (flash-decoding), the parts merged by a small XLA fusion. The part count is set in the
     kernel from the step's live sequences (about `programs` programs in all, at most
-    `num_splits`) and its own visible keys (at least `min_split_keys` a part), so a lone
-    long sequence in a padded bucket streams its KV on every SM.
+    `num_splits` parts) and the slots map to the live sequences' parts only, so a lone long
+    sequence in a padded bucket streams its KV on every SM and padding sequences take no
+    programs; a part has at least `min_split_keys` keys (short contexts fill fewer).
   - per-q-block ("prefill") kernel, grid `(cdiv(T, block_q) + S + 1, Hkv)`: q-blocks are
     assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
     q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
@@ -114,12 +115,24 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
     return dec, pre
 
 
-def kv_part(blk_lo, blk_hi, sp, *, num_splits: int, programs: int, live, hkv: int, min_blocks: int):
-    """Split-KV part `sp` of a sequence's visible KV blocks [blk_lo, blk_hi): `[b0, b1)` (empty
-    past the last part). The parts come from the step's `live` sequences, about `programs`
-    programs over their `hkv` heads each, at most `num_splits`, each at least `min_blocks`
-    blocks (a short context gets fewer parts). Scalars in, scalars out (ints or traced)."""
-    parts = jnp.clip((programs + live * hkv - 1) // (live * hkv), 1, num_splits)
+def split_parts(live, hkv: int, programs: int, num_splits: int):
+    """Split-KV parts of each live sequence: about `programs` programs over the step's `live`
+    sequences and their `hkv` KV heads, at most `num_splits`. Ints or traced scalars."""
+    n = (programs + live * hkv - 1) // (live * hkv)
+    return jnp.clip(n, 1, num_splits) if isinstance(n, jax.Array) else max(1, min(n, num_splits))
+
+
+def work_slots(num_seqs: int, hkv: int, programs: int, num_splits: int) -> int:
+    """The per-sequence kernel's (part, sequence) slots: enough for any live count (static)."""
+    if num_splits == 1:
+        return num_seqs
+    return max(n * split_parts(n, hkv, programs, num_splits) for n in range(1, num_seqs + 1))
+
+
+def kv_part(blk_lo, blk_hi, sp, *, parts, min_blocks: int):
+    """Part `sp` of `parts` of a sequence's visible KV blocks [blk_lo, blk_hi): `[b0, b1)`,
+    each part at least `min_blocks` blocks (a short context fills fewer parts; the rest are
+    empty). Scalars in, scalars out (ints or traced)."""
     per = jnp.maximum((blk_hi - blk_lo + parts - 1) // parts, min_blocks)
     b0 = jnp.minimum(blk_lo + sp * per, blk_hi)
     return b0, jnp.minimum(b0 + per, blk_hi)
@@ -127,8 +140,7 @@ def kv_part(blk_lo, blk_hi, sp, *, num_splits: int, programs: int, live, hkv: in
 
 def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
                   tok0, n_tok, num_tokens, hq, group, group_p, block_q, block_n, block_size, max_blocks,
-                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=256, programs=1, live=1,
-                  scaled=False):
+                  num_splits, scale_log2, padded_out, split_mask=True, min_split_keys=256, parts=1, scaled=False):
     """Attention of `n_tok` (<= block_q) new tokens from `tok0` of one sequence, one KV head."""
     block_m = block_q * group_p
     rows = lax.broadcasted_iota(jnp.int32, (block_m,), 0)
@@ -156,8 +168,7 @@ def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, 
     blk_lo = kv_lo // block_n
     blk_hi = jnp.maximum((kv_hi + block_n - 1) // block_n, blk_lo)
     if num_splits > 1:
-        b0, b1 = kv_part(blk_lo, blk_hi, sp, num_splits=num_splits, programs=programs, live=live, hkv=hkv,
-                         min_blocks=-(-min_split_keys // block_n))
+        b0, b1 = kv_part(blk_lo, blk_hi, sp, parts=parts, min_blocks=-(-min_split_keys // block_n))
     else:
         b0, b1 = blk_lo, blk_hi
     # Blocks in [u0, u1) are visible to every valid row: no mask there.
@@ -236,10 +247,6 @@ def _seq_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, out_refs, *
               max_q_len, **kw):
     """Every q-block of sequence s (s == num_seqs: the padding tokens), one KV head, one split."""
     q_start, q_len, ctx, s_c = _seq_info(qs_ref, lens_ref, s, num_seqs, kw["num_tokens"])
-    if kw["num_splits"] > 1:  # the step's live sequences (one vector load) size the KV parts
-        idx = lax.broadcasted_iota(jnp.int32, (_next_pow2(num_seqs),), 0)
-        lens = lens_ref[jnp.minimum(idx, num_seqs - 1)]
-        kw["live"] = jnp.maximum(jnp.sum(((lens > 0) & (idx < num_seqs)).astype(jnp.int32)), 1)
     if max_q_len is not None:  # the per-q-block kernel takes longer sequences and the padding
         q_len = jnp.where((q_len > max_q_len) | (s == num_seqs), 0, q_len)
     block_q = kw["block_q"]
@@ -290,10 +297,24 @@ def _split_refs(rest, has_prev):
     return rest[1:] if has_prev else rest
 
 
-def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev, **kw):
-    """Grid (S + 1, Hkv, splits): program (s, h, split) does every q-block of sequence s."""
-    _seq_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), s=pl.program_id(0),
-              h=pl.program_id(1), sp=pl.program_id(2), layer=layer_ref[0], win=win_ref[0], **kw)
+def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev, slots,
+                programs, **kw):
+    """Grid (slots + 1, Hkv): program (w, h) does every q-block of one part of one sequence; the
+    last slot, the padding tokens. Without split-KV a slot is a sequence. With it, each of the
+    step's live sequences (the first ones: padding sequences come last) gets `split_parts`
+    consecutive slots, so only the live sequences' parts take programs."""
+    w, h, num_seqs = pl.program_id(0), pl.program_id(1), kw["num_seqs"]
+    refs = (qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev))
+    layer, win = layer_ref[0], win_ref[0]
+    if kw["num_splits"] == 1:
+        return _seq_body(*refs, s=w, h=h, sp=0, layer=layer, win=win, **kw)
+    idx = lax.broadcasted_iota(jnp.int32, (_next_pow2(num_seqs),), 0)  # one vector load of the lengths
+    lens = lens_ref[jnp.minimum(idx, num_seqs - 1)]
+    live = jnp.maximum(jnp.sum(((lens > 0) & (idx < num_seqs)).astype(jnp.int32)), 1)
+    parts = split_parts(live, k_ref.shape[1], programs, kw["num_splits"])
+    pad = w == slots
+    s, sp = jnp.where(pad, num_seqs, w // parts), jnp.where(pad, 0, w % parts)
+    pl.when(pad | (s < live))(lambda: _seq_body(*refs, s=s, h=h, sp=sp, layer=layer, win=win, parts=parts, **kw))
 
 
 def _qblock_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev,
@@ -415,26 +436,34 @@ def paged_attention_gpu(
                              name="paged_attention_fused")(*scalars, q, k_pool, v_pool)
     if mode in ("decode", "split"):
         c = dec
+        programs = c.programs or 2 * num_sms()
+        slots = work_slots(s, hkv, programs, c.num_splits)
         kern = functools.partial(_seq_kernel, max_q_len=bq_dec if mode == "split" else None, has_prev=False,
                                  block_q=bq_dec, block_n=c.block_n, num_splits=c.num_splits,
-                                 split_mask=c.split_mask, min_split_keys=c.min_split_keys,
-                                 programs=c.programs or 2 * num_sms(), **common)
+                                 split_mask=c.split_mask, min_split_keys=c.min_split_keys, slots=slots,
+                                 programs=programs, **common)
         if c.num_splits == 1:
             shapes = [jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)]
         else:
             shapes = [jax.ShapeDtypeStruct((c.num_splits, t_out, h_out, d), jnp.float32),
                       jax.ShapeDtypeStruct((c.num_splits, t_out, h_out), jnp.float32),
                       jax.ShapeDtypeStruct((c.num_splits, t_out, h_out), jnp.float32)]
-        outs = pl.pallas_call(kern, out_shape=shapes, grid=(s + 1, hkv, c.num_splits),
+        outs = pl.pallas_call(kern, out_shape=shapes, grid=(slots + 1, hkv),
                               compiler_params=params(c), interpret=interpret, name="paged_attention_seq",
                               )(*scalars, q, k_pool, v_pool)
         if c.num_splits == 1:
             out = outs[0]
         else:
+            # Merge the parts each row has (the padding tokens: one); other slots were never written.
             o, m, l = outs
+            live = jnp.maximum(jnp.sum((seq_lens > 0).astype(i32)), 1)
+            n_parts = jnp.where(jnp.arange(t_out) < query_start[-1], split_parts(live, hkv, programs, c.num_splits), 1)
+            has = (jnp.arange(c.num_splits)[:, None] < n_parts[None, :])[..., None]  # [splits, T, 1]
+            m = jnp.where(has, m, _NEG)
             m_all = jnp.max(m, axis=0)
-            w = jnp.exp2(m - m_all[None])  # [splits, T, H]
-            l_all = jnp.sum(w * l, axis=0)
+            w = jnp.where(has, jnp.exp2(m - m_all[None]), 0.0)  # [splits, T, H]
+            l_all = jnp.sum(w * jnp.where(has, l, 0.0), axis=0)
+            o = jnp.where(has[..., None], o, 0.0)
             out = jnp.sum(w[..., None] * o, axis=0) / jnp.where(l_all == 0.0, 1.0, l_all)[..., None]
             out = out.astype(q.dtype)
     if mode in ("prefill", "split"):
