@@ -67,9 +67,15 @@ def time_head_inputs(runner) -> None:
         call = filler.__call__
 
         def timed_call(self, mask, grammars):
-            threaded, c, t = self._threaded_fills_left > 0, time.thread_time(), time.perf_counter()
-            call(self, mask, grammars)
-            FILLS.append((not threaded and self._one_thread, time.perf_counter() - t, time.thread_time() - c))
+            fill, used = self.fill, []  # the thread counts of this fill's xgrammar calls
+            self.fill = lambda *a: (used.append(a[-1]), fill(*a))[1]
+            c, t = time.thread_time(), time.perf_counter()
+            try:
+                call(self, mask, grammars)
+            finally:
+                self.fill = fill
+            if used:
+                FILLS.append((max(used) == 1, time.perf_counter() - t, time.thread_time() - c))
         filler.__call__ = timed_call
 
     local = threading.local()  # `pending`: the hand-over's events; `filled`: the filled inputs'

@@ -28,8 +28,9 @@
 #            .cache/llama3-8b-bpe, carried; made there in ~2 min when missing)                   ~3.5 min
 #   gemm     (name it in PARTS) scripts/bench_gemm.py: each quantized linear() against bf16 at 1-2048 tokens,
 #            the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM), the int4 kernel against dequantize-then-GEMM ~2 min
-#   splitkv  (name it in PARTS) scripts/bench_kernels.py decode sweep at batch 1 and 4, contexts 8k and 32k:
-#            split-KV parts, least keys per part and tiles against the default (#29's small batches)    ~4 min
+#   splitkv  (name it in PARTS) scripts/bench_kernels.py --only loop: decode at batch 1, 4 and 8, contexts
+#            8k / 32k / 128k in a 16-row bucket, timed on the device (kernel calls chained in one jit),
+#            the default against split-KV targets and tiles; AB_TREE set: its kernel's default too    ~3 min
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
 #   ab       (name it in PARTS) this tree against another revision's package, side by side: mixed (each
@@ -93,10 +94,11 @@ if want gemm; then
     run gemm 200 $PY scripts/bench_gemm.py
 fi
 if want splitkv; then
-    for B in 1 4; do
-        run splitkv-b$B 200 $PY scripts/bench_kernels.py --only decode --decode-batch $B --decode-ctx 8192,32768 \
-            --decode-table 131072 --sweep --log "$OUT/splitkv-b$B-table.log"
-    done
+    run splitkv 200 $PY scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --sweep --log "$OUT/splitkv-table.log"
+    if [ -n "${AB_TREE:-}" ] && [ -d "${AB_TREE:-}/jaxpaged" ]; then
+        run splitkv-base 150 env PYTHONPATH=$(cd "$AB_TREE" && pwd)${PYTHONPATH:+:$PYTHONPATH} $PY \
+            scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --log "$OUT/splitkv-base-table.log"
+    fi
 fi
 if want kernels; then
     run kernels 240 $PY scripts/bench_kernels.py --log "$OUT/kernels-table.log"
@@ -248,7 +250,8 @@ for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
         | cut -d'|' -f2-5,7 | sed 's/ *| */ | /g'
 done
 if [ -f "$OUT/gemm.log" ]; then sed -n '/^kind /,$p' "$OUT/gemm.log"; fi
-for f in "$OUT"/splitkv-b*-table.log; do
+for f in "$OUT"/splitkv*-table.log; do
     [ -f "$f" ] || continue
-    grep -E "^\| decode" "$f" | cut -d'|' -f2-5 | sed 's/ *| */ | /g'
+    echo "$(basename "$f" -table.log):"
+    grep -E "^\| loop" "$f" | cut -d'|' -f2-5 | sed 's/ *| */ | /g'
 done

@@ -325,47 +325,69 @@ class _Row:
         self.seconds = seconds
 
 
-def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_budget():
-    """One thread while a fill fits the budget; past it, the threads for the next
-    `recheck_every` fills, then a probe of `probe_rows` rows on one thread decides again."""
+def _filler_and_calls(budget_s, recheck_every, threaded_s=0.0):
+    """A BitmaskFiller over a fake fill that records (rows, threads): on one thread it spends
+    each row's `seconds` of CPU time (busy, as xgrammar's fill does), on the threads it waits
+    `threaded_s` (wall time, no CPU)."""
     from jaxpaged.engine.structured_output import request
 
     calls = []
 
     def fill(matchers, mask, rows, threads):
         calls.append((list(rows), threads))
-        if threads == 1:  # busy: CPU time, as xgrammar's fill spends it
+        if threads == 1:
             t0 = time.thread_time()
             while time.thread_time() - t0 < sum(m.seconds for m in matchers):
                 pass
+        else:
+            time.sleep(threaded_s)
         mask[rows] = np.asarray(rows)[:, None] + 1
 
-    filler = request.BitmaskFiller(budget_s=0.1, recheck_every=2, probe_rows=2, fill=fill, threads=8)
-    mask = np.zeros((5, 1), np.int32)
-    filler(mask, [_Row(0.0)] * 4 + [None])  # first fill: a probe of 2 rows, then the rest
-    assert calls == [([0, 1], 1), ([2, 3], 1)] and mask[:, 0].tolist() == [1, 2, 3, 4, 0]
-    calls.clear()
-    filler(mask, [_Row(0.0)] * 5)  # one thread, all at once
-    assert calls == [([0, 1, 2, 3, 4], 1)]
-    calls.clear()
-    filler(mask, [_Row(0.03)] * 5)  # 0.15 s > 0.1 s: the next two fills go to the threads
-    filler(mask, [_Row(0.0)] * 5)
-    filler(mask, [_Row(0.0)] * 5)
+    return request.BitmaskFiller(budget_s=budget_s, recheck_every=recheck_every, first_chunk=2, fill=fill,
+                                 threads=8), calls
+
+
+def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_budget():
+    """One thread in growing chunks (2, then 8, ...) while the fill's CPU time fits the budget;
+    past it the rest and the next `recheck_every` fills on the threads, then one thread again."""
+    filler, calls = _filler_and_calls(budget_s=0.1, recheck_every=2)
     many = 8
-    assert calls == [([0, 1, 2, 3, 4], 1), ([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many)]
+    mask = np.zeros((13, 1), np.int32)
+    filler(mask, [_Row(0.0)] * 12 + [None])  # cheap: chunks of 2, 8, then the last 2
+    assert calls == [([0, 1], 1), (list(range(2, 10)), 1), ([10, 11], 1)]
+    assert mask[:, 0].tolist() == list(range(1, 13)) + [0]
     calls.clear()
-    filler(mask, [_Row(0.03)] * 5)  # probe: 2 rows in 0.06 s predict 0.15 s for 5: the rest on the threads
-    assert calls == [([0, 1], 1), ([2, 3, 4], many)]
+    filler(mask, [_Row(0.03)] * 5)  # 0.06 s, then 0.15 s > 0.1 s: the next two fills go to the threads
+    filler(mask, [_Row(0.03)] * 5)
+    filler(mask, [_Row(0.0)] * 5)
+    assert calls == [([0, 1], 1), ([2, 3, 4], 1), ([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many)]
+    calls.clear()
+    # one thread again, against a budget of the threads' time (here none: 0.1 s -> 0.056 s):
+    # 2 rows take 0.06 s, the other 10 go to the threads
+    filler(mask, [_Row(0.03)] * 12)
+    assert calls == [([0, 1], 1), (list(range(2, 12)), many)] and 0.05 < filler.budget_s < 0.06
     calls.clear()
     filler(mask, [_Row(0.0)] * 5)
     filler(mask, [_Row(0.0)] * 5)
-    filler(mask, [_Row(0.0)] * 5)  # after two threaded fills the probe finds them cheap again
+    filler(mask, [_Row(0.0)] * 5)  # after two threaded fills one thread again
     assert calls == [([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many), ([0, 1], 1), ([2, 3, 4], 1)]
+
+
+def test_bitmask_filler_budget_follows_the_threads():
+    """The budget becomes the threads' measured wall time per fill: where the threads take 0.2 s,
+    a fill of 0.04 s of CPU time stays on one thread, though over the first budget of 0.01 s."""
+    filler, calls = _filler_and_calls(budget_s=0.01, recheck_every=2, threaded_s=0.2)
+    mask = np.zeros((8, 1), np.int32)
+    filler(mask, [_Row(0.005)] * 8)  # 2 rows: 0.01 s; with 6 more, 0.04 s > 0.01 s
+    filler(mask, [_Row(0.005)] * 8)
+    filler(mask, [_Row(0.005)] * 8)  # two threaded fills of 0.2 s raise the budget to ~0.09 s
+    filler(mask, [_Row(0.005)] * 8)
+    assert calls[-2:] == [([0, 1], 1), (list(range(2, 8)), 1)] and filler.budget_s > 0.08
 
 
 def test_bitmask_filler_does_not_count_waits_as_fill_cost():
     """A cheap fill that waits (for the GIL, beside the engine thread) stays on one thread:
-    the probe is timed in CPU time, not wall time."""
+    the chunks are timed in CPU time, not wall time."""
     from jaxpaged.engine.structured_output import request
 
     calls = []
@@ -374,6 +396,6 @@ def test_bitmask_filler_does_not_count_waits_as_fill_cost():
         calls.append((list(rows), threads))
         time.sleep(0.05)  # waiting, not filling
 
-    filler = request.BitmaskFiller(budget_s=0.01, recheck_every=2, probe_rows=2, fill=fill, threads=8)
+    filler = request.BitmaskFiller(budget_s=0.01, recheck_every=2, first_chunk=4, fill=fill, threads=8)
     filler(np.zeros((64, 1), np.int32), [_Row(0.0)] * 64)
-    assert calls == [(list(range(2)), 1), (list(range(2, 64)), 1)]
+    assert calls == [(list(range(4)), 1), (list(range(4, 20)), 1), (list(range(20, 64)), 1)]

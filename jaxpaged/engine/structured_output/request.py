@@ -75,29 +75,32 @@ def _xgrammar_fill(matchers: list, mask: np.ndarray, rows: list[int], threads: i
 
 
 class BitmaskFiller:
-    """Fills the rows on one thread while that costs at most `budget_s`, else on xgrammar's
-    `fill_threads()`: their start-up costs more than cheap grammar states do (64 rows of a
-    JSON-objects schema: 0.24-0.41 ms on one thread, 1.6-2.0 ms on 14 in the engine, H100).
-    A fill over the budget sends the next `recheck_every` fills to the threads; the fill after
-    them first times `probe_rows` rows on one thread and fills the rest as that predicts.
+    """Fills a step's rows on one thread while that costs no more than xgrammar's
+    `fill_threads()` would: their start-up costs more than cheap grammar states do (64 rows of
+    a JSON-objects schema: 0.22-0.65 ms alone on one thread, 1.8-2.2 ms on 14 in the engine, H100).
 
-    Each part is one xgrammar batch call: a call per row may wait for the GIL at every row
-    beside the engine thread's Python (16 cheap rows: 0.02 ms alone; beside a busy Python
-    thread 0.47-1.46 ms a call per row, 0.02-0.66 ms as one batch call; CPU, docs/decisions.md).
-    The probe is timed in this thread's CPU time: beside the engine thread its wall time
-    includes waits for the GIL, which, scaled by rows / probe rows, sent cheap fills to the
-    threads (H100: 64 JSON-objects rows filled in 1.8-2.1 ms in the engine, 0.4-0.65 ms alone)."""
+    One thread takes the rows in growing chunks (`first_chunk` rows, then 4x more each time)
+    while the fill's CPU time stays within the budget: the threads' wall time per fill (a moving
+    average; `budget_s` until they have run). Past it, the rest of the rows and the next
+    `recheck_every` fills go to the threads. CPU time, because beside the engine thread the
+    wall time includes waits for the GIL; chunks, because a probe of a few rows scaled to the
+    batch misjudged it (the H100's objects fill stayed on the threads). Each chunk is one
+    xgrammar batch call: a call per row may wait for the GIL at every row beside the engine
+    thread's Python (16 cheap rows: 0.02 ms alone; beside a busy Python thread 0.47-1.46 ms a
+    call per row, 0.02-0.66 ms as one batch call; CPU, docs/decisions.md)."""
 
-    def __init__(self, budget_s: float = 1e-3, recheck_every: int = 16, probe_rows: int = 2,
+    def __init__(self, budget_s: float = 1e-3, recheck_every: int = 16, first_chunk: int = 4,
                  fill: Callable[[list, np.ndarray, list[int], int], None] = _xgrammar_fill, threads: int | None = None):
-        self.budget_s, self.recheck_every, self.probe_rows = budget_s, recheck_every, probe_rows
+        self.budget_s = budget_s  # the threads' wall time per fill, once measured
+        self.recheck_every, self.first_chunk = recheck_every, first_chunk
         self.fill = fill  # (matchers, mask, rows, threads)
         self.threads = threads or fill_threads()  # read once: the CPU quota is files in /sys
-        self._one_thread = False  # the last fill fit the budget on one thread
         self._threaded_fills_left = 0
 
     def __call__(self, mask: np.ndarray, grammars: Sequence[StructuredOutputRequest | None]) -> None:
         rows = [i for i, g in enumerate(grammars) if g is not None and g.reasoning_ended]
+        if not rows:
+            return
 
         def part(some: list[int], threads: int) -> None:
             if some:
@@ -105,14 +108,17 @@ class BitmaskFiller:
 
         if self._threaded_fills_left > 0:
             self._threaded_fills_left -= 1
-            return part(rows, self.threads)
-        first = rows if self._one_thread else rows[:self.probe_rows]
-        t0 = time.thread_time()  # CPU time: a wait for the GIL around the call must not count
-        part(first, 1)
-        self._one_thread = (time.thread_time() - t0) * len(rows) <= self.budget_s * max(len(first), 1)
-        if not self._one_thread:
-            self._threaded_fills_left = self.recheck_every
-        part(rows[len(first):], 1 if self._one_thread else self.threads)
+            t = time.perf_counter()
+            part(rows, self.threads)
+            self.budget_s += 0.25 * (time.perf_counter() - t - self.budget_s)
+            return
+        t0, done, chunk = time.thread_time(), 0, self.first_chunk
+        while done < len(rows):
+            part(rows[done:done + chunk], 1)
+            done, chunk = done + chunk, 4 * chunk
+            if time.thread_time() - t0 > self.budget_s:  # dearer than the threads: they take the rest
+                self._threaded_fills_left = self.recheck_every
+                return part(rows[done:], self.threads)
 
 
 # fill_grammar_bitmask(mask, grammars): row i's allowed tokens into `mask[i]` (`[S, ceil(V / 32)]`
