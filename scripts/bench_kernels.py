@@ -33,7 +33,8 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from ceilings import bench, copy_bandwidth  # noqa: E402
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref  # noqa: E402
-from jaxpaged.kernels.paged_attention_gpu import TileConfig, choose_config, paged_attention_gpu  # noqa: E402
+from jaxpaged.kernels.attention_tiles import TileConfig, choose_config  # noqa: E402
+from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu  # noqa: E402
 
 LOG = []
 

@@ -23,7 +23,8 @@ from test_paged_attention_ref import dense_attention
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref, write_kv
 from jaxpaged.kernels.paged_attention_cpu import paged_attention_cpu
-from jaxpaged.kernels.paged_attention_gpu import TileConfig, paged_attention_gpu
+from jaxpaged.kernels.attention_tiles import TileConfig
+from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 from jaxpaged.models import ConfigError, load_config, load_model, make_forward
 from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
 from jaxpaged.models.quantization.kv_scales import load_kv_scales

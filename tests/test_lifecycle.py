@@ -269,7 +269,7 @@ def test_runner_marks_short_query_steps(llm):
     import numpy as np
 
     from jaxpaged.engine.host_buffer import unpack
-    from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
+    from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS
 
     runner = llm.engine.runner
     seen, dispatch = [], runner.dispatch

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref
-from jaxpaged.kernels.paged_attention_gpu import TileConfig, paged_attention_gpu
+from jaxpaged.kernels.attention_tiles import TileConfig
+from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
 # f32 cases: interpret mode is exact f32; on the GPU the kernel's f32 dots run in TF32 (Triton's
@@ -113,7 +114,7 @@ def test_split_kv_at_128k_contexts(window):
     88 (264 programs over 3 rows of one KV head), each at least 256 keys (the short one whole),
     then merges them; with a sliding window only the window's keys count. Small heads keep
     interpret mode to seconds."""
-    from jaxpaged.kernels.paged_attention_gpu import choose_config
+    from jaxpaged.kernels.attention_tiles import choose_config
 
     assert choose_config(4, 4, 2, 1, 16, 131072)[0].num_splits == 128
     check([(131071, 1), (70001, 1), (5, 1)], hq=2, hkv=1, d=16, bs=256, window=window, num_tokens=4,
@@ -124,7 +125,7 @@ def test_kv_parts_follow_the_live_sequences():
     """Split-KV parts from the step's live sequences: a lone row at 8k (128 blocks of 64
     keys, 8 KV heads, 264 programs) gets 32 parts (the cap), 4 rows get 9 each, 40 rows one;
     a 1k context stops at 4 parts of the 256-key minimum. The parts tile the range."""
-    from jaxpaged.kernels.paged_attention_gpu import kv_part, split_parts, work_slots
+    from jaxpaged.kernels.attention_tiles import kv_part, split_parts, work_slots
 
     def parts(live, lo, hi, cap=32):
         n = int(split_parts(live, 8, 264, cap))

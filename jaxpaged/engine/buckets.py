@@ -3,7 +3,7 @@ forward and heads; the short-query forward and the multi-step decode loop only f
 buckets that decode-only steps land in. Each forward or loop is a heavy compile (start-up)."""
 from __future__ import annotations
 
-from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
+from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS
 
 
 def token_buckets(max_num_batched_tokens: int, max_num_seqs: int, sizes: tuple[int, ...] | None = None,

@@ -14,7 +14,7 @@ from jaxpaged.engine.sample.token_mask import TokenBitmaskJob, num_words
 from jaxpaged.engine.sampling_params import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS
 from jaxpaged.engine.scheduler_output import ScheduledRequest, SchedulerOutput
 from jaxpaged.engine.spec_decode.verify import verify_inputs
-from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
+from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models.step_input import SeqChunk, make_step_input
 
 

@@ -18,7 +18,7 @@ from jaxpaged.engine.model_runner import ModelRunner
 from jaxpaged.engine.sample.features import LOOP_VARIANTS, VARIANTS, VERIFY_VARIANTS, SamplingFeatures
 from jaxpaged.engine.scheduler_output import SchedulerOutput
 from jaxpaged.engine.spec_decode.verify import verify_kwargs
-from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
+from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models.kv_cache import KVCache
 
 logger = logging.getLogger("jaxpaged")

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxpaged.kernels.paged_attention_gpu import num_sms
+from jaxpaged.kernels.attention_tiles import num_sms
 
 INT4_PER_WORD = 8
 BLOCK_K = 128  # input rows per step: 16 packed words per column

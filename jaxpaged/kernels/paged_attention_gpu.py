@@ -49,93 +49,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxpaged.kernels.attention_tiles import (DECODE_ONLY_MAX_TOKENS, TileConfig, choose_config, kv_part, next_pow2,
+                                              num_sms, split_parts, work_slots)
+
 LOG2E = 1.4426950408889634
 _NEG = -1e30  # finite initial running max: fully masked rows stay NaN-free
-# Batches whose sequences have at most this many new tokens run the per-sequence kernel alone:
-# faster than the fused launch for decode-heavy batches, but it walks a sequence's q-blocks
-# serially, so a long chunk there is slow. The bound is static (T or the caller's
-# `max_query_len`): the engine compiles a forward with this hint for the steps it fits.
-DECODE_ONLY_MAX_TOKENS = 32
-# Off-GPU (interpret mode) no device reports its SMs: tile as on an H200.
-_DEFAULT_NUM_SMS = 132
-# Split-KV's partial results are [num_splits, T, Hq, D] f32 and the merge reads them all: the
-# static part count keeps num_splits * T at most this.
-_MAX_SPLIT_ROWS = 512
-
 # Every Triton lowering warns in JAX >= 0.11 ("The Pallas Triton backend is deprecated").
 warnings.filterwarnings("ignore", message=".*[Tt]riton.*deprecated.*")
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
 
 
 @functools.lru_cache(maxsize=None)
 def _default_backend() -> str:
     return jax.default_backend()
-
-
-@functools.lru_cache(maxsize=None)
-def num_sms() -> int:
-    """The streaming multiprocessors of the local GPU (`core_count`)."""
-    return getattr(jax.local_devices()[0], "core_count", None) or _DEFAULT_NUM_SMS
-
-
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    block_m: int  # (token, head) rows per program; power of two >= Gp
-    block_n: int  # keys per inner step; power of two
-    num_splits: int = 1  # split-KV: at most this many parts a sequence (per-sequence kernel only)
-    num_warps: int = 4
-    num_stages: int = 3
-    split_mask: bool = True  # unmasked loop over fully visible KV blocks, masked edges only
-    heavy_first: bool = True  # per-q-block kernel: last (longest causal) q-blocks first
-    min_split_keys: int = 256  # split-KV: keys per part at least this (short contexts use fewer parts)
-    programs: int = 0  # split-KV: programs a step aims for over its live sequences (0: two per SM)
-
-
-def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tuple[TileConfig, TileConfig]:
-    """(per-sequence kernel config, per-q-block kernel config) from the static shapes."""
-    gp = _next_pow2(hq // hkv)
-    # Decode tiles tuned on the H200 (docs/kernels.md): 64-key steps up to 2k contexts, 128-key
-    # steps and 8 warps for long ones, and 128-key steps at any context once there are >= 1024
-    # programs. `max_ctx` is the static block-table width, so a long table picks the long-context tiles.
-    long_ctx = max_ctx >= 4096
-    dec_n = (128 if long_ctx or s * hkv >= 1024 else 64) * 128 // max(d, 128)
-    # Split-KV where the bucket's sequences give fewer than two programs per SM: up to the parts
-    # one live sequence needs for that. The kernel sizes each step's parts from its live
-    # sequences and their contexts (buckets are padded: a lone decode row sits in one of 16).
-    target, min_keys = 2 * num_sms(), TileConfig.min_split_keys
-    splits = 1
-    if s * hkv < target:
-        splits = max(1, min(-(-target // hkv), _MAX_SPLIT_ROWS // max(t, 1), -(-max_ctx // min_keys)))
-    dec = TileConfig(block_m=max(16, gp), block_n=dec_n, num_splits=splits, num_warps=8 if long_ctx else 4,
-                     num_stages=3)
-    pre = TileConfig(block_m=max(128 if d <= 128 else 64, gp), block_n=64, num_warps=4, num_stages=2)
-    return dec, pre
-
-
-def split_parts(live, hkv: int, programs: int, num_splits: int):
-    """Split-KV parts of each live sequence: about `programs` programs over the step's `live`
-    sequences and their `hkv` KV heads, at most `num_splits`. Ints or traced scalars."""
-    n = (programs + live * hkv - 1) // (live * hkv)
-    return jnp.clip(n, 1, num_splits) if isinstance(n, jax.Array) else max(1, min(n, num_splits))
-
-
-def work_slots(num_seqs: int, hkv: int, programs: int, num_splits: int) -> int:
-    """The per-sequence kernel's (part, sequence) slots: enough for any live count (static)."""
-    if num_splits == 1:
-        return num_seqs
-    return max(n * split_parts(n, hkv, programs, num_splits) for n in range(1, num_seqs + 1))
-
-
-def kv_part(blk_lo, blk_hi, sp, *, parts, min_blocks: int):
-    """Part `sp` of `parts` of a sequence's visible KV blocks [blk_lo, blk_hi): `[b0, b1)`,
-    each part at least `min_blocks` blocks (a short context fills fewer parts; the rest are
-    empty). Scalars in, scalars out (ints or traced)."""
-    per = jnp.maximum((blk_hi - blk_lo + parts - 1) // parts, min_blocks)
-    b0 = jnp.minimum(blk_lo + sp * per, blk_hi)
-    return b0, jnp.minimum(b0 + per, blk_hi)
 
 
 def _attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, layer, win, q_start, q_len, ctx,
@@ -267,7 +192,7 @@ def _qblock_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, out_refs
     """q-block `qb` (vLLM-style numbering, see module doc) of whichever sequence owns it."""
     block_q = kw["block_q"]
     # Sequence of this q-block: the largest s with query_start[s] // block_q + s <= qb.
-    sp2 = _next_pow2(num_seqs + 1)
+    sp2 = next_pow2(num_seqs + 1)
     if sp2 <= 4096:  # one vector load instead of a chain of dependent scalar loads
         idx = lax.broadcasted_iota(jnp.int32, (sp2,), 0)
         starts = qs_ref[jnp.minimum(idx, num_seqs)] // block_q + idx
@@ -308,7 +233,7 @@ def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_r
     layer, win = layer_ref[0], win_ref[0]
     if kw["num_splits"] == 1:
         return _seq_body(*refs, s=w, h=h, sp=0, layer=layer, win=win, **kw)
-    idx = lax.broadcasted_iota(jnp.int32, (_next_pow2(num_seqs),), 0)  # one vector load of the lengths
+    idx = lax.broadcasted_iota(jnp.int32, (next_pow2(num_seqs),), 0)  # one vector load of the lengths
     lens = lens_ref[jnp.minimum(idx, num_seqs - 1)]
     live = jnp.maximum(jnp.sum(((lens > 0) & (idx < num_seqs)).astype(jnp.int32)), 1)
     parts = split_parts(live, k_ref.shape[1], programs, kw["num_splits"])
@@ -382,11 +307,11 @@ def paged_attention_gpu(
     t, hq, d = q.shape
     nl, hkv, nb, bs, d2 = k_pool.shape
     assert d == d2 and hq % hkv == 0, (q.shape, k_pool.shape)
-    assert d == _next_pow2(d), f"head dim {d} must be a power of two"
+    assert d == next_pow2(d), f"head dim {d} must be a power of two"
     s, mb = block_tables.shape
     assert query_start.shape == (s + 1,) and seq_lens.shape == (s,)
     group = hq // hkv
-    group_p = _next_pow2(group)
+    group_p = next_pow2(group)
     dec, pre = choose_config(t, s, hq, hkv, d, mb * bs)
     dec, pre = decode_config or dec, prefill_config or pre
     over = {k: v for k, v in dict(block_m=block_m, block_n=block_n, num_splits=num_splits,
@@ -395,8 +320,8 @@ def paged_attention_gpu(
     pre = dataclasses.replace(pre, **{k: v for k, v in over.items() if k != "num_splits"})
     pre = dataclasses.replace(pre, num_splits=1)
     for c in (dec, pre):
-        assert c.block_m == _next_pow2(c.block_m) and c.block_m >= group_p, (c, group_p)
-        assert c.block_n == _next_pow2(c.block_n), c
+        assert c.block_m == next_pow2(c.block_m) and c.block_m >= group_p, (c, group_p)
+        assert c.block_n == next_pow2(c.block_n), c
     if mode == "auto":
         mode = "decode" if min(t, max_query_len or t) <= DECODE_ONLY_MAX_TOKENS else "fused"
     assert mode in ("decode", "prefill", "split", "fused"), mode

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.host_buffer import unpack
-from jaxpaged.kernels.paged_attention_gpu import DECODE_ONLY_MAX_TOKENS
+from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS
 from jaxpaged.models import ModelConfig, family_module
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.step_input import StepInput
