@@ -258,7 +258,7 @@ def main() -> None:
     time_head_inputs(engine.core.runner)
     steps = args.decode_steps
     tokens = args.max_model_len - args.prompt_len - 1
-    timed = {"type": "array", "items": ITEM, "minItems": tokens}  # an item is at least 2 tokens: no row ends
+    timed = {"type": "array", "items": ITEM, "minItems": tokens}  # more items than tokens: no row ends
     objects = {"type": "array", "items": OBJECT, "minItems": tokens}  # a more usual schema
     free = dict(temperature=0, max_tokens=tokens, ignore_eos=True, detokenize=False)
     runs = {"unconstrained (greedy head)": SamplingParams(**free),
