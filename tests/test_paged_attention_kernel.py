@@ -85,6 +85,10 @@ CASES = {
     "prefill g1 d64 bs32": ([(0, 45), (0, 70)], 2, 2, 64, 32, 0, 128, 3, {}),
     "mixed g7 (padded group)": ([(25, 1), (3, 20)], 7, 1, 64, 16, 0, 48, 3, {}),
     "mixed small tiles": ([(40, 23), (0, 1), (77, 9)], 4, 1, 64, 16, 9, 40, 4, dict(block_m=16, block_n=16)),
+    # two launches with split-KV parts in the first: the chunk's rows and the padding are the
+    # second kernel's (their parts in the first are never written)
+    "two launches, split-KV": ([(300, 1), (40, 20), (5, 1)], 8, 2, 64, 16, 0, 32, 5,
+                               dict(mode="split", decode_config=TileConfig(16, 64, num_splits=4, min_split_keys=64))),
 }
 
 
