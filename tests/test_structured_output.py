@@ -357,14 +357,16 @@ def test_bitmask_filler_uses_one_thread_while_cheap_and_the_threads_past_the_bud
     assert calls == [([0, 1], 1), (list(range(2, 10)), 1), ([10, 11], 1)]
     assert mask[:, 0].tolist() == list(range(1, 13)) + [0]
     calls.clear()
-    filler(mask, [_Row(0.03)] * 5)  # 0.06 s, then 0.15 s > 0.1 s: the next two fills go to the threads
+    # 2 rows in 0.06 s: the other 3 at that rate would make 0.15 s > 0.1 s, so they and the
+    # next two fills go to the threads
+    filler(mask, [_Row(0.03)] * 5)
     filler(mask, [_Row(0.03)] * 5)
     filler(mask, [_Row(0.0)] * 5)
-    assert calls == [([0, 1], 1), ([2, 3, 4], 1), ([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many)]
+    assert calls == [([0, 1], 1), ([2, 3, 4], many), ([0, 1, 2, 3, 4], many), ([0, 1, 2, 3, 4], many)]
     calls.clear()
     # one thread again, against a budget of the threads' time (here none: 0.1 s -> 0.056 s):
-    # 2 rows take 0.06 s, the other 10 go to the threads
-    filler(mask, [_Row(0.03)] * 12)
+    # 2 rows take 0.02 s, the next 8 would make 0.1 s: they and the last 2 go to the threads
+    filler(mask, [_Row(0.01)] * 12)
     assert calls == [([0, 1], 1), (list(range(2, 12)), many)] and 0.05 < filler.budget_s < 0.06
     calls.clear()
     filler(mask, [_Row(0.0)] * 5)

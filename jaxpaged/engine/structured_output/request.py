@@ -80,9 +80,10 @@ class BitmaskFiller:
     a JSON-objects schema: 0.22-0.65 ms alone on one thread, 1.8-2.2 ms on 14 in the engine, H100).
 
     One thread takes the rows in growing chunks (`first_chunk` rows, then 4x more each time)
-    while the fill's CPU time stays within the budget: the threads' wall time per fill (a moving
-    average; `budget_s` until they have run). Past it, the rest of the rows and the next
-    `recheck_every` fills go to the threads. CPU time, because beside the engine thread the
+    while the fill's CPU time, with the next chunk at the rate so far, stays within the budget:
+    the threads' wall time per fill (a moving average; `budget_s` until they have run). Past
+    it, the rest of the rows and the next `recheck_every` fills go to the threads (a costly
+    grammar's retry overshoots by at most about one chunk's misjudged cost). CPU time, because beside the engine thread the
     wall time includes waits for the GIL; chunks, because a probe of a few rows scaled to the
     batch misjudged it (the H100's objects fill stayed on the threads). Each chunk is one
     xgrammar batch call: a call per row may wait for the GIL at every row beside the engine
@@ -116,8 +117,9 @@ class BitmaskFiller:
         while done < len(rows):
             part(rows[done:done + chunk], 1)
             done, chunk = done + chunk, 4 * chunk
-            if time.thread_time() - t0 > self.budget_s:  # dearer than the threads: they take the rest
-                self._threaded_fills_left = self.recheck_every
+            spent = time.thread_time() - t0
+            if spent * (1 + min(chunk, len(rows) - done) / done) > self.budget_s:  # with the next chunk at
+                self._threaded_fills_left = self.recheck_every  # this rate, dearer than the threads
                 return part(rows[done:], self.threads)
 
 
