@@ -127,7 +127,7 @@ def test_split_kv_at_128k_contexts(window):
 
 def test_kv_parts_follow_the_live_sequences():
     """Split-KV parts from the step's live sequences: a lone row at 8k (128 blocks of 64
-    keys, 8 KV heads, 264 programs) gets 32 parts (the cap), 4 rows get 9 each, 40 rows one;
+    keys, 8 KV heads, 264 programs) gets 32 parts (the cap), 4 rows get 8 each, 40 rows one;
     a 1k context stops at 4 parts of the 256-key minimum. The parts tile the range."""
     from jaxpaged.kernels.attention_tiles import kv_part, split_parts, work_slots
 
@@ -139,10 +139,10 @@ def test_kv_parts_follow_the_live_sequences():
         return len(spans)
 
     assert [parts(1, 0, 128), parts(4, 0, 128), parts(40, 0, 128), parts(1, 0, 16), parts(1, 5, 5)] == \
-        [32, 9, 1, 4, 0]
-    assert parts(2, 3, 131) == 16  # 17 parts (264 / 16) of ceil(128 / 17) = 8 blocks: 16 hold the range
-    # the kernel's slots hold every live count's parts: 16 rows in a bucket of 16 take 2 each
-    assert work_slots(16, 8, 264, 32) == max(n * int(split_parts(n, 8, 264, 32)) for n in range(1, 17)) == 48
+        [32, 8, 1, 4, 0]
+    assert parts(3, 3, 131) == 11  # 264 // 24 parts of ceil(128 / 11) = 12 blocks, the range offset by a window
+    # the kernel's slots hold every live count's parts (3 or 11 rows: 33 slots)
+    assert work_slots(16, 8, 264, 32) == max(n * int(split_parts(n, 8, 264, 32)) for n in range(1, 17)) == 33
 
 
 def test_prompt_chunk_at_a_100k_context():

@@ -42,7 +42,7 @@ class TileConfig:
     split_mask: bool = True  # unmasked loop over fully visible KV blocks, masked edges only
     heavy_first: bool = True  # per-q-block kernel: last (longest causal) q-blocks first
     min_split_keys: int = 256  # split-KV: keys per part at least this (short contexts use fewer parts)
-    programs: int = 0  # split-KV: programs a step aims for over its live sequences (0: two per SM)
+    programs: int = 0  # split-KV: at most this many programs over a step's live sequences (0: two per SM)
 
 
 def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tuple[TileConfig, TileConfig]:
@@ -67,9 +67,10 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
 
 
 def split_parts(live, hkv: int, programs: int, num_splits: int):
-    """Split-KV parts of each live sequence: about `programs` programs over the step's `live`
-    sequences and their `hkv` KV heads, at most `num_splits`. Ints or traced scalars."""
-    n = (programs + live * hkv - 1) // (live * hkv)
+    """Split-KV parts of each live sequence: at most `programs` programs over the step's `live`
+    sequences and their `hkv` KV heads (rounded down: a long-context tile takes a whole SM, so
+    a few programs past 2 per SM add a wave), at most `num_splits`. Ints or traced scalars."""
+    n = programs // (live * hkv)
     return jnp.clip(n, 1, num_splits) if isinstance(n, jax.Array) else max(1, min(n, num_splits))
 
 

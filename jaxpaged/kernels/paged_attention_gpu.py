@@ -16,7 +16,7 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
     of one sequence (the last slot: the padding tokens past `query_start[-1]`), with small
     tiles (`block_m` 16), or with split-KV one contiguous part of its visible KV range
     (flash-decoding), the parts merged by a small XLA fusion. The part count is set in the
-    kernel from the step's live sequences (about `programs` programs in all, at most
+    kernel from the step's live sequences (at most `programs` programs in all, at most
     `num_splits` parts) and the slots map to the live sequences' parts only, so a lone long
     sequence in a padded bucket streams its KV on every SM and padding sequences take no
     programs; a part has at least `min_split_keys` keys (short contexts fill fewer).
