@@ -185,8 +185,8 @@ def test_in_model_forward(tiny_model_dir):
 
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e4m3fn"])
-@pytest.mark.parametrize("mode,tokens", [("decode", 1), ("decode", 16), ("decode", 64), ("prefill", 256), ("split", 256),
-                                         ("fused", 2048)])
+@pytest.mark.parametrize("mode,tokens", [("decode", 1), ("decode", 16), ("decode", 64), ("prefill", 256),
+                                         ("split", 256), ("fused", 2048)])
 def test_triton_lowering_for_the_gpu(mode, tokens, kv_dtype):
     """Every mode's Triton lowering for a CUDA target, done here without a GPU, at Llama-3-8B's
     heads (32 q, 8 KV, D 128) with a bf16 and an fp8 pool: an op or block shape Triton refuses
