@@ -15,11 +15,12 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
   - per-sequence ("decode") kernel, grid `(slots + 1, Hkv)`: a program handles every q-block
     of one sequence (the last slot: the padding tokens past `query_start[-1]`), with small
     tiles (`block_m` 16), or with split-KV one contiguous part of its visible KV range
-    (flash-decoding), the parts merged by a small XLA fusion. The part count is set in the
-    kernel from the step's live sequences (at most `programs` programs in all, at most
-    `num_splits` parts) and the slots map to the live sequences' parts only, so a lone long
-    sequence in a padded bucket streams its KV on every SM and padding sequences take no
-    programs; a part has at least `min_split_keys` keys (short contexts fill fewer).
+    (flash-decoding), the parts merged by a small XLA fusion. The part count comes from the
+    step's live sequences (at most `programs` programs in all, at most `num_splits` parts;
+    counted once a call and passed in with the layer index), and the slots map to the live
+    sequences' parts only, so a lone long sequence in a padded bucket streams its KV on every
+    SM and padding sequences take no programs; a part has at least `min_split_keys` keys
+    (short contexts fill fewer).
   - per-q-block ("prefill") kernel, grid `(cdiv(T, block_q) + S + 1, Hkv)`: q-blocks are
     assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
     q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
@@ -222,41 +223,36 @@ def _split_refs(rest, has_prev):
     return rest[1:] if has_prev else rest
 
 
-def _seq_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev, slots,
-                programs, **kw):
+def _seq_kernel(qs_ref, lens_ref, bt_ref, step_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev, slots, **kw):
     """Grid (slots + 1, Hkv): program (w, h) does every q-block of one part of one sequence; the
     last slot, the padding tokens. Without split-KV a slot is a sequence. With it, each of the
-    step's live sequences (the first ones: padding sequences come last) gets `split_parts`
+    step's live sequences (the first ones: padding sequences come last) gets `parts`
     consecutive slots, so only the live sequences' parts take programs."""
     w, h, num_seqs = pl.program_id(0), pl.program_id(1), kw["num_seqs"]
     refs = (qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev))
-    layer, win = layer_ref[0], win_ref[0]
+    layer, win, live, parts = step_ref[0], step_ref[1], step_ref[2], step_ref[3]
     if kw["num_splits"] == 1:
         return _seq_body(*refs, s=w, h=h, sp=0, layer=layer, win=win, **kw)
-    idx = lax.broadcasted_iota(jnp.int32, (next_pow2(num_seqs),), 0)  # one vector load of the lengths
-    lens = lens_ref[jnp.minimum(idx, num_seqs - 1)]
-    live = jnp.maximum(jnp.sum(((lens > 0) & (idx < num_seqs)).astype(jnp.int32)), 1)
-    parts = split_parts(live, k_ref.shape[1], programs, kw["num_splits"])
     pad = w == slots
     s, sp = jnp.where(pad, num_seqs, w // parts), jnp.where(pad, 0, w % parts)
     pl.when(pad | (s < live))(lambda: _seq_body(*refs, s=s, h=h, sp=sp, layer=layer, win=win, parts=parts, **kw))
 
 
-def _qblock_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev,
+def _qblock_kernel(qs_ref, lens_ref, bt_ref, step_ref, sc_ref, q_ref, k_ref, v_ref, *rest, has_prev,
                    num_q_blocks, heavy_first, **kw):
     """Grid (q-blocks, Hkv): program (qb, h) does one q-block of one sequence."""
     pid = pl.program_id(0)
     qb = num_q_blocks - 1 - pid if heavy_first else pid
     _qblock_body(qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, _split_refs(rest, has_prev), qb=qb,
-                 h=pl.program_id(1), layer=layer_ref[0], win=win_ref[0], **kw)
+                 h=pl.program_id(1), layer=step_ref[0], win=step_ref[1], **kw)
 
 
-def _fused_kernel(qs_ref, lens_ref, bt_ref, layer_ref, win_ref, sc_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks,
+def _fused_kernel(qs_ref, lens_ref, bt_ref, step_ref, sc_ref, q_ref, k_ref, v_ref, o_ref, *, num_q_blocks,
                   heavy_first, seq_kw, qblock_kw):
     """Grid (q-blocks + S, Hkv): the per-q-block programs (long queries, padding), then one
     per-sequence program for each sequence with few new tokens; one launch for a mixed batch."""
     pid, h = pl.program_id(0), pl.program_id(1)  # (outside the branches: interpret mode)
-    layer, win = layer_ref[0], win_ref[0]
+    layer, win = step_ref[0], step_ref[1]
     refs = (qs_ref, lens_ref, bt_ref, sc_ref, q_ref, k_ref, v_ref, (o_ref,))
 
     def qblock():
@@ -336,9 +332,12 @@ def paged_attention_gpu(
     # an fp8 pool's scales, flat: K's [L * Hkv] then V's (ones for other pools)
     kv_scales = jnp.concatenate([jnp.ones(nl * hkv, jnp.float32) if x is None else x.astype(jnp.float32).reshape(-1)
                                  for x in (k_scale, v_scale)])
-    scalars = (query_start.astype(i32), seq_lens.astype(i32), block_tables.astype(i32),
-               jnp.reshape(jnp.asarray(layer, i32), (1,)), jnp.reshape(jnp.asarray(sliding_window, i32), (1,)),
-               kv_scales)
+    # split-KV's parts of each of the step's live sequences (they come first; padding ones last)
+    programs = dec.programs or 2 * num_sms()
+    live = jnp.maximum(jnp.sum((seq_lens > 0).astype(i32)), 1)
+    parts = split_parts(live, hkv, programs, dec.num_splits)
+    step = jnp.stack([jnp.asarray(x, i32) for x in (layer, sliding_window, live, parts)])  # [4]
+    scalars = (query_start.astype(i32), seq_lens.astype(i32), block_tables.astype(i32), step, kv_scales)
     common = dict(num_seqs=s, num_tokens=t, hq=hq, group=group, group_p=group_p, block_size=bs,
                   max_blocks=mb, scale_log2=float(scale) * LOG2E, padded_out=padded_out,
                   scaled=k_scale is not None or v_scale is not None)
@@ -361,12 +360,10 @@ def paged_attention_gpu(
                              name="paged_attention_fused")(*scalars, q, k_pool, v_pool)
     if mode in ("decode", "split"):
         c = dec
-        programs = c.programs or 2 * num_sms()
         slots = work_slots(s, hkv, programs, c.num_splits)
         kern = functools.partial(_seq_kernel, max_q_len=bq_dec if mode == "split" else None, has_prev=False,
                                  block_q=bq_dec, block_n=c.block_n, num_splits=c.num_splits,
-                                 split_mask=c.split_mask, min_split_keys=c.min_split_keys, slots=slots,
-                                 programs=programs, **common)
+                                 split_mask=c.split_mask, min_split_keys=c.min_split_keys, slots=slots, **common)
         if c.num_splits == 1:
             shapes = [jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)]
         else:
@@ -381,8 +378,7 @@ def paged_attention_gpu(
         else:
             # Merge the parts each row has (the padding tokens: one); other slots were never written.
             o, m, l = outs
-            live = jnp.maximum(jnp.sum((seq_lens > 0).astype(i32)), 1)
-            n_parts = jnp.where(jnp.arange(t_out) < query_start[-1], split_parts(live, hkv, programs, c.num_splits), 1)
+            n_parts = jnp.where(jnp.arange(t_out) < query_start[-1], parts, 1)
             has = (jnp.arange(c.num_splits)[:, None] < n_parts[None, :])[..., None]  # [splits, T, 1]
             m = jnp.where(has, m, _NEG)
             m_all = jnp.max(m, axis=0)
@@ -402,7 +398,7 @@ def paged_attention_gpu(
         args = (*scalars, q, k_pool, v_pool) + ((out,) if has_prev else ())
         out = pl.pallas_call(kern, out_shape=[jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype)],
                              grid=(grid_q, hkv), compiler_params=params(c), interpret=interpret,
-                             input_output_aliases={9: 0} if has_prev else {}, name="paged_attention_qblock",
+                             input_output_aliases={8: 0} if has_prev else {}, name="paged_attention_qblock",
                              )(*args)[0]
     if padded_out:
         out = out[:t].reshape(t, hkv, group_p, d)[:, :, :group].reshape(t, hq, d)

@@ -83,9 +83,10 @@ class BitmaskFiller:
     while the fill's CPU time, with the next chunk at the rate so far, stays within the budget:
     the threads' wall time per fill (a moving average; `budget_s` until they have run). Past
     it, the rest of the rows and the next `recheck_every` fills go to the threads (a costly
-    grammar's retry overshoots by at most about one chunk's misjudged cost). CPU time, because beside the engine thread the
-    wall time includes waits for the GIL; chunks, because a probe of a few rows scaled to the
-    batch misjudged it (the H100's objects fill stayed on the threads). Each chunk is one
+    grammar's retry overshoots by at most about one chunk's misjudged cost). CPU time, because
+    beside the engine thread the wall time includes waits for the GIL; chunks, because a probe
+    of a few rows scaled to the batch misjudged it (the H100's objects fill stayed on the
+    threads). Each chunk is one
     xgrammar batch call: a call per row may wait for the GIL at every row beside the engine
     thread's Python (16 cheap rows: 0.02 ms alone; beside a busy Python thread 0.47-1.46 ms a
     call per row, 0.02-0.66 ms as one batch call; CPU, docs/decisions.md)."""
