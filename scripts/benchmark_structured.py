@@ -6,22 +6,25 @@ unconstrained on the `full` head (forced by a zero logit bias), in one run; rand
 
 The model directory (`make_shape_model.py --bpe-tokenizer`, cached under --model-dir) has a
 byte-level BPE of Llama 3's vocabulary size, which spells JSON (the mask cost grows with the
-vocabulary). The timed schemas are arrays, with `minItems` beyond the decode steps, of short
-strings (`maxLength` 12: costly to fill, near the bound most tokens need checking) and of
-objects with an integer, an unbounded string and an enum array, so no row can finish: the batch stays full (the table says how many rows still run at
-the end). TPOT is the wall time of `--decode-steps` engine steps after every row's first token,
+vocabulary). The timed schemas are arrays, with `minItems` beyond the decode steps (so no row
+can finish: the batch stays full; the table says how many rows still run at the end), of short
+strings (`maxLength` 12; costly to fill, mostly for the large `minItems`:
+docs/structured_output.md) and of objects with an integer, an unbounded string and an enum
+array. TPOT is the wall time of `--decode-steps` engine steps after every row's first token,
 per step (one token per row). A second run of the batch under a bounded schema finishes every
 row; its outputs are checked in plain Python (all must be valid; the GPU machine may lack
 jsonschema).
 `wait ms`: per step, the engine thread's wait for the device's outputs (TPOT - wait is its own
 time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the runner's worker
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
+The `grammar fills` lines count the timed steps' fills that stayed on one thread and those
+that went to xgrammar's threads, with their median wall and CPU times.
 The `bitmask fill alone` lines time each run's fill alone at its last step (the same
 grammars, nothing else running): as the engine fills them, on xgrammar's threads and on one.
 The `late head path` lines split a late step's time, from the previous step's outputs on the
 host to its own, into the engine's processing, the hand-over to the fill, the fill, the head's
-dispatch and the wait for the device (medians). `--trace DIR` then profiles 16 steps of the greedy and JSON-objects runs
-and prints their device timelines (`device_timeline.py`).
+dispatch and the wait for the device (medians). `--trace DIR` then profiles 16 steps of the
+greedy and JSON-objects runs and prints their device timelines (`device_timeline.py`).
 """
 from __future__ import annotations
 
@@ -214,6 +217,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         if trace:
             wait_for_device(engine)
         elapsed = time.perf_counter() - t
+    fills = FILLS[first_fill:]  # the timed steps' (not the fill-alone timing's below)
     n = max(n, 1)
     wait = core.runner.device_wait_seconds - wait
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
@@ -222,7 +226,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         engine.abort_request(request_id)
     return BatchRun(elapsed / n, running, wait / n, (HOST_SECONDS["inputs"] - host["inputs"]) / n,
                     (HOST_SECONDS["fill"] - host["fill"]) / n, alone, late_path(LATE_STEPS[first_late:]),
-                    FILLS[first_fill:], texts)
+                    fills, texts)
 
 
 def main() -> None:
