@@ -33,7 +33,10 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 from ceilings import bench, copy_bandwidth  # noqa: E402
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref  # noqa: E402
-from jaxpaged.kernels.attention_tiles import TileConfig, choose_config  # noqa: E402
+try:
+    from jaxpaged.kernels.attention_tiles import TileConfig, choose_config  # noqa: E402
+except ImportError:  # an A/B tree from before the launch choices had their own module
+    from jaxpaged.kernels.paged_attention_gpu import TileConfig, choose_config  # noqa: E402
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu  # noqa: E402
 
 LOG = []

@@ -19,6 +19,8 @@ time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the run
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
 The `grammar fills` lines count the timed steps' fills that stayed on one thread and those
 that went to xgrammar's threads, with their median wall and CPU times.
+The `garbage collections` lines count the collector's runs during the timed steps (the engine
+freezes its start-up heap, so a run of the oldest generation should take milliseconds).
 The `bitmask fill alone` lines time each run's fill alone at its last step (the same
 grammars, nothing else running): as the engine fills them, on xgrammar's threads and on one.
 The `late head path` lines split a late step's time, from the previous step's outputs on the
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import itertools
 import json
 import os
@@ -49,6 +52,18 @@ OBJECT = {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"
 HOST_SECONDS = {"inputs": 0.0, "fill": 0.0}  # host time in late heads' inputs, in bitmask fills
 LATE_STEPS: list[dict] = []  # per late step, when each part of its head's path ended (`time_head_inputs`)
 FILLS: list[tuple[bool, float, float]] = []  # per grammar fill: (all on one thread, wall s, its thread's CPU s)
+GC_PAUSES: list[tuple[int, float]] = []  # per garbage collection: (generation, seconds)
+_gc_started = [0.0]
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+    else:
+        GC_PAUSES.append((info["generation"], time.perf_counter() - _gc_started[0]))
+
+
+gc.callbacks.append(_time_gc)
 # a late step's head path, in order: (name, event that ends it); the first starts at the previous
 # late step's outputs on the host
 PATH = (("outputs -> hand-over", "hand_over"), ("-> fill starts", "fill_start"), ("fill", "fill_end"),
@@ -185,6 +200,7 @@ class BatchRun:
     path: dict[str, float] | None
     fills: list[tuple[bool, float, float]]
     texts: dict[str, str]
+    gc_pauses: list[tuple[int, float]]
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str,
@@ -206,8 +222,8 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     while any(not s.output_token_ids for seqs in core.requests.values() for s in seqs):
         step()  # a short row may finish while others are still prefilling
     wait_for_device(engine)  # the prefill's device work done before the timed steps
-    n, wait, host, first_late, first_fill = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS), len(LATE_STEPS), \
-        len(FILLS)
+    n, wait, host, first_late, first_fill, first_gc = 0, core.runner.device_wait_seconds, dict(HOST_SECONDS), \
+        len(LATE_STEPS), len(FILLS), len(GC_PAUSES)
     import jax
     with jax.profiler.trace(trace, create_perfetto_trace=True) if trace else contextlib.nullcontext():
         t = time.perf_counter()
@@ -217,7 +233,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         if trace:
             wait_for_device(engine)
         elapsed = time.perf_counter() - t
-    fills = FILLS[first_fill:]  # the timed steps' (not the fill-alone timing's below)
+    fills, pauses = FILLS[first_fill:], GC_PAUSES[first_gc:]  # the timed steps' (not the fill-alone timing's below)
     n = max(n, 1)
     wait = core.runner.device_wait_seconds - wait
     running = sum(not s.is_finished for seqs in core.requests.values() for s in seqs) / batch
@@ -226,7 +242,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         engine.abort_request(request_id)
     return BatchRun(elapsed / n, running, wait / n, (HOST_SECONDS["inputs"] - host["inputs"]) / n,
                     (HOST_SECONDS["fill"] - host["fill"]) / n, alone, late_path(LATE_STEPS[first_late:]),
-                    fills, texts)
+                    fills, texts, pauses)
 
 
 def main() -> None:
@@ -300,6 +316,10 @@ def main() -> None:
             print(f"grammar fills, {name}: {len(ones)} of {len(r.fills)} on one thread (median wall "
                   f"{med(ones, 1):.2f} ms, CPU {med(ones, 2):.2f} ms), {len(many)} with the threads (median wall "
                   f"{med(many, 1):.2f} ms, CPU {med(many, 2):.2f} ms)")
+    for name, r in rows.items():
+        old = [p for g, p in r.gc_pauses if g == 2]
+        print(f"garbage collections while timed, {name}: {len(r.gc_pauses)} taking {sum(p for _, p in r.gc_pauses) * 1e3:.1f} ms"
+              f" in all, {len(old)} of the oldest generation ({sum(old) * 1e3:.1f} ms)")
     for name, r in rows.items():
         if (fa := r.fill_alone) is not None:
             print(f"bitmask fill alone, {name}: {fa['seconds'] * 1e3:.2f} ms for {fa['rows']} rows as the engine "

@@ -39,8 +39,10 @@ def _release_compiled_programs():
     the jit caches: XLA's CPU code lives in maps, and one pytest process holding every
     module's programs reached the kernel's vm.max_map_count (65,530), where a compile fails
     and the process aborts or hangs. (Clearing after every module costs 3 minutes of
-    recompiles; one module adds at most ~23,000 maps.)"""
+    recompiles; one module adds at most ~23,000 maps.) Every engine start froze the heap
+    (`freeze_gc_heap`): unfrozen first, so the collector sees the module's engines again."""
     yield
+    gc.unfreeze()
     gc.collect()
     if _num_memory_maps() > 30_000:
         jax.clear_caches()

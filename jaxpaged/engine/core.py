@@ -38,6 +38,7 @@ from jaxpaged.engine.spec_decode.drafter import make_drafter
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
+from jaxpaged.engine.gc_utils import freeze_gc_heap
 from jaxpaged.engine.warmup import Warmup
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
@@ -124,6 +125,7 @@ class EngineCore:
                         "buckets": self.runner.buckets, "compiles": warmup.log}
         logger.info("engine ready: %s", {k: v for k, v in self.startup.items() if k != "compiles"})
         log_late_compiles(logger)
+        freeze_gc_heap()
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

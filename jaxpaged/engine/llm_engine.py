@@ -7,6 +7,7 @@ import concurrent.futures
 
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.core import EngineCore
+from jaxpaged.engine.gc_utils import freeze_gc_heap
 from jaxpaged.engine.output_processor import OutputProcessor
 from jaxpaged.engine.outputs import RequestOutput
 from jaxpaged.engine.processor import Processor, load_tokenizer
@@ -27,6 +28,7 @@ class LLMEngine:
         self.model_config, self.runner, self.scheduler = self.core.model_config, self.core.runner, self.core.scheduler
         self.block_manager, self.max_model_len, self.startup = (self.core.block_manager, self.core.max_model_len,
                                                                 self.core.startup)
+        freeze_gc_heap()  # again: the tokenizer and the client's halves came after the core's
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     arrival_time: float | None = None, cache_salt: str | None = None) -> list[int]:

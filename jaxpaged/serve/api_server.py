@@ -20,6 +20,7 @@ import sys
 import uvicorn
 
 from jaxpaged.engine.async_llm import AsyncLLM, EngineDeadError
+from jaxpaged.engine.gc_utils import freeze_gc_heap
 from jaxpaged.engine.generation_config import GenerationDefaults
 from jaxpaged.engine.messages import CoreInfo
 from jaxpaged.engine.sampling_params import MAX_LOGPROBS
@@ -94,6 +95,7 @@ def serve(llm: AsyncLLM, settings: ServerSettings, sock: socket.socket | None = 
         asyncio.get_running_loop().call_later(DEAD_EXIT_DELAY_S, setattr, server, "should_exit", True)
 
     llm.on_dead = core_died
+    freeze_gc_heap()  # the API server's start-up heap too
     server.run(sockets=[sock] if sock is not None else None)
     return 1 if llm.error is not None else 0
 

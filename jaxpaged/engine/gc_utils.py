@@ -1,0 +1,13 @@
+"""The garbage collector while serving."""
+from __future__ import annotations
+
+import gc
+
+
+def freeze_gc_heap() -> None:
+    """Collect once, then move every object alive to the collector's permanent generation
+    (`gc.freeze`), as vLLM does after its start-up. The start-up heap (half a million objects
+    and more: configs, tokenizer, programs) is then never scanned again, so an oldest-generation
+    collection while serving takes milliseconds instead of stalling a step for 100-200 ms."""
+    gc.collect()
+    gc.freeze()
