@@ -30,7 +30,8 @@
 #            the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM), the int4 kernel against dequantize-then-GEMM ~2 min
 #   splitkv  (name it in PARTS) scripts/bench_kernels.py --only loop: decode at batch 1, 4 and 8, contexts
 #            8k / 32k / 128k in a 16-row bucket, timed on the device (kernel calls chained in one jit),
-#            the default against split-KV targets and tiles; AB_TREE set: its kernel's default too    ~3 min
+#            the default against split-KV targets and tiles; batches 64 and 256 at 1k / 4k (no split-KV);
+#            AB_TREE set: its kernel's default too                                                    ~4 min
 #   tp2      (2 GPUs, name it in PARTS) mixed at tp=1 and tp=2, 8192-token budget, multi-step decode K=8
 #   tp4      (4 GPUs, name it in PARTS) Llama-3-70B shape at tp=4: latency, then mixed (K=8, budget 8192)
 #   ab       (name it in PARTS) this tree against another revision's package, side by side: mixed (each
@@ -95,9 +96,14 @@ if want gemm; then
 fi
 if want splitkv; then
     run splitkv 200 $PY scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --sweep --log "$OUT/splitkv-table.log"
+    big="--only loop --loop-batch 64,256 --loop-ctx 1024,4096 --loop-bucket 64"  # no split-KV: no loss there
+    run splitkv-big 120 $PY scripts/bench_kernels.py $big --log "$OUT/splitkv-big-table.log"
     if [ -n "${AB_TREE:-}" ] && [ -d "${AB_TREE:-}/jaxpaged" ]; then
-        run splitkv-base 150 env PYTHONPATH=$(cd "$AB_TREE" && pwd)${PYTHONPATH:+:$PYTHONPATH} $PY \
+        ab_path=$(cd "$AB_TREE" && pwd)${PYTHONPATH:+:$PYTHONPATH}
+        run splitkv-base 150 env PYTHONPATH=$ab_path $PY \
             scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --log "$OUT/splitkv-base-table.log"
+        run splitkv-big-base 120 env PYTHONPATH=$ab_path $PY scripts/bench_kernels.py $big \
+            --log "$OUT/splitkv-big-base-table.log"
     fi
 fi
 if want kernels; then
