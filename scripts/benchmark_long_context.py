@@ -70,10 +70,10 @@ def ttft(engine, context: int, vocab: int, reps: int) -> float:
 
 def rag(engine, n: int, prompt_len: int, output_len: int, shared: int, vocab: int) -> dict:
     """N prompts of `prompt_len` tokens (the first `shared` of them common to all), `output_len`
-    outputs each, all at once: wall time, output and total tok/s, prefix-cache hit rate."""
+    outputs each, all at once: wall time, output and total tok/s, prefix-cache hit rate, preemptions."""
     prefix = _prompts([prompt_len, shared, 1], 1, shared, vocab)[0] if shared else None
     bm = engine.core.block_manager
-    q0, h0 = bm.prefix_cache_queries, bm.prefix_cache_hits
+    q0, h0, p0 = bm.prefix_cache_queries, bm.prefix_cache_hits, engine.core.scheduler.num_preemptions
     _run(engine, _prompts([prompt_len, shared, 2], n, prompt_len, vocab, prefix), output_len, f"rag-{shared}")
     t = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -81,7 +81,8 @@ def rag(engine, n: int, prompt_len: int, output_len: int, shared: int, vocab: in
     wall = time.perf_counter() - t
     queries = bm.prefix_cache_queries - q0
     return {"wall_s": wall, "output_tok_s": n * output_len / wall, "total_tok_s": n * (prompt_len + output_len) / wall,
-            "prefix_hit_rate": (bm.prefix_cache_hits - h0) / queries if queries else 0.0}
+            "prefix_hit_rate": (bm.prefix_cache_hits - h0) / queries if queries else 0.0,
+            "preemptions": engine.core.scheduler.num_preemptions - p0}
 
 
 def main() -> None:
@@ -168,7 +169,8 @@ def main() -> None:
     for shared, r in rag_rows.items():
         print(f"RAG {args.rag_prompts} x {args.rag_prompt_len} -> {args.rag_output_len}, shared prefix {shared}: "
               f"{r['wall_s']:.1f} s, {r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s, "
-              f"prefix hits {r['prefix_hit_rate']:.0%}")
+              f"prefix hits {r['prefix_hit_rate']:.0%} (a preempted request's re-admission looks up its own blocks: "
+              f"{r['preemptions']} preemptions)")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
