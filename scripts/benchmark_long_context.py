@@ -169,8 +169,7 @@ def main() -> None:
     for shared, r in rag_rows.items():
         print(f"RAG {args.rag_prompts} x {args.rag_prompt_len} -> {args.rag_output_len}, shared prefix {shared}: "
               f"{r['wall_s']:.1f} s, {r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s, "
-              f"prefix hits {r['prefix_hit_rate']:.0%} (a preempted request's re-admission looks up its own blocks: "
-              f"{r['preemptions']} preemptions)")
+              f"prefix hits {r['prefix_hit_rate']:.0%}, {r['preemptions']} preemptions")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "device": jax.devices()[0].device_kind,

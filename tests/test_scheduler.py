@@ -127,6 +127,34 @@ def test_the_newest_running_request_is_preempted_and_requeued_first():
     assert [len(sched.bm.block_table(s.seq_id)) for s in (a, b)] == [3, 3] and sched.bm.num_free_blocks == 0
 
 
+def test_prefix_cache_stats_count_each_admission_once_and_preempted_ones_apart():
+    """As vLLM's `prefix_cache_queries` / `_hits`: a waiting request's lookup counts once, when it
+    is admitted (not on every step it waits for blocks), and a preempted request's re-admission,
+    which finds its own blocks, counts apart (`preempted_prefix_cache_*`)."""
+    sched = make_scheduler(num_blocks=7, budget=64, caching=True)  # 6 usable blocks
+    seqs = [make_seq(name, 8, 6, first_token=first) for name, first in zip("abc", (0, 100, 200))]
+    seqs.append(make_seq("d", 12, 2, first_token=300))  # distinct prompts: new requests never hit
+    for seq in seqs:
+        sched.add(seq)
+    expected = {False: [0, 0], True: [0, 0]}  # preempted before? -> [queries, hits], from the admissions seen
+    waiting_steps, preempted = 0, set()
+    while sched.waiting or sched.running:
+        before = {s.seq_id: (s.status, s.num_tokens) for s in seqs}
+        out, _ = step(sched)
+        for s in seqs:
+            status, num_tokens = before[s.seq_id]
+            if status is RequestStatus.WAITING and s.seq_id in {r.request.seq_id for r in out.scheduled}:
+                expected[s.seq_id in preempted][0] += num_tokens
+                expected[s.seq_id in preempted][1] += s.num_cached_tokens
+        preempted |= {s.seq_id for s in out.preempted}
+        waiting_steps += len(sched.waiting)
+    bm = sched.bm
+    assert preempted and waiting_steps > len(seqs)  # requests waited several steps
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == tuple(expected[False]) == (36, 0)
+    assert (bm.preempted_prefix_cache_queries, bm.preempted_prefix_cache_hits) == tuple(expected[True])
+    assert bm.preempted_prefix_cache_hits >= 2 * BS  # a re-admission found its own prompt's blocks
+
+
 # ---- (d) randomized runs -------------------------------------------------------------------
 class Model:
     """Independent model of the policy with blocks to spare: running rows first (admission

@@ -49,8 +49,12 @@ class BlockManager:
         self._block_hash: dict[int, int] = {}
         self._tables: dict[SeqId, list[int]] = {}
         self._seq_hashes: dict[SeqId, list[int]] = {}  # hashes of the seq's leading full blocks
-        self.prefix_cache_queries = 0  # tokens looked up
-        self.prefix_cache_hits = 0  # tokens found
+        # prompt tokens looked up / found on admission (vLLM's `prefix_cache_queries` / `_hits`);
+        # a preempted request's re-admission finds its own blocks, so it is counted apart
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.preempted_prefix_cache_queries = 0
+        self.preempted_prefix_cache_hits = 0
 
     # ---- queries -------------------------------------------------------------------------
     @property
@@ -88,7 +92,7 @@ class BlockManager:
         """Longest chain of cached full blocks prefixing `token_ids` (under `cache_salt`), leaving
         >= 1 token to compute.
 
-        Changes no state except the prefix-cache stats.
+        Changes no state (the scheduler records an admitted lookup with `record_lookup`).
         """
         if not self.enable_prefix_caching:
             return []
@@ -101,9 +105,18 @@ class BlockManager:
             if block is None:
                 break
             blocks.append(block)
-        self.prefix_cache_queries += len(token_ids)
-        self.prefix_cache_hits += len(blocks) * bs
         return blocks
+
+    def record_lookup(self, num_tokens: int, num_blocks: int, preempted: bool = False) -> None:
+        """Count an admitted request's lookup: `num_tokens` looked up, `num_blocks` blocks found."""
+        if not self.enable_prefix_caching:
+            return
+        if preempted:
+            self.preempted_prefix_cache_queries += num_tokens
+            self.preempted_prefix_cache_hits += num_blocks * self.block_size
+        else:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_blocks * self.block_size
 
     # ---- mutations -----------------------------------------------------------------------
     def allocate(self, seq_id: SeqId, num_tokens: int, computed_blocks: list[int] | None = None) -> bool:

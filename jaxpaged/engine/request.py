@@ -53,6 +53,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or written by a launched step)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache on admission
+        self.num_preemptions = 0  # times it was preempted (its KV freed, to be recomputed)
         # draft-model speculation: tokens whose KV is in the draft's pool (`draft_model_proposer`)
         self.num_draft_computed_tokens = 0
         self.fork_parent: Request | None = None  # sample 0, for samples i > 0

@@ -145,6 +145,8 @@ class Scheduler:
                     self.bm.free(seq.seq_id)  # undo the fork
                 break
             self.waiting.popleft()
+            if blocks is not None and want:  # counted once, when admitted (not per failed try)
+                self.bm.record_lookup(seq.num_tokens, len(blocks), preempted=seq.num_preemptions > 0)
             seq.status = RequestStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = seq.num_draft_computed_tokens = computed
             self.running.append(seq)
@@ -158,6 +160,7 @@ class Scheduler:
         self.bm.free(seq.seq_id)
         seq.status = RequestStatus.WAITING
         seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
