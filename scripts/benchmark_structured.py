@@ -19,7 +19,8 @@ time); `inputs ms`: its time building the late heads' inputs; `fill ms`: the run
 thread's time filling their allowed-token bitmasks (xgrammar), while the engine thread goes on.
 The `grammar fills` lines count the timed steps' fills that stayed on one thread and those
 that went to xgrammar's threads, with their median wall and CPU times.
-The `garbage collections` lines count the collector's runs during the timed steps (the engine
+The `step times` lines give the timed steps' spread (a mean above the median is a few slow
+steps). The `garbage collections` lines count the collector's runs during the timed steps (the engine
 freezes its start-up heap, so a run of the oldest generation should take milliseconds).
 The `bitmask fill alone` lines time each run's fill alone at its last step (the same
 grammars, nothing else running): as the engine fills them, on xgrammar's threads and on one.
@@ -201,6 +202,7 @@ class BatchRun:
     fills: list[tuple[bool, float, float]]
     texts: dict[str, str]
     gc_pauses: list[tuple[int, float]]
+    step_seconds: list[float]
 
 
 def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vocab: int, tag: str,
@@ -227,9 +229,11 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
     import jax
     with jax.profiler.trace(trace, create_perfetto_trace=True) if trace else contextlib.nullcontext():
         t = time.perf_counter()
+        step_ends = [t]
         while engine.has_unfinished_requests() and (steps is None or n < steps):
             step()
             n += 1
+            step_ends.append(time.perf_counter())
         if trace:
             wait_for_device(engine)
         elapsed = time.perf_counter() - t
@@ -242,7 +246,7 @@ def run_batch(engine, params, batch: int, prompt_len: int, steps: int | None, vo
         engine.abort_request(request_id)
     return BatchRun(elapsed / n, running, wait / n, (HOST_SECONDS["inputs"] - host["inputs"]) / n,
                     (HOST_SECONDS["fill"] - host["fill"]) / n, alone, late_path(LATE_STEPS[first_late:]),
-                    fills, texts, pauses)
+                    fills, texts, pauses, np.diff(step_ends).tolist())
 
 
 def main() -> None:
@@ -316,6 +320,12 @@ def main() -> None:
             print(f"grammar fills, {name}: {len(ones)} of {len(r.fills)} on one thread (median wall "
                   f"{med(ones, 1):.2f} ms, CPU {med(ones, 2):.2f} ms), {len(many)} with the threads (median wall "
                   f"{med(many, 1):.2f} ms, CPU {med(many, 2):.2f} ms)")
+    for name, r in rows.items():
+        st = np.asarray(r.step_seconds) * 1e3
+        med = float(np.median(st))
+        slow = st[st > 1.5 * med]
+        print(f"step times, {name}: median {med:.2f} ms, p90 {np.percentile(st, 90):.2f}, max {st.max():.2f}; "
+              f"{len(slow)} steps over 1.5x the median, {float(np.sum(slow - med)):.1f} ms past it in all")
     for name, r in rows.items():
         old = [p for g, p in r.gc_pauses if g == 2]
         print(f"garbage collections while timed, {name}: {len(r.gc_pauses)} taking {sum(p for _, p in r.gc_pauses) * 1e3:.1f} ms"
