@@ -1,5 +1,5 @@
 """Late sampling inputs (EngineCore.step, ModelRunner.launches_late): a step whose head reads
-the requests' histories (grammar bitmask, penalties, bans, logprobs) launches its forward before
+the requests' histories (grammar bitmask, penalties, bans) launches its forward before
 the step in flight is fetched, and its outputs equal those of the synchronous engine
 (`max_steps_in_flight` 0: every step processed before the next is built). Reuses
 tests/test_structured_output.py's engine (no compile)."""

@@ -41,7 +41,8 @@ def test_variant_is_the_cheapest_that_covers_the_batch():
     assert [variant_for(v) for v in VARIANTS] == list(VARIANTS)
     assert variant_for(SamplingFeatures(penalties=True)) == FULL
     assert variant_for(SAMPLE | SamplingFeatures(top_k_top_p=True)) == SAMPLE_FILTERED
-    assert all(not v.needs_history for v in LOOP_VARIANTS) and FULL not in LOOP_VARIANTS
+    assert all(not v.needs_history and not v.logprobs for v in LOOP_VARIANTS) and FULL not in LOOP_VARIANTS
+    assert not GREEDY_LOGPROBS.needs_history and not GREEDY_LOGPROBS.in_decode_loop  # not late, not looped
     assert variant_for(SamplingFeatures(token_bitmask=True)) == GREEDY_MASKED  # structured output, greedy
     assert variant_for(SamplingFeatures(random=True, token_bitmask=True)) == SAMPLE_MASKED
     assert variant_for(SamplingFeatures(logprobs=True)) == GREEDY_LOGPROBS  # top-N logprobs, greedy

@@ -112,7 +112,7 @@ class Scheduler:
         sooner, with blocks reserved for them; None (one step) otherwise or when the blocks are
         short (no preemption for lookahead)."""
         if not scheduled or any(n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens
-                                or seq.features.needs_history for seq, n in scheduled):
+                                or not seq.features.in_decode_loop for seq, n in scheduled):
             return None
         steps = [min(self.num_steps, seq.max_tokens - seq.num_output_tokens) for seq, _ in scheduled]
         for (seq, _), k in zip(scheduled, steps):

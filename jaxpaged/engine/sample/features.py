@@ -36,9 +36,16 @@ class SamplingFeatures:
     @property
     def needs_history(self) -> bool:
         """Inputs built per step from each request's history on the host (token history, bans
-        that end at min_tokens, prompt positions, bitmasks): the multi-step decode loop, which
-        samples K tokens without the host, cannot serve these."""
-        return self.penalties or self.logit_bias or self.logprobs or self.prompt_logprobs or self.token_bitmask
+        that end at min_tokens, prompt positions, bitmasks): such a step's head waits for the
+        step before it to be processed (`ModelRunner.launches_late`). Top-N logprobs need none:
+        their head is dispatched with the forward, as greedy's."""
+        return self.penalties or self.logit_bias or self.prompt_logprobs or self.token_bitmask
+
+    @property
+    def in_decode_loop(self) -> bool:
+        """Whether the multi-step decode loop serves these: it samples K tokens without the host
+        and returns their ids only (no history inputs, no logprobs)."""
+        return not (self.needs_history or self.logprobs)
 
     @property
     def name(self) -> str:
@@ -66,7 +73,7 @@ VARIANTS = (GREEDY, SAMPLE, SAMPLE_FILTERED, GREEDY_MASKED, SAMPLE_MASKED, GREED
 _VARIANT_NAMES = {GREEDY: "greedy", SAMPLE: "sample", SAMPLE_FILTERED: "sample_filtered",
                   GREEDY_MASKED: "greedy_masked", SAMPLE_MASKED: "sample_masked",
                   GREEDY_LOGPROBS: "greedy_logprobs", SAMPLE_LOGPROBS: "sample_logprobs", FULL: "full"}
-LOOP_VARIANTS = tuple(v for v in VARIANTS if not v.needs_history)  # the decode loop's
+LOOP_VARIANTS = tuple(v for v in VARIANTS if v.in_decode_loop)  # the decode loop's
 # The verify head's compiled variants (speculative decoding, spec_decode/verify.py), cheapest
 # first: greedy rows run in any; logit bias and top-N logprobs are a variant of their own (a
 # scatter, a top-k over every position's vocabulary and a [K + 1, S, N] copy to the host,
