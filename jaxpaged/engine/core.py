@@ -22,6 +22,7 @@ from jaxpaged.engine.buckets import token_buckets
 from jaxpaged.engine.compile_cache import enable_compilation_cache, log_late_compiles
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import kv_pool_blocks
+from jaxpaged.engine.gc_utils import freeze_gc_heap
 from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
 from jaxpaged.engine.messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
                                       PromptLogprobsChunk, SchedulerStats)
@@ -38,7 +39,6 @@ from jaxpaged.engine.spec_decode.drafter import make_drafter
 from jaxpaged.engine.spec_decode.metrics import SpecDecodingStats
 from jaxpaged.engine.structured_output.manager import StructuredOutputManager
 from jaxpaged.engine.structured_output.reasoning import ReasoningTokens
-from jaxpaged.engine.gc_utils import freeze_gc_heap
 from jaxpaged.engine.warmup import Warmup
 from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model

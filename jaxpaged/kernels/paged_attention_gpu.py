@@ -15,12 +15,12 @@ semantics; extra keyword-only tuning arguments). Design (see docs/kernels.md):
   - per-sequence ("decode") kernel, grid `(slots + 1, Hkv)`: a program handles every q-block
     of one sequence (the last slot: the padding tokens past `query_start[-1]`), with small
     tiles (`block_m` 16), or with split-KV one contiguous part of its visible KV range
-    (flash-decoding), the parts merged by a second small kernel that reads only the parts each
-    row has. The part count comes from the step's live sequences (at most `programs` programs in all, at most `num_splits` parts;
-    counted once a call and passed in with the layer index), and the slots map to the live
-    sequences' parts only, so a lone long sequence in a padded bucket streams its KV on every
-    SM and padding sequences take no programs; a part has at least `min_split_keys` keys
-    (short contexts fill fewer).
+    (flash-decoding), the parts merged by a second kernel (`split_kv_merge.py`). The part
+    count comes from the step's live sequences (at most `programs` programs in all, at most
+    `num_splits` parts; counted once a call and passed in with the layer index), and the slots
+    map to the live sequences' parts only, so a lone long sequence in a padded bucket streams
+    its KV on every SM and padding sequences take no programs; a part has at least
+    `min_split_keys` keys (short contexts fill fewer).
   - per-q-block ("prefill") kernel, grid `(cdiv(T, block_q) + S + 1, Hkv)`: q-blocks are
     assigned per sequence the way vLLM's unified attention does (sequence `s` owns the
     q-block indices from `query_start[s] // block_q + s`), with big tiles (`block_m` 128).
@@ -52,6 +52,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from jaxpaged.kernels.attention_tiles import (DECODE_ONLY_MAX_TOKENS, TileConfig, choose_config, kv_part, next_pow2,
                                               num_sms, split_parts, work_slots)
+from jaxpaged.kernels.split_kv_merge import merge_parts
 
 LOG2E = 1.4426950408889634
 _NEG = -1e30  # finite initial running max: fully masked rows stay NaN-free
@@ -265,49 +266,6 @@ def _fused_kernel(qs_ref, lens_ref, bt_ref, step_ref, sc_ref, q_ref, k_ref, v_re
     lax.cond(pid < num_q_blocks, qblock, seq)
 
 
-def _merge_kernel(qs_ref, step_ref, o_ref, m_ref, l_ref, out_ref, *, num_seqs, num_splits, chunk):
-    """Grid (T, H): the split-KV parts of token t, head h, merged (flash-decoding's second pass).
-    A live sequence's token has `parts` parts, a padding token one; parts are read `chunk` at a
-    time (masked loads: the parts a row does not have are never read)."""
-    t, h = pl.program_id(0), pl.program_id(1)
-    parts = jnp.minimum(jnp.where(t < qs_ref[num_seqs], step_ref[3], 1), num_splits)
-    d = o_ref.shape[-1]
-    sp = lax.broadcasted_iota(jnp.int32, (chunk,), 0)
-    dcols = lax.broadcasted_iota(jnp.int32, (d,), 0)
-    tv, hv = jnp.full((chunk,), t, jnp.int32), jnp.full((chunk,), h, jnp.int32)
-    full = lambda x: jnp.broadcast_to(x, (chunk, d))  # noqa: E731
-
-    def body(c, carry):
-        m_run, l_run, acc = carry
-        p = c * chunk + sp
-        has = p < parts
-        m = pltriton.load(m_ref.at[(p, tv, hv)], mask=has, other=_NEG)
-        l = pltriton.load(l_ref.at[(p, tv, hv)], mask=has, other=0.0)
-        o = pltriton.load(o_ref.at[(full(p[:, None]), full(tv[:, None]), full(hv[:, None]), full(dcols[None, :]))],
-                          mask=full(has[:, None]), other=0.0)  # [chunk, D]
-        m_new = jnp.maximum(m_run, jnp.max(m))
-        w = jnp.where(has, jnp.exp2(m - m_new), 0.0)
-        alpha = jnp.exp2(m_run - m_new)
-        return m_new, l_run * alpha + jnp.sum(w * l), acc * alpha + jnp.sum(w[:, None] * o, axis=0)
-
-    init = (jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros((d,), jnp.float32))
-    _, l_all, acc = lax.fori_loop(0, (parts + chunk - 1) // chunk, body, init)
-    out = acc / jnp.where(l_all == 0.0, 1.0, l_all)
-    pltriton.store(out_ref.at[(jnp.full((d,), t, jnp.int32), jnp.full((d,), h, jnp.int32), dcols)],
-                   out.astype(out_ref.dtype))
-
-
-def _merge_parts(o, m, l, query_start, step, *, num_seqs: int, dtype, interpret: bool) -> jax.Array:
-    """o: [P, T, H, D] f32, m, l: [P, T, H] f32 (log2-domain running max and sum per part)
-    -> [T, H, D] in `dtype`. Only the parts each row has are read (the others were never written)."""
-    num_splits, t, h, d = o.shape
-    kern = functools.partial(_merge_kernel, num_seqs=num_seqs, num_splits=num_splits,
-                             chunk=min(next_pow2(num_splits), 32))
-    return pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((t, h, d), dtype), grid=(t, h),
-                          compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
-                          name="paged_attention_merge")(query_start.astype(jnp.int32), step, o, m, l)
-
-
 def paged_attention_gpu(
     q: jax.Array,
     k_pool: jax.Array,
@@ -419,7 +377,7 @@ def paged_attention_gpu(
         if c.num_splits == 1:
             out = outs[0]
         else:
-            out = _merge_parts(*outs, query_start, step, num_seqs=s, dtype=q.dtype, interpret=interpret)
+            out = merge_parts(*outs, query_start, step, num_seqs=s, dtype=q.dtype, interpret=interpret)
     if mode in ("prefill", "split"):
         c = pre
         grid_q = -(-t // bq_pre) + s + 1
