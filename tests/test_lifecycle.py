@@ -178,8 +178,8 @@ def test_top_logprobs_alone_match_hf(llm, model_dir, monkeypatch, sampled):
     against HF on the generated sequence."""
     from jaxpaged.engine.sample.features import GREEDY_LOGPROBS, SAMPLE_LOGPROBS
     runner, used = llm.engine.runner, []
-    dispatch_late = runner.dispatch_late
-    monkeypatch.setattr(runner, "dispatch_late", lambda variant, *a: used.append(variant) or dispatch_late(variant, *a))
+    launch = runner.launch
+    monkeypatch.setattr(runner, "launch", lambda sched, variant: used.append(variant) or launch(sched, variant))
     prompt = list(range(30, 45))
     kw = dict(temperature=0.9, seed=7, ignore_eos=True) if sampled else GREEDY
     comp = gen(llm, prompt, max_tokens=6, logprobs=4, **kw).outputs[0]
