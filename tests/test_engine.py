@@ -185,10 +185,11 @@ def test_request_larger_than_the_pool_is_rejected(model_dir):
         small.generate([list(range(20))], SamplingParams(max_tokens=80), use_tqdm=False)
 
 
-def test_async_scheduling_keeps_steps_in_flight(model_dir):
+def test_async_scheduling_keeps_steps_in_flight(model_dir, compile_counter):
     """With async scheduling, up to `max_steps_in_flight` launched steps wait unprocessed
     (their sampled ids fed back on the device), and the outputs are those of the synchronous
-    engine. A row with top-N logprobs needs no history: its steps launch whole, never late."""
+    engine. A row with top-N logprobs needs no history: its steps launch whole, never late, on
+    programs the warm-up compiled."""
     outs = {}
     for depth, kw in ((0, dict(async_scheduling=False)), (1, dict(max_steps_in_flight=1)), (2, {})):
         llm = make_llm(model_dir, max_num_seqs=64, max_num_batched_tokens=64, **kw)
@@ -196,7 +197,7 @@ def test_async_scheduling_keeps_steps_in_flight(model_dir):
         for i in range(3):
             engine.add_request(str(i), list(range(30 + i, 50)), SamplingParams(
                 temperature=0, max_tokens=8 + i, ignore_eos=True, logprobs=2 if i == 2 else None))
-        launch, late = engine.runner.launch, []
+        launch, late, compiles = engine.runner.launch, [], compile_counter.count
         engine.runner.launch = lambda sched, variant: late.append((launched := launch(sched, variant)).late) or launched
         in_flight, final = [], {}
         while engine.has_unfinished_requests():
@@ -206,6 +207,7 @@ def test_async_scheduling_keeps_steps_in_flight(model_dir):
                                                        for d in o.logprobs or []])
             in_flight.append(len(engine.core._in_flight))
         assert max(in_flight) == depth and late and all(x is None for x in late)
+        assert compile_counter.count == compiles, "the engine compiled after warm-up"
         outs[depth] = final
     assert outs[0] == outs[1] == outs[2] and [len(outs[0][str(i)][0]) for i in range(3)] == [8, 9, 10]
     assert len(outs[0]["2"][1]) == 10 and all(len(d) >= 2 for d in outs[0]["2"][1])
