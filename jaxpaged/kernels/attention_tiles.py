@@ -17,8 +17,8 @@ import jax.numpy as jnp
 DECODE_ONLY_MAX_TOKENS = 32
 # Off-GPU (interpret mode) no device reports its SMs: tile as on an H200.
 _DEFAULT_NUM_SMS = 132
-# Split-KV's partial results are [num_splits, T, Hq, D] f32 and the merge reads them all: the
-# static part count keeps num_splits * T at most this.
+# Split-KV's partial results are a [num_splits, T, Hq, D] f32 buffer (the merge reads only the
+# parts each row has): the static part count keeps num_splits * T at most this.
 _MAX_SPLIT_ROWS = 512
 
 
