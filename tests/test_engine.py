@@ -179,6 +179,18 @@ def test_start_up_freezes_the_heap(model_dir):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
+def test_a_dropped_engine_is_freed_though_the_heap_is_frozen(model_dir):
+    """Frozen objects are never collected as cycles, so the engine must hold none: an `LLM` a
+    notebook drops (and its KV pool) goes as soon as its last reference does."""
+    import weakref
+
+    llm = make_llm(model_dir, max_num_seqs=4, max_num_batched_tokens=16)
+    llm.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    refs = [weakref.ref(x) for x in (llm.engine, llm.engine.core, llm.engine.core.runner, llm.engine.core.scheduler)]
+    del llm
+    assert all(r() is None for r in refs)
+
+
 def test_request_larger_than_the_pool_is_rejected(model_dir):
     small = make_llm(model_dir, num_kv_blocks=20, max_num_seqs=4, max_num_batched_tokens=16)
     with pytest.raises(ValueError, match="needs 25 KV blocks but the pool has only 19"):
