@@ -125,6 +125,16 @@ def test_split_kv_at_128k_contexts(window):
           num_seqs=4)
 
 
+def test_split_kv_merge_reads_parts_in_chunks():
+    """A lone decode token in a 1-token call with 8 KV heads: 33 parts (264 programs / 8), not a
+    power of two, each of 2 blocks of 128 keys at a context of 8,448, so the merge reads its
+    parts in two chunks (32, then 1)."""
+    from jaxpaged.kernels.attention_tiles import choose_config
+
+    assert choose_config(1, 1, 8, 8, 16, 8448 + 256)[0].num_splits == 33
+    check([(8447, 1)], hq=8, hkv=8, d=16, bs=256, num_tokens=1, num_seqs=1)
+
+
 def test_kv_parts_follow_the_live_sequences():
     """Split-KV parts from the step's live sequences: a lone row at 8k (128 blocks of 64
     keys, 8 KV heads, 264 programs) gets 32 parts (the cap), 4 rows get 8 each, 40 rows one;
