@@ -134,7 +134,7 @@ class Scheduler:
                 if parent.num_computed_tokens < parent.num_prompt_tokens:
                     break  # FCFS: wait until sample 0's prompt is in the cache, then share it
                 computed = self.bm.fork(parent.seq_id, seq.seq_id, seq.num_prompt_tokens)
-                blocks = None
+                blocks, want = None, False  # shares sample 0's blocks: no lookup
             else:  # prompt logprobs need every prompt position computed (as vLLM)
                 want = seq.params.prompt_logprobs is None
                 blocks = self.bm.get_computed_blocks(seq.all_token_ids, seq.cache_salt) if want else []
@@ -145,7 +145,7 @@ class Scheduler:
                     self.bm.free(seq.seq_id)  # undo the fork
                 break
             self.waiting.popleft()
-            if blocks is not None and want:  # counted once, when admitted (not per failed try)
+            if want:  # the lookup counted once, when admitted (not per failed try)
                 self.bm.record_lookup(seq.num_tokens, len(blocks), preempted=seq.num_preemptions > 0)
             seq.status = RequestStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens = seq.num_draft_computed_tokens = computed

@@ -167,10 +167,12 @@ def paged_attention_gpu(
     # an fp8 pool's scales, flat: K's [L * Hkv] then V's (ones for other pools)
     kv_scales = jnp.concatenate([jnp.ones(nl * hkv, jnp.float32) if x is None else x.astype(jnp.float32).reshape(-1)
                                  for x in (k_scale, v_scale)])
-    # split-KV's parts of each of the step's live sequences (they come first; padding ones last)
     programs = dec.programs or 2 * num_sms()
-    live = jnp.maximum(jnp.sum((seq_lens > 0).astype(i32)), 1)
-    parts = split_parts(live, hkv, programs, dec.num_splits)
+    live = parts = 1
+    if mode in ("decode", "split") and dec.num_splits > 1:
+        # split-KV's parts of each of the step's live sequences (they come first; padding ones last)
+        live = jnp.maximum(jnp.sum((seq_lens > 0).astype(i32)), 1)
+        parts = split_parts(live, hkv, programs, dec.num_splits)
     step = jnp.stack([jnp.asarray(x, i32) for x in (layer, sliding_window, live, parts)])  # [4]
     scalars = (query_start.astype(i32), seq_lens.astype(i32), block_tables.astype(i32), step, kv_scales)
     common = dict(num_seqs=s, num_tokens=t, hq=hq, group=group, group_p=group_p, block_size=bs,
@@ -211,7 +213,7 @@ def paged_attention_gpu(
         if c.num_splits == 1:
             out = outs[0]
         else:
-            out = merge_parts(*outs, query_start, step, num_seqs=s, dtype=q.dtype, interpret=interpret)
+            out = merge_parts(*outs, scalars[0], step, num_seqs=s, dtype=q.dtype, interpret=interpret)
     if mode in ("prefill", "split"):
         c = pre
         grid_q = -(-t // bq_pre) + s + 1

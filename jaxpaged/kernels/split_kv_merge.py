@@ -51,11 +51,11 @@ def _merge_kernel(qs_ref, step_ref, o_ref, m_ref, l_ref, out_ref, *, num_seqs, n
 def merge_parts(o: jax.Array, m: jax.Array, l: jax.Array, query_start: jax.Array, step: jax.Array, *,
                 num_seqs: int, dtype, interpret: bool) -> jax.Array:
     """o: [P, T, H, D] f32 (unnormalized), m, l: [P, T, H] f32 (each part's running max, log2
-    domain, and sum); query_start: [S + 1]; step: the kernel's step scalars (index 3: the parts
+    domain, and sum); query_start: [S + 1] int32; step: the kernel's step scalars (index 3: the parts
     of each live sequence) -> [T, H, D] in `dtype`."""
     num_splits, t, h, d = o.shape
     kern = functools.partial(_merge_kernel, num_seqs=num_seqs, num_splits=num_splits,
                              chunk=min(next_pow2(num_splits), 32))
     return pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((t, h, d), dtype), grid=(t, h),
                           compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
-                          name="paged_attention_merge")(query_start.astype(jnp.int32), step, o, m, l)
+                          name="paged_attention_merge")(query_start, step, o, m, l)
