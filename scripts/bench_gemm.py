@@ -27,7 +27,8 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
-    scheme = kind.removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
+    kind = kind.split(":")[0]
+    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
     out = []
     for layer in range(layers):
         ws = {}
@@ -35,6 +36,14 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
             k = jax.random.fold_in(jax.random.fold_in(key, layer), i)
             w = (jax.random.normal(k, (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
             ws[name] = w if kind == "bf16" else quantize(w, scheme, 0)
+            if kind == "int8_mgpu":  # the Mosaic kernel reads [out, in]
+                ws[name] = {"wt": ws[name].qweight.T, "scale": ws[name].scale}
+            elif kind == "fp8_mgpu":
+                ws[name] = {"wt": ws[name].qweight, "scale": ws[name].scale}
+            elif kind.startswith("int4_mgpu"):  # signed int4 [out, in]; zeros shifted alike
+                q = ws[name]
+                ws[name] = {"wt": (unpack_int4(q.qweight).T - 8).astype(jnp.int4), "scale": None,
+                            "s": q.scales.astype(jnp.bfloat16), "z": (q.zeros.astype(jnp.float32) - 8).astype(jnp.bfloat16)}
             if kind.startswith("int4_xla"):  # XLA's own packed uint4 array: the convert left to its fusions
                 g = ws[name].group_size
                 q = unpack_int4(ws[name].qweight).reshape(n // g, g, m).astype(jnp.uint4)
@@ -57,7 +66,22 @@ def _int4_xla(x, w, grouped):
     return jnp.einsum("tgn,gn->tn", part, s.astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(x, w, dequant):
+def _mgpu(x, w, config):
+    """The Mosaic GPU 8-bit-weight kernel (kernels/w8a16_matmul_gpu.py): x padded and transposed,
+    the [N, Tp] sums transposed back and scaled per channel."""
+    from jaxpaged.kernels.w8a16_matmul_gpu import padded_tokens, w8a16_matmul_gpu
+
+    t = x.shape[0]
+    xt = jnp.pad(x, ((0, padded_tokens(t) - t), (0, 0))).T
+    if w["scale"] is None:  # int4: scaled in the kernel
+        return w8a16_matmul_gpu(w["wt"], xt, w["s"], w["z"], **config).T[:t].astype(x.dtype)
+    y = w8a16_matmul_gpu(w["wt"], xt, **config)
+    return (y.T[:t] * w["scale"]).astype(x.dtype)
+
+
+def _linear(x, w, dequant, config=None):
+    if isinstance(w, dict) and "wt" in w:
+        return _mgpu(x, w, config or {})
     if isinstance(w, dict):
         return _int4_xla(x, w, dequant)
     if isinstance(w, jax.Array):
@@ -69,9 +93,9 @@ def _linear(x, w, dequant):
     return int4_matmul(x, w, kernel=False) if dequant else quantized_matmul(x, w)
 
 
-@functools.partial(jax.jit, static_argnames="dequant")
-def forward(x, layers, dequant=False):
-    linear = functools.partial(_linear, dequant=dequant)
+@functools.partial(jax.jit, static_argnames=("dequant", "config"))
+def forward(x, layers, dequant=False, config=None):
+    linear = functools.partial(_linear, dequant=dequant, config=dict(config or ()))
 
     for w in layers:  # unrolled, as the model's layers: `lax.scan` would copy each layer's weights
         a = linear(x, w["qkv"])[:, :4096]
@@ -90,7 +114,14 @@ def gemm_targets(compiled_text: str) -> str:
 
 
 def weight_bytes(layers) -> int:
-    return sum(leaf.size // 2 if leaf.dtype == jnp.uint4 else leaf.nbytes for leaf in jax.tree.leaves(layers))
+    return sum(leaf.size // 2 if leaf.dtype in (jnp.uint4, jnp.int4) else leaf.nbytes for leaf in jax.tree.leaves(layers))
+
+
+def _mgpu_config(kind: str) -> tuple | None:
+    """`fp8_mgpu:BLOCK_N:STAGES[:SPLITS]` -> the kernel's launch config (defaults where absent)."""
+    fields = kind.split(":")[1:]
+    config = tuple(zip(("block_n", "stages", "splits"), map(int, fields)))
+    return config + ((("scale_acc", False),) if "_tile" in kind else ()) or None
 
 
 def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tuple]:
@@ -100,7 +131,8 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tu
     rows = []
     for t in tokens:
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
-        compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped"))).compile()
+        compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped")),
+                                 config=_mgpu_config(kind)).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, weights).block_until_ready()
         times = []
@@ -122,7 +154,8 @@ def main():
                     help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's "
                          "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized; "
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
-                         "or a dot per group)")
+                         "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:BLOCK_N:STAGES[:SPLITS]]: the Mosaic GPU "
+                         "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens")
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--num-kv-blocks", type=int, default=24000)
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    ap.add_argument("--quantization", "-q", default=None, help="fp8 / int8 / int4: the weights quantized at load")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (e4m3), fp8_e5m2: the KV pool's dtype")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache")
     ap.add_argument("--top", type=int, default=16, help="kernels listed per phase")
     ap.add_argument("--hlo", action="store_true")
@@ -201,7 +203,8 @@ def main() -> None:
     llm = LLM(str(shape_dir(args.model_shape)), load_format="dummy", max_model_len=args.max_model_len,
               max_num_seqs=args.batch, max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     engine, runner = llm.engine, llm.engine.runner
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size

@@ -1,0 +1,139 @@
+"""8-bit-weight matmul for decode-sized steps on Hopper, as a Pallas Mosaic GPU kernel: the
+weight streams from HBM through a TMA pipeline at one byte per value and is converted to bf16
+in registers as wgmma's A operand, with the few tokens as its N side ("swap AB": y^T = W x^T),
+so a step of 1-64 tokens reads the weight once at close to the copy bandwidth.
+
+    w:  [N, K]   float8_e4m3fn or int8 (the contracted axis minor, as `Fp8Weight.qweight`)
+    xt: [K, Tp]  bf16, x transposed and padded to Tp tokens (a multiple of 8, at most 64)
+    ->  [N, Tp]  float32 sums, unscaled (the caller applies its per-channel scale)
+
+Reference: `w.astype(f32) @ xt.astype(f32)`.
+
+Grid `(N / block_n, splits)`: a program owns `block_n` output rows (one warpgroup's wgmma M)
+and walks `K / splits` input columns, `block_k` at a time, `stages` TMA copies in flight.
+Split-K while the row tiles alone give under two programs per SM; the parts' float32 sums add
+in the caller's XLA epilogue. In interpret mode (CPU tests) the converted tile goes through a
+shared-memory scratch, because the interpreter's wgmma reads its operands from references only.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jaxpaged.kernels.attention_tiles import num_sms
+
+MAX_TOKENS = 64  # wgmma's N side; beyond, the step is no longer weight-bound (cuBLASLt's GEMM)
+BLOCK_K = 128
+
+
+def padded_tokens(t: int) -> int:
+    """The Tp a step of t tokens runs at: 8, 16, 32 or 64."""
+    return max(8, 1 << (t - 1).bit_length())
+
+
+def supported(n: int, k: int, t: int) -> bool:
+    return t <= MAX_TOKENS and n % 64 == 0 and k % BLOCK_K == 0
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # not exported by jax 0.10-0.11
+
+    return InterpretGPUParams()
+
+
+def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = None, zeros: jax.Array | None = None,
+                     *, block_n: int = 64, block_k: int = BLOCK_K, splits: int | None = None, stages: int = 4,
+                     scale_acc: bool = True, interpret: bool | None = None) -> jax.Array:
+    """w [N, K] @ xt [K, Tp] (bf16) -> [N, Tp] float32 (module docstring). An int4 `w` (signed)
+    takes `scales` and `zeros` [K / g, N] in bf16, groups of g (a multiple of `block_k`) input
+    columns, w = (q - zero) * scale: with `scale_acc`, each step's MMA of q goes to its own
+    accumulator, which adds `scale * (sums - zero * sum(x))` to the total; else each tile is
+    `(q - zero) * scale` in bf16 before its MMA."""
+    n, k = w.shape
+    tp = xt.shape[1]
+    if n % block_n or k % block_k or tp % 8 or tp > MAX_TOKENS:
+        raise ValueError(f"w8a16 kernel: unsupported shape N={n} K={k} Tp={tp}")
+    grouped = scales is not None
+    group = k // scales.shape[0] if grouped else k
+    if group % block_k:
+        raise ValueError(f"w8a16 kernel: groups of {group} input columns do not hold whole {block_k}-column steps")
+    if splits is None:
+        splits = 1
+        while (n // block_n) * splits < 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
+            splits *= 2
+    steps = k // block_k // splits
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    by_acc = grouped and scale_acc
+    extras = ((scales, zeros) if grouped else ()) + ((jnp.sum(xt.reshape(k // block_k, block_k, tp), axis=1,
+                                                              dtype=jnp.float32),) if by_acc else ())
+    row = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
+    col = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
+
+    def body(*refs):
+        w_gmem, x_gmem, *extra_gmem, o_gmem = refs[:3 + len(extras)]
+        scratch = refs[3 + len(extras):]
+        ni, si = lax.axis_index("n"), lax.axis_index("s")
+        k_block = lambda kb: si * steps + kb  # noqa: E731
+
+        def mma(acc_ref, w_smem, x_smem, tile=lambda a: a):
+            a = tile(w_smem[...].astype(jnp.bfloat16))
+            if interpret:  # the interpreter's wgmma reads references only
+                scratch[0][...] = a
+                plgpu.commit_smem()
+                a = scratch[0]
+            plgpu.wgmma(acc_ref, a, x_smem)
+            plgpu.wgmma_wait(0)
+
+        def scaled_tile(scale_smem, zero_smem):
+            scale, zero = row(scale_smem[...]), row(zero_smem[...])
+            return lambda a: (a - lax.broadcast_in_dim(zero, a.shape, [0])) * lax.broadcast_in_dim(scale, a.shape, [0])
+
+        def by_acc_step(_, w_smem, x_smem, scale_smem, zero_smem, xsum_smem, total):
+            def part_scope(part_ref):
+                mma(part_ref, w_smem, x_smem)
+                return part_ref[...]
+
+            part = pl.run_scoped(part_scope, plgpu.ACC((block_n, tp)))
+            scale, zero = (row(r[...].astype(jnp.float32)) for r in (scale_smem, zero_smem))
+            xsum = col(xsum_smem[...])
+            part = part - lax.broadcast_in_dim(zero, part.shape, [0]) * lax.broadcast_in_dim(xsum, part.shape, [1])
+            return total + lax.broadcast_in_dim(scale, part.shape, [0]) * part
+
+        group_specs = [plgpu.BlockSpec((None, block_n), lambda kb: (k_block(kb) * block_k // group, ni))] * (2 * grouped)
+        xsum_specs = [plgpu.BlockSpec((None, tp), lambda kb: (k_block(kb), 0))] * by_acc
+        pipeline = functools.partial(
+            plgpu.emit_pipeline, grid=(steps,), max_concurrent_steps=stages,
+            in_specs=[plgpu.BlockSpec((block_n, block_k), lambda kb: (ni, k_block(kb))),
+                      plgpu.BlockSpec((block_k, tp), lambda kb: (k_block(kb), 0)), *group_specs, *xsum_specs])
+        if by_acc:
+            zero = jnp.zeros((block_n, tp), jnp.float32)
+            acc = pipeline(by_acc_step, init_carry=zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA))(
+                w_gmem, x_gmem, *extra_gmem)
+        else:
+            def acc_scope(acc_ref):
+                pipeline(lambda _, w_smem, x_smem, *group_smem: mma(
+                    acc_ref, w_smem, x_smem, scaled_tile(*group_smem) if grouped else (lambda a: a)))(
+                    w_gmem, x_gmem, *extra_gmem)
+                return acc_ref[...]
+
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((block_n, tp)))
+
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_n, tp), jnp.float32))
+        def _store(o_smem):
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * block_n, block_n)])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = (plgpu.SMEM((block_n, block_k), jnp.bfloat16),) if interpret else ()
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((splits, n, tp), jnp.float32), grid=(n // block_n, splits),
+        grid_names=("n", "s"), scratch_types=scratch, interpret=_interpret_params() if interpret else None,
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
+    return jnp.sum(kernel(w, xt, *extras), axis=0)
