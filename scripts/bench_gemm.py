@@ -124,7 +124,29 @@ def _mgpu_config(kind: str) -> tuple | None:
     return config + ((("scale_acc", False),) if "_tile" in kind else ()) or None
 
 
-def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tuple]:
+def device_time(call, iters: int, layers: int, out: str) -> tuple[float, str] | None:
+    """Device time per layer (us) of `iters` calls, from a profile: the sum of the GPU's kernel
+    durations (no host dispatch, no launch gaps), and its three costliest kernels (None: no GPU
+    in the profile)."""
+    import collections
+    import tempfile
+    from pathlib import Path
+
+    from profile_step import gpu_events, trace
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    prof = trace(lambda: [call() for _ in range(iters)], Path(tempfile.mkdtemp(dir=out)), "gemm")
+    per = collections.Counter()
+    for e in gpu_events(prof):
+        per[e.name] += e.duration_ns
+    if not per:
+        return None
+    total = sum(per.values()) / 1e3 / iters / layers
+    top = ", ".join(f"{name[:40]} {ns / 1e3 / iters / layers:.1f}" for name, ns in per.most_common(3))
+    return total, top
+
+
+def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_dir: str | None = None) -> list[tuple]:
     weights = make_layers(kind, layers, jax.random.key(0))
     wb = weight_bytes(weights) / layers
     flops = 2 * sum(n * m for n, m in SHAPES.values())
@@ -141,6 +163,13 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int) -> list[tu
             compiled(x, weights).block_until_ready()
             times.append(time.perf_counter() - start)
         per_layer = float(np.median(times)) / layers
+        device = profile_dir and device_time(lambda: compiled(x, weights).block_until_ready(), iters, layers,
+                                             profile_dir)
+        if device:  # the device's time instead of the wall's
+            per_layer_us, top = device
+            print(f"  {kind:12s} T={t:5d} wall {per_layer * 1e6:8.1f} us/layer, device {per_layer_us:8.1f}: {top}",
+                  flush=True)
+            per_layer = per_layer_us / 1e6
         rows.append((kind, t, per_layer * 1e6, wb / per_layer / 1e12, flops * t / per_layer / 1e12, wb / 2**20, gemm))
         print(f"  {kind:12s} T={t:5d} {per_layer * 1e6:8.1f} us/layer", flush=True)
     return rows
@@ -157,13 +186,15 @@ def main():
                          "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:BLOCK_N:STAGES[:SPLITS]]: the Mosaic GPU "
                          "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "
+                    "in DIR) instead of the wall time, which includes dispatch and launch gaps")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {args.layers} layers of Llama-3-8B's linears")
     rows = []
     for kind in args.kinds.split(","):
         try:
-            rows += bench_kind(kind, tokens, args.layers, args.iters)
+            rows += bench_kind(kind, tokens, args.layers, args.iters, args.device_time)
         except Exception as e:  # a kernel that does not lower: the other kinds still run
             print(f"  {kind}: failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     print(f"\n{'kind':12s} {'tokens':>6s} {'us/layer':>9s} {'weights TB/s':>12s} {'TFLOP/s':>8s} {'MiB/layer':>9s}  GEMM calls")

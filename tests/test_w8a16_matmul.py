@@ -28,7 +28,7 @@ def _operands(n, k, t, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", ["fp8", "int8"])
-@pytest.mark.parametrize("tokens,splits", [(8, 1), (16, 2)])
+@pytest.mark.parametrize("tokens,splits", [(16, 1), (32, 2)])
 def test_w8a16_kernel_against_numpy(dtype, tokens, splits):
     """Two row tiles, four K steps (split in two where asked): every tile and step lands once."""
     w, xt, want = _operands(128, 512, tokens, dtype)
@@ -57,25 +57,25 @@ def _int4_operands(n, k, t, group, scale_acc, seed=0):
 def test_w4a16_kernel_against_numpy(group, splits, scale_acc):
     """int4 tiles scaled per group of input columns (one group per step, or one per two), on
     the tile or on each step's sums."""
-    args, want = _int4_operands(128, 512, 8, group, scale_acc)
+    args, want = _int4_operands(128, 512, 16, group, scale_acc)
     got = np.asarray(w8a16_matmul_gpu(*args, splits=splits, scale_acc=scale_acc, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_w8a16_kernel_shapes():
-    assert [padded_tokens(t) for t in (1, 8, 9, 17, 64)] == [8, 8, 16, 32, 64]
+    assert [padded_tokens(t) for t in (1, 8, 9, 17, 64)] == [16, 16, 16, 32, 64]
     assert supported(4096, 14336, 64) and not supported(4096, 14336, 65) and not supported(100, 4096, 1)
     with pytest.raises(ValueError, match="unsupported shape"):
-        w8a16_matmul_gpu(jnp.zeros((128, 100), jnp.int8), jnp.zeros((100, 8), jnp.bfloat16))
+        w8a16_matmul_gpu(jnp.zeros((128, 100), jnp.int8), jnp.zeros((100, 16), jnp.bfloat16))
     with pytest.raises(ValueError, match="groups of 64"):
-        w8a16_matmul_gpu(jnp.zeros((128, 256), jnp.int4), jnp.zeros((256, 8), jnp.bfloat16),
+        w8a16_matmul_gpu(jnp.zeros((128, 256), jnp.int4), jnp.zeros((256, 16), jnp.bfloat16),
                          jnp.ones((4, 128), jnp.bfloat16), jnp.zeros((4, 128), jnp.bfloat16))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", ["fp8", "int8"])
-@pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 8), (4096, 14336, 16), (28672, 4096, 64)])
+@pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 16), (4096, 14336, 32), (28672, 4096, 64)])
 def test_w8a16_kernel_on_the_gpu(dtype, n, k, tokens):
     w, xt, want = _operands(n, k, tokens, dtype)
     got = np.asarray(jax.jit(w8a16_matmul_gpu)(w, xt))
@@ -85,7 +85,7 @@ def test_w8a16_kernel_on_the_gpu(dtype, n, k, tokens):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("scale_acc", [True, False])
-@pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 8), (4096, 14336, 16)])
+@pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 16), (4096, 14336, 32)])
 def test_w4a16_kernel_on_the_gpu(n, k, tokens, scale_acc):
     args, want = _int4_operands(n, k, tokens, 128, scale_acc)
     got = np.asarray(jax.jit(functools.partial(w8a16_matmul_gpu, scale_acc=scale_acc))(*args))

@@ -1,10 +1,10 @@
 """8-bit-weight matmul for decode-sized steps on Hopper, as a Pallas Mosaic GPU kernel: the
-weight streams from HBM through a TMA pipeline at one byte per value and is converted to bf16
-in registers as wgmma's A operand, with the few tokens as its N side ("swap AB": y^T = W x^T),
+weight streams from HBM through a TMA pipeline at one byte per value (int4: half a byte) and is
+converted to bf16 (fp8: f16, the one conversion Hopper has) in registers as wgmma's A operand, with the few tokens as its N side ("swap AB": y^T = W x^T),
 so a step of 1-64 tokens reads the weight once at close to the copy bandwidth.
 
-    w:  [N, K]   float8_e4m3fn or int8 (the contracted axis minor, as `Fp8Weight.qweight`)
-    xt: [K, Tp]  bf16, x transposed and padded to Tp tokens (a multiple of 8, at most 64)
+    w:  [N, K]   float8_e4m3fn, int8 or int4 (the contracted axis minor, as `Fp8Weight.qweight`)
+    xt: [K, Tp]  bf16, x transposed and padded to Tp tokens (16, 32 or 64; f16 for fp8 weights)
     ->  [N, Tp]  float32 sums, unscaled (the caller applies its per-channel scale)
 
 Reference: `w.astype(f32) @ xt.astype(f32)`.
@@ -32,8 +32,8 @@ BLOCK_K = 128
 
 
 def padded_tokens(t: int) -> int:
-    """The Tp a step of t tokens runs at: 8, 16, 32 or 64."""
-    return max(8, 1 << (t - 1).bit_length())
+    """The Tp a step of t tokens runs at: 16, 32 or 64 (a bf16 tile of xt needs 16 columns)."""
+    return max(16, 1 << (t - 1).bit_length())
 
 
 def supported(n: int, k: int, t: int) -> bool:
@@ -56,7 +56,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
     `(q - zero) * scale` in bf16 before its MMA."""
     n, k = w.shape
     tp = xt.shape[1]
-    if n % block_n or k % block_k or tp % 8 or tp > MAX_TOKENS:
+    if n % block_n or k % block_k or tp % 16 or tp > MAX_TOKENS:
         raise ValueError(f"w8a16 kernel: unsupported shape N={n} K={k} Tp={tp}")
     grouped = scales is not None
     group = k // scales.shape[0] if grouped else k
@@ -69,9 +69,14 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
     steps = k // block_k // splits
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    if jnp.dtype(w.dtype).itemsize == 1 and jnp.issubdtype(w.dtype, jnp.floating):
+        xt = xt.astype(jnp.float16)  # Hopper converts e4m3 to f16 only: the tiles and x in f16
     by_acc = grouped and scale_acc
-    extras = ((scales, zeros) if grouped else ()) + ((jnp.sum(xt.reshape(k // block_k, block_k, tp), axis=1,
-                                                              dtype=jnp.float32),) if by_acc else ())
+    # each step's sum of x per token, padded to 32 columns: a TMA slot of 128 bytes, as its alignment needs
+    xsum_cols = max(tp, 32)
+    xsum = jnp.pad(jnp.sum(xt.reshape(k // block_k, block_k, tp), axis=1, dtype=jnp.float32),
+                   ((0, 0), (0, xsum_cols - tp)))
+    extras = ((scales, zeros) if grouped else ()) + ((xsum,) if by_acc else ())
     row = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
     col = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
 
@@ -82,7 +87,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
         k_block = lambda kb: si * steps + kb  # noqa: E731
 
         def mma(acc_ref, w_smem, x_smem, tile=lambda a: a):
-            a = tile(w_smem[...].astype(jnp.bfloat16))
+            a = tile(w_smem[...].astype(xt.dtype))
             if interpret:  # the interpreter's wgmma reads references only
                 scratch[0][...] = a
                 plgpu.commit_smem()
@@ -92,7 +97,8 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
 
         def scaled_tile(scale_smem, zero_smem):
             scale, zero = row(scale_smem[...]), row(zero_smem[...])
-            return lambda a: (a - lax.broadcast_in_dim(zero, a.shape, [0])) * lax.broadcast_in_dim(scale, a.shape, [0])
+            bcast = lambda v, a: lax.broadcast_in_dim(v.astype(a.dtype), a.shape, [0])  # noqa: E731
+            return lambda a: (a - bcast(zero, a)) * bcast(scale, a)
 
         def by_acc_step(_, w_smem, x_smem, scale_smem, zero_smem, xsum_smem, total):
             def part_scope(part_ref):
@@ -101,12 +107,12 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
 
             part = pl.run_scoped(part_scope, plgpu.ACC((block_n, tp)))
             scale, zero = (row(r[...].astype(jnp.float32)) for r in (scale_smem, zero_smem))
-            xsum = col(xsum_smem[...])
+            xsum = col(xsum_smem[pl.ds(0, tp)])
             part = part - lax.broadcast_in_dim(zero, part.shape, [0]) * lax.broadcast_in_dim(xsum, part.shape, [1])
             return total + lax.broadcast_in_dim(scale, part.shape, [0]) * part
 
         group_specs = [plgpu.BlockSpec((None, block_n), lambda kb: (k_block(kb) * block_k // group, ni))] * (2 * grouped)
-        xsum_specs = [plgpu.BlockSpec((None, tp), lambda kb: (k_block(kb), 0))] * by_acc
+        xsum_specs = [plgpu.BlockSpec((None, xsum_cols), lambda kb: (k_block(kb), 0))] * by_acc
         pipeline = functools.partial(
             plgpu.emit_pipeline, grid=(steps,), max_concurrent_steps=stages,
             in_specs=[plgpu.BlockSpec((block_n, block_k), lambda kb: (ni, k_block(kb))),
@@ -131,7 +137,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * block_n, block_n)])
             plgpu.wait_smem_to_gmem(0)
 
-    scratch = (plgpu.SMEM((block_n, block_k), jnp.bfloat16),) if interpret else ()
+    scratch = (plgpu.SMEM((block_n, block_k), xt.dtype),) if interpret else ()
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((splits, n, tp), jnp.float32), grid=(n // block_n, splits),
         grid_names=("n", "s"), scratch_types=scratch, interpret=_interpret_params() if interpret else None,
