@@ -27,7 +27,9 @@
 #            ($OUT/structured-trace, device timelines in the log); BPE_MODEL: its model folder (default
 #            .cache/llama3-8b-bpe, carried; made there in ~2 min when missing)                   ~3.5 min
 #   gemm     (name it in PARTS) scripts/bench_gemm.py: each quantized linear() against bf16 at 1-2048 tokens,
-#            the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM), the int4 kernel against dequantize-then-GEMM ~2 min
+#            the device's kernel time per layer (a profile), the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM),
+#            the int4 kernel against dequantize-then-GEMM; GEMM_KINDS / GEMM_TOKENS pick them (e.g. the
+#            Mosaic GPU kernel: "fp8 fp8_mgpu fp8_mgpu:128:4 int4 int4_mgpu int4_mgpu_tile"), one process each ~3 min
 #   splitkv  (name it in PARTS) scripts/bench_kernels.py --only loop: decode at batch 1, 4 and 8, contexts
 #            8k / 32k / 128k in a 16-row bucket, timed on the device (kernel calls chained in one jit),
 #            the default against split-KV targets and tiles; batches 64 and 256 at 1k / 4k (no split-KV);
@@ -91,8 +93,11 @@ fi
 if want mixed; then
     throughput mixed 240 --workload mixed
 fi
-if want gemm; then
-    run gemm 200 $PY scripts/bench_gemm.py
+if want gemm; then  # one process per kind: a kernel's CUDA fault poisons its process's context
+    for k in ${GEMM_KINDS:-bf16 fp8 fp8_w8a16 int8 int8_w8a8 int4 int4_dequant}; do
+        run "gemm-${k//:/_}" 150 $PY scripts/bench_gemm.py --kinds "$k" --tokens "${GEMM_TOKENS:-1,8,64,256,2048}" \
+            --device-time "$OUT/gemm-profiles"
+    done
 fi
 if want splitkv; then
     run splitkv 200 $PY scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --sweep --log "$OUT/splitkv-table.log"
@@ -255,7 +260,9 @@ for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
     grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn)" "$f" \
         | cut -d'|' -f2-5,7 | sed 's/ *| */ | /g'
 done
-if [ -f "$OUT/gemm.log" ]; then sed -n '/^kind /,$p' "$OUT/gemm.log"; fi
+for f in "$OUT"/gemm-*.log; do
+    [ -f "$f" ] && sed -n '/^kind /,$p' "$f"
+done
 for f in "$OUT"/splitkv*-table.log; do
     [ -f "$f" ] || continue
     echo "$(basename "$f" -table.log):"
