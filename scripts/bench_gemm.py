@@ -118,32 +118,10 @@ def weight_bytes(layers) -> int:
 
 
 def _mgpu_config(kind: str) -> tuple | None:
-    """`fp8_mgpu:BLOCK_N:STAGES[:SPLITS]` -> the kernel's launch config (defaults where absent)."""
-    fields = kind.split(":")[1:]
-    config = tuple(zip(("block_n", "stages", "splits"), map(int, fields)))
+    """`fp8_mgpu:block_n=128:stages=8` -> the kernel's launch config (its defaults where absent);
+    `_tile` kinds scale int4 tiles instead of sums."""
+    config = tuple((key, int(value)) for key, value in (f.split("=") for f in kind.split(":")[1:]))
     return config + ((("scale_acc", False),) if "_tile" in kind else ()) or None
-
-
-def device_time(call, iters: int, layers: int, out: str) -> tuple[float, str] | None:
-    """Device time per layer (us) of `iters` calls, from a profile: the sum of the GPU's kernel
-    durations (no host dispatch, no launch gaps), and its three costliest kernels (None: no GPU
-    in the profile)."""
-    import collections
-    import tempfile
-    from pathlib import Path
-
-    from profile_step import gpu_events, trace
-
-    Path(out).mkdir(parents=True, exist_ok=True)
-    prof = trace(lambda: [call() for _ in range(iters)], Path(tempfile.mkdtemp(dir=out)), "gemm")
-    per = collections.Counter()
-    for e in gpu_events(prof):
-        per[e.name] += e.duration_ns
-    if not per:
-        return None
-    total = sum(per.values()) / 1e3 / iters / layers
-    top = ", ".join(f"{name[:40]} {ns / 1e3 / iters / layers:.1f}" for name, ns in per.most_common(3))
-    return total, top
 
 
 def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_dir: str | None = None) -> list[tuple]:
@@ -183,7 +161,7 @@ def main():
                     help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's "
                          "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized; "
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
-                         "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:BLOCK_N:STAGES[:SPLITS]]: the Mosaic GPU "
+                         "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:block_n=N][:block_k=N][:stages=N][:splits=N]: the Mosaic GPU "
                          "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "

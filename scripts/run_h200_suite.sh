@@ -29,7 +29,7 @@
 #   gemm     (name it in PARTS) scripts/bench_gemm.py: each quantized linear() against bf16 at 1-2048 tokens,
 #            the device's kernel time per layer (a profile), the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM),
 #            the int4 kernel against dequantize-then-GEMM; GEMM_KINDS / GEMM_TOKENS pick them (e.g. the
-#            Mosaic GPU kernel: "fp8 fp8_mgpu fp8_mgpu:128:4 int4 int4_mgpu int4_mgpu_tile"), one process each ~3 min
+#            Mosaic GPU kernel: "fp8 fp8_mgpu fp8_mgpu:block_n=128 int4 int4_mgpu int4_mgpu_tile"), one process each ~3 min
 #   splitkv  (name it in PARTS) scripts/bench_kernels.py --only loop: decode at batch 1, 4 and 8, contexts
 #            8k / 32k / 128k in a 16-row bucket, timed on the device (kernel calls chained in one jit),
 #            the default against split-KV targets and tiles; batches 64 and 256 at 1k / 4k (no split-KV);
