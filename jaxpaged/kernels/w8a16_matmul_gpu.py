@@ -1,11 +1,13 @@
-"""8-bit-weight matmul for decode-sized steps on Hopper, as a Pallas Mosaic GPU kernel: the
-weight streams from HBM through a TMA pipeline at one byte per value (int4: half a byte) and is
-converted to bf16 (fp8: f16, the one conversion Hopper has) in registers as wgmma's A operand, with the few tokens as its N side ("swap AB": y^T = W x^T),
-so a step of 1-64 tokens reads the weight once at close to the copy bandwidth.
+"""Quantized-weight matmul (fp8, int8, int4) for decode-sized steps on Hopper, as a Pallas
+Mosaic GPU kernel: the weight streams from HBM through a TMA pipeline at one byte per value
+(int4: half a byte) and is converted to bf16 (fp8: f16, the one conversion Hopper has) in
+registers as wgmma's A operand, with the few tokens as its N side ("swap AB": y^T = W x^T), so
+that a step of 1-64 tokens reads the weight once.
 
     w:  [N, K]   float8_e4m3fn, int8 or int4 (the contracted axis minor, as `Fp8Weight.qweight`)
     xt: [K, Tp]  bf16, x transposed and padded to Tp tokens (16, 32 or 64; f16 for fp8 weights)
-    ->  [N, Tp]  float32 sums, unscaled (the caller applies its per-channel scale)
+    scales, zeros: [K / g, N] for int4 (w = (q - zero) * scale), else None
+    ->  [N, Tp]  float32 sums (8-bit weights: unscaled, the caller applies its channel scale)
 
 Reference: `w.astype(f32) @ xt.astype(f32)`.
 
@@ -50,7 +52,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
                      *, block_n: int = 64, block_k: int = BLOCK_K, splits: int | None = None, stages: int = 4,
                      scale_acc: bool = True, interpret: bool | None = None) -> jax.Array:
     """w [N, K] @ xt [K, Tp] (bf16) -> [N, Tp] float32 (module docstring). An int4 `w` (signed)
-    takes `scales` and `zeros` [K / g, N] in bf16, groups of g (a multiple of `block_k`) input
+    takes `scales` (any float dtype; bf16 for scaled tiles) and `zeros` (bf16) [K / g, N], groups of g (a multiple of `block_k`) input
     columns, w = (q - zero) * scale: with `scale_acc`, each step's MMA of q goes to its own
     accumulator, which adds `scale * (sums - zero * sum(x))` to the total; else each tile is
     `(q - zero) * scale` in bf16 before its MMA."""
@@ -72,11 +74,11 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
     if jnp.dtype(w.dtype).itemsize == 1 and jnp.issubdtype(w.dtype, jnp.floating):
         xt = xt.astype(jnp.float16)  # Hopper converts e4m3 to f16 only: the tiles and x in f16
     by_acc = grouped and scale_acc
-    # each step's sum of x per token, padded to 32 columns: a TMA slot of 128 bytes, as its alignment needs
-    xsum_cols = max(tp, 32)
-    xsum = jnp.pad(jnp.sum(xt.reshape(k // block_k, block_k, tp), axis=1, dtype=jnp.float32),
-                   ((0, 0), (0, xsum_cols - tp)))
-    extras = ((scales, zeros) if grouped else ()) + ((xsum,) if by_acc else ())
+    extras = (scales, zeros) if grouped else ()
+    xsum_cols = max(tp, 32)  # each step's sum of x per token, in a TMA slot of 128+ bytes (its alignment)
+    if by_acc:
+        extras += (jnp.pad(jnp.sum(xt.reshape(k // block_k, block_k, tp), axis=1, dtype=jnp.float32),
+                           ((0, 0), (0, xsum_cols - tp))),)
     row = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
     col = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
 
