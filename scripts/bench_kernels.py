@@ -333,8 +333,31 @@ def bench_prefill(copy_bw, sweep):
         try_bench(case, f"dense dot_product_attention {impl}", jax.jit(functools.partial(dense, impl=impl)),
                   dargs, kvb, copy_bw, flops, note="contiguous KV, +gather")
     bench_mosaic_dense(case, q, k_pool, v_pool, bt, hkv, d, scale, kvb, copy_bw, flops, dense, sweep)
+    bench_mosaic_paged(case, args, out, scale, kvb, copy_bw, flops, sweep)
     log(f"  {case:<22} jnp reference: not run (needs [Hkv,T,ctx,D] f32 = 137 GB)")
     del k_pool, v_pool, sets, args, dargs
+
+
+def bench_mosaic_paged(case, args, want, scale, kvb, copy_bw, flops, sweep):
+    """This repository's paged Mosaic GPU prefill kernel (kernels/paged_prefill_mgpu.py, #29) on
+    the paged batch itself; checked against the Pallas kernel's output `want`."""
+    from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
+
+    def mosaic(block_kv, stages):
+        return jax.jit(lambda q, k, v, qs, lens, bt: paged_prefill_mgpu(
+            q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, block_kv=block_kv, stages=stages))
+
+    try:
+        got = mosaic(64, 2)(*args[0])
+        err = rel_err(got.astype(jnp.float32), want.astype(jnp.float32), got.shape[0])
+        log(f"check {case + ' paged mosaic':<38} rel_err={err:.2e} (vs the pallas kernel)")
+        del got
+    except Exception as e:  # noqa: BLE001
+        log(f"  {case:<22} paged mosaic: ERROR {type(e).__name__}: {str(e)[:300]}")
+        return
+    for block_kv, stages in ((64, 2), (128, 2), (64, 4), (128, 3)) if sweep else ((64, 2), (128, 2)):
+        try_bench(case, f"paged mosaic bkv{block_kv} st{stages}", mosaic(block_kv, stages), args, kvb, copy_bw,
+                  flops, note="Mosaic GPU, paged KV")
 
 
 def bench_mosaic_dense(case, q, k_pool, v_pool, bt, hkv, d, scale, kvb, copy_bw, flops, dense, sweep):

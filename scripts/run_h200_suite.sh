@@ -257,7 +257,7 @@ fi
 for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
     [ -f "$f" ] || continue
     grep -E "^copy bandwidth" "$f"
-    grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn)" "$f" \
+    grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn|paged mosaic)" "$f" \
         | cut -d'|' -f2-5,7 | sed 's/ *| */ | /g'
 done
 for f in "$OUT"/gemm-*.log; do

@@ -1,0 +1,190 @@
+"""Causal prefill attention over the paged KV pool as a Pallas Mosaic GPU kernel (Hopper: TMA
+copies of whole pages, wgmma, a memory warpgroup beside the compute warpgroup). Experimental:
+the reference is `paged_attention_ref` (kernels/paged_attention.py).
+
+    q:            [T, Hq, D]             bf16 (D = 64 or 128)
+    k_pool/v_pool: [L, Hkv, NB, bs, D]   bf16; `block_kv / bs` pages make one KV tile
+    query_start:  [S+1]; seq_lens: [S]; block_tables: [S, max_blocks]
+    ->            [T, Hq, D]
+
+The tokens are cut per sequence into q blocks of `BLOCK_Q` rows (`_q_blocks`); grid (Hq, q
+blocks). A program's compute warpgroup walks the keys its rows may see, `block_kv` at a time,
+with an online softmax; its memory warpgroup copies each tile's pages (their ids read from the
+block table) `stages` tiles ahead, one barrier per tile for its `block_kv / bs` page copies.
+Each q block writes a whole `BLOCK_Q`-row tile of a padded output; the rows are gathered back.
+In interpret mode (CPU tests) the two matmuls run as jnp dots: the interpreter's wgmma takes no
+transposed or register operands.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_Q = 64  # one warpgroup's wgmma rows
+MASK = -1e30  # finite: a row with no visible key gives zeros, not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class QBlocks:
+    """Per q block (a static upper bound of them, the unused ones with no rows): its sequence,
+    first row in q, number of rows, and the context position of its first row; per token, its
+    row in the padded output."""
+    seq: jax.Array  # int32 [NQB]
+    row0: jax.Array
+    rows: jax.Array
+    pos0: jax.Array
+    out_row: jax.Array  # int32 [T]
+
+
+def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int) -> QBlocks:
+    s = seq_lens.shape[0]
+    nqb = num_tokens // BLOCK_Q + s
+    q_len = query_start[1:] - query_start[:-1]
+    per_seq = (q_len + BLOCK_Q - 1) // BLOCK_Q
+    first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_seq).astype(jnp.int32)])  # [S+1]
+    b = jnp.arange(nqb, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(first[1:], b, side="right"), s - 1).astype(jnp.int32)
+    offset = (b - first[seq]) * BLOCK_Q
+    rows = jnp.where(b < first[-1], jnp.clip(q_len[seq] - offset, 0, BLOCK_Q), 0)
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    tseq = jnp.minimum(jnp.searchsorted(query_start[1:], t, side="right"), s - 1)
+    within = t - query_start[tseq]
+    out_row = (first[tseq] + within // BLOCK_Q) * BLOCK_Q + within % BLOCK_Q
+    return QBlocks(seq, jnp.where(rows > 0, query_start[seq] + offset, 0), rows.astype(jnp.int32),
+                   seq_lens[seq] - q_len[seq] + offset, out_row.astype(jnp.int32))
+
+
+def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
+                       query_start: jax.Array, seq_lens: jax.Array, block_tables: jax.Array, *, scale: float,
+                       block_kv: int = 64, stages: int = 2, interpret: bool | None = None) -> jax.Array:
+    t, hq, d = q.shape
+    _, hkv, _, bs, _ = k_pool.shape
+    pages = block_kv // bs
+    if block_kv % bs or block_kv % 16 or d % 64:
+        raise ValueError(f"paged prefill kernel: block_kv={block_kv} over pages of {bs}, head dim {d}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    qb = _q_blocks(query_start, seq_lens, t)
+    nqb = qb.seq.shape[0]
+    q_pad = jnp.pad(q, ((0, BLOCK_Q), (0, 0), (0, 0)))
+    meta = jnp.stack([qb.seq, qb.row0, qb.rows, qb.pos0])  # [4, NQB]
+    wide = -(-block_tables.shape[1] // pages) * pages  # whole tiles of page ids (the last tile's tail unread)
+    block_tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, wide - block_tables.shape[1])))
+    group = hq // hkv
+    log2e = math.log2(math.e)
+
+    def kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, bars):
+        q_bar, k_bars, v_bars, k_free, v_free = bars
+        h, b = lax.axis_index("heads"), lax.axis_index("qb")
+        seq, row0, rows, pos0 = (meta_ref[i, b] for i in range(4))
+        layer_i = layer_ref[0]
+        steps = jnp.where(rows > 0, (pos0 + rows + block_kv - 1) // block_kv, 0)  # tiles its rows may see
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg == 0)
+        def _compute():
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q), h], q_smem, q_bar)
+            plgpu.barrier_wait(q_bar)
+            lay = (lambda v, layout: v) if interpret else plgpu.layout_cast
+            m = lay(jnp.full((BLOCK_Q,), MASK, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_sum = lay(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = lay(jnp.zeros((BLOCK_Q, d), jnp.float32), plgpu.Layout.WGMMA)
+
+            def step(kv, carry):
+                acc, m, l_sum = carry
+                slot = lax.rem(kv, stages)
+                plgpu.barrier_wait(k_bars.at[slot])
+                if interpret:
+                    s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
+                else:
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        return acc_ref[...]
+                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                shape = (BLOCK_Q, block_kv)
+                iota = (lambda dim: lax.broadcasted_iota(jnp.int32, shape, dim)) if interpret else (
+                    lambda dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA))
+                row, col = iota(0), iota(1)
+                visible = (kv * block_kv + col <= pos0 + row) & (row < rows)
+                s = jnp.where(visible, s * (scale * log2e), MASK)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0])), 0.0)
+                l_sum = l_sum * alpha + p.sum(axis=1)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                plgpu.barrier_wait(v_bars.at[slot])
+                p16 = p.astype(v_smem.dtype)
+                if interpret:
+                    acc = acc + lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
+                                                preferred_element_type=jnp.float32)
+                else:
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_sum
+
+            acc, m, l_sum = lax.fori_loop(0, steps, step, (acc, m, l_sum))
+            out = acc / lax.broadcast_in_dim(jnp.maximum(l_sum, 1e-30), acc.shape, [0])
+            q_smem[...] = out.astype(q_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(b * BLOCK_Q, BLOCK_Q), h])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _memory():
+            hk = h // group
+
+            def issue(kv):
+                slot = lax.rem(kv, stages)
+                for j in range(pages):  # each page one TMA copy; the tile's barrier expects `pages` arrivals
+                    page = bt_ref[seq, kv * pages + j]
+                    rows_j = pl.ds(j * bs, bs)
+                    plgpu.copy_gmem_to_smem(k_ref.at[layer_i, hk, page], k_smem.at[slot, rows_j], k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[layer_i, hk, page], v_smem.at[slot, rows_j], v_bars.at[slot])
+
+            @pl.loop(0, jnp.minimum(steps, stages))
+            def _first(kv):
+                issue(kv)
+
+            def wait_free(kv):  # the compute warpgroup is done with tile kv's slot
+                plgpu.barrier_wait(k_free.at[lax.rem(kv, stages)])
+                plgpu.barrier_wait(v_free.at[lax.rem(kv, stages)])
+
+            @pl.loop(stages, jnp.maximum(steps, stages))
+            def _rest(kv):
+                wait_free(kv - stages)
+                issue(kv)
+
+            pl.loop(jnp.maximum(steps - stages, 0), steps)(wait_free)  # every phase observed before exit
+
+    def entry(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref):
+        tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=tiles)  # noqa: E731
+        pl.run_scoped(
+            lambda *a: kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *a[:3], a[3:]),
+            smem(BLOCK_Q, d), smem(stages, block_kv, d), smem(stages, block_kv, d),
+            plgpu.Barrier(num_barriers=1),
+            plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            collective_axes="wg")
+
+    params = {}
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # not exported by jax 0.10-0.11
+
+        params["interpret"] = InterpretGPUParams()
+    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((nqb * BLOCK_Q, hq, d), q.dtype), grid=(hq, nqb),
+                       grid_names=("heads", "qb"), num_threads=2, thread_name="wg",
+                       compiler_params=plgpu.CompilerParams(approx_math=True), **params)(
+        meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_pad, k_pool, v_pool)
+    return out[qb.out_row]
