@@ -63,6 +63,8 @@ def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int) -> Q
 def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
                        query_start: jax.Array, seq_lens: jax.Array, block_tables: jax.Array, *, scale: float,
                        block_kv: int = 64, stages: int = 2, interpret: bool | None = None) -> jax.Array:
+    """Causal attention of the step's new tokens over their paged context (module docstring),
+    `block_kv` keys (whole pages) per tile, `stages` tiles in flight. -> [T, Hq, D] in q's dtype."""
     t, hq, d = q.shape
     _, hkv, _, bs, _ = k_pool.shape
     pages = block_kv // bs
