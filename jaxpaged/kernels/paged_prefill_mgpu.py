@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jaxpaged.kernels.mosaic_interpret import interpret_params, layout_cast
+
 BLOCK_Q = 64  # one warpgroup's wgmma rows
 MASK = -1e30  # finite: a row with no visible key gives zeros, not NaN
 
@@ -93,10 +95,10 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
         def _compute():
             plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q), h], q_smem, q_bar)
             plgpu.barrier_wait(q_bar)
-            lay = (lambda v, layout: v) if interpret else plgpu.layout_cast
-            m = lay(jnp.full((BLOCK_Q,), MASK, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            l_sum = lay(jnp.zeros((BLOCK_Q,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-            acc = lay(jnp.zeros((BLOCK_Q, d), jnp.float32), plgpu.Layout.WGMMA)
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            m = layout_cast(jnp.full((BLOCK_Q,), MASK, jnp.float32), row_layout, interpret)
+            l_sum = layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), row_layout, interpret)
+            acc = layout_cast(jnp.zeros((BLOCK_Q, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
 
             def step(kv, carry):
                 acc, m, l_sum = carry
@@ -112,9 +114,8 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                     s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 shape = (BLOCK_Q, block_kv)
-                iota = (lambda dim: lax.broadcasted_iota(jnp.int32, shape, dim)) if interpret else (
-                    lambda dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA))
-                row, col = iota(0), iota(1)
+                row, col = (layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA, interpret)
+                            for dim in (0, 1))
                 visible = (kv * block_kv + col <= pos0 + row) & (row < rows)
                 s = jnp.where(visible, s * (scale * log2e), MASK)
                 m_new = jnp.maximum(m, s.max(axis=1))
@@ -180,13 +181,9 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
             collective_axes="wg")
 
-    params = {}
-    if interpret:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # not exported by jax 0.10-0.11
-
-        params["interpret"] = InterpretGPUParams()
     out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((nqb * BLOCK_Q, hq, d), q.dtype), grid=(hq, nqb),
                        grid_names=("heads", "qb"), num_threads=2, thread_name="wg",
-                       compiler_params=plgpu.CompilerParams(approx_math=True), **params)(
+                       compiler_params=plgpu.CompilerParams(approx_math=True),
+                       interpret=interpret_params() if interpret else None)(
         meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_pad, k_pool, v_pool)
     return out[qb.out_row]

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpaged.kernels.attention_tiles import num_sms
+from jaxpaged.kernels.mosaic_interpret import interpret_params, layout_cast
 
 MAX_TOKENS = 64  # wgmma's N side; beyond, the step is no longer weight-bound (cuBLASLt's GEMM)
 BLOCK_K = 128
@@ -40,12 +41,6 @@ def padded_tokens(t: int) -> int:
 
 def supported(n: int, k: int, t: int) -> bool:
     return t <= MAX_TOKENS and n % 64 == 0 and k % BLOCK_K == 0
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # not exported by jax 0.10-0.11
-
-    return InterpretGPUParams()
 
 
 def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = None, zeros: jax.Array | None = None,
@@ -79,8 +74,8 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
     if by_acc:
         extras += (jnp.pad(jnp.sum(xt.reshape(k // block_k, block_k, tp), axis=1, dtype=jnp.float32),
                            ((0, 0), (0, xsum_cols - tp))),)
-    row = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(1))  # noqa: E731
-    col = lambda v: v if interpret else plgpu.layout_cast(v, plgpu.Layout.WGMMA.reduce(0))  # noqa: E731
+    row = lambda v: layout_cast(v, plgpu.Layout.WGMMA.reduce(1), interpret)  # noqa: E731
+    col = lambda v: layout_cast(v, plgpu.Layout.WGMMA.reduce(0), interpret)  # noqa: E731
 
     def body(*refs):
         w_gmem, x_gmem, *extra_gmem, o_gmem = refs[:3 + len(extras)]
@@ -121,7 +116,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
                       plgpu.BlockSpec((block_k, tp), lambda kb: (k_block(kb), 0)), *group_specs, *xsum_specs])
         if by_acc:
             zero = jnp.zeros((block_n, tp), jnp.float32)
-            acc = pipeline(by_acc_step, init_carry=zero if interpret else plgpu.layout_cast(zero, plgpu.Layout.WGMMA))(
+            acc = pipeline(by_acc_step, init_carry=layout_cast(zero, plgpu.Layout.WGMMA, interpret))(
                 w_gmem, x_gmem, *extra_gmem)
         else:
             def acc_scope(acc_ref):
@@ -142,6 +137,6 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
     scratch = (plgpu.SMEM((block_n, block_k), xt.dtype),) if interpret else ()
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((splits, n, tp), jnp.float32), grid=(n // block_n, splits),
-        grid_names=("n", "s"), scratch_types=scratch, interpret=_interpret_params() if interpret else None,
+        grid_names=("n", "s"), scratch_types=scratch, interpret=interpret_params() if interpret else None,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return jnp.sum(kernel(w, xt, *extras), axis=0)
