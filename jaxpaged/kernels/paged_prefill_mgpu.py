@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxpaged.kernels.mosaic_interpret import interpret_params, layout_cast
+from jaxpaged.kernels.paged_attention import token_sequence_ids
 
 BLOCK_Q = 64  # one warpgroup's wgmma rows
 MASK = -1e30  # finite: a row with no visible key gives zeros, not NaN
@@ -54,9 +55,8 @@ def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int) -> Q
     seq = jnp.minimum(jnp.searchsorted(first[1:], b, side="right"), s - 1).astype(jnp.int32)
     offset = (b - first[seq]) * BLOCK_Q
     rows = jnp.where(b < first[-1], jnp.clip(q_len[seq] - offset, 0, BLOCK_Q), 0)
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    tseq = jnp.minimum(jnp.searchsorted(query_start[1:], t, side="right"), s - 1)
-    within = t - query_start[tseq]
+    tseq, _ = token_sequence_ids(query_start, num_tokens)
+    within = jnp.arange(num_tokens, dtype=jnp.int32) - query_start[tseq]
     out_row = (first[tseq] + within // BLOCK_Q) * BLOCK_Q + within % BLOCK_Q
     return QBlocks(seq, jnp.where(rows > 0, query_start[seq] + offset, 0), rows.astype(jnp.int32),
                    seq_lens[seq] - q_len[seq] + offset, out_row.astype(jnp.int32))
