@@ -124,6 +124,28 @@ def _mgpu_config(kind: str) -> tuple | None:
     return config + ((("scale_acc", False),) if "_tile" in kind else ()) or None
 
 
+def device_time(call, iters: int, layers: int, out: str) -> tuple[float, str] | None:
+    """Device time per layer (us) of `iters` calls, from a profile: the sum of the GPU's kernel
+    durations (no host dispatch, no launch gaps), and its three costliest kernels (None: no GPU
+    in the profile)."""
+    import collections
+    import tempfile
+    from pathlib import Path
+
+    from profile_step import gpu_events, trace
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    prof = trace(lambda: [call() for _ in range(iters)], Path(tempfile.mkdtemp(dir=out)), "gemm")
+    per = collections.Counter()
+    for e in gpu_events(prof):
+        per[e.name] += e.duration_ns
+    if not per:
+        return None
+    total = sum(per.values()) / 1e3 / iters / layers
+    top = ", ".join(f"{name[:40]} {ns / 1e3 / iters / layers:.1f}" for name, ns in per.most_common(3))
+    return total, top
+
+
 def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_dir: str | None = None) -> list[tuple]:
     weights = make_layers(kind, layers, jax.random.key(0))
     wb = weight_bytes(weights) / layers
