@@ -67,16 +67,13 @@ def _int4_xla(x, w, grouped):
 
 
 def _mgpu(x, w, config):
-    """The Mosaic GPU 8-bit-weight kernel (kernels/w8a16_matmul_gpu.py): x padded and transposed,
-    the [N, Tp] sums transposed back and scaled per channel."""
-    from jaxpaged.kernels.w8a16_matmul_gpu import padded_tokens, w8a16_matmul_gpu
+    """The Mosaic GPU quantized-weight kernel (kernels/w8a16_matmul_gpu.py); 8-bit weights'
+    sums scaled per channel (int4 is scaled in the kernel)."""
+    from jaxpaged.kernels.w8a16_matmul_gpu import w8a16_matmul_tokens
 
-    t = x.shape[0]
-    xt = jnp.pad(x, ((0, padded_tokens(t) - t), (0, 0))).T
-    if w["scale"] is None:  # int4: scaled in the kernel
-        return w8a16_matmul_gpu(w["wt"], xt, w["s"], w["z"], **config).T[:t].astype(x.dtype)
-    y = w8a16_matmul_gpu(w["wt"], xt, **config)
-    return (y.T[:t] * w["scale"]).astype(x.dtype)
+    if w["scale"] is None:
+        return w8a16_matmul_tokens(x, w["wt"], w["s"], w["z"], **config).astype(x.dtype)
+    return (w8a16_matmul_tokens(x, w["wt"], **config) * w["scale"]).astype(x.dtype)
 
 
 def _linear(x, w, dequant, config=None):

@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxpaged.kernels.w8a16_matmul_gpu import padded_tokens, supported, w8a16_matmul_gpu
+from jaxpaged.kernels.w8a16_matmul_gpu import padded_tokens, supported, w8a16_matmul_gpu, w8a16_matmul_tokens
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -60,6 +60,14 @@ def test_w4a16_kernel_against_numpy(group, splits, scale_acc):
     args, want = _int4_operands(128, 512, 16, group, scale_acc)
     got = np.asarray(w8a16_matmul_gpu(*args, splits=splits, scale_acc=scale_acc, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_w8a16_kernel_on_a_few_tokens():
+    """x [T, K] in, [T, N] out: x padded to 16 tokens and transposed, the padding cut away."""
+    w, xt, want = _operands(128, 256, 3, "int8")
+    got = np.asarray(w8a16_matmul_tokens(xt.T, w, interpret=True))
+    assert got.shape == (3, 128)
+    np.testing.assert_allclose(got, want.T, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_w8a16_kernel_shapes():

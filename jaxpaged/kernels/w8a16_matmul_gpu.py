@@ -140,3 +140,12 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
         grid_names=("n", "s"), scratch_types=scratch, interpret=interpret_params() if interpret else None,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return jnp.sum(kernel(w, xt, *extras), axis=0)
+
+
+def w8a16_matmul_tokens(x: jax.Array, w: jax.Array, scales: jax.Array | None = None, zeros: jax.Array | None = None,
+                        **config) -> jax.Array:
+    """x [T, K] (T <= 64) @ w [N, K] -> [T, N] float32: x padded to `padded_tokens(T)` and
+    transposed for the kernel, its sums transposed back."""
+    t = x.shape[0]
+    xt = jnp.pad(x.astype(jnp.bfloat16), ((0, padded_tokens(t) - t), (0, 0))).T
+    return w8a16_matmul_gpu(w, xt, scales, zeros, **config).T[:t]
