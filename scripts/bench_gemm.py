@@ -162,6 +162,9 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_di
         per_layer = float(np.median(times)) / layers
         device = profile_dir and device_time(lambda: compiled(x, weights).block_until_ready(), iters, layers,
                                              profile_dir)
+        if profile_dir and not device:
+            print(f"  {kind:12s} T={t:5d} --device-time: no GPU kernels in the profile, the wall time stands",
+                  flush=True)
         if device:  # the device's time instead of the wall's
             per_layer_us, top = device
             print(f"  {kind:12s} T={t:5d} wall {per_layer * 1e6:8.1f} us/layer, device {per_layer_us:8.1f}: {top}",
