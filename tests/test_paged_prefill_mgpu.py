@@ -29,23 +29,27 @@ def _case(q_lens, ctx_lens, hq=2, hkv=1, d=64, bs=16, layers=2, seed=0):
     return q, k, v, qs, jnp.asarray(ctx_lens, jnp.int32), jnp.asarray(block_tables)
 
 
-def test_paged_prefill_kernel_against_the_reference():
-    """A chunk with cached context, a whole 64-token prompt, a 30-token chunk over 150 (two q
-    blocks' worth of rows in all, one partial)."""
-    q, k, v, qs, lens, bt = _case([5, 64, 30], [45, 64, 150])
+@pytest.mark.parametrize("compute_wgs", [1, 2])
+def test_paged_prefill_kernel_against_the_reference(compute_wgs):
+    """A chunk with cached context, a 130-token chunk after 10 cached tokens (with two compute
+    warpgroups: a 128-row q block whose second warpgroup sees one tile more than the first, and
+    a 2-row block), a 30-token chunk over 150."""
+    q, k, v, qs, lens, bt = _case([5, 130, 30], [45, 140, 150])
     layer = jnp.int32(1)
     want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.125)
-    got = paged_prefill_mgpu(q, k, v, layer, qs, lens, bt, scale=0.125, interpret=True)
+    got = paged_prefill_mgpu(q, k, v, layer, qs, lens, bt, scale=0.125, block_kv=64, compute_wgs=compute_wgs,
+                             interpret=True)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("block_kv,stages", [(64, 2), (128, 3)])
-def test_paged_prefill_kernel_on_the_gpu(block_kv, stages):
+@pytest.mark.parametrize("block_kv,stages,compute_wgs", [(64, 2, 1), (128, 2, 2), (64, 3, 2)])
+def test_paged_prefill_kernel_on_the_gpu(block_kv, stages, compute_wgs):
     q, k, v, qs, lens, bt = _case([700, 64, 300], [900, 64, 2000], hq=32, hkv=8, d=128)
     layer = jnp.int32(1)
     want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.088)
-    got = jax.jit(lambda *a: paged_prefill_mgpu(*a, scale=0.088, block_kv=block_kv, stages=stages))(
+    got = jax.jit(lambda *a: paged_prefill_mgpu(*a, scale=0.088, block_kv=block_kv, stages=stages,
+                                                         compute_wgs=compute_wgs))(
         q, k, v, layer, qs, lens, bt)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)

@@ -1,5 +1,5 @@
 """Causal prefill attention over the paged KV pool as a Pallas Mosaic GPU kernel (Hopper: TMA
-copies of whole pages, wgmma, a memory warpgroup beside the compute warpgroup). Experimental:
+copies of whole pages, wgmma, a memory warpgroup beside one or two compute warpgroups). Experimental:
 the reference is `paged_attention_ref` (kernels/paged_attention.py).
 
     q:            [T, Hq, D]             bf16 (D = 64 or 128)
@@ -7,11 +7,15 @@ the reference is `paged_attention_ref` (kernels/paged_attention.py).
     query_start:  [S+1]; seq_lens: [S]; block_tables: [S, max_blocks]
     ->            [T, Hq, D]
 
-The tokens are cut per sequence into q blocks of `BLOCK_Q` rows (`_q_blocks`); grid (Hq, q
-blocks). A program's compute warpgroup walks the keys its rows may see, `block_kv` at a time,
-with an online softmax; its memory warpgroup copies each tile's pages (their ids read from the
-block table) `stages` tiles ahead, one barrier per tile for its `block_kv / bs` page copies.
-Each q block writes a whole `BLOCK_Q`-row tile of a padded output; the rows are gathered back.
+The tokens are cut per sequence into q blocks of `compute_wgs * BLOCK_Q` rows (`_q_blocks`);
+grid (Hq, q blocks). Each compute warpgroup owns `BLOCK_Q` rows of its program's block and walks
+the keys they may see, `block_kv` at a time, with an online softmax (tiles wholly visible
+unmasked, then the masked ones); the memory warpgroup copies each tile's pages (their ids read
+from the block table) `stages` tiles ahead, one barrier per tile for its `block_kv / bs` page
+copies, and reuses a slot once every compute warpgroup has freed it (one that sees fewer tiles
+takes and frees the rest). Two compute warpgroups take turns on the tensor cores, one's softmax
+beside the other's matmuls (FlashAttention-3's ping-pong, as JAX's `attention_mgpu`). Each
+warpgroup writes a whole `BLOCK_Q`-row tile of a padded output; the rows are gathered back.
 In interpret mode (CPU tests) the two matmuls run as jnp dots: the interpreter's wgmma takes no
 transposed or register operands.
 """
@@ -45,86 +49,111 @@ class QBlocks:
     out_row: jax.Array  # int32 [T]
 
 
-def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int) -> QBlocks:
+def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, block_rows: int) -> QBlocks:
     s = seq_lens.shape[0]
-    nqb = num_tokens // BLOCK_Q + s
+    nqb = num_tokens // block_rows + s
     q_len = query_start[1:] - query_start[:-1]
-    per_seq = (q_len + BLOCK_Q - 1) // BLOCK_Q
+    per_seq = (q_len + block_rows - 1) // block_rows
     first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_seq).astype(jnp.int32)])  # [S+1]
     b = jnp.arange(nqb, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(first[1:], b, side="right"), s - 1).astype(jnp.int32)
-    offset = (b - first[seq]) * BLOCK_Q
-    rows = jnp.where(b < first[-1], jnp.clip(q_len[seq] - offset, 0, BLOCK_Q), 0)
+    offset = (b - first[seq]) * block_rows
+    rows = jnp.where(b < first[-1], jnp.clip(q_len[seq] - offset, 0, block_rows), 0)
     tseq, _ = token_sequence_ids(query_start, num_tokens)
     within = jnp.arange(num_tokens, dtype=jnp.int32) - query_start[tseq]
-    out_row = (first[tseq] + within // BLOCK_Q) * BLOCK_Q + within % BLOCK_Q
+    out_row = (first[tseq] + within // block_rows) * block_rows + within % block_rows
     return QBlocks(seq, jnp.where(rows > 0, query_start[seq] + offset, 0), rows.astype(jnp.int32),
                    seq_lens[seq] - q_len[seq] + offset, out_row.astype(jnp.int32))
 
 
 def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
                        query_start: jax.Array, seq_lens: jax.Array, block_tables: jax.Array, *, scale: float,
-                       block_kv: int = 64, stages: int = 2, interpret: bool | None = None) -> jax.Array:
+                       block_kv: int = 128, stages: int = 2, compute_wgs: int = 2,
+                       interpret: bool | None = None) -> jax.Array:
     """Causal attention of the step's new tokens over their paged context (module docstring),
-    `block_kv` keys (whole pages) per tile, `stages` tiles in flight. -> [T, Hq, D] in q's dtype."""
+    `block_kv` keys (whole pages) per tile, `stages` tiles in flight, `compute_wgs` compute
+    warpgroups of `BLOCK_Q` rows each. -> [T, Hq, D] in q's dtype."""
     t, hq, d = q.shape
     _, hkv, _, bs, _ = k_pool.shape
     pages = block_kv // bs
-    if block_kv % bs or block_kv % 16 or d % 64:
-        raise ValueError(f"paged prefill kernel: block_kv={block_kv} over pages of {bs}, head dim {d}")
+    if block_kv % bs or block_kv % 64 or d % 64 or compute_wgs not in (1, 2):
+        raise ValueError(f"paged prefill kernel: block_kv={block_kv} over pages of {bs}, head dim {d}, "
+                         f"{compute_wgs} compute warpgroups")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    qb = _q_blocks(query_start, seq_lens, t)
+    block_rows = compute_wgs * BLOCK_Q
+    qb = _q_blocks(query_start, seq_lens, t, block_rows)
     nqb = qb.seq.shape[0]
-    q_pad = jnp.pad(q, ((0, BLOCK_Q), (0, 0), (0, 0)))
+    q_pad = jnp.pad(q, ((0, block_rows), (0, 0), (0, 0)))
     meta = jnp.stack([qb.seq, qb.row0, qb.rows, qb.pos0])  # [4, NQB]
     wide = -(-block_tables.shape[1] // pages) * pages  # whole tiles of page ids (the last tile's tail unread)
     block_tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, wide - block_tables.shape[1])))
     group = hq // hkv
     log2e = math.log2(math.e)
+    tile = (BLOCK_Q, block_kv)
 
-    def kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem, bars):
-        q_bar, k_bars, v_bars, k_free, v_free = bars
-        h, b = lax.axis_index("heads"), lax.axis_index("qb")
+    def kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, q_smem2, k_smem, v_smem, bars):
+        q_bars, k_bars, v_bars, k_free, v_free, turn = bars
+        h, b, wg = lax.axis_index("heads"), lax.axis_index("qb"), lax.axis_index("wg")
         seq, row0, rows, pos0 = (meta_ref[i, b] for i in range(4))
-        layer_i = layer_ref[0]
-        steps = jnp.where(rows > 0, (pos0 + rows + block_kv - 1) // block_kv, 0)  # tiles its rows may see
-        wg = lax.axis_index("wg")
+        steps = jnp.where(rows > 0, (pos0 + rows + block_kv - 1) // block_kv, 0)  # the tiles the block's rows see
 
-        @pl.when(wg == 0)
+        def sync():  # the compute warpgroups take turns on the tensor cores (FA3's ping-pong)
+            if compute_wgs == 2:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
+        @pl.when(wg < compute_wgs)
         def _compute():
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0, BLOCK_Q), h], q_smem, q_bar)
-            plgpu.barrier_wait(q_bar)
+            if compute_wgs == 2:
+                plgpu.set_max_registers(232, action="increase")
+            q_smem = q_smem2.at[wg]
+            my_rows = jnp.clip(rows - wg * BLOCK_Q, 0, BLOCK_Q)
+            my_pos0 = pos0 + wg * BLOCK_Q
+            my_steps = jnp.where(my_rows > 0, (my_pos0 + my_rows + block_kv - 1) // block_kv, 0)
+            unmasked = jnp.minimum((my_pos0 + 1) // block_kv, my_steps)  # tiles every real row sees whole
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0 + wg * BLOCK_Q, BLOCK_Q), h], q_smem, q_bars.at[wg])
+            plgpu.barrier_wait(q_bars.at[wg])
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             m = layout_cast(jnp.full((BLOCK_Q,), MASK, jnp.float32), row_layout, interpret)
             l_sum = layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), row_layout, interpret)
             acc = layout_cast(jnp.zeros((BLOCK_Q, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
+            pl.when(wg == 1)(sync)
 
-            def step(kv, carry):
+            def step(kv, carry, masked: bool):
                 acc, m, l_sum = carry
                 slot = lax.rem(kv, stages)
                 plgpu.barrier_wait(k_bars.at[slot])
                 if interpret:
                     s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
+                    sync()
                 else:
                     def qk(acc_ref):
                         plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        sync()
                         return acc_ref[...]
-                    s = pl.run_scoped(qk, plgpu.ACC((BLOCK_Q, block_kv), jnp.float32))
+                    s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                shape = (BLOCK_Q, block_kv)
-                row, col = (layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), plgpu.Layout.WGMMA, interpret)
-                            for dim in (0, 1))
-                visible = (kv * block_kv + col <= pos0 + row) & (row < rows)
-                s = jnp.where(visible, s * (scale * log2e), MASK)
+                s = s * (scale * log2e)
+                if masked:
+                    row, col = (layout_cast(lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA, interpret)
+                                for dim in (0, 1))
+                    visible = (kv * block_kv + col <= my_pos0 + row) & (row < my_rows)
+                    s = jnp.where(visible, s, MASK)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.where(visible, jnp.exp2(s - lax.broadcast_in_dim(m_new, shape, [0])), 0.0)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0]))
+                if masked:  # a row with no visible key yet has m_new = MASK: exp2(0) there, not 0
+                    p = jnp.where(visible, p, 0.0)
                 l_sum = l_sum * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                plgpu.barrier_wait(v_bars.at[slot])
                 p16 = p.astype(v_smem.dtype)
+                if compute_wgs == 2:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_bars.at[slot])
+                if compute_wgs == 2:
+                    plgpu.barrier_wait(turn)
                 if interpret:
                     acc = acc + lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
                                                 preferred_element_type=jnp.float32)
@@ -135,16 +164,31 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_sum
 
-            acc, m, l_sum = lax.fori_loop(0, steps, step, (acc, m, l_sum))
+            carry = lax.fori_loop(0, unmasked, lambda kv, c: step(kv, c, False), (acc, m, l_sum))
+            acc, m, l_sum = lax.fori_loop(unmasked, my_steps, lambda kv, c: step(kv, c, True), carry)
+
+            @pl.loop(my_steps, steps)
+            def _drain(kv):  # tiles only the other warpgroup's rows see: taken and freed, turns kept
+                slot = lax.rem(kv, stages)
+                plgpu.barrier_wait(k_bars.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                sync()
+                plgpu.barrier_wait(v_bars.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                sync()
+
+            pl.when(wg == 0)(sync)
             out = acc / lax.broadcast_in_dim(jnp.maximum(l_sum, 1e-30), acc.shape, [0])
             q_smem[...] = out.astype(q_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(b * BLOCK_Q, BLOCK_Q), h])
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(b * block_rows + wg * BLOCK_Q, BLOCK_Q), h])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        @pl.when(wg == compute_wgs)
         def _memory():
-            hk = h // group
+            if compute_wgs == 2:
+                plgpu.set_max_registers(40, action="decrease")
+            hk, layer_i = h // group, layer_ref[0]
 
             def issue(kv):
                 slot = lax.rem(kv, stages)
@@ -154,13 +198,11 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                     plgpu.copy_gmem_to_smem(k_ref.at[layer_i, hk, page], k_smem.at[slot, rows_j], k_bars.at[slot])
                     plgpu.copy_gmem_to_smem(v_ref.at[layer_i, hk, page], v_smem.at[slot, rows_j], v_bars.at[slot])
 
-            @pl.loop(0, jnp.minimum(steps, stages))
-            def _first(kv):
-                issue(kv)
-
-            def wait_free(kv):  # the compute warpgroup is done with tile kv's slot
+            def wait_free(kv):  # every compute warpgroup is done with tile kv's slot
                 plgpu.barrier_wait(k_free.at[lax.rem(kv, stages)])
                 plgpu.barrier_wait(v_free.at[lax.rem(kv, stages)])
+
+            pl.loop(0, jnp.minimum(steps, stages))(issue)
 
             @pl.loop(stages, jnp.maximum(steps, stages))
             def _rest(kv):
@@ -174,15 +216,17 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
         smem = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=tiles)  # noqa: E731
         pl.run_scoped(
             lambda *a: kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *a[:3], a[3:]),
-            smem(BLOCK_Q, d), smem(stages, block_kv, d), smem(stages, block_kv, d),
-            plgpu.Barrier(num_barriers=1),
+            smem(compute_wgs, BLOCK_Q, d), smem(stages, block_kv, d), smem(stages, block_kv, d),
+            plgpu.Barrier(num_barriers=compute_wgs),
             plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
             plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=compute_wgs, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=compute_wgs),
             collective_axes="wg")
 
-    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((nqb * BLOCK_Q, hq, d), q.dtype), grid=(hq, nqb),
-                       grid_names=("heads", "qb"), num_threads=2, thread_name="wg",
+    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((nqb * block_rows, hq, d), q.dtype), grid=(hq, nqb),
+                       grid_names=("heads", "qb"), num_threads=compute_wgs + 1, thread_name="wg",
                        compiler_params=plgpu.CompilerParams(approx_math=True),
                        interpret=interpret_params() if interpret else None)(
         meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_pad, k_pool, v_pool)
