@@ -153,7 +153,7 @@ def test_aborts_after_rejections_free_every_block(model_dir, drafts, workload): 
         LLM(model_dir, **KW, speculative_config=_spec(drafts["noisy"]), enable_prefix_caching=False), prompts)
 
 
-N = 20_000
+N = 3_000
 PROMPT = [337, 113, 181, 324, 164]  # its top-3 cuts (and those after each of its top 3) have margins
 
 
