@@ -10,8 +10,9 @@
    `jax.experimental.pallas.ops.gpu.paged_attention` (decode only), for decode batch 64,
    32 q heads, 8 KV heads, D=128, bf16, block 16 at contexts 512/2048/8192 (the per-sequence
    kernel, as the engine's decode steps), prefill 8 x 2048 causal and a mixed batch, and with
-   `--only bucket` a prefill step's attention in the engine's padded 2048-token bucket; prints
-   one table last.
+   `--only bucket` a prefill step's attention in the engine's padded 2048-token bucket, with
+   `--only chunk` a 32k prompt's first and last 8192-token chunks (the Pallas and the Mosaic GPU
+   prefill kernels); prints one table last.
 """
 from __future__ import annotations
 
@@ -338,7 +339,24 @@ def bench_prefill(copy_bw, sweep):
     del k_pool, v_pool, sets, args, dargs
 
 
-def bench_mosaic_paged(case, args, want, scale, kvb, copy_bw, flops, sweep):
+def bench_prefill_chunk(copy_bw):
+    """A 32k prompt's first and last 8192-token chunks (the token budget) over their paged
+    context: the Pallas kernel and the Mosaic GPU kernel (#29's second prefill target)."""
+    hq, hkv, d, bs = 32, 8, 128, 16
+    scale = d ** -0.5
+    for cached in (0, 24576):
+        plan = [(cached, 8192)]
+        case = f"chunk 8192 at {cached // 1024}k"
+        k_pool, v_pool, sets = make_batch(jax.random.key(cached), plan, hq=hq, hkv=hkv, d=d, bs=bs, sets=2)
+        args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
+        flops, kvb = attn_flops(plan, hq, d), kv_bytes(plan, hkv, d)
+        out = ours(scale)(*args[0])
+        try_bench(case, "pallas (default)", ours(scale), args, kvb, copy_bw, flops)
+        bench_mosaic_paged(case, args, out, scale, kvb, copy_bw, flops, False, [(64, 2, 1), (128, 2, 2)])
+        del k_pool, v_pool, sets, args, out
+
+
+def bench_mosaic_paged(case, args, want, scale, kvb, copy_bw, flops, sweep, configs=None):
     """This repository's paged Mosaic GPU prefill kernel (kernels/paged_prefill_mgpu.py, #29) on
     the paged batch itself; checked against the Pallas kernel's output `want`."""
     from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
@@ -347,7 +365,7 @@ def bench_mosaic_paged(case, args, want, scale, kvb, copy_bw, flops, sweep):
         return jax.jit(lambda q, k, v, qs, lens, bt: paged_prefill_mgpu(
             q, k, v, jnp.int32(1), qs, lens, bt, scale=scale, block_kv=block_kv, stages=stages, compute_wgs=wgs))
 
-    configs = [(64, 2, 1), (128, 2, 2), (64, 2, 2)] + [(128, 3, 2), (64, 3, 2), (128, 2, 1)] * sweep
+    configs = configs or [(64, 2, 1), (128, 2, 2), (64, 2, 2)] + [(128, 3, 2), (64, 3, 2), (128, 2, 1)] * sweep
     for block_kv, stages, wgs in configs:
         name = f"paged mosaic bkv{block_kv} st{stages} wg{wgs}"
         try:  # each config checked: a lowering error in one leaves the others measured
@@ -483,6 +501,8 @@ def main():
                 bench_decode_loop(ctx, b, copy_bw, a.sweep, bucket=a.loop_bucket)
     if "prefill" in only and not a.quick:
         bench_prefill(copy_bw, a.sweep)
+    if "chunk" in only and not a.quick:
+        bench_prefill_chunk(copy_bw)
     if "mixed" in only and not a.quick:
         bench_mixed(copy_bw)
     if "bucket" in only:
