@@ -16,6 +16,8 @@ copies, and reuses a slot once every compute warpgroup has freed it (one that se
 takes and frees the rest). Two compute warpgroups take turns on the tensor cores, one's softmax
 beside the other's matmuls (FlashAttention-3's ping-pong, as JAX's `attention_mgpu`). Each
 warpgroup writes a whole `BLOCK_Q`-row tile of a padded output; the rows are gathered back.
+q, the output and the pools are addressed as 2-D arrays (rows x D): jax 0.11.2's layout
+inference rejects a TMA copy with a squeezed axis at an unaligned dynamic row.
 In interpret mode (CPU tests) the two matmuls run as jnp dots: the interpreter's wgmma takes no
 transposed or register operands.
 """
@@ -74,7 +76,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     `block_kv` keys (whole pages) per tile, `stages` tiles in flight, `compute_wgs` compute
     warpgroups of `BLOCK_Q` rows each. -> [T, Hq, D] in q's dtype."""
     t, hq, d = q.shape
-    _, hkv, _, bs, _ = k_pool.shape
+    _, hkv, num_blocks, bs, _ = k_pool.shape
     pages = block_kv // bs
     if block_kv % bs or block_kv % 64 or d % 64 or compute_wgs not in (1, 2):
         raise ValueError(f"paged prefill kernel: block_kv={block_kv} over pages of {bs}, head dim {d}, "
@@ -84,7 +86,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     block_rows = compute_wgs * BLOCK_Q
     qb = _q_blocks(query_start, seq_lens, t, block_rows)
     nqb = qb.seq.shape[0]
-    q_pad = jnp.pad(q, ((0, block_rows), (0, 0), (0, 0)))
+    q_pad = jnp.pad(q, ((0, block_rows), (0, 0), (0, 0))).reshape(-1, hq * d)
     meta = jnp.stack([qb.seq, qb.row0, qb.rows, qb.pos0])  # [4, NQB]
     wide = -(-block_tables.shape[1] // pages) * pages  # whole tiles of page ids (the last tile's tail unread)
     block_tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, wide - block_tables.shape[1])))
@@ -112,7 +114,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             my_pos0 = pos0 + wg * BLOCK_Q
             my_steps = jnp.where(my_rows > 0, (my_pos0 + my_rows + block_kv - 1) // block_kv, 0)
             unmasked = jnp.minimum((my_pos0 + 1) // block_kv, my_steps)  # tiles every real row sees whole
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0 + wg * BLOCK_Q, BLOCK_Q), h], q_smem, q_bars.at[wg])
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0 + wg * BLOCK_Q, BLOCK_Q), pl.ds(h * d, d)], q_smem, q_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             m = layout_cast(jnp.full((BLOCK_Q,), MASK, jnp.float32), row_layout, interpret)
@@ -181,7 +183,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             out = acc / lax.broadcast_in_dim(jnp.maximum(l_sum, 1e-30), acc.shape, [0])
             q_smem[...] = out.astype(q_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(b * block_rows + wg * BLOCK_Q, BLOCK_Q), h])
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(b * block_rows + wg * BLOCK_Q, BLOCK_Q), pl.ds(h * d, d)])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == compute_wgs)
@@ -193,10 +195,10 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             def issue(kv):
                 slot = lax.rem(kv, stages)
                 for j in range(pages):  # each page one TMA copy; the tile's barrier expects `pages` arrivals
-                    page = bt_ref[seq, kv * pages + j]
-                    rows_j = pl.ds(j * bs, bs)
-                    plgpu.copy_gmem_to_smem(k_ref.at[layer_i, hk, page], k_smem.at[slot, rows_j], k_bars.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[layer_i, hk, page], v_smem.at[slot, rows_j], v_bars.at[slot])
+                    src = pl.ds(((layer_i * hkv + hk) * num_blocks + bt_ref[seq, kv * pages + j]) * bs, bs)
+                    dst = k_smem.at[slot, pl.ds(j * bs, bs)], v_smem.at[slot, pl.ds(j * bs, bs)]
+                    plgpu.copy_gmem_to_smem(k_ref.at[src], dst[0], k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[src], dst[1], v_bars.at[slot])
 
             def wait_free(kv):  # every compute warpgroup is done with tile kv's slot
                 plgpu.barrier_wait(k_free.at[lax.rem(kv, stages)])
@@ -225,9 +227,9 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             plgpu.Barrier(num_arrivals=compute_wgs),
             collective_axes="wg")
 
-    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((nqb * block_rows, hq, d), q.dtype), grid=(hq, nqb),
+    out = plgpu.kernel(entry, out_type=jax.ShapeDtypeStruct((nqb * block_rows, hq * d), q.dtype), grid=(hq, nqb),
                        grid_names=("heads", "qb"), num_threads=compute_wgs + 1, thread_name="wg",
                        compiler_params=plgpu.CompilerParams(approx_math=True),
                        interpret=interpret_params() if interpret else None)(
-        meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_pad, k_pool, v_pool)
-    return out[qb.out_row]
+        meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_pad, k_pool.reshape(-1, d), v_pool.reshape(-1, d))
+    return out.reshape(-1, hq, d)[qb.out_row]
