@@ -62,6 +62,16 @@ def test_w4a16_kernel_against_numpy(group, splits, scale_acc):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_w4a16_kernel_steps_over_several_groups():
+    """Scaled tiles, 256-column steps over groups of 128: each group's half of a tile scaled by
+    its own row of scales and zeros, one MMA each."""
+    args, want = _int4_operands(128, 512, 16, 128, False)
+    got = np.asarray(w8a16_matmul_gpu(*args, block_k=256, splits=1, scale_acc=False, interpret=True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match="do not fit 256-column steps"):  # on the sums: one group a step
+        w8a16_matmul_gpu(*args, block_k=256, interpret=True)
+
+
 def test_w8a16_kernel_on_a_few_tokens():
     """x [T, K] in, [T, N] out: x padded to 16 tokens and transposed, the padding cut away."""
     w, xt, want = _operands(128, 256, 3, "int8")
@@ -92,9 +102,9 @@ def test_w8a16_kernel_on_the_gpu(dtype, n, k, tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("scale_acc", [True, False])
+@pytest.mark.parametrize("scale_acc,block_k", [(True, 128), (False, 128), (False, 512)])
 @pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 16), (4096, 14336, 32)])
-def test_w4a16_kernel_on_the_gpu(n, k, tokens, scale_acc):
+def test_w4a16_kernel_on_the_gpu(n, k, tokens, scale_acc, block_k):
     args, want = _int4_operands(n, k, tokens, 128, scale_acc)
-    got = np.asarray(jax.jit(functools.partial(w8a16_matmul_gpu, scale_acc=scale_acc))(*args))
+    got = np.asarray(jax.jit(functools.partial(w8a16_matmul_gpu, scale_acc=scale_acc, block_k=block_k))(*args))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

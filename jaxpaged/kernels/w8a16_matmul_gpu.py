@@ -47,18 +47,21 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
                      *, block_n: int = 64, block_k: int = BLOCK_K, splits: int | None = None, stages: int = 4,
                      scale_acc: bool = True, interpret: bool | None = None) -> jax.Array:
     """w [N, K] @ xt [K, Tp] (bf16) -> [N, Tp] float32 (module docstring). An int4 `w` (signed)
-    takes `scales` (any float dtype; bf16 for scaled tiles) and `zeros` (bf16) [K / g, N], groups of g (a multiple of `block_k`) input
-    columns, w = (q - zero) * scale: with `scale_acc`, each step's MMA of q goes to its own
-    accumulator, which adds `scale * (sums - zero * sum(x))` to the total; else each tile is
-    `(q - zero) * scale` in bf16 before its MMA."""
+    takes `scales` (any float dtype; bf16 for scaled tiles) and `zeros` (bf16) [K / g, N],
+    groups of g input columns, w = (q - zero) * scale: with `scale_acc` (g a multiple of
+    `block_k`), each step's MMA of q goes to its own accumulator, which adds
+    `scale * (sums - zero * sum(x))` to the total; else each group's part of a step's tile (g a
+    multiple or a divisor of `block_k`) is `(q - zero) * scale` in bf16 before its MMA."""
     n, k = w.shape
     tp = xt.shape[1]
     if n % block_n or k % block_k or tp % 16 or tp > MAX_TOKENS:
         raise ValueError(f"w8a16 kernel: unsupported shape N={n} K={k} Tp={tp}")
     grouped = scales is not None
     group = k // scales.shape[0] if grouped else k
-    if group % block_k:
-        raise ValueError(f"w8a16 kernel: groups of {group} input columns do not hold whole {block_k}-column steps")
+    by_acc = grouped and scale_acc
+    if group % block_k and (by_acc or block_k % group):
+        raise ValueError(f"w8a16 kernel: groups of {group} input columns do not fit {block_k}-column steps")
+    sub = min(group, block_k)  # the columns of one MMA: a group's part of a step
     if splits is None:
         splits = 1
         while (n // block_n) * splits < 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
@@ -68,7 +71,6 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
         interpret = jax.default_backend() != "gpu"
     if jnp.dtype(w.dtype).itemsize == 1 and jnp.issubdtype(w.dtype, jnp.floating):
         xt = xt.astype(jnp.float16)  # Hopper converts e4m3 to f16 only: the tiles and x in f16
-    by_acc = grouped and scale_acc
     extras = (scales, zeros) if grouped else ()
     xsum_cols = max(tp, 32)  # each step's sum of x per token, in a TMA slot of 128+ bytes (its alignment)
     if by_acc:
@@ -83,19 +85,22 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
         ni, si = lax.axis_index("n"), lax.axis_index("s")
         k_block = lambda kb: si * steps + kb  # noqa: E731
 
-        def mma(acc_ref, w_smem, x_smem, tile=lambda a: a):
-            a = tile(w_smem[...].astype(xt.dtype))
-            if interpret:  # the interpreter's wgmma reads references only
-                scratch[0][...] = a
-                plgpu.commit_smem()
-                a = scratch[0]
-            plgpu.wgmma(acc_ref, a, x_smem)
-            plgpu.wgmma_wait(0)
-
-        def scaled_tile(scale_smem, zero_smem):
-            scale, zero = row(scale_smem[...]), row(zero_smem[...])
-            bcast = lambda v, a: lax.broadcast_in_dim(v.astype(a.dtype), a.shape, [0])  # noqa: E731
-            return lambda a: (a - bcast(zero, a)) * bcast(scale, a)
+        def mma(acc_ref, w_smem, x_smem, scale_smem=None, zero_smem=None):
+            """acc += the step's tile @ its x rows; with scales, one MMA per group in the step."""
+            width = block_k if scale_smem is None else sub
+            for g in range(block_k // width):
+                cols = pl.ds(g * width, width)
+                a = w_smem[:, cols].astype(xt.dtype)
+                if scale_smem is not None:
+                    scale, zero = row(scale_smem[g]), row(zero_smem[g])
+                    bcast = lambda v: lax.broadcast_in_dim(v.astype(a.dtype), a.shape, [0])  # noqa: E731
+                    a = (a - bcast(zero)) * bcast(scale)
+                if interpret:  # the interpreter's wgmma reads references only
+                    scratch[0][...] = a
+                    plgpu.commit_smem()
+                    a = scratch[0]
+                plgpu.wgmma(acc_ref, a, x_smem.at[cols])
+                plgpu.wgmma_wait(0)
 
         def by_acc_step(_, w_smem, x_smem, scale_smem, zero_smem, xsum_smem, total):
             def part_scope(part_ref):
@@ -108,7 +113,11 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
             part = part - lax.broadcast_in_dim(zero, part.shape, [0]) * lax.broadcast_in_dim(xsum, part.shape, [1])
             return total + lax.broadcast_in_dim(scale, part.shape, [0]) * part
 
-        group_specs = [plgpu.BlockSpec((None, block_n), lambda kb: (k_block(kb) * block_k // group, ni))] * (2 * grouped)
+        if by_acc:  # a step's one group
+            group_specs = [plgpu.BlockSpec((None, block_n), lambda kb: (k_block(kb) * block_k // group, ni))] * 2
+        else:  # the step's groups, or the one it lies in
+            group_specs = [plgpu.BlockSpec((block_k // sub, block_n),
+                                           lambda kb: (k_block(kb) * sub // group, ni))] * (2 * grouped)
         xsum_specs = [plgpu.BlockSpec((None, xsum_cols), lambda kb: (k_block(kb), 0))] * by_acc
         pipeline = functools.partial(
             plgpu.emit_pipeline, grid=(steps,), max_concurrent_steps=stages,
@@ -120,8 +129,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
                 w_gmem, x_gmem, *extra_gmem)
         else:
             def acc_scope(acc_ref):
-                pipeline(lambda _, w_smem, x_smem, *group_smem: mma(
-                    acc_ref, w_smem, x_smem, scaled_tile(*group_smem) if grouped else (lambda a: a)))(
+                pipeline(lambda _, w_smem, x_smem, *group_smem: mma(acc_ref, w_smem, x_smem, *group_smem))(
                     w_gmem, x_gmem, *extra_gmem)
                 return acc_ref[...]
 
@@ -134,7 +142,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
             plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * block_n, block_n)])
             plgpu.wait_smem_to_gmem(0)
 
-    scratch = (plgpu.SMEM((block_n, block_k), xt.dtype),) if interpret else ()
+    scratch = (plgpu.SMEM((block_n, sub if grouped else block_k), xt.dtype),) if interpret else ()
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((splits, n, tp), jnp.float32), grid=(n // block_n, splits),
         grid_names=("n", "s"), scratch_types=scratch, interpret=interpret_params() if interpret else None,
