@@ -15,9 +15,10 @@ from the block table) `stages` tiles ahead, one barrier per tile for its `block_
 copies, and reuses a slot once every compute warpgroup has freed it (one that sees fewer tiles
 takes and frees the rest). Two compute warpgroups take turns on the tensor cores, one's softmax
 beside the other's matmuls (FlashAttention-3's ping-pong, as JAX's `attention_mgpu`). Each
-warpgroup writes a whole `BLOCK_Q`-row tile of a padded output; the rows are gathered back.
-q, the output and the pools are addressed as 2-D arrays (rows x D): jax 0.11.2's layout
-inference rejects a TMA copy with a squeezed axis at an unaligned dynamic row.
+warpgroup reads and writes whole `BLOCK_Q`-row tiles: q is scattered into a block-padded
+layout (each q block at a multiple of its rows) and the output gathered back from it. q, the
+output and the pools are addressed as 2-D arrays (rows x D) at rows proven multiples of the
+tile (`pl.multiple_of`), as jax 0.11.2's layout inference asks of a TMA copy.
 In interpret mode (CPU tests) the two matmuls run as jnp dots: the interpreter's wgmma takes no
 transposed or register operands.
 """
@@ -42,10 +43,9 @@ MASK = -1e30  # finite: a row with no visible key gives zeros, not NaN
 @dataclasses.dataclass(frozen=True)
 class QBlocks:
     """Per q block (a static upper bound of them, the unused ones with no rows): its sequence,
-    first row in q, number of rows, and the context position of its first row; per token, its
-    row in the padded output."""
+    number of rows, and the context position of its first row; per token, its row in the
+    block-padded layout of q and the output."""
     seq: jax.Array  # int32 [NQB]
-    row0: jax.Array
     rows: jax.Array
     pos0: jax.Array
     out_row: jax.Array  # int32 [T]
@@ -64,8 +64,7 @@ def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, bloc
     tseq, _ = token_sequence_ids(query_start, num_tokens)
     within = jnp.arange(num_tokens, dtype=jnp.int32) - query_start[tseq]
     out_row = (first[tseq] + within // block_rows) * block_rows + within % block_rows
-    return QBlocks(seq, jnp.where(rows > 0, query_start[seq] + offset, 0), rows.astype(jnp.int32),
-                   seq_lens[seq] - q_len[seq] + offset, out_row.astype(jnp.int32))
+    return QBlocks(seq, rows.astype(jnp.int32), seq_lens[seq] - q_len[seq] + offset, out_row.astype(jnp.int32))
 
 
 def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
@@ -86,8 +85,8 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     block_rows = compute_wgs * BLOCK_Q
     qb = _q_blocks(query_start, seq_lens, t, block_rows)
     nqb = qb.seq.shape[0]
-    q_pad = jnp.pad(q, ((0, block_rows), (0, 0), (0, 0))).reshape(-1, hq * d)
-    meta = jnp.stack([qb.seq, qb.row0, qb.rows, qb.pos0])  # [4, NQB]
+    q_blocks = jnp.zeros((nqb * block_rows, hq * d), q.dtype).at[qb.out_row].set(q.reshape(t, hq * d))
+    meta = jnp.stack([qb.seq, qb.rows, qb.pos0])  # [3, NQB]
     wide = -(-block_tables.shape[1] // pages) * pages  # whole tiles of page ids (the last tile's tail unread)
     block_tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, wide - block_tables.shape[1])))
     group = hq // hkv
@@ -97,7 +96,10 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     def kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, q_smem2, k_smem, v_smem, bars):
         q_bars, k_bars, v_bars, k_free, v_free, turn = bars
         h, b, wg = lax.axis_index("heads"), lax.axis_index("qb"), lax.axis_index("wg")
-        seq, row0, rows, pos0 = (meta_ref[i, b] for i in range(4))
+        seq, rows, pos0 = (meta_ref[i, b] for i in range(3))
+        # TMA rows and columns at proven multiples (the tiled shared-memory layout asks for them)
+        tile_rows = pl.ds(pl.multiple_of(b * block_rows + wg * BLOCK_Q, BLOCK_Q), BLOCK_Q)
+        cols = pl.ds(pl.multiple_of(h * d, d), d)
         steps = jnp.where(rows > 0, (pos0 + rows + block_kv - 1) // block_kv, 0)  # the tiles the block's rows see
 
         def sync():  # the compute warpgroups take turns on the tensor cores (FA3's ping-pong)
@@ -114,7 +116,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             my_pos0 = pos0 + wg * BLOCK_Q
             my_steps = jnp.where(my_rows > 0, (my_pos0 + my_rows + block_kv - 1) // block_kv, 0)
             unmasked = jnp.minimum((my_pos0 + 1) // block_kv, my_steps)  # tiles every real row sees whole
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(row0 + wg * BLOCK_Q, BLOCK_Q), pl.ds(h * d, d)], q_smem, q_bars.at[wg])
+            plgpu.copy_gmem_to_smem(q_ref.at[tile_rows, cols], q_smem, q_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
             row_layout = plgpu.Layout.WGMMA.reduce(1)
             m = layout_cast(jnp.full((BLOCK_Q,), MASK, jnp.float32), row_layout, interpret)
@@ -183,7 +185,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             out = acc / lax.broadcast_in_dim(jnp.maximum(l_sum, 1e-30), acc.shape, [0])
             q_smem[...] = out.astype(q_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[pl.ds(b * block_rows + wg * BLOCK_Q, BLOCK_Q), pl.ds(h * d, d)])
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[tile_rows, cols])
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == compute_wgs)
@@ -195,7 +197,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             def issue(kv):
                 slot = lax.rem(kv, stages)
                 for j in range(pages):  # each page one TMA copy; the tile's barrier expects `pages` arrivals
-                    src = pl.ds(((layer_i * hkv + hk) * num_blocks + bt_ref[seq, kv * pages + j]) * bs, bs)
+                    src = pl.ds(pl.multiple_of(((layer_i * hkv + hk) * num_blocks + bt_ref[seq, kv * pages + j]) * bs, bs), bs)
                     dst = k_smem.at[slot, pl.ds(j * bs, bs)], v_smem.at[slot, pl.ds(j * bs, bs)]
                     plgpu.copy_gmem_to_smem(k_ref.at[src], dst[0], k_bars.at[slot])
                     plgpu.copy_gmem_to_smem(v_ref.at[src], dst[1], v_bars.at[slot])
@@ -231,5 +233,5 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                        grid_names=("heads", "qb"), num_threads=compute_wgs + 1, thread_name="wg",
                        compiler_params=plgpu.CompilerParams(approx_math=True),
                        interpret=interpret_params() if interpret else None)(
-        meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_pad, k_pool.reshape(-1, d), v_pool.reshape(-1, d))
+        meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_blocks, k_pool.reshape(-1, d), v_pool.reshape(-1, d))
     return out.reshape(-1, hq, d)[qb.out_row]
