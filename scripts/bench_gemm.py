@@ -35,6 +35,9 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
         for i, (name, (n, m)) in enumerate(SHAPES.items()):
             k = jax.random.fold_in(jax.random.fold_in(key, layer), i)
             w = (jax.random.normal(k, (n, m), jnp.float32) / np.sqrt(n)).astype(jnp.bfloat16)
+            if kind == "bf16_mgpu":  # the weight-streaming kernel with nothing to convert: its floor
+                ws[name] = {"wt": w.T, "scale": jnp.ones((m,), jnp.float32)}
+                continue
             ws[name] = w if kind == "bf16" else quantize(w, scheme, 0)
             if kind == "int8_mgpu":  # the Mosaic kernel reads [out, in]
                 ws[name] = {"wt": ws[name].qweight.T, "scale": ws[name].scale}
@@ -184,7 +187,8 @@ def main():
                          "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized; "
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
                          "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:block_n=N][:block_k=N][:stages=N][:splits=N]: the Mosaic GPU "
-                         "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens")
+                         "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens; bf16_mgpu: bf16 "
+                         "weights through it (nothing to convert: the kernel's floor)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "
                     "in DIR) instead of the wall time, which includes dispatch and launch gaps")
