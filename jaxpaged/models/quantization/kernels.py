@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
+FP8_KERNEL_MAX_TOKENS = 16  # beyond, cuBLASLt's fp8 GEMM (the Mosaic kernel measured no faster)
 INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GEMM on the dequantized weight
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
@@ -44,7 +45,25 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None) -> tup
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
+def fp8_kernel_applies(x: jax.Array, w: Fp8Weight) -> bool:
+    """Decode-sized steps on one Hopper GPU: the Mosaic weight-streaming kernel (W8A16, x in f16)."""
+    if jax.default_backend() != "gpu" or jax.device_count() != 1 or x.shape[0] > FP8_KERNEL_MAX_TOKENS:
+        return False
+    from jaxpaged.kernels.w8a16_matmul_gpu import supported
+
+    n = math.prod(w.qweight.shape[:-1])
+    return n % 128 == 0 and supported(n, w.qweight.shape[-1], x.shape[0])
+
+
+def fp8_matmul(x: jax.Array, w: Fp8Weight, kernel: bool | None = None) -> jax.Array:
+    """`kernel` (None: where `fp8_kernel_applies`): the weight streams through the Mosaic kernel
+    with x unquantized (f16), one 128-row tile per program; else x is quantized per token and
+    the e4m3 x e4m3 dot is cuBLASLt's."""
+    if fp8_kernel_applies(x, w) if kernel is None else kernel:
+        from jaxpaged.kernels.w8a16_matmul_gpu import w8a16_matmul_tokens
+
+        y = w8a16_matmul_tokens(x, w.qweight.reshape(-1, w.qweight.shape[-1]), block_n=128)
+        return (y.reshape(x.shape[0], *w.scale.shape) * w.scale).astype(x.dtype)
     xq, x_scale = quantize_activations_fp8(x, w.input_scale)
     y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
                             preferred_element_type=jnp.float32)  # [T, *out]
