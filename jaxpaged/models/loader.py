@@ -19,8 +19,7 @@ from safetensors import safe_open
 
 from jaxpaged.models.config import DTYPES, ConfigError, ModelConfig, load_config
 from jaxpaged.models.family import build_params, family_module
-from jaxpaged.models.quantization import QuantizationConfig, QuantizedWeight, load_quantization_config, quantize
-from jaxpaged.models.quantization.weights import Int4RowsWeight, Int4Weight
+from jaxpaged.models.quantization import QuantizationConfig, load_quantization_config, quantize
 from jaxpaged.models.quantization.checkpoint import read_quantized
 from jaxpaged.models.sharding import placement, split_config, with_kernel_layouts
 
@@ -47,16 +46,7 @@ def load_model(model_dir, dtype: str = "auto", load_format: str = "auto", mesh=N
         params = random_params(cfg, dtype, place=place, quant=quant)
     else:
         params = load_params(model_dir, cfg, dtype, place, quant)
-    if mesh is None and jax.default_backend() == "gpu" and jax.device_count() == 1:
-        params = int4_rows(params)
     return cfg, params if mesh is None else with_kernel_layouts(params, cfg, mesh)
-
-
-def int4_rows(params: dict) -> dict:
-    """Each int4 leaf (act-order ones aside) re-laid as `Int4RowsWeight` for the Mosaic kernel."""
-    to_rows = jax.jit(Int4RowsWeight.from_packed)
-    return jax.tree.map(lambda v: to_rows(v) if isinstance(v, Int4Weight) and v.g_idx is None else v, params,
-                        is_leaf=lambda v: isinstance(v, QuantizedWeight))
 
 
 def resolve_dtype(cfg: ModelConfig, dtype: str) -> jnp.dtype:

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4RowsWeight, Int4Weight,
-                                                  Int8W8A8Weight, Int8Weight, QuantizedWeight)
+from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
+                                                  Int8Weight, QuantizedWeight)
 
-FP8_KERNEL_MAX_TOKENS = 16  # beyond, cuBLASLt's fp8 GEMM (the Mosaic kernel measured no faster)
 INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GEMM on the dequantized weight
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
@@ -45,25 +44,7 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None) -> tup
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_kernel_applies(x: jax.Array, w: Fp8Weight) -> bool:
-    """Decode-sized steps on one Hopper GPU: the Mosaic weight-streaming kernel (W8A16, x in f16)."""
-    if jax.default_backend() != "gpu" or jax.device_count() != 1 or x.shape[0] > FP8_KERNEL_MAX_TOKENS:
-        return False
-    from jaxpaged.kernels.w8a16_matmul_gpu import supported
-
-    n = math.prod(w.qweight.shape[:-1])
-    return n % 128 == 0 and supported(n, w.qweight.shape[-1], x.shape[0])
-
-
-def fp8_matmul(x: jax.Array, w: Fp8Weight, kernel: bool | None = None) -> jax.Array:
-    """`kernel` (None: where `fp8_kernel_applies`): the weight streams through the Mosaic kernel
-    with x unquantized (f16), one 128-row tile per program; else x is quantized per token and
-    the e4m3 x e4m3 dot is cuBLASLt's."""
-    if fp8_kernel_applies(x, w) if kernel is None else kernel:
-        from jaxpaged.kernels.w8a16_matmul_gpu import w8a16_matmul_tokens
-
-        y = w8a16_matmul_tokens(x, w.qweight.reshape(-1, w.qweight.shape[-1]), block_n=128)
-        return (y.reshape(x.shape[0], *w.scale.shape) * w.scale).astype(x.dtype)
+def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
     xq, x_scale = quantize_activations_fp8(x, w.input_scale)
     y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
                             preferred_element_type=jnp.float32)  # [T, *out]
@@ -144,23 +125,8 @@ def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.
     return _int4_kernel(x, w.qweight, w.scales, w.zeros)
 
 
-def int4_rows_matmul(x: jax.Array, w: Int4RowsWeight, kernel: bool | None = None) -> jax.Array:
-    """`kernel` (None: steps of up to 64 tokens on the GPU): the Mosaic weight-streaming kernel;
-    else the weight dequantized, then a dot."""
-    from jaxpaged.kernels.w8a16_matmul_gpu import supported, w8a16_matmul_tokens
-
-    n, k = math.prod(w.qweight.shape[:-1]), w.qweight.shape[-1]
-    if kernel is None:
-        kernel = jax.default_backend() == "gpu" and supported(n, k, x.shape[0]) and w.group_size % 128 == 0
-    if not kernel:
-        return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
-    flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
-    y = w8a16_matmul_tokens(x, w.qweight.reshape(n, k), flat(w.scales), flat(w.zeros))
-    return y.reshape(x.shape[0], *w.qweight.shape[:-1]).astype(x.dtype)
-
-
 _MATMULS = {Fp8Weight: fp8_matmul, Fp8BlockWeight: fp8_block_matmul, Int8Weight: int8_matmul,
-            Int8W8A8Weight: int8_w8a8_matmul, Int4Weight: int4_matmul, Int4RowsWeight: int4_rows_matmul}
+            Int8W8A8Weight: int8_w8a8_matmul, Int4Weight: int4_matmul}
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:

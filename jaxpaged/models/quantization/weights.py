@@ -197,39 +197,6 @@ class Int4Weight(QuantizedWeight):
         return cls(*(combine([getattr(p, n) for p in parts]) for n in ("qweight", "scales", "zeros")), g_idx)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Int4RowsWeight(QuantizedWeight):
-    """`Int4Weight` re-laid for the Mosaic weight-streaming kernel (one GPU): signed int4 values
-    (q - 8) with the input axis minor, the zero points shifted alike, so w = (q - zero) * scale."""
-    qweight: jax.Array  # int4 [*out, in]
-    scales: jax.Array  # [in / group, *out]
-    zeros: jax.Array  # bfloat16 [in / group, *out]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.qweight.shape[-1], *self.qweight.shape[:-1])
-
-    @property
-    def group_size(self) -> int:
-        return self.shape[0] // self.scales.shape[0]
-
-    def dequantize(self) -> jax.Array:
-        q = jnp.moveaxis(self.qweight.astype(jnp.float32), -1, 0)  # [in, *out]
-        grouped = q.reshape(self.scales.shape[0], self.group_size, *q.shape[1:])
-        w = (grouped - self.zeros[:, None].astype(jnp.float32)) * self.scales[:, None].astype(jnp.float32)
-        return w.reshape(q.shape)
-
-    def partition_specs(self, spec: P) -> Int4RowsWeight:
-        s = _padded(spec, len(self.shape))
-        return Int4RowsWeight(P(*s[1:], s[0]), spec, spec)
-
-    @classmethod
-    def from_packed(cls, w: Int4Weight) -> Int4RowsWeight:
-        q = (unpack_int4(w.qweight) - 8).astype(jnp.int4)
-        return cls(jnp.moveaxis(q, 0, -1), w.scales, (w.zeros.astype(jnp.int32) - 8).astype(jnp.bfloat16))
-
-
 def unpack_int4(packed: jax.Array) -> jax.Array:
     """int32 `[n / 8, *out]` -> int32 values 0..15 `[n, *out]` (`Int4Weight`'s packing)."""
     shifts = (4 * jnp.arange(INT4_PER_WORD, dtype=jnp.int32)).reshape(1, INT4_PER_WORD, *(1,) * (packed.ndim - 1))
