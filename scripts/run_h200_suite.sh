@@ -30,6 +30,9 @@
 #            the device's kernel time per layer (a profile), the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM),
 #            the int4 kernel against dequantize-then-GEMM; GEMM_KINDS / GEMM_TOKENS pick them (e.g. the
 #            Mosaic GPU kernel: "fp8 fp8_mgpu fp8_mgpu:block_n=128 int4 int4_mgpu int4_mgpu_tile"), one process each ~3 min
+#   mosaic   (name it in PARTS) the Mosaic GPU kernels (paged prefill, weight-streaming matmul): their GPU
+#            tests, a process per file (per test after a crash: a CUDA fault poisons its process), then
+#            bench_kernels.py --only prefill,chunk (8 x 2048 causal, a 32k prompt's chunks)        ~4 min
 #   splitkv  (name it in PARTS) scripts/bench_kernels.py --only loop: decode at batch 1, 4 and 8, contexts
 #            8k / 32k / 128k in a 16-row bucket, timed on the device (kernel calls chained in one jit),
 #            the default against split-KV targets and tiles; batches 64 and 256 at 1k / 4k (no split-KV);
@@ -98,6 +101,22 @@ if want gemm; then  # one process per kind: a kernel's CUDA fault poisons its pr
         run "gemm-${k//:/_}" 150 $PY scripts/bench_gemm.py --kinds "$k" --tokens "${GEMM_TOKENS:-1,8,64,256,2048}" \
             --device-time "$OUT/gemm-profiles"
     done
+fi
+if want mosaic; then
+    for f in tests/test_paged_prefill_mgpu.py tests/test_w8a16_matmul.py; do
+        name=mosaic-$(basename "$f" .py)
+        timeout -k 10 300 $PY -m pytest -q --tb=line -p no:cacheprovider -m gpu "$f" > "$OUT/$name.log" 2>&1
+        rc=$?
+        if [ $rc -gt 1 ] && [ $rc != 5 ]; then  # a crash, not failed tests: each test in its own process
+            echo "   $f: rc $rc, each test alone:"
+            for t in $($PY -m pytest -q --collect-only -p no:cacheprovider -m gpu "$f" 2>/dev/null | grep "::"); do
+                timeout -k 10 120 $PY -m pytest -q --tb=line -p no:cacheprovider "$t" >> "$OUT/$name.log" 2>&1 \
+                    && echo "   passed $t" || echo "   FAILED $t"
+            done
+        fi
+        grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|Error:" "$OUT/$name.log" | cut -c1-240 | head -20
+    done
+    run mosaic-prefill 300 $PY scripts/bench_kernels.py --only prefill,chunk --log "$OUT/mosaic-prefill-table.log"
 fi
 if want splitkv; then
     run splitkv 200 $PY scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --sweep --log "$OUT/splitkv-table.log"
@@ -254,10 +273,10 @@ if want ab; then
         [ -f "$f" ] && echo "$(basename "$f" .log):" && sed -n '/^run \|^kind /,$p' "$f"
     done
 fi
-for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log; do
+for f in "$OUT"/kernels-table.log "$OUT"/kernels-b256-table.log "$OUT"/mosaic-prefill-table.log; do
     [ -f "$f" ] || continue
     grep -E "^copy bandwidth" "$f"
-    grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn|paged mosaic)" "$f" \
+    grep -E "^\| [^|]*\| (pallas \(default|pallas mode=fused|dense dot_product_attention cudnn|dense attention_mgpu|paged mosaic)" "$f" \
         | cut -d'|' -f2-5,7 | sed 's/ *| */ | /g'
 done
 for f in "$OUT"/gemm-*.log; do
