@@ -40,14 +40,26 @@ def test_paged_prefill_kernel_against_the_reference():
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
 
 
+def test_paged_prefill_kernel_with_a_sliding_window():
+    """Window 48 over 64-key tiles, a 130-token chunk after 170 cached tokens: the first tile is
+    never read, the second warpgroup's rows start past a tile the first one reads, the first
+    one's end before the last tile."""
+    q, k, v, qs, lens, bt = _case([5, 130], [45, 300])
+    layer = jnp.int32(0)
+    want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.125, sliding_window=48)
+    got = paged_prefill_mgpu(q, k, v, layer, qs, lens, bt, scale=0.125, sliding_window=jnp.int32(48), block_kv=64,
+                             interpret=True)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("block_kv,stages,compute_wgs", [(64, 2, 1), (128, 2, 2), (64, 3, 2)])
-def test_paged_prefill_kernel_on_the_gpu(block_kv, stages, compute_wgs):
+@pytest.mark.parametrize("block_kv,stages,compute_wgs,window", [(64, 2, 1, 0), (128, 2, 2, 0), (64, 3, 2, 0),
+                                                                 (128, 2, 2, 700)])
+def test_paged_prefill_kernel_on_the_gpu(block_kv, stages, compute_wgs, window):
     q, k, v, qs, lens, bt = _case([700, 64, 300], [900, 64, 2000], hq=32, hkv=8, d=128)
     layer = jnp.int32(1)
-    want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.088)
-    got = jax.jit(lambda *a: paged_prefill_mgpu(*a, scale=0.088, block_kv=block_kv, stages=stages,
-                                                         compute_wgs=compute_wgs))(
-        q, k, v, layer, qs, lens, bt)
+    want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.088, sliding_window=window)
+    got = jax.jit(lambda *a: paged_prefill_mgpu(*a, scale=0.088, sliding_window=window, block_kv=block_kv,
+                                                 stages=stages, compute_wgs=compute_wgs))(q, k, v, layer, qs, lens, bt)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)

@@ -9,8 +9,8 @@ the reference is `paged_attention_ref` (kernels/paged_attention.py).
 
 The tokens are cut per sequence into q blocks of `compute_wgs * BLOCK_Q` rows (`_q_blocks`);
 grid (Hq, q blocks). Each compute warpgroup owns `BLOCK_Q` rows of its program's block and walks
-the keys they may see, `block_kv` at a time, with an online softmax (tiles wholly visible
-unmasked, then the masked ones); the memory warpgroup copies each tile's pages (their ids read
+the keys they may see (causal; in the sliding window if one is set), `block_kv` at a time,
+with an online softmax (tiles wholly visible run unmasked); the memory warpgroup copies each tile's pages (their ids read
 from the block table) `stages` tiles ahead, one barrier per tile for its `block_kv / bs` page
 copies, and reuses a slot once every compute warpgroup has freed it (one that sees fewer tiles
 takes and frees the rest). Two compute warpgroups take turns on the tensor cores, one's softmax
@@ -69,11 +69,13 @@ def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, bloc
 
 def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
                        query_start: jax.Array, seq_lens: jax.Array, block_tables: jax.Array, *, scale: float,
-                       block_kv: int = 128, stages: int = 2, compute_wgs: int = 2,
-                       interpret: bool | None = None) -> jax.Array:
+                       sliding_window: int | jax.Array = 0, block_kv: int = 128, stages: int = 2,
+                       compute_wgs: int = 2, interpret: bool | None = None) -> jax.Array:
     """Causal attention of the step's new tokens over their paged context (module docstring),
     `block_kv` keys (whole pages) per tile, `stages` tiles in flight, `compute_wgs` compute
-    warpgroups of `BLOCK_Q` rows each. -> [T, Hq, D] in q's dtype."""
+    warpgroups of `BLOCK_Q` rows each; `sliding_window` > 0: a query at position p sees keys
+    at positions > p - window (the tiles before the window are neither copied nor read).
+    -> [T, Hq, D] in q's dtype."""
     t, hq, d = q.shape
     _, hkv, num_blocks, bs, _ = k_pool.shape
     pages = block_kv // bs
@@ -93,14 +95,20 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     log2e = math.log2(math.e)
     tile = (BLOCK_Q, block_kv)
 
-    def kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, q_smem2, k_smem, v_smem, bars):
+    def kernel(meta_ref, bt_ref, scalars_ref, q_ref, k_ref, v_ref, o_ref, q_smem2, k_smem, v_smem, bars):
         q_bars, k_bars, v_bars, k_free, v_free, turn = bars
         h, b, wg = lax.axis_index("heads"), lax.axis_index("qb"), lax.axis_index("wg")
         seq, rows, pos0 = (meta_ref[i, b] for i in range(3))
+        layer_i, window = scalars_ref[0], scalars_ref[1]
+
+        def first_tile(pos):  # the first tile a query at `pos` sees
+            return jnp.where(window > 0, jnp.maximum(pos - window + 1, 0) // block_kv, 0)
+
         # TMA rows and columns at proven multiples (the tiled shared-memory layout asks for them)
         tile_rows = pl.ds(pl.multiple_of(b * block_rows + wg * BLOCK_Q, BLOCK_Q), BLOCK_Q)
         cols = pl.ds(pl.multiple_of(h * d, d), d)
-        steps = jnp.where(rows > 0, (pos0 + rows + block_kv - 1) // block_kv, 0)  # the tiles the block's rows see
+        steps = jnp.where(rows > 0, (pos0 + rows + block_kv - 1) // block_kv, 0)  # tiles [start, steps): the rows see
+        start = jnp.where(rows > 0, first_tile(pos0), 0)
 
         def sync():  # the compute warpgroups take turns on the tensor cores (FA3's ping-pong)
             if compute_wgs == 2:
@@ -114,8 +122,13 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             q_smem = q_smem2.at[wg]
             my_rows = jnp.clip(rows - wg * BLOCK_Q, 0, BLOCK_Q)
             my_pos0 = pos0 + wg * BLOCK_Q
-            my_steps = jnp.where(my_rows > 0, (my_pos0 + my_rows + block_kv - 1) // block_kv, 0)
-            unmasked = jnp.minimum((my_pos0 + 1) // block_kv, my_steps)  # tiles every real row sees whole
+            my_last = my_pos0 + my_rows - 1
+            # its tiles [lo, hi): masked up to `whole_lo` (the window's edge), whole to `whole_hi`
+            # (every real row sees every key), masked after (the causal edge); empty: none at `start`
+            lo = jnp.where(my_rows > 0, first_tile(my_pos0), start)
+            hi = jnp.where(my_rows > 0, my_last // block_kv + 1, start)
+            whole_lo = jnp.clip(jnp.where(window > 0, -(-(my_last - window + 1) // block_kv), 0), lo, hi)
+            whole_hi = jnp.clip((my_pos0 + 1) // block_kv, whole_lo, hi)
             plgpu.copy_gmem_to_smem(q_ref.at[tile_rows, cols], q_smem, q_bars.at[wg])
             plgpu.barrier_wait(q_bars.at[wg])
             row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -143,7 +156,8 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                 if masked:
                     row, col = (layout_cast(lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA, interpret)
                                 for dim in (0, 1))
-                    visible = (kv * block_kv + col <= my_pos0 + row) & (row < my_rows)
+                    key, pos = kv * block_kv + col, my_pos0 + row
+                    visible = (key <= pos) & (row < my_rows) & ((window <= 0) | (key > pos - window))
                     s = jnp.where(visible, s, MASK)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 alpha = jnp.exp2(m - m_new)
@@ -168,11 +182,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_sum
 
-            carry = lax.fori_loop(0, unmasked, lambda kv, c: step(kv, c, False), (acc, m, l_sum))
-            acc, m, l_sum = lax.fori_loop(unmasked, my_steps, lambda kv, c: step(kv, c, True), carry)
-
-            @pl.loop(my_steps, steps)
-            def _drain(kv):  # tiles only the other warpgroup's rows see: taken and freed, turns kept
+            def skip(kv):  # a tile only the other warpgroup's rows see: taken and freed, turns kept
                 slot = lax.rem(kv, stages)
                 plgpu.barrier_wait(k_bars.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
@@ -180,6 +190,12 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                 plgpu.barrier_wait(v_bars.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
                 sync()
+
+            pl.loop(start, lo)(skip)
+            carry = lax.fori_loop(lo, whole_lo, lambda kv, c: step(kv, c, True), (acc, m, l_sum))
+            carry = lax.fori_loop(whole_lo, whole_hi, lambda kv, c: step(kv, c, False), carry)
+            acc, m, l_sum = lax.fori_loop(whole_hi, hi, lambda kv, c: step(kv, c, True), carry)
+            pl.loop(hi, steps)(skip)
 
             pl.when(wg == 0)(sync)
             out = acc / lax.broadcast_in_dim(jnp.maximum(l_sum, 1e-30), acc.shape, [0])
@@ -192,7 +208,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
         def _memory():
             if compute_wgs == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            hk, layer_i = h // group, layer_ref[0]
+            hk = h // group
 
             def issue(kv):
                 slot = lax.rem(kv, stages)
@@ -206,20 +222,20 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                 plgpu.barrier_wait(k_free.at[lax.rem(kv, stages)])
                 plgpu.barrier_wait(v_free.at[lax.rem(kv, stages)])
 
-            pl.loop(0, jnp.minimum(steps, stages))(issue)
+            pl.loop(start, jnp.minimum(steps, start + stages))(issue)
 
-            @pl.loop(stages, jnp.maximum(steps, stages))
+            @pl.loop(start + stages, jnp.maximum(steps, start + stages))
             def _rest(kv):
                 wait_free(kv - stages)
                 issue(kv)
 
-            pl.loop(jnp.maximum(steps - stages, 0), steps)(wait_free)  # every phase observed before exit
+            pl.loop(jnp.maximum(steps - stages, start), steps)(wait_free)  # every phase observed before exit
 
-    def entry(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref):
+    def entry(meta_ref, bt_ref, scalars_ref, q_ref, k_ref, v_ref, o_ref):
         tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = lambda *shape: plgpu.SMEM(shape, q.dtype, transforms=tiles)  # noqa: E731
         pl.run_scoped(
-            lambda *a: kernel(meta_ref, bt_ref, layer_ref, q_ref, k_ref, v_ref, o_ref, *a[:3], a[3:]),
+            lambda *a: kernel(meta_ref, bt_ref, scalars_ref, q_ref, k_ref, v_ref, o_ref, *a[:3], a[3:]),
             smem(compute_wgs, BLOCK_Q, d), smem(stages, block_kv, d), smem(stages, block_kv, d),
             plgpu.Barrier(num_barriers=compute_wgs),
             plgpu.Barrier(num_arrivals=pages, num_barriers=stages),
@@ -233,5 +249,6 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                        grid_names=("heads", "qb"), num_threads=compute_wgs + 1, thread_name="wg",
                        compiler_params=plgpu.CompilerParams(approx_math=True),
                        interpret=interpret_params() if interpret else None)(
-        meta, block_tables, jnp.reshape(layer, (1,)).astype(jnp.int32), q_blocks, k_pool.reshape(-1, d), v_pool.reshape(-1, d))
+        meta, block_tables, jnp.stack([jnp.asarray(layer), jnp.asarray(sliding_window)]).astype(jnp.int32), q_blocks,
+        k_pool.reshape(-1, d), v_pool.reshape(-1, d))
     return out.reshape(-1, hq, d)[qb.out_row]
