@@ -208,15 +208,15 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
         def _memory():
             if compute_wgs == 2:
                 plgpu.set_max_registers(40, action="decrease")
-            hk = h // group
+            first_page = (layer_i * hkv + h // group) * num_blocks  # this layer's and KV head's page 0 in the pool
 
             def issue(kv):
                 slot = lax.rem(kv, stages)
                 for j in range(pages):  # each page one TMA copy; the tile's barrier expects `pages` arrivals
-                    src = pl.ds(pl.multiple_of(((layer_i * hkv + hk) * num_blocks + bt_ref[seq, kv * pages + j]) * bs, bs), bs)
-                    dst = k_smem.at[slot, pl.ds(j * bs, bs)], v_smem.at[slot, pl.ds(j * bs, bs)]
-                    plgpu.copy_gmem_to_smem(k_ref.at[src], dst[0], k_bars.at[slot])
-                    plgpu.copy_gmem_to_smem(v_ref.at[src], dst[1], v_bars.at[slot])
+                    src = pl.ds(pl.multiple_of((first_page + bt_ref[seq, kv * pages + j]) * bs, bs), bs)
+                    dst = pl.ds(j * bs, bs)
+                    plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bars.at[slot])
+                    plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bars.at[slot])
 
             def wait_free(kv):  # every compute warpgroup is done with tile kv's slot
                 plgpu.barrier_wait(k_free.at[lax.rem(kv, stages)])
