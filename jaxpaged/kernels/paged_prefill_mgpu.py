@@ -212,8 +212,10 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
 
             def issue(kv):
                 slot = lax.rem(kv, stages)
-                for j in range(pages):  # each page one TMA copy; the tile's barrier expects `pages` arrivals
-                    src = pl.ds(pl.multiple_of((first_page + bt_ref[seq, kv * pages + j]) * bs, bs), bs)
+                # the tile's page ids all loaded before its first copy: their latencies overlap
+                ids = [bt_ref[seq, kv * pages + j] for j in range(pages)]
+                for j, page in enumerate(ids):  # each page one TMA copy; the tile's barrier expects `pages` arrivals
+                    src = pl.ds(pl.multiple_of((first_page + page) * bs, bs), bs)
                     dst = pl.ds(j * bs, bs)
                     plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bars.at[slot])
                     plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bars.at[slot])
