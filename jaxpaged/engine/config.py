@@ -50,7 +50,7 @@ class EngineConfig:
     # to this many forward + sample iterations in one program (one schedule and one dispatch)
     num_scheduler_steps: int = 1
     seed: int = 0
-    attention_backend: str = "auto"  # "auto", "reference" (jnp), "cpu" (jnp, chunked) or "pallas" (GPU kernel)
+    attention_backend: str = "auto"  # "auto", "reference" (jnp), "cpu" (jnp, chunked), "pallas" (GPU kernel), "mosaic" (Hopper prefill kernel)
     tensor_parallel_size: int = 1
     compile_threads: int | None = None  # warm-up compiles in parallel; default one per CPU core
     # Multi-process runtime (jax.distributed), e.g. one process per host: all three or none.
@@ -106,5 +106,9 @@ class EngineConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_TAGS:
             raise ValueError(f"reasoning_parser must be one of {', '.join(sorted(REASONING_TAGS))}, "
                              f"got {self.reasoning_parser!r}")
-        if self.attention_backend not in ("auto", "reference", "cpu", "pallas"):
-            raise ValueError(f"attention_backend must be auto, reference, cpu or pallas, got {self.attention_backend!r}")
+        if self.attention_backend not in ("auto", "reference", "cpu", "pallas", "mosaic"):
+            raise ValueError(f"attention_backend must be auto, reference, cpu, pallas or mosaic, "
+                             f"got {self.attention_backend!r}")
+        if self.attention_backend == "mosaic" and self.kv_cache_dtype != "auto":
+            raise ValueError(f"attention_backend 'mosaic' reads bf16/fp16 KV pools only, not kv_cache_dtype "
+                             f"{self.kv_cache_dtype!r}")

@@ -1,6 +1,7 @@
 """Causal prefill attention over the paged KV pool as a Pallas Mosaic GPU kernel (Hopper: TMA
-copies of whole pages, wgmma, a memory warpgroup beside one or two compute warpgroups). Experimental:
-the reference is `paged_attention_ref` (kernels/paged_attention.py).
+copies of whole pages, wgmma, a memory warpgroup beside one or two compute warpgroups). Opt-in
+through `attention_backend="mosaic"` (kernels/paged_attention_mosaic.py). The reference is
+`paged_attention_ref` (kernels/paged_attention.py).
 
     q:            [T, Hq, D]             bf16 (D = 64 or 128)
     k_pool/v_pool: [L, Hkv, NB, bs, D]   bf16; `block_kv / bs` pages make one KV tile
@@ -258,3 +259,4 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
         meta, block_tables, jnp.stack([jnp.asarray(layer), jnp.asarray(sliding_window)]).astype(jnp.int32), q_blocks,
         k_pool.reshape(-1, d), v_pool.reshape(-1, d))
     return out.reshape(-1, hq, d)[qb.out_row]
+
