@@ -1,0 +1,12 @@
+import sys
+sys.path.insert(0, "scripts"); sys.path.insert(0, "exp")
+exec(open("exp/prefill_diag.py").read().split("for bs in (16, 64, 128):")[0])
+run("8x2048", [(0, 2048)] * 8, 16, "pallas")
+run("8x2048", [(0, 2048)] * 8, 16, "mosaic")
+run("8x2048", [(0, 2048)] * 8, 64, "mosaic")
+run("1x16384", [(0, 16384)], 16, "pallas")
+run("1x16384", [(0, 16384)], 16, "mosaic")
+run("1x16384", [(0, 16384)], 64, "mosaic")
+run("ragged", [(0, 2000), (0, 1500), (100, 3000), (0, 77), (0, 4000)], 16, "pallas")
+run("ragged", [(0, 2000), (0, 1500), (100, 3000), (0, 77), (0, 4000)], 16, "mosaic")
+print("\n".join(rows))
