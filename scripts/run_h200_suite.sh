@@ -33,6 +33,8 @@
 #   mosaic   (name it in PARTS) the Mosaic GPU kernels (paged prefill, weight-streaming matmul): their GPU
 #            tests, a process per file (per test after a crash: a CUDA fault poisons its process), then
 #            bench_kernels.py --only prefill,chunk (8 x 2048 causal, a 32k prompt's chunks)        ~4 min
+#   mosaicttft (name it in PARTS) TTFT of 2k / 8k / 32k prompts and batch-1 ITL through the engine:
+#            attention_backend auto (Pallas) then mosaic (the Mosaic GPU prefill route), side by side  ~4 min
 #   splitkv  (name it in PARTS) scripts/bench_kernels.py --only loop: decode at batch 1, 4 and 8, contexts
 #            8k / 32k / 128k in a 16-row bucket, timed on the device (kernel calls chained in one jit),
 #            the default against split-KV targets and tiles; batches 64 and 256 at 1k / 4k (no split-KV);
@@ -117,6 +119,13 @@ if want mosaic; then
         grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|Error:" "$OUT/$name.log" | cut -c1-240 | head -20
     done
     run mosaic-prefill 300 $PY scripts/bench_kernels.py --only prefill,chunk --log "$OUT/mosaic-prefill-table.log"
+fi
+if want mosaicttft; then
+    for b in auto mosaic; do
+        run "mosaicttft-$b" 240 $PY scripts/benchmark_latency.py "${SRC[@]}" --max-model-len 33000 \
+            --prompt-lens 2048,8192,32000 --batches 1 --decode-steps 16 --attention-backend "$b" \
+            --compilation-cache "$CACHE" --json "$OUT/mosaicttft-$b.json"
+    done
 fi
 if want splitkv; then
     run splitkv 200 $PY scripts/bench_kernels.py --only loop --loop-batch 1,4,8 --sweep --log "$OUT/splitkv-table.log"
