@@ -50,7 +50,8 @@ class EngineConfig:
     # to this many forward + sample iterations in one program (one schedule and one dispatch)
     num_scheduler_steps: int = 1
     seed: int = 0
-    attention_backend: str = "auto"  # "auto", "reference" (jnp), "cpu" (jnp, chunked), "pallas" (GPU kernel), "mosaic" (Hopper prefill kernel)
+    # "auto", "reference" (jnp), "cpu" (jnp, chunked), "pallas" (GPU kernel), "mosaic" (Hopper prefill kernel)
+    attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     compile_threads: int | None = None  # warm-up compiles in parallel; default one per CPU core
     # Multi-process runtime (jax.distributed), e.g. one process per host: all three or none.
