@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref
-from jaxpaged.kernels.attention_tiles import TileConfig
+from jaxpaged.kernels.attention_tiles import TileConfig, short_query_len
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -103,6 +103,20 @@ def test_kernel_modes(mode):
     """Either kernel alone, or both in two launches, handles any batch (mixed here; the
     default for it is the fused single launch), padding included."""
     check([(60, 1), (6, 40), (0, 3), (17, 1)], hq=8, hkv=2, d=64, bs=16, num_tokens=64, num_seqs=6, mode=mode)
+
+
+def test_short_mode_writes_the_short_sequences_rows():
+    """mode="short" (the Mosaic route's decode rows): the rows of the sequences with at most
+    `short_query_len` new tokens match the reference; the 40-token chunk's are left unwritten."""
+    plan = [(60, 1), (6, 40), (0, 3), (17, 1)]
+    q, k, v, qs, lens, bt = make_case(np.random.default_rng(3), plan, hq=8, hkv=2, d=64, bs=16, num_tokens=64,
+                                      num_seqs=6)
+    assert short_query_len(64, 6, 8, 2, 64, bt.shape[1] * 16) == 4
+    args = (q, k, v, jnp.int32(1), qs, lens, bt)
+    ref = np.asarray(paged_attention_ref(*args, scale=0.125), np.float32)
+    out = np.asarray(jax.jit(functools.partial(paged_attention_gpu, scale=0.125, mode="short"))(*args), np.float32)
+    rows = np.r_[0:1, 41:45]  # the 1-, 3- and 1-token sequences
+    np.testing.assert_allclose(out[rows], ref[rows], atol=F32_TOL, rtol=F32_TOL)
 
 
 def test_long_context_decode_split():

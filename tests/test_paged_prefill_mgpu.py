@@ -56,13 +56,19 @@ def test_paged_prefill_kernel_with_a_sliding_window():
 
 
 def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pallas(monkeypatch):
-    """`attention_backend="mosaic"`: a mixed step (a decode row beside a 70-token chunk) runs every
-    row on the Mosaic kernel (its default tiles, two warpgroups), matching the reference; a
-    decode-only step (`max_query_len=1`) goes to the Pallas kernel. fp8 pools are refused."""
+    """`attention_backend="mosaic"`: in a mixed step (a decode row beside a 70-token chunk) the
+    decode row comes from the Pallas kernel (here the reference) and the chunk's rows from the
+    Mosaic kernel (its default tiles, two warpgroups), matching the reference; a decode-only step
+    (`max_query_len=1`) goes to the Pallas kernel alone. fp8 pools are refused."""
     ran = []
+
+    def pallas(*a, interpret=None, mode="auto", **k):  # the reference on the rows asked for, NaN elsewhere
+        ran.append(f"pallas {mode}")
+        out = paged_attention_ref(*a, **k)
+        return out.at[1:].set(jnp.nan) if mode == "short" else out
+
     monkeypatch.setattr(route, "paged_prefill_mgpu", lambda *a, **k: ran.append("mosaic") or paged_prefill_mgpu(*a, **k))
-    monkeypatch.setattr(route, "paged_attention_gpu",
-                        lambda *a, interpret=None, **k: ran.append("pallas") or paged_attention_ref(*a, **k))
+    monkeypatch.setattr(route, "paged_attention_gpu", pallas)
     attention = get_attention("mosaic")
     q, k, v, qs, lens, bt = _case([1, 70], [33, 90])
     layer = jnp.int32(1)
@@ -71,7 +77,7 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
     q1, k1, v1, qs1, lens1, bt1 = _case([1, 1], [33, 90])
     attention(q1, k1, v1, layer, qs1, lens1, bt1, scale=0.125, max_query_len=1)
-    assert ran == ["mosaic", "pallas"]
+    assert ran == ["pallas short", "mosaic", "pallas auto"]
     with pytest.raises(ValueError, match="fp8"):
         attention(q, k, v, layer, qs, lens, bt, scale=0.125, k_scale=jnp.ones((2, 1)), v_scale=jnp.ones((2, 1)))
     with pytest.raises(ValueError, match="attention_backend 'mosaic'.*kv_cache_dtype 'fp8'"):

@@ -11,7 +11,7 @@ from jaxpaged.kernels.paged_attention import paged_attention_ref
 def get_attention(backend: str = "auto") -> Callable:
     """`reference` (jnp), `cpu` (jnp, its cost following the real context), `pallas` (the
     Pallas GPU kernel; Pallas interpret mode off-GPU, slow, for tests) or `mosaic` (Hopper:
-    prefill steps on the Mosaic GPU kernel, decode steps on the Pallas one); `auto` is the Pallas
+    prefill rows on the Mosaic GPU kernel, decode rows on the Pallas one); `auto` is the Pallas
     kernel on a GPU and `cpu` elsewhere."""
     if backend == "auto":
         backend = "pallas" if jax.default_backend() == "gpu" else "cpu"

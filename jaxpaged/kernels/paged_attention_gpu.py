@@ -129,8 +129,10 @@ def paged_attention_gpu(
     `max_query_len`: a static bound on any sequence's new tokens (None: T), as in vLLM's
     attention metadata. `mode`: "auto" ("decode" when that bound or T is at most
     DECODE_ONLY_MAX_TOKENS, else "fused"), "decode" (per-sequence kernel
-    alone), "prefill" (per-q-block kernel alone), "split" (both, two launches) or "fused"
-    (both in one launch; the per-sequence part without split-KV).
+    alone), "prefill" (per-q-block kernel alone), "split" (both, two launches), "fused"
+    (both in one launch; the per-sequence part without split-KV) or "short" (the per-sequence
+    kernel on the sequences of at most `short_query_len(...)` new tokens; the other rows are left
+    unwritten, for `paged_attention_mosaic` to fill).
     Configs default to `choose_config(...)`; `block_m`, `block_n`, `num_splits`,
     `num_warps`, `num_stages` override fields of both. `interpret` defaults to True off-GPU.
     `k_scale`, `v_scale` [L, Hkv]: an fp8 pool's dequantization scales.
@@ -155,7 +157,7 @@ def paged_attention_gpu(
         assert c.block_n == next_pow2(c.block_n), c
     if mode == "auto":
         mode = "decode" if min(t, max_query_len or t) <= DECODE_ONLY_MAX_TOKENS else "fused"
-    assert mode in ("decode", "prefill", "split", "fused"), mode
+    assert mode in ("decode", "prefill", "split", "fused", "short"), mode
     if interpret is None:
         interpret = _default_backend() != "gpu"
     padded_out = bool(interpret)
@@ -169,7 +171,7 @@ def paged_attention_gpu(
                                  for x in (k_scale, v_scale)])
     programs = dec.programs or 2 * num_sms()
     live = parts = 1
-    if mode in ("decode", "split") and dec.num_splits > 1:
+    if mode in ("decode", "split", "short") and dec.num_splits > 1:
         # split-KV's parts of each of the step's live sequences (they come first; padding ones last)
         live = jnp.maximum(jnp.sum((seq_lens > 0).astype(i32)), 1)
         parts = split_parts(live, hkv, programs, dec.num_splits)
@@ -195,10 +197,10 @@ def paged_attention_gpu(
         out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((t_out, h_out, d), q.dtype),
                              grid=(grid_q + s, hkv), compiler_params=params(c), interpret=interpret,
                              name="paged_attention_fused")(*scalars, q, k_pool, v_pool)
-    if mode in ("decode", "split"):
+    if mode in ("decode", "split", "short"):
         c = dec
         slots = work_slots(s, hkv, programs, c.num_splits)
-        kern = functools.partial(_seq_kernel, max_q_len=bq_dec if mode == "split" else None, has_prev=False,
+        kern = functools.partial(_seq_kernel, max_q_len=None if mode == "decode" else bq_dec, has_prev=False,
                                  block_q=bq_dec, block_n=c.block_n, num_splits=c.num_splits,
                                  split_mask=c.split_mask, min_split_keys=c.min_split_keys, slots=slots, **common)
         if c.num_splits == 1:

@@ -1,12 +1,13 @@
-"""`attention_backend="mosaic"` (Hopper; opt-in, not yet the default): prefill steps on the Mosaic
-GPU kernel (`paged_prefill_mgpu.py`), decode-only steps on the Pallas kernel
-(`paged_attention_gpu.py`). bf16 or fp16 pools only: the Mosaic kernel reads no fp8 scales."""
+"""`attention_backend="mosaic"` (Hopper; opt-in, not yet the default): prefill rows on the Mosaic
+GPU kernel (`paged_prefill_mgpu.py`), decode rows on the Pallas kernel (`paged_attention_gpu.py`).
+bf16 or fp16 pools only: the Mosaic kernel reads no fp8 scales."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS
+from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS, short_query_len
+from jaxpaged.kernels.paged_attention import token_sequence_ids
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
 
@@ -17,14 +18,21 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
                            k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
                            interpret: bool | None = None) -> jax.Array:
     """`paged_attention_ref`'s contract. Decode-only steps (at most `DECODE_ONLY_MAX_TOKENS` new
-    tokens per sequence, or per step) run the Pallas kernel; any other step runs every row on the
-    Mosaic kernel, its decode rows as 1-row q blocks."""
+    tokens per sequence, or per step) run the Pallas kernel. In any other step the sequences of
+    at most `short_query_len` new tokens (decode rows) run the Pallas per-sequence kernel and the
+    rest the Mosaic kernel; each token's row is taken from its sequence's kernel."""
     if k_scale is not None or v_scale is not None or q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools only (got {k_pool.dtype}, "
                          f"queries {q.dtype}): use 'pallas' with kv_cache_dtype fp8")
-    t = q.shape[0]
+    t, hq, d = q.shape
+    args = (q, k_pool, v_pool, layer, query_start, seq_lens, block_tables)
+    kw = dict(scale=scale, sliding_window=sliding_window, interpret=interpret)
     if min(t, max_query_len or t) <= DECODE_ONLY_MAX_TOKENS:
-        return paged_attention_gpu(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables, scale=scale,
-                                   sliding_window=sliding_window, max_query_len=max_query_len, interpret=interpret)
-    return paged_prefill_mgpu(q, k_pool, v_pool, layer, query_start, seq_lens, block_tables, scale=scale,
-                              sliding_window=sliding_window, interpret=interpret)
+        return paged_attention_gpu(*args, max_query_len=max_query_len, **kw)
+    _, hkv, _, bs, _ = k_pool.shape
+    short = short_query_len(t, seq_lens.shape[0], hq, hkv, d, block_tables.shape[1] * bs)
+    few = paged_attention_gpu(*args, mode="short", **kw)
+    many = paged_prefill_mgpu(*args, min_q_len=short + 1, **kw)
+    tseq, _ = token_sequence_ids(query_start, t)
+    q_len = query_start[1:] - query_start[:-1]
+    return jnp.where((q_len[tseq] > short)[:, None, None], many, few)

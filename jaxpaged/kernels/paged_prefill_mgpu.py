@@ -54,11 +54,12 @@ class QBlocks:
     in_row: jax.Array  # int32 [NQB * block_rows]
 
 
-def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, block_rows: int) -> QBlocks:
+def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, block_rows: int,
+              min_q_len: int) -> QBlocks:
     s = seq_lens.shape[0]
     nqb = num_tokens // block_rows + s
     q_len = query_start[1:] - query_start[:-1]
-    per_seq = (q_len + block_rows - 1) // block_rows
+    per_seq = jnp.where(q_len >= min_q_len, (q_len + block_rows - 1) // block_rows, 0)
     first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_seq).astype(jnp.int32)])  # [S+1]
     b = jnp.arange(nqb, dtype=jnp.int32)
     seq = jnp.minimum(jnp.searchsorted(first[1:], b, side="right"), s - 1).astype(jnp.int32)
@@ -75,11 +76,12 @@ def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, bloc
 def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
                        query_start: jax.Array, seq_lens: jax.Array, block_tables: jax.Array, *, scale: float,
                        sliding_window: int | jax.Array = 0, block_kv: int = 128, stages: int = 2,
-                       compute_wgs: int = 2, interpret: bool | None = None) -> jax.Array:
+                       compute_wgs: int = 2, min_q_len: int = 1, interpret: bool | None = None) -> jax.Array:
     """Causal attention of the step's new tokens over their paged context (module docstring),
     `block_kv` keys (whole pages) per tile, `stages` tiles in flight, `compute_wgs` compute
     warpgroups of `BLOCK_Q` rows each; `sliding_window` > 0: a query at position p sees keys
     at positions > p - window (the tiles before the window are neither copied nor read).
+    Sequences of fewer than `min_q_len` new tokens are skipped (their rows hold no result).
     -> [T, Hq, D] in q's dtype."""
     t, hq, d = q.shape
     _, hkv, num_blocks, bs, _ = k_pool.shape
@@ -90,7 +92,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     block_rows = compute_wgs * BLOCK_Q
-    qb = _q_blocks(query_start, seq_lens, t, block_rows)
+    qb = _q_blocks(query_start, seq_lens, t, block_rows, min_q_len)
     nqb = qb.seq.shape[0]
     q_blocks = q.reshape(t, hq * d)[qb.in_row]  # a gather: XLA's scatter of these rows took 4x as long
     meta = jnp.stack([qb.seq, qb.rows, qb.pos0])  # [3, NQB]
