@@ -210,7 +210,7 @@ def test_in_model_forward(tiny_model_dir):
 
 @pytest.mark.parametrize("kv_dtype", ["bfloat16", "float8_e4m3fn"])
 @pytest.mark.parametrize("mode,tokens", [("decode", 1), ("decode", 16), ("decode", 64), ("prefill", 256),
-                                         ("split", 256), ("fused", 2048)])
+                                         ("split", 256), ("fused", 2048), ("short", 256)])
 def test_triton_lowering_for_the_gpu(mode, tokens, kv_dtype):
     """Every mode's Triton lowering for a CUDA target, done here without a GPU, at Llama-3-8B's
     heads (32 q, 8 KV, D 128) with a bf16 and an fp8 pool: an op or block shape Triton refuses
@@ -225,7 +225,7 @@ def test_triton_lowering_for_the_gpu(mode, tokens, kv_dtype):
             sd((s,), jnp.int32), sd((s, 256), jnp.int32))
     f = functools.partial(paged_attention_gpu, scale=0.088, mode=mode, interpret=False)
     hlo = jax.jit(f).trace(*args, **scales).lower(lowering_platforms=("cuda",)).as_text()
-    merge = mode in ("decode", "split") and choose_config(tokens, s, 32, 8, 128, 256 * 16)[0].num_splits > 1
+    merge = mode in ("decode", "split", "short") and choose_config(tokens, s, 32, 8, 128, 256 * 16)[0].num_splits > 1
     assert merge == (tokens <= 16)  # 16 rows x 8 KV heads leave SMs idle: split-KV
     assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == (2 if mode == "split" else 1) + merge
 

@@ -3,6 +3,8 @@ ragged sequences with cached context (chunked prefill), GQA, pages in shuffled o
 interpret mode on the CPU, compiled on a GPU."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,19 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
         attention(q, k, v, layer, qs, lens, bt, scale=0.125, k_scale=jnp.ones((2, 1)), v_scale=jnp.ones((2, 1)))
     with pytest.raises(ValueError, match="attention_backend 'mosaic'.*kv_cache_dtype 'fp8'"):
         EngineConfig(model="m", attention_backend="mosaic", kv_cache_dtype="fp8")
+
+
+def test_mosaic_route_lowers_for_the_gpu():
+    """The route's CUDA lowering, here without a GPU, at Llama-3-8B's heads (a 256-token step):
+    one Pallas (Triton) launch for the decode rows and one Mosaic GPU kernel. (The Mosaic
+    kernel's layout inference runs when XLA compiles it, on the GPU: its GPU tests.)"""
+    sd = jax.ShapeDtypeStruct
+    pool = sd((2, 8, 512, 16, 128), jnp.bfloat16)
+    args = (sd((256, 32, 128), jnp.bfloat16), pool, pool, sd((), jnp.int32), sd((65,), jnp.int32),
+            sd((64,), jnp.int32), sd((64, 256), jnp.int32))
+    f = functools.partial(get_attention("mosaic"), scale=0.088, interpret=False)
+    hlo = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert hlo.count("custom_call @__gpu$xla.gpu.triton(") == 1 and hlo.count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.gpu
