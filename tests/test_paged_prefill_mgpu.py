@@ -1,6 +1,7 @@
 """The Mosaic GPU paged prefill kernel (kernels/paged_prefill_mgpu.py) against the jnp reference:
 ragged sequences with cached context (chunked prefill), GQA, pages in shuffled order; in GPU
-interpret mode on the CPU, compiled on a GPU."""
+interpret mode on the CPU, compiled on a GPU. And the `attention_backend="mosaic"` route
+(kernels/paged_attention_mosaic.py)."""
 from __future__ import annotations
 
 import functools
@@ -10,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.kernels.paged_attention import paged_attention_ref
 from jaxpaged.engine.config import EngineConfig
 from jaxpaged.kernels import get_attention
 from jaxpaged.kernels import paged_attention_mosaic as route
+from jaxpaged.kernels.paged_attention import paged_attention_ref
 from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -88,8 +89,8 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
 
 def test_mosaic_route_lowers_for_the_gpu():
     """The route's CUDA lowering, here without a GPU, at Llama-3-8B's heads (a 256-token step):
-    one Pallas (Triton) launch for the decode rows and one Mosaic GPU kernel. (The Mosaic
-    kernel's layout inference runs when XLA compiles it, on the GPU: its GPU tests.)"""
+    one Pallas (Triton) launch for the decode rows and one Mosaic GPU kernel. (The layout
+    inference that failed on the GPU in jax 0.11.2 does not run here: the GPU tests cover it.)"""
     sd = jax.ShapeDtypeStruct
     pool = sd((2, 8, 512, 16, 128), jnp.bfloat16)
     args = (sd((256, 32, 128), jnp.bfloat16), pool, pool, sd((), jnp.int32), sd((65,), jnp.int32),
