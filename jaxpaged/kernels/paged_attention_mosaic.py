@@ -23,7 +23,7 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     rest the Mosaic kernel; each token's row is taken from its sequence's kernel."""
     if k_scale is not None or v_scale is not None or q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools only (got {k_pool.dtype}, "
-                         f"queries {q.dtype}): use 'pallas' with kv_cache_dtype fp8")
+                         f"queries {q.dtype}, fp8 scales: {k_scale is not None}): use attention_backend 'pallas'")
     t, hq, d = q.shape
     args = (q, k_pool, v_pool, layer, query_start, seq_lens, block_tables)
     kw = dict(scale=scale, sliding_window=sliding_window, interpret=interpret)
