@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxpaged.kernels.paged_attention import paged_attention_ref
-from jaxpaged.kernels.attention_tiles import TileConfig, short_query_len
+from jaxpaged.kernels.attention_tiles import TileConfig, choose_config, short_query_len
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -111,7 +111,7 @@ def test_short_mode_writes_the_short_sequences_rows():
     plan = [(60, 1), (6, 40), (0, 3), (17, 1)]
     q, k, v, qs, lens, bt = make_case(np.random.default_rng(3), plan, hq=8, hkv=2, d=64, bs=16, num_tokens=64,
                                       num_seqs=6)
-    assert short_query_len(64, 6, 8, 2, 64, bt.shape[1] * 16) == 4
+    assert short_query_len(choose_config(64, 6, 8, 2, 64, bt.shape[1] * 16)[0], 4) == 4
     args = (q, k, v, jnp.int32(1), qs, lens, bt)
     ref = np.asarray(paged_attention_ref(*args, scale=0.125), np.float32)
     out = np.asarray(jax.jit(functools.partial(paged_attention_gpu, scale=0.125, mode="short"))(*args), np.float32)

@@ -65,7 +65,7 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
     (`max_query_len=1`) goes to the Pallas kernel alone. fp8 pools are refused."""
     ran = []
 
-    def pallas(*a, interpret=None, mode="auto", **k):  # the reference on the rows asked for, NaN elsewhere
+    def pallas(*a, interpret=None, mode="auto", decode_config=None, **k):  # the reference on its rows, NaN elsewhere
         ran.append(f"pallas {mode}")
         out = paged_attention_ref(*a, **k)
         return out.at[1:].set(jnp.nan) if mode == "short" else out

@@ -66,10 +66,11 @@ def choose_config(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> tu
     return dec, pre
 
 
-def short_query_len(t: int, s: int, hq: int, hkv: int, d: int, max_ctx: int) -> int:
-    """The most new tokens of a sequence that the per-sequence kernel takes beside the per-q-block
-    kernel ("split" and "short" modes): one block of its rows per KV head."""
-    return choose_config(t, s, hq, hkv, d, max_ctx)[0].block_m // next_pow2(hq // hkv)
+def short_query_len(dec: TileConfig, group: int) -> int:
+    """The most new tokens of a sequence that the per-sequence kernel with config `dec` takes
+    beside the per-q-block kernel ("split" and "short" modes): one block of its rows per KV head
+    (`group` query heads each)."""
+    return dec.block_m // next_pow2(group)
 
 
 def split_parts(live, hkv: int, programs: int, num_splits: int):

@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxpaged.kernels.attention_tiles import (DECODE_ONLY_MAX_TOKENS, TileConfig, choose_config, next_pow2,
-                                              num_sms, split_parts, work_slots)
+                                              num_sms, short_query_len, split_parts, work_slots)
 from jaxpaged.kernels.paged_attention_program import LOG2E, qblock_body, seq_body
 from jaxpaged.kernels.split_kv_merge import merge_parts
 
@@ -131,7 +131,7 @@ def paged_attention_gpu(
     DECODE_ONLY_MAX_TOKENS, else "fused"), "decode" (per-sequence kernel
     alone), "prefill" (per-q-block kernel alone), "split" (both, two launches), "fused"
     (both in one launch; the per-sequence part without split-KV) or "short" (the per-sequence
-    kernel on the sequences of at most `short_query_len(...)` new tokens; the other rows are left
+    kernel on the sequences of at most `short_query_len(decode config)` new tokens; the other rows are left
     unwritten, for `paged_attention_mosaic` to fill).
     Configs default to `choose_config(...)`; `block_m`, `block_n`, `num_splits`,
     `num_warps`, `num_stages` override fields of both. `interpret` defaults to True off-GPU.
@@ -161,7 +161,7 @@ def paged_attention_gpu(
     if interpret is None:
         interpret = _default_backend() != "gpu"
     padded_out = bool(interpret)
-    bq_dec, bq_pre = dec.block_m // group_p, pre.block_m // group_p
+    bq_dec, bq_pre = short_query_len(dec, group), pre.block_m // group_p
     t_out = t + 2 * max(bq_dec, bq_pre) if padded_out else t
     h_out = hkv * group_p if padded_out else hq
 

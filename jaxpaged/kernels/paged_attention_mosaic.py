@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS, short_query_len
+from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS, choose_config, short_query_len
 from jaxpaged.kernels.paged_attention import token_sequence_ids
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
@@ -30,8 +30,9 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     if min(t, max_query_len or t) <= DECODE_ONLY_MAX_TOKENS:
         return paged_attention_gpu(*args, max_query_len=max_query_len, **kw)
     _, hkv, _, bs, _ = k_pool.shape
-    short = short_query_len(t, seq_lens.shape[0], hq, hkv, d, block_tables.shape[1] * bs)
-    few = paged_attention_gpu(*args, mode="short", **kw)
+    dec, _ = choose_config(t, seq_lens.shape[0], hq, hkv, d, block_tables.shape[1] * bs)
+    short = short_query_len(dec, hq // hkv)  # the Pallas side's bound, from the config it is given
+    few = paged_attention_gpu(*args, mode="short", decode_config=dec, **kw)
     many = paged_prefill_mgpu(*args, min_q_len=short + 1, **kw)
     tseq, _ = token_sequence_ids(query_start, t)
     q_len = query_start[1:] - query_start[:-1]
