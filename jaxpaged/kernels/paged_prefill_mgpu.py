@@ -44,12 +44,14 @@ MASK = -1e30  # finite: a row with no visible key gives zeros, not NaN
 @dataclasses.dataclass(frozen=True)
 class QBlocks:
     """Per q block (a static upper bound of them, the unused ones with no rows): its sequence,
-    number of rows, and the context position of its first row; per token, its row in the
-    block-padded layout of q and the output; per padded row, the token it holds (a padding row
-    holds a neighbouring token: finite, masked, and never gathered back)."""
+    number of rows, and the context position of its first row; the order the grid takes them
+    in (the furthest last row first: the most KV tiles, so the last wave is short); per token,
+    its row in the block-padded layout of q and the output; per padded row, the token it holds
+    (a padding row holds a neighbouring token: finite, masked, and never gathered back)."""
     seq: jax.Array  # int32 [NQB]
     rows: jax.Array
     pos0: jax.Array
+    order: jax.Array  # int32 [NQB]: block ids
     out_row: jax.Array  # int32 [T]
     in_row: jax.Array  # int32 [NQB * block_rows]
 
@@ -69,7 +71,9 @@ def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, bloc
     within = jnp.arange(num_tokens, dtype=jnp.int32) - query_start[tseq]
     out_row = (first[tseq] + within // block_rows) * block_rows + within % block_rows
     in_row = jnp.clip((query_start[seq] + offset)[:, None] + jnp.arange(block_rows, dtype=jnp.int32), 0, num_tokens - 1)
-    return QBlocks(seq, rows.astype(jnp.int32), seq_lens[seq] - q_len[seq] + offset, out_row.astype(jnp.int32),
+    pos0 = seq_lens[seq] - q_len[seq] + offset
+    order = jnp.argsort(-jnp.where(rows > 0, pos0 + rows, -1), stable=True).astype(jnp.int32)
+    return QBlocks(seq, rows.astype(jnp.int32), pos0, order, out_row.astype(jnp.int32),
                    in_row.reshape(-1).astype(jnp.int32))
 
 
@@ -95,17 +99,18 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     qb = _q_blocks(query_start, seq_lens, t, block_rows, min_q_len)
     nqb = qb.seq.shape[0]
     q_blocks = q.reshape(t, hq * d)[qb.in_row]  # a gather: XLA's scatter of these rows took 4x as long
-    meta = jnp.stack([qb.seq, qb.rows, qb.pos0])  # [3, NQB]
+    meta = jnp.stack([qb.order, qb.seq, qb.rows, qb.pos0])  # [4, NQB]
     wide = -(-block_tables.shape[1] // pages) * pages  # whole tiles of page ids (the last tile's tail unread)
     block_tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, wide - block_tables.shape[1])))
     group = hq // hkv
-    log2e = math.log2(math.e)
+    c = scale * math.log2(math.e)
     tile = (BLOCK_Q, block_kv)
 
     def kernel(meta_ref, bt_ref, scalars_ref, q_ref, k_ref, v_ref, o_ref, q_smem2, k_smem, v_smem, bars):
         q_bars, k_bars, v_bars, k_free, v_free, turn = bars
-        h, b, wg = lax.axis_index("heads"), lax.axis_index("qb"), lax.axis_index("wg")
-        seq, rows, pos0 = (meta_ref[i, b] for i in range(3))
+        h, wg = lax.axis_index("heads"), lax.axis_index("wg")
+        b = meta_ref[0, lax.axis_index("qb")]  # the grid's heaviest blocks first
+        seq, rows, pos0 = (meta_ref[i, b] for i in range(1, 4))
         layer_i, window = scalars_ref[0], scalars_ref[1]
 
         def first_tile(pos):  # the first tile a query at `pos` sees
@@ -144,10 +149,12 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
             acc = layout_cast(jnp.zeros((BLOCK_Q, d), jnp.float32), plgpu.Layout.WGMMA, interpret)
             pl.when(wg == 1)(sync)
 
+            def wait_next_k(kv):  # tile kv + 1's keys, waited for while tile kv's PV matmul runs
+                pl.when(kv + 1 < steps)(lambda: plgpu.barrier_wait(k_bars.at[lax.rem(kv + 1, stages)]))
+
             def step(kv, carry, masked: bool):
                 acc, m, l_sum = carry
                 slot = lax.rem(kv, stages)
-                plgpu.barrier_wait(k_bars.at[slot])
                 if interpret:
                     s = lax.dot_general(q_smem[...], k_smem[slot], (((1,), (1,)), ((), ())),
                                         preferred_element_type=jnp.float32)
@@ -159,21 +166,23 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                         return acc_ref[...]
                     s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                s = s * (scale * log2e)
                 if masked:
                     row, col = (layout_cast(lax.broadcasted_iota(jnp.int32, tile, dim), plgpu.Layout.WGMMA, interpret)
                                 for dim in (0, 1))
                     key, pos = kv * block_kv + col, my_pos0 + row
                     visible = (key <= pos) & (row < my_rows) & ((window <= 0) | (key > pos - window))
                     s = jnp.where(visible, s, MASK)
-                m_new = jnp.maximum(m, s.max(axis=1))
+                # m in log2 units: s * c - m is one FMA per score
+                m_new = jnp.maximum(m, s.max(axis=1) * c)
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, tile, [0]))
-                if masked:  # a row with no visible key yet has m_new = MASK: exp2(0) there, not 0
+                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, tile, [0]))
+                if masked:  # a row with no visible key yet has m_new = MASK * c: exp2(0) there, not 0
                     p = jnp.where(visible, p, 0.0)
-                l_sum = l_sum * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_sum = l_sum * alpha + p.sum(axis=1)
                 p16 = p.astype(v_smem.dtype)
+                # the softmax done before the other warpgroup's turn (as JAX's attention_mgpu)
+                acc, l_sum, m_new, p16 = lax.optimization_barrier((acc, l_sum, m_new, p16))
                 if compute_wgs == 2:
                     plgpu.barrier_arrive(turn)
                 plgpu.barrier_wait(v_bars.at[slot])
@@ -182,22 +191,25 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                 if interpret:
                     acc = acc + lax.dot_general(p16, v_smem[slot], (((1,), (0,)), ((), ())),
                                                 preferred_element_type=jnp.float32)
+                    wait_next_k(kv)
                 else:
                     def pv(acc_ref):
                         plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                        wait_next_k(kv)
                     acc = pl.run_state(pv)(plgpu.ACC.init(acc))
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_sum
 
             def skip(kv):  # a tile only the other warpgroup's rows see: taken and freed, turns kept
                 slot = lax.rem(kv, stages)
-                plgpu.barrier_wait(k_bars.at[slot])
                 plgpu.barrier_arrive(k_free.at[slot])
                 sync()
                 plgpu.barrier_wait(v_bars.at[slot])
+                wait_next_k(kv)
                 plgpu.barrier_arrive(v_free.at[slot])
                 sync()
 
+            pl.when(start < steps)(lambda: plgpu.barrier_wait(k_bars.at[lax.rem(start, stages)]))
             pl.loop(start, lo)(skip)
             carry = lax.fori_loop(lo, whole_lo, lambda kv, c: step(kv, c, True), (acc, m, l_sum))
             carry = lax.fori_loop(whole_lo, whole_hi, lambda kv, c: step(kv, c, False), carry)
