@@ -72,17 +72,6 @@ def test_w4a16_kernel_steps_over_several_groups():
         w8a16_matmul_gpu(*args, block_k=256, interpret=True)
 
 
-def test_two_compute_warpgroups_split_the_program_rows():
-    """Two compute warpgroups (and a memory warpgroup) per program, 64 rows each: 8-bit weights,
-    and scaled int4 tiles over two groups a step."""
-    w, xt, want = _operands(256, 512, 16, "fp8")
-    got = np.asarray(w8a16_matmul_gpu(w, xt, splits=2, compute_wgs=2, interpret=True))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    args, want = _int4_operands(256, 512, 16, 128, False)
-    got = np.asarray(w8a16_matmul_gpu(*args, block_k=256, splits=1, scale_acc=False, compute_wgs=2, interpret=True))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
 def test_w8a16_kernel_on_a_few_tokens():
     """x [T, K] in, [T, N] out: x padded to 16 tokens and transposed, the padding cut away."""
     w, xt, want = _operands(128, 256, 3, "int8")
@@ -104,21 +93,18 @@ def test_w8a16_kernel_shapes():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 @pytest.mark.parametrize("dtype", ["fp8", "int8"])
-@pytest.mark.parametrize("compute_wgs", [1, 2])
 @pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 16), (4096, 14336, 32), (28672, 4096, 64)])
-def test_w8a16_kernel_on_the_gpu(dtype, n, k, tokens, compute_wgs):
+def test_w8a16_kernel_on_the_gpu(dtype, n, k, tokens):
     w, xt, want = _operands(n, k, tokens, dtype)
-    got = np.asarray(jax.jit(functools.partial(w8a16_matmul_gpu, compute_wgs=compute_wgs))(w, xt))
+    got = np.asarray(jax.jit(w8a16_matmul_gpu)(w, xt))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
-@pytest.mark.parametrize("scale_acc,block_k,compute_wgs", [(True, 128, 1), (False, 128, 1), (False, 512, 1),
-                                                            (False, 256, 2)])
+@pytest.mark.parametrize("scale_acc,block_k", [(True, 128), (False, 128), (False, 512)])
 @pytest.mark.parametrize("n,k,tokens", [(6144, 4096, 16), (4096, 14336, 32)])
-def test_w4a16_kernel_on_the_gpu(n, k, tokens, scale_acc, block_k, compute_wgs):
+def test_w4a16_kernel_on_the_gpu(n, k, tokens, scale_acc, block_k):
     args, want = _int4_operands(n, k, tokens, 128, scale_acc)
-    got = np.asarray(jax.jit(functools.partial(w8a16_matmul_gpu, scale_acc=scale_acc, block_k=block_k,
-                                               compute_wgs=compute_wgs))(*args))
+    got = np.asarray(jax.jit(functools.partial(w8a16_matmul_gpu, scale_acc=scale_acc, block_k=block_k))(*args))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -13,8 +13,6 @@ Reference: `w.astype(f32) @ xt.astype(f32)`.
 
 Grid `(N / block_n, splits)`: a program owns `block_n` output rows (one warpgroup's wgmma M)
 and walks `K / splits` input columns, `block_k` at a time, `stages` TMA copies in flight.
-With `compute_wgs=2` a program owns `2 * block_n` rows: a memory warpgroup issues the copies,
-two compute warpgroups convert and multiply `block_n` rows each.
 Split-K while the row tiles alone give under two programs per SM; the parts' float32 sums add
 in the caller's XLA epilogue. In interpret mode (CPU tests) the converted tile goes through a
 shared-memory scratch, because the interpreter's wgmma reads its operands from references only.
@@ -47,32 +45,26 @@ def supported(n: int, k: int, t: int) -> bool:
 
 def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = None, zeros: jax.Array | None = None,
                      *, block_n: int = 64, block_k: int = BLOCK_K, splits: int | None = None, stages: int = 4,
-                     scale_acc: bool = True, compute_wgs: int = 1, interpret: bool | None = None) -> jax.Array:
+                     scale_acc: bool = True, interpret: bool | None = None) -> jax.Array:
     """w [N, K] @ xt [K, Tp] (bf16) -> [N, Tp] float32 (module docstring). An int4 `w` (signed)
     takes `scales` (any float dtype; bf16 for scaled tiles) and `zeros` (bf16) [K / g, N],
     groups of g input columns, w = (q - zero) * scale: with `scale_acc` (g a multiple of
     `block_k`), each step's MMA of q goes to its own accumulator, which adds
     `scale * (sums - zero * sum(x))` to the total; else each group's part of a step's tile (g a
-    multiple or a divisor of `block_k`) is `(q - zero) * scale` in bf16 before its MMA.
-    `compute_wgs=2` (not with `scale_acc`): a program owns `2 * block_n` rows, two compute
-    warpgroups converting and multiplying `block_n` each while a memory warpgroup issues the
-    TMA copies (`emit_pipeline_warp_specialized`)."""
+    multiple or a divisor of `block_k`) is `(q - zero) * scale` in bf16 before its MMA."""
     n, k = w.shape
     tp = xt.shape[1]
-    rows = compute_wgs * block_n  # a program's output rows
-    if n % rows or k % block_k or tp % 16 or tp > MAX_TOKENS:
+    if n % block_n or k % block_k or tp % 16 or tp > MAX_TOKENS:
         raise ValueError(f"w8a16 kernel: unsupported shape N={n} K={k} Tp={tp}")
     grouped = scales is not None
     group = k // scales.shape[0] if grouped else k
     by_acc = grouped and scale_acc
-    if compute_wgs not in (1, 2) or (compute_wgs == 2 and by_acc):
-        raise ValueError(f"w8a16 kernel: {compute_wgs} compute warpgroups (two only with scaled tiles)")
     if group % block_k and (by_acc or block_k % group):
         raise ValueError(f"w8a16 kernel: groups of {group} input columns do not fit {block_k}-column steps")
     sub = min(group, block_k)  # the columns of one MMA: a group's part of a step
     if splits is None:
         splits = 1
-        while (n // rows) * splits < 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
+        while (n // block_n) * splits < 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
             splits *= 2
     steps = k // block_k // splits
     if interpret is None:
@@ -91,8 +83,6 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
         w_gmem, x_gmem, *extra_gmem, o_gmem = refs[:3 + len(extras)]
         scratch = refs[3 + len(extras):]
         ni, si = lax.axis_index("n"), lax.axis_index("s")
-        wg = lax.axis_index("wg") if compute_wgs == 2 else 0
-        mine = pl.ds(wg * block_n, block_n)  # this warpgroup's rows of the program's tile
         k_block = lambda kb: si * steps + kb  # noqa: E731
 
         def mma(acc_ref, w_smem, x_smem, scale_smem=None, zero_smem=None):
@@ -100,23 +90,17 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
             width = block_k if scale_smem is None else sub
             for g in range(block_k // width):
                 cols = pl.ds(g * width, width)
-                a = w_smem[mine, cols].astype(xt.dtype)
+                a = w_smem[:, cols].astype(xt.dtype)
                 if scale_smem is not None:
-                    scale, zero = row(scale_smem[g, mine]), row(zero_smem[g, mine])
+                    scale, zero = row(scale_smem[g]), row(zero_smem[g])
                     bcast = lambda v: lax.broadcast_in_dim(v.astype(a.dtype), a.shape, [0])  # noqa: E731
                     a = (a - bcast(zero)) * bcast(scale)
                 if interpret:  # the interpreter's wgmma reads references only
-                    scratch[0][wg] = a
+                    scratch[0][...] = a
                     plgpu.commit_smem()
-                    a = scratch[0].at[wg]
+                    a = scratch[0]
                 plgpu.wgmma(acc_ref, a, x_smem.at[cols])
                 plgpu.wgmma_wait(0)
-
-        def store(acc, o_smem):  # this warpgroup's float32 sums, through shared memory
-            o_smem[...] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * rows + wg * block_n, block_n)])
-            plgpu.wait_smem_to_gmem(0)
 
         def by_acc_step(_, w_smem, x_smem, scale_smem, zero_smem, xsum_smem, total):
             def part_scope(part_ref):
@@ -132,29 +116,13 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
         if by_acc:  # a step's one group
             group_specs = [plgpu.BlockSpec((None, block_n), lambda kb: (k_block(kb) * block_k // group, ni))] * 2
         else:  # the step's groups, or the one it lies in
-            group_specs = [plgpu.BlockSpec((block_k // sub, rows),
+            group_specs = [plgpu.BlockSpec((block_k // sub, block_n),
                                            lambda kb: (k_block(kb) * sub // group, ni))] * (2 * grouped)
         xsum_specs = [plgpu.BlockSpec((None, xsum_cols), lambda kb: (k_block(kb), 0))] * by_acc
-        in_specs = [plgpu.BlockSpec((rows, block_k), lambda kb: (ni, k_block(kb))),
-                    plgpu.BlockSpec((block_k, tp), lambda kb: (k_block(kb), 0)), *group_specs, *xsum_specs]
-        pipeline = functools.partial(plgpu.emit_pipeline, grid=(steps,), max_concurrent_steps=stages, in_specs=in_specs)
-        if compute_wgs == 2:
-            def compute(eval_pipeline):  # the compute warpgroups' accumulators, then their rows out
-                def acc_scope(acc_ref):
-                    eval_pipeline(acc_ref)
-                    return acc_ref[...]
-
-                store(pl.run_scoped(acc_scope, plgpu.ACC((block_n, tp))), scratch[-1].at[wg])
-
-            def step(_, w_smem, x_smem, *rest):
-                *group_smem, acc_ref = rest
-                mma(acc_ref, w_smem, x_smem, *group_smem)
-                return acc_ref
-
-            plgpu.emit_pipeline_warp_specialized(
-                step, grid=(steps,), memory_registers=40, in_specs=in_specs, max_concurrent_steps=stages,
-                wg_axis="wg", num_compute_wgs=2, compute_context=compute)(w_gmem, x_gmem, *extra_gmem)
-            return
+        pipeline = functools.partial(
+            plgpu.emit_pipeline, grid=(steps,), max_concurrent_steps=stages,
+            in_specs=[plgpu.BlockSpec((block_n, block_k), lambda kb: (ni, k_block(kb))),
+                      plgpu.BlockSpec((block_k, tp), lambda kb: (k_block(kb), 0)), *group_specs, *xsum_specs])
         if by_acc:
             zero = jnp.zeros((block_n, tp), jnp.float32)
             acc = pipeline(by_acc_step, init_carry=layout_cast(zero, plgpu.Layout.WGMMA, interpret))(
@@ -166,15 +134,19 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((block_n, tp)))
-        store(acc, scratch[-1].at[0])
 
-    scratch = (plgpu.SMEM((compute_wgs, block_n, sub if grouped else block_k), xt.dtype),) if interpret else ()
-    scratch += (plgpu.SMEM((compute_wgs, block_n, tp), jnp.float32),)
-    threads = dict(num_threads=3, thread_name="wg") if compute_wgs == 2 else {}
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((block_n, tp), jnp.float32))
+        def _store(o_smem):
+            o_smem[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[si, pl.ds(ni * block_n, block_n)])
+            plgpu.wait_smem_to_gmem(0)
+
+    scratch = (plgpu.SMEM((block_n, sub if grouped else block_k), xt.dtype),) if interpret else ()
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((splits, n, tp), jnp.float32), grid=(n // rows, splits),
+        body, out_type=jax.ShapeDtypeStruct((splits, n, tp), jnp.float32), grid=(n // block_n, splits),
         grid_names=("n", "s"), scratch_types=scratch, interpret=interpret_params() if interpret else None,
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup), **threads)
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     return jnp.sum(kernel(w, xt, *extras), axis=0)
 
 
