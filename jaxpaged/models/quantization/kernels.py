@@ -2,9 +2,8 @@
 where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 
 - fp8 W8A8: x is quantized to e4m3 per token (or with the static scale) and the dot takes both
-  e4m3 operands with a float32 result: on one Hopper GPU, up to 64 tokens, a Mosaic GPU kernel
-  that streams the weight into wgmma (kernels/fp8_matmul_gpu.py); else XLA's dot, which on
-  Hopper lowers to a cuBLASLt fp8 GEMM. The token and channel scales multiply the result.
+  e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
+  token and channel scales multiply the result.
 - block fp8 (weight-only in the GEMM): the e4m3 weight times its block scales, in x's dtype,
   feeds a dot with x unquantized (an elementwise operand prologue XLA fuses into the GEMM read;
   docs/decisions.md says why not fp8 x fp8 per K-group).
@@ -45,24 +44,10 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None) -> tup
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_kernel_applies(x: jax.Array, w: Fp8Weight) -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    from jaxpaged.kernels.fp8_matmul_gpu import fp8_kernel_applies as applies  # Mosaic GPU imported where it runs
-
-    return applies(math.prod(w.qweight.shape[:-1]), w.qweight.shape[-1], x.shape[0])
-
-
 def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
     xq, x_scale = quantize_activations_fp8(x, w.input_scale)
-    if fp8_kernel_applies(x, w):
-        from jaxpaged.kernels.fp8_matmul_gpu import fp8_matmul_tokens
-
-        k = w.qweight.shape[-1]
-        y = fp8_matmul_tokens(xq, w.qweight.reshape(-1, k)).reshape(x.shape[0], *w.qweight.shape[:-1])
-    else:
-        y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
-                                preferred_element_type=jnp.float32)  # [T, *out]
+    y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
+                            preferred_element_type=jnp.float32)  # [T, *out]
     out_axes = (1,) * w.scale.ndim
     return (y * jnp.reshape(x_scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
 
