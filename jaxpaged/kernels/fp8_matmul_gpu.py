@@ -33,14 +33,6 @@ from jaxpaged.kernels.w8a16_matmul_gpu import MAX_TOKENS, padded_tokens
 BLOCK_K = 128  # one 128-byte swizzle row of e4m3
 
 
-def fp8_kernel_applies(n: int, k: int, t: int) -> bool:
-    """The kernel's shapes (N rows in 64s, K in 128s, at most 64 tokens), on one Hopper GPU: a
-    Mosaic GPU call is not partitioned by GSPMD, and wgmma is sm_90's."""
-    if t > MAX_TOKENS or n % 64 or k % BLOCK_K or jax.default_backend() != "gpu" or jax.device_count() != 1:
-        return False
-    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
-
-
 def fp8_matmul_gpu(w: jax.Array, xq: jax.Array, *, block_n: int = 64, block_k: int = BLOCK_K,
                    splits: int | None = None, stages: int = 4, interpret: bool | None = None) -> jax.Array:
     """w [N, K] (e4m3) @ xq [Tp, K].T (e4m3) -> [N, Tp] float32 (module docstring)."""

@@ -103,7 +103,7 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
     wide = -(-block_tables.shape[1] // pages) * pages  # whole tiles of page ids (the last tile's tail unread)
     block_tables = jnp.pad(block_tables.astype(jnp.int32), ((0, 0), (0, wide - block_tables.shape[1])))
     group = hq // hkv
-    c = scale * math.log2(math.e)
+    scale_log2 = scale * math.log2(math.e)
     tile = (BLOCK_Q, block_kv)
 
     def kernel(meta_ref, bt_ref, scalars_ref, q_ref, k_ref, v_ref, o_ref, q_smem2, k_smem, v_smem, bars):
@@ -172,11 +172,11 @@ def paged_prefill_mgpu(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer
                     key, pos = kv * block_kv + col, my_pos0 + row
                     visible = (key <= pos) & (row < my_rows) & ((window <= 0) | (key > pos - window))
                     s = jnp.where(visible, s, MASK)
-                # m in log2 units: s * c - m is one FMA per score
-                m_new = jnp.maximum(m, s.max(axis=1) * c)
+                # m in log2 units: s * scale_log2 - m is one FMA per score
+                m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
                 alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(s * c - lax.broadcast_in_dim(m_new, tile, [0]))
-                if masked:  # a row with no visible key yet has m_new = MASK * c: exp2(0) there, not 0
+                p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_new, tile, [0]))
+                if masked:  # a row with no visible key yet has m_new = MASK * scale_log2: exp2(0) there, not 0
                     p = jnp.where(visible, p, 0.0)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 l_sum = l_sum * alpha + p.sum(axis=1)
