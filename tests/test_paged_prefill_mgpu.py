@@ -50,7 +50,7 @@ def test_paged_prefill_kernel_with_a_sliding_window():
     """Window 48 over 64-key tiles, a 130-token chunk after 170 cached tokens: the first tile is
     never read, the second warpgroup's rows start past a tile the first one reads, the first
     one's end before the last tile."""
-    q, k, v, qs, lens, bt = _case([5, 130], [45, 300])
+    q, k, v, qs, lens, bt = _case([5, 130], [45, 300], hq=1)  # one head: the window is per row
     layer = jnp.int32(0)
     want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.125, sliding_window=48)
     got = paged_prefill_mgpu(q, k, v, layer, qs, lens, bt, scale=0.125, sliding_window=jnp.int32(48), block_kv=64,
@@ -73,12 +73,12 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
     monkeypatch.setattr(route, "paged_prefill_mgpu", lambda *a, **k: ran.append("mosaic") or paged_prefill_mgpu(*a, **k))
     monkeypatch.setattr(route, "paged_attention_gpu", pallas)
     attention = get_attention("mosaic")
-    q, k, v, qs, lens, bt = _case([1, 70], [33, 90])
+    q, k, v, qs, lens, bt = _case([1, 70], [33, 90], hq=1)
     layer = jnp.int32(1)
     got = attention(q, k, v, layer, qs, lens, bt, scale=0.125)
     want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.125)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
-    q1, k1, v1, qs1, lens1, bt1 = _case([1, 1], [33, 90])
+    q1, k1, v1, qs1, lens1, bt1 = _case([1, 1], [33, 90], hq=1)
     attention(q1, k1, v1, layer, qs1, lens1, bt1, scale=0.125, max_query_len=1)
     assert ran == ["pallas short", "mosaic", "pallas auto"]
     with pytest.raises(ValueError, match="fp8"):
