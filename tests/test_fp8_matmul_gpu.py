@@ -4,6 +4,8 @@ In GPU interpret mode on the CPU; on a GPU, the compiled kernel (wgmma on e4m3 o
 Llama-3-8B's sizes."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -42,6 +44,16 @@ def test_fp8_kernel_on_a_few_tokens_and_its_shapes():
         fp8_matmul_gpu(w[:, :200], xq[:, :200], interpret=True)
     with pytest.raises(ValueError, match="unsupported shape"):
         fp8_matmul_gpu(w, jnp.zeros((80, 256), xq.dtype), interpret=True)  # over 64 tokens
+
+
+def test_fp8_kernel_lowers_for_the_gpu():
+    """The kernel's CUDA lowering, here without a GPU, at Llama-3-8B's gate/up size and 64
+    tokens: one Mosaic GPU call (e4m3 wgmma operands pass the lowering's checks; the layout
+    inference of the GPU compile does not run here: the GPU tests cover it)."""
+    sd = jax.ShapeDtypeStruct
+    f = functools.partial(fp8_matmul_gpu, splits=2, interpret=False)
+    lowered = jax.jit(f).trace(sd((28672, 4096), jnp.float8_e4m3fn), sd((64, 4096), jnp.float8_e4m3fn))
+    assert lowered.lower(lowering_platforms=("cuda",)).as_text().count("custom_call @mosaic_gpu") == 1
 
 
 @pytest.mark.gpu
