@@ -26,9 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from jaxpaged.kernels.attention_tiles import num_sms
 from jaxpaged.kernels.mosaic_interpret import interpret_params
-from jaxpaged.kernels.w8a16_matmul_gpu import MAX_TOKENS, padded_tokens
+from jaxpaged.kernels.w8a16_matmul_gpu import MAX_TOKENS, padded_tokens, split_k
 
 BLOCK_K = 128  # one 128-byte swizzle row of e4m3
 
@@ -40,10 +39,7 @@ def fp8_matmul_gpu(w: jax.Array, xq: jax.Array, *, block_n: int = 64, block_k: i
     tp = xq.shape[0]
     if n % block_n or k % block_k or tp % 16 or tp > MAX_TOKENS or xq.shape[1] != k:
         raise ValueError(f"fp8 kernel: unsupported shape N={n} K={k} Tp={tp}")
-    if splits is None:
-        splits = 1
-        while (n // block_n) * splits < 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
-            splits *= 2
+    splits = splits or split_k(n // block_n, k // block_k)
     steps = k // block_k // splits
     if interpret is None:
         interpret = jax.default_backend() != "gpu"

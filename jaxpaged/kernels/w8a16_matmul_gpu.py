@@ -39,6 +39,15 @@ def padded_tokens(t: int) -> int:
     return max(16, 1 << (t - 1).bit_length())
 
 
+def split_k(row_tiles: int, k_steps: int) -> int:
+    """Parts of K, a power of two dividing the steps, while the row tiles give under two programs
+    per SM."""
+    splits = 1
+    while row_tiles * splits < 2 * num_sms() and k_steps % (splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
 def supported(n: int, k: int, t: int) -> bool:
     return t <= MAX_TOKENS and n % 64 == 0 and k % BLOCK_K == 0
 
@@ -62,10 +71,7 @@ def w8a16_matmul_gpu(w: jax.Array, xt: jax.Array, scales: jax.Array | None = Non
     if group % block_k and (by_acc or block_k % group):
         raise ValueError(f"w8a16 kernel: groups of {group} input columns do not fit {block_k}-column steps")
     sub = min(group, block_k)  # the columns of one MMA: a group's part of a step
-    if splits is None:
-        splits = 1
-        while (n // block_n) * splits < 2 * num_sms() and (k // block_k) % (splits * 2) == 0:
-            splits *= 2
+    splits = splits or split_k(n // block_n, k // block_k)
     steps = k // block_k // splits
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
