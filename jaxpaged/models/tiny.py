@@ -82,14 +82,16 @@ def _random_param(key: str, shape: tuple[int, ...], rng: np.random.Generator) ->
 
 
 def make_tiny_model(out_dir: str | Path, variant: str = "llama", *, seed: int = 0,
-                    num_shards: int = 1) -> Path:
-    """Write a random-weight HF checkpoint of `variant` (see VARIANTS) with its tokenizer."""
+                    num_shards: int = 1, config: dict | None = None) -> Path:
+    """Write a random-weight HF checkpoint of `variant` (see VARIANTS) with its tokenizer;
+    `config` overrides the variant's HF config fields (e.g. `head_dim`)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny-model variant {variant!r}; choose from {', '.join(VARIANTS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()
     model_type, overrides = VARIANTS[variant]
+    overrides = {**overrides, **(config or {})}
     eos, bos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
     hf_cfg = transformers.CONFIG_MAPPING[model_type](
         vocab_size=len(tokenizer), bos_token_id=bos, eos_token_id=eos, pad_token_id=bos, **overrides)
