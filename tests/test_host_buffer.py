@@ -2,7 +2,7 @@
 import jax
 import numpy as np
 
-from jaxpaged.engine.host_buffer import pack, unpack
+from jaxpaged.engine.host_buffer import field_view, pack, unpack
 
 
 def test_pack_unpack_round_trip_in_jit():
@@ -22,3 +22,5 @@ def test_pack_unpack_round_trip_in_jit():
         got = np.asarray(out[name])
         assert got.dtype == want.dtype and got.shape == want.shape, name
         assert got.tobytes() == want.tobytes(), name  # bit-exact, NaN and -inf included
+        if name != "mask":  # each field 256-byte aligned in the buffer, as a Mosaic GPU operand must be
+            assert (field_view(buf, layout, name).ctypes.data - buf.ctypes.data) % 256 == 0, name

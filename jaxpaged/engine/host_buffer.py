@@ -3,7 +3,9 @@ single int32 buffer, unpacked inside the jitted program by a static layout.
 
 Passing ~16 numpy arrays to a jitted call costs one transfer each (milliseconds per step on
 the GPU); one packed buffer costs one. All fields are 4-byte (int32, uint32, float32) or
-bool (stored as int32).
+bool (stored as int32). Each field starts 256 bytes into a 256-byte block (`ALIGN` int32s):
+XLA may hand a kernel a field's slice of the buffer without a copy, and a Mosaic GPU kernel
+refuses an operand that is not 256-byte aligned.
 """
 from __future__ import annotations
 
@@ -14,10 +16,16 @@ import numpy as np
 Layout = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) per field, in order
 # dtype names by dtype: numpy's `dtype.name` is a Python property (~2 us; a step packs ~36 fields)
 _NAMES = {np.dtype(t): t for t in ("int32", "uint32", "float32", "bool")}
+ALIGN = 64  # int32s: 256 bytes
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def pack(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
-    """Concatenate `fields` into one flat int32 array; the layout is hashable (a static arg)."""
+    """Lay `fields` out in one flat int32 array, each at a multiple of `ALIGN`; the layout is
+    hashable (a static arg)."""
     layout, parts = [], []
     for name, a in fields.items():
         a = np.asarray(a)
@@ -25,7 +33,12 @@ def pack(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
         flat = a.astype(np.int32) if a.dtype == np.bool_ else a
         assert flat.dtype.itemsize == 4, f"{name}: {a.dtype} is not a 4-byte type"
         parts.append(np.ascontiguousarray(flat).reshape(-1).view(np.int32))
-    return np.concatenate(parts) if parts else np.zeros(0, np.int32), tuple(layout)
+    buf = np.zeros(sum(_aligned(p.size) for p in parts), np.int32)
+    offset = 0
+    for p in parts:
+        buf[offset:offset + p.size] = p
+        offset += _aligned(p.size)
+    return buf, tuple(layout)
 
 
 def field_shape(layout: Layout, name: str) -> tuple[int, ...] | None:
@@ -39,7 +52,7 @@ def _spans(layout: Layout):
     for name, shape, dtype in layout:
         n = int(np.prod(shape, dtype=np.int64))
         yield name, shape, dtype, offset, offset + n
-        offset += n
+        offset += _aligned(n)
 
 
 def field_view(buf: np.ndarray, layout: Layout, name: str) -> np.ndarray:
