@@ -1,6 +1,7 @@
-"""`attention_backend="mosaic"` (Hopper; opt-in, not yet the default): prefill rows on the Mosaic
-GPU kernel (`paged_prefill_mgpu.py`), decode rows on the Pallas kernel (`paged_attention_gpu.py`).
-bf16 or fp16 pools only: the Mosaic kernel reads no fp8 scales."""
+"""`attention_backend="mosaic"` (Hopper): prefill rows on the Mosaic GPU kernel
+(`paged_prefill_mgpu.py`), decode rows on the Pallas kernel (`paged_attention_gpu.py`). bf16 or
+fp16 pools only: the Mosaic kernel reads no fp8 scales. `attention_backend="auto"` on one Hopper
+GPU takes this route wherever it applies (`paged_attention_hopper`), else the Pallas kernel."""
 from __future__ import annotations
 
 import jax
@@ -12,6 +13,21 @@ from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
 
 
+def mosaic_applies(q: jax.Array, k_pool: jax.Array, k_scale: jax.Array | None) -> bool:
+    """The route's pools and shapes: bf16/fp16 without fp8 scales, a head dim in 64s, pages
+    that tile the kernel's 128-key blocks."""
+    return (k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0
+            and 128 % k_pool.shape[3] == 0)
+
+
+def paged_attention_hopper(q: jax.Array, k_pool: jax.Array, *args, k_scale: jax.Array | None = None,
+                           **kw) -> jax.Array:
+    """`attention_backend="auto"` on one Hopper GPU: the Mosaic route where `mosaic_applies`
+    (decided at trace time: shapes and dtypes are static), else the Pallas kernel."""
+    route = paged_attention_mosaic if mosaic_applies(q, k_pool, k_scale) else paged_attention_gpu
+    return route(q, k_pool, *args, k_scale=k_scale, **kw)
+
+
 def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
                            query_start: jax.Array, seq_lens: jax.Array, block_tables: jax.Array, *, scale: float,
                            sliding_window: int | jax.Array = 0, max_query_len: int | None = None,
@@ -21,9 +37,10 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     tokens per sequence, or per step) run the Pallas kernel. In any other step the sequences of
     at most `short_query_len` new tokens (decode rows) run the Pallas per-sequence kernel and the
     rest the Mosaic kernel; each token's row is taken from its sequence's kernel."""
-    if k_scale is not None or v_scale is not None or q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools only (got {k_pool.dtype}, "
-                         f"queries {q.dtype}, fp8 scales: {k_scale is not None}): use attention_backend 'pallas'")
+    if not mosaic_applies(q, k_pool, k_scale) or v_scale is not None:
+        raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools only, head dims in 64s and "
+                         f"pages of at most 128 tokens (got {k_pool.dtype} pages of {k_pool.shape[3]}, queries "
+                         f"{q.dtype} {q.shape}, fp8 scales: {k_scale is not None}): use attention_backend 'pallas'")
     t, hq, d = q.shape
     args = (q, k_pool, v_pool, layer, query_start, seq_lens, block_tables)
     kw = dict(scale=scale, sliding_window=sliding_window, interpret=interpret)
