@@ -87,27 +87,6 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
         EngineConfig(model="m", attention_backend="mosaic", kv_cache_dtype="fp8")
 
 
-def test_auto_on_one_hopper_gpu_takes_the_mosaic_route_where_it_applies(monkeypatch):
-    """`attention_backend="auto"`: off a GPU the CPU path; on one Hopper GPU the mosaic route
-    for bf16 / fp16 pools with head dims in 64s and pages of at most 128 tokens, the Pallas
-    kernel for fp8 pools (scales given), float32, head dim 32 and 256-token pages."""
-    import jaxpaged.kernels as kernels
-
-    assert get_attention("auto") is not route.paged_attention_hopper
-    monkeypatch.setattr(kernels, "on_one_hopper_gpu", lambda: True)
-    auto = get_attention("auto")
-    monkeypatch.setattr(route, "paged_attention_mosaic", lambda *a, **k: "mosaic")
-    monkeypatch.setattr(route, "paged_attention_gpu", lambda *a, **k: "pallas")
-
-    def call(dtype=jnp.bfloat16, d=128, bs=16, fp8=False):
-        q, pool = jnp.zeros((4, 2, d), dtype), jnp.zeros((1, 1, 2, bs, d), dtype)
-        scales = dict(k_scale=jnp.ones((1, 1)), v_scale=jnp.ones((1, 1))) if fp8 else {}
-        return auto(q, pool, pool, 0, None, None, None, scale=1.0, **scales)
-
-    assert [call(), call(jnp.float16, d=64, bs=128)] == ["mosaic"] * 2
-    assert [call(fp8=True), call(jnp.float32), call(d=32), call(bs=256)] == ["pallas"] * 4
-
-
 def test_mosaic_route_lowers_for_the_gpu():
     """The route's CUDA lowering, here without a GPU, at Llama-3-8B's heads (a 256-token step):
     one Pallas (Triton) launch for the decode rows and one Mosaic GPU kernel. (The layout

@@ -1,7 +1,6 @@
-"""`attention_backend="mosaic"` (Hopper): prefill rows on the Mosaic GPU kernel
-(`paged_prefill_mgpu.py`), decode rows on the Pallas kernel (`paged_attention_gpu.py`). bf16 or
-fp16 pools only: the Mosaic kernel reads no fp8 scales. `attention_backend="auto"` on one Hopper
-GPU takes this route wherever it applies (`paged_attention_hopper`), else the Pallas kernel."""
+"""`attention_backend="mosaic"` (Hopper; opt-in, not yet the default): prefill rows on the Mosaic
+GPU kernel (`paged_prefill_mgpu.py`), decode rows on the Pallas kernel (`paged_attention_gpu.py`).
+bf16 or fp16 pools only: the Mosaic kernel reads no fp8 scales."""
 from __future__ import annotations
 
 import jax
@@ -18,14 +17,6 @@ def mosaic_applies(q: jax.Array, k_pool: jax.Array, k_scale: jax.Array | None) -
     that tile the kernel's 128-key blocks."""
     return (k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0
             and 128 % k_pool.shape[3] == 0)
-
-
-def paged_attention_hopper(q: jax.Array, k_pool: jax.Array, *args, k_scale: jax.Array | None = None,
-                           **kw) -> jax.Array:
-    """`attention_backend="auto"` on one Hopper GPU: the Mosaic route where `mosaic_applies`
-    (decided at trace time: shapes and dtypes are static), else the Pallas kernel."""
-    route = paged_attention_mosaic if mosaic_applies(q, k_pool, k_scale) else paged_attention_gpu
-    return route(q, k_pool, *args, k_scale=k_scale, **kw)
 
 
 def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
