@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.models.quantization.kernels import int4_matmul, quantize_activations_fp8, quantized_matmul
+from jaxpaged.models.quantization.kernels import int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
 from jaxpaged.models.quantization.weights import Fp8Weight, unpack_int4
 
@@ -28,7 +28,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
     kind = kind.split(":")[0]
-    scheme = kind.replace("fp8a8", "fp8").removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
+    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
     out = []
     for layer in range(layers):
         ws = {}
@@ -43,8 +43,6 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
                 ws[name] = {"wt": ws[name].qweight.T, "scale": ws[name].scale}
             elif kind == "fp8_mgpu":
                 ws[name] = {"wt": ws[name].qweight, "scale": ws[name].scale}
-            elif kind == "fp8a8_mgpu":  # W8A8: x quantized per token, both e4m3 into wgmma
-                ws[name] = {"wt8": ws[name].qweight, "scale": ws[name].scale}
             elif kind.startswith("int4_mgpu"):  # signed int4 [out, in]; zeros shifted alike
                 q = ws[name]
                 ws[name] = {"wt": (unpack_int4(q.qweight).T - 8).astype(jnp.int4), "scale": None,
@@ -81,18 +79,7 @@ def _mgpu(x, w, config):
     return (w8a16_matmul_tokens(x, w["wt"], **config) * w["scale"]).astype(x.dtype)
 
 
-def _fp8a8_mgpu(x, w, config):
-    """fp8 W8A8 on the Mosaic GPU fp8 x fp8 kernel (kernels/fp8_matmul_gpu.py), scaled per token
-    and channel."""
-    from jaxpaged.kernels.fp8_matmul_gpu import fp8_matmul_tokens
-
-    xq, x_scale = quantize_activations_fp8(x, None)
-    return (fp8_matmul_tokens(xq, w["wt8"], **config) * x_scale * w["scale"]).astype(x.dtype)
-
-
 def _linear(x, w, dequant, config=None):
-    if isinstance(w, dict) and "wt8" in w:
-        return _fp8a8_mgpu(x, w, config or {})
     if isinstance(w, dict) and "wt" in w:
         return _mgpu(x, w, config or {})
     if isinstance(w, dict):
@@ -201,8 +188,7 @@ def main():
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
                          "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:block_n=N][:block_k=N][:stages=N][:splits=N]: the Mosaic GPU "
                          "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens; bf16_mgpu: bf16 "
-                         "weights through it (nothing to convert: the kernel's floor); fp8a8_mgpu[:block_n=N]...: "
-                         "fp8 W8A8 on the Mosaic GPU fp8 x fp8 kernel (kernels/fp8_matmul_gpu.py), up to 64 tokens")
+                         "weights through it (nothing to convert: the kernel's floor)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "
                     "in DIR) instead of the wall time, which includes dispatch and launch gaps")
