@@ -3,7 +3,7 @@ single int32 buffer, unpacked inside the jitted program by a static layout.
 
 Passing ~16 numpy arrays to a jitted call costs one transfer each (milliseconds per step on
 the GPU); one packed buffer costs one. All fields are 4-byte (int32, uint32, float32) or
-bool (stored as int32). Each field starts 256 bytes into a 256-byte block (`ALIGN` int32s):
+bool (stored as int32). Each field starts at a multiple of 256 bytes (`ALIGN` int32s):
 XLA may hand a kernel a field's slice of the buffer without a copy, and a Mosaic GPU kernel
 refuses an operand that is not 256-byte aligned.
 """
@@ -17,6 +17,7 @@ Layout = tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype) pe
 # dtype names by dtype: numpy's `dtype.name` is a Python property (~2 us; a step packs ~36 fields)
 _NAMES = {np.dtype(t): t for t in ("int32", "uint32", "float32", "bool")}
 ALIGN = 64  # int32s: 256 bytes
+_PAD = np.zeros(ALIGN, np.int32)
 
 
 def _aligned(n: int) -> int:
@@ -32,13 +33,10 @@ def pack(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
         layout.append((name, a.shape, _NAMES.get(a.dtype) or a.dtype.name))
         flat = a.astype(np.int32) if a.dtype == np.bool_ else a
         assert flat.dtype.itemsize == 4, f"{name}: {a.dtype} is not a 4-byte type"
-        parts.append(np.ascontiguousarray(flat).reshape(-1).view(np.int32))
-    buf = np.zeros(sum(_aligned(p.size) for p in parts), np.int32)
-    offset = 0
-    for p in parts:
-        buf[offset:offset + p.size] = p
-        offset += _aligned(p.size)
-    return buf, tuple(layout)
+        parts.append(flat := np.ascontiguousarray(flat).reshape(-1).view(np.int32))
+        if flat.size % ALIGN:
+            parts.append(_PAD[:ALIGN - flat.size % ALIGN])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32), tuple(layout)
 
 
 def field_shape(layout: Layout, name: str) -> tuple[int, ...] | None:
