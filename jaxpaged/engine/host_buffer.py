@@ -34,8 +34,8 @@ def pack(fields: dict[str, np.ndarray]) -> tuple[np.ndarray, Layout]:
         flat = a.astype(np.int32) if a.dtype == np.bool_ else a
         assert flat.dtype.itemsize == 4, f"{name}: {a.dtype} is not a 4-byte type"
         parts.append(flat := np.ascontiguousarray(flat).reshape(-1).view(np.int32))
-        if flat.size % ALIGN:
-            parts.append(_PAD[:ALIGN - flat.size % ALIGN])
+        if pad := _aligned(flat.size) - flat.size:
+            parts.append(_PAD[:pad])
     return np.concatenate(parts) if parts else np.zeros(0, np.int32), tuple(layout)
 
 
