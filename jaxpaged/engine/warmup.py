@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 import time
 
 import jax
@@ -32,6 +33,7 @@ class Warmup:
         self.runner = runner
         self.log: list[tuple[str, float, float]] = []
         self._t0 = time.perf_counter()
+        self._log_lock = threading.Lock()  # the compile threads log in turn, the counts in order
         r = runner
         # every program: heads (bucket x variant), forwards, decode loops, verify heads (progress log)
         self.num_programs = len(r.buckets) * (len(VARIANTS) + 1) + len(r.short_query_buckets) \
@@ -67,11 +69,12 @@ class Warmup:
         """Add the block's wall time to `log` (which start-up compiles bound it)."""
         t0 = time.perf_counter()
         yield
-        self.log.append((program, round(t0 - self._t0, 2), round(time.perf_counter() - t0, 2)))
-        done = len(self.log)  # list.append is atomic: the compile threads share it
-        if done <= self.num_programs:
-            logger.info("warm-up: compiled %d/%d programs (%s, %.1f s)", done, self.num_programs, program,
-                        time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        with self._log_lock:
+            self.log.append((program, round(t0 - self._t0, 2), round(seconds, 2)))
+            if len(self.log) <= self.num_programs:
+                logger.info("warm-up: compiled %d/%d programs (%s, %.1f s)", len(self.log), self.num_programs,
+                            program, seconds)
 
     def run(self, kv: KVCache, threads: int | None = None) -> None:
         """Give the runner the KV pool, compile every forward and decode loop variant (in
