@@ -23,12 +23,10 @@ def main() -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 500, int(rng.integers(5, 60))).tolist() for _ in range(24)]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    engine_args = dict(dtype="float32", max_model_len=256, max_num_seqs=32, max_num_batched_tokens=128)
     failed = 0
 
     def run(**kw):
-        llm = LLM(model, **engine_args, **kw)
-        return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        return greedy(model, prompts, params, dtype="float32", **kw)
 
     llm, ref = run(attention_backend="reference", gpu_memory_utilization=0.5)
     stats = jax.devices()[0].memory_stats() or {}
@@ -55,6 +53,13 @@ def main() -> int:
     return int(failed > 0)
 
 
+def greedy(model: str, prompts: list[list[int]], params: SamplingParams, **kw) -> tuple[LLM, list[list[int]]]:
+    """An engine on `model` (256-token context, 32 sequences, 128-token steps, `kw` besides)
+    and its greedy token ids for `prompts`."""
+    llm = LLM(model, max_model_len=256, max_num_seqs=32, max_num_batched_tokens=128, **kw)
+    return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
 def check_mosaic(prompts: list[list[int]], params: SamplingParams) -> bool:
     """Hopper: the Mosaic prefill route against the Pallas kernel in bf16 (head dim 64, prompts
     of 5-60 tokens prefilled in 128-token steps, so both routes' sides run). The two kernels sum
@@ -62,10 +67,8 @@ def check_mosaic(prompts: list[list[int]], params: SamplingParams) -> bool:
     model = make_tiny_model(tempfile.mkdtemp(), "llama", config=dict(head_dim=64))
     outs = {}
     for backend in ("pallas", "mosaic"):
-        llm = LLM(model, dtype="bfloat16", max_model_len=256, max_num_seqs=32, max_num_batched_tokens=128,
-                  num_kv_blocks=2048, attention_backend=backend)
-        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        del llm
+        _, outs[backend] = greedy(model, prompts, params, dtype="bfloat16", num_kv_blocks=2048,
+                                  attention_backend=backend)
     same = sum(m == p for m, p in zip(outs["mosaic"], outs["pallas"]))
     print(f"mosaic prefill route, bf16: {same}/{len(prompts)} greedy outputs equal to the pallas kernel run")
     return same < len(prompts) - 2
