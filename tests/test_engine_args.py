@@ -138,8 +138,9 @@ def test_every_cli_flag_is_classified_and_llm_takes_the_engine_ones(tiny_model_d
         LLM(str(tiny_model_dir("llama")), bogus_arg=1)
     with pytest.raises(ValueError, match="kv_cache_dtype 'int8' is not supported"):
         LLM(str(tiny_model_dir("llama")), kv_cache_dtype="int8")
-    LLM(str(tiny_model_dir("llama")), kv_cache_dtype="fp8_e5m2")
-    assert built[-1].kv_cache_dtype == "fp8_e5m2"
+    for name in ("fp8_e5m2", "bfloat16"):
+        LLM(str(tiny_model_dir("llama")), kv_cache_dtype=name)
+        assert built[-1].kv_cache_dtype == name
     with pytest.raises(ValueError, match="quantization must be one of fp8, int8, int4, .* got 'bitsandbytes'"):
         LLM(str(tiny_model_dir("llama")), quantization="bitsandbytes")
     LLM(str(tiny_model_dir("llama")), quantization="int8")

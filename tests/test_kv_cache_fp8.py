@@ -1,5 +1,6 @@
 """fp8 KV cache (`kv_cache_dtype="fp8"`): the write (scale, saturation) and the three attentions
-on fp8 pools against numpy; the model's logits against the float pool's; a checkpoint's k/v
+on fp8 pools against numpy; the model's logits against the float pool's (and a bfloat16
+pool's, `kv_cache_dtype="bfloat16"`, against numpy's rounding); a checkpoint's k/v
 scales (vLLM's names) loaded and applied as numpy says on HF transformers' K/V; tensor
 parallelism; the engine's greedy tokens against HF's and its pool size."""
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jaxpaged.kernels.paged_attention_cpu import paged_attention_cpu
 from jaxpaged.kernels.attention_tiles import TileConfig
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 from jaxpaged.models import ConfigError, load_config, load_model, make_forward
-from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block
+from jaxpaged.models.kv_cache import init_kv_cache, kv_bytes_per_block, kv_cache_dtype
 from jaxpaged.models.quantization.kv_scales import load_kv_scales
 from jaxpaged.models.step_input import make_step_input
 
@@ -123,6 +124,26 @@ def test_fp8_kv_logits_stay_near_the_float_kv_logits(variant, tiny_model_dir):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.06
     top2 = np.sort(want, -1)[..., -2:]
     decisive = top2[..., 1] - top2[..., 0] > 0.05
+    np.testing.assert_array_equal(got.argmax(-1)[decisive], want.argmax(-1)[decisive])
+
+
+def test_bfloat16_kv_pool_holds_the_float_kv_rounded(tiny_model_dir):
+    """`kv_cache_dtype="bfloat16"` on a float32 model: the pool is bf16 (half the bytes per
+    token), layer 0's K and V are the float pool's rounded to bf16 (numpy's cast, ml_dtypes), and
+    the logits move by bf16's rounding of K and V only (well under fp8's)."""
+    cfg, params = load_model(tiny_model_dir("llama"))
+    dtype = kv_cache_dtype("bfloat16", jnp.float32)
+    assert dtype == jnp.bfloat16 and kv_cache_dtype("auto", jnp.float32) == jnp.float32
+    blocks = 1 + 8 * len(PROMPTS)
+    want, kv32 = _prefill(cfg, params, init_kv_cache(cfg, blocks, 4, jnp.float32), PROMPTS)
+    got, kv16 = _prefill(cfg, params, init_kv_cache(cfg, blocks, 4, dtype), PROMPTS)
+    assert kv16.k.dtype == jnp.bfloat16 and kv16.k_scale is None
+    assert kv_bytes_per_block(cfg, 4, dtype) * 2 == kv_bytes_per_block(cfg, 4, jnp.float32)
+    for pool16, pool32 in ((kv16.k, kv32.k), (kv16.v, kv32.v)):
+        np.testing.assert_array_equal(np.asarray(pool16[0]), np.asarray(pool32[0]).astype(ml_dtypes.bfloat16))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
+    top2 = np.sort(want, -1)[..., -2:]
+    decisive = top2[..., 1] - top2[..., 0] > 0.01
     np.testing.assert_array_equal(got.argmax(-1)[decisive], want.argmax(-1)[decisive])
 
 

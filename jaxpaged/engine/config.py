@@ -13,8 +13,9 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 # quantize a float checkpoint at load; the others name a quantized checkpoint's format.
 QUANTIZATION_METHODS = ("fp8", "int8", "int4", "compressed-tensors", "modelopt", "awq", "gptq")
 # vLLM's `kv_cache_dtype` values served here (models/kv_cache.py's, kept apart as above): auto is the
-# model's dtype; fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in one byte, with per-layer scales
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# model's dtype; bfloat16 whatever the model's; fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in one
+# byte, with per-layer scales
+KV_CACHE_DTYPES = ("auto", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclasses.dataclass
@@ -110,6 +111,6 @@ class EngineConfig:
         if self.attention_backend not in ("auto", "reference", "cpu", "pallas", "mosaic"):
             raise ValueError(f"attention_backend must be auto, reference, cpu, pallas or mosaic, "
                              f"got {self.attention_backend!r}")
-        if self.attention_backend == "mosaic" and self.kv_cache_dtype != "auto":
+        if self.attention_backend == "mosaic" and self.kv_cache_dtype.startswith("fp8"):
             raise ValueError(f"attention_backend 'mosaic' reads bf16/fp16 KV pools only, not kv_cache_dtype "
                              f"{self.kv_cache_dtype!r}")

@@ -13,10 +13,10 @@ from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
 
 
 def mosaic_applies(q: jax.Array, k_pool: jax.Array, k_scale: jax.Array | None) -> bool:
-    """The route's pools and shapes: bf16/fp16 without fp8 scales, a head dim in 64s, pages
-    that tile the kernel's 128-key blocks."""
-    return (k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 64 == 0
-            and 128 % k_pool.shape[3] == 0)
+    """The route's pools and shapes: bf16/fp16 queries and pools of their dtype (no fp8 scales),
+    a head dim in 64s, pages that tile the kernel's 128-key blocks."""
+    return (k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16) and k_pool.dtype == q.dtype
+            and q.shape[-1] % 64 == 0 and 128 % k_pool.shape[3] == 0)
 
 
 def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array,
@@ -29,7 +29,7 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     at most `short_query_len` new tokens (decode rows) run the Pallas per-sequence kernel and the
     rest the Mosaic kernel; each token's row is taken from its sequence's kernel."""
     if not mosaic_applies(q, k_pool, k_scale) or v_scale is not None:
-        raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools only, head dims in 64s and "
+        raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools of the queries' dtype only, head dims in 64s and "
                          f"pages of at most 128 tokens (got {k_pool.dtype} pages of {k_pool.shape[3]}, queries "
                          f"{q.dtype} {q.shape}, fp8 scales: {k_scale is not None}): use attention_backend 'pallas'")
     t, hq, d = q.shape

@@ -1,5 +1,5 @@
-"""The paged KV pool: one stacked array for keys and one for values, allocated once; for an
-fp8 pool (vLLM's `kv_cache_dtype`), the dequantization scales beside them."""
+"""The paged KV pool: one stacked array for keys and one for values, allocated once, in the
+model's dtype or vLLM's `kv_cache_dtype`; for an fp8 pool, the dequantization scales beside them."""
 from __future__ import annotations
 
 import jax
@@ -10,8 +10,9 @@ from flax import struct
 from jaxpaged.models.config import ModelConfig
 
 SCRATCH_BLOCK = 0  # padding tokens write here; never handed to a sequence
-# vLLM's fp8 `kv_cache_dtype` values and the pool dtype each one means (fp8 is e4m3, as on CUDA)
-FP8_KV_CACHE_DTYPES = {"fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+# vLLM's `kv_cache_dtype` values besides auto and the pool dtype each one means (fp8 is e4m3, as on CUDA)
+KV_CACHE_DTYPES = {"bfloat16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn,
+                   "fp8_e5m2": jnp.float8_e5m2}
 
 
 @struct.dataclass
@@ -35,9 +36,9 @@ def kv_cache_dtype(name: str, model_dtype) -> jnp.dtype:
     """The pool dtype of vLLM's `kv_cache_dtype` value (`auto`: the model's)."""
     if name == "auto":
         return jnp.dtype(model_dtype)
-    if name not in FP8_KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype {name!r} is not supported (auto, {', '.join(FP8_KV_CACHE_DTYPES)})")
-    return jnp.dtype(FP8_KV_CACHE_DTYPES[name])
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype {name!r} is not supported (auto, {', '.join(KV_CACHE_DTYPES)})")
+    return jnp.dtype(KV_CACHE_DTYPES[name])
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype) -> int:
