@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxpaged.engine.sample.sampler import (_BISECT_STEPS, _top_k_top_p_threshold, apply_penalties, make_history,
-                                     make_sampling_input, row_keys, sample)
+from jaxpaged.engine.sample.sampler import apply_penalties, make_history, make_sampling_input, row_keys, sample
+from jaxpaged.engine.sample.topk_topp import BISECT_STEPS, top_k_top_p_threshold
 
 S, V, K = 2000, 16, 3
 _sample = jax.jit(sample, static_argnames=("num_logprobs", "greedy_only", "filters"))
@@ -238,7 +238,7 @@ def test_sample_applies_penalties_raw_logprobs(pen_case):
 
 def sort_threshold(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Oracle: the sampler's former sort + cumsum version (vLLM's). Same contract as
-    `_top_k_top_p_threshold`: x [S, V], top_k [S] in [1, V], top_p [S] -> [S, 1]."""
+    `top_k_top_p_threshold`: x [S, V], top_k [S] in [1, V], top_p [S] -> [S, 1]."""
     v = x.shape[-1]
     desc = jnp.sort(x, axis=-1)[:, ::-1]
     pos = jnp.arange(v)[None, :]
@@ -263,7 +263,7 @@ def test_threshold_matches_sort_oracle():
     top_k = np.select([rng.random(s) < 0.25, rng.random(s) < 0.5], [v, rng.integers(1, v + 1, s)],
                       rng.integers(1, 40, s)).astype(np.int32)
     top_p = np.where(rng.random(s) < 0.25, 1.0, rng.uniform(0.0, 1.0, s)).astype(np.float32)
-    new, old = jax.jit(lambda *a: (_top_k_top_p_threshold(*a), sort_threshold(*a)))(x, top_k, top_p)
+    new, old = jax.jit(lambda *a: (top_k_top_p_threshold(*a), sort_threshold(*a)))(x, top_k, top_p)
     new, old = np.asarray(new), np.asarray(old)
     assert ((x == new) | (new == -np.inf)).any(-1).all()  # an actual logit of the row
 
@@ -307,7 +307,7 @@ def test_unfiltered_sample_lowers_without_bisections(pen_case):
     def reductions(**static) -> int:
         return lowered(logits, sp, **static).count("stablehlo.reduce(")
 
-    assert reductions() - reductions(filters=False) >= 2 * _BISECT_STEPS
+    assert reductions() - reductions(filters=False) >= 2 * BISECT_STEPS
 
 
 @pytest.mark.parametrize("rows", [8, 64])
