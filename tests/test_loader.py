@@ -1,4 +1,5 @@
-"""Checkpoint loading: sharded safetensors, clear one-line errors, dtype, orbax round trip."""
+"""Checkpoint loading: sharded safetensors, clear one-line errors, dtype, orbax round trip (float and
+quantized params)."""
 from __future__ import annotations
 
 import json
@@ -36,6 +37,28 @@ def test_dtype_cast_and_orbax_round_trip(tiny_model_dir, tmp_path):
     save_params(tmp_path / "ckpt", params)
     restored = restore_params(tmp_path / "ckpt", cfg, dtype="bfloat16")
     assert_same_params(params, restored)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "gptq-act-order", "ct-fp8-static"])
+def test_quantized_params_orbax_round_trip(fmt, tiny_model_dir, tmp_path):
+    """Online int4, and checkpoints whose weights carry optional fields (act-order's g_idx, a
+    static fp8 activation scale), restore as their weight dataclasses, every array equal; the
+    wrong quantization, or none, is a one-line error naming what was saved."""
+    from _quant_checkpoints import write_quantized
+
+    from jaxpaged.models.quantization import QuantizationConfig, load_quantization_config
+
+    src = tiny_model_dir("llama")
+    model, online = (src, fmt) if fmt == "int4" else (write_quantized(src, tmp_path, fmt)[0], None)
+    cfg, params = load_model(model, quantization=online)
+    save_params(tmp_path / "ckpt", params)
+    assert_same_params(params, restore_params(tmp_path / "ckpt", cfg, quant=load_quantization_config(model, online)))
+    assert jax.tree.structure(params) != jax.tree.structure(load_model(src)[1])  # quantized leaves
+    for quant, match in [(None, "hold layers/wqkv quantized: pass the quantization"),
+                         (QuantizationConfig("int8", "int8", online=True), "was saved as .* not as Int8Weight")]:
+        with pytest.raises(ConfigError, match=match) as e:
+            restore_params(tmp_path / "ckpt", cfg, quant=quant)
+        assert "\n" not in str(e.value)
 
 
 def one_line_error(path, match):

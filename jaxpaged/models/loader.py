@@ -7,6 +7,7 @@ the serving dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -200,17 +201,50 @@ def save_params(path: str | Path, params: dict) -> None:
         ckptr.save(Path(path).absolute(), params)
 
 
-def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", place=None) -> dict:
+def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", place=None,
+                   quant: QuantizationConfig | None = None) -> dict:
     """Restore params saved by `save_params`, checked against the shapes `cfg` implies, each
-    onto its devices (`place` as in `load_params`)."""
+    onto its devices (`place` as in `load_params`). `quant`: the quantization the saved layer
+    weights are in (`load_quantization_config(model_dir, quantization)`, as `load_model` read
+    it): they restore as its weight dataclasses, with the optional fields the saved ones have
+    (act-order's `g_idx`, a static activation scale). A mismatch is a one-line `ConfigError`."""
     import orbax.checkpoint as ocp
 
+    path = Path(path).absolute()
     target = resolve_dtype(cfg, dtype)
-
-    def abstract_param(key: str, shape: tuple[int, ...], layer: int | None) -> jax.ShapeDtypeStruct:
-        value = jax.ShapeDtypeStruct(shape, target)
-        return jax.ShapeDtypeStruct(shape, target, sharding=place(key, value, layer) if place else None)
-
-    abstract = build_params(cfg, abstract_param)
+    quantizable = family_module(cfg).QUANTIZABLE
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).absolute(), abstract)
+        saved = ckptr.metadata(path).item_metadata.tree
+
+        def abstract_param(key: str, shape: tuple[int, ...], layer: int | None):
+            try:
+                meta = saved[key] if layer is None else saved["layers"][layer][key.removeprefix("layers/")]
+            except (KeyError, IndexError):
+                raise ConfigError(f"the params saved at {path} have no {key} of layer {layer}") from None
+            value = jax.ShapeDtypeStruct(shape, target)
+            if quant is not None and key in quantizable:
+                scheme = (quant.scheme, quant.group_size)
+                value = _saved_weight(jax.eval_shape(_init_fn(shape, target, False, scheme), jax.random.PRNGKey(0)),
+                                      meta, f"{path}: {key} of layer {layer}")
+            elif isinstance(meta, dict):
+                raise ConfigError(f"the params saved at {path} hold {key} quantized: pass the quantization "
+                                  "they were saved with")
+            shardings = place(key, value, layer) if place else jax.tree.map(lambda _: None, value)
+            return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), value, shardings)
+
+        return ckptr.restore(path, build_params(cfg, abstract_param))
+
+
+def _saved_weight(expected, meta, where: str):
+    """The abstract quantized weight `expected` (its class, static fields and shapes) with the
+    array fields the saved one has (orbax metadata `meta`: field -> array metadata or None)."""
+    fields = {f.name: getattr(expected, f.name) for f in dataclasses.fields(expected) if not f.metadata.get("static")}
+    if not isinstance(meta, dict) or set(meta) != set(fields):
+        got = sorted(meta) if isinstance(meta, dict) else "a float array"
+        raise ConfigError(f"{where} was saved as {got}, not as {type(expected).__name__} {sorted(fields)}")
+    for name, want in fields.items():
+        if meta[name] is not None and want is not None and tuple(meta[name].shape) != want.shape:
+            raise ConfigError(f"{where}: field {name} was saved with shape {tuple(meta[name].shape)}, "
+                              f"expected {want.shape}")
+    return dataclasses.replace(expected, **{name: None if m is None else jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)
+                                            for name, m in meta.items()})
