@@ -46,13 +46,13 @@ def ref_fp8_weight(w: Fp8Weight) -> np.ndarray:
     return np.moveaxis(q * np.asarray(w.scale, np.float64)[..., None], -1, 0)
 
 
-def ref_int4_weight(w: Int4Weight) -> np.ndarray:
-    """Nibble j of word i is input row 8i + j; group g of rows shares scales[g] and zeros[g]."""
+def ref_int4_weight(w: Int4Weight, g_idx: np.ndarray | None = None) -> np.ndarray:
+    """Nibble j of word i is input row 8i + j; group g of rows shares scales[g] and zeros[g]
+    (with `g_idx`, act-order: row i is in group g_idx[i])."""
     words = np.asarray(w.qweight).astype(np.int64) & 0xFFFFFFFF
     q = np.stack([(words >> (4 * j)) & 0xF for j in range(8)], axis=1).reshape(-1, *words.shape[1:])
-    group = q.shape[0] // w.scales.shape[0]
-    zeros = np.repeat(np.asarray(w.zeros, np.int64), group, axis=0)
-    return (q - zeros) * np.repeat(np.asarray(w.scales, np.float64), group, axis=0)
+    groups = np.arange(q.shape[0]) // (q.shape[0] // w.scales.shape[0]) if g_idx is None else g_idx
+    return (q - np.asarray(w.zeros, np.int64)[groups]) * np.asarray(w.scales, np.float64)[groups]
 
 
 def test_fp8_linear_against_numpy(data):
@@ -103,16 +103,20 @@ def test_int4_linear_against_numpy(data):
                                                                   ref_int4_weight(grouped), axes=1)) <= 1e-3
 
 
-@pytest.mark.parametrize("tokens,group", [(5, 32), (37, 128)])
-def test_int4_pallas_kernel_against_numpy(data, tokens, group):
+@pytest.mark.parametrize("tokens,group,act_order", [(5, 32, False), (37, 128, False), (5, 32, True)])
+def test_int4_pallas_kernel_against_numpy(data, tokens, group, act_order):
     """The GPU kernel (interpret mode here) on the fused [in, H, Hkv, D] weight: packed words
     unpacked in registers, one scale / zero row per K step, split-K parts summed; x in bf16 as in
-    a model, so the bound is bf16's rounding of x and of the dequantized tile."""
+    a model, so the bound is bf16's rounding of x and of the dequantized tile. Act-order: the
+    same values with input row i in group g_idx[i], stored sorted by group."""
     _, w = data
     w = np.concatenate([w, w + 0.03], axis=0)
     x = np.random.default_rng(1).standard_normal((tokens, 128)).astype(np.float32)
     leaf = quantize(jnp.asarray(w), "int4", group_size=group)
-    want = np.tensordot(x.astype(np.float64), ref_int4_weight(leaf), axes=1)
+    g_idx = np.random.default_rng(3).permutation(128) // group if act_order else None
+    want = np.tensordot(x.astype(np.float64), ref_int4_weight(leaf, g_idx), axes=1)
+    if act_order:
+        leaf = Int4Weight.act_order(*(np.asarray(a) for a in (leaf.qweight, leaf.scales, leaf.zeros)), g_idx)
     xb = jnp.asarray(x, jnp.bfloat16)
     got = int4_matmul(xb, leaf, kernel=True)
     assert got.shape == (tokens, *SHAPE[1:]) and got.dtype == jnp.bfloat16
@@ -231,11 +235,15 @@ def test_int8_groups_and_int4_act_order_against_numpy(data):
     # act-order: input row i takes group g_idx[i]'s scale and zero point
     leaf = quantize(jnp.asarray(w), "int4", group_size=16)
     g_idx = np.random.default_rng(2).permutation(64) // 16
-    reordered = Int4Weight(leaf.qweight, leaf.scales, leaf.zeros, jnp.asarray(g_idx, jnp.int32))
+    reordered = Int4Weight.act_order(np.asarray(leaf.qweight), np.asarray(leaf.scales), np.asarray(leaf.zeros), g_idx)
+    assert reordered.perm is not None and np.array_equal(np.sort(g_idx[np.asarray(reordered.perm)]), g_idx[np.asarray(reordered.perm)])
     words = np.asarray(leaf.qweight).astype(np.int64) & 0xFFFFFFFF
     q = np.stack([(words >> (4 * j)) & 0xF for j in range(8)], axis=1).reshape(64, *SHAPE[1:])
     want = (q - np.asarray(leaf.zeros, np.int64)[g_idx]) * np.asarray(leaf.scales, np.float64)[g_idx]
     assert rel_err(linear(jnp.asarray(x), reordered), np.tensordot(x.astype(np.float64), want, axes=1)) <= 1e-5
+    np.testing.assert_allclose(reordered.dequantize(), want, rtol=1e-6)  # in the checkpoint's row order
+    with pytest.raises(ConfigError, match="groups of unequal sizes"):
+        Int4Weight.act_order(np.asarray(leaf.qweight), np.asarray(leaf.scales), np.asarray(leaf.zeros), np.arange(64) % 3)
     with pytest.raises(ConfigError, match="g_idx differ"):  # q/k/v (gate/up) share one input, so one g_idx
         fuse_out([reordered, leaf], lambda ps: jnp.concatenate(ps, -1))
 

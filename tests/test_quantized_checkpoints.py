@@ -95,8 +95,8 @@ def test_checkpoint_matches_transformers_on_its_dequantized_weights(fmt, checkpo
     assert isinstance(params["lm_head"], Int4Weight) == (fmt == "gptq-sym")
     if kind is Fp8Weight:
         assert (params["layers"][0]["wqkv"].input_scale is not None) == (fmt in ("ct-fp8-static", "modelopt-fp8"))
-    if kind is Int4Weight:  # act-order keeps each row's group; consecutive groups need none
-        assert (params["layers"][0]["w_down"].g_idx is not None) == (fmt in ("gptq-act-order", "ct-w4a16-asym"))
+    if kind is Int4Weight:  # act-order rows are stored sorted by group; consecutive groups need no order
+        assert (params["layers"][0]["w_down"].perm is not None) == (fmt in ("gptq-act-order", "ct-w4a16-asym"))
     logits, tokens = jaxpaged_greedy(cfg, params)
     ref_logits, ref_tokens, margins = transformers_greedy(dequantized)
     if kind in WEIGHT_ONLY:  # the dequantized weights exactly, float32 arithmetic
@@ -163,6 +163,31 @@ def test_fp8_on_four_devices_matches_one(fmt, checkpoints):
         assert wqkv.scale.addressable_shards[0].data.shape == (1, 3, 16, 2)
         wo = sharded["layers"][0]["wo"]
         assert wo.qweight.addressable_shards[0].data.shape == (64, 16) and wo.scale.sharding.is_fully_replicated
+    forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
+    kv = init_kv_cache(cfg2, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
+    step = make_step_input([(p, 0, [1 + 2 * i, 2 + 2 * i]) for i, p in enumerate(PROMPTS)], 16, num_tokens=128,
+                           all_logits=True)
+    got, _ = forward(sharded, kv, step)
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=2e-5)
+
+
+def test_act_order_on_two_devices_matches_one(checkpoints):
+    """GPTQ act-order on a 2-device mesh: the rows stored sorted by group split like any int4
+    weight's (o/down along their input rows, each device whole groups), the row order `perm`
+    replicated (it indexes the whole activation row); the same logits as on one device."""
+    from jax.sharding import NamedSharding
+
+    from jaxpaged.engine.mesh import make_mesh, shard_attention
+    from jaxpaged.models.sharding import KV_POOL
+
+    quantized, _ = checkpoints("gptq-act-order")
+    cfg, params = load_model(quantized, dtype="float32")
+    want, _ = jaxpaged_greedy(cfg, params)
+    mesh = make_mesh(2)
+    cfg2, sharded = load_model(quantized, dtype="float32", mesh=mesh)
+    wo = sharded["layers"][0]["wo"]
+    assert wo.perm is not None and wo.perm.sharding.is_fully_replicated and wo.layout is not None
+    assert [f.addressable_shards[0].data.shape for f in (wo.qweight, wo.scales)] == [(4, 64), (1, 64)]
     forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
     kv = init_kv_cache(cfg2, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
     step = make_step_input([(p, 0, [1 + 2 * i, 2 + 2 * i]) for i, p in enumerate(PROMPTS)], 16, num_tokens=128,

@@ -207,7 +207,7 @@ def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", plac
     onto its devices (`place` as in `load_params`). `quant`: the quantization the saved layer
     weights are in (`load_quantization_config(model_dir, quantization)`, as `load_model` read
     it): they restore as its weight dataclasses, with the optional fields the saved ones have
-    (act-order's `g_idx`, a static activation scale). A mismatch is a one-line `ConfigError`."""
+    (act-order's row order `perm`, a static activation scale). A mismatch is a one-line `ConfigError`."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()

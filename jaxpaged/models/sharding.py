@@ -65,11 +65,11 @@ def placement(cfg: ModelConfig, mesh: Mesh) -> Callable[[str, Any, int | None], 
 def with_kernel_layouts(params: dict, cfg: ModelConfig, mesh: Mesh) -> dict:
     """`params` with each int4 leaf's `layout` set to its dense weight's NamedSharding where the
     mesh splits every field alike (the int4 GPU kernel then runs per device inside shard_map);
-    elsewhere (a field kept whole, act-order) XLA dequantizes and partitions the dot."""
+    elsewhere (a field kept whole) XLA dequantizes and partitions the dot."""
     tp = mesh.shape["tp"]
 
     def attach(value, spec: P):
-        if not isinstance(value, Int4Weight) or value.g_idx is not None:
+        if not isinstance(value, Int4Weight):
             return value
         if not all(_divides(spec, f.shape, tp) for f in (value.qweight, value.scales, value.zeros)):
             return value

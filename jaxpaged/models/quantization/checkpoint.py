@@ -115,7 +115,12 @@ def _gptq(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight:
     num_in = qweight.shape[0] * 8
     group = _group_rows(qc, module, num_in, scales)
     zeros = _nibbles(qzeros).reshape(qzeros.shape[0], -1).astype(np.uint8) + np.uint8(qc.zero_offset)
-    return Int4Weight(qweight.astype(np.int32), scales, zeros, _act_order(f"{module}.g_idx", raw, has, num_in, group))
+    return _int4(qweight.astype(np.int32), scales, zeros, _act_order(f"{module}.g_idx", raw, has, num_in, group))
+
+
+def _int4(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray | None) -> Int4Weight:
+    """The int4 leaf; an act-order one (`g_idx`) with its rows sorted by group (`Int4Weight.act_order`)."""
+    return Int4Weight(qweight, scales, zeros) if g_idx is None else Int4Weight.act_order(qweight, scales, zeros, g_idx)
 
 
 def _act_order(name: str, raw, has, num_in: int, group: int) -> np.ndarray | None:
@@ -153,7 +158,7 @@ def _ct_packed(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight | In
     else:
         zeros = np.full(scale.T.shape, 8, np.uint8)
     g_idx = _act_order(f"{module}.weight_g_idx", raw, has, num_in, group)
-    return Int4Weight(np.asarray(pack_int4(values)), scale.T, zeros, g_idx)
+    return _int4(np.asarray(pack_int4(values)), scale.T, zeros, g_idx)
 
 
 def _ct_int8_w8a8(module: str, raw) -> Int8W8A8Weight:

@@ -15,8 +15,9 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 - int4 W4A16: on the GPU, up to `INT4_KERNEL_MAX_TOKENS` tokens, a Pallas kernel that reads the
   packed weight and dequantizes it in registers (kernels/int4_matmul_gpu.py), per device inside
   shard_map on a tensor-parallel mesh (the weight's `layout`); else (longer, compute-bound
-  steps, act-order `g_idx`, CPU, a weight without a layout among several devices, where GSPMD
-  would gather it for the Pallas call) unpacked and dequantized group by group, then a dot.
+  steps, CPU, a weight without a layout among several devices, where GSPMD would gather it for
+  the Pallas call) unpacked and dequantized group by group, then a dot. An act-order weight's
+  rows are stored sorted by group: the activations are gathered into that order first.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def _local_shape(w: Int4Weight) -> tuple[int, int]:
 
 
 def int4_kernel_applies(x: jax.Array, w: Int4Weight) -> bool:
-    if jax.default_backend() != "gpu" or w.g_idx is not None or x.shape[0] > INT4_KERNEL_MAX_TOKENS:
+    if jax.default_backend() != "gpu" or x.shape[0] > INT4_KERNEL_MAX_TOKENS:
         return False
     if w.layout is None and jax.device_count() != 1:  # GSPMD would gather the weight for the Pallas call
         return False
@@ -115,11 +116,13 @@ def _int4_kernel_per_device(x: jax.Array, w: Int4Weight) -> jax.Array:
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.Array:
-    """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret mode;
-    never for act-order weights, which the kernel's contiguous groups cannot express), per
-    device where the weight has a tensor-parallel `layout`."""
-    if w.g_idx is not None or not (int4_kernel_applies(x, w) if kernel is None else kernel):
-        return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
+    """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret
+    mode), per device where the weight has a tensor-parallel `layout`. An act-order weight
+    (`perm`) takes the activations in its stored row order."""
+    if w.perm is not None:
+        x = jnp.take(x, w.perm, axis=-1)
+    if not (int4_kernel_applies(x, w) if kernel is None else kernel):
+        return jnp.tensordot(x, w.dequantize_stored().astype(x.dtype), axes=1)
     if w.layout is not None:
         return _int4_kernel_per_device(x, w)
     return _int4_kernel(x, w.qweight, w.scales, w.zeros)

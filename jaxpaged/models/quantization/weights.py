@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -156,15 +157,30 @@ class Int8W8A8Weight(Int8Weight):
 class Int4Weight(QuantizedWeight):
     """W4A16 (AWQ, GPTQ, compressed-tensors): 4-bit weights packed 8 to an int32 along the input
     axis (row 8i + j in bits 4j..4j+3 of word i, GPTQ's order); each group of `in /
-    scales.shape[0]` input rows has a scale and a zero point per output channel: w = (q - zero)
-    * scale. With `g_idx` (GPTQ act-order) input row i is in group g_idx[i] instead."""
+    scales.shape[0]` consecutive input rows has a scale and a zero point per output channel:
+    w = (q - zero) * scale. An act-order checkpoint's rows are stored sorted by group
+    (`act_order`): stored row j is the checkpoint's input row `perm[j]`, and the matmul takes
+    the activations as `x[:, perm]` (vLLM's shuffle of act-order weights), so every int4 weight
+    has consecutive groups, as the GPU kernel reads them."""
     qweight: jax.Array  # int32 [in / 8, *out]
     scales: jax.Array  # float16 / bfloat16 / float32 [in / group, *out]
     zeros: jax.Array  # uint8 [in / group, *out]
-    g_idx: jax.Array | None = None  # int32 [in]
+    perm: jax.Array | None = None  # int32 [in]: act-order, the checkpoint's input row of each stored row
     # On a tensor-parallel mesh, the dense weight's layout there (`models/sharding.with_kernel_layouts`),
     # every field split alike: the GPU kernel then runs per device inside shard_map.
     layout: NamedSharding | None = dataclasses.field(default=None, metadata={"static": True})
+
+    @classmethod
+    def act_order(cls, qweight, scales, zeros, g_idx) -> Int4Weight:
+        """The weight of an act-order checkpoint (host arrays; `g_idx` [in]: input row i is in
+        group g_idx[i]) with its rows sorted by group, each group `group_size` rows as GPTQ makes them."""
+        g_idx = np.asarray(g_idx)
+        counts = np.bincount(g_idx, minlength=scales.shape[0])
+        if not (counts == len(g_idx) // scales.shape[0]).all():
+            raise ConfigError(f"act-order g_idx with groups of unequal sizes ({counts.min()} to {counts.max()} "
+                              "rows) is not supported")
+        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+        return cls(np.asarray(pack_int4(np.asarray(unpack_int4(jnp.asarray(qweight)))[perm])), scales, zeros, perm)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -174,27 +190,29 @@ class Int4Weight(QuantizedWeight):
     def group_size(self) -> int:
         return self.shape[0] // self.scales.shape[0]
 
-    def dequantize(self) -> jax.Array:
+    def dequantize_stored(self) -> jax.Array:
+        """The float weight in its stored row order (`perm`'s, for act-order)."""
         q = unpack_int4(self.qweight)
-        if self.g_idx is not None:  # each row's own group's scale and zero point
-            zeros, scales = jnp.take(self.zeros, self.g_idx, axis=0), jnp.take(self.scales, self.g_idx, axis=0)
-            return (q - zeros.astype(jnp.int32)).astype(jnp.float32) * scales.astype(jnp.float32)
         grouped = q.reshape(self.scales.shape[0], self.group_size, *q.shape[1:])
         w = (grouped - self.zeros[:, None].astype(jnp.int32)).astype(jnp.float32) * self.scales[:, None].astype(jnp.float32)
         return w.reshape(q.shape)
 
+    def dequantize(self) -> jax.Array:
+        w = self.dequantize_stored()
+        return w if self.perm is None else w[jnp.argsort(self.perm)]  # the checkpoint's row order
+
     def partition_specs(self, spec: P) -> Int4Weight:
-        g_idx = None if self.g_idx is None else P(_padded(spec, 1)[0])
-        return Int4Weight(spec, spec, spec, g_idx, self.layout)  # the packed and grouped input rows split as the dense ones
+        perm = None if self.perm is None else P(None)  # indexes the whole activation row
+        return Int4Weight(spec, spec, spec, perm, self.layout)  # the packed and grouped input rows split as the dense ones
 
     @classmethod
     def fuse(cls, parts: list[Int4Weight], combine) -> Int4Weight:
-        """Fused modules share their input, so act-order gives them one `g_idx` (as vLLM assumes)."""
-        g_idx = parts[0].g_idx
-        if any((p.g_idx is None) != (g_idx is None) or (g_idx is not None and not jnp.array_equal(p.g_idx, g_idx))
+        """Fused modules share their input, so act-order gives them one row order (as vLLM assumes)."""
+        perm = parts[0].perm
+        if any((p.perm is None) != (perm is None) or (perm is not None and not jnp.array_equal(p.perm, perm))
                for p in parts):
             raise ConfigError("cannot fuse act-order weights whose g_idx differ (modules sharing an input)")
-        return cls(*(combine([getattr(p, n) for p in parts]) for n in ("qweight", "scales", "zeros")), g_idx)
+        return cls(*(combine([getattr(p, n) for p in parts]) for n in ("qweight", "scales", "zeros")), perm)
 
 
 def unpack_int4(packed: jax.Array) -> jax.Array:
