@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxpaged.models.quantization.kernels import int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
-from jaxpaged.models.quantization.weights import Fp8Weight, unpack_int4
+from jaxpaged.models.quantization.weights import Fp8Weight, Int4Weight, unpack_int4
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 
@@ -28,7 +28,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
     kind = kind.split(":")[0]
-    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped")
+    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder")
     out = []
     for layer in range(layers):
         ws = {}
@@ -47,6 +47,11 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
                 q = ws[name]
                 ws[name] = {"wt": (unpack_int4(q.qweight).T - 8).astype(jnp.int4), "scale": None,
                             "s": q.scales.astype(jnp.bfloat16), "z": (q.zeros.astype(jnp.float32) - 8).astype(jnp.bfloat16)}
+            if kind == "int4_actorder":  # GPTQ act-order: groups of rows in a random order, sorted at load
+                q, g = ws[name], ws[name].group_size
+                g_idx = np.random.default_rng(i).permutation(n) // g
+                ws[name] = jax.device_put(Int4Weight.act_order(*(np.asarray(a) for a in (q.qweight, q.scales, q.zeros)),
+                                                               g_idx))
             if kind.startswith("int4_xla"):  # XLA's own packed uint4 array: the convert left to its fusions
                 g = ws[name].group_size
                 q = unpack_int4(ws[name].qweight).reshape(n // g, g, m).astype(jnp.uint4)
@@ -183,7 +188,8 @@ def main():
     ap.add_argument("--tokens", default="1,8,64,256,2048")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--kinds", default="bf16,fp8,fp8_w8a16,int8,int8_w8a8,int4,int4_dequant",
-                    help="int4: the Pallas kernel up to 256 tokens on one GPU; int4_dequant: dequantize, then XLA's "
+                    help="int4: the Pallas kernel up to 256 tokens on one GPU (int4_actorder: on act-order weights, "
+                         "x gathered into their sorted row order per step); int4_dequant: dequantize, then XLA's "
                          "GEMM; fp8_w8a16: fp8 weights converted to bf16 inside XLA's GEMM, x unquantized; "
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
                          "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:block_n=N][:block_k=N][:stages=N][:splits=N]: the Mosaic GPU "

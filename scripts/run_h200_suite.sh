@@ -28,7 +28,7 @@
 #            .cache/llama3-8b-bpe, carried; made there in ~2 min when missing)                   ~3.5 min
 #   gemm     (name it in PARTS) scripts/bench_gemm.py: each quantized linear() against bf16 at 1-2048 tokens,
 #            the device's kernel time per layer (a profile), the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM),
-#            the int4 kernel against dequantize-then-GEMM; GEMM_KINDS / GEMM_TOKENS pick them (e.g. the
+#            the int4 kernel against dequantize-then-GEMM (and on act-order weights); GEMM_KINDS / GEMM_TOKENS pick them (e.g. the
 #            Mosaic GPU kernel: "fp8 fp8_mgpu fp8_mgpu:block_n=128 int4 int4_mgpu int4_mgpu_tile"), one process each ~3 min
 #   mosaic   (name it in PARTS) the Mosaic GPU kernels (paged prefill, weight-streaming matmul): their GPU
 #            tests, a process per file (per test after a crash: a CUDA fault poisons its process), then
@@ -99,7 +99,7 @@ if want mixed; then
     throughput mixed 240 --workload mixed
 fi
 if want gemm; then  # one process per kind: a kernel's CUDA fault poisons its process's context
-    for k in ${GEMM_KINDS:-bf16 fp8 fp8_w8a16 int8 int8_w8a8 int4 int4_dequant}; do
+    for k in ${GEMM_KINDS:-bf16 fp8 fp8_w8a16 int8 int8_w8a8 int4 int4_actorder int4_dequant}; do
         run "gemm-${k//:/_}" 150 $PY scripts/bench_gemm.py --kinds "$k" --tokens "${GEMM_TOKENS:-1,8,64,256,2048}" \
             --device-time "$OUT/gemm-profiles"
     done
