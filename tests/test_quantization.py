@@ -335,12 +335,28 @@ def _with_quantization_config(tiny_model_dir, tmp_path, qc: dict):
     ({"quant_method": "awq", "bits": 4, "group_size": 128}, "gptq",
      "quantization 'gptq' does not match the checkpoint's quantization method 'awq'"),
     (None, "awq", "quantization 'awq' needs a checkpoint in that format"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "awq_marlin",
+     "quantization 'awq_marlin' does not match the checkpoint's quantization method 'gptq'"),
 ])
 def test_unsupported_quantization_is_one_line_naming_it(qc, requested, match, tiny_model_dir, tmp_path):
     d = _with_quantization_config(tiny_model_dir, tmp_path, qc) if qc else tiny_model_dir("llama")
     with pytest.raises(ConfigError, match=match) as e:
         load_model(d, quantization=requested)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_vllms_marlin_names_serve_the_checkpoints_method(method, tiny_model_dir, tmp_path):
+    """`--quantization awq_marlin` / `gptq_marlin` (vLLM's launch lines for AWQ / GPTQ checkpoints
+    on its Marlin kernels) give the checkpoint's own scheme, as `awq` / `gptq` and as no flag do."""
+    from jaxpaged.engine.config import EngineConfig
+    from jaxpaged.models.quantization import load_quantization_config
+
+    d = _with_quantization_config(tiny_model_dir, tmp_path, {"quant_method": method, "bits": 4, "group_size": 128})
+    want = load_quantization_config(d)
+    assert want.method == method and want.scheme == "int4"
+    assert load_quantization_config(d, method) == load_quantization_config(d, f"{method}_marlin") == want
+    assert EngineConfig(str(d), quantization=f"{method}_marlin").quantization == f"{method}_marlin"
 
 
 def test_float8_tensor_without_a_scale_is_an_error(tiny_model_dir, tmp_path):

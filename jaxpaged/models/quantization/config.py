@@ -11,7 +11,9 @@ from jaxpaged.models.config import ConfigError
 
 ONLINE_SCHEMES = ("fp8", "int8", "int4")  # quantized at load from float weights
 CHECKPOINT_METHODS = ("compressed-tensors", "modelopt", "fp8", "awq", "gptq")  # vLLM's quant_method names
-QUANTIZATION_CHOICES = tuple(dict.fromkeys(ONLINE_SCHEMES + CHECKPOINT_METHODS))
+# vLLM's names for an AWQ / GPTQ checkpoint served by its Marlin kernels: here, the method's own (int4 kernel)
+KERNEL_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
+QUANTIZATION_CHOICES = tuple(dict.fromkeys(ONLINE_SCHEMES + CHECKPOINT_METHODS + tuple(KERNEL_ALIASES)))
 _CT_SUPPORTED = ("float-quantized fp8 weights per channel or tensor with fp8 activations per token (dynamic) or "
                  "tensor (static), or per block with dynamic activations; pack-quantized int4 / int8 weights per "
                  "group or channel without activation quantization (int8 symmetric); int-quantized int8 weights per "
@@ -35,8 +37,8 @@ class QuantizationConfig:
 
 def load_quantization_config(model_dir: str | Path, requested: str | None = None) -> QuantizationConfig | None:
     """The checkpoint's quantization, checked against `requested` (vLLM's `quantization`
-    argument: it must name the checkpoint's method), or the online scheme `requested` on a float
-    checkpoint; None for a float model served as it is."""
+    argument: it must name the checkpoint's method, or for AWQ / GPTQ vLLM's Marlin name of it),
+    or the online scheme `requested` on a float checkpoint; None for a float model served as it is."""
     model_dir = Path(model_dir)
     if requested is not None and requested not in QUANTIZATION_CHOICES:
         raise ConfigError(f"unsupported quantization {requested!r}; choose from {', '.join(QUANTIZATION_CHOICES)}")
@@ -49,7 +51,7 @@ def load_quantization_config(model_dir: str | Path, requested: str | None = None
         raise ConfigError(f"quantization {requested!r} needs a checkpoint in that format; {model_dir} has no "
                           "quantization_config")
     config = parse_quantization_config(found)
-    if requested not in (None, config.method):
+    if requested not in (None, config.method, *(a for a, m in KERNEL_ALIASES.items() if m == config.method)):
         raise ConfigError(f"quantization {requested!r} does not match the checkpoint's quantization method "
                           f"{config.method!r}")
     return config
