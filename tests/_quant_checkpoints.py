@@ -7,6 +7,8 @@ Layouts (HF linear weights are [out, in]):
   `weight_scale` in the model dtype, [out, 1] per channel or [1] per tensor, static `input_scale` [1];
 - ModelOpt FP8 (`export_hf_checkpoint`): `weight` F8_E4M3, `weight_scale` and `input_scale` F32
   scalars, hf_quant_config.json {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8"}};
+- FBGEMM fp8 (Meta's Llama 3.1 FP8): `weight` F8_E4M3, `weight_scale` F32 [out, 1], config
+  {"quant_method": "fbgemm_fp8", "activation_scale_ub": ..., "modules_to_not_convert": [...]};
 - AWQ GEMM (AutoAWQ's WQLinear_GEMM): `qweight` [in, out / 8] int32 with channel 8c + ORDER[j] in
   bits 4j of word c, ORDER = 0 2 4 6 1 3 5 7; `qzeros` [in / g, out / 8] packed alike; `scales`
   [in / g, out] float16;
@@ -37,6 +39,7 @@ from safetensors.numpy import load_file, save_file
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 E4M3_MAX = 448.0
+FBGEMM_UB = 1200.0  # Meta's checkpoints' activation_scale_ub
 BLOCKS = {"fp8-block": [48, 32], "ct-fp8-block": [32, 48]}  # [bn, bk]; 48 leaves partial blocks of 64 and 128
 
 
@@ -125,7 +128,7 @@ def _ct_int(w: np.ndarray, bits: int, group: int, sym: bool, act_order: bool) ->
 
 
 def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> tuple[dict, np.ndarray]:
-    """One HF linear `weight` [out, in] in `fmt` (ct-fp8-dynamic, ct-fp8-static, modelopt-fp8, awq,
+    """One HF linear `weight` [out, in] in `fmt` (ct-fp8-dynamic, ct-fp8-static, modelopt-fp8, fbgemm-fp8, awq,
     gptq, gptq-sym, gptq-act-order, fp8-block, ct-fp8-block, ct-w4a16 (per channel), ct-w4a16-asym
     (act-order too), ct-w8a16, ct-w8a8-int8) -> (its tensors by suffix, the dequantized weight)."""
     amax = np.abs(w).max(1, keepdims=True)
@@ -139,6 +142,10 @@ def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> 
             return {"weight": q, "weight_scale": scale}, q * scale.astype(np.float32)
         asym = fmt == "ct-w4a16-asym"  # with act-order (llm-compressor's GPTQ actorder="group")
         return _ct_int(w, 8 if "w8" in fmt else 4, 0 if fmt == "ct-w4a16" else group, not asym, asym)
+    if fmt == "fbgemm-fp8":
+        scale = (amax / E4M3_MAX).astype(np.float32)
+        q, deq = _fp8(w, scale)
+        return {"weight": q, "weight_scale": scale}, deq
     if fmt == "ct-fp8-dynamic":  # llm-compressor keeps scales in the model dtype (bf16 here)
         scale = (amax / E4M3_MAX).astype(ml_dtypes.bfloat16).astype(np.float32)
         q, deq = _fp8(w, scale)
@@ -186,6 +193,9 @@ def quantization_config(fmt: str, group: int) -> dict:
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False,
                    "strategy": "tensor" if static else "channel"}
         return _ct_config("float-quantized", weights, acts)
+    if fmt == "fbgemm-fp8":
+        return {"quant_method": "fbgemm_fp8", "activation_scale_ub": FBGEMM_UB,
+                "modules_to_not_convert": ["lm_head"]}
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": None}

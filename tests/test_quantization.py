@@ -70,6 +70,13 @@ def test_fp8_linear_against_numpy(data):
     assert rel_err(got, np.tensordot(xq, wq, axes=1)) <= 1e-5
     # against float activations: e4m3's 3 mantissa bits cost a few percent on random data
     assert rel_err(got, np.tensordot(x.astype(np.float64), wq, axes=1)) <= 0.04
+    # FBGEMM's activation_scale_ub caps each token's amax: larger values saturate at the cap
+    ub = float(np.median(np.abs(x).max(1)))
+    capped = Fp8Weight(leaf.qweight, leaf.scale, None, jnp.float32(ub))
+    su = np.minimum(np.abs(x).max(1, keepdims=True), ub) / 448
+    xu = np.clip(x / su, -448, 448).astype(E4M3).astype(np.float64) * su
+    assert rel_err(linear(jnp.asarray(x), capped), np.tensordot(xu, wq, axes=1)) <= 1e-5
+    assert rel_err(linear(jnp.asarray(x), capped), np.tensordot(xq, wq, axes=1)) > 1e-3  # the cap binds
     # a static per-tensor activation scale clips what exceeds it
     static = Fp8Weight(leaf.qweight, leaf.scale, jnp.float32(0.02))
     xs = np.clip(x / 0.02, -448, 448).astype(E4M3).astype(np.float64) * 0.02

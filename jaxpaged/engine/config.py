@@ -11,8 +11,8 @@ DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 # vLLM's `quantization` values served here (models/quantization/config.py's QUANTIZATION_CHOICES, kept
 # apart so that the API server, which builds an EngineConfig, does not import JAX): fp8 / int8 / int4
 # quantize a float checkpoint at load; the others name a quantized checkpoint's format.
-QUANTIZATION_METHODS = ("fp8", "int8", "int4", "compressed-tensors", "modelopt", "awq", "gptq", "awq_marlin",
-                        "gptq_marlin")
+QUANTIZATION_METHODS = ("fp8", "int8", "int4", "compressed-tensors", "modelopt", "fbgemm_fp8", "awq", "gptq",
+                        "awq_marlin", "gptq_marlin")
 # vLLM's `kv_cache_dtype` values served here (models/kv_cache.py's, kept apart as above): auto is the
 # model's dtype; bfloat16 whatever the model's; fp8 (= fp8_e4m3) and fp8_e5m2 store K and V in one
 # byte, with per-layer scales

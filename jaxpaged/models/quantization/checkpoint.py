@@ -1,9 +1,9 @@
 """Quantized linear weights of a checkpoint as weight leaves, one HF module at a time, from the
 tensors each format stores beside (or instead of) `<module>.weight`:
 
-- fp8 (compressed-tensors, ModelOpt, vLLM's fp8): `weight` e4m3 `[out, in]`, `weight_scale` per
-  tensor or per output channel (`[out]`, `[out, 1]`), and with static activation scales
-  `input_scale` per tensor;
+- fp8 (compressed-tensors, ModelOpt, vLLM's fp8, FBGEMM's): `weight` e4m3 `[out, in]`,
+  `weight_scale` per tensor or per output channel (`[out]`, `[out, 1]`), and with static
+  activation scales `input_scale` per tensor;
 - block fp8 (`weight_block_size` [bn, bk]; compressed-tensors' block strategy): `weight` e4m3,
   `weight_scale_inv` (compressed-tensors: `weight_scale`) float32 `[ceil(out / bn), ceil(in / bk)]`;
 - AWQ (GEMM layout): `qweight` int32 `[in, out / 8]` (output channel 8c + ORDER[j] in bits 4j of
@@ -72,7 +72,8 @@ def _fp8(qc: QuantizationConfig, module: str, raw, has) -> Fp8Weight:
         if not has(f"{module}.input_scale"):
             raise ConfigError(f"checkpoint is missing tensor {module}.input_scale (static fp8 activation scales)")
         input_scale = np.float32(np.asarray(raw(f"{module}.input_scale"), np.float32).max())
-    return Fp8Weight(w, scale, input_scale)
+    ub = None if qc.input_scale_ub is None else np.float32(qc.input_scale_ub)
+    return Fp8Weight(w, scale, input_scale, ub)
 
 
 def _fp8_block(qc: QuantizationConfig, module: str, raw, scale_name: str) -> Fp8BlockWeight:

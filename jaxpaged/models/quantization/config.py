@@ -10,7 +10,7 @@ from pathlib import Path
 from jaxpaged.models.config import ConfigError
 
 ONLINE_SCHEMES = ("fp8", "int8", "int4")  # quantized at load from float weights
-CHECKPOINT_METHODS = ("compressed-tensors", "modelopt", "fp8", "awq", "gptq")  # vLLM's quant_method names
+CHECKPOINT_METHODS = ("compressed-tensors", "modelopt", "fp8", "fbgemm_fp8", "awq", "gptq")  # vLLM's quant_method names
 # vLLM's names for an AWQ / GPTQ checkpoint served by its Marlin kernels: here, the method's own (int4 kernel)
 KERNEL_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 QUANTIZATION_CHOICES = tuple(dict.fromkeys(ONLINE_SCHEMES + CHECKPOINT_METHODS + tuple(KERNEL_ALIASES)))
@@ -28,6 +28,7 @@ class QuantizationConfig:
     scheme: str
     online: bool = False  # quantized at load from a float checkpoint (or random weights)
     static_input_scale: bool = False  # fp8: each layer's per-tensor activation scale from the checkpoint
+    input_scale_ub: float | None = None  # fp8 (fbgemm_fp8): the cap of a token's dynamic activation amax
     # input rows per scale: int4 (-1: all; 0: online's choice), int8 (0: per channel), fp8_block (block_k)
     group_size: int = 0
     block_n: int = 0  # fp8_block: output channels per scale
@@ -71,7 +72,7 @@ def parse_quantization_config(qc: dict) -> QuantizationConfig:
     """A checkpoint's quantization config dict -> `QuantizationConfig`."""
     method = str(qc.get("quant_method", "")).lower()
     parse = {"compressed-tensors": _compressed_tensors, "modelopt": _modelopt, "fp8": _fp8,
-             "awq": _awq, "gptq": _gptq}.get(method)
+             "fbgemm_fp8": _fbgemm_fp8, "awq": _awq, "gptq": _gptq}.get(method)
     if parse is None:
         raise ConfigError(f"unsupported quantization format {method or '<no quant_method>'!r} in the checkpoint "
                           f"(supported: {', '.join(CHECKPOINT_METHODS)})")
@@ -143,6 +144,15 @@ def _fp8(qc: dict) -> QuantizationConfig:
             raise ConfigError(f"unsupported fp8 weight_block_size {block} (two sizes: output channels, input rows)")
         return QuantizationConfig("fp8", "fp8_block", group_size=int(block[1]), block_n=int(block[0]))
     return QuantizationConfig("fp8", "fp8", static_input_scale=scheme == "static")
+
+
+def _fbgemm_fp8(qc: dict) -> QuantizationConfig:
+    """FBGEMM fp8 (Meta's Llama 3.1 FP8 checkpoints): e4m3 weights per output channel,
+    activations per token, each token's amax capped at `activation_scale_ub`."""
+    ub = qc.get("activation_scale_ub")
+    if ub is not None and not (isinstance(ub, (int, float)) and ub > 0):
+        raise ConfigError(f"fbgemm_fp8 activation_scale_ub must be a positive number, got {ub!r}")
+    return QuantizationConfig("fbgemm_fp8", "fp8", input_scale_ub=None if ub is None else float(ub))
 
 
 def _awq(qc: dict) -> QuantizationConfig:

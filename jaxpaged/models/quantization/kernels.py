@@ -34,19 +34,24 @@ INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GE
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
 
-def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None,
+                             input_scale_ub: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """x [T, in] -> (e4m3 values, float32 scale [T, 1] or []): per token from each row's largest
-    magnitude, or the static per-tensor `input_scale`."""
+    magnitude (at most `input_scale_ub`: larger values saturate), or the static per-tensor
+    `input_scale`."""
     x32 = x.astype(jnp.float32)
     if input_scale is None:
-        scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_SCALE) / FP8_MAX
+        amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+        if input_scale_ub is not None:
+            amax = jnp.minimum(amax, input_scale_ub.astype(jnp.float32))
+        scale = jnp.maximum(amax, _MIN_SCALE) / FP8_MAX
     else:
         scale = input_scale.astype(jnp.float32)
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
 def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
-    xq, x_scale = quantize_activations_fp8(x, w.input_scale)
+    xq, x_scale = quantize_activations_fp8(x, w.input_scale, w.input_scale_ub)
     y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
                             preferred_element_type=jnp.float32)  # [T, *out]
     out_axes = (1,) * w.scale.ndim

@@ -53,10 +53,13 @@ def _padded(spec: P, ndim: int) -> tuple:
 @dataclasses.dataclass(frozen=True)
 class Fp8Weight(QuantizedWeight):
     """fp8 W8A8: e4m3 weights with one scale per output channel; activations quantized to e4m3
-    per token on the fly (`input_scale` None) or with the checkpoint's static per-tensor scale."""
+    per token on the fly (`input_scale` None; each token's largest magnitude capped at
+    `input_scale_ub` where the checkpoint sets one, FBGEMM's) or with the checkpoint's static
+    per-tensor scale."""
     qweight: jax.Array  # float8_e4m3fn [*out, in]: the contracted axis minor, as cuBLASLt's fp8 GEMM reads it
     scale: jax.Array  # float32 [*out]
     input_scale: jax.Array | None = None  # float32 []
+    input_scale_ub: jax.Array | None = None  # float32 []: fbgemm_fp8's activation_scale_ub
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -67,14 +70,16 @@ class Fp8Weight(QuantizedWeight):
 
     def partition_specs(self, spec: P) -> Fp8Weight:
         s = _padded(spec, len(self.shape))
-        return Fp8Weight(P(*s[1:], s[0]), P(*s[1:]), None if self.input_scale is None else P())
+        return Fp8Weight(P(*s[1:], s[0]), P(*s[1:]), None if self.input_scale is None else P(),
+                         None if self.input_scale_ub is None else P())
 
     @classmethod
     def fuse(cls, parts: list[Fp8Weight], combine) -> Fp8Weight:
         """The fused activation scale is the largest (the one input then fits all the parts)."""
         scales = [p.input_scale for p in parts]
         input_scale = None if scales[0] is None else jnp.max(jnp.stack(scales))
-        return cls(_fuse_in_minor(parts, "qweight", combine), combine([p.scale for p in parts]), input_scale)
+        return cls(_fuse_in_minor(parts, "qweight", combine), combine([p.scale for p in parts]), input_scale,
+                   parts[0].input_scale_ub)  # one per checkpoint
 
 
 def _fuse_in_minor(parts: list, name: str, combine) -> jax.Array:
