@@ -29,9 +29,10 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
     at most `short_query_len` new tokens (decode rows) run the Pallas per-sequence kernel and the
     rest the Mosaic kernel; each token's row is taken from its sequence's kernel."""
     if not mosaic_applies(q, k_pool, k_scale) or v_scale is not None:
-        raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools of the queries' dtype only, head dims in 64s and "
-                         f"pages of at most 128 tokens (got {k_pool.dtype} pages of {k_pool.shape[3]}, queries "
-                         f"{q.dtype} {q.shape}, fp8 scales: {k_scale is not None}): use attention_backend 'pallas'")
+        raise ValueError(f"attention_backend 'mosaic' reads bf16 or fp16 KV pools of the queries' dtype only, "
+                         f"head dims in 64s and pages of at most 128 tokens (got {k_pool.dtype} pages of "
+                         f"{k_pool.shape[3]}, queries {q.dtype} {q.shape}, fp8 scales: {k_scale is not None}): use "
+                         "attention_backend 'pallas'")
     t, hq, d = q.shape
     args = (q, k_pool, v_pool, layer, query_start, seq_lens, block_tables)
     kw = dict(scale=scale, sliding_window=sliding_window, interpret=interpret)
