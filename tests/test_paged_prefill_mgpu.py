@@ -83,8 +83,12 @@ def test_mosaic_backend_runs_prefill_steps_on_the_kernel_and_decode_steps_on_pal
     assert ran == ["pallas short", "mosaic", "pallas auto"]
     with pytest.raises(ValueError, match="fp8"):
         attention(q, k, v, layer, qs, lens, bt, scale=0.125, k_scale=jnp.ones((2, 1)), v_scale=jnp.ones((2, 1)))
+    assert not route.mosaic_applies(q.astype(jnp.float16), k, None)  # kv_cache_dtype bfloat16, an fp16 model
+    with pytest.raises(ValueError, match="KV pools of the queries' dtype"):
+        attention(q.astype(jnp.float16), k, v, layer, qs, lens, bt, scale=0.125)
     with pytest.raises(ValueError, match="attention_backend 'mosaic'.*kv_cache_dtype 'fp8'"):
         EngineConfig(model="m", attention_backend="mosaic", kv_cache_dtype="fp8")
+    assert EngineConfig(model="m", attention_backend="mosaic", kv_cache_dtype="bfloat16").kv_cache_dtype == "bfloat16"
 
 
 def test_mosaic_route_lowers_for_the_gpu():
