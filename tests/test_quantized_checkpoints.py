@@ -26,7 +26,7 @@ from _quant_checkpoints import decisive_copy, write_quantized  # noqa: E402
 
 KINDS = {"ct-fp8-dynamic": Fp8Weight, "ct-fp8-static": Fp8Weight, "modelopt-fp8": Fp8Weight, "fbgemm-fp8": Fp8Weight,
          "awq": Int4Weight,
-         "gptq": Int4Weight, "gptq-sym": Int4Weight, "gptq-act-order": Int4Weight, "fp8-block": Fp8BlockWeight,
+         "gptq": Int4Weight, "gptq-sym": Int4Weight, "gptq-act-order": Int4Weight, "gptq-8bit": Int8Weight, "fp8-block": Fp8BlockWeight,
          "ct-fp8-block": Fp8BlockWeight, "ct-w4a16": Int4Weight, "ct-w4a16-asym": Int4Weight, "ct-w8a16": Int8Weight,
          "ct-w8a8-int8": Int8W8A8Weight}
 WEIGHT_ONLY = (Int4Weight, Int8Weight, Fp8BlockWeight)  # float activations: the oracle's arithmetic

@@ -10,7 +10,7 @@ tensors each format stores beside (or instead of) `<module>.weight`:
   word c), `qzeros` int32 `[in / g, out / 8]` packed alike, `scales` `[in / g, out]`;
 - GPTQ: `qweight` int32 `[in / 8, out]` (input row 8i + j in bits 4j of word i), `qzeros` int32
   `[in / g, out / 8]` (output channel 8c + j in bits 4j; the v1 format stores zero - 1), `scales`
-  `[in / g, out]`, `g_idx` `[in]` (each input row's group);
+  `[in / g, out]`, `g_idx` `[in]` (each input row's group); 8 bits: four to a word alike;
 - compressed-tensors pack-quantized (int4, int8): `weight_packed` int32 `[out, in * bits / 32]`
   (input column (32 / bits) c + j in bits `bits * j` of word c, stored as q + 2^(bits-1)),
   `weight_shape` `[out, in]`, `weight_scale` `[out, in / g]` (`[out, 1]` per channel), asymmetric
@@ -49,6 +49,8 @@ def read_quantized(qc: QuantizationConfig, module: str, raw: Callable[[str], np.
         return _ct_packed(qc, module, raw, has) if has(f"{module}.weight_packed") else None
     if not has(f"{module}.qweight"):
         return None
+    if qc.method == "gptq" and qc.scheme == "int8":
+        return _gptq_int8(qc, module, raw)
     return (_awq if qc.method == "awq" else _gptq)(qc, module, raw, has)
 
 
@@ -117,6 +119,20 @@ def _gptq(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight:
     group = _group_rows(qc, module, num_in, scales)
     zeros = _nibbles(qzeros).reshape(qzeros.shape[0], -1).astype(np.uint8) + np.uint8(qc.zero_offset)
     return _int4(qweight.astype(np.int32), scales, zeros, _act_order(f"{module}.g_idx", raw, has, num_in, group))
+
+
+def _gptq_int8(qc: QuantizationConfig, module: str, raw) -> Int8Weight:
+    """GPTQ 8-bit, symmetric: `qweight` int32 `[in / 4, out]` (input row 4i + j in bits 8j of
+    word i), every zero point 128 (the v1 format stores 127), so w = (q - 128) * scale."""
+    qweight, qzeros, scales = (np.asarray(raw(f"{module}.{n}")) for n in ("qweight", "qzeros", "scales"))
+    values = _nibbles(qweight.T, 8).reshape(qweight.shape[1], -1).T  # [in, out], q
+    group = _group_rows(qc, module, values.shape[0], scales)
+    zeros = _nibbles(qzeros, 8).reshape(qzeros.shape[0], -1).astype(np.int32) + qc.zero_offset
+    if not (zeros == 128).all():
+        raise ConfigError(f"{module}.qzeros holds zero points other than 128: asymmetric 8-bit GPTQ is not supported")
+    q = (values.astype(np.int16) - 128).astype(np.int8)
+    scale = scales.astype(np.float32)
+    return Int8Weight(q, scale if group < values.shape[0] else scale[0])
 
 
 def _int4(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray | None) -> Int4Weight:
