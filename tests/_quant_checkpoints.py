@@ -129,7 +129,7 @@ def _ct_int(w: np.ndarray, bits: int, group: int, sym: bool, act_order: bool) ->
 
 def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> tuple[dict, np.ndarray]:
     """One HF linear `weight` [out, in] in `fmt` (ct-fp8-dynamic, ct-fp8-static, modelopt-fp8, fbgemm-fp8, awq,
-    gptq, gptq-sym, gptq-act-order, gptq-8bit, fp8-block, ct-fp8-block, ct-w4a16 (per channel), ct-w4a16-asym
+    gptq, gptq-sym, gptq-act-order, gptq-8bit(-act-order), fp8-block, ct-fp8-block, ct-w4a16 (per channel), ct-w4a16-asym
     (act-order too), ct-w8a16, ct-w8a8-int8) -> (its tensors by suffix, the dequantized weight)."""
     amax = np.abs(w).max(1, keepdims=True)
     if fmt in ("fp8-block", "ct-fp8-block"):
@@ -159,15 +159,18 @@ def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> 
     if fmt == "awq":
         q, zero, scale, deq = _int4_groups(w, group, sym=False)
         return {"qweight": _pack_cols(q, AWQ_ORDER), "qzeros": _pack_cols(zero, AWQ_ORDER), "scales": scale}, deq
-    if fmt == "gptq-8bit":  # symmetric groups: q = round(w / scale) + 128, zeros stored as 127 (v1)
-        g = w.reshape(w.shape[0], -1, group)  # [out, in / g, g]
+    if fmt.startswith("gptq-8bit"):  # symmetric groups: q = round(w / scale) + 128, zeros stored as 127 (v1)
+        act_order = fmt == "gptq-8bit-act-order"
+        perm = np.random.default_rng(w.shape[1]).permutation(w.shape[1]) if act_order else np.arange(w.shape[1])
+        inv = np.argsort(perm)  # as in the 4-bit act-order layout below
+        g = w[:, perm].reshape(w.shape[0], -1, group)  # [out, in / g, g] in the quantization order
         scale = (np.abs(g).max(-1) / 127).T.astype(np.float16)  # [in / g, out]
         s = np.repeat(scale.astype(np.float32).T, group, axis=1)  # [out, in]
-        q = (np.clip(np.round(w / s), -127, 127) + 128).astype(np.int64).T  # [in, out]
+        q = (np.clip(np.round(w[:, perm] / s), -127, 127) + 128).astype(np.int64).T[inv]  # [in, out]
         words = (q.reshape(-1, 4, q.shape[1]) << (8 * np.arange(4))[None, :, None]).sum(1)
         zeros = np.full((scale.shape[0], w.shape[0] // 4), 0x7F7F7F7F, np.int64)
         return {"qweight": words.astype(np.uint32).view(np.int32), "qzeros": zeros.astype(np.uint32).view(np.int32),
-                "scales": scale, "g_idx": (np.arange(w.shape[1]) // group).astype(np.int32)}, (q.T - 128) * s
+                "scales": scale, "g_idx": (inv // group).astype(np.int32)}, (q.T - 128) * s[:, inv]
     sym = fmt == "gptq-sym"
     act_order = fmt == "gptq-act-order"
     perm = np.random.default_rng(w.shape[1]).permutation(w.shape[1]) if act_order else np.arange(w.shape[1])
@@ -208,8 +211,8 @@ def quantization_config(fmt: str, group: int) -> dict:
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": None}
-    return {"quant_method": "gptq", "bits": 8 if fmt == "gptq-8bit" else 4, "group_size": group,
-            "desc_act": fmt == "gptq-act-order", "sym": fmt in ("gptq-sym", "gptq-8bit"), "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False,
+    return {"quant_method": "gptq", "bits": 8 if fmt.startswith("gptq-8bit") else 4, "group_size": group,
+            "desc_act": fmt.endswith("act-order"), "sym": fmt == "gptq-sym" or fmt.startswith("gptq-8bit"), "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False,
             "lm_head": fmt == "gptq-sym"}
 
 

@@ -324,8 +324,8 @@ def _with_quantization_config(tiny_model_dir, tmp_path, qc: dict):
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, None,
      "unsupported AWQ checkpoint: bits 4, version gemv"),
     ({"quant_method": "gptq", "bits": 3, "group_size": 128}, None, "unsupported GPTQ checkpoint: bits 3"),
-    ({"quant_method": "gptq", "bits": 8, "group_size": 128, "desc_act": True}, None,
-     "unsupported GPTQ checkpoint: 8 bits with desc_act True"),
+    ({"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": False}, None,
+     "unsupported GPTQ checkpoint: 8 bits, sym False"),
     ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"}, None,
      "unsupported fp8 activation_scheme 'static'"),
     ({"quant_method": "compressed-tensors", "config_groups": {"g": {  # W4A8: int4 weights, int8 activations

@@ -50,7 +50,7 @@ def read_quantized(qc: QuantizationConfig, module: str, raw: Callable[[str], np.
     if not has(f"{module}.qweight"):
         return None
     if qc.method == "gptq" and qc.scheme == "int8":
-        return _gptq_int8(qc, module, raw)
+        return _gptq_int8(qc, module, raw, has)
     return (_awq if qc.method == "awq" else _gptq)(qc, module, raw, has)
 
 
@@ -121,9 +121,10 @@ def _gptq(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight:
     return _int4(qweight.astype(np.int32), scales, zeros, _act_order(f"{module}.g_idx", raw, has, num_in, group))
 
 
-def _gptq_int8(qc: QuantizationConfig, module: str, raw) -> Int8Weight:
+def _gptq_int8(qc: QuantizationConfig, module: str, raw, has) -> Int8Weight:
     """GPTQ 8-bit, symmetric: `qweight` int32 `[in / 4, out]` (input row 4i + j in bits 8j of
-    word i), every zero point 128 (the v1 format stores 127), so w = (q - 128) * scale."""
+    word i), every zero point 128 (the v1 format stores 127), so w = (q - 128) * scale; act-order
+    rows sorted by group (`Int8Weight.act_order`)."""
     qweight, qzeros, scales = (np.asarray(raw(f"{module}.{n}")) for n in ("qweight", "qzeros", "scales"))
     values = _nibbles(qweight.T, 8).reshape(qweight.shape[1], -1).T  # [in, out], q
     group = _group_rows(qc, module, values.shape[0], scales)
@@ -132,6 +133,9 @@ def _gptq_int8(qc: QuantizationConfig, module: str, raw) -> Int8Weight:
         raise ConfigError(f"{module}.qzeros holds zero points other than 128: asymmetric 8-bit GPTQ is not supported")
     q = (values.astype(np.int16) - 128).astype(np.int8)
     scale = scales.astype(np.float32)
+    g_idx = _act_order(f"{module}.g_idx", raw, has, values.shape[0], group)
+    if g_idx is not None:
+        return Int8Weight.act_order(q, scale, g_idx)
     return Int8Weight(q, scale if group < values.shape[0] else scale[0])
 
 

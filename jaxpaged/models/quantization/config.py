@@ -169,8 +169,7 @@ def _gptq(qc: dict) -> QuantizationConfig:
     if bits not in (4, 8) or fmt not in ("gptq", "gptq_v2"):
         raise ConfigError(f"unsupported GPTQ checkpoint: bits {bits}, checkpoint_format {fmt} "
                           "(supported: 4 or 8 bits, gptq or gptq_v2)")
-    if bits == 8 and (qc.get("desc_act") or not qc.get("sym", True)):
-        raise ConfigError(f"unsupported GPTQ checkpoint: 8 bits with desc_act {qc.get('desc_act')}, sym "
-                          f"{qc.get('sym', True)} (supported: 8 bits symmetric without act-order; 4 bits any)")
+    if bits == 8 and not qc.get("sym", True):
+        raise ConfigError("unsupported GPTQ checkpoint: 8 bits, sym False (supported: 8 bits symmetric; 4 bits either)")
     return QuantizationConfig("gptq", "int4" if bits == 4 else "int8", group_size=int(qc.get("group_size", 128)),
                               zero_offset=1 if fmt == "gptq" else 0)

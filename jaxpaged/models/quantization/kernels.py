@@ -65,8 +65,10 @@ def fp8_block_matmul(x: jax.Array, w: Fp8BlockWeight) -> jax.Array:
 
 
 def int8_matmul(x: jax.Array, w: Int8Weight) -> jax.Array:
+    if w.perm is not None:  # act-order: the activations in the weight's stored row order
+        x = jnp.take(x, w.perm, axis=-1)
     if w.grouped:
-        return jnp.tensordot(x, w.dequantize().astype(x.dtype), axes=1)
+        return jnp.tensordot(x, w.dequantize_stored().astype(x.dtype), axes=1)
     y = jnp.tensordot(x, w.qweight.astype(x.dtype), axes=1, preferred_element_type=jnp.float32)
     return (y * w.scale).astype(x.dtype)
 

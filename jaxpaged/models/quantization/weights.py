@@ -123,9 +123,17 @@ class Fp8BlockWeight(QuantizedWeight):
 @dataclasses.dataclass(frozen=True)
 class Int8Weight(QuantizedWeight):
     """W8A16: symmetric int8 weights with one scale per output channel, or per group of input
-    rows and output channel (compressed-tensors' W8A16 groups)."""
+    rows and output channel (compressed-tensors' W8A16 groups, GPTQ 8-bit). An act-order GPTQ
+    weight's rows are stored sorted by group, as `Int4Weight`'s (`perm`)."""
     qweight: jax.Array  # int8 [in, *out]
     scale: jax.Array  # float32 [*out] (per channel) or [in / group, *out]
+    perm: jax.Array | None = None  # int32 [in]: act-order, the checkpoint's input row of each stored row
+
+    @classmethod
+    def act_order(cls, qweight, scale, g_idx) -> Int8Weight:
+        """The weight of an act-order checkpoint (host arrays, `g_idx` as `Int4Weight.act_order`'s)."""
+        perm = group_order(g_idx, scale.shape[0])
+        return cls(np.asarray(qweight)[perm], scale, perm)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -135,14 +143,24 @@ class Int8Weight(QuantizedWeight):
     def grouped(self) -> bool:
         return self.scale.ndim == self.qweight.ndim
 
-    def dequantize(self) -> jax.Array:
+    def dequantize_stored(self) -> jax.Array:
+        """The float weight in its stored row order (`perm`'s, for act-order)."""
         q = self.qweight.astype(jnp.float32)
         if not self.grouped:
             return q * self.scale
         return (q.reshape(self.scale.shape[0], -1, *q.shape[1:]) * self.scale[:, None]).reshape(q.shape)
 
+    def dequantize(self) -> jax.Array:
+        w = self.dequantize_stored()
+        return w if self.perm is None else w[jnp.argsort(self.perm)]  # the checkpoint's row order
+
     def partition_specs(self, spec: P) -> Int8Weight:
-        return type(self)(spec, spec if self.grouped else P(*_padded(spec, len(self.shape))[1:]))
+        return type(self)(spec, spec if self.grouped else P(*_padded(spec, len(self.shape))[1:]),
+                          None if self.perm is None else P(None))
+
+    @classmethod
+    def fuse(cls, parts: list[Int8Weight], combine) -> Int8Weight:
+        return cls(combine([p.qweight for p in parts]), combine([p.scale for p in parts]), _shared_perm(parts))
 
 
 @jax.tree_util.register_dataclass
@@ -179,12 +197,7 @@ class Int4Weight(QuantizedWeight):
     def act_order(cls, qweight, scales, zeros, g_idx) -> Int4Weight:
         """The weight of an act-order checkpoint (host arrays; `g_idx` [in]: input row i is in
         group g_idx[i]) with its rows sorted by group, each group `group_size` rows as GPTQ makes them."""
-        g_idx = np.asarray(g_idx)
-        counts = np.bincount(g_idx, minlength=scales.shape[0])
-        if not (counts == len(g_idx) // scales.shape[0]).all():
-            raise ConfigError(f"act-order g_idx with groups of unequal sizes ({counts.min()} to {counts.max()} "
-                              "rows) is not supported")
-        perm = np.argsort(g_idx, kind="stable").astype(np.int32)
+        perm = group_order(g_idx, scales.shape[0])
         return cls(np.asarray(pack_int4(np.asarray(unpack_int4(jnp.asarray(qweight)))[perm])), scales, zeros, perm)
 
     @property
@@ -212,12 +225,29 @@ class Int4Weight(QuantizedWeight):
 
     @classmethod
     def fuse(cls, parts: list[Int4Weight], combine) -> Int4Weight:
-        """Fused modules share their input, so act-order gives them one row order (as vLLM assumes)."""
-        perm = parts[0].perm
-        if any((p.perm is None) != (perm is None) or (perm is not None and not jnp.array_equal(p.perm, perm))
-               for p in parts):
-            raise ConfigError("cannot fuse act-order weights whose g_idx differ (modules sharing an input)")
-        return cls(*(combine([getattr(p, n) for p in parts]) for n in ("qweight", "scales", "zeros")), perm)
+        return cls(*(combine([getattr(p, n) for p in parts]) for n in ("qweight", "scales", "zeros")),
+                   _shared_perm(parts))
+
+
+def group_order(g_idx, groups: int) -> np.ndarray:
+    """int32 [in]: the input rows sorted by their group (`g_idx` [in]: row i's group), for an
+    act-order weight stored with consecutive groups; each group must have `in / groups` rows,
+    as GPTQ makes them."""
+    g_idx = np.asarray(g_idx)
+    counts = np.bincount(g_idx, minlength=groups)
+    if not (counts == len(g_idx) // groups).all():
+        raise ConfigError(f"act-order g_idx with groups of unequal sizes ({counts.min()} to {counts.max()} "
+                          "rows) is not supported")
+    return np.argsort(g_idx, kind="stable").astype(np.int32)
+
+
+def _shared_perm(parts: list) -> jax.Array | None:
+    """Fused modules share their input, so act-order gives them one row order (as vLLM assumes)."""
+    perm = parts[0].perm
+    if any((p.perm is None) != (perm is None) or (perm is not None and not jnp.array_equal(p.perm, perm))
+           for p in parts):
+        raise ConfigError("cannot fuse act-order weights whose g_idx differ (modules sharing an input)")
+    return perm
 
 
 def unpack_int4(packed: jax.Array) -> jax.Array:
