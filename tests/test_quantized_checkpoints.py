@@ -148,10 +148,7 @@ def test_fp8_on_four_devices_matches_one(fmt, checkpoints):
     heads replicated twice (their scales with them): the same logits as on one device. Block
     scales split with their weight where the mesh divides them (q/k/v's output channels), else
     stay whole (o's 2 input blocks on 4 devices)."""
-    from jax.sharding import NamedSharding
-
-    from jaxpaged.engine.mesh import make_mesh, shard_attention
-    from jaxpaged.models.sharding import KV_POOL
+    from jaxpaged.engine.mesh import make_mesh
 
     quantized, _ = checkpoints(fmt)
     cfg, params = load_model(quantized, dtype="float32")
@@ -168,22 +165,14 @@ def test_fp8_on_four_devices_matches_one(fmt, checkpoints):
         assert wqkv.scale.addressable_shards[0].data.shape == (1, 3, 16, 2)
         wo = sharded["layers"][0]["wo"]
         assert wo.qweight.addressable_shards[0].data.shape == (64, 16) and wo.scale.sharding.is_fully_replicated
-    forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
-    kv = init_kv_cache(cfg2, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
-    step = make_step_input([(p, 0, [1 + 2 * i, 2 + 2 * i]) for i, p in enumerate(PROMPTS)], 16, num_tokens=128,
-                           all_logits=True)
-    got, _ = forward(sharded, kv, step)
-    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, atol=2e-5)
+    assert_same_logits_on(mesh, cfg2, sharded, want)
 
 
 def test_act_order_on_two_devices_matches_one(checkpoints):
     """GPTQ act-order on a 2-device mesh: the rows stored sorted by group split like any int4
     weight's (o/down along their input rows, each device whole groups), the row order `perm`
     replicated (it indexes the whole activation row); the same logits as on one device."""
-    from jax.sharding import NamedSharding
-
-    from jaxpaged.engine.mesh import make_mesh, shard_attention
-    from jaxpaged.models.sharding import KV_POOL
+    from jaxpaged.engine.mesh import make_mesh
 
     quantized, _ = checkpoints("gptq-act-order")
     cfg, params = load_model(quantized, dtype="float32")
@@ -193,8 +182,18 @@ def test_act_order_on_two_devices_matches_one(checkpoints):
     wo = sharded["layers"][0]["wo"]
     assert wo.perm is not None and wo.perm.sharding.is_fully_replicated and wo.layout is not None
     assert [f.addressable_shards[0].data.shape for f in (wo.qweight, wo.scales)] == [(4, 64), (1, 64)]
-    forward = make_forward(cfg2, shard_attention(paged_attention_ref, mesh))
-    kv = init_kv_cache(cfg2, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
+    assert_same_logits_on(mesh, cfg2, sharded, want)
+
+
+def assert_same_logits_on(mesh, cfg, sharded: dict, want: np.ndarray) -> None:
+    """The prefill logits of PROMPTS with the params `sharded` on `mesh` equal `want` (one device's)."""
+    from jax.sharding import NamedSharding
+
+    from jaxpaged.engine.mesh import shard_attention
+    from jaxpaged.models.sharding import KV_POOL
+
+    forward = make_forward(cfg, shard_attention(paged_attention_ref, mesh))
+    kv = init_kv_cache(cfg, 1 + 8 * 2, 16, jnp.float32, NamedSharding(mesh, KV_POOL))
     step = make_step_input([(p, 0, [1 + 2 * i, 2 + 2 * i]) for i, p in enumerate(PROMPTS)], 16, num_tokens=128,
                            all_logits=True)
     got, _ = forward(sharded, kv, step)
