@@ -130,7 +130,7 @@ def _ct_int(w: np.ndarray, bits: int, group: int, sym: bool, act_order: bool) ->
 def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> tuple[dict, np.ndarray]:
     """One HF linear `weight` [out, in] in `fmt` (ct-fp8-dynamic, ct-fp8-static, modelopt-fp8, fbgemm-fp8, awq,
     gptq, gptq-sym, gptq-act-order, gptq-8bit(-act-order), fp8-block, ct-fp8-block, ct-w4a16 (per channel), ct-w4a16-asym
-    (act-order too), ct-w8a16, ct-w8a8-int8) -> (its tensors by suffix, the dequantized weight)."""
+    (act-order too), ct-w8a16 (act-order too), ct-w8a8-int8) -> (its tensors by suffix, the dequantized weight)."""
     amax = np.abs(w).max(1, keepdims=True)
     if fmt in ("fp8-block", "ct-fp8-block"):
         q, scale, deq = _fp8_blocks(w, *BLOCKS[fmt])
@@ -141,7 +141,8 @@ def quantize_module(fmt: str, w: np.ndarray, group: int, input_scale: float) -> 
             q = np.clip(np.round(w / scale.astype(np.float32)), -127, 127).astype(np.int8)
             return {"weight": q, "weight_scale": scale}, q * scale.astype(np.float32)
         asym = fmt == "ct-w4a16-asym"  # with act-order (llm-compressor's GPTQ actorder="group")
-        return _ct_int(w, 8 if "w8" in fmt else 4, 0 if fmt == "ct-w4a16" else group, not asym, asym)
+        return _ct_int(w, 8 if "w8" in fmt else 4, 0 if fmt == "ct-w4a16" else group, not asym,
+                       asym or fmt == "ct-w8a16-act-order")
     if fmt == "fbgemm-fp8":
         scale = (amax / E4M3_MAX).astype(np.float32)
         q, deq = _fp8(w, scale)
@@ -194,7 +195,7 @@ def quantization_config(fmt: str, group: int) -> dict:
         channel = fmt in ("ct-w4a16", "ct-w8a8-int8")  # the others in groups
         weights = {"num_bits": 8 if "w8" in fmt else 4, "type": "int", "symmetric": not fmt.endswith("-asym"),
                    "dynamic": False, "strategy": "channel" if channel else "group",
-                   "group_size": None if channel else group, "actorder": "group" if fmt == "ct-w4a16-asym" else None}
+                   "group_size": None if channel else group, "actorder": "group" if fmt in ("ct-w4a16-asym", "ct-w8a16-act-order") else None}
         if fmt == "ct-w8a8-int8":
             return _ct_config("int-quantized", weights, int8_acts)
         return _ct_config("pack-quantized", weights, None)
@@ -212,7 +213,8 @@ def quantization_config(fmt: str, group: int) -> dict:
         return {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": None}
     return {"quant_method": "gptq", "bits": 8 if fmt.startswith("gptq-8bit") else 4, "group_size": group,
-            "desc_act": fmt.endswith("act-order"), "sym": fmt == "gptq-sym" or fmt.startswith("gptq-8bit"), "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False,
+            "desc_act": fmt.endswith("act-order"), "sym": fmt == "gptq-sym" or fmt.startswith("gptq-8bit"),
+            "checkpoint_format": "gptq", "true_sequential": True, "static_groups": False,
             "lm_head": fmt == "gptq-sym"}
 
 

@@ -29,6 +29,7 @@ KINDS = {"ct-fp8-dynamic": Fp8Weight, "ct-fp8-static": Fp8Weight, "modelopt-fp8"
          "gptq": Int4Weight, "gptq-sym": Int4Weight, "gptq-act-order": Int4Weight, "gptq-8bit": Int8Weight,
          "gptq-8bit-act-order": Int8Weight, "fp8-block": Fp8BlockWeight,
          "ct-fp8-block": Fp8BlockWeight, "ct-w4a16": Int4Weight, "ct-w4a16-asym": Int4Weight, "ct-w8a16": Int8Weight,
+         "ct-w8a16-act-order": Int8Weight,
          "ct-w8a8-int8": Int8W8A8Weight}
 WEIGHT_ONLY = (Int4Weight, Int8Weight, Fp8BlockWeight)  # float activations: the oracle's arithmetic
 PROMPTS = np.random.default_rng(3).integers(3, 500, (8, 12)).tolist()  # equal lengths: no padding for HF
@@ -100,7 +101,7 @@ def test_checkpoint_matches_transformers_on_its_dequantized_weights(fmt, checkpo
         ub = params["layers"][0]["wqkv"].input_scale_ub  # FBGEMM's cap of the per-token activation scale
         assert (None if ub is None else float(ub)) == (1200.0 if fmt == "fbgemm-fp8" else None)
     if kind in (Int4Weight, Int8Weight):  # act-order rows are stored sorted by group; consecutive groups need no order
-        act_order = fmt in ("gptq-act-order", "ct-w4a16-asym", "gptq-8bit-act-order")
+        act_order = fmt in ("gptq-act-order", "ct-w4a16-asym", "gptq-8bit-act-order", "ct-w8a16-act-order")
         assert (params["layers"][0]["w_down"].perm is not None) == act_order
     logits, tokens = jaxpaged_greedy(cfg, params)
     ref_logits, ref_tokens, margins = transformers_greedy(dequantized)

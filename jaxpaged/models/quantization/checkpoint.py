@@ -15,7 +15,7 @@ tensors each format stores beside (or instead of) `<module>.weight`:
   (input column (32 / bits) c + j in bits `bits * j` of word c, stored as q + 2^(bits-1)),
   `weight_shape` `[out, in]`, `weight_scale` `[out, in / g]` (`[out, 1]` per channel), asymmetric
   `weight_zero_point` int32 `[out * bits / 32, in / g]` packed alike along the output axis,
-  act-order `weight_g_idx` `[in]`;
+  act-order `weight_g_idx` `[in]` (int4 and int8);
 - compressed-tensors int-quantized (W8A8 int8): `weight` int8 `[out, in]`, `weight_scale` `[out, 1]`.
 
 A module without those tensors is a float one (`read_quantized` returns None)."""
@@ -166,8 +166,11 @@ def _ct_packed(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight | In
     if scale.shape != (out, num_in // group) or num_in % group:
         raise ConfigError(f"{module}.weight_scale has shape {scale.shape}: expected ({out}, {num_in // group}) for "
                           f"groups of {group} input rows")
+    g_idx = _act_order(f"{module}.weight_g_idx", raw, has, num_in, group)
     if bits == 8:
         q = (values.astype(np.int16) - 128).astype(np.int8)
+        if g_idx is not None:
+            return Int8Weight.act_order(q, scale.T.astype(np.float32), g_idx)
         return Int8Weight(q, scale.T.astype(np.float32) if qc.group_size > 0 else scale[:, 0].astype(np.float32))
     if num_in % 8:
         raise ConfigError(f"{module} has {num_in} input rows, not a multiple of 8 (int4 packing)")
@@ -178,7 +181,6 @@ def _ct_packed(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight | In
         zeros = _nibbles(np.asarray(raw(zp_name)).T).reshape(scale.shape[1], -1)[:, :out]
     else:
         zeros = np.full(scale.T.shape, 8, np.uint8)
-    g_idx = _act_order(f"{module}.weight_g_idx", raw, has, num_in, group)
     return _int4(np.asarray(pack_int4(values)), scale.T, zeros, g_idx)
 
 
