@@ -133,10 +133,15 @@ def _gptq_int8(qc: QuantizationConfig, module: str, raw, has) -> Int8Weight:
         raise ConfigError(f"{module}.qzeros holds zero points other than 128: asymmetric 8-bit GPTQ is not supported")
     q = (values.astype(np.int16) - 128).astype(np.int8)
     scale = scales.astype(np.float32)
-    g_idx = _act_order(f"{module}.g_idx", raw, has, values.shape[0], group)
+    return _int8(q, scale, group < values.shape[0], _act_order(f"{module}.g_idx", raw, has, values.shape[0], group))
+
+
+def _int8(q: np.ndarray, scales: np.ndarray, grouped: bool, g_idx: np.ndarray | None) -> Int8Weight:
+    """The int8 leaf from `scales` `[in / g, out]`: per group, or (not `grouped`) per channel;
+    an act-order one (`g_idx`) with its rows sorted by group (`Int8Weight.act_order`)."""
     if g_idx is not None:
-        return Int8Weight.act_order(q, scale, g_idx)
-    return Int8Weight(q, scale if group < values.shape[0] else scale[0])
+        return Int8Weight.act_order(q, scales, g_idx)
+    return Int8Weight(q, scales if grouped else scales[0])
 
 
 def _int4(qweight: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray | None) -> Int4Weight:
@@ -168,10 +173,8 @@ def _ct_packed(qc: QuantizationConfig, module: str, raw, has) -> Int4Weight | In
                           f"groups of {group} input rows")
     g_idx = _act_order(f"{module}.weight_g_idx", raw, has, num_in, group)
     if bits == 8:
-        q = (values.astype(np.int16) - 128).astype(np.int8)
-        if g_idx is not None:
-            return Int8Weight.act_order(q, scale.T.astype(np.float32), g_idx)
-        return Int8Weight(q, scale.T.astype(np.float32) if qc.group_size > 0 else scale[:, 0].astype(np.float32))
+        return _int8((values.astype(np.int16) - 128).astype(np.int8), scale.T.astype(np.float32), qc.group_size > 0,
+                     g_idx)
     if num_in % 8:
         raise ConfigError(f"{module} has {num_in} input rows, not a multiple of 8 (int4 packing)")
     zp_name = f"{module}.weight_zero_point"
