@@ -65,8 +65,7 @@ def fp8_block_matmul(x: jax.Array, w: Fp8BlockWeight) -> jax.Array:
 
 
 def int8_matmul(x: jax.Array, w: Int8Weight) -> jax.Array:
-    if w.perm is not None:  # act-order: the activations in the weight's stored row order
-        x = jnp.take(x, w.perm, axis=-1)
+    x = w.stored_order(x)  # act-order: the activations in the weight's stored row order
     if w.grouped:
         return jnp.tensordot(x, w.dequantize_stored().astype(x.dtype), axes=1)
     y = jnp.tensordot(x, w.qweight.astype(x.dtype), axes=1, preferred_element_type=jnp.float32)
@@ -126,8 +125,7 @@ def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.
     """`kernel`: the Pallas kernel (None: where `int4_kernel_applies`; True off-GPU: interpret
     mode), per device where the weight has a tensor-parallel `layout`. An act-order weight
     (`perm`) takes the activations in its stored row order."""
-    if w.perm is not None:
-        x = jnp.take(x, w.perm, axis=-1)
+    x = w.stored_order(x)
     if not (int4_kernel_applies(x, w) if kernel is None else kernel):
         return jnp.tensordot(x, w.dequantize_stored().astype(x.dtype), axes=1)
     if w.layout is not None:

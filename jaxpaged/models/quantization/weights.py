@@ -119,9 +119,29 @@ class Fp8BlockWeight(QuantizedWeight):
         return cls(_fuse_in_minor(parts, "qweight", combine), _fuse_in_minor(parts, "scale", combine), parts[0].block_k)
 
 
+class RowOrderedWeight(QuantizedWeight):
+    """A weight whose input rows may be stored in another order than the checkpoint's (act-order,
+    `perm`: stored row j is the checkpoint's input row `perm[j]`); the matmul then takes the
+    activations in the stored order (`stored_order`)."""
+
+    perm: jax.Array | None
+
+    def dequantize_stored(self) -> jax.Array:
+        """The float weight in its stored row order."""
+        raise NotImplementedError
+
+    def dequantize(self) -> jax.Array:
+        w = self.dequantize_stored()
+        return w if self.perm is None else w[jnp.argsort(self.perm)]  # the checkpoint's row order
+
+    def stored_order(self, x: jax.Array) -> jax.Array:
+        """The activations `[T, in]` with their input axis in the weight's stored row order."""
+        return x if self.perm is None else jnp.take(x, self.perm, axis=-1)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int8Weight(QuantizedWeight):
+class Int8Weight(RowOrderedWeight):
     """W8A16: symmetric int8 weights with one scale per output channel, or per group of input
     rows and output channel (compressed-tensors' W8A16 groups, GPTQ 8-bit). An act-order GPTQ
     weight's rows are stored sorted by group, as `Int4Weight`'s (`perm`)."""
@@ -150,10 +170,6 @@ class Int8Weight(QuantizedWeight):
             return q * self.scale
         return (q.reshape(self.scale.shape[0], -1, *q.shape[1:]) * self.scale[:, None]).reshape(q.shape)
 
-    def dequantize(self) -> jax.Array:
-        w = self.dequantize_stored()
-        return w if self.perm is None else w[jnp.argsort(self.perm)]  # the checkpoint's row order
-
     def partition_specs(self, spec: P) -> Int8Weight:
         return type(self)(spec, spec if self.grouped else P(*_padded(spec, len(self.shape))[1:]),
                           None if self.perm is None else P(None))
@@ -177,7 +193,7 @@ class Int8W8A8Weight(Int8Weight):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Int4Weight(QuantizedWeight):
+class Int4Weight(RowOrderedWeight):
     """W4A16 (AWQ, GPTQ, compressed-tensors): 4-bit weights packed 8 to an int32 along the input
     axis (row 8i + j in bits 4j..4j+3 of word i, GPTQ's order); each group of `in /
     scales.shape[0]` consecutive input rows has a scale and a zero point per output channel:
@@ -214,10 +230,6 @@ class Int4Weight(QuantizedWeight):
         grouped = q.reshape(self.scales.shape[0], self.group_size, *q.shape[1:])
         w = (grouped - self.zeros[:, None].astype(jnp.int32)).astype(jnp.float32) * self.scales[:, None].astype(jnp.float32)
         return w.reshape(q.shape)
-
-    def dequantize(self) -> jax.Array:
-        w = self.dequantize_stored()
-        return w if self.perm is None else w[jnp.argsort(self.perm)]  # the checkpoint's row order
 
     def partition_specs(self, spec: P) -> Int4Weight:
         perm = None if self.perm is None else P(None)  # indexes the whole activation row
