@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpaged.models.quantization.kernels import int4_matmul, quantized_matmul
+from jaxpaged.models.quantization.kernels import fp8_matmul, int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
 from jaxpaged.models.quantization.weights import Fp8Weight, Int4Weight, unpack_int4
 
@@ -28,7 +28,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
     kind = kind.split(":")[0]
-    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder")
+    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder").removesuffix("_gemv").removesuffix("_gemm").removesuffix("_reduce")
     out = []
     for layer in range(layers):
         ws = {}
@@ -52,6 +52,9 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
                 g_idx = np.random.default_rng(i).permutation(n) // g
                 ws[name] = jax.device_put(Int4Weight.act_order(*(np.asarray(a) for a in (q.qweight, q.scales, q.zeros)),
                                                                g_idx))
+            if kind == "int4_gemv":  # packed words along K, K minor: [out, in / 8]
+                ws[name] = {"qt": ws[name].qweight.T, "s": ws[name].scales.astype(jnp.float32),
+                            "z": ws[name].zeros.astype(jnp.float32)}
             if kind.startswith("int4_xla"):  # XLA's own packed uint4 array: the convert left to its fusions
                 g = ws[name].group_size
                 q = unpack_int4(ws[name].qweight).reshape(n // g, g, m).astype(jnp.uint4)
@@ -74,6 +77,24 @@ def _int4_xla(x, w, grouped):
     return jnp.einsum("tgn,gn->tn", part, s.astype(jnp.float32)).astype(x.dtype)
 
 
+def _int4_gemv(x, w):
+    """int4 weight-only matmul as XLA reductions (no dot: multiply-and-reduce fusions) over
+    K-minor packed words [out, in / 8]: per group of input rows the integer dot, then
+    sum_g scale_g * (dot_g - zero_g * sum_g(x)); nibbles made floats by bits (2^23 + n)."""
+    x32 = x.astype(jnp.float32)
+    qt, s, z = w["qt"], w["s"], w["z"]
+    n, words = qt.shape
+    groups = s.shape[0]
+    shifts = 4 * jnp.arange(8, dtype=jnp.int32)
+    nib = (qt[:, :, None] >> shifts) & 0xF  # [out, in / 8, 8]: row 8i + j
+    q = jax.lax.bitcast_convert_type(nib | 0x4B000000, jnp.float32) - 8388608.0
+    q = q.reshape(n, groups, -1)
+    xg = x32.reshape(x.shape[0], groups, -1)
+    dots = jnp.sum(xg[:, None] * q[None], -1)  # [T, out, groups]
+    y = jnp.einsum("tng,gn->tn", dots - z.T[None] * jnp.sum(xg, -1)[:, None], s)
+    return y.astype(x.dtype)
+
+
 def _mgpu(x, w, config):
     """The Mosaic GPU quantized-weight kernel (kernels/w8a16_matmul_gpu.py); 8-bit weights'
     sums scaled per channel (int4 is scaled in the kernel)."""
@@ -84,7 +105,9 @@ def _mgpu(x, w, config):
     return (w8a16_matmul_tokens(x, w["wt"], **config) * w["scale"]).astype(x.dtype)
 
 
-def _linear(x, w, dequant, config=None):
+def _linear(x, w, dequant, config=None, reduce=None):
+    if isinstance(w, dict) and "qt" in w:
+        return _int4_gemv(x, w)
     if isinstance(w, dict) and "wt" in w:
         return _mgpu(x, w, config or {})
     if isinstance(w, dict):
@@ -95,12 +118,14 @@ def _linear(x, w, dequant, config=None):
         y = jax.lax.dot_general(x, w.qweight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
         return (y * w.scale).astype(x.dtype)
+    if isinstance(w, Fp8Weight) and reduce is not None:
+        return fp8_matmul(x, w, reduce=reduce)
     return int4_matmul(x, w, kernel=False) if dequant else quantized_matmul(x, w)
 
 
-@functools.partial(jax.jit, static_argnames=("dequant", "config"))
-def forward(x, layers, dequant=False, config=None):
-    linear = functools.partial(_linear, dequant=dequant, config=dict(config or ()))
+@functools.partial(jax.jit, static_argnames=("dequant", "config", "reduce"))
+def forward(x, layers, dequant=False, config=None, reduce=None):
+    linear = functools.partial(_linear, dequant=dequant, config=dict(config or ()), reduce=reduce)
 
     for w in layers:  # unrolled, as the model's layers: `lax.scan` would copy each layer's weights
         a = linear(x, w["qkv"])[:, :4096]
@@ -159,7 +184,8 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_di
     for t in tokens:
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
         compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped")),
-                                 config=_mgpu_config(kind)).compile()
+                                 config=_mgpu_config(kind),
+                                 reduce={"fp8_gemm": False, "fp8_reduce": True}.get(kind)).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, weights).block_until_ready()
         times = []
@@ -194,7 +220,10 @@ def main():
                          "int4_xla / int4_xla_grouped: XLA's uint4 arrays, dequantized in its fusions (one dot, "
                          "or a dot per group); fp8_mgpu / int8_mgpu / int4_mgpu (int4_mgpu_tile: scaled tiles)[:block_n=N][:block_k=N][:stages=N][:splits=N]: the Mosaic GPU "
                          "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens; bf16_mgpu: bf16 "
-                         "weights through it (nothing to convert: the kernel's floor)")
+                         "weights through it (nothing to convert: the kernel's floor); fp8: W8A8, the reduce "
+                         "fusion up to FP8_REDUCE_MAX_TOKENS on a GPU, else cuBLASLt's fp8 GEMM (fp8_gemm / "
+                         "fp8_reduce: the one or the other at every size); int4_gemv: weight-only int4 in XLA "
+                         "multiply-and-reduce fusions over K-minor packed words")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "
                     "in DIR) instead of the wall time, which includes dispatch and launch gaps")

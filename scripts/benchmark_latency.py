@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--max-steps-in-flight", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
+    ap.add_argument("--token-buckets", default=None, help="comma-separated padded step sizes (the engine's "
+                    "token_buckets; default: its rule, 16 tokens and up)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -123,6 +125,7 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
+              token_buckets=tuple(int(t) for t in args.token_buckets.split(",")) if args.token_buckets else None,
               async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
               tensor_parallel_size=args.tensor_parallel_size,
               **({"speculative_config": args.speculative_config} if args.speculative_config else {}))

@@ -21,7 +21,7 @@ from jaxpaged.models import ConfigError, load_model
 from jaxpaged.models.layers import linear
 from jaxpaged.models.quantization import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight, Int8Weight,
                                          fuse_out, load_quantization_config, quantize)
-from jaxpaged.models.quantization.kernels import int4_matmul
+from jaxpaged.models.quantization.kernels import fp8_matmul, int4_matmul
 from jaxpaged.models.quantization.weights import pack_int4, unpack_int4
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -68,6 +68,8 @@ def test_fp8_linear_against_numpy(data):
     sx = np.abs(x).max(1, keepdims=True) / 448
     xq = (x / sx).astype(E4M3).astype(np.float64) * sx
     assert rel_err(got, np.tensordot(xq, wq, axes=1)) <= 1e-5
+    # the small-step form (the GPU's, up to FP8_REDUCE_MAX_TOKENS): the same products, summed by a reduce
+    assert rel_err(fp8_matmul(jnp.asarray(x), leaf, reduce=True), np.tensordot(xq, wq, axes=1)) <= 1e-5
     # against float activations: e4m3's 3 mantissa bits cost a few percent on random data
     assert rel_err(got, np.tensordot(x.astype(np.float64), wq, axes=1)) <= 0.04
     # FBGEMM's activation_scale_ub caps each token's amax: larger values saturate at the cap

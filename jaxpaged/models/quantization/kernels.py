@@ -30,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
+FP8_REDUCE_MAX_TOKENS = 4  # fp8 steps of at most this many tokens sum their products in a reduce fusion
 INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GEMM on the dequantized weight
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
@@ -50,10 +51,19 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None,
     return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_matmul(x: jax.Array, w: Fp8Weight) -> jax.Array:
+def fp8_matmul(x: jax.Array, w: Fp8Weight, reduce: bool | None = None) -> jax.Array:
+    """`reduce` (None: on a GPU, up to `FP8_REDUCE_MAX_TOKENS` tokens): the same products summed
+    by an XLA multiply-and-reduce fusion over the weight's contiguous input rows instead of the
+    fp8 GEMM, which at a few tokens reads the weight well below the memory's bandwidth."""
     xq, x_scale = quantize_activations_fp8(x, w.input_scale, w.input_scale_ub)
-    y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
-                            preferred_element_type=jnp.float32)  # [T, *out]
+    if reduce is None:
+        reduce = jax.default_backend() == "gpu" and x.shape[0] <= FP8_REDUCE_MAX_TOKENS
+    if reduce:  # [T, *1, in] * [*out, in], summed over in
+        xb = xq.astype(jnp.float32).reshape(x.shape[0], *(1,) * (w.qweight.ndim - 1), x.shape[1])
+        y = jnp.sum(xb * w.qweight.astype(jnp.float32), axis=-1)
+    else:
+        y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
+                                preferred_element_type=jnp.float32)  # [T, *out]
     out_axes = (1,) * w.scale.ndim
     return (y * jnp.reshape(x_scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
 
