@@ -397,3 +397,19 @@ def test_the_engine_offers_the_methods_the_loader_reads():
     from jaxpaged.models.quantization import QUANTIZATION_CHOICES
 
     assert QUANTIZATION_METHODS == QUANTIZATION_CHOICES
+
+
+def test_fp8_weights_on_a_gpu_get_a_one_token_bucket(data, monkeypatch):
+    """Batch-1 decode of fp8 weights takes the reduce form only in a 1-token step: the engine's
+    buckets gain one where the params hold fp8 weights and the backend is a GPU."""
+    from jaxpaged.engine.buckets import token_buckets
+    from jaxpaged.models.quantization import kernels
+
+    x, w = data
+    fp8 = {"layers": {"q": quantize(jnp.asarray(w), "fp8")}, "embed": jnp.zeros((4, 4))}
+    int4 = {"layers": {"q": quantize(jnp.asarray(np.resize(w, (128, 16))), "int4", 32)}}
+    assert kernels.small_step_buckets(fp8) == ()  # CPU: the GEMM form at every size
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert kernels.small_step_buckets(int4) == ()
+    assert kernels.small_step_buckets(fp8) == (kernels.FP8_REDUCE_MAX_TOKENS,) == (1,)
+    assert token_buckets(2048, 256, extra=kernels.small_step_buckets(fp8))[:2] == [1, 16]

@@ -44,6 +44,7 @@ from jaxpaged.kernels import get_attention
 from jaxpaged.models import load_model
 from jaxpaged.models.kv_cache import init_kv_cache, kv_cache_dtype
 from jaxpaged.models.quantization import load_quantization_config
+from jaxpaged.models.quantization.kernels import small_step_buckets
 from jaxpaged.models.quantization.kv_scales import pool_scales
 from jaxpaged.models.sharding import KV_POOL
 
@@ -82,7 +83,7 @@ class EngineCore:
                                   self.max_num_batched_tokens, self.max_model_len, self.eos_token_ids, self.mesh,
                                   config.token_buckets or tuple(token_buckets(
                                       self.max_num_batched_tokens, config.max_num_seqs,
-                                      extra=(config.decoding_token_budget,))),
+                                      extra=(config.decoding_token_budget, *small_step_buckets(params)))),
                                   config.num_scheduler_steps, config.speculative_config)
         spec = config.speculative_config
         # before the KV pool: a draft model's KV is counted in its sizing

@@ -3,7 +3,10 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 
 - fp8 W8A8: x is quantized to e4m3 per token (or with the static scale) and the dot takes both
   e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
-  token and channel scales multiply the result.
+  token and channel scales multiply the result. A 1-token step on a GPU (batch-1 decode; the
+  engine adds that bucket, `small_step_buckets`) sums the same e4m3 products in an XLA
+  multiply-and-reduce fusion over the weight's contiguous input rows instead: the fp8 GEMM
+  reads the weight at 2.3 TB/s there, the reduce at 2.7 (H200, docs/benchmarks.md).
 - block fp8 (weight-only in the GEMM): the e4m3 weight times its block scales, in x's dtype,
   feeds a dot with x unquantized (an elementwise operand prologue XLA fuses into the GEMM read;
   docs/decisions.md says why not fp8 x fp8 per K-group).
@@ -30,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
-FP8_REDUCE_MAX_TOKENS = 4  # fp8 steps of at most this many tokens sum their products in a reduce fusion
+FP8_REDUCE_MAX_TOKENS = 1  # fp8 steps of at most this many tokens sum their products in a reduce fusion
 INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GEMM on the dequantized weight
 _MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
@@ -145,6 +148,15 @@ def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.
 
 _MATMULS = {Fp8Weight: fp8_matmul, Fp8BlockWeight: fp8_block_matmul, Int8Weight: int8_matmul,
             Int8W8A8Weight: int8_w8a8_matmul, Int4Weight: int4_matmul}
+
+
+def small_step_buckets(params) -> tuple[int, ...]:
+    """Padded step sizes the quantized matmuls want beside the engine's bucket rule (whose
+    smallest is 16 tokens): fp8 weights on a GPU sum 1-token steps in a reduce fusion, so
+    batch-1 decode gets a 1-token bucket."""
+    fp8 = any(isinstance(leaf, Fp8Weight) for leaf in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+    return (FP8_REDUCE_MAX_TOKENS,) if fp8 and jax.default_backend() == "gpu" else ()
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
