@@ -28,7 +28,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
     kind = kind.split(":")[0]
-    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder").removesuffix("_gemv").removesuffix("_gemm").removesuffix("_reduce")
+    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder").removesuffix("_gemv").removesuffix("_s4").removesuffix("_gemm").removesuffix("_reduce")
     out = []
     for layer in range(layers):
         ws = {}
@@ -52,6 +52,10 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
                 g_idx = np.random.default_rng(i).permutation(n) // g
                 ws[name] = jax.device_put(Int4Weight.act_order(*(np.asarray(a) for a in (q.qweight, q.scales, q.zeros)),
                                                                g_idx))
+            if kind == "int4_s4":  # XLA's signed int4 array [out, groups, group], K minor
+                q, g = ws[name], ws[name].group_size
+                ws[name] = {"q4": (unpack_int4(q.qweight).T - 8).astype(jnp.int4).reshape(m, n // g, g),
+                            "s": q.scales.T.astype(jnp.float32), "z": (q.zeros.T.astype(jnp.float32) - 8)}
             if kind == "int4_gemv":  # packed words along K, K minor: [out, in / 8]
                 ws[name] = {"qt": ws[name].qweight.T, "s": ws[name].scales.astype(jnp.float32),
                             "z": ws[name].zeros.astype(jnp.float32)}
@@ -75,6 +79,16 @@ def _int4_xla(x, w, grouped):
     part = jnp.einsum("tgk,gkn->tgn", xg, q.astype(x.dtype), preferred_element_type=jnp.float32)
     part = part - jnp.sum(xg, -1, dtype=jnp.float32)[..., None] * z.astype(jnp.float32)
     return jnp.einsum("tgn,gn->tn", part, s.astype(jnp.float32)).astype(x.dtype)
+
+
+def _int4_s4(x, w):
+    """int4 weight-only matmul as XLA reduce fusions over its own int4 arrays [out, groups,
+    group] (half a byte per value, K minor): per group the dot of x with q - 8, then
+    sum_g scale * (dot_g - (zero - 8) * sum_g(x))."""
+    q, s, z = w["q4"], w["s"], w["z"]
+    xg = x.astype(jnp.float32).reshape(x.shape[0], q.shape[1], q.shape[2])
+    dots = jnp.sum(xg[:, None] * q[None].astype(jnp.float32), -1)  # [T, out, groups]
+    return jnp.sum((dots - z[None] * jnp.sum(xg, -1)[:, None]) * s[None], -1).astype(x.dtype)
 
 
 def _int4_gemv(x, w):
@@ -108,6 +122,8 @@ def _mgpu(x, w, config):
 def _linear(x, w, dequant, config=None, reduce=None):
     if isinstance(w, dict) and "qt" in w:
         return _int4_gemv(x, w)
+    if isinstance(w, dict) and "q4" in w:
+        return _int4_s4(x, w)
     if isinstance(w, dict) and "wt" in w:
         return _mgpu(x, w, config or {})
     if isinstance(w, dict):
@@ -223,7 +239,8 @@ def main():
                          "weights through it (nothing to convert: the kernel's floor); fp8: W8A8, the reduce "
                          "fusion up to FP8_REDUCE_MAX_TOKENS on a GPU, else cuBLASLt's fp8 GEMM (fp8_gemm / "
                          "fp8_reduce: the one or the other at every size); int4_gemv: weight-only int4 in XLA "
-                         "multiply-and-reduce fusions over K-minor packed words")
+                         "multiply-and-reduce fusions over K-minor packed words; int4_s4: the same over XLA's "
+                         "int4 arrays")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "
                     "in DIR) instead of the wall time, which includes dispatch and launch gaps")
