@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxpaged.models.quantization.kernels import fp8_matmul, int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
-from jaxpaged.models.quantization.weights import Fp8Weight, Int4Weight, unpack_int4
+from jaxpaged.models.quantization.packing import unpack_int4
+from jaxpaged.models.quantization.weights import Fp8Weight, Int4Weight
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 

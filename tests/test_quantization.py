@@ -22,7 +22,7 @@ from jaxpaged.models.layers import linear
 from jaxpaged.models.quantization import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight, Int8Weight,
                                          fuse_out, load_quantization_config, quantize)
 from jaxpaged.models.quantization.kernels import fp8_matmul, int4_matmul
-from jaxpaged.models.quantization.weights import pack_int4, unpack_int4
+from jaxpaged.models.quantization.packing import pack_int4, unpack_int4
 
 E4M3 = ml_dtypes.float8_e4m3fn
 SHAPE = (64, 2, 4, 16)  # [in, *out] as the fused q/k/v weight [H, Hkv, G + 2, D]

@@ -27,8 +27,9 @@ import numpy as np
 
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.config import QuantizationConfig
+from jaxpaged.models.quantization.packing import pack_int4
 from jaxpaged.models.quantization.weights import (FP8, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
-                                                  Int8Weight, QuantizedWeight, pack_int4)
+                                                  Int8Weight, QuantizedWeight)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds output channel 8c + AWQ_ORDER[j]
 _AWQ_UNDO = np.argsort(AWQ_ORDER)  # output channel 8c + k is in nibble _AWQ_UNDO[k]

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxpaged.models.config import ConfigError
+from jaxpaged.models.quantization.packing import pack_int4
 from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
-                                                  Int8Weight, QuantizedWeight, pack_int4)
+                                                  Int8Weight, QuantizedWeight)
 
 INT4_GROUP_SIZE = 128
 _TINY = 1e-12  # the scale of an all-zero channel

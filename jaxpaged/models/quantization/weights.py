@@ -18,10 +18,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.models.config import ConfigError
+from jaxpaged.models.quantization.packing import INT4_PER_WORD, group_order, pack_int4, unpack_int4
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
-INT4_PER_WORD = 8  # int4 values packed into one int32 word along the input axis
 
 
 class QuantizedWeight:
@@ -241,18 +241,6 @@ class Int4Weight(RowOrderedWeight):
                    _shared_perm(parts))
 
 
-def group_order(g_idx, groups: int) -> np.ndarray:
-    """int32 [in]: the input rows sorted by their group (`g_idx` [in]: row i's group), for an
-    act-order weight stored with consecutive groups; each group must have `in / groups` rows,
-    as GPTQ makes them."""
-    g_idx = np.asarray(g_idx)
-    counts = np.bincount(g_idx, minlength=groups)
-    if not (counts == len(g_idx) // groups).all():
-        raise ConfigError(f"act-order g_idx with groups of unequal sizes ({counts.min()} to {counts.max()} "
-                          "rows) is not supported")
-    return np.argsort(g_idx, kind="stable").astype(np.int32)
-
-
 def _shared_perm(parts: list) -> jax.Array | None:
     """Fused modules share their input, so act-order gives them one row order (as vLLM assumes)."""
     perm = parts[0].perm
@@ -260,20 +248,6 @@ def _shared_perm(parts: list) -> jax.Array | None:
            for p in parts):
         raise ConfigError("cannot fuse act-order weights whose g_idx differ (modules sharing an input)")
     return perm
-
-
-def unpack_int4(packed: jax.Array) -> jax.Array:
-    """int32 `[n / 8, *out]` -> int32 values 0..15 `[n, *out]` (`Int4Weight`'s packing)."""
-    shifts = (4 * jnp.arange(INT4_PER_WORD, dtype=jnp.int32)).reshape(1, INT4_PER_WORD, *(1,) * (packed.ndim - 1))
-    values = (packed[:, None] >> shifts) & 0xF
-    return values.reshape(packed.shape[0] * INT4_PER_WORD, *packed.shape[1:])
-
-
-def pack_int4(values: jax.Array) -> jax.Array:
-    """Values 0..15 `[n, *out]` (n a multiple of 8) -> int32 `[n / 8, *out]`, the inverse of `unpack_int4`."""
-    v = jnp.asarray(values).astype(jnp.uint32).reshape(-1, INT4_PER_WORD, *values.shape[1:])
-    shifts = (4 * jnp.arange(INT4_PER_WORD, dtype=jnp.uint32)).reshape(1, INT4_PER_WORD, *(1,) * (values.ndim - 1))
-    return jax.lax.bitcast_convert_type(jnp.sum(v << shifts, axis=1, dtype=jnp.uint32), jnp.int32)
 
 
 def leaf_specs(value, spec: P):
