@@ -279,6 +279,9 @@ def test_fp8_gemm_takes_e4m3_operands_in_stablehlo(data):
     operands, result = re.search(r"\((tensor<[^)]*)\) -> (tensor<[^>]*>)", dot).groups()
     assert operands == "tensor<5x64xf8E4M3FN>, tensor<2x4x16x64xf8E4M3FN>", dot
     assert result == "tensor<5x2x4x16xf32>", dot
+    # a 1-token step's reduce form (the GPU's): no dot, one reduce over the contracted axis
+    one = jax.jit(functools.partial(fp8_matmul, reduce=True)).lower(jnp.asarray(x[:1], jnp.bfloat16), leaf).as_text()
+    assert not _dots(one) and re.search(r"stablehlo.reduce\(.*across dimensions = \[4\]", one), one
     (int8_dot,) = _dots(jax.jit(linear).lower(jnp.asarray(x, jnp.bfloat16), quantize(jnp.asarray(w), "int8")).as_text())
     assert "tensor<64x2x4x16xbf16>" in int8_dot  # W8A16: the int8 weight converted to the activations' dtype
     (w8a8_dot,) = _dots(jax.jit(linear).lower(jnp.asarray(x, jnp.bfloat16), quantize(jnp.asarray(w), "int8_w8a8")).as_text())
