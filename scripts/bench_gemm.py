@@ -57,10 +57,9 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
                 q, g = ws[name], ws[name].group_size
                 ws[name] = {"q4": (unpack_int4(q.qweight).T - 8).astype(jnp.int4).reshape(m, n // g, g),
                             "s": q.scales.T.astype(jnp.float32), "z": (q.zeros.T.astype(jnp.float32) - 8)}
-            if kind == "int4_cols":  # GPTQ's words [in / 8, out] as XLA int4 [in / 8, out, 8], nibbles - 8
+            if kind == "int4_cols":  # Int4Weight's own GPTQ words [in / 8, out]: no new layout
                 q = ws[name]
-                ws[name] = {"w4": jax.lax.bitcast_convert_type(q.qweight ^ jnp.int32(-0x77777778), jnp.int4),
-                            "s": q.scales.astype(jnp.float32), "z": q.zeros.astype(jnp.float32) - 8}
+                ws[name] = {"w4": q.qweight, "s": q.scales.astype(jnp.float32), "z": q.zeros.astype(jnp.float32) - 8}
             if kind == "int4_gemv":  # packed words along K, K minor: [out, in / 8]
                 ws[name] = {"qt": ws[name].qweight.T, "s": ws[name].scales.astype(jnp.float32),
                             "z": ws[name].zeros.astype(jnp.float32)}
@@ -97,11 +96,12 @@ def _int4_s4(x, w):
 
 
 def _int4_cols(x, w):
-    """int4 weight-only matmul as an XLA column-reduce fusion over GPTQ's K-major words, read
-    as int4 [in / 8, out, 8] (the same bytes; each word's 8 nibbles XOR 8, so each is q - 8):
-    the 8 nibble planes' products summed elementwise, then the rows of each group reduced,
-    then sum_g scale * (part_g - (zero - 8) * sum_g(x))."""
-    q4, s, z = w["w4"], w["s"], w["z"]
+    """int4 weight-only matmul as an XLA column-reduce fusion over `Int4Weight`'s GPTQ words
+    [in / 8, out], read as int4 [in / 8, out, 8] (the same bytes; each nibble XOR 8, so each is
+    q - 8): the 8 nibble planes' products summed elementwise, then the rows of each group
+    reduced, then sum_g scale * (part_g - (zero - 8) * sum_g(x))."""
+    q4 = jax.lax.bitcast_convert_type(w["w4"] ^ jnp.int32(-0x77777778), jnp.int4)  # 0x88888888
+    s, z = w["s"], w["z"]
     t, (words, n, _), groups = x.shape[0], q4.shape, s.shape[0]
     xr = x.astype(jnp.float32).reshape(t, words, 8)
     planes = sum(xr[:, :, None, j] * q4[None, :, :, j].astype(jnp.float32) for j in range(8))  # [T, in / 8, out]
