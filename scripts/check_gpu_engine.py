@@ -1,7 +1,7 @@
 """GPU check of the engine on a tiny model: KV pool sized from `gpu_memory_utilization`, the
 Pallas kernel against the jnp reference end to end, on Hopper the Mosaic prefill route against
-the Pallas kernel, and tensor parallelism (when the machine
-has several GPUs) against one GPU. Prints one line per check and exits non-zero on a mismatch.
+the Pallas kernel, fp8 batch-1 decode (its 1-token reduce form) against the same requests
+batched (the fp8 GEMM), and tensor parallelism (when the machine has several GPUs) against one GPU. Prints one line per check and exits non-zero on a mismatch.
 
     PYTHONPATH=. python scripts/check_gpu_engine.py
 """
@@ -43,6 +43,7 @@ def main() -> int:
           "equal to the jnp reference backend")
     if getattr(jax.devices()[0], "compute_capability", "") == "9.0":
         failed += check_mosaic(prompts, params)
+    failed += check_fp8_one_token(model, prompts, params)
     for tp in (2, 4, 8):
         if tp <= len(jax.devices()):
             _, got = run(tensor_parallel_size=tp, num_kv_blocks=2048)
@@ -56,7 +57,7 @@ def main() -> int:
 def greedy(model: str, prompts: list[list[int]], params: SamplingParams, **kw) -> tuple[LLM, list[list[int]]]:
     """An engine on `model` (256-token context, 32 sequences, 128-token steps, `kw` besides)
     and its greedy token ids for `prompts`."""
-    llm = LLM(model, max_model_len=256, max_num_seqs=32, max_num_batched_tokens=128, **kw)
+    llm = LLM(model, **{"max_model_len": 256, "max_num_seqs": 32, "max_num_batched_tokens": 128, **kw})
     return llm, [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
@@ -72,6 +73,19 @@ def check_mosaic(prompts: list[list[int]], params: SamplingParams) -> bool:
     same = sum(m == p for m, p in zip(outs["mosaic"], outs["pallas"]))
     print(f"mosaic prefill route, bf16: {same}/{len(prompts)} greedy outputs equal to the pallas kernel run")
     return same < len(prompts) - 2
+
+
+def check_fp8_one_token(model: str, prompts: list[list[int]], params: SamplingParams) -> bool:
+    """fp8 W8A8 decoding one request at a time (1-token steps: the reduce form, in the 1-token
+    bucket an fp8 model gets) against the same requests batched (the fp8 GEMM). The same
+    products summed in another order: more than 2 of 12 outputs differing is a bug."""
+    one_llm, one = greedy(model, prompts[:12], params, dtype="bfloat16", quantization="fp8", max_num_seqs=1,
+                          num_kv_blocks=2048)
+    _, batched = greedy(model, prompts[:12], params, dtype="bfloat16", quantization="fp8", num_kv_blocks=2048)
+    same = sum(a == b for a, b in zip(one, batched))
+    buckets = one_llm.engine.runner.buckets
+    print(f"fp8 batch-1 decode (buckets {buckets}): {same}/{len(one)} greedy outputs equal to the batched run")
+    return (buckets[0] != 1 and jax.default_backend() == "gpu") or same < len(one) - 2
 
 
 if __name__ == "__main__":
