@@ -15,7 +15,7 @@ from jaxpaged.engine.config import EngineConfig
 from jaxpaged.kernels import get_attention
 from jaxpaged.kernels import paged_attention_mosaic as route
 from jaxpaged.kernels.paged_attention import paged_attention_ref
-from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
+from jaxpaged.kernels.paged_prefill_mgpu import _q_blocks, paged_prefill_mgpu
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -44,6 +44,27 @@ def test_paged_prefill_kernel_against_the_reference():
     want = paged_attention_ref(q, k, v, layer, qs, lens, bt, scale=0.125)
     got = paged_prefill_mgpu(q, k, v, layer, qs, lens, bt, scale=0.125, block_kv=64, interpret=True)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_q_blocks_fit_every_long_sequence_in_the_tight_bound():
+    """The block-padded layout has T // rows + min(S, T // min_q_len) blocks: fewer than one
+    per sequence when most rows are decodes, yet every token of each sequence of min_q_len or
+    more new tokens gets a row, its sequence's and in order (worst cases: as many sequences of
+    exactly min_q_len tokens as fit, each padding a block)."""
+    rng = np.random.default_rng(0)
+    rows, m = 128, 17
+    cases = [[17, 1, 17, 1, 17, 17, 1], [1] * 40 + [130, 40], *(rng.integers(1, 60, 30).tolist() for _ in range(20))]
+    for q_lens in cases:
+        t, s = sum(q_lens), len(q_lens)
+        qs = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+        qb = _q_blocks(qs, jnp.asarray(q_lens, jnp.int32) + 5, t, rows, m)
+        assert qb.seq.shape[0] == t // rows + min(s, t // m)  # [1] * 40 + [130, 40]: 13 blocks, not 43
+        long = [i for i, n in enumerate(q_lens) if n >= m]
+        assert int(qb.rows.sum()) == sum(q_lens[i] for i in long), q_lens  # every long sequence's token placed
+        out_row, in_row = np.asarray(qb.out_row), np.asarray(qb.in_row)
+        for i in long:  # its tokens' rows hold those tokens
+            tokens = np.arange(int(qs[i]), int(qs[i + 1]))
+            np.testing.assert_array_equal(in_row[out_row[tokens]], tokens)
 
 
 def test_paged_prefill_kernel_with_a_sliding_window():

@@ -3,6 +3,8 @@ GPU kernel (`paged_prefill_mgpu.py`), decode rows on the Pallas kernel (`paged_a
 bf16 or fp16 pools only: the Mosaic kernel reads no fp8 scales."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -10,6 +12,8 @@ from jaxpaged.kernels.attention_tiles import DECODE_ONLY_MAX_TOKENS, choose_conf
 from jaxpaged.kernels.paged_attention import token_sequence_ids
 from jaxpaged.kernels.paged_attention_gpu import paged_attention_gpu
 from jaxpaged.kernels.paged_prefill_mgpu import paged_prefill_mgpu
+
+SHORT_BLOCK_M = 64  # the Pallas side's q rows per sequence (its decode tile's are 16 at group 4)
 
 
 def mosaic_applies(q: jax.Array, k_pool: jax.Array, k_scale: jax.Array | None) -> bool:
@@ -40,6 +44,9 @@ def paged_attention_mosaic(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, l
         return paged_attention_gpu(*args, max_query_len=max_query_len, **kw)
     _, hkv, _, bs, _ = k_pool.shape
     dec, _ = choose_config(t, seq_lens.shape[0], hq, hkv, d, block_tables.shape[1] * bs)
+    # the Pallas side takes up to SHORT_BLOCK_M / group new tokens per sequence (16 at group 4):
+    # the Mosaic side's block-padded layout is bounded by T // that many sequences, not by S
+    dec = dataclasses.replace(dec, block_m=max(dec.block_m, SHORT_BLOCK_M))
     short = short_query_len(dec, hq // hkv)  # the Pallas side's bound, from the config it is given
     few = paged_attention_gpu(*args, mode="short", decode_config=dec, **kw)
     many = paged_prefill_mgpu(*args, min_q_len=short + 1, **kw)

@@ -59,7 +59,9 @@ class QBlocks:
 def _q_blocks(query_start: jax.Array, seq_lens: jax.Array, num_tokens: int, block_rows: int,
               min_q_len: int) -> QBlocks:
     s = seq_lens.shape[0]
-    nqb = num_tokens // block_rows + s
+    # sum of ceil(q_len / rows) over the taken sequences <= T // rows + their count (<= S and
+    # <= T // min_q_len): the padded q / output and the grid do not grow with the decode rows
+    nqb = num_tokens // block_rows + min(s, num_tokens // max(min_q_len, 1))
     q_len = query_start[1:] - query_start[:-1]
     per_seq = jnp.where(q_len >= min_q_len, (q_len + block_rows - 1) // block_rows, 0)
     first = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(per_seq).astype(jnp.int32)])  # [S+1]
