@@ -24,8 +24,7 @@ from jaxpaged.engine.config import EngineConfig
 from jaxpaged.engine.device_memory import kv_pool_blocks
 from jaxpaged.engine.gc_utils import freeze_gc_heap
 from jaxpaged.engine.mesh import init_distributed, make_mesh, shard_attention
-from jaxpaged.engine.messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest,
-                                      PromptLogprobsChunk, SchedulerStats)
+from jaxpaged.engine.messages import CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
 from jaxpaged.engine.model_runner import ModelRunner
 from jaxpaged.engine.runner_output import Launched, ModelRunnerOutput
 from jaxpaged.engine.platform_defaults import set_default_args
@@ -246,9 +245,8 @@ class EngineCore:
             seq = row.request
             if seq.is_finished:  # aborted, or finished by an earlier step: a wasted row
                 continue
-            prompt = None
-            if seq.params.prompt_logprobs is not None and out.prompt_logprobs is not None:
-                prompt = _prompt_chunk(out, i, row.start, row.num_new_tokens, seq.num_prompt_tokens)
+            prompt = None if seq.params.prompt_logprobs is None else out.prompt_chunk(
+                i, row.start, row.num_new_tokens, seq.num_prompt_tokens)
             prompt_tokens = max(0, min(row.num_new_tokens, seq.num_prompt_tokens - row.start))
             self.num_prompt_tokens += prompt_tokens if row.num_sampled else row.num_new_tokens
             if not row.num_sampled:  # a prompt chunk: nothing sampled
@@ -281,13 +279,3 @@ class EngineCore:
             if o.finish_reason is not None and seqs is not None and all(s.is_finished for s in seqs):
                 del self.requests[o.request_id]
         return outputs
-
-
-def _prompt_chunk(out: ModelRunnerOutput, i: int, start: int, n: int, num_prompt: int) -> PromptLogprobsChunk | None:
-    """Row i's prompt logprobs: positions `start ..` that have a next prompt token."""
-    n = min(n, num_prompt - 1 - start)
-    if n <= 0:
-        return None
-    p, a = out.prompt_logprobs, int(out.token_offsets[i])
-    return PromptLogprobsChunk(start, p.logprobs[a:a + n].tolist(), p.ranks[a:a + n].tolist(),
-                               p.top_ids[a:a + n].tolist(), p.top_logprobs[a:a + n].tolist())

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from jaxpaged.engine.input_builder import LateSampling
+from jaxpaged.engine.messages import PromptLogprobsChunk
 from jaxpaged.engine.scheduler_output import ScheduledRequest
 from jaxpaged.engine.step_programs import PromptLogprobsOutput
 
@@ -40,3 +41,13 @@ class ModelRunnerOutput:
     top_logprobs: np.ndarray | None = None  # [K, S, N]
     prompt_logprobs: PromptLogprobsOutput | None = None
     num_emitted: np.ndarray | None = None  # [S] a speculative step's tokens per row (else num_sampled)
+
+    def prompt_chunk(self, i: int, start: int, n: int, num_prompt: int) -> PromptLogprobsChunk | None:
+        """Row i's prompt logprobs: its `n` tokens from prompt position `start`, those that have
+        a next prompt token (None: none has)."""
+        n = min(n, num_prompt - 1 - start)
+        if n <= 0 or self.prompt_logprobs is None:
+            return None
+        p, a = self.prompt_logprobs, int(self.token_offsets[i])
+        return PromptLogprobsChunk(start, p.logprobs[a:a + n].tolist(), p.ranks[a:a + n].tolist(),
+                                   p.top_ids[a:a + n].tolist(), p.top_logprobs[a:a + n].tolist())
