@@ -15,6 +15,8 @@ from benchmark_throughput import (SHAPES, enable_compilation_cache, recorded_dis
                                   spec_decode_summary, wait_for_device)
 from ceilings import ceilings
 
+from jaxpaged.serve.cli_args import int_list
+
 
 def decode_itl(engine, batch: int, prompt_len: int, steps: int, vocab: int,
                prompt: list[int] | None = None) -> dict[str, float]:
@@ -95,8 +97,9 @@ def main() -> None:
     ap.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false")
     ap.add_argument("--max-steps-in-flight", type=int, default=2)
     ap.add_argument("--num-kv-blocks", type=int, default=None, help="fixed pool size (same shapes across runs)")
-    ap.add_argument("--token-buckets", default=None, help="comma-separated padded step sizes (the engine's "
-                    "token_buckets; default: its rule, 16 tokens and up)")
+    ap.add_argument("--token-buckets", type=int_list, default=None,
+                    help="comma-separated padded step sizes (the engine's token_buckets; default: its rule, 16 tokens "
+                    "and up)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache", help="JAX persistent cache dir")
     ap.add_argument("--speculative-config", type=json.loads, default=None,
                     help='speculative decoding (docs/spec_decode.md), e.g. \'{"method": "ngram", "num_speculative_tokens": 4, '
@@ -125,7 +128,7 @@ def main() -> None:
               max_num_seqs=args.max_num_seqs or max(int(b) for b in args.batches.split(",")),
               max_num_batched_tokens=args.max_num_batched_tokens, attention_backend=args.attention_backend,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
-              token_buckets=tuple(int(t) for t in args.token_buckets.split(",")) if args.token_buckets else None,
+              token_buckets=args.token_buckets,
               async_scheduling=args.async_scheduling, max_steps_in_flight=args.max_steps_in_flight,
               tensor_parallel_size=args.tensor_parallel_size,
               **({"speculative_config": args.speculative_config} if args.speculative_config else {}))

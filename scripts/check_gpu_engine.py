@@ -1,7 +1,8 @@
 """GPU check of the engine on a tiny model: KV pool sized from `gpu_memory_utilization`, the
 Pallas kernel against the jnp reference end to end, on Hopper the Mosaic prefill route against
 the Pallas kernel, fp8 batch-1 decode (its 1-token reduce form) against the same requests
-batched (the fp8 GEMM), and tensor parallelism (when the machine has several GPUs) against one GPU. Prints one line per check and exits non-zero on a mismatch.
+batched (the fp8 GEMM), and tensor parallelism (when the machine has several GPUs) against one
+GPU. Prints one line per check and exits non-zero on a mismatch.
 
     PYTHONPATH=. python scripts/check_gpu_engine.py
 """

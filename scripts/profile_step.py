@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from benchmark_throughput import SHAPES, enable_compilation_cache, shape_dir
 
+from jaxpaged.serve.cli_args import int_list
+
 KINDS = [("attention", r"paged_attention"), ("nccl", r"nccl"), ("gemm", r"gemm|cutlass|nvjet|xmma|cublas|matmul"),
          ("copy", r"memcpy|memset|copy"), ("fusion", r".")]
 
@@ -186,8 +188,8 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--quantization", "-q", default=None, help="fp8 / int8 / int4: the weights quantized at load")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (e4m3), fp8_e5m2: the KV pool's dtype")
-    ap.add_argument("--token-buckets", default=None, help="comma-separated padded step sizes (default: the "
-                    "engine's rule, 16 tokens and up)")
+    ap.add_argument("--token-buckets", type=int_list, default=None,
+                    help="comma-separated padded step sizes (default: the engine's rule, 16 tokens and up)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache")
     ap.add_argument("--top", type=int, default=16, help="kernels listed per phase")
     ap.add_argument("--hlo", action="store_true")
@@ -207,7 +209,7 @@ def main() -> None:
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
               tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype,
-              token_buckets=tuple(int(t) for t in args.token_buckets.split(",")) if args.token_buckets else None)
+              token_buckets=args.token_buckets)
     engine, runner = llm.engine, llm.engine.runner
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
