@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
 from jaxpaged.models.quantization.kernels import fp8_matmul, int4_matmul, quantized_matmul
 from jaxpaged.models.quantization.quantize import quantize
 from jaxpaged.models.quantization.packing import unpack_int4
@@ -29,7 +30,7 @@ SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "dow
 def make_layers(kind: str, layers: int, key) -> list[dict]:
     """Per layer, {name: weight [in, out] (bf16) or its quantized leaf}."""
     kind = kind.split(":")[0]
-    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder").removesuffix("_gemv").removesuffix("_s4").removesuffix("_cols").removesuffix("_gemm").removesuffix("_reduce")
+    scheme = kind.removesuffix("_tile").removesuffix("_mgpu").removesuffix("_dequant").removesuffix("_w8a16").removesuffix("_xla").removesuffix("_xla_grouped").removesuffix("_actorder").removesuffix("_gemv").removesuffix("_s4").removesuffix("_plane").removesuffix("_gemm").removesuffix("_reduce")
     out = []
     for layer in range(layers):
         ws = {}
@@ -57,9 +58,6 @@ def make_layers(kind: str, layers: int, key) -> list[dict]:
                 q, g = ws[name], ws[name].group_size
                 ws[name] = {"q4": (unpack_int4(q.qweight).T - 8).astype(jnp.int4).reshape(m, n // g, g),
                             "s": q.scales.T.astype(jnp.float32), "z": (q.zeros.T.astype(jnp.float32) - 8)}
-            if kind == "int4_cols":  # Int4Weight's own GPTQ words [in / 8, out]: no new layout
-                q = ws[name]
-                ws[name] = {"w4": q.qweight, "s": q.scales.astype(jnp.float32), "z": q.zeros.astype(jnp.float32) - 8}
             if kind == "int4_gemv":  # packed words along K, K minor: [out, in / 8]
                 ws[name] = {"qt": ws[name].qweight.T, "s": ws[name].scales.astype(jnp.float32),
                             "z": ws[name].zeros.astype(jnp.float32)}
@@ -95,21 +93,6 @@ def _int4_s4(x, w):
     return jnp.sum((dots - z[None] * jnp.sum(xg, -1)[:, None]) * s[None], -1).astype(x.dtype)
 
 
-def _int4_cols(x, w):
-    """int4 weight-only matmul as an XLA column-reduce fusion over `Int4Weight`'s GPTQ words
-    [in / 8, out], read as int4 [in / 8, out, 8] (the same bytes; each nibble XOR 8, so each is
-    q - 8): the 8 nibble planes' products summed elementwise, then the rows of each group
-    reduced, then sum_g scale * (part_g - (zero - 8) * sum_g(x))."""
-    q4 = jax.lax.bitcast_convert_type(w["w4"] ^ jnp.int32(-0x77777778), jnp.int4)  # 0x88888888
-    s, z = w["s"], w["z"]
-    t, (words, n, _), groups = x.shape[0], q4.shape, s.shape[0]
-    xr = x.astype(jnp.float32).reshape(t, words, 8)
-    planes = sum(xr[:, :, None, j] * q4[None, :, :, j].astype(jnp.float32) for j in range(8))  # [T, in / 8, out]
-    part = jnp.sum(planes.reshape(t, groups, words // groups, n), axis=2)  # [T, groups, out]
-    xs = jnp.sum(xr.reshape(t, groups, -1), -1)
-    return jnp.sum((part - z[None] * xs[:, :, None]) * s[None], axis=1).astype(x.dtype)
-
-
 def _int4_gemv(x, w):
     """int4 weight-only matmul as XLA reductions (no dot: multiply-and-reduce fusions) over
     K-minor packed words [out, in / 8]: per group of input rows the integer dot, then
@@ -143,8 +126,6 @@ def _linear(x, w, dequant, config=None, reduce=None):
         return _int4_gemv(x, w)
     if isinstance(w, dict) and "q4" in w:
         return _int4_s4(x, w)
-    if isinstance(w, dict) and "w4" in w:
-        return _int4_cols(x, w)
     if isinstance(w, dict) and "wt" in w:
         return _mgpu(x, w, config or {})
     if isinstance(w, dict):
@@ -157,6 +138,9 @@ def _linear(x, w, dequant, config=None, reduce=None):
         return (y * w.scale).astype(x.dtype)
     if isinstance(w, Fp8Weight) and reduce is not None:
         return fp8_matmul(x, w, reduce=reduce)
+    if isinstance(w, Int4Weight) and (config or reduce is False):  # int4_plane, or int4:block_n=N...
+        return int4_matmul_gpu(x, w.qweight, w.scales, w.zeros, **config,
+                               **({"matvec": False} if reduce is False else {}))
     return int4_matmul(x, w, kernel=False) if dequant else quantized_matmul(x, w)
 
 
@@ -222,7 +206,7 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_di
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
         compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped")),
                                  config=_mgpu_config(kind),
-                                 reduce={"fp8_gemm": False, "fp8_reduce": True}.get(kind)).compile()
+                                 reduce={"fp8_gemm": False, "fp8_reduce": True, "int4_plane": False}.get(kind)).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, weights).block_until_ready()
         times = []
@@ -261,7 +245,9 @@ def main():
                          "fusion up to FP8_REDUCE_MAX_TOKENS on a GPU, else cuBLASLt's fp8 GEMM (fp8_gemm / "
                          "fp8_reduce: the one or the other at every size); int4_gemv: weight-only int4 in XLA "
                          "multiply-and-reduce fusions over K-minor packed words; int4_s4: the same over XLA's "
-                         "int4 arrays [out, in]; int4_cols: a column reduce over GPTQ's words read as int4")
+                         "int4 arrays [out, in]; int4_plane: the Pallas kernel's MMA form at every size (int4 takes its "
+                         "FMA form at 1 token); int4[:block_n=N][:num_warps=N][:num_stages=N][:splits=N]: the Pallas "
+                         "kernel's launch config")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device-time", metavar="DIR", help="report the device's kernel time per layer (a profile "
                     "in DIR) instead of the wall time, which includes dispatch and launch gaps")

@@ -172,10 +172,11 @@ def test_int4_layouts_on_a_mesh(tiny_model_dir):
     assert layer["wo"].scales.shape[0] == 1 and layer["wo"].layout is None
 
 
-@pytest.mark.parametrize("tokens,splits", [(5, 2), (16, 1), (37, 1)])
+@pytest.mark.parametrize("tokens,splits", [(1, 2), (5, 2), (16, 1), (37, 1)])
 def test_int4_kernel_groups_of_128_against_numpy(tokens, splits):
     """Groups of 128 (planes of `q - zero` made from the bits, the step's scale on the sums; 16
-    tokens: the decode tile), interpret mode: against the dequantized weight in float64."""
+    tokens: the decode tile; 1 token: the FMA kernel over planes of 16 + q), interpret mode:
+    against the dequantized weight in float64."""
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
     rng = np.random.default_rng(4)
     leaf = quantize(jnp.asarray(rng.standard_normal((512, 192)).astype(np.float32)), "int4", group_size=128)
@@ -402,17 +403,20 @@ def test_the_engine_offers_the_methods_the_loader_reads():
     assert QUANTIZATION_METHODS == QUANTIZATION_CHOICES
 
 
-def test_fp8_weights_on_a_gpu_get_a_one_token_bucket(data, monkeypatch):
-    """Batch-1 decode of fp8 weights takes the reduce form only in a 1-token step: the engine's
-    buckets gain one where the params hold fp8 weights and the backend is a GPU."""
+def test_fp8_and_int4_weights_on_a_gpu_get_a_one_token_bucket(data, monkeypatch):
+    """Batch-1 decode of fp8 weights takes the reduce form, and of int4 weights in groups of
+    128+ the kernel's FMA form, only in a 1-token step: the engine's buckets gain one where the
+    params hold such weights and the backend is a GPU."""
     from jaxpaged.engine.buckets import token_buckets
     from jaxpaged.models.quantization import kernels
 
     x, w = data
     fp8 = {"layers": {"q": quantize(jnp.asarray(w), "fp8")}, "embed": jnp.zeros((4, 4))}
     int4 = {"layers": {"q": quantize(jnp.asarray(np.resize(w, (128, 16))), "int4", 32)}}
-    assert kernels.small_step_buckets(fp8) == ()  # CPU: the GEMM form at every size
+    int4_128 = {"layers": {"q": quantize(jnp.asarray(np.resize(w, (256, 16))), "int4", 128)}}
+    assert kernels.small_step_buckets(fp8) == kernels.small_step_buckets(int4_128) == ()  # CPU: one form
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
-    assert kernels.small_step_buckets(int4) == ()
+    assert kernels.small_step_buckets(int4) == ()  # groups of 32: the MMA form at every size
+    assert kernels.small_step_buckets(int4_128) == (1,)
     assert kernels.small_step_buckets(fp8) == (kernels.FP8_REDUCE_MAX_TOKENS,) == (1,)
     assert token_buckets(2048, 256, extra=kernels.small_step_buckets(fp8))[:2] == [1, 16]

@@ -20,6 +20,11 @@ plane is `q - zero` (exact small integers made from the bits without int-to-floa
 conversions, `_biased`) and the step's scale multiplies its sums; smaller groups scale each
 element. Split-K only when the column tiles alone give too few programs (decode of a narrow
 weight); the parts' float32 sums add in a small XLA reduction.
+
+One token with groups of 128+ (batch-1 decode) takes `_matvec_kernel` instead: no MMA (15 of its
+16 rows would be padding), each plane is `16 + q` in float32 made by one shift and one
+and-or of the bits, and one FMA per weight adds x times it into a [16, block_n] float32 sum;
+the zero's part, `(16 + zero) * scale * sum(x)` per group, is taken off once per step.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ WORDS = BLOCK_K // INT4_PER_WORD
 # kernel's best tile there on an H100 (docs/decisions.md); larger steps and smaller groups keep
 # (gcd(N, 128), 4)
 DECODE_TILE = (64, 4)
+MATVEC_TILE = (128, 4)  # (columns, warps) per program of the one-token kernel
 
 
 def supported(k: int, n: int, group: int) -> bool:
@@ -104,31 +110,86 @@ def _plane_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_t, block_n, group,
     o_ref[sp, pl.ds(t0, block_t), pl.ds(n0, block_n)] = acc
 
 
+def _plus16(packed: jax.Array, plane: int) -> jax.Array:
+    """Nibble `plane` of each int32 word as the float32 16 + q: shifted to bits 19..22 (the
+    mantissa's ulp is 2^-19 at 16) and OR'd into 16.0's bits."""
+    shift = 19 - 4 * plane
+    bits = packed << shift if shift >= 0 else lax.shift_right_logical(packed, jnp.int32(-shift))
+    return lax.bitcast_convert_type((bits & 0x00780000) | 0x41800000, jnp.float32)
+
+
+def _matvec_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_n, group, k_per_split):
+    """One token (x [K, 1] float32 in plane order), groups of 128+: sum over steps of
+    scale * (x . (16 + q) - (16 + zero) * sum(x)), the dot as FMAs into [16, block_n]."""
+    j, sp = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(j * block_n, block_n)
+
+    def step(kb, carry):
+        acc, acc_zero = carry
+        k0 = sp * k_per_split + kb * BLOCK_K
+        packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), cols]  # [16, block_n]
+        part = jnp.zeros((WORDS, block_n), jnp.float32)
+        for plane in range(INT4_PER_WORD):
+            part += x_ref[pl.ds(k0 + plane * WORDS, WORDS), :] * _plus16(packed, plane)
+        g = pl.ds(k0 // group, 1)
+        scale = s_ref[g, cols].astype(jnp.float32)  # [1, block_n]
+        x_sum = jnp.sum(x_ref[pl.ds(k0, BLOCK_K), :])
+        return acc + part * scale, acc_zero + (z_ref[g, cols].astype(jnp.float32) + 16.0) * scale * x_sum
+
+    acc, acc_zero = lax.fori_loop(0, k_per_split // BLOCK_K, step, (jnp.zeros((WORDS, block_n), jnp.float32),
+                                                                    jnp.zeros((1, block_n), jnp.float32)))
+    o_ref[sp, :, cols] = jnp.sum(acc, axis=0, keepdims=True) - acc_zero
+
+
 def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                     block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                    num_stages: int = 3, interpret: bool | None = None) -> jax.Array:
+                    num_stages: int = 3, matvec: bool | None = None, interpret: bool | None = None) -> jax.Array:
     """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
-    steps (16 tokens) with groups of 128+ default to `DECODE_TILE` per program."""
+    steps (16 tokens) with groups of 128+ default to `DECODE_TILE` per program; `matvec` (None:
+    one token with groups of 128+) takes `_matvec_kernel`."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
     if not supported(k, n, group):
         raise ValueError(f"int4 kernel: unsupported shape K={k} N={n} group={group}")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if matvec if matvec is not None else t == 1 and group >= BLOCK_K:
+        return _matvec(x, qweight, scales, zeros, block_n or MATVEC_TILE[0], splits, num_warps or MATVEC_TILE[1],
+                     num_stages, interpret)
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
     decode = group >= BLOCK_K and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured there)
     block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
     num_warps = num_warps or (DECODE_TILE[1] if decode else 4)
     tp = -(-t // block_t) * block_t
-    programs = (n // block_n) * (tp // block_t)
-    if splits is None:  # split K while the programs fill fewer than two waves of the SMs
-        splits = 1
-        while programs * splits * 2 <= 2 * num_sms() and (k // BLOCK_K) % (splits * 2) == 0:
-            splits *= 2
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+    splits = splits or _splits((n // block_n) * (tp // block_t), k)
     kern = functools.partial(_plane_kernel, block_t=block_t, block_n=block_n, group=group, k_per_split=k // splits)
     out = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, tp, n), jnp.float32),
                          grid=(n // block_n, tp // block_t, splits), interpret=interpret, name="int4_matmul",
                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
                          )(jnp.pad(_plane_order(x), ((0, tp - t), (0, 0))), qweight, scales, zeros)
     return jnp.sum(out, axis=0)[:t].astype(x.dtype)
+
+
+def _splits(programs: int, k: int) -> int:
+    """Split K while the programs fill fewer than two waves of the SMs."""
+    splits = 1
+    while programs * splits * 2 <= 2 * num_sms() and (k // BLOCK_K) % (splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
+def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, num_stages, interpret):
+    """`_matvec_kernel` over x [1, K] -> [1, N] in x's dtype."""
+    t, k = x.shape
+    if t != 1:
+        raise ValueError(f"int4 one-token kernel: {t} tokens")
+    n = qweight.shape[1]
+    block_n = math.gcd(n, block_n)
+    splits = splits or _splits(n // block_n, k)
+    kern = functools.partial(_matvec_kernel, block_n=block_n, group=k // scales.shape[0], k_per_split=k // splits)
+    call = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, 1, n), jnp.float32),
+                          grid=(n // block_n, splits), interpret=interpret, name="int4_matvec",
+                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+    out = call(_plane_order(x).astype(jnp.float32).reshape(k, 1), qweight, scales, zeros)
+    return jnp.sum(out, axis=0).astype(x.dtype)

@@ -6,7 +6,8 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
   token and channel scales multiply the result. A 1-token step on a GPU (batch-1 decode; the
   engine adds that bucket, `small_step_buckets`) sums the same e4m3 products in an XLA
   multiply-and-reduce fusion over the weight's contiguous input rows instead: the fp8 GEMM
-  reads the weight at 2.3 TB/s there, the reduce at 2.7 (H200, docs/benchmarks.md).
+  reads the weight at 2.3 TB/s there, the reduce at 2.7 (H200, docs/benchmarks.md). int4 in
+  groups of 128+ gets the 1-token bucket too: the kernel's one-token form.
 - block fp8 (weight-only in the GEMM): the e4m3 weight times its block scales, in x's dtype,
   feeds a dot with x unquantized (an elementwise operand prologue XLA fuses into the GEMM read;
   docs/decisions.md says why not fp8 x fp8 per K-group).
@@ -152,11 +153,12 @@ _MATMULS = {Fp8Weight: fp8_matmul, Fp8BlockWeight: fp8_block_matmul, Int8Weight:
 
 def small_step_buckets(params) -> tuple[int, ...]:
     """Padded step sizes the quantized matmuls want beside the engine's bucket rule (whose
-    smallest is 16 tokens): fp8 weights on a GPU sum 1-token steps in a reduce fusion, so
-    batch-1 decode gets a 1-token bucket."""
-    fp8 = any(isinstance(leaf, Fp8Weight) for leaf in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
-    return (FP8_REDUCE_MAX_TOKENS,) if fp8 and jax.default_backend() == "gpu" else ()
+    smallest is 16 tokens): on a GPU, fp8 weights sum 1-token steps in a reduce fusion and int4
+    weights in groups of 128+ take the kernel's one-token FMA form, so batch-1 decode gets a
+    1-token bucket."""
+    one_token = any(isinstance(leaf, Fp8Weight) or isinstance(leaf, Int4Weight) and leaf.group_size >= 128
+                    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+    return (1,) if one_token and jax.default_backend() == "gpu" else ()
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
