@@ -1,7 +1,7 @@
 """GPU check of the engine on a tiny model: KV pool sized from `gpu_memory_utilization`, the
 Pallas kernel against the jnp reference end to end, on Hopper the Mosaic prefill route against
-the Pallas kernel, fp8 batch-1 decode (its 1-token reduce form) against the same requests in
-16-token steps (the fp8 GEMM), and tensor parallelism (when the machine has several GPUs) against one
+the Pallas kernel, fp8 and int4 batch-1 decode (their 1-token forms) against the same requests
+in 16-token steps, and tensor parallelism (when the machine has several GPUs) against one
 GPU. Prints one line per check and exits non-zero on a mismatch.
 
     PYTHONPATH=. python scripts/check_gpu_engine.py
@@ -13,6 +13,7 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpaged import LLM, SamplingParams
@@ -44,7 +45,8 @@ def main() -> int:
           "equal to the jnp reference backend")
     if getattr(jax.devices()[0], "compute_capability", "") == "9.0":
         failed += check_mosaic(prompts, params)
-    failed += check_fp8_one_token(model, prompts, params)
+    failed += check_one_token_steps(prompts, params)
+    failed += check_one_token_kernels()
     for tp in (2, 4, 8):
         if tp <= len(jax.devices()):
             _, got = run(tensor_parallel_size=tp, num_kv_blocks=2048)
@@ -76,17 +78,20 @@ def check_mosaic(prompts: list[list[int]], params: SamplingParams) -> bool:
     return same < len(prompts) - 2
 
 
-def check_fp8_one_token(model: str, prompts: list[list[int]], params: SamplingParams) -> bool:
-    """fp8 W8A8 decoding one request at a time in the 1-token bucket an fp8 model gets (the
-    reduce form) against the same run in 16-token steps (the fp8 GEMM): the same products
-    summed in another order. The first decoded token's top-5 logprobs (same prompt, same
-    prefill) must agree to 0.05 nats, and greedy outputs may part later at near-ties: the
-    same comparison in bf16 (a 1-row against a 16-row GEMM) is printed beside it."""
+def check_one_token_steps(prompts: list[list[int]], params: SamplingParams) -> bool:
+    """fp8 W8A8 and int4 decoding one request at a time in 1-token steps (the reduce form; the
+    int4 kernel's FMA form) against the same run in 16-token steps (the fp8 GEMM; the MMA form),
+    bf16 (a 1-row against a 16-row GEMM) beside them. A random tiny model amplifies rounding
+    (fp8 activations most: one flipped e4m3 rounding moves a value ~6%), so the greedy counts
+    and the first 1-token step's logprob gaps are printed, not judged: `check_one_token_kernels`
+    holds the forms to exact sums. A quantized model on a GPU must get the 1-token bucket.
+    Hidden size 256: int4 groups of 128."""
+    model = make_tiny_model(tempfile.mkdtemp(), "llama", config=dict(hidden_size=256, intermediate_size=512))
     top = SamplingParams(temperature=0, max_tokens=params.max_tokens, ignore_eos=True, logprobs=5)
     failed = False
-    for quant in (None, "fp8"):
+    for quant in (None, "fp8", "int4"):
         runs = {}
-        for buckets in (None, (16, 32, 64, 128)):
+        for buckets in ((1, 16, 32, 64, 128) if quant is None else None, (16, 32, 64, 128)):
             llm = LLM(model, max_model_len=256, max_num_seqs=1, max_num_batched_tokens=128, dtype="bfloat16",
                       quantization=quant, num_kv_blocks=2048, token_buckets=buckets)
             runs[buckets] = ([o.outputs[0] for o in llm.generate(prompts[:12], top, use_tqdm=False)],
@@ -96,9 +101,38 @@ def check_fp8_one_token(model: str, prompts: list[list[int]], params: SamplingPa
         diff = max(abs(a.logprobs[1][t].logprob - b.logprobs[1][t].logprob)
                    for a, b in zip(one, wide) for t in a.logprobs[1].keys() & b.logprobs[1].keys())
         print(f"{quant or 'bf16'} batch-1 decode (buckets {one_buckets}) against 16-token steps: {same}/{len(one)} "
-              f"greedy outputs equal; first decoded token's top-5 logprobs differ by {diff:.4f} at most")
-        if quant:
-            failed = (one_buckets[0] != 1 and jax.default_backend() == "gpu") or diff > 0.05
+              f"greedy outputs equal; the first 1-token step's top-5 logprobs differ by {diff:.4f} at most")
+        failed |= quant is not None and one_buckets[0] != 1 and jax.default_backend() == "gpu"
+    return failed
+
+
+def check_one_token_kernels() -> bool:
+    """The 1-token forms on Llama-3-8B's widest inputs against float64 sums of the same
+    quantized values, in float32: fp8's reduce form (the fp8 GEMM printed beside it: cuBLASLt's
+    accumulator) and the int4 kernel's FMA form, each within 1e-5 of the largest output."""
+    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
+    from jaxpaged.models.quantization.kernels import fp8_matmul, quantize_activations_fp8
+    from jaxpaged.models.quantization.packing import unpack_int4
+    from jaxpaged.models.quantization.quantize import quantize
+
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    rng = np.random.default_rng(1)
+    failed = False
+    for k in (4096, 14336):
+        w = jnp.asarray((rng.standard_normal((k, 1024)) / np.sqrt(k)).astype(np.float32))
+        x = jnp.asarray(rng.standard_normal((1, k)).astype(np.float32))
+        fp8, int4 = quantize(w, "fp8"), quantize(w, "int4", group_size=128)
+        xq, x_scale = quantize_activations_fp8(x, None)
+        fp8_want = f64(xq.astype(jnp.float32)) @ f64(fp8.qweight.astype(jnp.float32)).T * f64(x_scale) * f64(fp8.scale)
+        per_row = lambda a: np.repeat(f64(a), int4.group_size, axis=0)  # noqa: E731
+        int4_want = f64(x) @ ((f64(unpack_int4(int4.qweight)) - per_row(int4.zeros)) * per_row(int4.scales))
+        errs = {name: np.abs(f64(got) - want).max() / np.abs(want).max() for name, got, want in (
+            ("fp8 reduce", fp8_matmul(x, fp8, reduce=True), fp8_want),
+            ("fp8 GEMM", fp8_matmul(x, fp8, reduce=False), fp8_want),
+            ("int4 FMA form", int4_matmul_gpu(x, int4.qweight, int4.scales, int4.zeros), int4_want))}
+        print(f"1-token forms at K={k} against float64 sums, max error / max output: "
+              + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+        failed |= errs["fp8 reduce"] > 1e-5 or errs["int4 FMA form"] > 1e-5
     return failed
 
 if __name__ == "__main__":

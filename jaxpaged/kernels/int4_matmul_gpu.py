@@ -46,7 +46,7 @@ WORDS = BLOCK_K // INT4_PER_WORD
 # kernel's best tile there on an H100 (docs/decisions.md); larger steps and smaller groups keep
 # (gcd(N, 128), 4)
 DECODE_TILE = (64, 4)
-MATVEC_TILE = (128, 4)  # (columns, warps) per program of the one-token kernel
+MATVEC_TILE = (256, 16)  # (columns, warps) per program of the one-token kernel
 
 
 def supported(k: int, n: int, group: int) -> bool:
@@ -118,32 +118,39 @@ def _plus16(packed: jax.Array, plane: int) -> jax.Array:
     return lax.bitcast_convert_type((bits & 0x00780000) | 0x41800000, jnp.float32)
 
 
-def _matvec_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_n, group, k_per_split):
-    """One token (x [K, 1] float32 in plane order), groups of 128+: sum over steps of
-    scale * (x . (16 + q) - (16 + zero) * sum(x)), the dot as FMAs into [16, block_n]."""
+def _matvec_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_n, group, k_per_split, prefetch):
+    """One token (x [K] float32 in plane order), groups of 128+: sum over steps of
+    scale * (x . (16 + q) - (16 + zero) * sum(x)), the dot as FMAs into [16, block_n]. The next
+    `prefetch` steps' words are loaded before this step's FMAs (Triton pipelines only loads that feed a
+    dot), so their latency hides under the arithmetic."""
     j, sp = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(j * block_n, block_n)
+    steps = k_per_split // BLOCK_K
+    load = lambda kb: w_ref[pl.ds((sp * k_per_split + kb * BLOCK_K) // INT4_PER_WORD, WORDS), cols]  # noqa: E731
 
     def step(kb, carry):
-        acc, acc_zero = carry
+        acc, acc_zero, ahead = carry  # ahead: the words [16, block_n] of steps kb .. kb + prefetch - 1
+        packed = ahead[0]
+        ahead = (*ahead[1:], load(jnp.minimum(kb + prefetch, steps - 1)))
         k0 = sp * k_per_split + kb * BLOCK_K
-        packed = w_ref[pl.ds(k0 // INT4_PER_WORD, WORDS), cols]  # [16, block_n]
         part = jnp.zeros((WORDS, block_n), jnp.float32)
         for plane in range(INT4_PER_WORD):
-            part += x_ref[pl.ds(k0 + plane * WORDS, WORDS), :] * _plus16(packed, plane)
+            part += x_ref[pl.ds(k0 + plane * WORDS, WORDS)][:, None] * _plus16(packed, plane)
         g = pl.ds(k0 // group, 1)
         scale = s_ref[g, cols].astype(jnp.float32)  # [1, block_n]
-        x_sum = jnp.sum(x_ref[pl.ds(k0, BLOCK_K), :])
-        return acc + part * scale, acc_zero + (z_ref[g, cols].astype(jnp.float32) + 16.0) * scale * x_sum
+        x_sum = jnp.sum(x_ref[pl.ds(k0, BLOCK_K)])
+        return (acc + part * scale, acc_zero + (z_ref[g, cols].astype(jnp.float32) + 16.0) * scale * x_sum,
+                ahead)
 
-    acc, acc_zero = lax.fori_loop(0, k_per_split // BLOCK_K, step, (jnp.zeros((WORDS, block_n), jnp.float32),
-                                                                    jnp.zeros((1, block_n), jnp.float32)))
+    ahead = tuple(load(min(i, steps - 1)) for i in range(prefetch))
+    acc, acc_zero, _ = lax.fori_loop(0, steps, step, (jnp.zeros((WORDS, block_n), jnp.float32),
+                                                      jnp.zeros((1, block_n), jnp.float32), ahead))
     o_ref[sp, :, cols] = jnp.sum(acc, axis=0, keepdims=True) - acc_zero
 
 
 def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                     block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                    num_stages: int = 3, matvec: bool | None = None, interpret: bool | None = None) -> jax.Array:
+                    num_stages: int = 3, matvec: bool | None = None, prefetch: int = 1, interpret: bool | None = None) -> jax.Array:
     """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
     steps (16 tokens) with groups of 128+ default to `DECODE_TILE` per program; `matvec` (None:
     one token with groups of 128+) takes `_matvec_kernel`."""
@@ -156,7 +163,7 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
         interpret = jax.default_backend() != "gpu"
     if matvec if matvec is not None else t == 1 and group >= BLOCK_K:
         return _matvec(x, qweight, scales, zeros, block_n or MATVEC_TILE[0], splits, num_warps or MATVEC_TILE[1],
-                     num_stages, interpret)
+                       prefetch, interpret)
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
     decode = group >= BLOCK_K and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured there)
     block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
@@ -179,7 +186,7 @@ def _splits(programs: int, k: int) -> int:
     return splits
 
 
-def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, num_stages, interpret):
+def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, prefetch, interpret):
     """`_matvec_kernel` over x [1, K] -> [1, N] in x's dtype."""
     t, k = x.shape
     if t != 1:
@@ -187,9 +194,10 @@ def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, num_stages, i
     n = qweight.shape[1]
     block_n = math.gcd(n, block_n)
     splits = splits or _splits(n // block_n, k)
-    kern = functools.partial(_matvec_kernel, block_n=block_n, group=k // scales.shape[0], k_per_split=k // splits)
+    kern = functools.partial(_matvec_kernel, block_n=block_n, group=k // scales.shape[0], k_per_split=k // splits,
+                             prefetch=prefetch)
     call = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, 1, n), jnp.float32),
                           grid=(n // block_n, splits), interpret=interpret, name="int4_matvec",
-                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
-    out = call(_plane_order(x).astype(jnp.float32).reshape(k, 1), qweight, scales, zeros)
+                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
+    out = call(_plane_order(x).astype(jnp.float32).reshape(k), qweight, scales, zeros)
     return jnp.sum(out, axis=0).astype(x.dtype)
