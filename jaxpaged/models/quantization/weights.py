@@ -138,6 +138,10 @@ class RowOrderedWeight(QuantizedWeight):
         """The activations `[T, in]` with their input axis in the weight's stored row order."""
         return x if self.perm is None else jnp.take(x, self.perm, axis=-1)
 
+    def perm_spec(self) -> P | None:
+        """`perm`'s spec: replicated, as it indexes the whole activation row."""
+        return None if self.perm is None else P(None)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +175,7 @@ class Int8Weight(RowOrderedWeight):
         return (q.reshape(self.scale.shape[0], -1, *q.shape[1:]) * self.scale[:, None]).reshape(q.shape)
 
     def partition_specs(self, spec: P) -> Int8Weight:
-        return type(self)(spec, spec if self.grouped else P(*_padded(spec, len(self.shape))[1:]),
-                          None if self.perm is None else P(None))
+        return type(self)(spec, spec if self.grouped else P(*_padded(spec, len(self.shape))[1:]), self.perm_spec())
 
     @classmethod
     def fuse(cls, parts: list[Int8Weight], combine) -> Int8Weight:
@@ -232,8 +235,7 @@ class Int4Weight(RowOrderedWeight):
         return w.reshape(q.shape)
 
     def partition_specs(self, spec: P) -> Int4Weight:
-        perm = None if self.perm is None else P(None)  # indexes the whole activation row
-        return Int4Weight(spec, spec, spec, perm, self.layout)  # the packed and grouped input rows split as the dense ones
+        return Int4Weight(spec, spec, spec, self.perm_spec(), self.layout)  # the packed and grouped input rows split as the dense ones
 
     @classmethod
     def fuse(cls, parts: list[Int4Weight], combine) -> Int4Weight:
