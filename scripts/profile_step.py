@@ -4,7 +4,8 @@
 
 Adds `--batch` requests of `--input-len` random tokens to an engine, traces (jax.profiler)
 `--steps` steps of the prefill phase and, once every request decodes, `--steps` decode
-steps, and prints per phase: kernel time per step by kind (GEMM, attention, fusion, NCCL,
+steps (with `--mixed-prompt-len`, then the steps where one more request's prompt prefills
+beside those decodes), and prints per phase: kernel time per step by kind (GEMM, attention, fusion, NCCL,
 copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints the
 decode forward's optimized HLO entry computation (op counts, custom calls); which CUDA graph
 (`command_buffer_N`) runs each kernel shows in the profile's kernel names, not in the HLO
@@ -188,6 +189,9 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     ap.add_argument("--quantization", "-q", default=None, help="fp8 / int8 / int4: the weights quantized at load")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto, fp8 (e4m3), fp8_e5m2: the KV pool's dtype")
+    ap.add_argument("--attention-backend", default="auto", help="auto, pallas, mosaic, reference")
+    ap.add_argument("--mixed-prompt-len", type=int, default=0,
+                    help="after the decode phase, one request of this many tokens joins: a mixed phase")
     ap.add_argument("--token-buckets", type=int_list, default=None,
                     help="comma-separated padded step sizes (default: the engine's rule, 16 tokens and up)")
     ap.add_argument("--compilation-cache", default="/tmp/jaxpaged-xla-cache")
@@ -205,11 +209,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     llm = LLM(str(shape_dir(args.model_shape)), load_format="dummy", max_model_len=args.max_model_len,
-              max_num_seqs=args.batch, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_num_seqs=args.batch + (args.mixed_prompt_len > 0), max_num_batched_tokens=args.max_num_batched_tokens,
               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=False,
               tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype,
-              token_buckets=args.token_buckets)
+              token_buckets=args.token_buckets, attention_backend=args.attention_backend)
     engine, runner = llm.engine, llm.engine.runner
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
@@ -229,9 +233,13 @@ def main() -> None:
 
     print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}, jax {jax.__version__}, tp {args.tensor_parallel_size}")
     prefill_steps = min(args.steps, -(-args.batch * args.input_len // args.max_num_batched_tokens) - 1)
-    for label, n in (("prefill", prefill_steps), ("decode", args.steps)):
+    mixed_steps = min(args.steps, -(-args.mixed_prompt_len // (args.max_num_batched_tokens - args.batch)))
+    for label, n in (("prefill", prefill_steps), ("decode", args.steps), ("mixed", mixed_steps)):
         if n == 0:  # a prompt that fits one step leaves no prefill steps to trace
             continue
+        if label == "mixed":  # its chunks share each step with the decodes
+            engine.add_request("mixed", rng.integers(0, vocab, args.mixed_prompt_len).tolist(),
+                               SamplingParams(temperature=args.temperature, max_tokens=1, detokenize=False))
         if label == "decode":  # until every request decodes, then a few more
             while any(s.num_computed_tokens < s.num_prompt_tokens for seqs in engine.core.requests.values() for s in seqs):
                 engine.step()
@@ -239,8 +247,9 @@ def main() -> None:
                 engine.step()
         t = time.perf_counter()
         prof = trace(lambda: steps(n), out, label)
-        summarize(prof, f"{label} ({args.batch} requests, prompt {args.input_len})", n, time.perf_counter() - t,
-                  args.top)
+        summarize(prof, f"{label} ({args.batch} requests, prompt {args.input_len}"
+                  + (f"; one prompt of {args.mixed_prompt_len} prefilling)" if label == "mixed" else ")"),
+                  n, time.perf_counter() - t, args.top)
     last = records[-1]
     if args.hlo:
         mode, step_buf, layout, mql = last[:4]
