@@ -224,8 +224,7 @@ def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", plac
             value = jax.ShapeDtypeStruct(shape, target)
             if quant is not None and key in quantizable:
                 scheme = (quant.scheme, quant.group_size)
-                value = _saved_weight(jax.eval_shape(_init_fn(shape, target, False, scheme), jax.random.PRNGKey(0)),
-                                      meta, f"{path}: {key} of layer {layer}")
+                value = _saved_weight(_abstract_quantized(shape, target, scheme), meta, f"{path}: {key} of layer {layer}")
             elif isinstance(meta, dict):
                 raise ConfigError(f"the params saved at {path} hold {key} quantized: pass the quantization "
                                   "they were saved with")
@@ -233,6 +232,12 @@ def restore_params(path: str | Path, cfg: ModelConfig, dtype: str = "auto", plac
             return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), value, shardings)
 
         return ckptr.restore(path, build_params(cfg, abstract_param))
+
+
+@functools.cache
+def _abstract_quantized(shape: tuple[int, ...], dtype, scheme: tuple[str, int]):
+    """The abstract weight `quantize` makes of a `shape` one (traced once per shape, not per layer)."""
+    return jax.eval_shape(_init_fn(shape, dtype, False, scheme), jax.random.PRNGKey(0))
 
 
 def _saved_weight(expected, meta, where: str):
