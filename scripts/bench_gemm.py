@@ -132,6 +132,9 @@ def _linear(x, w, dequant, config=None, reduce=None):
         return _int4_xla(x, w, dequant)
     if isinstance(w, jax.Array):
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+    if isinstance(w, Fp8Weight) and dequant and reduce:  # weight-only, x unquantized, in a reduce fusion
+        return (jnp.sum(x.astype(jnp.float32)[:, None, :] * w.qweight.astype(jnp.float32), axis=-1) * w.scale
+                ).astype(x.dtype)
     if isinstance(w, Fp8Weight) and dequant:  # weight-only: the e4m3 -> bf16 convert left to XLA's GEMM fusion
         y = jax.lax.dot_general(x, w.qweight.astype(x.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)
@@ -206,7 +209,8 @@ def bench_kind(kind: str, tokens: list[int], layers: int, iters: int, profile_di
         x = jax.random.normal(jax.random.key(t), (t, 4096), jnp.bfloat16)
         compiled = forward.lower(x, weights, dequant=kind.endswith(("_dequant", "_w8a16", "_grouped")),
                                  config=_mgpu_config(kind),
-                                 reduce={"fp8_gemm": False, "fp8_reduce": True, "int4_plane": False}.get(kind)).compile()
+                                 reduce={"fp8_gemm": False, "fp8_reduce": True, "fp8_reduce_w8a16": True,
+                                         "int4_plane": False}.get(kind)).compile()
         gemm = gemm_targets(compiled.as_text())
         compiled(x, weights).block_until_ready()
         times = []
@@ -243,7 +247,8 @@ def main():
                          "8-bit-weight kernel (kernels/w8a16_matmul_gpu.py), up to 64 tokens; bf16_mgpu: bf16 "
                          "weights through it (nothing to convert: the kernel's floor); fp8: W8A8, the reduce "
                          "fusion up to FP8_REDUCE_MAX_TOKENS on a GPU, else cuBLASLt's fp8 GEMM (fp8_gemm / "
-                         "fp8_reduce: the one or the other at every size); int4_gemv: weight-only int4 in XLA "
+                         "fp8_reduce: the one or the other at every size; fp8_reduce_w8a16: the reduce with x unquantized, no "
+                         "activation amax and convert); int4_gemv: weight-only int4 in XLA "
                          "multiply-and-reduce fusions over K-minor packed words; int4_s4: the same over XLA's "
                          "int4 arrays [out, in]; int4_plane: the Pallas kernel's MMA form at every size (int4 takes its "
                          "FMA form at 1 token); int4[:block_n=N][:num_warps=N][:num_stages=N][:splits=N]: the Pallas "
