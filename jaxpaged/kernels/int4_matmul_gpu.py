@@ -24,7 +24,8 @@ weight); the parts' float32 sums add in a small XLA reduction.
 One token with groups of 128+ (batch-1 decode) takes `_matvec_kernel` instead: no MMA (15 of its
 16 rows would be padding), each plane is `16 + q` in float32 made by one shift and one
 and-or of the bits, and one FMA per weight adds x times it into a [16, block_n] float32 sum;
-the zero's part, `(16 + zero) * scale * sum(x)` per group, is taken off once per step.
+the zero's part, `(16 + zero) * scale * sum(x)` per group, is taken off once per step. The
+next step's words are loaded before this step's arithmetic.
 """
 from __future__ import annotations
 
@@ -120,9 +121,9 @@ def _plus16(packed: jax.Array, plane: int) -> jax.Array:
 
 def _matvec_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_n, group, k_per_split, prefetch):
     """One token (x [K] float32 in plane order), groups of 128+: sum over steps of
-    scale * (x . (16 + q) - (16 + zero) * sum(x)), the dot as FMAs into [16, block_n]. The next
-    `prefetch` steps' words are loaded before this step's FMAs (Triton pipelines only loads that feed a
-    dot), so their latency hides under the arithmetic."""
+    scale * (x . (16 + q) - (16 + zero) * sum(x)), the dot as FMAs into [16, block_n]. The
+    next `prefetch` steps' words are loaded before this step's FMAs (Triton pipelines only
+    loads that feed a dot), so their latency hides under the arithmetic."""
     j, sp = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(j * block_n, block_n)
     steps = k_per_split // BLOCK_K
@@ -150,10 +151,12 @@ def _matvec_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_n, group, k_per_s
 
 def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                     block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                    num_stages: int = 3, matvec: bool | None = None, prefetch: int = 1, interpret: bool | None = None) -> jax.Array:
+                    num_stages: int = 3, matvec: bool | None = None, prefetch: int = 1,
+                    interpret: bool | None = None) -> jax.Array:
     """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
     steps (16 tokens) with groups of 128+ default to `DECODE_TILE` per program; `matvec` (None:
-    one token with groups of 128+) takes `_matvec_kernel`."""
+    one token with groups of 128+) takes `_matvec_kernel`, `MATVEC_TILE` per program, its words
+    loaded `prefetch` steps ahead."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
@@ -163,7 +166,7 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
         interpret = jax.default_backend() != "gpu"
     if matvec if matvec is not None else t == 1 and group >= BLOCK_K:
         return _matvec(x, qweight, scales, zeros, block_n or MATVEC_TILE[0], splits, num_warps or MATVEC_TILE[1],
-                       prefetch, interpret)
+                       num_stages, prefetch, interpret)
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
     decode = group >= BLOCK_K and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured there)
     block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
@@ -186,7 +189,7 @@ def _splits(programs: int, k: int) -> int:
     return splits
 
 
-def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, prefetch, interpret):
+def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, num_stages, prefetch, interpret):
     """`_matvec_kernel` over x [1, K] -> [1, N] in x's dtype."""
     t, k = x.shape
     if t != 1:
@@ -198,6 +201,6 @@ def _matvec(x, qweight, scales, zeros, block_n, splits, num_warps, prefetch, int
                              prefetch=prefetch)
     call = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((splits, 1, n), jnp.float32),
                           grid=(n // block_n, splits), interpret=interpret, name="int4_matvec",
-                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1))
+                          compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
     out = call(_plane_order(x).astype(jnp.float32).reshape(k), qweight, scales, zeros)
     return jnp.sum(out, axis=0).astype(x.dtype)
