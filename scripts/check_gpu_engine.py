@@ -81,28 +81,36 @@ def check_mosaic(prompts: list[list[int]], params: SamplingParams) -> bool:
 def check_one_token_steps(prompts: list[list[int]], params: SamplingParams) -> bool:
     """fp8 W8A8 and int4 decoding one request at a time in 1-token steps (the reduce form; the
     int4 kernel's FMA form) against the same run in 16-token steps (the fp8 GEMM; the MMA form),
-    bf16 (a 1-row against a 16-row GEMM) beside them. A random tiny model amplifies rounding
-    (fp8 activations most: one flipped e4m3 rounding moves a value ~6%), so the greedy counts
-    and the first 1-token step's logprob gaps are printed, not judged: `check_one_token_kernels`
-    holds the forms to exact sums. A quantized model on a GPU must get the 1-token bucket.
-    Hidden size 256: int4 groups of 128."""
+    beside bf16 (a 1-row against a 16-row GEMM) and fp8 with the GEMM in its 1-token steps too.
+    A random tiny model amplifies rounding (fp8 activations most: one flipped e4m3 rounding
+    moves a value ~6%), so the greedy counts and the first 1-token step's logprob gaps are
+    printed, not judged: `check_one_token_kernels` holds the forms to exact sums. A quantized
+    model on a GPU must get the 1-token bucket. Hidden size 256: int4 groups of 128."""
+    from jaxpaged.models.quantization import kernels
+
     model = make_tiny_model(tempfile.mkdtemp(), "llama", config=dict(hidden_size=256, intermediate_size=512))
     top = SamplingParams(temperature=0, max_tokens=params.max_tokens, ignore_eos=True, logprobs=5)
+    one_token = (1, 16, 32, 64, 128)
+
+    def run(quant, buckets):
+        llm = LLM(model, max_model_len=256, max_num_seqs=1, max_num_batched_tokens=128, dtype="bfloat16",
+                  quantization=quant, num_kv_blocks=2048, token_buckets=buckets)
+        return [o.outputs[0] for o in llm.generate(prompts[:12], top, use_tqdm=False)], llm.engine.runner.buckets
+
     failed = False
-    for quant in (None, "fp8", "int4"):
-        runs = {}
-        for buckets in ((1, 16, 32, 64, 128) if quant is None else None, (16, 32, 64, 128)):
-            llm = LLM(model, max_model_len=256, max_num_seqs=1, max_num_batched_tokens=128, dtype="bfloat16",
-                      quantization=quant, num_kv_blocks=2048, token_buckets=buckets)
-            runs[buckets] = ([o.outputs[0] for o in llm.generate(prompts[:12], top, use_tqdm=False)],
-                             llm.engine.runner.buckets)
-        (one, one_buckets), (wide, _) = runs.values()
+    for label, quant, buckets in (("bf16", None, one_token), ("fp8", "fp8", None),
+                                  ("fp8, GEMM at 1 token", "fp8", one_token), ("int4", "int4", None)):
+        reduce_max, kernels.FP8_REDUCE_MAX_TOKENS = kernels.FP8_REDUCE_MAX_TOKENS, 0 if "GEMM" in label else 1
+        try:
+            (one, one_buckets), (wide, _) = run(quant, buckets), run(quant, (16, 32, 64, 128))
+        finally:
+            kernels.FP8_REDUCE_MAX_TOKENS = reduce_max
         same = sum(a.token_ids == b.token_ids for a, b in zip(one, wide))
         diff = max(abs(a.logprobs[1][t].logprob - b.logprobs[1][t].logprob)
                    for a, b in zip(one, wide) for t in a.logprobs[1].keys() & b.logprobs[1].keys())
-        print(f"{quant or 'bf16'} batch-1 decode (buckets {one_buckets}) against 16-token steps: {same}/{len(one)} "
+        print(f"{label} batch-1 decode (buckets {one_buckets}) against 16-token steps: {same}/{len(one)} "
               f"greedy outputs equal; the first 1-token step's top-5 logprobs differ by {diff:.4f} at most")
-        failed |= quant is not None and one_buckets[0] != 1 and jax.default_backend() == "gpu"
+        failed |= buckets is None and one_buckets[0] != 1 and jax.default_backend() == "gpu"
     return failed
 
 
@@ -110,11 +118,13 @@ def check_one_token_kernels() -> bool:
     """The 1-token forms on Llama-3-8B's widest inputs against float64 sums of the same
     quantized values, in float32: fp8's reduce form (the fp8 GEMM printed beside it: cuBLASLt's
     accumulator) and the int4 kernel's FMA form, each within 1e-5 of the largest output."""
+    from jaxpaged.engine.compile_cache import log_late_compiles
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
     from jaxpaged.models.quantization.kernels import fp8_matmul, quantize_activations_fp8
     from jaxpaged.models.quantization.packing import unpack_int4
     from jaxpaged.models.quantization.quantize import quantize
 
+    log_late_compiles(None)  # these compiles are no engine's
     f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
     rng = np.random.default_rng(1)
     failed = False
