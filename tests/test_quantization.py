@@ -186,14 +186,16 @@ def test_int4_kernel_groups_of_128_against_numpy(tokens, splits):
     assert rel_err(got.astype(jnp.float32), want) <= 1e-2
 
 
-@pytest.mark.parametrize("tokens,g", [(1, 128), (64, 128), (256, 128), (16, 32)])
-def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens, g):
+@pytest.mark.parametrize("tokens,g,n", [(1, 128, 6144), (64, 128, 6144), (256, 128, 6144), (16, 32, 6144),
+                                        (1, 128, 48)])
+def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens, g, n):
     """The kernel's Triton lowering, done here for a CUDA target (no GPU needed) at Llama-3-8B's
-    qkv shape with groups of 128 (biased planes) and 32 (scaled planes): an op or block shape
-    Triton refuses fails here, not on the first GPU run. The program holds one Triton call and
-    no dequantized [K, N] weight."""
+    qkv shape with groups of 128 (biased planes; one token: the FMA form) and 32 (scaled planes),
+    and one token over 48 columns (a tensor-parallel part's narrow width: 16-column tiles): an
+    op or block shape Triton refuses fails here, not on the first GPU run. The program holds
+    one Triton call and no dequantized [K, N] weight."""
     from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
-    k, n = 4096, 6144
+    k = 4096
     sd = jax.ShapeDtypeStruct
     args = (sd((tokens, k), jnp.bfloat16), sd((k // 8, n), jnp.int32), sd((k // g, n), jnp.bfloat16),
             sd((k // g, n), jnp.uint8))
