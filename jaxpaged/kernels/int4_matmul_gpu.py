@@ -57,6 +57,11 @@ def supported(k: int, n: int, group: int) -> bool:
             and (BLOCK_K % group == 0 or group % BLOCK_K == 0))
 
 
+def takes_matvec(tokens: int, group: int) -> bool:
+    """Steps that take `_matvec_kernel` by default: one token, groups of 128+ rows."""
+    return tokens == 1 and group >= BLOCK_K
+
+
 def _plane_order(x: jax.Array) -> jax.Array:
     """x [T, K] with each 128-column block reordered from row 8w + j to 16j + w: plane j's 16
     inputs contiguous."""
@@ -164,7 +169,7 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
         raise ValueError(f"int4 kernel: unsupported shape K={k} N={n} group={group}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    if matvec if matvec is not None else t == 1 and group >= BLOCK_K:
+    if matvec if matvec is not None else takes_matvec(t, group):
         return _matvec(x, qweight, scales, zeros, block_n or MATVEC_TILE[0], splits, num_warps or MATVEC_TILE[1],
                        num_stages, prefetch, interpret)
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))

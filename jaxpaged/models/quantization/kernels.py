@@ -156,9 +156,12 @@ def small_step_buckets(params) -> tuple[int, ...]:
     smallest is 16 tokens): on a GPU, fp8 weights sum 1-token steps in a reduce fusion and int4
     weights in groups of 128+ take the kernel's one-token FMA form, so batch-1 decode gets a
     1-token bucket."""
-    one_token = any(isinstance(leaf, Fp8Weight) or isinstance(leaf, Int4Weight) and leaf.group_size >= 128
-                    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
-    return (1,) if one_token and jax.default_backend() == "gpu" else ()
+    if jax.default_backend() != "gpu":
+        return ()
+    from jaxpaged.kernels.int4_matmul_gpu import takes_matvec  # Pallas imported only where it runs
+
+    return (1,) if any(isinstance(leaf, Fp8Weight) or isinstance(leaf, Int4Weight) and takes_matvec(1, leaf.group_size)
+                       for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))) else ()
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
