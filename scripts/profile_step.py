@@ -5,8 +5,8 @@
 Adds `--batch` requests of `--input-len` random tokens to an engine, traces (jax.profiler)
 `--steps` steps of the prefill phase and, once every request decodes, `--steps` decode
 steps (with `--mixed-prompt-len`, then the steps where one more request's prompt prefills
-beside those decodes), and prints per phase: kernel time per step by kind (GEMM, attention, fusion, NCCL,
-copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints the
+beside those decodes), and prints per phase: kernel time per step by kind (GEMM, attention,
+fusion, NCCL, copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints the
 decode forward's optimized HLO entry computation (op counts, custom calls); which CUDA graph
 (`command_buffer_N`) runs each kernel shows in the profile's kernel names, not in the HLO
 text (jax 0.11.2). `--gil` checks
@@ -233,7 +233,7 @@ def main() -> None:
 
     print(f"{jax.devices()[0].device_kind} x {len(jax.devices())}, jax {jax.__version__}, tp {args.tensor_parallel_size}")
     prefill_steps = min(args.steps, -(-args.batch * args.input_len // args.max_num_batched_tokens) - 1)
-    mixed_steps = min(args.steps, -(-args.mixed_prompt_len // (args.max_num_batched_tokens - args.batch)))
+    mixed_steps = min(args.steps, -(-args.mixed_prompt_len // max(1, args.max_num_batched_tokens - args.batch)))
     for label, n in (("prefill", prefill_steps), ("decode", args.steps), ("mixed", mixed_steps)):
         if n == 0:  # a prompt that fits one step leaves no prefill steps to trace
             continue
