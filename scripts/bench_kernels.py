@@ -193,13 +193,15 @@ def check_vs_ref(case, fn, q, k_pool, v_pool, qs, lens, bt, n, scale):
         f"(vs bf16 reference)")
 
 
-def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None, bs=16, layers=2):
+def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_keys=None, bs=16, layers=2,
+                 kv_dtype=None):
     """Decode of `b` sequences at context `ctx` (an int, or "mixed": uniform in [17, 2048]) through
     the per-sequence kernel, as the engine's decode steps (`max_query_len=1`); `t` >= b: the step's
     padded bucket (padding sequences without context, as in the engine's smallest bucket);
     `table_keys`: block-table width in keys (the engine's max_model_len; default the longest
     context); `bs`: tokens per KV block; `layers`: of the pool (32: an engine-sized pool, over
-    4 GiB, so the kernel computes 64-bit offsets; one input set then, else three)."""
+    4 GiB, so the kernel computes 64-bit offsets; one input set then, else three); `kv_dtype`
+    "fp8": e4m3 pools with unit scales (the check's reference reads the same values in bf16)."""
     hq, d = 4 * hkv, 128
     if ctx == "mixed":
         plan = [(int(c) - 1, 1) for c in np.random.default_rng(0).integers(17, 2049, b)]
@@ -208,20 +210,24 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
     max_ctx = max(c + n for c, n in plan)
     k_pool, v_pool, sets = make_batch(jax.random.key(max_ctx), plan, hq=hq, hkv=hkv, d=d, bs=bs,
                                       sets=1 if layers > 2 else 3, layers=layers, num_tokens=t, num_seqs=t)
+    fp8 = kv_dtype == "fp8"
+    if fp8:
+        k_pool, v_pool = k_pool.astype(jnp.float8_e4m3fn), v_pool.astype(jnp.float8_e4m3fn)
     width = -(-(table_keys or max_ctx) // bs)
     sets = [(q, qs, lens, jnp.pad(bt, ((0, 0), (0, max(0, width - bt.shape[1]))))) for q, qs, lens, bt in sets]
     scale = d ** -0.5
-    kvb = kv_bytes(plan, hkv, d)
-    case = f"decode b{b} ctx{ctx}" + (f" hkv{hkv}" if hkv != 8 else "") + (f" S{t}" if t else "") + (
-        f" table{table_keys}" if table_keys else "") + (f" bs{bs}" if bs != 16 else "") + (
+    kvb = kv_bytes(plan, hkv, d, k_pool.dtype.itemsize)
+    case = f"decode b{b} ctx{ctx}" + (" fp8" if fp8 else "") + (f" hkv{hkv}" if hkv != 8 else "") + (
+        f" S{t}" if t else "") + (f" table{table_keys}" if table_keys else "") + (f" bs{bs}" if bs != 16 else "") + (
         f" pool{k_pool.nbytes / 2**30:.0f}GiB" if layers > 2 else "")
     args = [(q, k_pool, v_pool, qs, lens, bt) for q, qs, lens, bt in sets]
     cfg, _ = choose_config(t or b, t or b, hq, hkv, d, width * bs)
-    decode = functools.partial(ours, scale, max_query_len=1)  # the per-sequence kernel alone
+    unit = jnp.ones(k_pool.shape[:2], jnp.float32) if fp8 else None
+    decode = functools.partial(ours, scale, max_query_len=1, k_scale=unit, v_scale=unit)  # the per-sequence kernel
     if check:
         try:
             q, qs, lens, bt = sets[0]
-            check_vs_ref(case, decode(), q, k_pool, v_pool, qs, lens, bt, b, scale)
+            check_vs_ref(case, decode(), q, k_pool.astype(q.dtype), v_pool.astype(q.dtype), qs, lens, bt, b, scale)
         except Exception as e:  # noqa: BLE001
             log(f"check {case:<38} ERROR {type(e).__name__}: {str(e)[:300]}")
     try_bench(case, f"pallas (default n{cfg.block_n} sp{cfg.num_splits} w{cfg.num_warps} st{cfg.num_stages})",
@@ -239,6 +245,8 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
                                    (128, 32, 256, 4, 4), (32, 64, 128, 4, 4), (64, 128, 64, 4, 3)]:
             try_bench(case, f"pallas n{bn} sp{ns} min{mk} w{nw} st{st}",
                       decode(decode_config=TileConfig(16, bn, ns, nw, st, min_split_keys=mk)), args, kvb, copy_bw)
+    if fp8:  # the peers below read bf16 pools
+        return
     try_bench(case, "jnp reference", jax.jit(lambda q, k, v, qs, lens, bt: paged_attention_ref(
         q, k, v, 1, qs, lens, bt, scale=scale)), args, kvb, copy_bw)
     # JAX's own op: q pre-scaled, per-layer pool [Hkv, NB, bs, D], lengths [B].
@@ -474,6 +482,7 @@ def main():
     ap.add_argument("--loop-batch", default="1,4,8", help="--only loop: batches")
     ap.add_argument("--loop-ctx", default="8192,32768,131072", help="--only loop: contexts")
     ap.add_argument("--loop-bucket", type=int, default=16, help="--only loop: rows of the padded step")
+    ap.add_argument("--decode-kv-dtype", choices=["bf16", "fp8"], default="bf16", help="the pools' dtype (fp8: e4m3)")
     ap.add_argument("--decode-layers", type=int, default=2, help="pool layers (32: engine-sized, 64-bit offsets)")
     a = ap.parse_args()
     only = a.only.split(",")
@@ -494,7 +503,7 @@ def main():
         for ctx in ctxs:
             for bs in (int(x) for x in a.decode_block_size.split(",")):
                 bench_decode(ctx, copy_bw, a.sweep, b=a.decode_batch, hkv=a.decode_kv_heads, t=a.decode_bucket,
-                             table_keys=a.decode_table, bs=bs, layers=a.decode_layers)
+                             table_keys=a.decode_table, bs=bs, layers=a.decode_layers, kv_dtype=a.decode_kv_dtype)
         if not a.quick and not a.decode_ctx:
             bench_decode(8192, copy_bw, False, b=4)  # small batch: split-KV
     if "loop" in only:  # small-batch decode (split-KV) timed on the device

@@ -74,22 +74,63 @@ CASES = {"ref": ([(37, 1), (6, 20), (0, 9)], 8, 2, 12, 40, 4), "cpu": ([(37, 1),
 def test_attention_on_fp8_pages_matches_numpy(attention):
     """Each attention on an e4m3 pool with per-(layer, head) scales equals numpy's dense
     attention over the pool's values times their scales (to 2e-5 on CPU; TF32 dots on a GPU)."""
-    plan, hq, hkv, window, t, s = CASES[attention]
+    _check_fp8_attention(ATTENTIONS[attention], CASES[attention], jnp.float32, F32_TOL)
+
+
+def test_pallas_on_fp8_pages_with_bf16_queries_matches_numpy():
+    """bf16 queries on an e4m3 pool, the engine's case: the kernel's dots run in f16 (below);
+    numpy's attention over the same bf16 queries, to the bf16 output's rounding."""
+    _check_fp8_attention(ATTENTIONS["pallas"], CASES["pallas"], jnp.bfloat16, 1e-2)
+
+
+def _check_fp8_attention(attention, case, q_dtype, tol):
+    plan, hq, hkv, window, t, s = case
     d, bs, layer = 64, 16, 1
     rng = np.random.default_rng(1)
     q, k, v, qs, lens, bt = make_case(rng, plan, hq=hq, hkv=hkv, d=d, bs=bs, num_tokens=t, num_seqs=s)
+    q = q.astype(q_dtype)
     scales = rng.uniform(0.02, 0.5, (2, 2, hkv)).astype(np.float32)  # [K/V, L, Hkv]
     pools = [np_quantize(np.asarray(x), sc[:, :, None, None, None], ml_dtypes.float8_e4m3fn)
              for x, sc in zip((k, v), scales)]
-    out = jax.jit(functools.partial(ATTENTIONS[attention], scale=0.125))(
+    out = jax.jit(functools.partial(attention, scale=0.125))(
         q, *map(jnp.asarray, pools), layer, qs, lens, bt, sliding_window=window, k_scale=jnp.asarray(scales[0]),
         v_scale=jnp.asarray(scales[1]))
     deq = [p[layer].astype(np.float32) * sc[layer][:, None, None, None] for p, sc in zip(pools, scales)]
-    q, qs, bt = np.asarray(q), np.asarray(qs), np.asarray(bt)
+    q, qs, bt = np.asarray(q, np.float32), np.asarray(qs), np.asarray(bt)
     for j, (c, n) in enumerate(plan):
         ctx = [x[:, bt[j]].reshape(hkv, -1, d)[:, :c + n].transpose(1, 0, 2) for x in deq]  # [ctx, Hkv, D]
         want = dense_attention(q[qs[j]:qs[j + 1]], *ctx, np.arange(c, c + n), 0.125, window)
-        np.testing.assert_allclose(np.asarray(out)[qs[j]:qs[j + 1]], want, atol=F32_TOL, rtol=F32_TOL)
+        np.testing.assert_allclose(np.asarray(out, np.float32)[qs[j]:qs[j + 1]], want, atol=tol, rtol=tol)
+
+
+def _dot_dtypes(jaxpr) -> set[tuple[str, ...]]:
+    """The operand dtypes of every dot in `jaxpr` and the jaxprs inside it (a kernel's body)."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(str(x.aval.dtype) for x in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found |= _dot_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("mode", ["decode", "fused"])
+def test_fp8_pool_tiles_convert_to_f16_for_the_dots(mode):
+    """The GPU kernel's dots over an e4m3 pool take f16 operands (Hopper converts e4m3 to f16 in
+    one instruction, to bf16 through f32: 13-19% of a batch-256 decode, docs/kernels.md); over a
+    bf16 pool they stay bf16."""
+    sd = jax.ShapeDtypeStruct
+    for pool_dtype, want in ((jnp.float8_e4m3fn, ("float16", "float16")), (jnp.bfloat16, ("bfloat16", "bfloat16"))):
+        pool = sd((2, 8, 64, 16, 128), pool_dtype)
+        fp8 = pool_dtype != jnp.bfloat16
+        scales = dict(k_scale=sd((2, 8), jnp.float32), v_scale=sd((2, 8), jnp.float32)) if fp8 else {}
+        args = (sd((4, 32, 128), jnp.bfloat16), pool, pool, sd((), jnp.int32), sd((5,), jnp.int32), sd((4,), jnp.int32),
+                sd((4, 16), jnp.int32))
+        f = functools.partial(paged_attention_gpu, scale=0.088, mode=mode, interpret=False)
+        assert _dot_dtypes(jax.make_jaxpr(f)(*args, **scales).jaxpr) == {want}
 
 
 @functools.cache

@@ -9,7 +9,9 @@ head) program computes, shared by the per-sequence and the per-q-block kernels.
   one split-KV part of them, gathering the sequence's pages through the block table, with an
   online softmax in f32 (exp2). Blocks fully visible to every row run without the mask; only
   the causal diagonal and the window edge are masked.
-* An fp8 pool's K/V tiles are converted to q's dtype after the load; the KV head's K scale is
+* An fp8 pool's K/V tiles are converted after the load to f16 (Hopper converts e4m3 to f16 in
+  one instruction, to bf16 only through f32), q and the probabilities too, for 2-byte queries
+  (f16's range, 65,504, bounds |q|); the KV head's K scale is
   folded into the score scale and its V scale multiplies the output accumulator (one scalar
   each per program); other pools load no scales (static).
 
@@ -47,6 +49,8 @@ def attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, l
     tok_c = jnp.clip(tok, 0, num_tokens - 1)
     head_c = jnp.minimum(head, hq - 1)
     q = q_ref[tok_c, head_c, :]  # [block_m, D]
+    if k_ref.dtype.itemsize == 1 and q.dtype.itemsize == 2:  # an fp8 pool: the dots in f16 (module docstring)
+        q = q.astype(jnp.float16)
     d = q.shape[-1]
     nl, hkv = k_ref.shape[:2]
     if scaled:  # an fp8 pool's scales of this KV head
