@@ -191,6 +191,15 @@ def test_int4_kernel_groups_of_128_against_numpy(tokens, splits):
     assert rel_err(got.astype(jnp.float32), want) <= 1e-2
 
 
+def test_int4_kernel_rejects_prefetch_outside_its_one_token_form():
+    """`prefetch` (a launch knob of the one-token form) on a step that takes the MMA form is an
+    error naming it, not ignored."""
+    from jaxpaged.kernels.int4_matmul_gpu import int4_matmul_gpu
+    leaf = quantize(jnp.zeros((512, 192), jnp.float32), "int4", group_size=128)
+    with pytest.raises(ValueError, match="prefetch=2 applies to the one-token form only"):
+        int4_matmul_gpu(jnp.zeros((16, 512), jnp.bfloat16), leaf.qweight, leaf.scales, leaf.zeros, prefetch=2)
+
+
 @pytest.mark.parametrize("tokens,g,n", [(1, 128, 6144), (64, 128, 6144), (256, 128, 6144), (16, 32, 6144),
                                         (1, 128, 48)])
 def test_int4_pallas_kernel_lowers_to_triton_for_the_gpu(tokens, g, n):

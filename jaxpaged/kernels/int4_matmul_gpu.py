@@ -156,12 +156,12 @@ def _matvec_kernel(x_ref, w_ref, s_ref, z_ref, o_ref, *, block_n, group, k_per_s
 
 def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: jax.Array, *,
                     block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
-                    num_stages: int = 3, matvec: bool | None = None, prefetch: int = 1,
+                    num_stages: int = 3, matvec: bool | None = None, prefetch: int | None = None,
                     interpret: bool | None = None) -> jax.Array:
     """x [T, K] @ the int4 weight [K, N] (module docstring) -> [T, N] in x's dtype. Decode-sized
     steps (16 tokens) with groups of 128+ default to `DECODE_TILE` per program; `matvec` (None:
     one token with groups of 128+) takes `_matvec_kernel`, `MATVEC_TILE` per program, its words
-    loaded `prefetch` steps ahead."""
+    loaded `prefetch` (None: 1) steps ahead; the other form takes no `prefetch`."""
     t, k = x.shape
     n = qweight.shape[1]
     group = k // scales.shape[0]
@@ -171,7 +171,10 @@ def int4_matmul_gpu(x: jax.Array, qweight: jax.Array, scales: jax.Array, zeros: 
         interpret = jax.default_backend() != "gpu"
     if matvec if matvec is not None else takes_matvec(t, group):
         return _matvec(x, qweight, scales, zeros, block_n or MATVEC_TILE[0], splits, num_warps or MATVEC_TILE[1],
-                       num_stages, prefetch, interpret)
+                       num_stages, 1 if prefetch is None else prefetch, interpret)
+    if prefetch is not None:
+        raise ValueError(f"int4 kernel: prefetch={prefetch} applies to the one-token form only (matvec), "
+                         f"not to this {t}-token step")
     block_t = min(64, max(16, 1 << (t - 1).bit_length()))
     decode = group >= BLOCK_K and block_t == 16 and n % DECODE_TILE[0] == 0  # (measured there)
     block_n = block_n or (DECODE_TILE[0] if decode else math.gcd(n, 128))
