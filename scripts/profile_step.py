@@ -11,7 +11,9 @@ decode forward's optimized HLO entry computation (op counts, custom calls); whic
 (`command_buffer_N`) runs each kernel shows in the profile's kernel names, not in the HLO
 text (jax 0.11.2). `--gil` checks
 whether the step's dispatch releases the GIL (a dispatch thread could then overlap the
-host's other work).
+host's other work). With `--attention-backend mosaic` at `--max-model-len 4352` the traced run
+failed with CUDA_ERROR_LAUNCH_FAILED under CUDA graphs (H100, jax 0.11.2; the same steps ran
+clean untraced): `XLA_FLAGS=--xla_gpu_enable_command_buffer=` profiles it.
 """
 from __future__ import annotations
 
