@@ -235,7 +235,8 @@ def bench_decode(ctx, copy_bw, sweep, check=True, b=64, hkv=8, t=None, table_key
     if sweep and b > 16:
         for bn, ns, nw, st in [(64, 1, 4, 3), (32, 1, 4, 4), (128, 1, 8, 3), (64, 2, 4, 4), (128, 2, 4, 3),
                                (64, 1, 4, 4), (32, 1, 4, 3), (32, 1, 2, 4), (64, 1, 8, 3), (128, 1, 4, 3),
-                               (64, 1, 4, 2), (32, 1, 4, 6)]:
+                               (64, 1, 4, 2), (32, 1, 4, 6), (256, 1, 8, 2), (256, 1, 4, 2), (128, 1, 4, 4),
+                               (128, 1, 2, 3)]:
             try_bench(case, f"pallas n{bn} sp{ns} w{nw} st{st}",
                       decode(decode_config=TileConfig(16, bn, ns, nw, st)), args, kvb, copy_bw)
     if sweep and b <= 16:  # split-KV for small batches: parts, the least keys per part, tiles
