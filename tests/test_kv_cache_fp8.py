@@ -81,15 +81,18 @@ def test_pallas_on_fp8_pages_with_bf16_queries_matches_numpy():
     """bf16 queries on an e4m3 pool, the engine's case: the kernel's dots run in f16 (below);
     numpy's attention over the same bf16 queries, to the bf16 output's rounding."""
     _check_fp8_attention(ATTENTIONS["pallas"], CASES["pallas"], jnp.bfloat16, 1e-2)
+    # queries beyond f16's range (65,504) against keys 1e-4 as large: finite, and still numpy's
+    _check_fp8_attention(ATTENTIONS["pallas"], CASES["pallas"], jnp.bfloat16, 1e-2, q_mult=3e4, k_mult=1e-4)
 
 
-def _check_fp8_attention(attention, case, q_dtype, tol):
+def _check_fp8_attention(attention, case, q_dtype, tol, q_mult=1.0, k_mult=1.0):
     plan, hq, hkv, window, t, s = case
     d, bs, layer = 64, 16, 1
     rng = np.random.default_rng(1)
     q, k, v, qs, lens, bt = make_case(rng, plan, hq=hq, hkv=hkv, d=d, bs=bs, num_tokens=t, num_seqs=s)
-    q = q.astype(q_dtype)
+    q, k = (q * q_mult).astype(q_dtype), k * k_mult
     scales = rng.uniform(0.02, 0.5, (2, 2, hkv)).astype(np.float32)  # [K/V, L, Hkv]
+    scales[0] *= k_mult  # the same e4m3 values, k_mult times the keys
     pools = [np_quantize(np.asarray(x), sc[:, :, None, None, None], ml_dtypes.float8_e4m3fn)
              for x, sc in zip((k, v), scales)]
     out = jax.jit(functools.partial(attention, scale=0.125))(
