@@ -2,9 +2,8 @@
 where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 
 - fp8 W8A8: x is quantized to e4m3 per token (or with the static scale) and the dot takes both
-  e4m3 operands with a result in x's dtype (bf16: half of float32's bytes written and read
-  back), which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the token and channel scales
-  multiply the result in float32. A 1-token step on a GPU (batch-1 decode; the
+  e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
+  token and channel scales multiply the result. A 1-token step on a GPU (batch-1 decode; the
   engine adds that bucket, `small_step_buckets`) sums the same e4m3 products in an XLA
   multiply-and-reduce fusion over the weight's contiguous input rows instead: the fp8 GEMM
   reads the weight at 2.3 TB/s there, the reduce at 2.7 (H200, docs/benchmarks.md). int4 in
@@ -67,11 +66,8 @@ def fp8_matmul(x: jax.Array, w: Fp8Weight, reduce: bool | None = None) -> jax.Ar
         xb = xq.astype(jnp.float32).reshape(x.shape[0], *(1,) * (w.qweight.ndim - 1), x.shape[1])
         y = jnp.sum(xb * w.qweight.astype(jnp.float32), axis=-1)
     else:
-        # [T, *out] in a 2-byte x's dtype: the GEMM writes (and the scaling fusion reads) half
-        # of float32's bytes; one more rounding, within x's own
-        out_dtype = x.dtype if x.dtype.itemsize == 2 else jnp.float32
         y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
-                                preferred_element_type=out_dtype)
+                                preferred_element_type=jnp.float32)  # [T, *out]
     out_axes = (1,) * w.scale.ndim
     return (y * jnp.reshape(x_scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
 
