@@ -6,10 +6,10 @@ Adds `--batch` requests of `--input-len` random tokens to an engine, traces (jax
 `--steps` steps of the prefill phase and, once every request decodes, `--steps` decode
 steps (with `--mixed-prompt-len`, then the steps where one more request's prompt prefills
 beside those decodes), and prints per phase: kernel time per step by kind (GEMM, attention,
-fusion, NCCL, copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints the
-decode forward's optimized HLO entry computation (op counts, custom calls); which CUDA graph
-(`command_buffer_N`) runs each kernel shows in the profile's kernel names, not in the HLO
-text (jax 0.11.2). `--gil` checks
+fusion, NCCL, copy), the top kernels, wall per step, and the host's longest events. `--hlo` prints, per
+phase, its forward's optimized HLO entry computation (op counts, custom calls) and what each
+of its top fusion kernels computes (`hlo_report.py`); which CUDA graph (`command_buffer_N`)
+runs each kernel shows in the profile's kernel names, not in the HLO text (jax 0.11.2). `--gil` checks
 whether the step's dispatch releases the GIL (a dispatch thread could then overlap the
 host's other work). With `--attention-backend mosaic` at `--max-model-len 4352` the traced run
 failed with CUDA_ERROR_LAUNCH_FAILED under CUDA graphs (H100, jax 0.11.2; the same steps ran
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from benchmark_throughput import SHAPES, enable_compilation_cache, shape_dir
+from hlo_report import describe_fusions, hlo_report
 
 from jaxpaged.serve.cli_args import int_list
 
@@ -60,7 +61,7 @@ def gpu_events(prof):
                     yield from line.events
 
 
-def summarize(prof, label: str, steps: int, wall: float, top: int = 16) -> None:
+def summarize(prof, label: str, steps: int, wall: float, top: int = 16) -> list[str]:
     kernels, host = collections.Counter(), collections.Counter()
     counts, ops = collections.Counter(), {}
     for e in gpu_events(prof):
@@ -89,33 +90,7 @@ def summarize(prof, label: str, steps: int, wall: float, top: int = 16) -> None:
     print("  top host events (ms/step, summed over threads):")
     for name, ns in host.most_common(12):
         print(f"    {ns / 1e6 / steps:8.3f}  {name[:110]}")
-
-
-def hlo_report(text: str, out: Path) -> None:
-    """Op counts of the optimized module's entry computation. (In jax 0.11.2 this text never
-    names XLA's command buffers, which are formed later: the profile's kernel names tag each
-    kernel with its `command_buffer_N`.)"""
-    (out / "forward_after_optimizations.txt").write_text(text)
-    entry = text[text.index("\nENTRY"):]
-    entry = entry[: entry.index("\n}\n")]
-    ops = collections.Counter()
-    targets = collections.Counter()
-    for line in entry.splitlines()[1:]:
-        m = re.search(r"=\s*\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?\s+([\w-]+)\(", line)
-        if not m:
-            m = re.search(r"\)\s+([\w-]+)\(", line)
-        op = m.group(1) if m else "?"
-        ops[op] += 1
-        t = re.search(r'custom_call_target="([^"]+)"', line)
-        if t:
-            targets[t.group(1)] += 1
-        c = re.search(r"to_apply=%?([\w.-]+)", line) or re.search(r"calls=%?([\w.-]+)", line)
-        if c and "command_buffer" in c.group(1):
-            ops["(command buffer)"] += 1
-    print(f"\n== optimized forward HLO: {len(entry.splitlines()) - 1} entry instructions; "
-          f"{text.count('command_buffer')} mentions of command_buffer")
-    print("  entry ops: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(15)))
-    print("  entry custom calls: " + ", ".join(f"{k} {v}" for k, v in targets.most_common(10)))
+    return [name for name, _ in kernels.most_common(top)]
 
 
 def gil_check(dispatch, wait) -> None:
@@ -223,7 +198,7 @@ def main() -> None:
         engine.add_request(str(i), rng.integers(0, vocab, args.input_len).tolist(),
                            SamplingParams(temperature=args.temperature, max_tokens=args.max_model_len - args.input_len,
                                           ignore_eos=True, detokenize=False))
-    records = []
+    records, phases = [], {}
     dispatch = runner.dispatch
     runner.dispatch = lambda *a: records.append(a) or dispatch(*a)
 
@@ -249,15 +224,18 @@ def main() -> None:
                 engine.step()
         t = time.perf_counter()
         prof = trace(lambda: steps(n), out, label)
-        summarize(prof, f"{label} ({args.batch} requests, prompt {args.input_len}"
-                  + (f"; one prompt of {args.mixed_prompt_len} prefilling)" if label == "mixed" else ")"),
-                  n, time.perf_counter() - t, args.top)
+        top = summarize(prof, f"{label} ({args.batch} requests, prompt {args.input_len}"
+                        + (f"; one prompt of {args.mixed_prompt_len} prefilling)" if label == "mixed" else ")"),
+                        n, time.perf_counter() - t, args.top)
+        phases[label] = (records[-1], top)
     last = records[-1]
-    if args.hlo:
-        mode, step_buf, layout, mql = last[:4]
-        compiled = runner._fwd.lower(runner.params, runner.kv, step_buf, runner.prev_tokens, layout=layout,
-                                     max_query_len=mql).compile()
-        hlo_report(compiled.as_text(), out)
+    for label, (rec, top) in phases.items() if args.hlo else ():
+        _, step_buf, layout, mql = rec[:4]  # the phase's last step: its forward, compiled again (cached)
+        text = runner._fwd.lower(runner.params, runner.kv, step_buf, runner.prev_tokens, layout=layout,
+                                 max_query_len=mql).compile().as_text()
+        hlo_report(text, out, f"forward_{label}")
+        print(f"  {label}: the top kernels' fusions (output, kind: fused ops)")
+        describe_fusions(text, top)
     if args.cmdbuf:
         cmdbuf_check(runner, last, out)
     if args.gil:
