@@ -12,7 +12,7 @@
    kernel, as the engine's decode steps), prefill 8 x 2048 causal and a mixed batch, and with
    `--only bucket` a prefill step's attention in the engine's padded 2048-token bucket, with
    `--only chunk` a 32k prompt's first and last 8192-token chunks (the Pallas and the Mosaic GPU
-   prefill kernels); prints one table last.
+   prefill kernels); `--decode-kv-dtype fp8` times the decode over e4m3 pages; prints one table last.
 """
 from __future__ import annotations
 
