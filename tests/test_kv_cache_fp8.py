@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from _jaxprs import dot_generals
 from _quant_checkpoints import decisive_copy, write_quantized
 from safetensors.numpy import save_file
 from test_paged_attention_kernel import F32_TOL, make_case
@@ -106,20 +107,6 @@ def _check_fp8_attention(attention, case, q_dtype, tol, q_mult=1.0, k_mult=1.0):
         np.testing.assert_allclose(np.asarray(out, np.float32)[qs[j]:qs[j + 1]], want, atol=tol, rtol=tol)
 
 
-def _dot_dtypes(jaxpr) -> set[tuple[str, ...]]:
-    """The operand dtypes of every dot in `jaxpr` and the jaxprs inside it (a kernel's body)."""
-    found = set()
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.add(tuple(str(x.aval.dtype) for x in eqn.invars))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else [param]:
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    found |= _dot_dtypes(sub)
-    return found
-
-
 @pytest.mark.parametrize("mode", ["decode", "fused"])
 def test_fp8_pool_tiles_convert_to_f16_for_the_dots(mode):
     """The GPU kernel's dots over an e4m3 pool take f16 operands (Hopper converts e4m3 to f16 in
@@ -133,7 +120,8 @@ def test_fp8_pool_tiles_convert_to_f16_for_the_dots(mode):
         args = (sd((4, 32, 128), jnp.bfloat16), pool, pool, sd((), jnp.int32), sd((5,), jnp.int32), sd((4,), jnp.int32),
                 sd((4, 16), jnp.int32))
         f = functools.partial(paged_attention_gpu, scale=0.088, mode=mode, interpret=False)
-        assert _dot_dtypes(jax.make_jaxpr(f)(*args, **scales).jaxpr) == {want}
+        dots = dot_generals(jax.make_jaxpr(f)(*args, **scales).jaxpr)
+        assert {tuple(str(x.aval.dtype) for x in eqn.invars) for eqn in dots} == {want}
 
 
 @functools.cache

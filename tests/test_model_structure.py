@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from _jaxprs import dot_generals
 from jax.sharding import PartitionSpec as P
 
 from jaxpaged.engine.mesh import make_mesh
@@ -15,18 +16,6 @@ from jaxpaged.models import layers
 from jaxpaged.models.kv_cache import init_kv_cache
 from jaxpaged.models.step_input import make_step_input
 from jaxpaged.models.tiny import VARIANTS
-
-
-def _dot_generals(jaxpr) -> int:
-    """dot_general equations in `jaxpr` and every jaxpr nested in its equations."""
-    n = 0
-    for eqn in jaxpr.eqns:
-        n += eqn.primitive.name == "dot_general"
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (tuple, list)) else (v,):
-                if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-                    n += _dot_generals(getattr(sub, "jaxpr", sub))
-    return n
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -63,7 +52,7 @@ def test_every_matmul_goes_through_linear(variant, tiny_model_dir, monkeypatch):
     else:  # q, k, v, out, fc1, fc2; the LM head, and the projections in and out of the embedding width
         expected = 6 * cfg.num_layers + 1 + 2 * ("project_in" in params)
     assert len(calls) == expected, calls
-    assert _dot_generals(jaxpr.jaxpr) == expected
+    assert sum(1 for _ in dot_generals(jaxpr.jaxpr)) == expected
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
