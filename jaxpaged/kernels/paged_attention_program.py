@@ -10,7 +10,7 @@ head) program computes, shared by the per-sequence and the per-q-block kernels.
   online softmax in f32 (exp2). Blocks fully visible to every row run without the mask; only
   the causal diagonal and the window edge are masked.
 * An fp8 pool's K/V tiles are converted after the load to f16 (Hopper converts e4m3 to f16 in
-  one instruction, to bf16 only through f32), q (times the softmax scale first, so f16's range
+  one instruction, to bf16 only through f32), q (times the scores' scale first, so f16's range
   holds it) and the probabilities too, for 2-byte queries; the KV head's K scale is
   folded into the score scale and its V scale multiplies the output accumulator (one scalar
   each per program); other pools load no scales (static).
@@ -51,8 +51,8 @@ def attend_block(q_ref, k_ref, v_ref, bt_ref, sc_ref, out_refs, *, h, sp, s_c, l
     q = q_ref[tok_c, head_c, :]  # [block_m, D]
     score_scale = scale_log2
     if k_ref.dtype.itemsize == 1 and q.dtype.itemsize == 2:  # an fp8 pool: the dots in f16 (module docstring)
-        q = (q.astype(jnp.float32) * (scale_log2 / LOG2E)).astype(jnp.float16)  # pre-scaled: f16's range
-        score_scale = LOG2E
+        q = (q.astype(jnp.float32) * scale_log2).astype(jnp.float16)  # the scores' scale first: f16's range
+        score_scale = 1.0
     d = q.shape[-1]
     nl, hkv = k_ref.shape[:2]
     if scaled:  # an fp8 pool's scales of this KV head
