@@ -160,8 +160,10 @@ def small_step_buckets(params) -> tuple[int, ...]:
         return ()
     from jaxpaged.kernels.int4_matmul_gpu import takes_matvec  # Pallas imported only where it runs
 
-    return (1,) if any(isinstance(leaf, Fp8Weight) or isinstance(leaf, Int4Weight) and takes_matvec(1, leaf.group_size)
-                       for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))) else ()
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+    fp8 = {FP8_REDUCE_MAX_TOKENS for leaf in leaves if isinstance(leaf, Fp8Weight)}
+    int4 = {1 for leaf in leaves if isinstance(leaf, Int4Weight) and takes_matvec(1, leaf.group_size)}
+    return tuple(sorted(fp8 | int4))
 
 
 def quantized_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
