@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 
-def dot_generals(jaxpr) -> Iterator:
-    """Every dot_general equation in `jaxpr` and the jaxprs inside it."""
+def equations(jaxpr) -> Iterator:
+    """Every equation in `jaxpr` and the jaxprs inside it, depth first."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
+        yield eqn
         for v in eqn.params.values():
             for sub in v if isinstance(v, (tuple, list)) else (v,):
                 if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-                    yield from dot_generals(getattr(sub, "jaxpr", sub))
+                    yield from equations(getattr(sub, "jaxpr", sub))
+
+
+def dot_generals(jaxpr) -> Iterator:
+    """Every dot_general equation in `jaxpr` and the jaxprs inside it."""
+    return (eqn for eqn in equations(jaxpr) if eqn.primitive.name == "dot_general")
+
+
+def pallas_calls(jaxpr) -> list[str]:
+    """The names of the Pallas kernels `jaxpr` (and the jaxprs inside it) calls, one per call."""
+    return [eqn.params["name"] for eqn in equations(jaxpr) if eqn.primitive.name == "pallas_call"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from jaxpaged.kernels.paged_attention import write_kv
 from jaxpaged.models.kv_cache import KVCache
 from jaxpaged.models.quantization import QuantizedWeight, quantized_matmul
+from jaxpaged.models.quantization import kernels as qk
 from jaxpaged.models.step_input import StepInput
 
 
@@ -15,6 +16,32 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm_for(x: jax.Array, w: jax.Array, eps: float, weight) -> jax.Array | qk.Fp8Activation:
+    """`rms_norm(x, w, eps)` as `linear(_, weight)` reads it: for a weight whose inputs the fp8
+    row kernels quantize, the norm and its per-token e4m3 values in one launch."""
+    if not qk.fp8_row_kernels(weight):
+        return rms_norm(x, w, eps)
+    from jaxpaged.kernels.fp8_quant_gpu import quantize_rows  # Pallas imported only where it runs
+
+    return qk.Fp8Activation(*quantize_rows(x, w, eps, weight.input_scale_ub), x.dtype)
+
+
+def swiglu(h: jax.Array | qk.Fp8Activation, w_gate_up, w_down, b_gate_up: jax.Array | None = None,
+           b_down: jax.Array | None = None) -> jax.Array:
+    """down(silu(gate) * up): h [T, H], w_gate_up [H, 2, I], w_down [I, H] -> [T, H]. With fp8
+    weights quantized by the row kernels, the gate/up GEMM's float32 sums go to one kernel that
+    scales them, takes silu(gate) * up and quantizes it for the down GEMM."""
+    if qk.fp8_row_kernels(w_gate_up) and qk.fp8_row_kernels(w_down) and b_gate_up is None:
+        from jaxpaged.kernels.fp8_quant_gpu import silu_mul_quant
+
+        x = qk.fp8_input(h, w_gate_up)
+        sums = qk.fp8_sums(x, w_gate_up)
+        act = qk.Fp8Activation(*silu_mul_quant(sums, x.scale, w_gate_up.scale, x.dtype, w_down.input_scale_ub), x.dtype)
+        return linear(act, w_down, b_down)
+    gate_up = linear(h, w_gate_up, b_gate_up)  # [T, 2, I]
+    return linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], w_down, b_down)
 
 
 def layer_norm(x: jax.Array, w: jax.Array, b: jax.Array, eps: float) -> jax.Array:
@@ -36,12 +63,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array | QuantizedWeight, b: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array | qk.Fp8Activation, w: jax.Array | QuantizedWeight, b: jax.Array | None = None) -> jax.Array:
     """x: [T, in], w: [in, *out] (b: [*out]) -> [T, *out]: x's last axis contracted with w's
     first, so a fused weight (`wqkv` [H, Hkv, G + 2, D], `w_gate_up` [H, 2, I]) is one GEMM.
 
     Every matmul of a model with a weight goes through here: a quantized weight leaf (fp8,
-    int8, int4; models/quantization) runs its own kernel."""
+    int8, int4; models/quantization) runs its own kernel; an fp8 one also takes its input
+    already quantized (`Fp8Activation`, from `rms_norm_for` or `swiglu`)."""
     y = quantized_matmul(x, w) if isinstance(w, QuantizedWeight) else jnp.tensordot(x, w, axes=1)
     return y if b is None else y + b
 

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.config import ModelConfig
 from jaxpaged.models.hf_format import hf_transpose
 from jaxpaged.models.kv_cache import KVCache
-from jaxpaged.models.layers import apply_rope, embed, linear, lm_head, paged_attend, rms_norm
+from jaxpaged.models.layers import apply_rope, embed, linear, lm_head, paged_attend, rms_norm, rms_norm_for, swiglu
 from jaxpaged.models.quantization import fuse_out
 from jaxpaged.models.step_input import StepInput
 
@@ -151,7 +151,7 @@ def _layer(lp: dict, x: jax.Array, kv: KVCache, layer: jax.Array, inp: StepInput
     t = inp.token_ids.shape[0]
     hq, d = cfg.num_heads, cfg.head_dim
     g = hq // cfg.num_kv_heads
-    h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+    h = rms_norm_for(x, lp["attn_norm"], cfg.norm_eps, lp["wqkv"])
     qkv = linear(h, lp["wqkv"], lp.get("bqkv"))  # [T, Hkv, G + 2, D]
     q, k, v = qkv[:, :, :g].reshape(t, hq, d), qkv[:, :, g], qkv[:, :, g + 1]
     if cfg.qk_norm:
@@ -160,10 +160,8 @@ def _layer(lp: dict, x: jax.Array, kv: KVCache, layer: jax.Array, inp: StepInput
     q, k = apply_rope(q, inp.positions, inv_freq), apply_rope(k, inp.positions, inv_freq)
     o, kv = paged_attend(q, k, v, kv, layer, inp, attention, cfg.attn_scale, window)
     x = x + linear(o, lp["wo"], lp.get("bo")) * cfg.residual_multiplier
-    h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-    gate_up = linear(h, lp["w_gate_up"], lp.get("b_gate_up"))  # [T, 2, I]
-    mlp = linear(jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1], lp["w_down"], lp.get("b_down"))
-    x = x + mlp * cfg.residual_multiplier
+    h = rms_norm_for(x, lp["mlp_norm"], cfg.norm_eps, lp["w_gate_up"])
+    x = x + swiglu(h, lp["w_gate_up"], lp["w_down"], lp.get("b_gate_up"), lp.get("b_down")) * cfg.residual_multiplier
     return x, kv
 
 

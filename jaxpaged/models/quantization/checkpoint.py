@@ -28,7 +28,8 @@ import numpy as np
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.config import QuantizationConfig
 from jaxpaged.models.quantization.packing import pack_int4
-from jaxpaged.models.quantization.weights import (FP8, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
+from jaxpaged.kernels.fp8_quant import FP8
+from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds output channel 8c + AWQ_ORDER[j]

@@ -25,18 +25,40 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
+from jaxpaged.kernels.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_rows_ref
+from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
 FP8_REDUCE_MAX_TOKENS = 1  # fp8 steps of at most this many tokens sum their products in a reduce fusion
 INT4_KERNEL_MAX_TOKENS = 256  # beyond, the GEMM is compute-bound: XLA's bf16 GEMM on the dequantized weight
-_MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Fp8Activation:
+    """A GEMM input already quantized to e4m3 per token (a row kernel made it with the op before
+    it): `values` [T, in], float32 `scale` [T, 1]; the GEMM's result is cast to `dtype`."""
+    values: jax.Array
+    scale: jax.Array
+    dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+
+def fp8_row_kernels(w) -> bool:
+    """Whether `w`'s inputs are quantized by the row kernels (kernels/fp8_quant_gpu.py): a dynamic
+    fp8 weight on a GPU, one device (on a mesh GSPMD would gather a sharded row for the call)."""
+    return (isinstance(w, Fp8Weight) and w.input_scale is None and jax.default_backend() == "gpu"
+            and jax.device_count() == 1)
 
 
 def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None,
@@ -44,32 +66,45 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None,
     """x [T, in] -> (e4m3 values, float32 scale [T, 1] or []): per token from each row's largest
     magnitude (at most `input_scale_ub`: larger values saturate), or the static per-tensor
     `input_scale`."""
-    x32 = x.astype(jnp.float32)
     if input_scale is None:
-        amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-        if input_scale_ub is not None:
-            amax = jnp.minimum(amax, input_scale_ub.astype(jnp.float32))
-        scale = jnp.maximum(amax, _MIN_SCALE) / FP8_MAX
-    else:
-        scale = input_scale.astype(jnp.float32)
-    return jnp.clip(x32 / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+        return quantize_rows_ref(x, scale_ub=input_scale_ub)
+    scale = input_scale.astype(jnp.float32)
+    return jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_matmul(x: jax.Array, w: Fp8Weight, reduce: bool | None = None) -> jax.Array:
-    """`reduce` (None: on a GPU, up to `FP8_REDUCE_MAX_TOKENS` tokens): the same products summed
-    by an XLA multiply-and-reduce fusion over the weight's contiguous input rows instead of the
-    fp8 GEMM, which at a few tokens reads the weight well below the memory's bandwidth."""
-    xq, x_scale = quantize_activations_fp8(x, w.input_scale, w.input_scale_ub)
+def fp8_input(x: jax.Array | Fp8Activation, w: Fp8Weight) -> Fp8Activation:
+    """x as `w`'s GEMM reads it: quantized per token (in one row kernel where `fp8_row_kernels`)
+    or with the static scale; an `Fp8Activation` as it is."""
+    if isinstance(x, Fp8Activation):
+        return x
+    if fp8_row_kernels(w):
+        from jaxpaged.kernels.fp8_quant_gpu import quantize_rows  # Pallas imported only where it runs
+
+        return Fp8Activation(*quantize_rows(x, scale_ub=w.input_scale_ub), x.dtype)
+    return Fp8Activation(*quantize_activations_fp8(x, w.input_scale, w.input_scale_ub), x.dtype)
+
+
+def fp8_sums(x: Fp8Activation, w: Fp8Weight, reduce: bool | None = None) -> jax.Array:
+    """The unscaled float32 sums [T, *out] of the e4m3 products. `reduce` (None: on a GPU, up to
+    `FP8_REDUCE_MAX_TOKENS` tokens): summed by an XLA multiply-and-reduce fusion over the weight's
+    contiguous input rows instead of the fp8 GEMM, which at a few tokens reads the weight well
+    below the memory's bandwidth."""
+    t = x.values.shape[0]
     if reduce is None:
-        reduce = jax.default_backend() == "gpu" and x.shape[0] <= FP8_REDUCE_MAX_TOKENS
+        reduce = jax.default_backend() == "gpu" and t <= FP8_REDUCE_MAX_TOKENS
     if reduce:  # [T, *1, in] * [*out, in], summed over in
-        xb = xq.astype(jnp.float32).reshape(x.shape[0], *(1,) * (w.qweight.ndim - 1), x.shape[1])
-        y = jnp.sum(xb * w.qweight.astype(jnp.float32), axis=-1)
-    else:
-        y = jax.lax.dot_general(xq, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
-                                preferred_element_type=jnp.float32)  # [T, *out]
+        xb = x.values.astype(jnp.float32).reshape(t, *(1,) * (w.qweight.ndim - 1), x.values.shape[1])
+        return jnp.sum(xb * w.qweight.astype(jnp.float32), axis=-1)
+    return jax.lax.dot_general(x.values, w.qweight, (((1,), (w.qweight.ndim - 1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def fp8_matmul(x: jax.Array | Fp8Activation, w: Fp8Weight, reduce: bool | None = None) -> jax.Array:
+    """x (or its `Fp8Activation`) @ w: the e4m3 sums (`fp8_sums`) times the token and channel scales."""
+    x = fp8_input(x, w)
+    y = fp8_sums(x, w, reduce)
     out_axes = (1,) * w.scale.ndim
-    return (y * jnp.reshape(x_scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
+    return (y * jnp.reshape(x.scale, (-1, *out_axes)) * w.scale).astype(x.dtype)
 
 
 def fp8_block_matmul(x: jax.Array, w: Fp8BlockWeight) -> jax.Array:
@@ -90,7 +125,7 @@ def int8_w8a8_matmul(x: jax.Array, w: Int8W8A8Weight) -> jax.Array:
     """x rounded to int8 per token (scale: the row's largest magnitude / 127), an int8 x int8 dot
     into int32, times the token and channel scales."""
     x32 = x.astype(jnp.float32)
-    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), _MIN_SCALE) / 127.0
+    x_scale = jnp.maximum(jnp.max(jnp.abs(x32), axis=-1, keepdims=True), MIN_SCALE) / 127.0
     xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)
     y = jnp.tensordot(xq, w.qweight, axes=1, preferred_element_type=jnp.int32).astype(jnp.float32)
     return (y * jnp.reshape(x_scale, (-1, *(1,) * w.scale.ndim)) * w.scale).astype(x.dtype)

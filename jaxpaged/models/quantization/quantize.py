@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.packing import pack_int4
-from jaxpaged.models.quantization.weights import (FP8, FP8_MAX, Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
+from jaxpaged.kernels.fp8_quant import FP8, FP8_MAX
+from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
 INT4_GROUP_SIZE = 128

@@ -20,8 +20,6 @@ from jax.sharding import PartitionSpec as P
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.packing import INT4_PER_WORD, group_order, pack_int4, unpack_int4
 
-FP8 = jnp.float8_e4m3fn
-FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 
 
 class QuantizedWeight:

@@ -1,0 +1,101 @@
+"""Per-token e4m3 quantization of fp8 W8A8's GEMM inputs, fused with the op that makes them, as
+Pallas row kernels (Triton lowering) for the GPU. XLA makes a quantized input in two or three
+launches (the op, the row's largest magnitude, the conversion), each reading the row again; a
+row kernel holds the row in registers and writes the e4m3 values and the scale once.
+
+    quantize_rows:  x [T, W]                      -> (e4m3 [T, W], scale [T, 1] float32)
+      with `norm_weight` [W]: rms_norm(x) first (the norm before q/k/v and before gate/up)
+    silu_mul_quant: sums [T, 2, W] (gate, up)     -> (e4m3 [T, W], scale [T, 1] float32)
+      sums: the gate/up fp8 GEMM's float32 sums, times `row_scale` [T, 1] and `col_scale` [2, W]
+
+References (and the path where these do not run): `fp8_quant.py`, whose rounding and scale
+rules the kernels share.
+
+Grid `(T,)`: one program per row, the row padded to a power of two (masked columns read 0).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from jaxpaged.kernels.attention_tiles import next_pow2
+from jaxpaged.kernels.fp8_quant import FP8, quantized, rms_normed, round_to, silu_mul
+
+
+def _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref):
+    q, scale = quantized(y, None if ub_ref is None else ub_ref[0])
+    pltriton.store(q_ref.at[(jnp.full_like(cols, t), cols)], q, mask=ok)
+    s_ref[pl.ds(t, 1)] = scale
+
+
+def _quantize_kernel(*refs, width, block, eps, norm, has_ub):
+    x_ref, refs = refs[0], refs[1:]
+    w_ref, refs = (refs[0], refs[1:]) if norm else (None, refs)
+    ub_ref = refs[0] if has_ub else None
+    q_ref, s_ref = refs[-2:]
+    t = pl.program_id(0)
+    cols = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    ok = cols < width
+    x = pltriton.load(x_ref.at[(jnp.full_like(cols, t), cols)], mask=ok, other=0.0)
+    y = x.astype(jnp.float32)
+    if norm:
+        w = pltriton.load(w_ref.at[cols], mask=ok, other=0.0).astype(jnp.float32)
+        y = round_to(rms_normed(y, w, eps, width), x_ref.dtype)
+    _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref)
+
+
+def _silu_mul_kernel(*refs, width, block, dtype, has_ub):
+    y_ref, rs_ref, cs_ref = refs[:3]
+    ub_ref = refs[3] if has_ub else None
+    q_ref, s_ref = refs[-2:]
+    t = pl.program_id(0)
+    cols = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    ok = cols < width
+    rows = jnp.full_like(cols, t)
+    row_scale = rs_ref[t]
+
+    def part(i):
+        sums = pltriton.load(y_ref.at[(rows, jnp.full_like(cols, i), cols)], mask=ok, other=0.0)
+        cs = pltriton.load(cs_ref.at[(jnp.full_like(cols, i), cols)], mask=ok, other=0.0)
+        return sums.astype(jnp.float32) * row_scale * cs
+
+    _store_row(t, silu_mul(part(0), part(1), dtype), cols, ok, ub_ref, q_ref, s_ref)
+
+
+def _call(kernel, name: str, args, t: int, width: int, interpret: bool | None):
+    block = next_pow2(width)
+    params = pltriton.CompilerParams(num_warps=min(16, max(4, block // 1024)), num_stages=1)
+    q, scale = pl.pallas_call(
+        functools.partial(kernel, width=width, block=block),
+        out_shape=[jax.ShapeDtypeStruct((t, width), FP8), jax.ShapeDtypeStruct((t,), jnp.float32)],
+        grid=(t,), compiler_params=params, interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
+        name=name)(*args)
+    return q, scale[:, None]
+
+
+def quantize_rows(x: jax.Array, norm_weight: jax.Array | None = None, eps: float = 1e-6,
+                  scale_ub: jax.Array | None = None, *, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """x [T, W] -> (e4m3 [T, W], float32 scale [T, 1]); with `norm_weight` [W] the RMS norm of x
+    (rounded to x's dtype) is what is quantized. `scale_ub` []: the cap on a row's magnitude."""
+    args = (x, *(() if norm_weight is None else (norm_weight,)),
+            *(() if scale_ub is None else (scale_ub.astype(jnp.float32).reshape(1),)))
+    kern = functools.partial(_quantize_kernel, eps=float(eps), norm=norm_weight is not None, has_ub=scale_ub is not None)
+    return _call(kern, "quantize_rows", args, x.shape[0], x.shape[1], interpret)
+
+
+def silu_mul_quant(sums: jax.Array, row_scale: jax.Array, col_scale: jax.Array, dtype,
+                   scale_ub: jax.Array | None = None, *, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """sums [T, 2, W] (gate, up: an fp8 GEMM's float32 sums), row_scale [T, 1], col_scale [2, W]
+    -> the e4m3 values [T, W] and float32 scale [T, 1] of silu(gate) * up (module docstring)."""
+    t, two, width = sums.shape
+    assert two == 2 and row_scale.shape == (t, 1) and col_scale.shape == (2, width), (sums.shape, row_scale.shape,
+                                                                                       col_scale.shape)
+    args = (sums, row_scale.astype(jnp.float32).reshape(t), col_scale.astype(jnp.float32),
+            *(() if scale_ub is None else (scale_ub.astype(jnp.float32).reshape(1),)))
+    kern = functools.partial(_silu_mul_kernel, dtype=jnp.dtype(dtype), has_ub=scale_ub is not None)
+    return _call(kern, "silu_mul_quant", args, t, width, interpret)
