@@ -106,15 +106,16 @@ def test_model_with_row_kernels_matches_the_model_without(tiny_model_dir, monkey
     prompts = [[5, 9, 200, 31, 7, 7, 64, 3], [11, 2, 90, 400]]
     step = make_step_input([(p, 0, [1 + i]) for i, p in enumerate(prompts)], 16, num_tokens=16, all_logits=True)
 
-    def run():
+    def run(row_kernels: bool):
+        monkeypatch.setattr(qk, "fp8_row_kernels",
+                            lambda w: row_kernels and isinstance(w, qk.Fp8Weight) and w.input_scale is None)
         llama._layer.clear_cache()  # its trace is cached per shape, not per `fp8_row_kernels`
         fwd = make_forward(cfg, paged_attention_ref)
         kv = init_kv_cache(cfg, 4, 16, jnp.bfloat16)
         return np.asarray(fwd(params, kv, step)[0], np.float64), pallas_calls(jax.make_jaxpr(fwd)(params, kv, step).jaxpr)
 
-    want, plain = run()
-    monkeypatch.setattr(qk, "fp8_row_kernels", lambda w: isinstance(w, qk.Fp8Weight) and w.input_scale is None)
-    got, fused = run()
+    want, plain = run(False)
+    got, fused = run(True)
     monkeypatch.undo()
     llama._layer.clear_cache()
     assert plain == []

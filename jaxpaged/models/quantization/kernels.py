@@ -3,7 +3,9 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
 
 - fp8 W8A8: x is quantized to e4m3 per token (or with the static scale) and the dot takes both
   e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
-  token and channel scales multiply the result. A 1-token step on a GPU (batch-1 decode; the
+  token and channel scales multiply the result. On one GPU the per-token quantization is a
+  Pallas row kernel (`fp8_row_kernels`), which `layers.rms_norm_for` and `layers.swiglu` also
+  fuse with the norm and with silu(gate) * up; x then arrives as an `Fp8Activation`. A 1-token step on a GPU (batch-1 decode; the
   engine adds that bucket, `small_step_buckets`) sums the same e4m3 products in an XLA
   multiply-and-reduce fusion over the weight's contiguous input rows instead: the fp8 GEMM
   reads the weight at 2.3 TB/s there, the reduce at 2.7 (H200, docs/benchmarks.md). int4 in
