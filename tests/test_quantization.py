@@ -422,7 +422,7 @@ def test_the_engine_offers_the_methods_the_loader_reads():
 def test_fp8_and_int4_weights_on_a_gpu_get_a_one_token_bucket(data, monkeypatch):
     """Batch-1 decode of fp8 weights takes the reduce form, and of int4 weights in groups of
     128+ the kernel's FMA form, only in a 1-token step: the engine's buckets gain one where the
-    params hold such weights and the backend is a GPU."""
+    params hold such weights and the backend is a GPU (int4: where the kernel runs)."""
     from jaxpaged.engine.buckets import token_buckets
     from jaxpaged.models.quantization import kernels
 
@@ -432,7 +432,10 @@ def test_fp8_and_int4_weights_on_a_gpu_get_a_one_token_bucket(data, monkeypatch)
     int4_128 = {"layers": {"q": quantize(jnp.asarray(np.resize(w, (256, 16))), "int4", 128)}}
     assert kernels.small_step_buckets(fp8) == kernels.small_step_buckets(int4_128) == ()  # CPU: one form
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(kernels.jax, "device_count", lambda: 1)  # the tests' CPU devices are several
     assert kernels.small_step_buckets(int4) == ()  # groups of 32: the MMA form at every size
     assert kernels.small_step_buckets(int4_128) == (1,)
     assert kernels.small_step_buckets(fp8) == (kernels.FP8_REDUCE_MAX_TOKENS,) == (1,)
     assert token_buckets(2048, 256, extra=kernels.small_step_buckets(fp8))[:2] == [1, 16]
+    monkeypatch.setattr(kernels.jax, "device_count", lambda: 2)  # a weight without a layout on a mesh: no kernel
+    assert kernels.small_step_buckets(int4_128) == ()

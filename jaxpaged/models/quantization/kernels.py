@@ -139,8 +139,8 @@ def _local_shape(w: Int4Weight) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def int4_kernel_applies(x: jax.Array, w: Int4Weight) -> bool:
-    if jax.default_backend() != "gpu" or x.shape[0] > INT4_KERNEL_MAX_TOKENS:
+def int4_kernel_applies(tokens: int, w: Int4Weight) -> bool:
+    if jax.default_backend() != "gpu" or tokens > INT4_KERNEL_MAX_TOKENS:
         return False
     if w.layout is None and jax.device_count() != 1:  # GSPMD would gather the weight for the Pallas call
         return False
@@ -177,7 +177,7 @@ def int4_matmul(x: jax.Array, w: Int4Weight, kernel: bool | None = None) -> jax.
     mode), per device where the weight has a tensor-parallel `layout`. An act-order weight
     (`perm`) takes the activations in its stored row order."""
     x = w.stored_order(x)
-    if not (int4_kernel_applies(x, w) if kernel is None else kernel):
+    if not (int4_kernel_applies(x.shape[0], w) if kernel is None else kernel):
         return jnp.tensordot(x, w.dequantize_stored().astype(x.dtype), axes=1)
     if w.layout is not None:
         return _int4_kernel_per_device(x, w)
@@ -199,7 +199,8 @@ def small_step_buckets(params) -> tuple[int, ...]:
 
     leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
     fp8 = {FP8_REDUCE_MAX_TOKENS for leaf in leaves if isinstance(leaf, Fp8Weight)}
-    int4 = {1 for leaf in leaves if isinstance(leaf, Int4Weight) and takes_matvec(1, leaf.group_size)}
+    int4 = {1 for leaf in leaves
+            if isinstance(leaf, Int4Weight) and takes_matvec(1, leaf.group_size) and int4_kernel_applies(1, leaf)}
     return tuple(sorted(fp8 | int4))
 
 
