@@ -18,7 +18,8 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (y * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def rms_norm_for(x: jax.Array, w: jax.Array, eps: float, weight) -> jax.Array | qk.Fp8Activation:
+def rms_norm_for(x: jax.Array, w: jax.Array, eps: float,
+                 weight: jax.Array | QuantizedWeight) -> jax.Array | qk.Fp8Activation:
     """`rms_norm(x, w, eps)` as `linear(_, weight)` reads it: for a weight whose inputs the fp8
     row kernels quantize, the norm and its per-token e4m3 values in one launch."""
     if not qk.fp8_row_kernels(weight):
@@ -28,7 +29,8 @@ def rms_norm_for(x: jax.Array, w: jax.Array, eps: float, weight) -> jax.Array | 
     return qk.Fp8Activation(*quantize_rows(x, w, eps, weight.input_scale_ub), x.dtype)
 
 
-def swiglu(h: jax.Array | qk.Fp8Activation, w_gate_up, w_down, b_gate_up: jax.Array | None = None,
+def swiglu(h: jax.Array | qk.Fp8Activation, w_gate_up: jax.Array | QuantizedWeight,
+           w_down: jax.Array | QuantizedWeight, b_gate_up: jax.Array | None = None,
            b_down: jax.Array | None = None) -> jax.Array:
     """down(silu(gate) * up): h [T, H], w_gate_up [H, 2, I], w_down [I, H] -> [T, H]. With fp8
     weights quantized by the row kernels, the gate/up GEMM's float32 sums go to one kernel that

@@ -25,10 +25,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxpaged.kernels.fp8_quant import FP8
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.config import QuantizationConfig
 from jaxpaged.models.quantization.packing import pack_int4
-from jaxpaged.kernels.fp8_quant import FP8
 from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 

@@ -5,11 +5,12 @@ where a GPU kernel (Pallas, Triton) replaces a jnp formulation.
   e4m3 operands with a float32 result, which XLA on Hopper lowers to a cuBLASLt fp8 GEMM; the
   token and channel scales multiply the result. On one GPU the per-token quantization is a
   Pallas row kernel (`fp8_row_kernels`), which `layers.rms_norm_for` and `layers.swiglu` also
-  fuse with the norm and with silu(gate) * up; x then arrives as an `Fp8Activation`. A 1-token step on a GPU (batch-1 decode; the
-  engine adds that bucket, `small_step_buckets`) sums the same e4m3 products in an XLA
-  multiply-and-reduce fusion over the weight's contiguous input rows instead: the fp8 GEMM
-  reads the weight at 2.3 TB/s there, the reduce at 2.7 (H200, docs/benchmarks.md). int4 in
-  groups of 128+ gets the 1-token bucket too: the kernel's one-token form.
+  fuse with the norm and with silu(gate) * up; x then arrives as an `Fp8Activation`. A
+  1-token step on a GPU (batch-1 decode; the engine adds that bucket, `small_step_buckets`)
+  sums the same e4m3 products in an XLA multiply-and-reduce fusion over the weight's
+  contiguous input rows instead: the fp8 GEMM reads the weight at 2.3 TB/s there, the reduce
+  at 2.7 (H200, docs/benchmarks.md). int4 in groups of 128+ gets the 1-token bucket too: the
+  kernel's one-token form.
 - block fp8 (weight-only in the GEMM): the e4m3 weight times its block scales, in x's dtype,
   feeds a dot with x unquantized (an elementwise operand prologue XLA fuses into the GEMM read;
   docs/decisions.md says why not fp8 x fp8 per K-group).

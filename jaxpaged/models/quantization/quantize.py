@@ -10,9 +10,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxpaged.kernels.fp8_quant import FP8, FP8_MAX
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.packing import pack_int4
-from jaxpaged.kernels.fp8_quant import FP8, FP8_MAX
 from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
