@@ -124,3 +124,27 @@ def test_model_with_row_kernels_matches_the_model_without(tiny_model_dir, monkey
     n = sum(map(len, prompts))
     assert np.abs(got[:n] - want[:n]).max() < 0.05 * np.abs(want[:n]).max()
     assert np.mean(got[:n].argmax(-1) == want[:n].argmax(-1)) >= 0.9
+
+
+def test_swiglu_with_a_dense_down_takes_the_quantized_input_unfused(monkeypatch):
+    """A checkpoint that keeps down_proj unquantized (an `ignore` entry): the norm's row kernel
+    still quantizes gate/up's input, and gate/up runs unfused on it; the result equals the XLA
+    path's (the same quantized numbers)."""
+    from jaxpaged.models.layers import rms_norm_for, swiglu
+    from jaxpaged.models.quantization import quantize
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((4, 64)), jnp.bfloat16)
+    norm = jnp.asarray(rng.uniform(0.5, 1.5, 64), jnp.bfloat16)
+    w_gate_up = quantize(jnp.asarray(rng.standard_normal((64, 2, 96)) * 0.1, jnp.float32), "fp8")
+    w_down = jnp.asarray(rng.standard_normal((96, 64)) * 0.1, jnp.bfloat16)
+
+    def run(row_kernels: bool):
+        monkeypatch.setattr(qk, "fp8_row_kernels", lambda w: row_kernels and isinstance(w, qk.Fp8Weight))
+        h = rms_norm_for(x, norm, 1e-5, w_gate_up)
+        return h, np.asarray(swiglu(h, w_gate_up, w_down), np.float64)
+
+    h_plain, want = run(False)
+    h_fused, got = run(True)
+    assert isinstance(h_fused, qk.Fp8Activation) and not isinstance(h_plain, qk.Fp8Activation)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
