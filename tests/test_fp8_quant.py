@@ -96,7 +96,10 @@ def test_row_kernels_lower_to_triton_for_the_gpu(width, norm):
 
 def test_model_with_row_kernels_matches_the_model_without(tiny_model_dir, monkeypatch):
     """The tiny Llama with fp8 weights, one prefill step: its logits with the row kernels (the
-    GPU's path, interpret mode here) against the XLA path's; the kernels are in the step."""
+    GPU's path, interpret mode here) against the XLA path's; the kernels are in the step. The
+    paths differ by XLA's excess precision alone (it fuses the producer into the quantization
+    and skips the bf16 rounding the kernels see: ~1% of the e4m3 values one step apart), which
+    this random model amplifies to ~3% of the largest logit."""
     from jaxpaged.kernels.paged_attention import paged_attention_ref
     from jaxpaged.models import llama, load_model, make_forward
     from jaxpaged.models.kv_cache import init_kv_cache
