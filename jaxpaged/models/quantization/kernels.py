@@ -52,10 +52,6 @@ class Fp8Activation:
     scale: jax.Array
     dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.values.shape
-
 
 def fp8_row_kernels(w) -> bool:
     """Whether `w`'s inputs are quantized by the row kernels (kernels/fp8_quant_gpu.py): a dynamic
