@@ -61,12 +61,16 @@ def test_quantize_rows_against_numpy(rows, norm, ub):
     assert not np.any(np.asarray(got[0]).astype(np.float64)[3]) and float(got[1][3, 0]) > 0
 
 
-def test_silu_mul_quant_against_numpy():
+@pytest.mark.parametrize("launch", [None, (2, 64, 4, 1)])
+def test_silu_mul_quant_against_numpy(launch):
     """The gate/up GEMM's float32 sums [T, 2, W] times the token and channel scales, rounded to
-    bf16 (the unfused GEMM's output), silu(gate) * up rounded to bf16, quantized."""
+    bf16 (the unfused GEMM's output), silu(gate) * up rounded to bf16, quantized; with the
+    default launch (one chunk per row here) and with 2-row programs over 64-column chunks (a
+    masked row in the last program, a masked tail in the last chunk, the amax across chunks)."""
     rng = np.random.default_rng(1)
     t, width = 5, 200
     sums = (rng.standard_normal((t, 2, width)) * 2000).astype(np.float32)
+    sums[2, :, 190] = 20000.0  # a row's largest value in its last chunk
     row = rng.uniform(0.001, 0.01, (t, 1)).astype(np.float32)
     col = rng.uniform(0.0005, 0.002, (2, width)).astype(np.float32)
     gu = (sums.astype(np.float64) * row[:, :, None] * col).astype(BF16).astype(np.float64)
@@ -74,7 +78,7 @@ def test_silu_mul_quant_against_numpy():
     h = (g / (1 + np.exp(-g)) * u).astype(BF16).astype(np.float64)
     for ub in (None, 0.5):
         got = silu_mul_quant(jnp.asarray(sums), jnp.asarray(row), jnp.asarray(col), jnp.bfloat16,
-                             None if ub is None else jnp.float32(ub))
+                             None if ub is None else jnp.float32(ub), launch=launch)
         check(got, *oracle(h, ub))
 
 

@@ -19,13 +19,21 @@ FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 MIN_SCALE = 1e-12  # an all-zero row quantizes to zeros, not NaNs
 
 
-def quantized(y: jax.Array, ub: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """y [..., W] float32 -> (e4m3 [..., W], scale [..., 1]) per row."""
-    amax = jnp.max(jnp.abs(y), axis=-1, keepdims=True)
+def fp8_scale(amax: jax.Array, ub: jax.Array | None) -> jax.Array:
+    """A row's scale from its largest magnitude (capped at `ub`)."""
     if ub is not None:
         amax = jnp.minimum(amax, ub)
-    scale = jnp.maximum(amax, MIN_SCALE) / FP8_MAX
-    return jnp.clip(y / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+    return jnp.maximum(amax, MIN_SCALE) / FP8_MAX
+
+
+def to_fp8(y: jax.Array, scale: jax.Array) -> jax.Array:
+    return jnp.clip(y / scale, -FP8_MAX, FP8_MAX).astype(FP8)
+
+
+def quantized(y: jax.Array, ub: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """y [..., W] float32 -> (e4m3 [..., W], scale [..., 1]) per row."""
+    scale = fp8_scale(jnp.max(jnp.abs(y), axis=-1, keepdims=True), ub)
+    return to_fp8(y, scale), scale
 
 
 def round_to(y: jax.Array, dtype) -> jax.Array:

@@ -11,7 +11,9 @@ row kernel holds the row in registers and writes the e4m3 values and the scale o
 References (and the path where these do not run): `fp8_quant.py`, whose rounding and scale
 rules the kernels share.
 
-Grid `(T,)`: one program per row, the row padded to a power of two (masked columns read 0).
+quantize_rows: grid `(T,)`, one program per row, the row padded to a power of two (masked
+columns read 0). silu_mul_quant: grid `(T / rows,)`, each program's rows read in column chunks
+(`silu_launch`): a whole [2, 14336] float32 row at once would not fit the registers.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxpaged.kernels.attention_tiles import next_pow2
-from jaxpaged.kernels.fp8_quant import FP8, quantized, rms_normed, round_to, silu_mul
+from jaxpaged.kernels.fp8_quant import FP8, fp8_scale, quantized, rms_normed, round_to, silu_mul, to_fp8
 
 
 def _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref):
@@ -49,22 +51,34 @@ def _quantize_kernel(*refs, width, block, eps, norm, has_ub):
     _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref)
 
 
-def _silu_mul_kernel(*refs, width, block, dtype, has_ub):
+def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
+    """`rows` rows per program, read once in `cols`-wide chunks (a Python loop: each chunk's
+    values stay in registers, in the model's dtype, until the rows' scales are known). Only
+    one chunk's float32 sums and channel scales are live at a time, not four whole rows."""
     y_ref, rs_ref, cs_ref = refs[:3]
     ub_ref = refs[3] if has_ub else None
     q_ref, s_ref = refs[-2:]
-    t = pl.program_id(0)
-    cols = lax.broadcasted_iota(jnp.int32, (block,), 0)
-    ok = cols < width
-    rows = jnp.full_like(cols, t)
-    row_scale = rs_ref[t]
+    r = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    row_ok = r < t
+    row_scale = pltriton.load(rs_ref.at[r], mask=row_ok, other=0.0)[:, None]
+    chunks, amax = [], jnp.zeros((rows,), jnp.float32)
+    for j in range(pl.cdiv(width, cols)):
+        c = j * cols + lax.broadcasted_iota(jnp.int32, (cols,), 0)
+        idx = jnp.broadcast_to(r[:, None], (rows, cols)), jnp.broadcast_to(c[None, :], (rows, cols))
+        ok = row_ok[:, None] & (idx[1] < width)
 
-    def part(i):
-        sums = pltriton.load(y_ref.at[(rows, jnp.full_like(cols, i), cols)], mask=ok, other=0.0)
-        cs = pltriton.load(cs_ref.at[(jnp.full_like(cols, i), cols)], mask=ok, other=0.0)
-        return sums.astype(jnp.float32) * row_scale * cs
+        def part(i):
+            sums = pltriton.load(y_ref.at[(idx[0], jnp.full_like(idx[1], i), idx[1])], mask=ok, other=0.0)
+            cs = pltriton.load(cs_ref.at[(jnp.full_like(c, i), c)], mask=c < width, other=0.0)
+            return sums.astype(jnp.float32) * row_scale * cs[None, :]
 
-    _store_row(t, silu_mul(part(0), part(1), dtype), cols, ok, ub_ref, q_ref, s_ref)
+        y = silu_mul(part(0), part(1), dtype)
+        amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1))
+        chunks.append((idx, ok, y.astype(dtype)))
+    scale = fp8_scale(amax, None if ub_ref is None else ub_ref[0])
+    for idx, ok, y in chunks:
+        pltriton.store(q_ref.at[idx], to_fp8(y.astype(jnp.float32), scale[:, None]), mask=ok)
+    pltriton.store(s_ref.at[r], scale, mask=row_ok)
 
 
 def _call(kernel, name: str, args, t: int, width: int, interpret: bool | None):
@@ -88,14 +102,27 @@ def quantize_rows(x: jax.Array, norm_weight: jax.Array | None = None, eps: float
     return _call(kern, "quantize_rows", args, x.shape[0], x.shape[1], interpret)
 
 
+def silu_launch(t: int, width: int) -> tuple[int, int, int, int]:
+    """(rows per program, columns per chunk, warps, stages) of `silu_mul_quant`."""
+    return 1, min(1024, next_pow2(width)), 16, 1
+
+
 def silu_mul_quant(sums: jax.Array, row_scale: jax.Array, col_scale: jax.Array, dtype,
-                   scale_ub: jax.Array | None = None, *, interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
+                   scale_ub: jax.Array | None = None, *, launch: tuple[int, int, int, int] | None = None,
+                   interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """sums [T, 2, W] (gate, up: an fp8 GEMM's float32 sums), row_scale [T, 1], col_scale [2, W]
-    -> the e4m3 values [T, W] and float32 scale [T, 1] of silu(gate) * up (module docstring)."""
+    -> the e4m3 values [T, W] and float32 scale [T, 1] of silu(gate) * up (module docstring).
+    `launch`: `silu_launch`'s tuple, for tests and sweeps."""
     t, two, width = sums.shape
     assert two == 2 and row_scale.shape == (t, 1) and col_scale.shape == (2, width), (sums.shape, row_scale.shape,
                                                                                        col_scale.shape)
+    rows, cols, warps, stages = launch or silu_launch(t, width)
     args = (sums, row_scale.astype(jnp.float32).reshape(t), col_scale.astype(jnp.float32),
             *(() if scale_ub is None else (scale_ub.astype(jnp.float32).reshape(1),)))
-    kern = functools.partial(_silu_mul_kernel, dtype=jnp.dtype(dtype), has_ub=scale_ub is not None)
-    return _call(kern, "silu_mul_quant", args, t, width, interpret)
+    kern = functools.partial(_silu_mul_kernel, t=t, width=width, rows=rows, cols=cols, dtype=jnp.dtype(dtype),
+                             has_ub=scale_ub is not None)
+    q, scale = pl.pallas_call(
+        kern, out_shape=[jax.ShapeDtypeStruct((t, width), FP8), jax.ShapeDtypeStruct((t,), jnp.float32)],
+        grid=(pl.cdiv(t, rows),), compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages),
+        interpret=jax.default_backend() != "gpu" if interpret is None else interpret, name="silu_mul_quant")(*args)
+    return q, scale[:, None]
