@@ -30,6 +30,8 @@
 #            the device's kernel time per layer (a profile), the HLO's GEMM calls (fp8: cuBLASLt's fp8 GEMM),
 #            the int4 kernel against dequantize-then-GEMM (and on act-order weights); GEMM_KINDS / GEMM_TOKENS pick them (e.g. the
 #            Mosaic GPU kernel: "fp8 fp8_mgpu fp8_mgpu:block_n=128 int4 int4_mgpu int4_mgpu_tile"), one process each ~3 min
+#   rows     (name it in PARTS) fp8 W8A8's row kernels: tests/test_fp8_quant.py compiled, then
+#            scripts/bench_row_kernels.py --sweep (against AB_TREE's kernels where set)            ~2 min
 #   mosaic   (name it in PARTS) the Mosaic GPU kernels (paged prefill, weight-streaming matmul): their GPU
 #            tests, a process per file (per test after a crash: a CUDA fault poisons its process), then
 #            bench_kernels.py --only prefill,chunk (8 x 2048 causal, a 32k prompt's chunks)        ~4 min
@@ -103,6 +105,12 @@ if want gemm; then  # one process per kind: a kernel's CUDA fault poisons its pr
         run "gemm-${k//:/_}" 150 $PY scripts/bench_gemm.py --kinds "$k" --tokens "${GEMM_TOKENS:-1,8,64,256,2048}" \
             --device-time "$OUT/gemm-profiles"
     done
+fi
+if want rows; then  # fp8 row kernels: their GPU tests, then their timings (against AB_TREE's where set)
+    timeout -k 10 120 $PY -m pytest -q --tb=line -p no:cacheprovider tests/test_fp8_quant.py > "$OUT/rows-pytest.log" 2>&1
+    echo "rows: $(tail -1 "$OUT/rows-pytest.log")"
+    run rows 240 $PY scripts/bench_row_kernels.py --sweep ${AB_TREE:+--ab-tree "$AB_TREE"}
+    sed -n '/^case /,$p' "$OUT/rows.log"  # the table, fastest first per case
 fi
 if want mosaic; then
     for f in tests/test_paged_prefill_mgpu.py tests/test_w8a16_matmul.py; do
