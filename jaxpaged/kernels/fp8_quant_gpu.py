@@ -102,13 +102,13 @@ def quantize_rows(x: jax.Array, norm_weight: jax.Array | None = None, eps: float
     return _call(kern, "quantize_rows", args, x.shape[0], x.shape[1], interpret)
 
 
-def silu_launch(t: int, width: int) -> tuple[int, int, int, int]:
-    """(rows per program, columns per chunk, warps, stages) of `silu_mul_quant`."""
-    return 1, min(1024, next_pow2(width)), 16, 1
+def silu_launch(t: int, width: int) -> tuple[int, int, int]:
+    """(rows per program, columns per chunk, warps) of `silu_mul_quant`."""
+    return 1, min(1024, next_pow2(width)), 16
 
 
 def silu_mul_quant(sums: jax.Array, row_scale: jax.Array, col_scale: jax.Array, dtype,
-                   scale_ub: jax.Array | None = None, *, launch: tuple[int, int, int, int] | None = None,
+                   scale_ub: jax.Array | None = None, *, launch: tuple[int, int, int] | None = None,
                    interpret: bool | None = None) -> tuple[jax.Array, jax.Array]:
     """sums [T, 2, W] (gate, up: an fp8 GEMM's float32 sums), row_scale [T, 1], col_scale [2, W]
     -> the e4m3 values [T, W] and float32 scale [T, 1] of silu(gate) * up (module docstring).
@@ -116,13 +116,13 @@ def silu_mul_quant(sums: jax.Array, row_scale: jax.Array, col_scale: jax.Array, 
     t, two, width = sums.shape
     assert two == 2 and row_scale.shape == (t, 1) and col_scale.shape == (2, width), (sums.shape, row_scale.shape,
                                                                                        col_scale.shape)
-    rows, cols, warps, stages = launch or silu_launch(t, width)
+    rows, cols, warps = launch or silu_launch(t, width)
     args = (sums, row_scale.astype(jnp.float32).reshape(t), col_scale.astype(jnp.float32),
             *(() if scale_ub is None else (scale_ub.astype(jnp.float32).reshape(1),)))
     kern = functools.partial(_silu_mul_kernel, t=t, width=width, rows=rows, cols=cols, dtype=jnp.dtype(dtype),
                              has_ub=scale_ub is not None)
     q, scale = pl.pallas_call(
         kern, out_shape=[jax.ShapeDtypeStruct((t, width), FP8), jax.ShapeDtypeStruct((t,), jnp.float32)],
-        grid=(pl.cdiv(t, rows),), compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=stages),
+        grid=(pl.cdiv(t, rows),), compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
         interpret=jax.default_backend() != "gpu" if interpret is None else interpret, name="silu_mul_quant")(*args)
     return q, scale[:, None]
