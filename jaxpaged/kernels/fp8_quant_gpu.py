@@ -81,14 +81,12 @@ def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
     pltriton.store(s_ref.at[r], scale, mask=row_ok)
 
 
-def _call(kernel, name: str, args, t: int, width: int, interpret: bool | None):
-    block = next_pow2(width)
-    params = pltriton.CompilerParams(num_warps=min(16, max(4, block // 1024)), num_stages=1)
+def _call(kernel, name: str, args, t: int, width: int, grid: int, num_warps: int, interpret: bool | None):
+    """The row kernel's launch: e4m3 [T, W] and a float32 scale per row out."""
     q, scale = pl.pallas_call(
-        functools.partial(kernel, width=width, block=block),
-        out_shape=[jax.ShapeDtypeStruct((t, width), FP8), jax.ShapeDtypeStruct((t,), jnp.float32)],
-        grid=(t,), compiler_params=params, interpret=jax.default_backend() != "gpu" if interpret is None else interpret,
-        name=name)(*args)
+        kernel, out_shape=[jax.ShapeDtypeStruct((t, width), FP8), jax.ShapeDtypeStruct((t,), jnp.float32)],
+        grid=(grid,), compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=jax.default_backend() != "gpu" if interpret is None else interpret, name=name)(*args)
     return q, scale[:, None]
 
 
@@ -98,8 +96,11 @@ def quantize_rows(x: jax.Array, norm_weight: jax.Array | None = None, eps: float
     (rounded to x's dtype) is what is quantized. `scale_ub` []: the cap on a row's magnitude."""
     args = (x, *(() if norm_weight is None else (norm_weight,)),
             *(() if scale_ub is None else (scale_ub.astype(jnp.float32).reshape(1),)))
-    kern = functools.partial(_quantize_kernel, eps=float(eps), norm=norm_weight is not None, has_ub=scale_ub is not None)
-    return _call(kern, "quantize_rows", args, x.shape[0], x.shape[1], interpret)
+    t, width = x.shape
+    block = next_pow2(width)
+    kern = functools.partial(_quantize_kernel, width=width, block=block, eps=float(eps), norm=norm_weight is not None,
+                             has_ub=scale_ub is not None)
+    return _call(kern, "quantize_rows", args, t, width, t, min(16, max(4, block // 1024)), interpret)
 
 
 def silu_launch(t: int, width: int) -> tuple[int, int, int]:
@@ -121,8 +122,4 @@ def silu_mul_quant(sums: jax.Array, row_scale: jax.Array, col_scale: jax.Array, 
             *(() if scale_ub is None else (scale_ub.astype(jnp.float32).reshape(1),)))
     kern = functools.partial(_silu_mul_kernel, t=t, width=width, rows=rows, cols=cols, dtype=jnp.dtype(dtype),
                              has_ub=scale_ub is not None)
-    q, scale = pl.pallas_call(
-        kern, out_shape=[jax.ShapeDtypeStruct((t, width), FP8), jax.ShapeDtypeStruct((t,), jnp.float32)],
-        grid=(pl.cdiv(t, rows),), compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=1),
-        interpret=jax.default_backend() != "gpu" if interpret is None else interpret, name="silu_mul_quant")(*args)
-    return q, scale[:, None]
+    return _call(kern, "silu_mul_quant", args, t, width, pl.cdiv(t, rows), warps, interpret)
