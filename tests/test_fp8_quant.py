@@ -61,12 +61,13 @@ def test_quantize_rows_against_numpy(rows, norm, ub):
     assert not np.any(np.asarray(got[0]).astype(np.float64)[3]) and float(got[1][3, 0]) > 0
 
 
-@pytest.mark.parametrize("launch", [None, (2, 64, 4)])
+@pytest.mark.parametrize("launch", [None, (2, 64, 4), (1, 8, 4)])
 def test_silu_mul_quant_against_numpy(launch):
     """The gate/up GEMM's float32 sums [T, 2, W] times the token and channel scales, rounded to
     bf16 (the unfused GEMM's output), silu(gate) * up rounded to bf16, quantized; with the
-    default launch (one chunk per row here) and with 2-row programs over 64-column chunks (a
-    masked row in the last program, a masked tail in the last chunk, the amax across chunks)."""
+    default launch (one chunk per row here), with 2-row programs over 64-column chunks (a
+    masked row in the last program, a masked tail in the last chunk, the amax across chunks)
+    and with 25 chunks of 8 that fit the rows exactly (no masks)."""
     rng = np.random.default_rng(1)
     t, width = 5, 200
     sums = (rng.standard_normal((t, 2, width)) * 2000).astype(np.float32)
@@ -82,10 +83,11 @@ def test_silu_mul_quant_against_numpy(launch):
         check(got, *oracle(h, ub))
 
 
-@pytest.mark.parametrize("width,norm", [(4096, True), (14336, False), (576, True)])
+@pytest.mark.parametrize("width,norm", [(4096, True), (14336, False), (576, True), (1536, False)])
 def test_row_kernels_lower_to_triton_for_the_gpu(width, norm):
-    """Llama-3-8B's hidden and intermediate widths and SmolLM2's hidden: the Triton lowering for
-    a CUDA target, done here without a GPU: one Triton call, e4m3 out."""
+    """Llama-3-8B's hidden and intermediate widths, SmolLM2's hidden and intermediate (1,536:
+    the silu kernel's masked last chunk): the Triton lowering for a CUDA target, done here
+    without a GPU: one Triton call, e4m3 out."""
     sd = jax.ShapeDtypeStruct
     if norm:
         fn, args = functools.partial(quantize_rows, eps=1e-5, interpret=False), (sd((256, width), jnp.bfloat16),

@@ -51,6 +51,10 @@ def _quantize_kernel(*refs, width, block, eps, norm, has_ub):
     _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref)
 
 
+def _load(ref, mask):
+    return pltriton.load(ref, mask=mask, other=None if mask is None else 0.0)
+
+
 def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
     """`rows` rows per program, read once in `cols`-wide chunks (a Python loop: each chunk's
     values stay in registers, in the model's dtype, until the rows' scales are known). Only
@@ -59,17 +63,19 @@ def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
     ub_ref = refs[3] if has_ub else None
     q_ref, s_ref = refs[-2:]
     r = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    row_ok = r < t
-    row_scale = pltriton.load(rs_ref.at[r], mask=row_ok, other=0.0)[:, None]
+    row_ok = None if t % rows == 0 else r < t  # masks only where a block can overhang (vector loads)
+    row_scale = _load(rs_ref.at[r], row_ok)[:, None]
     chunks, amax = [], jnp.zeros((rows,), jnp.float32)
     for j in range(pl.cdiv(width, cols)):
         c = j * cols + lax.broadcasted_iota(jnp.int32, (cols,), 0)
         idx = jnp.broadcast_to(r[:, None], (rows, cols)), jnp.broadcast_to(c[None, :], (rows, cols))
-        ok = row_ok[:, None] & (idx[1] < width)
+        col_ok = None if width % cols == 0 else c < width
+        ok = None if row_ok is None and col_ok is None else jnp.broadcast_to(
+            (True if row_ok is None else row_ok[:, None]) & (True if col_ok is None else col_ok[None, :]), (rows, cols))
 
         def part(i):
-            sums = pltriton.load(y_ref.at[(idx[0], jnp.full_like(idx[1], i), idx[1])], mask=ok, other=0.0)
-            cs = pltriton.load(cs_ref.at[(jnp.full_like(c, i), c)], mask=c < width, other=0.0)
+            sums = _load(y_ref.at[(idx[0], jnp.full_like(idx[1], i), idx[1])], ok)
+            cs = _load(cs_ref.at[(jnp.full_like(c, i), c)], col_ok)
             return sums.astype(jnp.float32) * row_scale * cs[None, :]
 
         y = silu_mul(part(0), part(1), dtype)
