@@ -29,6 +29,11 @@ from jaxpaged.kernels.attention_tiles import next_pow2
 from jaxpaged.kernels.fp8_quant import FP8, fp8_scale, quantized, rms_normed, round_to, silu_mul, to_fp8
 
 
+def _load(ref, mask):
+    """A masked load reads 0 where the mask is off; mask None: a whole block, no mask."""
+    return pltriton.load(ref, mask=mask, other=None if mask is None else 0.0)
+
+
 def _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref):
     q, scale = quantized(y, None if ub_ref is None else ub_ref[0])
     pltriton.store(q_ref.at[(jnp.full_like(cols, t), cols)], q, mask=ok)
@@ -42,17 +47,13 @@ def _quantize_kernel(*refs, width, block, eps, norm, has_ub):
     q_ref, s_ref = refs[-2:]
     t = pl.program_id(0)
     cols = lax.broadcasted_iota(jnp.int32, (block,), 0)
-    ok = cols < width
-    x = pltriton.load(x_ref.at[(jnp.full_like(cols, t), cols)], mask=ok, other=0.0)
+    ok = None if width == block else cols < width
+    x = _load(x_ref.at[(jnp.full_like(cols, t), cols)], ok)
     y = x.astype(jnp.float32)
     if norm:
-        w = pltriton.load(w_ref.at[cols], mask=ok, other=0.0).astype(jnp.float32)
+        w = _load(w_ref.at[cols], ok).astype(jnp.float32)
         y = round_to(rms_normed(y, w, eps, width), x_ref.dtype)
     _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref)
-
-
-def _load(ref, mask):
-    return pltriton.load(ref, mask=mask, other=None if mask is None else 0.0)
 
 
 def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
