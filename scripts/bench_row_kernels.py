@@ -40,11 +40,12 @@ def load_tree_kernels(tree: str):
 
 def chained(fn, sets, n: int = 8):
     """One jit calling `fn` on each input set `n` times in a row, each call's scale feeding the
-    next call's token scales (so none is hoisted or dropped): the device's time, not dispatch."""
+    next call's last input (the token scales; the norm weight), in that input's dtype, so none
+    is hoisted or dropped: the device's time, not dispatch."""
     def run(sets):
         def body(_, acc):
             for x, *rest in sets:
-                _, s = fn(x, *rest[:-1], rest[-1] + acc)
+                _, s = fn(x, *rest[:-1], (rest[-1] + acc).astype(rest[-1].dtype))
                 acc = s[0, 0] * 1e-30
             return acc
         return lax.fori_loop(0, n, body, jnp.float32(0))
