@@ -87,7 +87,7 @@ def main():
         record(case, f"kernel {default}", lambda s, c, r: fp8_quant_gpu.silu_mul_quant(s, r, c, dt), sets,
                nbytes, copy_bw)
         if args.sweep and t >= 256:
-            for launch in itertools.product([1, 2], [1024, 2048], [8, 16]):
+            for launch in itertools.product([1, 2, 4], [1024, 2048], [4, 8, 16]):
                 if launch != default:
                     record(case, f"kernel {launch}", lambda s, c, r, la=launch: fp8_quant_gpu.silu_mul_quant(
                         s, r, c, dt, launch=la), sets, nbytes, copy_bw)

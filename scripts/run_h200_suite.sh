@@ -109,7 +109,7 @@ fi
 if want rows; then  # fp8 row kernels: their GPU tests, then their timings (against AB_TREE's where set)
     timeout -k 10 120 $PY -m pytest -q --tb=line -p no:cacheprovider tests/test_fp8_quant.py > "$OUT/rows-pytest.log" 2>&1
     echo "rows: $(tail -1 "$OUT/rows-pytest.log")"
-    run rows 240 $PY scripts/bench_row_kernels.py --sweep ${AB_TREE:+--ab-tree "$AB_TREE"}
+    run rows 300 $PY scripts/bench_row_kernels.py --sweep ${AB_TREE:+--ab-tree "$AB_TREE"}
     sed -n '/^case /,$p' "$OUT/rows.log"  # the table, fastest first per case
 fi
 if want mosaic; then
