@@ -5,9 +5,9 @@ fusion of their jnp reference, and optionally another revision's kernels, at Lla
 
 silu_mul_quant: sums [T, 2, 14336] float32 -> e4m3 [T, 14336]; quantize_rows with the norm:
 x [T, 4096] bf16 -> e4m3. Each row: microseconds per call on the device (calls chained in one
-jit over 3 input sets, so the L2 holds none at 2,048 tokens and dispatch is out) and the bandwidth of the bytes a call must move (read + written) against the
-device's copy bandwidth. `--sweep` adds silu_mul_quant launches (rows, columns, warps).
-Prints one table last.
+jit over 3 input sets, so the L2 holds none at 2,048 tokens and dispatch is out) and the
+bandwidth of the bytes a call must move (read + written) against the device's copy bandwidth.
+`--sweep` adds silu_mul_quant launches (rows, columns, warps). Prints one table last.
 """
 from __future__ import annotations
 

@@ -34,12 +34,6 @@ def _load(ref, mask):
     return pltriton.load(ref, mask=mask, other=None if mask is None else 0.0)
 
 
-def _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref):
-    q, scale = quantized(y, None if ub_ref is None else ub_ref[0])
-    pltriton.store(q_ref.at[(jnp.full_like(cols, t), cols)], q, mask=ok)
-    s_ref[pl.ds(t, 1)] = scale
-
-
 def _quantize_kernel(*refs, width, block, eps, norm, has_ub):
     x_ref, refs = refs[0], refs[1:]
     w_ref, refs = (refs[0], refs[1:]) if norm else (None, refs)
@@ -53,7 +47,9 @@ def _quantize_kernel(*refs, width, block, eps, norm, has_ub):
     if norm:
         w = _load(w_ref.at[cols], ok).astype(jnp.float32)
         y = round_to(rms_normed(y, w, eps, width), x_ref.dtype)
-    _store_row(t, y, cols, ok, ub_ref, q_ref, s_ref)
+    q, scale = quantized(y, None if ub_ref is None else ub_ref[0])
+    pltriton.store(q_ref.at[(jnp.full_like(cols, t), cols)], q, mask=ok)
+    s_ref[pl.ds(t, 1)] = scale
 
 
 def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
@@ -63,16 +59,16 @@ def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
     y_ref, rs_ref, cs_ref = refs[:3]
     ub_ref = refs[3] if has_ub else None
     q_ref, s_ref = refs[-2:]
+    exact = t % rows == 0 and width % cols == 0  # every block in bounds: no masks (vector loads)
     r = pl.program_id(0) * rows + lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    row_ok = None if t % rows == 0 else r < t  # masks only where a block can overhang (vector loads)
+    row_ok = None if exact else r < t
     row_scale = _load(rs_ref.at[r], row_ok)[:, None]
     chunks, amax = [], jnp.zeros((rows,), jnp.float32)
     for j in range(pl.cdiv(width, cols)):
         c = j * cols + lax.broadcasted_iota(jnp.int32, (cols,), 0)
         idx = jnp.broadcast_to(r[:, None], (rows, cols)), jnp.broadcast_to(c[None, :], (rows, cols))
-        col_ok = None if width % cols == 0 else c < width
-        ok = None if row_ok is None and col_ok is None else jnp.broadcast_to(
-            (True if row_ok is None else row_ok[:, None]) & (True if col_ok is None else col_ok[None, :]), (rows, cols))
+        col_ok = None if exact else c < width
+        ok = None if exact else row_ok[:, None] & (idx[1] < width)
 
         def part(i):
             sums = _load(y_ref.at[(idx[0], jnp.full_like(idx[1], i), idx[1])], ok)
