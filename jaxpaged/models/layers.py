@@ -24,9 +24,7 @@ def rms_norm_for(x: jax.Array, w: jax.Array, eps: float,
     row kernels quantize, the norm and its per-token e4m3 values in one launch."""
     if not qk.fp8_row_kernels(weight):
         return rms_norm(x, w, eps)
-    from jaxpaged.kernels.fp8_quant_gpu import quantize_rows  # Pallas imported only where it runs
-
-    return qk.Fp8Activation(*quantize_rows(x, w, eps, weight.input_scale_ub), x.dtype)
+    return qk.fp8_input(x, weight, norm=(w, eps))
 
 
 def swiglu(h: jax.Array | qk.Fp8Activation, w_gate_up: jax.Array | QuantizedWeight,

@@ -71,15 +71,18 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None,
     return jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def fp8_input(x: jax.Array | Fp8Activation, w: Fp8Weight) -> Fp8Activation:
+def fp8_input(x: jax.Array | Fp8Activation, w: Fp8Weight,
+              norm: tuple[jax.Array, float] | None = None) -> Fp8Activation:
     """x as `w`'s GEMM reads it: quantized per token (in one row kernel where `fp8_row_kernels`)
-    or with the static scale; an `Fp8Activation` as it is."""
+    or with the static scale; an `Fp8Activation` as it is. `norm` (weight, eps), row kernels
+    only: the kernel quantizes the RMS norm of x, one launch for both."""
     if isinstance(x, Fp8Activation):
         return x
     if fp8_row_kernels(w):
         from jaxpaged.kernels.fp8_quant_gpu import quantize_rows  # Pallas imported only where it runs
 
-        return Fp8Activation(*quantize_rows(x, scale_ub=w.input_scale_ub), x.dtype)
+        return Fp8Activation(*quantize_rows(x, *(norm or ()), scale_ub=w.input_scale_ub), x.dtype)
+    assert norm is None, "a fused norm needs the row kernels"
     return Fp8Activation(*quantize_activations_fp8(x, w.input_scale, w.input_scale_ub), x.dtype)
 
 
