@@ -117,11 +117,11 @@ def test_another_architecture_accepts_its_own_drafts(tiny_model_dir):
     assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 50
 
 
-def _noisy_copy(model_dir, dest, scale: float = 0.1):
-    """The checkpoint in `model_dir` with its weights plus noise: its drafts agree often, not always."""
-    shutil.copytree(model_dir, dest, dirs_exist_ok=True)
+def _noisy_copy(src, dest, scale: float = 0.1):
+    """The checkpoint in `src` with its weights plus noise: its drafts agree often, not always."""
+    shutil.copytree(src, dest, dirs_exist_ok=True)
     rng = np.random.default_rng(0)
-    weights = load_file(model_dir / "model.safetensors")
+    weights = load_file(src / "model.safetensors")
     save_file({k: w + scale * w.std() * rng.standard_normal(w.shape).astype(w.dtype) for k, w in weights.items()},
               dest / "model.safetensors", metadata={"format": "pt"})
     return dest
