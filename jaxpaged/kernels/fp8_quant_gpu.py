@@ -68,7 +68,7 @@ def _silu_mul_kernel(*refs, t, width, rows, cols, dtype, has_ub):
         c = j * cols + lax.broadcasted_iota(jnp.int32, (cols,), 0)
         idx = jnp.broadcast_to(r[:, None], (rows, cols)), jnp.broadcast_to(c[None, :], (rows, cols))
         col_ok = None if exact else c < width
-        ok = None if exact else row_ok[:, None] & (idx[1] < width)
+        ok = None if exact else row_ok[:, None] & col_ok[None, :]
 
         def part(i):
             sums = _load(y_ref.at[(idx[0], jnp.full_like(idx[1], i), idx[1])], ok)

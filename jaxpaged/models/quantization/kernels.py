@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxpaged.kernels.fp8_quant import FP8, FP8_MAX, MIN_SCALE, quantize_rows_ref
+from jaxpaged.kernels.fp8_quant import MIN_SCALE, quantize_rows_ref, to_fp8
 from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
@@ -68,7 +68,7 @@ def quantize_activations_fp8(x: jax.Array, input_scale: jax.Array | None,
     if input_scale is None:
         return quantize_rows_ref(x, scale_ub=input_scale_ub)
     scale = input_scale.astype(jnp.float32)
-    return jnp.clip(x.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8), scale
+    return to_fp8(x.astype(jnp.float32), scale), scale
 
 
 def fp8_input(x: jax.Array | Fp8Activation, w: Fp8Weight,

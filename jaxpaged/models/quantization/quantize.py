@@ -10,24 +10,23 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxpaged.kernels.fp8_quant import FP8, FP8_MAX
+from jaxpaged.kernels.fp8_quant import FP8_MAX, MIN_SCALE, to_fp8
 from jaxpaged.models.config import ConfigError
 from jaxpaged.models.quantization.packing import pack_int4
 from jaxpaged.models.quantization.weights import (Fp8BlockWeight, Fp8Weight, Int4Weight, Int8W8A8Weight,
                                                   Int8Weight, QuantizedWeight)
 
 INT4_GROUP_SIZE = 128
-_TINY = 1e-12  # the scale of an all-zero channel
 
 
 def _channel_amax(w: jax.Array) -> jax.Array:
-    return jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0), _TINY)
+    return jnp.maximum(jnp.max(jnp.abs(w.astype(jnp.float32)), axis=0), MIN_SCALE)
 
 
 def quantize_fp8(w: jax.Array) -> Fp8Weight:
     """e4m3 per output channel (dynamic per-token activations at run time)."""
     scale = _channel_amax(w) / FP8_MAX
-    q = jnp.clip(w.astype(jnp.float32) / scale, -FP8_MAX, FP8_MAX).astype(FP8)
+    q = to_fp8(w.astype(jnp.float32), scale)
     return Fp8Weight(jnp.moveaxis(q, 0, -1), scale)
 
 
@@ -38,9 +37,9 @@ def quantize_fp8_block(w: jax.Array, block: int) -> Fp8BlockWeight:
     o = flat.shape[0]
     padded = jnp.pad(flat, ((0, -o % block), (0, -n % block)))
     blocks = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
-    scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(1, 3)), _TINY) / FP8_MAX  # [O / block, G]
+    scale = jnp.maximum(jnp.max(jnp.abs(blocks), axis=(1, 3)), MIN_SCALE) / FP8_MAX  # [O / block, G]
     rows = jnp.repeat(scale, block, axis=0)[:o]  # [O, G]: each output channel its block's
-    q = jnp.clip(flat / jnp.repeat(rows, block, axis=1)[:, :n], -FP8_MAX, FP8_MAX).astype(FP8)
+    q = to_fp8(flat, jnp.repeat(rows, block, axis=1)[:, :n])
     return Fp8BlockWeight(q.reshape(*out, n), rows.reshape(*out, -1), block)
 
 
@@ -49,7 +48,7 @@ def quantize_int8(w: jax.Array, group_size: int = 0) -> Int8Weight:
     n, out = w.shape[0], w.shape[1:]
     g = group_size or n
     grouped = w.astype(jnp.float32).reshape(n // g, g, *out)
-    scale = jnp.maximum(jnp.max(jnp.abs(grouped), axis=1), _TINY) / 127.0  # [n / g, *out]
+    scale = jnp.maximum(jnp.max(jnp.abs(grouped), axis=1), MIN_SCALE) / 127.0  # [n / g, *out]
     q = jnp.clip(jnp.round(grouped / scale[:, None]), -127, 127).astype(jnp.int8).reshape(n, *out)
     return Int8Weight(q, scale if group_size else scale[0])
 
@@ -69,7 +68,7 @@ def quantize_int4(w: jax.Array, group_size: int = 0) -> Int4Weight:
     grouped = w.astype(jnp.float32).reshape(n // g, g, *out)
     lo = jnp.minimum(jnp.min(grouped, axis=1), 0.0)
     hi = jnp.maximum(jnp.max(grouped, axis=1), 0.0)
-    scale = jnp.maximum(hi - lo, _TINY) / 15.0
+    scale = jnp.maximum(hi - lo, MIN_SCALE) / 15.0
     zero = jnp.clip(jnp.round(-lo / scale), 0, 15)
     q = jnp.clip(jnp.round(grouped / scale[:, None]) + zero[:, None], 0, 15).reshape(n, *out)
     return Int4Weight(pack_int4(q), scale, zero.astype(jnp.uint8))
